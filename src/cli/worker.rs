@@ -1,0 +1,170 @@
+//! `apijongler worker` (hidden): one process cycling claim, hold, release, for `bench` and for the
+//! multi-process tests. It speaks on stdout in plain lines the parent parses:
+//! `claimed KEY LEASE` (with `--report`), `lost KEY LEASE`, and at the end `cycles N` and, with
+//! `--latencies`, `latencies_us L1 L2 ...`.
+//!
+//! `--raw` runs the benchmark's reference instead: the bare two-transaction cycle SQLite itself can
+//! do (`BEGIN IMMEDIATE; UPDATE one row; INSERT one history row; COMMIT`, twice), with none of the
+//! coordinator's logic. Its SQL lives here, not in the store, because it is the yardstick the store is
+//! measured against, not part of apijongler.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use api_jongler::{Clock, Coordinator, CoordinatorOptions, Error, Keyring, SystemClock};
+
+use super::Global;
+use super::exit;
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The connector whose keys to cycle.
+    #[arg(long, default_value = "bench")]
+    connector: String,
+    /// Stop after this many cycles (default: run until killed or `--duration-ms` ends).
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// Start cycling at this unix time in ms (lets many workers start together).
+    #[arg(long)]
+    start_at_ms: Option<i64>,
+    /// Stop cycling this long after the start.
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    /// Hold each key a random time up to this many microseconds.
+    #[arg(long, default_value_t = 0)]
+    hold_max_us: u64,
+    /// Hold each key exactly this long (overrides `--hold-max-us`).
+    #[arg(long)]
+    hold_ms: Option<u64>,
+    /// How long a claim may wait for a free key.
+    #[arg(long, default_value_t = 60_000)]
+    wait_ms: u64,
+    #[arg(long, default_value_t = 5_000)]
+    heartbeat_ms: u64,
+    #[arg(long, default_value_t = 30_000)]
+    stale_ms: u64,
+    #[arg(long, default_value_t = 1_000)]
+    reap_ms: u64,
+    /// Print a line for every claim.
+    #[arg(long)]
+    report: bool,
+    /// Print every claim latency at the end.
+    #[arg(long)]
+    latencies: bool,
+    /// Run the raw SQLite reference cycle on this many key rows instead of the coordinator.
+    #[arg(long, value_name = "KEYS")]
+    raw: Option<i64>,
+}
+
+pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    let db = global.db.clone().context("the worker needs --db")?;
+    if let Some(keys) = args.raw {
+        wait_for_start(args.start_at_ms);
+        return raw_reference(&db, keys, args);
+    }
+    let options = CoordinatorOptions {
+        db_path: Some(db),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        stale_after: Duration::from_millis(args.stale_ms),
+        reap_interval: Duration::from_millis(args.reap_ms),
+        ..CoordinatorOptions::default()
+    };
+    let coordinator = Coordinator::open(options)?;
+    if let Some(config) = &global.config {
+        coordinator.sync(&Keyring::load(config)?)?;
+    }
+    wait_for_start(args.start_at_ms);
+
+    let started = Instant::now();
+    let end = args.duration_ms.map(|ms| started + Duration::from_millis(ms));
+    let mut stdout = std::io::stdout().lock();
+    let mut latencies = Vec::new();
+    let mut cycles = 0u64;
+    let mut lost = false;
+    while args.cycles.is_none_or(|limit| cycles < limit) && end.is_none_or(|end| Instant::now() < end) {
+        let asked = Instant::now();
+        let lease = coordinator.claim(&args.connector, &[], Duration::from_millis(args.wait_ms))?;
+        if args.latencies {
+            latencies.push(asked.elapsed().as_micros());
+        }
+        if args.report {
+            writeln!(stdout, "claimed {} {}", lease.key_name(), lease.token())?;
+            stdout.flush()?;
+        }
+        let hold = match args.hold_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None if args.hold_max_us > 0 => Duration::from_micros(fastrand::u64(0..=args.hold_max_us)),
+            None => Duration::ZERO,
+        };
+        if !hold.is_zero() {
+            std::thread::sleep(hold);
+        }
+        let (key, token) = (lease.key_name().to_owned(), lease.token());
+        match lease.release() {
+            Ok(()) => cycles += 1,
+            Err(Error::LeaseLost { .. }) => {
+                writeln!(stdout, "lost {key} {token}")?;
+                lost = true;
+                break;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    writeln!(stdout, "cycles {cycles}")?;
+    if args.latencies {
+        let joined: Vec<String> = latencies.iter().map(u128::to_string).collect();
+        writeln!(stdout, "latencies_us {}", joined.join(" "))?;
+    }
+    Ok(if lost { ExitCode::from(exit::LEASE_LOST) } else { ExitCode::SUCCESS })
+}
+
+fn wait_for_start(start_at_ms: Option<i64>) {
+    if let Some(start) = start_at_ms {
+        let ahead = start - SystemClock.now_ms();
+        if ahead > 0 {
+            std::thread::sleep(Duration::from_millis(ahead.unsigned_abs()));
+        }
+    }
+}
+
+/// The yardstick: each cycle is two write transactions of one UPDATE and one INSERT each.
+fn raw_reference(db: &Path, keys: i64, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    let mut connection = rusqlite::Connection::open(db)?;
+    connection.busy_timeout(Duration::from_secs(5))?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
+    let clock = Arc::new(SystemClock);
+    let mut latencies = Vec::new();
+    let mut cycles = 0u64;
+    while Instant::now() < end {
+        let id = fastrand::i64(1..=keys);
+        for (index, state) in ["locked", "vacant"].into_iter().enumerate() {
+            let asked = Instant::now();
+            let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            transaction
+                .prepare_cached("UPDATE keys SET state = ?2, lease = lease + 1 WHERE id = ?1")?
+                .execute(rusqlite::params![id, state])?;
+            transaction
+                .prepare_cached(
+                    "INSERT INTO history (at, connector, key_name, to_state, reason) VALUES (?1, 'raw', 'raw', ?2, 'raw')",
+                )?
+                .execute(rusqlite::params![clock.now_ms(), state])?;
+            transaction.commit()?;
+            if index == 0 && args.latencies {
+                latencies.push(asked.elapsed().as_micros());
+            }
+        }
+        cycles += 1;
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "cycles {cycles}")?;
+    if args.latencies {
+        let joined: Vec<String> = latencies.iter().map(u128::to_string).collect();
+        writeln!(stdout, "latencies_us {}", joined.join(" "))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

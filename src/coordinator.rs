@@ -1,0 +1,335 @@
+//! The key coordinator: claims keys for this process, waits politely when none is free, reaps the
+//! locks of dead and hung holders, and answers "which keys are in which state".
+//!
+//! Waiting never hammers the write lock: a waiter polls with reads (which run beside the writer in WAL
+//! mode), backs off with jitter, wakes early at the earliest lockdown deadline, and only then tries the
+//! write again. Reaping happens before claims, at most once per `reap_interval` per connector and
+//! process, so a dead holder's key comes back within about that interval while anyone is claiming.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::holder::Holder;
+use crate::keyring::Keyring;
+use crate::lease::{self, Lease, Registry};
+use crate::reaper;
+use crate::store::{self, Availability, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
+
+/// The shortest and longest nap of a waiter between two reads.
+const MIN_NAP: Duration = Duration::from_micros(500);
+const MAX_NAP: Duration = Duration::from_millis(20);
+
+/// How the coordinator runs; every timing is a parameter so tests can shrink it.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// The database file; `None` means `APIJONGLER_DB` or the per-user state directory.
+    pub db_path: Option<PathBuf>,
+    /// How often held keys' heartbeats are refreshed (default 5 s).
+    pub heartbeat_interval: Duration,
+    /// A lock whose heartbeat is older than this is freed whatever its pid says (default 30 s).
+    pub stale_after: Duration,
+    /// How often, at most, a process looks for dead holders before claiming (default 1 s).
+    pub reap_interval: Duration,
+    /// The wall clock written to the database.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        Self {
+            db_path: None,
+            heartbeat_interval: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
+            reap_interval: Duration::from_secs(1),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Key names of one connector, by state (the seed's `getKeyStates()`). A lockdown whose deadline has
+/// passed counts as vacant: it is claimable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyStates {
+    /// Claimable now.
+    pub vacant: BTreeSet<String>,
+    /// Held by a process.
+    pub locked: BTreeSet<String>,
+    /// Rate-limited, deadline ahead.
+    pub lockdown: BTreeSet<String>,
+    /// Permanently bad until cleanup.
+    pub error: BTreeSet<String>,
+}
+
+/// Why no key could be claimed: the counts, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// The counts read when giving up.
+    pub availability: Availability,
+    /// How long the caller waited.
+    pub waited: Duration,
+    /// When, unix ms.
+    pub at: i64,
+}
+
+/// Shared by all clones of a [`Coordinator`] and by its heartbeat thread.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) holder: &'static Holder,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) leases: Registry,
+    /// How long a lease is trusted after its last renewal (a margin short of `stale_after`).
+    pub(crate) trust_window: Duration,
+    options: CoordinatorOptions,
+    last_reap: Mutex<HashMap<String, Instant>>,
+    heartbeat_stop: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+/// A handle on the shared key database for this process; cheap to clone, safe to share between threads.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Coordinator {
+    /// Opens the database (creating and migrating it if needed).
+    pub fn open(options: CoordinatorOptions) -> Result<Self> {
+        let path = match &options.db_path {
+            Some(path) => path.clone(),
+            None => store::default_path()?,
+        };
+        let store = Store::open(&path)?;
+        let trust_window = options.stale_after.saturating_sub(options.heartbeat_interval).max(options.stale_after / 2);
+        let inner = Arc::new(Inner {
+            store,
+            holder: Holder::current(),
+            clock: Arc::clone(&options.clock),
+            leases: Registry::default(),
+            trust_window,
+            options,
+            last_reap: Mutex::new(HashMap::new()),
+            heartbeat_stop: Mutex::new(None),
+        });
+        Ok(Self { inner })
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        self.inner.store.path()
+    }
+
+    /// The underlying store, for reads the coordinator does not wrap (history, full key rows).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Makes the database's keys match `keyring` (see [`Store::sync_keys`]).
+    pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {
+        let specs: Vec<KeySpec<'_>> = keyring
+            .all_keys()
+            .map(|(connector, key)| KeySpec { connector, name: key.name(), fingerprint: key.fingerprint().as_str() })
+            .collect();
+        let report = self.inner.store.sync_keys(&specs, self.now())?;
+        if !report.is_empty() {
+            tracing::info!(
+                keyring = %keyring.path().display(), added = report.added.len(), changed = report.changed.len(),
+                retired = report.retired.len(), restored = report.restored.len(), "keyring synced"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Claims the least recently used free key of `connector`, skipping the key names in `tried`,
+    /// waiting up to `wait` for one to come free. The error, if none does, says how many keys are held,
+    /// in lockdown (and until when) and in error.
+    pub fn claim(&self, connector: &str, tried: &[String], wait: Duration) -> Result<Lease> {
+        let started = Instant::now();
+        let deadline = started + wait;
+        let mut nap = MIN_NAP;
+        loop {
+            self.reap_if_due(connector)?;
+            let now = self.now();
+            if let Some(claimed) = self.inner.store.claim(connector, tried, self.inner.holder, now)? {
+                self.ensure_heartbeat();
+                tracing::info!(
+                    connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint, lease = claimed.lease,
+                    "key claimed"
+                );
+                return Ok(Lease::new(self.clone(), connector, claimed));
+            }
+            // Nothing claimable: wait with reads only, until a read says a claim could succeed.
+            loop {
+                let now = self.now();
+                let availability = self.inner.store.availability(connector, tried, now)?;
+                if availability.claimable > 0 {
+                    break;
+                }
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() || !availability.may_free_up() {
+                    let waited = started.elapsed();
+                    return Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited, at: now })));
+                }
+                let mut sleep =
+                    Duration::from_micros(fastrand::u64(MIN_NAP.as_micros() as u64..=nap.as_micros() as u64));
+                if let Some(end) = availability.earliest_lockdown_end {
+                    sleep = sleep.min(Duration::from_millis(u64::try_from(end - now).unwrap_or(0)));
+                }
+                std::thread::sleep(sleep.min(remaining));
+                nap = (nap * 2).min(MAX_NAP);
+                if self.reap_is_due(connector) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Frees the locks of dead and hung holders of `connector` (or of all connectors).
+    pub fn reap(&self, connector: Option<&str>) -> Result<Vec<Transition>> {
+        let now = self.now();
+        let evictions: Vec<Eviction> = self
+            .inner
+            .store
+            .held_keys(connector)?
+            .into_iter()
+            .filter_map(|held| {
+                let reason = reaper::verdict(&held, now, self.inner.options.stale_after)?;
+                Some(Eviction { id: held.id, lease: held.lease, reason })
+            })
+            .collect();
+        let freed = self.inner.store.evict(&evictions, now)?;
+        for transition in &freed {
+            tracing::info!(
+                connector = %transition.connector, key = %transition.key_name, to = %transition.to_state,
+                reason = %transition.reason, "lock freed"
+            );
+        }
+        Ok(freed)
+    }
+
+    /// The seed's cleanup, made safe: lockdown and error keys of `connector` (or all connectors) go
+    /// back to vacant and dead or hung holders' locks are freed; live holders keep their keys unless
+    /// `force`. Returns every transition made.
+    pub fn cleanup(&self, connector: Option<&str>, force: bool) -> Result<Vec<Transition>> {
+        let mut done = self.reap(connector)?;
+        let now = self.now();
+        if force {
+            let evictions: Vec<Eviction> = self
+                .inner
+                .store
+                .held_keys(connector)?
+                .into_iter()
+                .map(|held| Eviction {
+                    id: held.id,
+                    lease: held.lease,
+                    reason: format!("cleanup --force took it from live holder pid {}", held.holder.pid),
+                })
+                .collect();
+            done.extend(self.inner.store.evict(&evictions, now)?);
+        }
+        done.extend(self.inner.store.clear_lockdowns_and_errors(connector, now)?);
+        Ok(done)
+    }
+
+    /// Key names of `connector` by state; retired keys are left out.
+    pub fn key_states(&self, connector: &str) -> Result<KeyStates> {
+        let now = self.now();
+        let mut states = KeyStates::default();
+        for key in self.inner.store.keys(Some(connector))? {
+            if key.retired_at.is_some() {
+                continue;
+            }
+            let set = match key.effective_state(now) {
+                KeyState::Vacant => &mut states.vacant,
+                KeyState::Locked => &mut states.locked,
+                KeyState::Lockdown => &mut states.lockdown,
+                KeyState::Error => &mut states.error,
+            };
+            set.insert(key.key_name);
+        }
+        Ok(states)
+    }
+
+    /// Names of the keys of `connector` that could be claimed now (never secrets).
+    pub fn available_keys(&self, connector: &str) -> Result<BTreeSet<String>> {
+        Ok(self.key_states(connector)?.vacant)
+    }
+
+    fn now(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    fn reap_is_due(&self, connector: &str) -> bool {
+        let last = self.inner.last_reap.lock().unwrap_or_else(PoisonError::into_inner);
+        last.get(connector).is_none_or(|at| at.elapsed() >= self.inner.options.reap_interval)
+    }
+
+    fn reap_if_due(&self, connector: &str) -> Result<()> {
+        if !self.reap_is_due(connector) {
+            return Ok(());
+        }
+        self.inner
+            .last_reap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(connector.to_owned(), Instant::now());
+        self.reap(Some(connector)).map(drop)
+    }
+
+    fn ensure_heartbeat(&self) {
+        let mut stop = self.inner.heartbeat_stop.lock().unwrap_or_else(PoisonError::into_inner);
+        if stop.is_none() {
+            *stop = Some(lease::start_heartbeat(Arc::downgrade(&self.inner), self.inner.options.heartbeat_interval));
+        }
+    }
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = &self.availability;
+        if a.total() == 0 {
+            return write!(
+                f,
+                "connector '{}' has no keys in the database: add a [{}] section with keys to the keyring",
+                a.connector, a.connector
+            );
+        }
+        write!(
+            f,
+            "no key of '{}' is free after waiting {:.1} s: {} locked, {} in lockdown",
+            a.connector,
+            self.waited.as_secs_f64(),
+            a.locked,
+            a.lockdown
+        )?;
+        if let Some(end) = a.earliest_lockdown_end {
+            write!(f, " (the earliest ends at {}, in {})", format_time(end), format_delay(end - self.at))?;
+        }
+        write!(f, ", {} in error", a.error)?;
+        if a.tried > 0 {
+            write!(f, ", {} already tried by this request", a.tried)?;
+        }
+        let wait = if a.may_free_up() { ", or wait longer" } else { "" };
+        write!(
+            f,
+            ". Add keys to the keyring, run `apijongler cleanup {}` to clear lockdowns and errors{wait}",
+            a.connector
+        )
+    }
+}
+
+/// A unix-ms time as RFC 3339 UTC, to the second.
+pub(crate) fn format_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| ms.to_string(), |time| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+fn format_delay(ms: i64) -> String {
+    let seconds = ms.max(0) as f64 / 1000.0;
+    if seconds < 120.0 { format!("{seconds:.1} s") } else { format!("{:.0} min", seconds / 60.0) }
+}

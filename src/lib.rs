@@ -1,0 +1,49 @@
+//! apijongler lets many worker processes on one machine share a pool of API keys, with no key ever
+//! used by two processes at once.
+//!
+//! The protocol, in short:
+//! - Key states are rows of one WAL-mode SQLite database shared by every process of the user
+//!   ([`Store`]); the secrets stay in the keyring file ([`Keyring`]) and in memory, never in the database.
+//! - A key is vacant, locked (held by a live process), in lockdown (rate-limited until a deadline) or
+//!   in error (bad until cleaned up). Every transition appends a row to the `history` table in the
+//!   same transaction.
+//! - [`Coordinator::claim`] takes the least recently used claimable key with one
+//!   `UPDATE ... RETURNING` in a `BEGIN IMMEDIATE` transaction, incrementing the key's lease token.
+//!   Every later write by the holder is fenced by that token: if it changed nothing, the lease was lost
+//!   and the holder must stop using the key.
+//! - Holders heartbeat; any process frees the locks of holders that are provably dead (same host and
+//!   boot, pid gone or reused) at once, and of holders whose heartbeat is stale whatever their pid says.
+//! - When no key is free, waiters poll with reads, back off with jitter and wake at the earliest
+//!   lockdown deadline, so scarce keys never turn into a storm of write attempts.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
+//!
+//! # fn main() -> api_jongler::Result<()> {
+//! let keyring = Keyring::from_env()?; // APIJONGLER_CONFIG
+//! let coordinator = Coordinator::open(CoordinatorOptions::default())?; // APIJONGLER_DB or ~/.local/state
+//! coordinator.sync(&keyring)?;
+//! let lease = coordinator.claim("generativelanguage.googleapis.com", &[], Duration::from_secs(30))?;
+//! let key = keyring.key(lease.connector(), lease.key_name()).expect("synced from this keyring");
+//! // ... send the request with key.secret() ...
+//! lease.release()?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod clock;
+mod coordinator;
+mod error;
+pub mod holder;
+pub mod keyring;
+mod lease;
+mod reaper;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
+pub use error::{Cause, Error, Result};
+pub use keyring::{ApiKey, Keyring};
+pub use lease::Lease;
+pub use store::{Availability, KeyState, Store};

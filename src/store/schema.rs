@@ -1,0 +1,155 @@
+//! Opening the database file: location, creation, pragmas, WAL, and the embedded migrations.
+//!
+//! Invariants: a file that is not SQLite, or that has a newer schema than this build knows, is refused
+//! before anything is written to it. The schema version is read inside the same `BEGIN IMMEDIATE`
+//! transaction that migrates, so any number of processes may open a fresh file at once.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+
+use crate::error::{Error, Result};
+
+/// The environment variable naming the database file.
+pub const DB_ENV: &str = "APIJONGLER_DB";
+
+/// The embedded migrations, in order; migration `n` (1-based) brings the schema to version `n`.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_initial.sql")];
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long one statement waits for another process's write lock before SQLite reports busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pooled connections per process: a handful of threads of one process write at most one at a time
+/// anyway, because SQLite has one writer.
+const POOL_SIZE: u32 = 8;
+
+/// The database path: `APIJONGLER_DB`, else `$XDG_STATE_HOME/apijongler/apijongler.db`, else
+/// `~/.local/state/apijongler/apijongler.db`.
+pub fn default_path() -> Result<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from);
+    if let Some(path) = var(DB_ENV) {
+        return Ok(path);
+    }
+    let state_home = var("XDG_STATE_HOME")
+        .filter(|dir| dir.is_absolute())
+        .or_else(|| var("HOME").map(|home| home.join(".local/state")))
+        .ok_or(Error::NoDatabaseLocation)?;
+    Ok(state_home.join("apijongler/apijongler.db"))
+}
+
+/// Opens (creating if needed) and migrates the database, and returns a pool of configured connections.
+pub(super) fn open(path: &Path) -> Result<r2d2::Pool<SqliteConnectionManager>> {
+    create_file(path)?;
+    let failed = |operation| {
+        let path = path.to_owned();
+        move |error: rusqlite::Error| classify(&path, operation, error)
+    };
+
+    let mut setup = Connection::open(path).map_err(failed("opening"))?;
+    configure(&setup).map_err(failed("configuring the connection"))?;
+    // Read before anything can write: a foreign or newer file must stay byte-for-byte untouched.
+    let version: i64 = setup.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(failed("reading"))?;
+    refuse_newer(path, version)?;
+    switch_to_wal(&setup).map_err(failed("switching to WAL mode"))?;
+    if version < SCHEMA_VERSION {
+        migrate(&mut setup, path)?;
+    }
+    drop(setup);
+
+    let manager = SqliteConnectionManager::file(path).with_init(|connection| configure(connection));
+    Ok(r2d2::Pool::builder()
+        .max_size(POOL_SIZE)
+        .min_idle(Some(0))
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_secs(30))
+        .build_unchecked(manager))
+}
+
+/// Creates the parent directory and the file (mode 0600: the file says which keys a user has). An
+/// existing file is opened without truncation, so its bytes are never touched here.
+fn create_file(path: &Path) -> Result<()> {
+    let create_error = |source| Error::DatabaseCreate { path: path.to_owned(), source };
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(create_error)?;
+    }
+    OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path).map_err(create_error)?;
+    Ok(())
+}
+
+/// Per-connection settings; `busy_timeout` first so the others already wait politely.
+fn configure(connection: &Connection) -> rusqlite::Result<()> {
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
+/// WAL mode is a property of the file, so it is switched once here, not per connection. Several
+/// processes switching a fresh file at once can see "database is locked" despite the busy timeout;
+/// a short bounded retry absorbs that.
+fn switch_to_wal(connection: &Connection) -> rusqlite::Result<()> {
+    let mut attempt = 0;
+    loop {
+        let result: rusqlite::Result<String> =
+            connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0));
+        match result {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                    Some(format!("the file system refused WAL mode (journal mode stays '{mode}')")),
+                ));
+            }
+            Err(error) if is_busy(&error) && attempt < 100 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(5 + fastrand::u64(0..20)));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn migrate(connection: &mut Connection, path: &Path) -> Result<()> {
+    let failed = |error| classify(path, "migrating the schema", error);
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
+    let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(failed)?;
+    refuse_newer(path, version)?;
+    // Another process may have migrated between our first read and this transaction.
+    let applied = usize::try_from(version).unwrap_or(0);
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        transaction.execute_batch(sql).map_err(failed)?;
+        tracing::info!(path = %path.display(), version = index + 1, "database schema migrated");
+    }
+    if version < SCHEMA_VERSION {
+        transaction.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(failed)?;
+    }
+    transaction.commit().map_err(failed)
+}
+
+fn refuse_newer(path: &Path, found: i64) -> Result<()> {
+    if found > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew { path: path.to_owned(), found, supported: SCHEMA_VERSION });
+    }
+    Ok(())
+}
+
+/// True for the two answers that mean "another connection holds the lock, try again".
+pub(super) fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(error.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// Maps an SQLite failure to the library error, recognising a file that is not a database.
+pub(super) fn classify(path: &Path, operation: &'static str, error: rusqlite::Error) -> Error {
+    if error.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
+        return Error::NotADatabase { path: path.to_owned() };
+    }
+    Error::Database { path: path.to_owned(), operation, source: Box::new(error) }
+}
