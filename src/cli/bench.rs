@@ -86,7 +86,7 @@ fn measure(processes: u32, keys: Option<u32>, duration: Duration) -> anyhow::Res
                 .env_remove("APIJONGLER_CONFIG")
                 .stdout(Stdio::piped());
             if keys.is_none() {
-                command.args(["--raw", "64"]);
+                command.arg("--raw");
             }
             command.spawn().context("spawning a bench worker")
         })

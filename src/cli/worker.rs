@@ -11,7 +11,6 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -55,16 +54,16 @@ pub struct WorkerArgs {
     /// Print every claim latency at the end.
     #[arg(long)]
     latencies: bool,
-    /// Run the raw SQLite reference cycle on this many key rows instead of the coordinator.
-    #[arg(long, value_name = "KEYS")]
-    raw: Option<i64>,
+    /// Run the raw SQLite reference cycle on the database's keys instead of the coordinator.
+    #[arg(long)]
+    raw: bool,
 }
 
 pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let db = global.db.clone().context("the worker needs --db")?;
-    if let Some(keys) = args.raw {
+    if args.raw {
         wait_for_start(args.start_at_ms);
-        return raw_reference(&db, keys, args);
+        return raw_reference(&db, args);
     }
     let options = CoordinatorOptions {
         db_path: Some(db),
@@ -131,30 +130,38 @@ fn wait_for_start(start_at_ms: Option<i64>) {
     }
 }
 
-/// The yardstick: each cycle is two write transactions of one UPDATE and one INSERT each.
-fn raw_reference(db: &Path, keys: i64, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+/// The yardstick: each cycle is two write transactions of one UPDATE and one INSERT each, writing the
+/// same columns and the same history rows (real connector and key names) as a claim and a release,
+/// so the two differ only by the coordinator's own work.
+fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut connection = rusqlite::Connection::open(db)?;
     connection.busy_timeout(Duration::from_secs(5))?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
+    let keys: Vec<(i64, String, String)> = connection
+        .prepare("SELECT id, connector, key_name FROM keys")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    anyhow::ensure!(!keys.is_empty(), "the reference needs a database with keys");
     let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
-    let clock = Arc::new(SystemClock);
+    let pid = std::process::id();
     let mut latencies = Vec::new();
     let mut cycles = 0u64;
     while Instant::now() < end {
-        let id = fastrand::i64(1..=keys);
-        for (index, state) in ["locked", "vacant"].into_iter().enumerate() {
+        let (id, connector, key_name) = &keys[fastrand::usize(..keys.len())];
+        for (from, to) in [("vacant", "locked"), ("locked", "vacant")] {
             let asked = Instant::now();
             let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            transaction
-                .prepare_cached("UPDATE keys SET state = ?2, lease = lease + 1 WHERE id = ?1")?
-                .execute(rusqlite::params![id, state])?;
+            let lease: i64 = transaction
+                .prepare_cached("UPDATE keys SET state = ?2, lease = lease + 1 WHERE id = ?1 RETURNING lease")?
+                .query_row(rusqlite::params![id, to], |row| row.get(0))?;
             transaction
                 .prepare_cached(
-                    "INSERT INTO history (at, connector, key_name, to_state, reason) VALUES (?1, 'raw', 'raw', ?2, 'raw')",
+                    "INSERT INTO history (at, connector, key_name, from_state, to_state, reason, holder_pid, lease)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'reference', ?6, ?7)",
                 )?
-                .execute(rusqlite::params![clock.now_ms(), state])?;
+                .execute(rusqlite::params![SystemClock.now_ms(), connector, key_name, from, to, pid, lease])?;
             transaction.commit()?;
-            if index == 0 && args.latencies {
+            if to == "locked" && args.latencies {
                 latencies.push(asked.elapsed().as_micros());
             }
         }
