@@ -1,0 +1,169 @@
+//! Shared by the integration tests: a temporary home for a keyring and a database, the real
+//! `apijongler` binary, and direct reads of the database the way a user's `sqlite3` would.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
+use tempfile::TempDir;
+
+/// A temporary directory with a keyring and a database path in it.
+pub struct Sandbox {
+    pub dir: TempDir,
+    pub keyring: PathBuf,
+    pub db: PathBuf,
+}
+
+impl Sandbox {
+    /// A keyring with `keys` keys in section `connector`.
+    pub fn new(connector: &str, keys: usize) -> Self {
+        let mut ini = format!("[{connector}]\n");
+        for index in 0..keys {
+            ini.push_str(&format!("key{index} = fake-secret-{connector}-{index}-do-not-use\n"));
+        }
+        Self::with_keyring(&ini)
+    }
+
+    /// A sandbox whose keyring holds `ini`.
+    pub fn with_keyring(ini: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keyring = dir.path().join("keys.ini");
+        std::fs::write(&keyring, ini).expect("write keyring");
+        let db = dir.path().join("state/apijongler.db");
+        Self { dir, keyring, db }
+    }
+
+    pub fn options(&self) -> CoordinatorOptions {
+        CoordinatorOptions { db_path: Some(self.db.clone()), ..CoordinatorOptions::default() }
+    }
+
+    /// A coordinator on this sandbox's database, synced with its keyring.
+    pub fn coordinator(&self, options: CoordinatorOptions) -> Coordinator {
+        let coordinator = Coordinator::open(options).expect("open database");
+        coordinator.sync(&self.load_keyring()).expect("sync keyring");
+        coordinator
+    }
+
+    pub fn load_keyring(&self) -> Keyring {
+        Keyring::load(&self.keyring).expect("keyring")
+    }
+
+    /// The real binary, with an empty environment apart from what the test gives it.
+    pub fn apijongler(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_apijongler"));
+        command.env_clear().env("APIJONGLER_DB", &self.db).env("APIJONGLER_CONFIG", &self.keyring);
+        command
+    }
+
+    /// A worker process cycling keys of `connector` (see `src/cli/worker.rs`).
+    pub fn worker(&self, connector: &str) -> Command {
+        let mut command = self.apijongler();
+        command.args(["--quiet", "worker", "--connector", connector]);
+        command
+    }
+
+    /// A read-only connection, as a user's `sqlite3` would open it.
+    pub fn sql(&self) -> rusqlite::Connection {
+        let connection = rusqlite::Connection::open(&self.db).expect("open db");
+        connection.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        connection
+    }
+
+    /// Every history row, oldest first: (id, key_name, from, to, lease, reason, at).
+    pub fn history(&self) -> Vec<HistoryRow> {
+        let connection = self.sql();
+        let mut statement = connection
+            .prepare(
+                "SELECT id, key_name, from_state, to_state, lease, reason, at, holder_pid FROM history ORDER BY id",
+            )
+            .expect("prepare");
+        statement
+            .query_map([], |row| {
+                Ok(HistoryRow {
+                    key: row.get(1)?,
+                    from: row.get(2)?,
+                    to: row.get(3)?,
+                    lease: row.get(4)?,
+                    reason: row.get(5)?,
+                    at: row.get(6)?,
+                    holder_pid: row.get(7)?,
+                })
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    /// `(key_name, state)` of every key, by name.
+    pub fn states(&self) -> Vec<(String, String)> {
+        let connection = self.sql();
+        let mut statement = connection.prepare("SELECT key_name, state FROM keys ORDER BY key_name").expect("prepare");
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryRow {
+    pub key: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub lease: Option<i64>,
+    pub reason: String,
+    pub at: i64,
+    pub holder_pid: Option<u32>,
+}
+
+/// Checks the history's lease discipline and returns the number of completed claim/release cycles:
+/// per key, every claim has a lease one above the last, and the key is never claimed again before
+/// the lease that holds it has ended (released, locked down, errored or reaped).
+pub fn check_leases(history: &[HistoryRow]) -> usize {
+    use std::collections::HashMap;
+    let mut holder: HashMap<&str, i64> = HashMap::new();
+    let mut last_lease: HashMap<&str, i64> = HashMap::new();
+    let mut released = 0;
+    for row in history {
+        let key = row.key.as_str();
+        if row.to == "locked" {
+            let lease = row.lease.expect("claim has a lease");
+            assert!(
+                !holder.contains_key(key),
+                "key {key} claimed under lease {lease} while lease {:?} still held it",
+                holder.get(key)
+            );
+            let previous = last_lease.get(key).copied().unwrap_or(0);
+            assert!(lease > previous, "lease of {key} went from {previous} to {lease}");
+            holder.insert(key, lease);
+            last_lease.insert(key, lease);
+        } else if row.from.as_deref() == Some("locked") {
+            let lease = row.lease.expect("end of a lease names it");
+            assert_eq!(holder.remove(key), Some(lease), "key {key}: lease {lease} ended but was not the holder");
+            if row.reason == "released" {
+                released += 1;
+            }
+        }
+    }
+    released
+}
+
+/// Polls `condition` every few milliseconds until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `PRAGMA integrity_check` says ok.
+pub fn assert_integrity(db: &Path) {
+    let connection = rusqlite::Connection::open(db).expect("open");
+    let verdict: String = connection.query_row("PRAGMA integrity_check", [], |row| row.get(0)).expect("check");
+    assert_eq!(verdict, "ok");
+}
