@@ -82,8 +82,13 @@ pub struct Keyring {
 impl Keyring {
     /// Loads the keyring named by `APIJONGLER_CONFIG`.
     pub fn from_env() -> Result<Self> {
-        let path = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()).ok_or(Error::ConfigNotSet)?;
-        Self::load(Path::new(&path))
+        Self::from_env_value(std::env::var_os(CONFIG_ENV).as_deref())
+    }
+
+    /// Loads the keyring named by a value of `APIJONGLER_CONFIG` (`None` or empty: not set).
+    pub fn from_env_value(value: Option<&std::ffi::OsStr>) -> Result<Self> {
+        let path = value.filter(|path| !path.is_empty()).ok_or(Error::ConfigNotSet)?;
+        Self::load(Path::new(path))
     }
 
     /// Loads the keyring at `path`.
@@ -98,11 +103,16 @@ impl Keyring {
     /// Parses keyring text; `path` is only used in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
         let options = ini::ParseOption { enabled_quote: false, enabled_escape: false, ..Default::default() };
-        let ini = ini::Ini::load_from_str_opt(text, options).map_err(|error| Error::ConfigSyntax {
-            path: path.to_owned(),
-            line: error.line + 1,
-            column: error.col + 1,
-            message: error.msg.into_owned(),
+        let ini = ini::Ini::load_from_str_opt(text, options).map_err(|error| {
+            // rust-ini reports an error found at the end of a line after it has stepped onto the newline,
+            // i.e. as column 1 of the next line; point at the line the user has to fix instead.
+            let (line, column) = if error.col == 1 && error.line > 1 {
+                let previous = text.lines().nth(error.line - 2).unwrap_or_default();
+                (error.line - 1, previous.chars().count() + 1)
+            } else {
+                (error.line, error.col)
+            };
+            Error::ConfigSyntax { path: path.to_owned(), line, column, message: error.msg.into_owned() }
         })?;
         let invalid = |problem: String| Error::ConfigInvalid { path: path.to_owned(), problem };
 

@@ -115,7 +115,7 @@ fn killed_holders_keys_come_back_without_cleanup() {
     eprintln!("chaos: {} kills, {} keys reaped, worst kill-to-reap {worst} ms", killed_at.len(), delays.len());
     assert!(!delays.is_empty(), "some victim held a key when killed");
     // Any claimer reaps at most every REAP_MS; the rest is scheduling on a loaded 2-core machine.
-    assert!(worst <= REAP_MS as i64 + 1_500, "a killed holder's key stayed locked {worst} ms");
+    assert!(worst <= REAP_MS as i64 + 800, "a killed holder's key stayed locked {worst} ms");
 }
 
 #[test]
