@@ -446,12 +446,9 @@ impl Store {
                     AND holder_boot_id = ?4 AND holder_host = ?5
               RETURNING id, lease",
             )?;
-            let rows = statement
-                .query_map(params![now, holder.pid, holder.started, holder.boot_id, holder.host], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>();
-            rows
+            all(&mut statement, params![now, holder.pid, holder.started, holder.boot_id, holder.host], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
         })
     }
 
@@ -463,24 +460,21 @@ impl Store {
                         heartbeat_at
                    FROM keys WHERE state = 'locked' AND (?1 IS NULL OR connector = ?1)",
             )?;
-            let rows = statement
-                .query_map(params![connector], |row| {
-                    Ok(HeldKey {
-                        id: row.get(0)?,
-                        connector: row.get(1)?,
-                        key_name: row.get(2)?,
-                        lease: row.get(3)?,
-                        holder: Holder {
-                            host: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                            boot_id: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                            pid: row.get::<_, Option<u32>>(6)?.unwrap_or_default(),
-                            started: row.get::<_, Option<i64>>(7)?.unwrap_or_default(),
-                        },
-                        heartbeat_at: row.get::<_, Option<i64>>(8)?.unwrap_or_default(),
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>();
-            rows
+            all(&mut statement, params![connector], |row| {
+                Ok(HeldKey {
+                    id: row.get(0)?,
+                    connector: row.get(1)?,
+                    key_name: row.get(2)?,
+                    lease: row.get(3)?,
+                    holder: Holder {
+                        host: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                        boot_id: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        pid: row.get::<_, Option<u32>>(6)?.unwrap_or_default(),
+                        started: row.get::<_, Option<i64>>(7)?.unwrap_or_default(),
+                    },
+                    heartbeat_at: row.get::<_, Option<i64>>(8)?.unwrap_or_default(),
+                })
+            })
         })
     }
 
@@ -609,8 +603,7 @@ impl Store {
             let mut statement = connection.prepare_cached(&format!(
                 "SELECT {KEY_COLUMNS} FROM keys WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, key_name"
             ))?;
-            let rows = statement.query_map(params![connector], key_record)?.collect::<rusqlite::Result<Vec<_>>>();
-            rows
+            all(&mut statement, params![connector], key_record)
         })
     }
 
@@ -623,10 +616,7 @@ impl Store {
                   WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR key_name = ?2) AND (?3 IS NULL OR at >= ?3)
                   ORDER BY id DESC LIMIT ?4"
             ))?;
-            let rows = statement
-                .query_map(params![query.connector, query.key_name, query.since, limit], transition)?
-                .collect::<rusqlite::Result<Vec<_>>>();
-            rows
+            all(&mut statement, params![query.connector, query.key_name, query.since, limit], transition)
         })
     }
 
@@ -643,8 +633,7 @@ impl Store {
                   ORDER BY last_used_at
                   LIMIT 1",
             )?;
-            let rows = statement.query_map(params!["c", 0, "[]"], |row| row.get::<_, String>(3))?.collect();
-            rows
+            all(&mut statement, params!["c", 0, "[]"], |row| row.get::<_, String>(3))
         })
     }
 
@@ -691,6 +680,15 @@ impl Store {
     fn connection(&self, operation: &'static str) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
         self.pool.get().map_err(|error| Error::Database { path: self.path.clone(), operation, source: Box::new(error) })
     }
+}
+
+/// Every row a statement returns, mapped by `map`.
+fn all<T>(
+    statement: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    statement.query_map(params, map)?.collect()
 }
 
 fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> rusqlite::Result<Transition> {

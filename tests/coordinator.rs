@@ -1,0 +1,312 @@
+//! The state machine in one process: deadlines with an injected clock, error and retired keys,
+//! keyring changes, cleanup boundaries, fencing, reaping by pid identity, waiting, and the claim's
+//! query plan.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api_jongler::store::HistoryQuery;
+use api_jongler::{Clock, CoordinatorOptions, Error, ManualClock, SystemClock};
+use common::{Sandbox, check_leases, wait_until};
+
+const T0: i64 = 1_800_000_000_000;
+
+fn manual(sandbox: &Sandbox) -> (CoordinatorOptions, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    (CoordinatorOptions { clock: clock.clone(), ..sandbox.options() }, clock)
+}
+
+fn unavailable(result: api_jongler::Result<api_jongler::Lease>) -> String {
+    match result {
+        Err(error @ Error::NoKeyAvailable(_)) => error.to_string(),
+        other => panic!("expected no key available, got {other:?}"),
+    }
+}
+
+#[test]
+fn lockdown_holds_until_its_deadline_by_the_injected_clock() {
+    let sandbox = Sandbox::new("c", 1);
+    let (options, clock) = manual(&sandbox);
+    let coordinator = sandbox.coordinator(options);
+    let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    lease.lockdown(T0 + 60_000, "429 per-minute quota", Some(429)).expect("lockdown");
+
+    clock.set(T0 + 59_999);
+    let message = unavailable(coordinator.claim("c", &[], Duration::ZERO));
+    assert!(message.contains("1 in lockdown") && message.contains("in 0.0 s"), "{message}");
+    assert!(message.contains("apijongler cleanup c"), "{message}");
+    assert_eq!(coordinator.key_states("c").expect("states").lockdown.len(), 1);
+
+    clock.set(T0 + 60_000);
+    assert_eq!(coordinator.available_keys("c").expect("available").len(), 1, "an expired lockdown is claimable");
+    let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim after the deadline");
+    assert_eq!(lease.token(), 2);
+    lease.release().expect("release");
+
+    let history = coordinator.store().history(&HistoryQuery::default()).expect("history");
+    let claimed_again = &history[1];
+    assert_eq!((claimed_again.from_state.as_deref(), claimed_again.to_state.as_str()), (Some("lockdown"), "locked"));
+    let locked_down = &history[2];
+    assert_eq!(locked_down.lockdown_until, Some(T0 + 60_000));
+    assert_eq!(locked_down.http_status, Some(429));
+    let record = &coordinator.store().keys(Some("c")).expect("keys")[0];
+    assert_eq!((record.lockdown_count, record.uses, record.lockdown_until), (1, 2, None));
+}
+
+#[test]
+fn error_keys_are_never_claimed() {
+    let sandbox = Sandbox::new("c", 2);
+    let (options, clock) = manual(&sandbox);
+    let coordinator = sandbox.coordinator(options);
+    let bad = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    let bad_name = bad.key_name().to_owned();
+    bad.mark_error("API_KEY_INVALID", Some(400)).expect("error");
+    for _ in 0..10 {
+        clock.advance(1_000);
+        let lease = coordinator.claim("c", &[], Duration::ZERO).expect("the other key");
+        assert_ne!(lease.key_name(), bad_name);
+        lease.release().expect("release");
+    }
+    let held = coordinator.claim("c", &[], Duration::ZERO).expect("the other key");
+    let message = unavailable(coordinator.claim("c", &[], Duration::ZERO));
+    assert!(message.contains("1 locked") && message.contains("1 in error"), "{message}");
+    drop(held);
+    let states = coordinator.key_states("c").expect("states");
+    assert_eq!(states.error.into_iter().collect::<Vec<_>>(), [bad_name]);
+    let record = coordinator.store().keys(Some("c")).expect("keys").into_iter().find(|k| k.reason.is_some());
+    let record = record.expect("the error key keeps its reason");
+    assert_eq!((record.reason.as_deref(), record.http_status), (Some("API_KEY_INVALID"), Some(400)));
+}
+
+#[test]
+fn tried_keys_are_skipped_and_counted() {
+    let sandbox = Sandbox::new("c", 2);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let first = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    let tried = vec![first.key_name().to_owned()];
+    first.release().expect("release");
+    let second = coordinator.claim("c", &tried, Duration::ZERO).expect("claim");
+    assert_ne!(second.key_name(), tried[0]);
+    let message = unavailable(coordinator.claim("c", &tried, Duration::ZERO));
+    assert!(message.contains("1 already tried"), "{message}");
+}
+
+#[test]
+fn keys_removed_from_the_keyring_are_retired_and_come_back() {
+    let sandbox = Sandbox::with_keyring("[c]\nkeep = fake-keep\ngone = fake-gone\n");
+    let coordinator = sandbox.coordinator(sandbox.options());
+    std::fs::write(&sandbox.keyring, "[c]\nkeep = fake-keep\n").expect("rewrite");
+    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert_eq!(report.retired, [("c".to_owned(), "gone".to_owned())]);
+    for _ in 0..5 {
+        let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+        assert_eq!(lease.key_name(), "keep");
+        lease.release().expect("release");
+    }
+    let states = coordinator.key_states("c").expect("states");
+    assert!(!states.vacant.contains("gone"), "retired keys are not reported as available");
+    assert_eq!(coordinator.store().keys(Some("c")).expect("rows").len(), 2, "the row and its history stay");
+
+    std::fs::write(&sandbox.keyring, "[c]\nkeep = fake-keep\ngone = fake-gone\n").expect("rewrite");
+    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert_eq!(report.restored, [("c".to_owned(), "gone".to_owned())]);
+    assert!(coordinator.key_states("c").expect("states").vacant.contains("gone"));
+    let reasons: Vec<String> = sandbox.history().into_iter().map(|row| row.reason).collect();
+    assert!(reasons.contains(&"removed from the keyring".to_owned()), "{reasons:?}");
+}
+
+#[test]
+fn a_changed_secret_lifts_the_error_state() {
+    let sandbox = Sandbox::with_keyring("[c]\nk = fake-old-secret\n");
+    let coordinator = sandbox.coordinator(sandbox.options());
+    coordinator.claim("c", &[], Duration::ZERO).expect("claim").mark_error("leaked", Some(403)).expect("error");
+    assert_eq!(coordinator.sync(&sandbox.load_keyring()).expect("same file").changed.len(), 0);
+    assert_eq!(coordinator.key_states("c").expect("states").error.len(), 1, "unchanged secret stays in error");
+
+    std::fs::write(&sandbox.keyring, "[c]\nk = fake-new-secret\n").expect("rewrite");
+    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert_eq!(report.changed, [("c".to_owned(), "k".to_owned())]);
+    let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claimable again");
+    let expected = sandbox.load_keyring().key("c", "k").expect("key").fingerprint().to_string();
+    assert_eq!(lease.fingerprint(), expected);
+}
+
+#[test]
+fn cleanup_stays_inside_its_connector_and_spares_live_holders() {
+    let sandbox = Sandbox::with_keyring("[foo]\na = fake-a\nheld = fake-held\n[foo_bar]\nb = fake-b\n");
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let far = SystemClock.now_ms() + 3_600_000;
+    let a = coordinator.claim("foo", &[], Duration::ZERO).expect("claim");
+    let a_name = a.key_name().to_owned();
+    a.lockdown(far, "quota", Some(429)).expect("lockdown");
+    let held = coordinator.claim("foo", &[], Duration::ZERO).expect("claim");
+    coordinator.claim("foo_bar", &[], Duration::ZERO).expect("claim").lockdown(far, "quota", Some(429)).expect("ld");
+
+    let done = coordinator.cleanup(Some("foo"), false).expect("cleanup");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!((done[0].key_name.as_str(), done[0].to_state.as_str()), (a_name.as_str(), "vacant"));
+    assert_eq!(coordinator.key_states("foo_bar").expect("states").lockdown.len(), 1, "foo_bar untouched");
+    assert!(held.is_valid(), "a live holder keeps its key");
+    assert_eq!(coordinator.key_states("foo").expect("states").locked.len(), 1);
+
+    let forced = coordinator.cleanup(Some("foo"), true).expect("forced cleanup");
+    assert_eq!(forced.len(), 1);
+    assert!(forced[0].reason.contains("--force"), "{}", forced[0].reason);
+    let error = held.release().expect_err("the lease is gone");
+    assert!(matches!(error, Error::LeaseLost { .. }), "{error:?}");
+    assert!(error.to_string().contains("must not be used"), "{error}");
+
+    coordinator.cleanup(None, false).expect("cleanup all");
+    assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
+}
+
+#[test]
+fn a_lost_lease_cannot_overwrite_the_new_holder() {
+    let sandbox = Sandbox::new("c", 1);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let old = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    coordinator.cleanup(Some("c"), true).expect("force");
+    let new = coordinator.claim("c", &[], Duration::ZERO).expect("claim again");
+    assert!(matches!(old.lockdown(i64::MAX, "late", Some(429)), Err(Error::LeaseLost { .. })));
+    assert_eq!(sandbox.states(), [("key0".to_owned(), "locked".to_owned())]);
+    assert!(new.is_valid());
+    new.release().expect("the new holder's release works");
+    check_leases(&sandbox.history());
+}
+
+/// Start time (clock ticks since boot) of a process, from `/proc/<pid>/stat`.
+fn start_time(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect(")") + 1..];
+    after_name.split_whitespace().nth(19).expect("field 22").parse().expect("number")
+}
+
+#[test]
+fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
+    let sandbox = Sandbox::new("c", 2);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let first = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    let second = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    let mut stranger = Command::new("sleep").arg("60").stdout(Stdio::null()).spawn().expect("spawn sleep");
+    let pid = stranger.id();
+    let started = start_time(pid);
+    // Pretend both locks were taken by whoever had `pid` before: one recorded with another start time
+    // (the pid was reused since), one with the stranger's real start time (it is the live holder).
+    let forge = |key: &str, recorded_start: i64| {
+        sandbox
+            .sql()
+            .execute(
+                "UPDATE keys SET holder_pid = ?1, holder_started = ?2 WHERE key_name = ?3",
+                rusqlite::params![pid, recorded_start, key],
+            )
+            .expect("forge holder");
+    };
+    forge(first.key_name(), started + 12_345);
+    forge(second.key_name(), started);
+
+    let reaped = coordinator.reap(Some("c")).expect("reap");
+    stranger.kill().expect("kill sleep");
+    stranger.wait().expect("wait sleep");
+    assert_eq!(reaped.len(), 1, "{reaped:?}");
+    assert_eq!(reaped[0].key_name, first.key_name());
+    assert!(reaped[0].reason.contains("reused"), "{}", reaped[0].reason);
+    let states = coordinator.key_states("c").expect("states");
+    assert!(states.locked.contains(second.key_name()), "the live holder keeps its key");
+
+    // Now the stranger is gone: its lock is freed at once, whatever its heartbeat says.
+    let reaped = coordinator.reap(Some("c")).expect("reap");
+    assert_eq!(reaped.len(), 1);
+    assert!(reaped[0].reason.contains("has exited"), "{}", reaped[0].reason);
+}
+
+#[test]
+fn heartbeats_keep_a_held_key_from_going_stale() {
+    let sandbox = Sandbox::new("c", 1);
+    let options = CoordinatorOptions {
+        heartbeat_interval: Duration::from_millis(20),
+        stale_after: Duration::from_millis(200),
+        ..sandbox.options()
+    };
+    let holder = sandbox.coordinator(options.clone());
+    let lease = holder.claim("c", &[], Duration::ZERO).expect("claim");
+    let heartbeat_at = || -> i64 {
+        sandbox.sql().query_row("SELECT heartbeat_at FROM keys", [], |row| row.get(0)).expect("heartbeat_at")
+    };
+    let first = heartbeat_at();
+    // Wait until the heartbeat has moved the row well past the stale threshold since the claim.
+    wait_until(Duration::from_secs(10), "heartbeats past the stale threshold", || heartbeat_at() > first + 400);
+    let reaper = sandbox.coordinator(options);
+    assert_eq!(reaper.reap(None).expect("reap"), [], "a heartbeating holder is not stale");
+    assert!(lease.is_valid());
+    lease.release().expect("release");
+}
+
+#[test]
+fn a_waiter_wakes_at_the_lockdown_deadline() {
+    let sandbox = Sandbox::new("c", 1);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let deadline = SystemClock.now_ms() + 300;
+    coordinator.claim("c", &[], Duration::ZERO).expect("claim").lockdown(deadline, "quota", Some(429)).expect("ld");
+    let asked = Instant::now();
+    let lease = coordinator.claim("c", &[], Duration::from_secs(30)).expect("claimed at the deadline");
+    assert!(SystemClock.now_ms() >= deadline, "not before the deadline");
+    assert!(asked.elapsed() < Duration::from_secs(20), "woke near the deadline, not at the end of the wait");
+    lease.release().expect("release");
+}
+
+#[test]
+fn no_wait_when_no_key_can_come_back() {
+    let sandbox = Sandbox::new("c", 1);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    coordinator.claim("c", &[], Duration::ZERO).expect("claim").mark_error("bad", Some(401)).expect("error");
+    let asked = Instant::now();
+    let message = unavailable(coordinator.claim("c", &[], Duration::from_secs(60)));
+    assert!(asked.elapsed() < Duration::from_secs(30), "gave up at once instead of waiting 60 s");
+    assert!(message.contains("1 in error") && !message.contains("wait longer"), "{message}");
+    let unknown = unavailable(coordinator.claim("nope", &[], Duration::ZERO));
+    assert!(unknown.contains("has no keys"), "{unknown}");
+}
+
+#[test]
+fn the_claim_walks_an_index_in_lru_order_with_ten_thousand_keys() {
+    let sandbox = Sandbox::new("big", 10_000);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let plan = coordinator.store().explain_claim().expect("plan");
+    assert!(plan.iter().any(|step| step.contains("USING INDEX keys_claim_order")), "{plan:?}");
+    assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort of every key: {plan:?}");
+    // And it is the least recently used key that comes out.
+    let first = coordinator.claim("big", &[], Duration::ZERO).expect("claim");
+    let second = coordinator.claim("big", &[], Duration::ZERO).expect("claim");
+    assert_eq!((first.key_name(), second.key_name()), ("key0", "key1"));
+}
+
+#[test]
+fn no_secret_reaches_the_database_file() {
+    let sandbox = Sandbox::new("c", 3);
+    let (options, clock) = manual(&sandbox);
+    let coordinator = sandbox.coordinator(options);
+    for round in 0..30 {
+        clock.advance(1_000);
+        let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+        match round % 3 {
+            0 => lease.release().expect("release"),
+            1 => lease.lockdown(clock.now_ms() + 500, "quota", Some(429)).expect("lockdown"),
+            _ => lease.mark_error("invalid", Some(400)).expect("error"),
+        }
+        coordinator.cleanup(None, false).expect("cleanup");
+    }
+    let held = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    let keyring = sandbox.load_keyring();
+    let mut bytes = std::fs::read(&sandbox.db).expect("db");
+    bytes.extend(std::fs::read(sandbox.db.with_extension("db-wal")).expect("wal"));
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains(keyring.keys("c").expect("keys")[0].fingerprint().as_str()), "fingerprints are stored");
+    for (_, key) in keyring.all_keys() {
+        use secrecy::ExposeSecret;
+        assert!(!text.contains(key.secret().expose_secret()), "secret of {} found in the database", key.name());
+    }
+    held.release().expect("release");
+}
