@@ -113,11 +113,7 @@ pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
             Err(error) => return Err(error.into()),
         }
     }
-    writeln!(stdout, "cycles {cycles}")?;
-    if args.latencies {
-        let joined: Vec<String> = latencies.iter().map(u128::to_string).collect();
-        writeln!(stdout, "latencies_us {}", joined.join(" "))?;
-    }
+    summarize(&mut stdout, cycles, args.latencies.then_some(&latencies[..]))?;
     Ok(if lost { ExitCode::from(exit::LEASE_LOST) } else { ExitCode::SUCCESS })
 }
 
@@ -167,11 +163,16 @@ fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
         }
         cycles += 1;
     }
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "cycles {cycles}")?;
-    if args.latencies {
-        let joined: Vec<String> = latencies.iter().map(u128::to_string).collect();
-        writeln!(stdout, "latencies_us {}", joined.join(" "))?;
-    }
+    summarize(&mut std::io::stdout().lock(), cycles, args.latencies.then_some(&latencies[..]))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The closing lines the parent parses: `cycles N` and, if asked for, `latencies_us L1 L2 ...`.
+fn summarize(out: &mut impl Write, cycles: u64, latencies: Option<&[u128]>) -> std::io::Result<()> {
+    writeln!(out, "cycles {cycles}")?;
+    if let Some(latencies) = latencies {
+        let joined: Vec<String> = latencies.iter().map(u128::to_string).collect();
+        writeln!(out, "latencies_us {}", joined.join(" "))?;
+    }
+    Ok(())
 }

@@ -297,6 +297,29 @@ struct NewTransition<'a> {
     lockdown_until: Option<i64>,
 }
 
+impl<'a> NewTransition<'a> {
+    /// A transition with no status, holder, lease or deadline; set those with struct update syntax.
+    fn new(
+        connector: &'a str,
+        key_name: &'a str,
+        from_state: Option<&'a str>,
+        to_state: &'a str,
+        reason: &'a str,
+    ) -> Self {
+        Self {
+            connector,
+            key_name,
+            from_state,
+            to_state,
+            reason,
+            http_status: None,
+            holder_pid: None,
+            lease: None,
+            lockdown_until: None,
+        }
+    }
+}
+
 const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
      holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status, lockdown_count,
      uses, last_used_at";
@@ -377,15 +400,15 @@ impl Store {
                 transaction,
                 now,
                 &NewTransition {
-                    connector,
-                    key_name: &claimed.key_name,
-                    from_state: Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
-                    to_state: "locked",
-                    reason: "claimed",
-                    http_status: None,
                     holder_pid: Some(holder.pid),
                     lease: Some(claimed.lease),
-                    lockdown_until: None,
+                    ..NewTransition::new(
+                        connector,
+                        &claimed.key_name,
+                        Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
+                        "locked",
+                        "claimed",
+                    )
                 },
             )?;
             Ok(Some(claimed))
@@ -421,15 +444,17 @@ impl Store {
                 transaction,
                 now,
                 &NewTransition {
-                    connector: &connector,
-                    key_name: &key_name,
-                    from_state: Some("locked"),
-                    to_state,
-                    reason: reason.map_or("released", String::as_str),
                     http_status: status,
                     holder_pid: Some(std::process::id()),
                     lease: Some(lease),
                     lockdown_until: until,
+                    ..NewTransition::new(
+                        &connector,
+                        &key_name,
+                        Some("locked"),
+                        to_state,
+                        reason.map_or("released", String::as_str),
+                    )
                 },
             )?;
             Ok(true)
@@ -506,15 +531,9 @@ impl Store {
                         transaction,
                         now,
                         &NewTransition {
-                            connector: &connector,
-                            key_name: &key_name,
-                            from_state: Some("locked"),
-                            to_state: &state,
-                            reason: &eviction.reason,
-                            http_status: None,
-                            holder_pid: None,
                             lease: Some(eviction.lease),
                             lockdown_until: until,
+                            ..NewTransition::new(&connector, &key_name, Some("locked"), &state, &eviction.reason)
                         },
                     )?);
                 }
@@ -550,17 +569,7 @@ impl Store {
                 written.push(record(
                     transaction,
                     now,
-                    &NewTransition {
-                        connector: &key_connector,
-                        key_name: &key_name,
-                        from_state: Some(&state),
-                        to_state: "vacant",
-                        reason: "cleanup",
-                        http_status: None,
-                        holder_pid: None,
-                        lease: None,
-                        lockdown_until: None,
-                    },
+                    &NewTransition::new(&key_connector, &key_name, Some(&state), "vacant", "cleanup"),
                 )?);
             }
             Ok(written)
@@ -770,21 +779,7 @@ fn apply_sync(
         keys.iter().find(|key| key.connector == connector && key.name == name).map_or("", |key| key.fingerprint)
     };
     let note = |connector: &str, key_name: &str, from_state: Option<&str>, to_state: &str, reason: &str| {
-        record(
-            transaction,
-            now,
-            &NewTransition {
-                connector,
-                key_name,
-                from_state,
-                to_state,
-                reason,
-                http_status: None,
-                holder_pid: None,
-                lease: None,
-                lockdown_until: None,
-            },
-        )
+        record(transaction, now, &NewTransition::new(connector, key_name, from_state, to_state, reason))
     };
     for id @ (connector, name) in &plan.added {
         transaction
