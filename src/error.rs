@@ -64,7 +64,7 @@ pub enum Error {
     #[error(
         "no keys for connector '{connector}' in {path}: add a [{connector}] section with one `name = secret` line per key"
     )]
-    UnknownConnector {
+    NoKeyringSection {
         /// The connector asked for.
         connector: String,
         /// The keyring file.
@@ -78,6 +78,41 @@ pub enum Error {
         connector: String,
         /// The keyring file.
         path: PathBuf,
+    },
+
+    /// No connector of that name is embedded or in `APIJONGLER_CONNECTORS`.
+    #[error(
+        "unknown connector '{name}'; known: {}. Add a JSON file for it to the directory named by APIJONGLER_CONNECTORS",
+        known.join(", ")
+    )]
+    UnknownConnector {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        known: Vec<String>,
+    },
+
+    /// A connector file is not valid.
+    #[error("{path}:{line}:{column}: {message}")]
+    ConnectorFile {
+        /// The connector file.
+        path: PathBuf,
+        /// 1-based line (0 if the problem is not at a position).
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The connector directory or one of its files could not be read.
+    #[error("cannot read connector definitions at {path} (named by APIJONGLER_CONNECTORS)")]
+    ConnectorsDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
     },
 
     /// Neither `APIJONGLER_DB`, `XDG_STATE_HOME` nor `HOME` says where the database goes.

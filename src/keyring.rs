@@ -160,7 +160,7 @@ impl Keyring {
     /// The keys of one connector; an error that says how to fix the file if there are none.
     pub fn keys(&self, connector: &str) -> Result<&[ApiKey]> {
         match self.connectors.get(connector) {
-            None => Err(Error::UnknownConnector { connector: connector.to_owned(), path: self.path.clone() }),
+            None => Err(Error::NoKeyringSection { connector: connector.to_owned(), path: self.path.clone() }),
             Some(keys) if keys.is_empty() => {
                 Err(Error::NoKeysConfigured { connector: connector.to_owned(), path: self.path.clone() })
             }

@@ -33,6 +33,7 @@
 //! ```
 
 pub mod clock;
+pub mod connector;
 mod coordinator;
 mod error;
 pub mod holder;
