@@ -46,7 +46,7 @@ pub struct Policy {
     pub rate_limit_statuses: Vec<u16>,
     /// Lockdown when a rate limit gives no hint, doubled for each consecutive lockdown (default 60 s).
     pub default_lockdown_secs: u64,
-    /// Cap of that doubling, and of any delay an answer asks for except daily quotas (default 1 h).
+    /// Cap of that doubling (default 1 h). Delays the answer asks for are honoured up to 48 h.
     pub max_lockdown_secs: u64,
     /// Lockdown when the quota is zero (the model is not on the key's tier) (default 24 h).
     pub zero_quota_lockdown_secs: u64,

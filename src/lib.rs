@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod classify;
 pub mod clock;
 pub mod connector;
 mod coordinator;

@@ -1,0 +1,200 @@
+//! Every answer of the reference page, and what it must do to the key and the caller.
+
+use super::*;
+use chrono::NaiveDate;
+use reqwest::header::{HeaderName, HeaderValue};
+
+/// 2026-11-22 12:00:00 UTC (04:00 in Los Angeles, PST).
+const NOW: i64 = 1_795_348_800_000;
+
+pub const GEMINI_429_MINUTE: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_input_token_count","quotaId":"GenerateContentInputTokensPerModelPerMinute-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-flash"},"quotaValue":"250000"}]},{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"26s"}]}}"#;
+const GEMINI_429_DAY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota. Please retry in 47.1s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaValue":"10"},{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaValue":"250"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"47s"}]}}"#;
+const GEMINI_429_ZERO: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota. Quota exceeded for metric: generate_content_free_tier_requests, limit: 0","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaValue":"0"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"12s"}]}}"#;
+const GEMINI_429_FRACTION: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota. Please retry in 38.922534355s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0.5s"}]}}"#;
+const GEMINI_429_BARE: &str = r#"{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}"#;
+const GEMINI_400_INVALID: &str = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
+const GEMINI_400_EXPIRED: &str = r#"{"error":{"code":400,"message":"API key expired. Please renew the API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
+const GEMINI_403_LEAKED: &str = r#"{"error":{"code":403,"message":"Your API key was reported as leaked. Please use another API key.","status":"PERMISSION_DENIED"}}"#;
+const GEMINI_403_DISABLED: &str = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 1 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED"}]}}"#;
+const GEMINI_400_LOCATION: &str = r#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#;
+const GEMINI_503: &str =
+    r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
+const GEMINI_400_BAD_REQUEST: &str =
+    r#"{"error":{"code":400,"message":"Invalid JSON payload received.","status":"INVALID_ARGUMENT"}}"#;
+const GEMINI_404: &str =
+    r#"{"error":{"code":404,"message":"models/nope is not found for API version v1beta","status":"NOT_FOUND"}}"#;
+const GEMINI_500: &str = r#"{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}"#;
+const GEMINI_504: &str = r#"{"error":{"code":504,"message":"Deadline exceeded.","status":"DEADLINE_EXCEEDED"}}"#;
+const HF_401: &str = r#"{"error": "Invalid credentials in Authorization header"}"#;
+const HF_402: &str = r#"{"error": "You have exceeded your monthly included credits for Inference Providers. Subscribe to PRO to get 20x more monthly included credits."}"#;
+const HF_429: &str = r#"{"error":"Rate limit reached. You reached free usage limit (reset hourly). Please subscribe to a plan at https://huggingface.co/pricing to use the API at this rate"}"#;
+const HF_503_LOADING: &str = r#"{"error":"Model google/gemma-2-9b-it is currently loading","estimated_time":20.0}"#;
+const HF_410: &str = r#"{"error":"The requested API endpoint is no longer supported. Please use https://router.huggingface.co/ instead."}"#;
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    pairs
+        .iter()
+        .map(|(name, value)| (HeaderName::from_static(name), HeaderValue::from_str(value).expect("header value")))
+        .collect()
+}
+
+fn judge(status: u16, pairs: &[(&'static str, &str)], body: &str) -> Verdict {
+    let policy = Policy::default();
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false };
+    classify(status, &headers(pairs), body, &context)
+}
+
+fn lockdown_secs(verdict: &Verdict) -> f64 {
+    match &verdict.key {
+        KeyFate::Lockdown { until_ms, .. } => (until_ms - NOW) as f64 / 1000.0,
+        other => panic!("expected a lockdown, got {other:?}"),
+    }
+}
+
+#[test]
+fn success_releases_and_returns() {
+    assert_eq!(judge(200, &[], "{}"), Verdict { key: KeyFate::Release { success: true }, next: Next::Return });
+}
+
+#[test]
+fn rate_limits_lock_down_exactly_as_long_as_asked() {
+    let cases: [(u16, &[(&'static str, &str)], &str, f64); 7] = [
+        (429, &[], GEMINI_429_MINUTE, 26.0),
+        (429, &[], GEMINI_429_FRACTION, 38.922),
+        (429, &[("retry-after", "120")], GEMINI_429_BARE, 120.0),
+        (429, &[("retry-after", "Sun, 22 Nov 2026 12:05:00 GMT")], HF_429, 300.0),
+        (429, &[("ratelimit", "\"api\";r=0;t=55")], HF_429, 55.0),
+        (429, &[], GEMINI_429_BARE, 60.0),
+        (509, &[], "", 60.0),
+    ];
+    for (status, pairs, body, expected) in cases {
+        let verdict = judge(status, pairs, body);
+        assert_eq!(verdict.next, Next::OtherKey, "{body}");
+        let secs = lockdown_secs(&verdict);
+        assert!((secs - expected).abs() < 0.01, "{status} {pairs:?} {body}: {secs} s, expected {expected} s");
+    }
+}
+
+#[test]
+fn a_daily_quota_locks_down_until_midnight_pacific_whatever_retry_delay_says() {
+    let verdict = judge(429, &[], GEMINI_429_DAY);
+    let KeyFate::Lockdown { until_ms, reason } = &verdict.key else { panic!("{verdict:?}") };
+    // 2026-11-23 00:00 PST = 08:00 UTC.
+    let midnight = NaiveDate::from_ymd_opt(2026, 11, 23).and_then(|d| d.and_hms_opt(8, 0, 0)).expect("date");
+    assert_eq!(*until_ms, midnight.and_utc().timestamp_millis());
+    assert!(reason.contains("GenerateRequestsPerDayPerProjectPerModel-FreeTier"), "{reason}");
+    assert_eq!(verdict.next, Next::OtherKey);
+}
+
+#[test]
+fn pacific_midnight_is_right_across_daylight_saving() {
+    let utc = |y, m, d, h, min| {
+        NaiveDate::from_ymd_opt(y, m, d)
+            .and_then(|d| d.and_hms_opt(h, min, 0))
+            .expect("date")
+            .and_utc()
+            .timestamp_millis()
+    };
+    // DST starts 2026-03-08 at 2 am: 01:30 PST on the 8th -> midnight of the 9th is PDT (07:00 UTC).
+    assert_eq!(next_pacific_midnight(utc(2026, 3, 8, 9, 30)), utc(2026, 3, 9, 7, 0));
+    // The day before: 23:00 PST on the 7th -> midnight of the 8th, still PST (08:00 UTC).
+    assert_eq!(next_pacific_midnight(utc(2026, 3, 8, 7, 0)), utc(2026, 3, 8, 8, 0));
+    // DST ends 2026-11-01 at 2 am: 23:00 PDT on Oct 31 -> midnight of Nov 1 is PDT (07:00 UTC).
+    assert_eq!(next_pacific_midnight(utc(2026, 11, 1, 6, 0)), utc(2026, 11, 1, 7, 0));
+    // Noon PST on Nov 1 -> midnight of Nov 2 is PST (08:00 UTC).
+    assert_eq!(next_pacific_midnight(utc(2026, 11, 1, 20, 0)), utc(2026, 11, 2, 8, 0));
+}
+
+#[test]
+fn zero_quota_locks_down_for_a_day() {
+    assert!((lockdown_secs(&judge(429, &[], GEMINI_429_ZERO)) - 86_400.0).abs() < 0.01);
+}
+
+#[test]
+fn no_hint_escalates_from_the_base_to_the_cap_and_absurd_hints_are_clamped() {
+    let policy = Policy::default();
+    let at = |count| {
+        let context = Context { now_ms: NOW, policy: &policy, lockdown_count: count, retries: 0, via_tor: false };
+        lockdown_secs(&classify(429, &HeaderMap::new(), GEMINI_429_BARE, &context))
+    };
+    assert_eq!([at(0), at(1), at(2), at(6), at(30)], [60.0, 120.0, 240.0, 3600.0, 3600.0]);
+    let absurd = judge(429, &[("retry-after", "99999999999")], "");
+    assert!((lockdown_secs(&absurd) - 48.0 * 3600.0).abs() < 0.01);
+}
+
+#[test]
+fn bad_keys_go_to_error_and_the_caller_tries_another() {
+    for (status, body) in [
+        (400, GEMINI_400_INVALID),
+        (400, GEMINI_400_EXPIRED),
+        (403, GEMINI_403_LEAKED),
+        (403, GEMINI_403_DISABLED),
+        (401, HF_401),
+    ] {
+        let verdict = judge(status, &[], body);
+        assert!(matches!(verdict.key, KeyFate::Error { .. }), "{status} {body}: {verdict:?}");
+        assert_eq!(verdict.next, Next::OtherKey);
+    }
+    let KeyFate::Error { reason } = judge(403, &[], GEMINI_403_DISABLED).key else { panic!() };
+    assert!(reason.contains("SERVICE_DISABLED"), "{reason}");
+}
+
+#[test]
+fn used_up_credits_lock_down_for_a_day() {
+    let verdict = judge(402, &[], HF_402);
+    assert!((lockdown_secs(&verdict) - 86_400.0).abs() < 0.01);
+    assert_eq!(verdict.next, Next::OtherKey);
+}
+
+#[test]
+fn location_refusals_are_not_the_keys_fault() {
+    let released = KeyFate::Release { success: false };
+    assert_eq!(judge(400, &[], GEMINI_400_LOCATION), Verdict { key: released.clone(), next: Next::Return });
+    let policy = Policy::default();
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: true };
+    let verdict = classify(400, &HeaderMap::new(), GEMINI_400_LOCATION, &context);
+    assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit });
+}
+
+#[test]
+fn provider_trouble_releases_the_key_and_backs_off() {
+    for (status, body, after_ms) in [
+        (503, GEMINI_503, 500),
+        (500, GEMINI_500, 500),
+        (502, "<html>bad gateway</html>", 500),
+        (504, GEMINI_504, 500),
+        (503, HF_503_LOADING, 20_000),
+    ] {
+        let verdict = judge(status, &[], body);
+        assert_eq!(
+            verdict,
+            Verdict {
+                key: KeyFate::Release { success: false },
+                next: Next::Backoff { after: Duration::from_millis(after_ms) }
+            },
+            "{status} {body}"
+        );
+    }
+    let policy = Policy::default();
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 2, via_tor: false };
+    assert_eq!(transport_failure(&context).next, Next::Backoff { after: Duration::from_millis(2_000) });
+}
+
+#[test]
+fn other_client_errors_release_and_return_at_once() {
+    for (status, body) in [(400, GEMINI_400_BAD_REQUEST), (404, GEMINI_404), (410, HF_410), (422, "not json")] {
+        assert_eq!(
+            judge(status, &[], body),
+            Verdict { key: KeyFate::Release { success: false }, next: Next::Return },
+            "{status}"
+        );
+    }
+}
+
+#[test]
+fn a_connector_may_declare_other_rate_limit_statuses() {
+    let policy = Policy { rate_limit_statuses: vec![429, 420], ..Policy::default() };
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false };
+    let verdict = classify(420, &HeaderMap::new(), "", &context);
+    assert!(matches!(verdict.key, KeyFate::Lockdown { .. }));
+}
