@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::coordinator::{Coordinator, Inner};
 use crate::error::{Error, Result};
-use crate::store::{Claimed, Fate};
+use crate::store::{Attempt, Claimed, Fate};
 
 /// What the heartbeat thread and a [`Lease`] share about one lease.
 #[derive(Debug)]
@@ -139,26 +139,48 @@ impl Lease {
         if self.is_valid() { Ok(()) } else { Err(self.lost()) }
     }
 
+    /// The key's consecutive lockdowns before this lease (for escalating default lockdowns).
+    pub fn lockdown_count(&self) -> i64 {
+        self.claimed.lockdown_count
+    }
+
+    /// After a success on a key that is kept: its consecutive-lockdown count starts again at 0.
+    pub fn reset_escalation(&mut self) -> Result<()> {
+        if self.claimed.lockdown_count == 0 {
+            return Ok(());
+        }
+        if !self.coordinator.inner.store.reset_escalation(self.claimed.id, self.claimed.lease)? {
+            return Err(self.lost());
+        }
+        self.claimed.lockdown_count = 0;
+        Ok(())
+    }
+
     /// Back to vacant.
     pub fn release(mut self) -> Result<()> {
-        self.end(&Fate::Release)
+        self.end(&Fate::Release { success: false }, None)
+    }
+
+    /// Ends the lease with `fate`, recording `attempt` in the same transaction.
+    pub fn finish(mut self, fate: &Fate, attempt: Option<&Attempt>) -> Result<()> {
+        self.end(fate, attempt)
     }
 
     /// Rate-limited: the key is not claimed again before `until_ms` (unix ms).
     pub fn lockdown(mut self, until_ms: i64, reason: impl Into<String>, http_status: Option<u16>) -> Result<()> {
-        self.end(&Fate::Lockdown { until: until_ms, reason: reason.into(), http_status })
+        self.end(&Fate::Lockdown { until: until_ms, reason: reason.into(), http_status }, None)
     }
 
     /// Permanently bad: never claimed again until cleanup or a new secret.
     pub fn mark_error(mut self, reason: impl Into<String>, http_status: Option<u16>) -> Result<()> {
-        self.end(&Fate::Error { reason: reason.into(), http_status })
+        self.end(&Fate::Error { reason: reason.into(), http_status }, None)
     }
 
-    fn end(&mut self, fate: &Fate) -> Result<()> {
+    fn end(&mut self, fate: &Fate, attempt: Option<&Attempt>) -> Result<()> {
         self.ended = true;
         let inner = &self.coordinator.inner;
         inner.leases.remove(self.claimed.id, self.claimed.lease);
-        let ended = inner.store.end_lease(self.claimed.id, self.claimed.lease, fate, inner.clock.now_ms())?;
+        let ended = inner.store.end_lease(self.claimed.id, self.claimed.lease, fate, attempt, inner.clock.now_ms())?;
         if !ended {
             return Err(self.lost());
         }
@@ -181,7 +203,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.ended
-            && let Err(error) = self.end(&Fate::Release)
+            && let Err(error) = self.end(&Fate::Release { success: false }, None)
         {
             tracing::warn!(error = %error, "releasing a dropped lease failed");
         }

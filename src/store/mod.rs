@@ -108,13 +108,18 @@ pub struct Claimed {
     pub fingerprint: String,
     /// The lease token: every later write must name it.
     pub lease: i64,
+    /// The key's consecutive lockdowns so far (for escalating default lockdowns).
+    pub lockdown_count: i64,
 }
 
 /// How a lease ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fate {
-    /// Back to vacant.
-    Release,
+    /// Back to vacant; after a success the key's consecutive-lockdown count starts again at 0.
+    Release {
+        /// The key's last answer was a success.
+        success: bool,
+    },
     /// Rate-limited: not claimable before `until` (unix ms).
     Lockdown {
         /// Deadline, unix ms.
@@ -131,6 +136,27 @@ pub enum Fate {
         /// The upstream status behind it.
         http_status: Option<u16>,
     },
+}
+
+/// One upstream attempt, for the `requests` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it started, unix ms.
+    pub at: i64,
+    /// Connector.
+    pub connector: String,
+    /// The key used, if the connector needs one.
+    pub key_name: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// The endpoint path, without its query string.
+    pub endpoint: String,
+    /// The answer's status; `None` when no answer came.
+    pub status: Option<u16>,
+    /// How long it took, ms.
+    pub latency_ms: i64,
+    /// What the answer meant (success, rate limited, bad key, ...).
+    pub outcome: String,
 }
 
 /// A held key, as the reaper sees it.
@@ -379,7 +405,7 @@ impl Store {
                                      AND key_name NOT IN (SELECT value FROM json_each(?7))
                                    ORDER BY last_used_at
                                    LIMIT 1)
-                  RETURNING id, key_name, fingerprint, lease, lockdown_until",
+                  RETURNING id, key_name, fingerprint, lease, lockdown_until, lockdown_count",
                 )?
                 .query_row(
                     params![connector, now, holder.host, holder.boot_id, holder.pid, holder.started, tried],
@@ -389,6 +415,7 @@ impl Store {
                             key_name: row.get(1)?,
                             fingerprint: row.get(2)?,
                             lease: row.get(3)?,
+                            lockdown_count: row.get(5)?,
                         };
                         let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
                         Ok((claimed, out_of_lockdown))
@@ -417,9 +444,11 @@ impl Store {
 
     /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
     /// key now belongs to someone else (or to nobody) and was not touched.
-    pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
+    /// `attempt`, if given, is recorded in the same transaction.
+    pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
+        let success = matches!(fate, Fate::Release { success: true });
         let (to_state, until, reason, status) = match fate {
-            Fate::Release => ("vacant", None, None, None),
+            Fate::Release { .. } => ("vacant", None, None, None),
             Fate::Lockdown { until, reason, http_status } => ("lockdown", Some(*until), Some(reason), *http_status),
             Fate::Error { reason, http_status } => ("error", None, Some(reason), *http_status),
         };
@@ -429,16 +458,20 @@ impl Store {
                     "UPDATE keys
                         SET state = ?3, lockdown_until = ?4,
                             reason = coalesce(?5, reason), http_status = CASE WHEN ?5 IS NULL THEN http_status ELSE ?6 END,
-                            lockdown_count = lockdown_count + (?3 = 'lockdown'),
+                            lockdown_count = CASE WHEN ?3 = 'lockdown' THEN lockdown_count + 1
+                                                  WHEN ?7 THEN 0 ELSE lockdown_count END,
                             holder_host = NULL, holder_boot_id = NULL, holder_pid = NULL, holder_started = NULL,
                             locked_at = NULL, heartbeat_at = NULL
                       WHERE id = ?1 AND lease = ?2 AND state = 'locked'
                   RETURNING connector, key_name",
                 )?
-                .query_row(params![id, lease, to_state, until, reason, status], |row| {
+                .query_row(params![id, lease, to_state, until, reason, status, success], |row| {
                     Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
                 })
                 .optional()?;
+            if let Some(attempt) = attempt {
+                insert_attempt(transaction, attempt)?;
+            }
             let Some((connector, key_name)) = ended else { return Ok(false) };
             record(
                 transaction,
@@ -458,6 +491,44 @@ impl Store {
                 },
             )?;
             Ok(true)
+        })
+    }
+
+    /// Records an attempt made without ending a lease (no key, or the lease is kept).
+    pub fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
+        self.write("recording a request", |transaction| insert_attempt(transaction, attempt))
+    }
+
+    /// After a success on a key that is kept (per-connection leases), its consecutive-lockdown count
+    /// starts again at 0. `Ok(false)`: the lease was lost.
+    pub fn reset_escalation(&self, id: i64, lease: i64) -> Result<bool> {
+        self.write("resetting a key's lockdown count", |transaction| {
+            let changed = transaction
+                .prepare_cached("UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'")?
+                .execute(params![id, lease])?;
+            Ok(changed == 1)
+        })
+    }
+
+    /// Every recorded attempt, oldest first (for tests, the demo's summary and `status`).
+    pub fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
+        self.read("reading requests", |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome
+                   FROM requests WHERE ?1 IS NULL OR connector = ?1 ORDER BY id",
+            )?;
+            all(&mut statement, params![connector], |row| {
+                Ok(Attempt {
+                    at: row.get(0)?,
+                    connector: row.get(1)?,
+                    key_name: row.get(2)?,
+                    method: row.get(3)?,
+                    endpoint: row.get(4)?,
+                    status: row.get(5)?,
+                    latency_ms: row.get(6)?,
+                    outcome: row.get(7)?,
+                })
+            })
         })
     }
 
@@ -698,6 +769,25 @@ fn all<T>(
     map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
     statement.query_map(params, map)?.collect()
+}
+
+fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite::Result<()> {
+    transaction
+        .prepare_cached(
+            "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            attempt.at,
+            attempt.connector,
+            attempt.key_name,
+            attempt.method,
+            attempt.endpoint,
+            attempt.status,
+            attempt.latency_ms,
+            attempt.outcome
+        ])?;
+    Ok(())
 }
 
 fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> rusqlite::Result<Transition> {
