@@ -135,7 +135,7 @@ impl Coordinator {
             .all_keys()
             .map(|(connector, key)| KeySpec { connector, name: key.name(), fingerprint: key.fingerprint().as_str() })
             .collect();
-        let report = self.inner.store.sync_keys(&specs, self.now())?;
+        let report = self.inner.store.sync_keys(&specs, self.now_ms())?;
         if !report.is_empty() {
             tracing::info!(
                 keyring = %keyring.path().display(), added = report.added.len(), changed = report.changed.len(),
@@ -154,7 +154,7 @@ impl Coordinator {
         let mut nap = MIN_NAP;
         loop {
             self.reap_if_due(connector)?;
-            let now = self.now();
+            let now = self.now_ms();
             if let Some(claimed) = self.inner.store.claim(connector, tried, self.inner.holder, now)? {
                 self.ensure_heartbeat();
                 tracing::info!(
@@ -165,7 +165,7 @@ impl Coordinator {
             }
             // Nothing claimable: wait with reads only, until a read says a claim could succeed.
             loop {
-                let now = self.now();
+                let now = self.now_ms();
                 let availability = self.inner.store.availability(connector, tried, now)?;
                 if availability.claimable > 0 {
                     break;
@@ -191,7 +191,7 @@ impl Coordinator {
 
     /// Frees the locks of dead and hung holders of `connector` (or of all connectors).
     pub fn reap(&self, connector: Option<&str>) -> Result<Vec<Transition>> {
-        let now = self.now();
+        let now = self.now_ms();
         let evictions: Vec<Eviction> = self
             .inner
             .store
@@ -217,7 +217,7 @@ impl Coordinator {
     /// `force`. Returns every transition made.
     pub fn cleanup(&self, connector: Option<&str>, force: bool) -> Result<Vec<Transition>> {
         let mut done = self.reap(connector)?;
-        let now = self.now();
+        let now = self.now_ms();
         if force {
             let evictions: Vec<Eviction> = self
                 .inner
@@ -238,7 +238,7 @@ impl Coordinator {
 
     /// Key names of `connector` by state; retired keys are left out.
     pub fn key_states(&self, connector: &str) -> Result<KeyStates> {
-        let now = self.now();
+        let now = self.now_ms();
         let mut states = KeyStates::default();
         for key in self.inner.store.keys(Some(connector))? {
             if key.retired_at.is_some() {
@@ -260,9 +260,11 @@ impl Coordinator {
         Ok(self.key_states(connector)?.vacant)
     }
 
-    fn now(&self) -> i64 {
+    /// The coordinator's clock, unix ms.
+    pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
     }
+
 
     fn reap_is_due(&self, connector: &str) -> bool {
         let last = self.inner.last_reap.lock().unwrap_or_else(PoisonError::into_inner);

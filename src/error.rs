@@ -171,6 +171,47 @@ pub enum Error {
     #[error("{0}")]
     NoKeyAvailable(Box<Unavailable>),
 
+    /// The request cannot be sent as given (bad method, bad proxy URL).
+    #[error("{problem}")]
+    InvalidRequest {
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// No answer came from the upstream (timeouts, connection errors) within the retry budget.
+    #[error("no answer from '{connector}' for {endpoint} after {attempts} attempts")]
+    Transport {
+        /// The connector.
+        connector: String,
+        /// The endpoint path.
+        endpoint: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last transport error (its text holds no secret: keys travel only in headers).
+        #[source]
+        source: Cause,
+    },
+
+    /// The upstream answered with a non-2xx status (for `request_json`).
+    #[error("'{connector}' answered {status}: {body}")]
+    Upstream {
+        /// The connector.
+        connector: String,
+        /// HTTP status.
+        status: u16,
+        /// The parsed error body (a JSON string when it was not JSON).
+        body: Box<serde_json::Value>,
+    },
+
+    /// A 2xx answer that is not JSON (for `request_json`).
+    #[error("the answer ({status}) is not JSON: {text}")]
+    NotJson {
+        /// HTTP status.
+        status: u16,
+        /// The body text.
+        text: String,
+    },
+
     /// The lease was taken away (the key was reaped or cleaned up): stop using the key.
     #[error(
         "lease {lease} on key '{key}' of '{connector}' was lost (reaped or cleaned up); the key must not be used any more under it"

@@ -38,14 +38,18 @@ pub mod connector;
 mod coordinator;
 mod error;
 pub mod holder;
+mod jongler;
 pub mod keyring;
 mod lease;
+pub mod mock;
 mod reaper;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
 pub use error::{Cause, Error, Result};
+pub use connector::{Connector, Connectors};
+pub use jongler::{Jongler, JonglerBuilder, LeaseScope, Response};
 pub use keyring::{ApiKey, Keyring};
 pub use lease::Lease;
 pub use store::{Availability, KeyState, Store};

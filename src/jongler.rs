@@ -1,0 +1,536 @@
+//! The facade users call: send a request to an API through whichever key is free, and let rate
+//! limits, bad keys and outages be handled as `classify` decides.
+//!
+//! Two lease scopes:
+//! - per request (the default): a key is claimed for one request and released right after. With more
+//!   workers than keys (the usual case), no idle worker sits on a key another could use; the price is
+//!   two short write transactions per request (well under a millisecond).
+//! - per connection (the seed's model): a key is claimed at connect, kept across requests (the
+//!   coordinator heartbeats it), changed only when it goes to lockdown or error, and released at
+//!   `disconnect()` or drop. Requests through one `Jongler` then take turns.
+//!
+//! Every attempt is recorded in the `requests` table. Keys travel only in request headers (marked
+//! sensitive), never in URLs, logs or errors.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use crate::classify::{self, Context, KeyFate, Next, Verdict};
+use crate::connector::{Connector, Connectors};
+use crate::coordinator::{Coordinator, CoordinatorOptions, KeyStates};
+use crate::error::{Error, Result};
+use crate::keyring::Keyring;
+use crate::lease::Lease;
+use crate::store::{Attempt, Fate, Transition};
+
+/// The environment variable overriding the Tor SOCKS proxy.
+pub const TOR_PROXY_ENV: &str = "APIJONGLER_TOR_PROXY";
+
+/// Tor's usual SOCKS port; `socks5h` so that host names are resolved through Tor too.
+pub const DEFAULT_TOR_PROXY: &str = "socks5h://127.0.0.1:9050";
+
+/// How long a key is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaseScope {
+    /// Claimed for one request, released after it (default).
+    #[default]
+    PerRequest,
+    /// Claimed at connect and kept until it goes to lockdown or error, or until disconnect.
+    PerConnection,
+}
+
+/// An upstream answer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Body text.
+    pub body: String,
+    /// The key that got this answer, if the connector needs keys.
+    pub key_name: Option<String>,
+    /// Upstream attempts this request made.
+    pub attempts: u32,
+}
+
+impl Response {
+    /// True for 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// Options for [`Jongler::connect`]; every one has a default.
+#[derive(Debug, Clone)]
+pub struct JonglerBuilder {
+    connector: String,
+    keyring: Option<PathBuf>,
+    connectors_dir: Option<PathBuf>,
+    coordinator: CoordinatorOptions,
+    tor: bool,
+    tor_proxy: Option<String>,
+    wait: Duration,
+    scope: LeaseScope,
+    timeout: Option<Duration>,
+}
+
+impl JonglerBuilder {
+    /// The keyring file (default: `APIJONGLER_CONFIG`).
+    pub fn keyring(mut self, path: impl Into<PathBuf>) -> Self {
+        self.keyring = Some(path.into());
+        self
+    }
+
+    /// The database file (default: `APIJONGLER_DB`, else the per-user state directory).
+    pub fn database(mut self, path: impl Into<PathBuf>) -> Self {
+        self.coordinator.db_path = Some(path.into());
+        self
+    }
+
+    /// A directory of connector files (default: `APIJONGLER_CONNECTORS`).
+    pub fn connectors_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.connectors_dir = Some(dir.into());
+        self
+    }
+
+    /// The coordinator's timings (heartbeat, stale threshold, reaping) and clock.
+    pub fn coordinator(mut self, options: CoordinatorOptions) -> Self {
+        let db_path = self.coordinator.db_path.take();
+        self.coordinator = CoordinatorOptions { db_path: options.db_path.or(db_path), ..options };
+        self
+    }
+
+    /// Route through Tor (`socks5h://127.0.0.1:9050`, or `APIJONGLER_TOR_PROXY`).
+    pub fn tor(mut self, enabled: bool) -> Self {
+        self.tor = enabled;
+        self
+    }
+
+    /// The SOCKS proxy used for Tor (implies [`tor`](Self::tor)).
+    pub fn tor_proxy(mut self, url: impl Into<String>) -> Self {
+        self.tor = true;
+        self.tor_proxy = Some(url.into());
+        self
+    }
+
+    /// How long a request may wait for a key when all are held or in lockdown (default: not at all).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Per request (default) or per connection.
+    pub fn scope(mut self, scope: LeaseScope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// The per-attempt timeout (default: the connector's, else `APIJONGLER_TIMEOUT`, else 60 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Loads the connector and keyring, opens and syncs the database, and (per connection) claims a key.
+    pub async fn connect(self) -> Result<Jongler> {
+        let connectors = match &self.connectors_dir {
+            Some(dir) => Connectors::load(Some(dir))?,
+            None => Connectors::from_env()?,
+        };
+        let connector = connectors.get(&self.connector)?.clone();
+        let keyring = if connector.requires_api_key {
+            let keyring = match &self.keyring {
+                Some(path) => Keyring::load(path)?,
+                None => Keyring::from_env()?,
+            };
+            keyring.keys(&connector.name)?;
+            Some(keyring)
+        } else {
+            None
+        };
+        let options = self.coordinator.clone();
+        let synced = keyring.clone();
+        let coordinator = blocking(move || {
+            let coordinator = Coordinator::open(options)?;
+            if let Some(keyring) = &synced {
+                coordinator.sync(keyring)?;
+            }
+            Ok(coordinator)
+        })
+        .await?;
+        let tor = self.tor.then(|| {
+            self.tor_proxy
+                .clone()
+                .or_else(|| std::env::var(TOR_PROXY_ENV).ok().filter(|url| !url.is_empty()))
+                .unwrap_or_else(|| DEFAULT_TOR_PROXY.to_owned())
+        });
+        let timeout = self.timeout.unwrap_or_else(|| connector.policy.timeout());
+        let client = build_client(tor.as_deref(), timeout)?;
+        let jongler = Jongler {
+            inner: Arc::new(Inner {
+                connector,
+                keyring,
+                coordinator,
+                client: Mutex::new(client),
+                tor,
+                timeout,
+                wait: self.wait,
+                scope: self.scope,
+                held: tokio::sync::Mutex::new(None),
+            }),
+        };
+        if jongler.inner.scope == LeaseScope::PerConnection && jongler.inner.keyring.is_some() {
+            let lease = jongler.claim(&[], jongler.inner.wait).await?;
+            *jongler.inner.held.lock().await = Some(lease);
+        }
+        tracing::info!(connector = %jongler.inner.connector.name, scope = ?jongler.inner.scope, "connected");
+        Ok(jongler)
+    }
+}
+
+/// A connection to one API through the shared key pool. Cheap to clone; safe to share between tasks.
+#[derive(Debug, Clone)]
+pub struct Jongler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    connector: Connector,
+    /// `None` for connectors that need no key.
+    keyring: Option<Keyring>,
+    coordinator: Coordinator,
+    /// Replaced by a new one (new SOCKS credentials, so a new Tor circuit) after a location refusal.
+    client: Mutex<reqwest::Client>,
+    tor: Option<String>,
+    timeout: Duration,
+    wait: Duration,
+    scope: LeaseScope,
+    /// The key held across requests (per connection); its lock also makes those requests take turns.
+    held: tokio::sync::Mutex<Option<Lease>>,
+}
+
+impl Jongler {
+    /// Options for connecting to `connector`.
+    pub fn builder(connector: impl Into<String>) -> JonglerBuilder {
+        JonglerBuilder {
+            connector: connector.into(),
+            keyring: None,
+            connectors_dir: None,
+            coordinator: CoordinatorOptions::default(),
+            tor: false,
+            tor_proxy: None,
+            wait: Duration::ZERO,
+            scope: LeaseScope::default(),
+            timeout: None,
+        }
+    }
+
+    /// Connects to `connector` with the default options (see [`JonglerBuilder`]).
+    pub async fn connect(connector: impl Into<String>) -> Result<Self> {
+        Self::builder(connector).connect().await
+    }
+
+    /// The connector.
+    pub fn connector(&self) -> &Connector {
+        &self.inner.connector
+    }
+
+    /// The coordinator underneath (for monitoring and the history).
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.inner.coordinator
+    }
+
+    /// Sends `body` (empty: none) to `endpoint` with `method` through a free key, retrying on other keys
+    /// and after provider trouble as the policy says, and returns the final answer whatever its status.
+    /// Errors: no key free in time, the network failing beyond the retry budget, a lost lease.
+    pub async fn request(&self, method: &str, endpoint: &str, body: &str) -> Result<Response> {
+        let method = reqwest::Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes())
+            .map_err(|_| Error::InvalidRequest { problem: format!("'{method}' is not an HTTP method") })?;
+        let endpoint = if endpoint.starts_with('/') { endpoint.to_owned() } else { format!("/{endpoint}") };
+        let url = format!("{}{endpoint}", self.inner.connector.base_url());
+        let path = endpoint.split(['?', '#']).next().unwrap_or_default().to_owned();
+        let policy = &self.inner.connector.policy;
+        let started = Instant::now();
+        let mut connection_slot =
+            if self.inner.scope == LeaseScope::PerConnection { Some(self.inner.held.lock().await) } else { None };
+        let mut request_slot = None;
+        let slot: &mut Option<Lease> = match connection_slot.as_mut() {
+            Some(guard) => guard,
+            None => &mut request_slot,
+        };
+        let keys = self.inner.keyring.as_ref().map_or(0, |keyring| keyring.keys(&self.inner.connector.name).map_or(0, <[_]>::len));
+        let max_attempts = u32::try_from(keys * 4).unwrap_or(u32::MAX).saturating_add(policy.retries * 2 + 4);
+        let mut tried: Vec<String> = Vec::new();
+        let (mut attempts, mut retries, mut circuits) = (0u32, 0u32, 0u32);
+        loop {
+            attempts += 1;
+            let lease = self.lease_for_attempt(slot, &tried, started).await?;
+            let key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
+            let at = self.inner.coordinator.now_ms();
+            let sent = Instant::now();
+            let outcome = self.send(&method, &url, body, lease.as_ref()).await;
+            let latency_ms = i64::try_from(sent.elapsed().as_millis()).unwrap_or(i64::MAX);
+            let context = Context {
+                now_ms: self.inner.coordinator.now_ms(),
+                policy,
+                lockdown_count: lease.as_ref().map_or(0, Lease::lockdown_count),
+                retries,
+                via_tor: self.inner.tor.is_some(),
+            };
+            let verdict = match &outcome {
+                Ok((status, headers, text)) => classify::classify(*status, headers, text, &context),
+                Err(_) => classify::transport_failure(&context),
+            };
+            let attempt = Attempt {
+                at,
+                connector: self.inner.connector.name.clone(),
+                key_name: key_name.clone(),
+                method: method.to_string(),
+                endpoint: path.clone(),
+                status: outcome.as_ref().ok().map(|(status, _, _)| *status),
+                latency_ms,
+                outcome: describe(&verdict, &outcome),
+            };
+            tracing::debug!(
+                connector = %attempt.connector, key = ?attempt.key_name, status = ?attempt.status,
+                latency_ms, outcome = %attempt.outcome, attempt = attempts, "upstream attempt"
+            );
+            self.settle(slot, lease, &verdict, attempt).await?;
+            tried.extend(key_name.clone());
+            let retry = match verdict.next {
+                Next::Return => false,
+                Next::OtherKey => true,
+                Next::Backoff { after } if retries < policy.retries => {
+                    retries += 1;
+                    tokio::time::sleep(after).await;
+                    true
+                }
+                Next::NewCircuit if circuits < policy.retries && self.inner.tor.is_some() => {
+                    circuits += 1;
+                    self.new_circuit()?;
+                    true
+                }
+                Next::Backoff { .. } | Next::NewCircuit => false,
+            };
+            if !retry || attempts >= max_attempts {
+                return match outcome {
+                    Ok((status, headers, body)) => Ok(Response { status, headers, body, key_name, attempts }),
+                    Err(error) => Err(Error::Transport {
+                        connector: self.inner.connector.name.clone(),
+                        endpoint: path,
+                        attempts,
+                        source: Box::new(error.without_url()),
+                    }),
+                };
+            }
+        }
+    }
+
+    /// POSTs `body` as JSON to `endpoint` and returns the parsed JSON of a 2xx answer. A non-2xx answer
+    /// is [`Error::Upstream`] with the status and the upstream's parsed error; a 2xx answer that is not
+    /// JSON is [`Error::NotJson`] with its text.
+    pub async fn request_json(&self, endpoint: &str, body: &Value) -> Result<Value> {
+        let response = self.request("POST", endpoint, &body.to_string()).await?;
+        let parsed = serde_json::from_str::<Value>(&response.body);
+        if !response.is_success() {
+            return Err(Error::Upstream {
+                connector: self.inner.connector.name.clone(),
+                status: response.status,
+                body: Box::new(parsed.unwrap_or(Value::String(response.body))),
+            });
+        }
+        parsed.map_err(|_| Error::NotJson { status: response.status, text: response.body })
+    }
+
+    /// Key names by state (the seed's `getKeyStates()`).
+    pub async fn key_states(&self) -> Result<KeyStates> {
+        let (coordinator, connector) = (self.inner.coordinator.clone(), self.inner.connector.name.clone());
+        blocking(move || coordinator.key_states(&connector)).await
+    }
+
+    /// Names of the vacant keys.
+    pub async fn vacant_keys(&self) -> Result<Vec<String>> {
+        Ok(self.key_states().await?.vacant.into_iter().collect())
+    }
+
+    /// Names of the keys held by some process.
+    pub async fn locked_keys(&self) -> Result<Vec<String>> {
+        Ok(self.key_states().await?.locked.into_iter().collect())
+    }
+
+    /// Names of the keys in lockdown.
+    pub async fn lockdown_keys(&self) -> Result<Vec<String>> {
+        Ok(self.key_states().await?.lockdown.into_iter().collect())
+    }
+
+    /// Names of the keys in error.
+    pub async fn error_keys(&self) -> Result<Vec<String>> {
+        Ok(self.key_states().await?.error.into_iter().collect())
+    }
+
+    /// Names of the keys that could be claimed now (never secrets, unlike the seed's).
+    pub async fn available_keys(&self) -> Result<Vec<String>> {
+        self.vacant_keys().await
+    }
+
+    /// The seed's `cleanUp`: this connector's (or, with `all`, every connector's) lockdown and error
+    /// keys back to vacant, dead holders' locks freed; live holders keep their keys.
+    pub async fn cleanup(&self, all: bool) -> Result<Vec<Transition>> {
+        let (coordinator, connector) = (self.inner.coordinator.clone(), self.inner.connector.name.clone());
+        blocking(move || coordinator.cleanup((!all).then_some(connector.as_str()), false)).await
+    }
+
+    /// Releases the key held per connection, if any. Later requests claim again.
+    pub async fn disconnect(&self) -> Result<()> {
+        let held = self.inner.held.lock().await.take();
+        match held {
+            Some(lease) => blocking(move || lease.release()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The key to use for the next attempt: none for keyless connectors, the held one per connection
+    /// while it is valid, else a fresh claim that waits what is left of the caller's wait.
+    async fn lease_for_attempt(&self, slot: &mut Option<Lease>, tried: &[String], started: Instant) -> Result<Option<Lease>> {
+        if self.inner.keyring.is_none() {
+            return Ok(None);
+        }
+        if let Some(lease) = slot.take() {
+            if lease.is_valid() {
+                return Ok(Some(lease));
+            }
+            tracing::warn!(key = %lease.key_name(), "the held key's lease is no longer valid; claiming another");
+        }
+        let remaining = self.inner.wait.saturating_sub(started.elapsed());
+        // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
+        // lockdown by this request may be tried again once its deadline has passed.
+        let exclude = if self.inner.wait.is_zero() { tried } else { &[] };
+        self.claim(exclude, remaining).await.map(Some)
+    }
+
+    async fn claim(&self, tried: &[String], wait: Duration) -> Result<Lease> {
+        let (coordinator, connector, tried) =
+            (self.inner.coordinator.clone(), self.inner.connector.name.clone(), tried.to_vec());
+        blocking(move || coordinator.claim(&connector, &tried, wait)).await
+    }
+
+    /// Applies the verdict to the key and records the attempt (in one transaction when the lease ends).
+    async fn settle(&self, slot: &mut Option<Lease>, lease: Option<Lease>, verdict: &Verdict, attempt: Attempt) -> Result<()> {
+        let Some(mut lease) = lease else {
+            let coordinator = self.inner.coordinator.clone();
+            return blocking(move || coordinator.store().record_attempt(&attempt)).await;
+        };
+        let fate = match &verdict.key {
+            KeyFate::Release { success } => Fate::Release { success: *success },
+            KeyFate::Lockdown { until_ms, reason } => {
+                Fate::Lockdown { until: *until_ms, reason: reason.clone(), http_status: attempt.status }
+            }
+            KeyFate::Error { reason } => Fate::Error { reason: reason.clone(), http_status: attempt.status },
+        };
+        let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
+        let coordinator = self.inner.coordinator.clone();
+        let settled = blocking(move || {
+            if keep {
+                coordinator.store().record_attempt(&attempt)?;
+                if matches!(fate, Fate::Release { success: true }) {
+                    lease.reset_escalation()?;
+                }
+                Ok(Some(lease))
+            } else {
+                lease.finish(&fate, Some(&attempt)).map(|()| None)
+            }
+        })
+        .await;
+        match settled {
+            Ok(kept) => {
+                *slot = kept;
+                Ok(())
+            }
+            // The key was reaped or cleaned up under us: its new state is not ours to touch; carry on.
+            Err(error @ Error::LeaseLost { .. }) => {
+                tracing::warn!(error = %error, "lease lost during a request");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &reqwest::Method,
+        url: &str,
+        body: &str,
+        lease: Option<&Lease>,
+    ) -> std::result::Result<(u16, HeaderMap, String), reqwest::Error> {
+        let client = self.inner.client.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut request = client.request(method.clone(), url);
+        if !body.is_empty() {
+            request = request.header("content-type", self.inner.connector.content_type()).body(body.to_owned());
+        }
+        if let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring)
+            && let Some(key) = keyring.key(&self.inner.connector.name, lease.key_name())
+        {
+            let (header, prefix) = self.inner.connector.key_header();
+            if let (Ok(name), Ok(mut value)) = (
+                HeaderName::from_bytes(header.as_bytes()),
+                HeaderValue::from_str(&format!("{prefix}{}", key.secret().expose_secret())),
+            ) {
+                value.set_sensitive(true);
+                request = request.header(name, value);
+            }
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        Ok((status, headers, text))
+    }
+
+    /// Fresh SOCKS credentials: Tor isolates streams by credentials, so this is a new circuit (and exit).
+    fn new_circuit(&self) -> Result<()> {
+        let client = build_client(self.inner.tor.as_deref(), self.inner.timeout)?;
+        *self.inner.client.lock().unwrap_or_else(PoisonError::into_inner) = client;
+        tracing::info!(connector = %self.inner.connector.name, "new Tor circuit");
+        Ok(())
+    }
+}
+
+/// An HTTP client, through `tor_proxy` with fresh random credentials if given.
+fn build_client(tor_proxy: Option<&str>, timeout: Duration) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(timeout).no_proxy();
+    if let Some(proxy) = tor_proxy {
+        let isolated = proxy.replacen("://", &format!("://apijongler-{:016x}:circuit@", fastrand::u64(..)), 1);
+        let proxy = reqwest::Proxy::all(&isolated)
+            .map_err(|_| Error::InvalidRequest { problem: format!("'{proxy}' is not a proxy URL (check {TOR_PROXY_ENV})") })?;
+        builder = builder.proxy(proxy);
+    }
+    builder.build().map_err(|error| Error::InvalidRequest { problem: format!("cannot build the HTTP client: {error}") })
+}
+
+/// One word or two for the `requests` table's `outcome`.
+fn describe<T>(verdict: &Verdict, outcome: &std::result::Result<T, reqwest::Error>) -> String {
+    match (&verdict.key, outcome) {
+        (_, Err(error)) if error.is_timeout() => "timeout".to_owned(),
+        (_, Err(_)) => "connection error".to_owned(),
+        (KeyFate::Release { success: true }, _) => "success".to_owned(),
+        (KeyFate::Lockdown { .. }, _) => "rate limited".to_owned(),
+        (KeyFate::Error { .. }, _) => "bad key".to_owned(),
+        (KeyFate::Release { success: false }, _) => match verdict.next {
+            Next::Backoff { .. } => "provider error".to_owned(),
+            Next::NewCircuit => "location refused".to_owned(),
+            _ => "client error".to_owned(),
+        },
+    }
+}
+
+/// Runs blocking coordinator work off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+}
