@@ -265,7 +265,6 @@ impl Coordinator {
         self.inner.clock.now_ms()
     }
 
-
     fn reap_is_due(&self, connector: &str) -> bool {
         let last = self.inner.last_reap.lock().unwrap_or_else(PoisonError::into_inner);
         last.get(connector).is_none_or(|at| at.elapsed() >= self.inner.options.reap_interval)

@@ -265,7 +265,11 @@ impl Jongler {
             Some(guard) => guard,
             None => &mut request_slot,
         };
-        let keys = self.inner.keyring.as_ref().map_or(0, |keyring| keyring.keys(&self.inner.connector.name).map_or(0, <[_]>::len));
+        let keys = self
+            .inner
+            .keyring
+            .as_ref()
+            .map_or(0, |keyring| keyring.keys(&self.inner.connector.name).map_or(0, <[_]>::len));
         let max_attempts = u32::try_from(keys * 4).unwrap_or(u32::MAX).saturating_add(policy.retries * 2 + 4);
         let mut tried: Vec<String> = Vec::new();
         let (mut attempts, mut retries, mut circuits) = (0u32, 0u32, 0u32);
@@ -303,10 +307,12 @@ impl Jongler {
                 latency_ms, outcome = %attempt.outcome, attempt = attempts, "upstream attempt"
             );
             self.settle(slot, lease, &verdict, attempt).await?;
-            tried.extend(key_name.clone());
             let retry = match verdict.next {
                 Next::Return => false,
-                Next::OtherKey => true,
+                Next::OtherKey => {
+                    tried.extend(key_name.clone());
+                    true
+                }
                 Next::Backoff { after } if retries < policy.retries => {
                     retries += 1;
                     tokio::time::sleep(after).await;
@@ -398,7 +404,12 @@ impl Jongler {
 
     /// The key to use for the next attempt: none for keyless connectors, the held one per connection
     /// while it is valid, else a fresh claim that waits what is left of the caller's wait.
-    async fn lease_for_attempt(&self, slot: &mut Option<Lease>, tried: &[String], started: Instant) -> Result<Option<Lease>> {
+    async fn lease_for_attempt(
+        &self,
+        slot: &mut Option<Lease>,
+        tried: &[String],
+        started: Instant,
+    ) -> Result<Option<Lease>> {
         if self.inner.keyring.is_none() {
             return Ok(None);
         }
@@ -422,7 +433,13 @@ impl Jongler {
     }
 
     /// Applies the verdict to the key and records the attempt (in one transaction when the lease ends).
-    async fn settle(&self, slot: &mut Option<Lease>, lease: Option<Lease>, verdict: &Verdict, attempt: Attempt) -> Result<()> {
+    async fn settle(
+        &self,
+        slot: &mut Option<Lease>,
+        lease: Option<Lease>,
+        verdict: &Verdict,
+        attempt: Attempt,
+    ) -> Result<()> {
         let Some(mut lease) = lease else {
             let coordinator = self.inner.coordinator.clone();
             return blocking(move || coordinator.store().record_attempt(&attempt)).await;
@@ -507,8 +524,9 @@ fn build_client(tor_proxy: Option<&str>, timeout: Duration) -> Result<reqwest::C
     let mut builder = reqwest::Client::builder().timeout(timeout).no_proxy();
     if let Some(proxy) = tor_proxy {
         let isolated = proxy.replacen("://", &format!("://apijongler-{:016x}:circuit@", fastrand::u64(..)), 1);
-        let proxy = reqwest::Proxy::all(&isolated)
-            .map_err(|_| Error::InvalidRequest { problem: format!("'{proxy}' is not a proxy URL (check {TOR_PROXY_ENV})") })?;
+        let proxy = reqwest::Proxy::all(&isolated).map_err(|_| Error::InvalidRequest {
+            problem: format!("'{proxy}' is not a proxy URL (check {TOR_PROXY_ENV})"),
+        })?;
         builder = builder.proxy(proxy);
     }
     builder.build().map_err(|error| Error::InvalidRequest { problem: format!("cannot build the HTTP client: {error}") })

@@ -46,9 +46,9 @@ mod reaper;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use connector::{Connector, Connectors};
 pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
 pub use error::{Cause, Error, Result};
-pub use connector::{Connector, Connectors};
 pub use jongler::{Jongler, JonglerBuilder, LeaseScope, Response};
 pub use keyring::{ApiKey, Keyring};
 pub use lease::Lease;

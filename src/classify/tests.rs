@@ -7,29 +7,10 @@ use reqwest::header::{HeaderName, HeaderValue};
 /// 2026-11-22 12:00:00 UTC (04:00 in Los Angeles, PST).
 const NOW: i64 = 1_795_348_800_000;
 
-pub const GEMINI_429_MINUTE: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_input_token_count","quotaId":"GenerateContentInputTokensPerModelPerMinute-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-flash"},"quotaValue":"250000"}]},{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"26s"}]}}"#;
-const GEMINI_429_DAY: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota. Please retry in 47.1s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaValue":"10"},{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaValue":"250"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"47s"}]}}"#;
-const GEMINI_429_ZERO: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota. Quota exceeded for metric: generate_content_free_tier_requests, limit: 0","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaValue":"0"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"12s"}]}}"#;
-const GEMINI_429_FRACTION: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota. Please retry in 38.922534355s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0.5s"}]}}"#;
-const GEMINI_429_BARE: &str = r#"{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}"#;
-const GEMINI_400_INVALID: &str = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
-const GEMINI_400_EXPIRED: &str = r#"{"error":{"code":400,"message":"API key expired. Please renew the API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
-const GEMINI_403_LEAKED: &str = r#"{"error":{"code":403,"message":"Your API key was reported as leaked. Please use another API key.","status":"PERMISSION_DENIED"}}"#;
-const GEMINI_403_DISABLED: &str = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 1 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED"}]}}"#;
-const GEMINI_400_LOCATION: &str = r#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#;
-const GEMINI_503: &str =
-    r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
-const GEMINI_400_BAD_REQUEST: &str =
-    r#"{"error":{"code":400,"message":"Invalid JSON payload received.","status":"INVALID_ARGUMENT"}}"#;
-const GEMINI_404: &str =
-    r#"{"error":{"code":404,"message":"models/nope is not found for API version v1beta","status":"NOT_FOUND"}}"#;
-const GEMINI_500: &str = r#"{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}"#;
-const GEMINI_504: &str = r#"{"error":{"code":504,"message":"Deadline exceeded.","status":"DEADLINE_EXCEEDED"}}"#;
-const HF_401: &str = r#"{"error": "Invalid credentials in Authorization header"}"#;
-const HF_402: &str = r#"{"error": "You have exceeded your monthly included credits for Inference Providers. Subscribe to PRO to get 20x more monthly included credits."}"#;
-const HF_429: &str = r#"{"error":"Rate limit reached. You reached free usage limit (reset hourly). Please subscribe to a plan at https://huggingface.co/pricing to use the API at this rate"}"#;
-const HF_503_LOADING: &str = r#"{"error":"Model google/gemma-2-9b-it is currently loading","estimated_time":20.0}"#;
-const HF_410: &str = r#"{"error":"The requested API endpoint is no longer supported. Please use https://router.huggingface.co/ instead."}"#;
+// The real bodies of `shared/reference/upstream-errors.md`, shared with the HTTP-level tests.
+include!("../../tests/fixtures/upstream_bodies.rs");
+
+type Headers<'a> = &'a [(&'static str, &'a str)];
 
 fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
     pairs
@@ -58,7 +39,7 @@ fn success_releases_and_returns() {
 
 #[test]
 fn rate_limits_lock_down_exactly_as_long_as_asked() {
-    let cases: [(u16, &[(&'static str, &str)], &str, f64); 7] = [
+    let cases: [(u16, Headers<'_>, &str, f64); 7] = [
         (429, &[], GEMINI_429_MINUTE, 26.0),
         (429, &[], GEMINI_429_FRACTION, 38.922),
         (429, &[("retry-after", "120")], GEMINI_429_BARE, 120.0),

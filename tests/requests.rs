@@ -1,0 +1,383 @@
+//! The request layer through the real HTTP path, against a loopback mock playing the real upstream
+//! answers: what each answer does to the key and to the caller, the JSON API, the `requests` table,
+//! and Tor through a SOCKS5 server that proves the traffic went through it.
+
+mod common;
+#[allow(dead_code)]
+mod fixtures {
+    include!("fixtures/upstream_bodies.rs");
+}
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api_jongler::{Error, Jongler, JonglerBuilder, LeaseScope};
+use common::Sandbox;
+use fixtures::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wiremock::matchers::{header, method};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const GEMINI: &str = "generativelanguage.googleapis.com";
+const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+fn secret(index: usize) -> String {
+    format!("fake-secret-{GEMINI}-{index}-do-not-use")
+}
+
+/// A sandbox whose Gemini connector points at `host:port` over plain HTTP, with quick backoffs.
+fn gemini_sandbox(keys: usize, host: &str, port: u16) -> Sandbox {
+    let sandbox = Sandbox::new(GEMINI, keys);
+    let dir = sandbox.dir.path().join("connectors");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let connector = serde_json::json!({
+        "name": GEMINI, "host": host, "port": port, "protocol": "http",
+        "api_key_header": "x-goog-api-key", "api_key_prefix": "",
+        "policy": { "backoff_ms": 5, "retries": 2, "timeout_secs": 2.0 }
+    });
+    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
+    sandbox
+}
+
+fn builder(sandbox: &Sandbox) -> JonglerBuilder {
+    Jongler::builder(GEMINI)
+        .keyring(&sandbox.keyring)
+        .database(&sandbox.db)
+        .connectors_dir(sandbox.dir.path().join("connectors"))
+}
+
+fn port(server: &MockServer) -> u16 {
+    server.address().port()
+}
+
+/// Key 0 gets `first`, every other key gets 200.
+async fn server_where_key0_gets(first: ResponseTemplate) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("x-goog-api-key", secret(0).as_str()))
+        .respond_with(first)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(r#"{"candidates":[]}"#, "application/json"))
+        .mount(&server)
+        .await;
+    server
+}
+
+fn json(status: u16, body: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_raw(body.to_owned(), "application/json")
+}
+
+fn state_of(sandbox: &Sandbox, key: &str) -> (String, Option<i64>, Option<String>) {
+    sandbox
+        .sql()
+        .query_row("SELECT state, lockdown_until, reason FROM keys WHERE key_name = ?1", [key], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .expect("key row")
+}
+
+#[tokio::test]
+async fn each_answer_does_what_the_policy_table_says_to_the_key_and_the_caller() {
+    // (answer to key0, key0's state after, final status the caller sees, attempts)
+    let rows: Vec<(&str, ResponseTemplate, &str, u16, u32)> = vec![
+        ("200", json(200, r#"{"candidates":[]}"#), "vacant", 200, 1),
+        ("429 per minute", json(429, GEMINI_429_MINUTE), "lockdown", 200, 2),
+        ("429 per day", json(429, GEMINI_429_DAY), "lockdown", 200, 2),
+        ("429 quota 0", json(429, GEMINI_429_ZERO), "lockdown", 200, 2),
+        ("429 bare", json(429, GEMINI_429_BARE), "lockdown", 200, 2),
+        ("429 Retry-After", json(429, HF_429).insert_header("retry-after", "120"), "lockdown", 200, 2),
+        ("429 ratelimit t", json(429, HF_429).insert_header("ratelimit", "\"api\";r=0;t=55"), "lockdown", 200, 2),
+        ("509", ResponseTemplate::new(509), "lockdown", 200, 2),
+        ("400 API_KEY_INVALID", json(400, GEMINI_400_INVALID), "error", 200, 2),
+        ("400 expired", json(400, GEMINI_400_EXPIRED), "error", 200, 2),
+        ("401", json(401, HF_401), "error", 200, 2),
+        ("403 leaked", json(403, GEMINI_403_LEAKED), "error", 200, 2),
+        ("403 disabled", json(403, GEMINI_403_DISABLED), "error", 200, 2),
+        ("402 credits", json(402, HF_402), "lockdown", 200, 2),
+        ("400 location", json(400, GEMINI_400_LOCATION), "vacant", 400, 1),
+        ("400 bad request", json(400, GEMINI_400_BAD_REQUEST), "vacant", 400, 1),
+        ("404", json(404, GEMINI_404), "vacant", 404, 1),
+        ("410", json(410, HF_410), "vacant", 410, 1),
+        // Provider trouble on key0 only: backed off, retried on the least recently used key (key1).
+        ("503 overload", json(503, GEMINI_503), "vacant", 200, 2),
+        (
+            "503 loading",
+            json(503, r#"{"error":"Model x is currently loading","estimated_time":0.01}"#),
+            "vacant",
+            200,
+            2,
+        ),
+        ("500", json(500, GEMINI_500), "vacant", 200, 2),
+        ("504", json(504, GEMINI_504), "vacant", 200, 2),
+    ];
+    for (name, answer, key0_after, status, attempts) in rows {
+        let server = server_where_key0_gets(answer).await;
+        let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
+        let jongler = builder(&sandbox).connect().await.expect("connect");
+        let response = jongler.request("POST", ENDPOINT, "{}").await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((response.status, response.attempts), (status, attempts), "{name}");
+        let (state, until, reason) = state_of(&sandbox, "key0");
+        assert_eq!(state, key0_after, "{name}: key0 is {state} ({reason:?})");
+        assert_eq!(state_of(&sandbox, "key1").0, "vacant", "{name}: key1 is released");
+        if state == "lockdown" {
+            assert!(until.expect("deadline") > jongler.coordinator().now_ms(), "{name}: deadline ahead");
+        }
+        let recorded: i64 = sandbox.sql().query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).expect("count");
+        assert_eq!(recorded, i64::from(attempts), "{name}: every attempt is recorded");
+    }
+}
+
+#[tokio::test]
+async fn provider_outages_are_retried_a_bounded_number_of_times_and_blame_no_key() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(json(503, GEMINI_503)).mount(&server).await;
+    let sandbox = gemini_sandbox(3, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    for _ in 0..5 {
+        let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
+        assert_eq!((response.status, response.attempts), (503, 3), "1 try + 2 retries (the connector's budget)");
+    }
+    assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
+}
+
+#[tokio::test]
+async fn every_key_rate_limited_gives_an_error_naming_the_states() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(json(429, GEMINI_429_MINUTE)).mount(&server).await;
+    let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("no key left");
+    let message = error.to_string();
+    assert!(matches!(error, Error::NoKeyAvailable(_)), "{error:?}");
+    assert!(message.contains("2 in lockdown") && message.contains("earliest ends at"), "{message}");
+    let count: i64 = sandbox.sql().query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).expect("count");
+    assert_eq!(count, 2, "each key was tried once");
+}
+
+#[tokio::test]
+async fn a_bad_key_is_never_used_again_until_cleanup() {
+    let server = server_where_key0_gets(json(400, GEMINI_400_INVALID)).await;
+    let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    for _ in 0..6 {
+        assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").key_name.as_deref(), Some("key1"));
+    }
+    let uses: i64 = sandbox
+        .sql()
+        .query_row("SELECT count(*) FROM requests WHERE key_name = 'key0'", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(uses, 1);
+    assert_eq!(jongler.error_keys().await.expect("states"), ["key0"]);
+    jongler.cleanup(false).await.expect("cleanup");
+    assert!(jongler.error_keys().await.expect("states").is_empty());
+}
+
+#[tokio::test]
+async fn timeouts_and_refused_connections_blame_no_key() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(json(200, "{}").set_delay(Duration::from_secs(5))).mount(&server).await;
+    let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).timeout(Duration::from_millis(200)).connect().await.expect("connect");
+    let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("times out");
+    assert!(matches!(error, Error::Transport { attempts: 3, .. }), "{error:?}");
+    assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"));
+    let outcomes: Vec<String> = sandbox
+        .sql()
+        .prepare("SELECT outcome FROM requests")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("outcomes");
+    assert_eq!(outcomes, ["timeout", "timeout", "timeout"]);
+
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let sandbox = gemini_sandbox(2, "127.0.0.1", closed_port);
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("refused");
+    assert!(matches!(error, Error::Transport { .. }), "{error:?}");
+    assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"));
+}
+
+#[tokio::test]
+async fn request_json_returns_data_or_a_typed_error() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/ok"))
+        .respond_with(json(200, r#"{"answer":42}"#))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/text"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("plain words"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/missing"))
+        .respond_with(json(404, GEMINI_404))
+        .mount(&server)
+        .await;
+    let sandbox = gemini_sandbox(1, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    let body = serde_json::json!({"contents": []});
+    assert_eq!(jongler.request_json("/ok", &body).await.expect("json"), serde_json::json!({"answer": 42}));
+    match jongler.request_json("/missing?alt=json", &body).await {
+        Err(Error::Upstream { status: 404, body, .. }) => assert_eq!(body["error"]["status"], "NOT_FOUND"),
+        other => panic!("expected an upstream error, got {other:?}"),
+    }
+    match jongler.request_json("/text", &body).await {
+        Err(Error::NotJson { status: 200, text }) => assert_eq!(text, "plain words"),
+        other => panic!("expected not-json, got {other:?}"),
+    }
+    let endpoints: Vec<String> = sandbox
+        .sql()
+        .prepare("SELECT endpoint FROM requests ORDER BY id")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("endpoints");
+    assert_eq!(endpoints, ["/ok", "/missing", "/text"], "recorded without the query string");
+}
+
+#[tokio::test]
+async fn per_connection_scope_holds_one_key_until_it_is_rate_limited() {
+    let server = server_where_key0_gets(json(200, "{}")).await;
+    let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).scope(LeaseScope::PerConnection).connect().await.expect("connect");
+    assert_eq!(jongler.locked_keys().await.expect("states"), ["key0"], "claimed at connect");
+    for _ in 0..3 {
+        assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").key_name.as_deref(), Some("key0"));
+    }
+    assert_eq!(jongler.locked_keys().await.expect("states"), ["key0"], "still held between requests");
+    jongler.disconnect().await.expect("disconnect");
+    assert!(jongler.locked_keys().await.expect("states").is_empty());
+}
+
+#[tokio::test]
+async fn keyless_connectors_claim_nothing() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET")).respond_with(json(200, r#"{"origin":"127.0.0.1"}"#)).mount(&server).await;
+    let sandbox = Sandbox::with_keyring("[other]\nk = fake\n");
+    let dir = sandbox.dir.path().join("connectors");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let connector = serde_json::json!({"name": "httpbin.org", "host": "127.0.0.1", "port": port(&server),
+        "protocol": "http", "requires_api_key": false});
+    std::fs::write(dir.join("httpbin.json"), connector.to_string()).expect("write");
+    let missing_keyring = sandbox.dir.path().join("none.ini");
+    let jongler = Jongler::builder("httpbin.org")
+        .keyring(&missing_keyring)
+        .database(&sandbox.db)
+        .connectors_dir(&dir)
+        .connect()
+        .await
+        .expect("no keyring needed");
+    let response = jongler.request("GET", "/ip", "").await.expect("ok");
+    assert_eq!((response.status, response.key_name), (200, None));
+}
+
+#[tokio::test]
+async fn unknown_connectors_and_methods_are_explained() {
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let error = Jongler::builder("gemini").keyring(&sandbox.keyring).database(&sandbox.db).connect().await;
+    let message = error.expect_err("unknown").to_string();
+    assert!(message.contains("unknown connector 'gemini'") && message.contains(GEMINI), "{message}");
+    let server = MockServer::start().await;
+    let sandbox = sandbox_at(&server);
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    let message = jongler.request("GE T", ENDPOINT, "").await.expect_err("bad method").to_string();
+    assert!(message.contains("not an HTTP method"), "{message}");
+}
+
+fn sandbox_at(server: &MockServer) -> Sandbox {
+    gemini_sandbox(1, "127.0.0.1", port(server))
+}
+
+/// A SOCKS5 server (RFC 1928, with RFC 1929 username/password) that sends every connection to
+/// `upstream`, whatever host was asked for, and remembers (username, requested host) of each.
+async fn socks_server(upstream: SocketAddr) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind socks");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                let Ok((user, host)) = socks_handshake(&mut client).await else { return };
+                log.lock().expect("log").push((user, host));
+                let Ok(mut target) = TcpStream::connect(upstream).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut target).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+async fn socks_handshake(client: &mut TcpStream) -> std::io::Result<(String, String)> {
+    let mut head = [0u8; 2];
+    client.read_exact(&mut head).await?;
+    let mut methods = vec![0u8; usize::from(head[1])];
+    client.read_exact(&mut methods).await?;
+    let mut user = String::new();
+    if methods.contains(&2) {
+        client.write_all(&[5, 2]).await?;
+        let mut version_and_len = [0u8; 2];
+        client.read_exact(&mut version_and_len).await?;
+        let mut name = vec![0u8; usize::from(version_and_len[1])];
+        client.read_exact(&mut name).await?;
+        let mut password_len = [0u8; 1];
+        client.read_exact(&mut password_len).await?;
+        let mut password = vec![0u8; usize::from(password_len[0])];
+        client.read_exact(&mut password).await?;
+        user = String::from_utf8_lossy(&name).into_owned();
+        client.write_all(&[1, 0]).await?;
+    } else {
+        client.write_all(&[5, 0]).await?;
+    }
+    let mut request = [0u8; 4];
+    client.read_exact(&mut request).await?;
+    let host = match request[3] {
+        3 => {
+            let mut len = [0u8; 1];
+            client.read_exact(&mut len).await?;
+            let mut name = vec![0u8; usize::from(len[0])];
+            client.read_exact(&mut name).await?;
+            String::from_utf8_lossy(&name).into_owned()
+        }
+        1 => {
+            let mut ip = [0u8; 4];
+            client.read_exact(&mut ip).await?;
+            std::net::Ipv4Addr::from(ip).to_string()
+        }
+        _ => return Err(std::io::Error::other("unsupported address type")),
+    };
+    let mut port = [0u8; 2];
+    client.read_exact(&mut port).await?;
+    client.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0, 0]).await?;
+    Ok((user, host))
+}
+
+#[tokio::test]
+async fn tor_sends_everything_through_socks_and_a_location_refusal_gets_a_new_circuit() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(json(400, GEMINI_400_LOCATION))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(json(200, "{}")).mount(&server).await;
+    let (socks_port, seen) = socks_server(*server.address()).await;
+    // A host name that only the proxy can resolve: the request works only if DNS went through it too.
+    let sandbox = gemini_sandbox(1, "gemini.through-tor.invalid", 80);
+    let jongler =
+        builder(&sandbox).tor_proxy(format!("socks5h://127.0.0.1:{socks_port}")).connect().await.expect("connect");
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("answer");
+    assert_eq!((response.status, response.attempts), (200, 2), "retried after the location refusal");
+    let seen = seen.lock().expect("log").clone();
+    assert_eq!(seen.len(), 2, "both attempts went through the SOCKS server: {seen:?}");
+    assert!(seen.iter().all(|(_, host)| host == "gemini.through-tor.invalid"), "{seen:?}");
+    assert_ne!(seen[0].0, seen[1].0, "the retry used new credentials, so a new circuit");
+    assert_eq!(state_of(&sandbox, "key0").0, "vacant", "the location refusal is not the key's fault");
+}
