@@ -57,6 +57,12 @@ pub struct WorkerArgs {
     /// Run the raw SQLite reference cycle on the database's keys instead of the coordinator.
     #[arg(long)]
     raw: bool,
+    /// Send this many requests through the request layer (per-request leases) instead of cycling keys.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// The endpoint those requests go to.
+    #[arg(long, default_value = "/v1beta/models/gemini-2.5-flash:generateContent")]
+    endpoint: String,
 }
 
 pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -64,6 +70,9 @@ pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     if args.raw {
         wait_for_start(args.start_at_ms);
         return raw_reference(&db, args);
+    }
+    if let Some(requests) = args.requests {
+        return send_requests(global, &db, requests, args);
     }
     let options = CoordinatorOptions {
         db_path: Some(db),
@@ -115,6 +124,39 @@ pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     summarize(&mut stdout, cycles, args.latencies.then_some(&latencies[..]))?;
     Ok(if lost { ExitCode::from(exit::LEASE_LOST) } else { ExitCode::SUCCESS })
+}
+
+/// Sends `requests` requests one after the other, printing `answered STATUS KEY` for each (with
+/// `--report`) and `requests N` at the end. Any request that does not end in a 2xx fails the worker.
+fn send_requests(global: &Global, db: &Path, requests: u64, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut builder = api_jongler::Jongler::builder(&args.connector)
+            .database(db)
+            .wait(Duration::from_millis(args.wait_ms))
+            .coordinator(CoordinatorOptions {
+                heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+                stale_after: Duration::from_millis(args.stale_ms),
+                reap_interval: Duration::from_millis(args.reap_ms),
+                ..CoordinatorOptions::default()
+            });
+        if let Some(config) = &global.config {
+            builder = builder.keyring(config);
+        }
+        let jongler = builder.connect().await?;
+        wait_for_start(args.start_at_ms);
+        let mut stdout = std::io::stdout().lock();
+        for _ in 0..requests {
+            let response = jongler.request("POST", &args.endpoint, "{}").await?;
+            if args.report {
+                writeln!(stdout, "answered {} {}", response.status, response.key_name.as_deref().unwrap_or("-"))?;
+                stdout.flush()?;
+            }
+            anyhow::ensure!(response.is_success(), "the upstream answered {}: {}", response.status, response.body);
+        }
+        writeln!(stdout, "requests {requests}")?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn wait_for_start(start_at_ms: Option<i64>) {

@@ -1,0 +1,131 @@
+//! Many real worker processes sending requests through the pool to a loopback mock with a per-key
+//! quota (20 ms latency, Gemini's real 429 with the delay until the key's window is free), and a worker
+//! killed in the middle of a request.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use api_jongler::mock::{MockConfig, MockUpstream};
+use common::{Sandbox, wait_until};
+
+const GEMINI: &str = "generativelanguage.googleapis.com";
+
+/// A sandbox of `keys` Gemini keys whose connector points at the mock.
+fn sandbox(keys: usize, mock: &MockUpstream) -> Sandbox {
+    let sandbox = Sandbox::new(GEMINI, keys);
+    let dir = sandbox.dir.path().join("connectors");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let connector = serde_json::json!({
+        "name": GEMINI, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
+        "api_key_header": "x-goog-api-key", "api_key_prefix": ""
+    });
+    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
+    sandbox
+}
+
+fn request_worker(sandbox: &Sandbox, requests: u32, extra: &[&str]) -> Child {
+    sandbox
+        .worker(GEMINI)
+        .env("APIJONGLER_CONNECTORS", sandbox.dir.path().join("connectors"))
+        .args(["--requests", &requests.to_string(), "--wait-ms", "60000", "--reap-ms", "100"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn request worker")
+}
+
+async fn wait_success(child: Child) -> String {
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "worker failed ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_succeeds_one_at_a_time_per_key_and_never_before_its_deadline() {
+    const QUOTA: u32 = 2;
+    const WINDOW: Duration = Duration::from_millis(1000);
+    const REQUESTS: u32 = 3;
+    for (workers, keys) in [(4, 4), (4, 16), (16, 4), (16, 16)] {
+        let config = MockConfig { quota: Some(QUOTA), window: WINDOW, ..MockConfig::default() };
+        let mock = MockUpstream::start(config).await.expect("mock");
+        let sandbox = sandbox(keys, &mock);
+        let started = Instant::now();
+        let children: Vec<Child> = (0..workers).map(|_| request_worker(&sandbox, REQUESTS, &[])).collect();
+        for child in children {
+            let stdout = wait_success(child).await;
+            assert!(stdout.contains(&format!("requests {REQUESTS}")), "{stdout}");
+        }
+        let elapsed = started.elapsed();
+        let (_, per_key) = mock.stats();
+        let ok: u64 = per_key.values().map(|stats| stats.ok).sum();
+        assert_eq!(ok, u64::from(workers * REQUESTS), "W={workers} K={keys}: every request succeeded once");
+        let limited: u64 = per_key.values().map(|stats| stats.rate_limited).sum();
+        eprintln!("W={workers} K={keys}: {ok} requests, {limited} 429s, {:.1} s", elapsed.as_secs_f64());
+        if workers * REQUESTS > keys as u32 * QUOTA {
+            assert!(limited > 0, "W={workers} K={keys}: more requests than one window's quota meet 429s");
+        }
+        let windows = (elapsed.as_secs_f64() / WINDOW.as_secs_f64()).ceil() as u64 + 1;
+        for (secret, stats) in &per_key {
+            let key = secret.rsplit('-').nth(3).unwrap_or("?");
+            assert_eq!(stats.max_in_flight, 1, "W={workers} K={keys}: key {key} served two requests at once");
+            assert_eq!(stats.before_deadline, 0, "W={workers} K={keys}: key {key} was used before its deadline");
+            assert!(
+                stats.rate_limited <= windows,
+                "W={workers} K={keys}: key {key} got {} 429s in {windows} windows",
+                stats.rate_limited
+            );
+            assert_eq!(stats.invalid, 0);
+        }
+        assert!(sandbox.states().iter().all(|(_, state)| state == "vacant" || state == "lockdown"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_key_goes_to_error_and_overloads_blame_no_key() {
+    let bad = format!("fake-secret-{GEMINI}-1-do-not-use");
+    let config = MockConfig { bad_keys: [bad].into(), overload_every: Some(3), ..MockConfig::default() };
+    let mock = MockUpstream::start(config).await.expect("mock");
+    let sandbox = sandbox(3, &mock);
+    let children: Vec<Child> = (0..4).map(|_| request_worker(&sandbox, 10, &[])).collect();
+    for child in children {
+        wait_success(child).await;
+    }
+    let (_, per_key) = mock.stats();
+    let bad_stats = per_key.iter().find(|(secret, _)| secret.contains("-1-")).map(|(_, s)| s.clone()).expect("bad");
+    assert_eq!(bad_stats.invalid, 1, "the bad key was used once, then never again");
+    let overloads: u64 = per_key.values().map(|stats| stats.overloaded).sum();
+    assert!(overloads > 0, "the mock did answer 503s");
+    let states = sandbox.states();
+    assert_eq!(
+        states,
+        [("key0".into(), "vacant".into()), ("key1".into(), "error".into()), ("key2".into(), "vacant".into())],
+        "only the bad key is blamed; 503s left the good keys vacant"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_request_leaves_its_key_to_the_others() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = sandbox(1, &mock);
+    let mut victim = request_worker(&sandbox, 1, &["--endpoint", "/slow/v1beta/models/m:generateContent"]);
+    let in_flight = || mock.stats().1.values().any(|stats| stats.max_in_flight > 0);
+    wait_until(Duration::from_secs(20), "the victim's request to reach the mock", in_flight);
+    victim.kill().expect("SIGKILL");
+    victim.wait().expect("reap the victim");
+    assert_eq!(sandbox.states(), [("key0".into(), "locked".into())], "the dead worker's lock is still there");
+
+    let survivor = request_worker(&sandbox, 2, &[]);
+    wait_success(survivor).await;
+    let reaped = sandbox.history().into_iter().find(|row| row.reason.starts_with("reaped")).expect("a reap");
+    assert!(reaped.reason.contains("has exited"), "{}", reaped.reason);
+    assert_eq!(sandbox.states(), [("key0".into(), "vacant".into())]);
+}
