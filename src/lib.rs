@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+mod blocking;
 pub mod classify;
 pub mod clock;
 pub mod connector;
@@ -45,6 +46,7 @@ pub mod mock;
 mod reaper;
 pub mod store;
 
+pub use blocking::BlockingJongler;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{Connector, Connectors};
 pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};

@@ -381,3 +381,15 @@ async fn tor_sends_everything_through_socks_and_a_location_refusal_gets_a_new_ci
     assert_ne!(seen[0].0, seen[1].0, "the retry used new credentials, so a new circuit");
     assert_eq!(state_of(&sandbox, "key0").0, "vacant", "the location refusal is not the key's fault");
 }
+
+#[test]
+fn the_blocking_wrapper_needs_no_runtime_of_its_own() {
+    let server_runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let config = api_jongler::mock::MockConfig::default();
+    let mock = server_runtime.block_on(api_jongler::mock::MockUpstream::start(config)).expect("mock");
+    let sandbox = gemini_sandbox(2, "127.0.0.1", mock.port());
+    let jongler = api_jongler::BlockingJongler::connect(builder(&sandbox)).expect("connect");
+    let answer = jongler.request_json(ENDPOINT, &serde_json::json!({"contents": []})).expect("json");
+    assert_eq!(answer["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(jongler.available_keys().expect("keys"), ["key0", "key1"]);
+}

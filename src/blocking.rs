@@ -1,0 +1,67 @@
+//! [`Jongler`] for callers without an async runtime: each call runs on a small runtime of its own.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::coordinator::KeyStates;
+use crate::error::{Error, Result};
+use crate::jongler::{Jongler, JonglerBuilder, Response};
+use crate::store::Transition;
+
+/// A blocking [`Jongler`]. Do not use it from inside an async runtime (use [`Jongler`] there).
+#[derive(Debug)]
+pub struct BlockingJongler {
+    runtime: tokio::runtime::Runtime,
+    jongler: Jongler,
+}
+
+impl BlockingJongler {
+    /// Connects with `builder`'s options.
+    pub fn connect(builder: JonglerBuilder) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(4)
+            .thread_keep_alive(Duration::from_secs(10))
+            .enable_all()
+            .build()
+            .map_err(|error| Error::InvalidRequest { problem: format!("cannot start a runtime: {error}") })?;
+        let jongler = runtime.block_on(builder.connect())?;
+        Ok(Self { runtime, jongler })
+    }
+
+    /// The async handle, for what this wrapper does not cover.
+    pub fn jongler(&self) -> &Jongler {
+        &self.jongler
+    }
+
+    /// See [`Jongler::request`].
+    pub fn request(&self, method: &str, endpoint: &str, body: &str) -> Result<Response> {
+        self.runtime.block_on(self.jongler.request(method, endpoint, body))
+    }
+
+    /// See [`Jongler::request_json`].
+    pub fn request_json(&self, endpoint: &str, body: &Value) -> Result<Value> {
+        self.runtime.block_on(self.jongler.request_json(endpoint, body))
+    }
+
+    /// See [`Jongler::key_states`].
+    pub fn key_states(&self) -> Result<KeyStates> {
+        self.runtime.block_on(self.jongler.key_states())
+    }
+
+    /// See [`Jongler::available_keys`].
+    pub fn available_keys(&self) -> Result<Vec<String>> {
+        self.runtime.block_on(self.jongler.available_keys())
+    }
+
+    /// See [`Jongler::cleanup`].
+    pub fn cleanup(&self, all: bool) -> Result<Vec<Transition>> {
+        self.runtime.block_on(self.jongler.cleanup(all))
+    }
+
+    /// See [`Jongler::disconnect`].
+    pub fn disconnect(&self) -> Result<()> {
+        self.runtime.block_on(self.jongler.disconnect())
+    }
+}
