@@ -45,6 +45,7 @@ CREATE TABLE history (
     at              INTEGER NOT NULL,
     connector       TEXT    NOT NULL,
     key_name        TEXT    NOT NULL,
+    fingerprint     TEXT    NOT NULL, -- of the secret the key had at the time
     from_state      TEXT,             -- NULL when the key first appears
     to_state        TEXT    NOT NULL, -- a key state, or 'retired' when the key left the keyring
     reason          TEXT    NOT NULL,

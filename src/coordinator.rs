@@ -136,12 +136,7 @@ impl Coordinator {
             .map(|(connector, key)| KeySpec { connector, name: key.name(), fingerprint: key.fingerprint().as_str() })
             .collect();
         let report = self.inner.store.sync_keys(&specs, self.now_ms())?;
-        if !report.is_empty() {
-            tracing::info!(
-                keyring = %keyring.path().display(), added = report.added.len(), changed = report.changed.len(),
-                retired = report.retired.len(), restored = report.restored.len(), "keyring synced"
-            );
-        }
+        log_transitions(&report.transitions);
         Ok(report)
     }
 
@@ -203,12 +198,7 @@ impl Coordinator {
             })
             .collect();
         let freed = self.inner.store.evict(&evictions, now)?;
-        for transition in &freed {
-            tracing::info!(
-                connector = %transition.connector, key = %transition.key_name, to = %transition.to_state,
-                reason = %transition.reason, "lock freed"
-            );
-        }
+        log_transitions(&freed);
         Ok(freed)
     }
 
@@ -230,9 +220,13 @@ impl Coordinator {
                     reason: format!("cleanup --force took it from live holder pid {}", held.holder.pid),
                 })
                 .collect();
-            done.extend(self.inner.store.evict(&evictions, now)?);
+            let evicted = self.inner.store.evict(&evictions, now)?;
+            log_transitions(&evicted);
+            done.extend(evicted);
         }
-        done.extend(self.inner.store.clear_lockdowns_and_errors(connector, now)?);
+        let cleared = self.inner.store.clear_lockdowns_and_errors(connector, now)?;
+        log_transitions(&cleared);
+        done.extend(cleared);
         Ok(done)
     }
 
@@ -321,6 +315,16 @@ impl fmt::Display for Unavailable {
             ". Add keys to the keyring, run `apijongler cleanup {}` to clear lockdowns and errors{wait}",
             a.connector
         )
+    }
+}
+
+/// Every state transition is logged at info, naming the key by name and fingerprint.
+pub(crate) fn log_transitions(transitions: &[Transition]) {
+    for t in transitions {
+        tracing::info!(
+            connector = %t.connector, key = %t.key_name, fingerprint = %t.fingerprint,
+            from = t.from_state.as_deref().unwrap_or("-"), to = %t.to_state, reason = %t.reason, "key state changed"
+        );
     }
 }
 

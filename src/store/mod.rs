@@ -88,6 +88,8 @@ pub struct SyncReport {
     pub retired: Vec<(String, String)>,
     /// Retired keys that came back to the keyring.
     pub restored: Vec<(String, String)>,
+    /// The history rows written.
+    pub transitions: Vec<Transition>,
 }
 
 impl SyncReport {
@@ -274,6 +276,8 @@ pub struct Transition {
     pub connector: String,
     /// Key name.
     pub key_name: String,
+    /// Fingerprint of the key's secret at the time.
+    pub fingerprint: String,
     /// State before (`None` when the key first appeared).
     pub from_state: Option<String>,
     /// State after, or `retired`.
@@ -314,6 +318,7 @@ pub struct Store {
 struct NewTransition<'a> {
     connector: &'a str,
     key_name: &'a str,
+    fingerprint: &'a str,
     from_state: Option<&'a str>,
     to_state: &'a str,
     reason: &'a str,
@@ -325,9 +330,9 @@ struct NewTransition<'a> {
 
 impl<'a> NewTransition<'a> {
     /// A transition with no status, holder, lease or deadline; set those with struct update syntax.
+    /// `key` is (connector, key name, fingerprint).
     fn new(
-        connector: &'a str,
-        key_name: &'a str,
+        (connector, key_name, fingerprint): (&'a str, &'a str, &'a str),
         from_state: Option<&'a str>,
         to_state: &'a str,
         reason: &'a str,
@@ -335,6 +340,7 @@ impl<'a> NewTransition<'a> {
         Self {
             connector,
             key_name,
+            fingerprint,
             from_state,
             to_state,
             reason,
@@ -351,7 +357,8 @@ const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, 
      uses, last_used_at";
 
 const HISTORY_COLUMNS: &str =
-    "id, at, connector, key_name, from_state, to_state, reason, http_status, holder_pid, lease, lockdown_until";
+    "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
+     lease, lockdown_until";
 
 impl Store {
     /// Opens the database at `path`, creating and migrating it as needed.
@@ -382,8 +389,8 @@ impl Store {
         }
         self.write("syncing the keyring", |transaction| {
             // Plan again under the write lock: another process may have synced in between.
-            let plan = plan_sync(transaction, keys)?;
-            apply_sync(transaction, keys, &plan, now)?;
+            let mut plan = plan_sync(transaction, keys)?;
+            plan.transitions = apply_sync(transaction, keys, &plan, now)?;
             Ok(plan)
         })
     }
@@ -430,8 +437,7 @@ impl Store {
                     holder_pid: Some(holder.pid),
                     lease: Some(claimed.lease),
                     ..NewTransition::new(
-                        connector,
-                        &claimed.key_name,
+                        (connector, &claimed.key_name, &claimed.fingerprint),
                         Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
                         "locked",
                         "claimed",
@@ -463,16 +469,16 @@ impl Store {
                             holder_host = NULL, holder_boot_id = NULL, holder_pid = NULL, holder_started = NULL,
                             locked_at = NULL, heartbeat_at = NULL
                       WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                  RETURNING connector, key_name",
+                  RETURNING connector, key_name, fingerprint",
                 )?
                 .query_row(params![id, lease, to_state, until, reason, status, success], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
                 })
                 .optional()?;
             if let Some(attempt) = attempt {
                 insert_attempt(transaction, attempt)?;
             }
-            let Some((connector, key_name)) = ended else { return Ok(false) };
+            let Some((connector, key_name, fingerprint)) = ended else { return Ok(false) };
             record(
                 transaction,
                 now,
@@ -482,8 +488,7 @@ impl Store {
                     lease: Some(lease),
                     lockdown_until: until,
                     ..NewTransition::new(
-                        &connector,
-                        &key_name,
+                        (&connector, &key_name, &fingerprint),
                         Some("locked"),
                         to_state,
                         reason.map_or("released", String::as_str),
@@ -591,20 +596,26 @@ impl Store {
                                 holder_host = NULL, holder_boot_id = NULL, holder_pid = NULL,
                                 holder_started = NULL, locked_at = NULL, heartbeat_at = NULL
                           WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                      RETURNING connector, key_name, state, lockdown_until",
+                      RETURNING connector, key_name, fingerprint, state, lockdown_until",
                     )?
                     .query_row(params![eviction.id, eviction.lease, now], |row| {
-                        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get(3)?))
+                        let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                        Ok((key, row.get::<_, String>(3)?, row.get(4)?))
                     })
                     .optional()?;
-                if let Some((connector, key_name, state, until)) = freed {
+                if let Some(((connector, key_name, fingerprint), state, until)) = freed {
                     written.push(record(
                         transaction,
                         now,
                         &NewTransition {
                             lease: Some(eviction.lease),
                             lockdown_until: until,
-                            ..NewTransition::new(&connector, &key_name, Some("locked"), &state, &eviction.reason)
+                            ..NewTransition::new(
+                                (&connector, &key_name, &fingerprint),
+                                Some("locked"),
+                                &state,
+                                &eviction.reason,
+                            )
                         },
                     )?);
                 }
@@ -622,25 +633,21 @@ impl Store {
             )?;
             let targets = transaction
                 .prepare_cached(
-                    "SELECT id, connector, key_name, state FROM keys
+                    "SELECT id, connector, key_name, fingerprint, state FROM keys
                       WHERE state IN ('lockdown', 'error') AND (?1 IS NULL OR connector = ?1)",
                 )?
                 .query_map(params![connector], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, String>(3)?,
-                    ))
+                    let key: (String, String, String) = (row.get(1)?, row.get(2)?, row.get(3)?);
+                    Ok((row.get::<_, i64>(0)?, key, row.get::<_, String>(4)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut written = Vec::new();
-            for (id, key_connector, key_name, state) in targets {
+            for (id, (key_connector, key_name, fingerprint), state) in targets {
                 statement.execute(params![id])?;
                 written.push(record(
                     transaction,
                     now,
-                    &NewTransition::new(&key_connector, &key_name, Some(&state), "vacant", "cleanup"),
+                    &NewTransition::new((&key_connector, &key_name, &fingerprint), Some(&state), "vacant", "cleanup"),
                 )?);
             }
             Ok(written)
@@ -793,14 +800,15 @@ fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite:
 fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> rusqlite::Result<Transition> {
     transaction
         .prepare_cached(
-            "INSERT INTO history (at, connector, key_name, from_state, to_state, reason, http_status, holder_pid,
-                                  lease, lockdown_until)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, http_status,
+                                  holder_pid, lease, lockdown_until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?
         .execute(params![
             at,
             new.connector,
             new.key_name,
+            new.fingerprint,
             new.from_state,
             new.to_state,
             new.reason,
@@ -814,6 +822,7 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
         at,
         connector: new.connector.to_owned(),
         key_name: new.key_name.to_owned(),
+        fingerprint: new.fingerprint.to_owned(),
         from_state: new.from_state.map(str::to_owned),
         to_state: new.to_state.to_owned(),
         reason: new.reason.to_owned(),
@@ -864,18 +873,20 @@ fn apply_sync(
     keys: &[KeySpec<'_>],
     plan: &SyncReport,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Vec<Transition>> {
+    let mut written = Vec::new();
     let spec = |(connector, name): &(String, String)| {
         keys.iter().find(|key| key.connector == connector && key.name == name).map_or("", |key| key.fingerprint)
     };
-    let note = |connector: &str, key_name: &str, from_state: Option<&str>, to_state: &str, reason: &str| {
-        record(transaction, now, &NewTransition::new(connector, key_name, from_state, to_state, reason))
+    let mut note = |key: (&str, &str, &str), from_state: Option<&str>, to_state: &str, reason: &str| {
+        written.push(record(transaction, now, &NewTransition::new(key, from_state, to_state, reason))?);
+        Ok::<_, rusqlite::Error>(())
     };
     for id @ (connector, name) in &plan.added {
         transaction
             .prepare_cached("INSERT INTO keys (connector, key_name, fingerprint, created_at) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![connector, name, spec(id), now])?;
-        note(connector, name, None, "vacant", "added to the keyring")?;
+        note((connector, name, spec(id)), None, "vacant", "added to the keyring")?;
     }
     for id @ (connector, name) in &plan.changed {
         // A new secret is a new key: the old one's error or quota says nothing about it.
@@ -893,21 +904,25 @@ fn apply_sync(
               RETURNING state",
             )?
             .query_row(params![connector, name, spec(id)], |row| row.get(0))?;
-        note(connector, name, Some(&before), &state, "secret changed in the keyring")?;
+        note((connector, name, spec(id)), Some(&before), &state, "secret changed in the keyring")?;
     }
     for (connector, name) in &plan.retired {
-        let state: String = transaction
-            .prepare_cached("UPDATE keys SET retired_at = ?3 WHERE connector = ?1 AND key_name = ?2 RETURNING state")?
-            .query_row(params![connector, name, now], |row| row.get(0))?;
-        note(connector, name, Some(&state), "retired", "removed from the keyring")?;
+        let (state, fingerprint): (String, String) = transaction
+            .prepare_cached(
+                "UPDATE keys SET retired_at = ?3 WHERE connector = ?1 AND key_name = ?2 RETURNING state, fingerprint",
+            )?
+            .query_row(params![connector, name, now], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        note((connector, name, &fingerprint), Some(&state), "retired", "removed from the keyring")?;
     }
     for (connector, name) in &plan.restored {
-        let state: String = transaction
-            .prepare_cached("UPDATE keys SET retired_at = NULL WHERE connector = ?1 AND key_name = ?2 RETURNING state")?
-            .query_row(params![connector, name], |row| row.get(0))?;
-        note(connector, name, Some("retired"), &state, "back in the keyring")?;
+        let (state, fingerprint): (String, String) = transaction
+            .prepare_cached(
+                "UPDATE keys SET retired_at = NULL WHERE connector = ?1 AND key_name = ?2 RETURNING state, fingerprint",
+            )?
+            .query_row(params![connector, name], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        note((connector, name, &fingerprint), Some("retired"), &state, "back in the keyring")?;
     }
-    Ok(())
+    Ok(written)
 }
 
 fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
@@ -945,12 +960,13 @@ fn transition(row: &Row<'_>) -> rusqlite::Result<Transition> {
         at: row.get(1)?,
         connector: row.get(2)?,
         key_name: row.get(3)?,
-        from_state: row.get(4)?,
-        to_state: row.get(5)?,
-        reason: row.get(6)?,
-        http_status: row.get(7)?,
-        holder_pid: row.get(8)?,
-        lease: row.get(9)?,
-        lockdown_until: row.get(10)?,
+        fingerprint: row.get(4)?,
+        from_state: row.get(5)?,
+        to_state: row.get(6)?,
+        reason: row.get(7)?,
+        http_status: row.get(8)?,
+        holder_pid: row.get(9)?,
+        lease: row.get(10)?,
+        lockdown_until: row.get(11)?,
     })
 }
