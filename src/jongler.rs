@@ -426,10 +426,18 @@ impl Jongler {
         self.claim(exclude, remaining).await.map(Some)
     }
 
+    /// A free key at once if there is one (in place: no hand-off), else a wait on the blocking pool,
+    /// where sleeping harms no other task.
     async fn claim(&self, tried: &[String], wait: Duration) -> Result<Lease> {
         let (coordinator, connector, tried) =
             (self.inner.coordinator.clone(), self.inner.connector.name.clone(), tried.to_vec());
-        blocking(move || coordinator.claim(&connector, &tried, wait)).await
+        let (first, name, excluded) = (coordinator.clone(), connector.clone(), tried.clone());
+        match short_blocking(move || first.claim(&name, &excluded, Duration::ZERO)).await {
+            Err(Error::NoKeyAvailable(_)) if !wait.is_zero() => {
+                blocking(move || coordinator.claim(&connector, &tried, wait)).await
+            }
+            claimed => claimed,
+        }
     }
 
     /// Applies the verdict to the key and records the attempt (in one transaction when the lease ends).
@@ -442,7 +450,7 @@ impl Jongler {
     ) -> Result<()> {
         let Some(mut lease) = lease else {
             let coordinator = self.inner.coordinator.clone();
-            return blocking(move || coordinator.store().record_attempt(&attempt)).await;
+            return short_blocking(move || coordinator.store().record_attempt(&attempt)).await;
         };
         let fate = match &verdict.key {
             KeyFate::Release { success } => Fate::Release { success: *success },
@@ -453,7 +461,7 @@ impl Jongler {
         };
         let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
         let coordinator = self.inner.coordinator.clone();
-        let settled = blocking(move || {
+        let settled = short_blocking(move || {
             if keep {
                 coordinator.store().record_attempt(&attempt)?;
                 if matches!(fate, Fate::Release { success: true }) {
@@ -551,4 +559,14 @@ fn describe<T>(verdict: &Verdict, outcome: &std::result::Result<T, reqwest::Erro
 /// Runs blocking coordinator work off the async threads.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+}
+
+/// Runs short database work that never waits for another request of ours (it may wait for another
+/// process's write lock, which never waits for us): in place on a multi-threaded runtime, sparing the
+/// hand-off to the blocking pool and back; on a current-thread runtime, which cannot, on that pool.
+async fn short_blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        return tokio::task::block_in_place(work);
+    }
+    blocking(work).await
 }

@@ -1,6 +1,5 @@
-//! `apijongler bench`: P worker processes doing claim+release cycles on K keys, next to the raw SQLite
-//! reference (the same P processes doing the bare two-transaction cycle), in one run. The README
-//! quotes its output.
+//! `apijongler bench keys`: P worker processes doing claim+release cycles on K keys, next to the raw
+//! SQLite reference (the same P processes doing the bare two-transaction cycle), in one run.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,10 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use api_jongler::{Clock, Coordinator, CoordinatorOptions, Keyring, SystemClock};
 
-use super::Global;
+use super::percentile;
+use crate::cli::Global;
 
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {
+pub struct KeysArgs {
     /// Process counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     processes: Vec<u32>,
@@ -32,10 +32,10 @@ struct Measured {
     p99_us: u128,
 }
 
-pub fn run(_global: &Global, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+pub fn run(_global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let duration = Duration::from_secs_f64(args.seconds);
     let mut report = String::new();
-    writeln!(report, "apijongler bench: claim+release cycles, {} s per configuration", args.seconds)?;
+    writeln!(report, "apijongler bench keys: claim+release cycles, {} s per configuration", args.seconds)?;
     writeln!(report, "{:>4} {:>6} {:>12} {:>10} {:>10} {:>9}", "P", "K", "cycles/s", "p50 ms", "p99 ms", "vs raw")?;
     eprint!("{report}");
     let mut out = std::io::stderr();
@@ -110,11 +110,10 @@ fn measure(processes: u32, keys: Option<u32>, duration: Duration) -> anyhow::Res
         }
     }
     latencies.sort_unstable();
-    let percentile = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
     Ok(Measured {
         cycles_per_second: cycles as f64 / duration.as_secs_f64(),
-        p50_us: percentile(0.50),
-        p99_us: percentile(0.99),
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
     })
 }
 

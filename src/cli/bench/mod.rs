@@ -1,0 +1,36 @@
+//! `apijongler bench`: the measurements the README quotes. `bench keys` measures the coordinator
+//! against raw SQLite; `bench requests` measures the request layer against a plain HTTP client and its
+//! goodput under a quota.
+
+mod keys;
+mod requests;
+
+use std::process::ExitCode;
+
+use super::Global;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum What {
+    /// P processes doing claim+release cycles on K keys, next to raw SQLite.
+    Keys(keys::KeysArgs),
+    /// Latency added over a plain HTTP client, and goodput under a per-key quota.
+    Requests(requests::RequestsArgs),
+}
+
+pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    match &args.what {
+        What::Keys(keys) => keys::run(global, keys),
+        What::Requests(requests) => requests::run(requests),
+    }
+}
+
+/// The value at fraction `p` (0..=1) of sorted `values`.
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+}
