@@ -12,14 +12,16 @@ use common::{Sandbox, wait_until};
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 
-/// A sandbox of `keys` Gemini keys whose connector points at the mock.
+/// A sandbox of `keys` Gemini keys whose connector points at the mock. Backoffs are short and the retry
+/// budget generous, so that the mock's every-n-th 503 can never exhaust a request's retries.
 fn sandbox(keys: usize, mock: &MockUpstream) -> Sandbox {
     let sandbox = Sandbox::new(GEMINI, keys);
     let dir = sandbox.dir.path().join("connectors");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let connector = serde_json::json!({
         "name": GEMINI, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
-        "api_key_header": "x-goog-api-key", "api_key_prefix": ""
+        "api_key_header": "x-goog-api-key", "api_key_prefix": "",
+        "policy": { "backoff_ms": 5, "retries": 10 }
     });
     std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
     sandbox
