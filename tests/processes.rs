@@ -153,7 +153,7 @@ fn a_stopped_holder_is_reaped_and_its_late_writes_change_nothing() {
     std::io::Read::read_to_string(&mut holder_out, &mut rest).expect("read rest");
     let status = holder.wait().expect("wait holder");
     assert!(rest.contains("lost key0 1"), "the holder learns it lost the lease: {rest}");
-    assert_eq!(status.code(), Some(3), "lease-lost exit code");
+    assert_eq!(status.code(), Some(8), "lease-lost exit code");
     assert_eq!((sandbox.states(), sandbox.history().len()), before, "the late release changed nothing");
     let reap = sandbox.history().into_iter().find(|row| row.reason.starts_with("reaped")).expect("a reap row");
     assert!(reap.reason.contains("heartbeat"), "{}", reap.reason);

@@ -1,6 +1,68 @@
-//! Exit codes, one table for the whole command.
+//! Exit codes, one table for the whole command (the README reproduces it).
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | an unexpected failure (a bug, or the system refusing something) |
+//! | 2 | usage: bad arguments, bad `--since`, a body that is not JSON |
+//! | 3 | the upstream answered, with a non-2xx status |
+//! | 4 | no key became free within `--wait` |
+//! | 5 | configuration: keyring, connector files, environment variables |
+//! | 6 | database: cannot be created, not SQLite, too new, failing |
+//! | 7 | network: no answer from the upstream (timeouts, refused connections) |
+//! | 8 | a held key's lease was lost (reaped or cleaned up by force) |
 
-/// Something went wrong that has no more specific code.
+use api_jongler::Error;
+
+/// An unexpected failure.
 pub const FAILURE: u8 = 1;
-/// A worker's lease was lost while it held the key (reaped or cleaned up).
-pub const LEASE_LOST: u8 = 3;
+/// Bad arguments (clap uses 2 as well).
+pub const USAGE: u8 = 2;
+/// The upstream answered non-2xx.
+pub const UPSTREAM: u8 = 3;
+/// No key became free in time.
+pub const NO_KEY: u8 = 4;
+/// Configuration error.
+pub const CONFIG: u8 = 5;
+/// Database error.
+pub const DATABASE: u8 = 6;
+/// No answer from the upstream.
+pub const NETWORK: u8 = 7;
+/// A lease was lost.
+pub const LEASE_LOST: u8 = 8;
+
+/// A usage error found after parsing (bad `--since`, a body that is not JSON, an unknown key).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// The exit code for an error that ended the command.
+pub fn code_for(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<Usage>().is_some() {
+        return USAGE;
+    }
+    let Some(error) = error.downcast_ref::<Error>() else { return FAILURE };
+    match error {
+        Error::ConfigNotSet
+        | Error::ConfigMissing { .. }
+        | Error::ConfigRead { .. }
+        | Error::ConfigSyntax { .. }
+        | Error::ConfigInvalid { .. }
+        | Error::NoKeyringSection { .. }
+        | Error::NoKeysConfigured { .. }
+        | Error::UnknownConnector { .. }
+        | Error::ConnectorFile { .. }
+        | Error::ConnectorsDir { .. }
+        | Error::NoDatabaseLocation => CONFIG,
+        Error::DatabaseCreate { .. }
+        | Error::NotADatabase { .. }
+        | Error::SchemaTooNew { .. }
+        | Error::Database { .. } => DATABASE,
+        Error::NoKeyAvailable(_) => NO_KEY,
+        Error::Transport { .. } => NETWORK,
+        Error::Upstream { .. } => UPSTREAM,
+        Error::LeaseLost { .. } => LEASE_LOST,
+        Error::InvalidRequest { .. } => USAGE,
+        _ => FAILURE,
+    }
+}

@@ -1,23 +1,46 @@
-//! The command line. One file per subcommand; this module holds the arguments they share.
+//! The command line. One file per subcommand; this module holds the arguments they share and the
+//! dispatch. The seed's form (`apijongler CONNECTOR METHOD ENDPOINT [BODY]`, `--cleanup`,
+//! `--cleanup-all`) keeps working beside the subcommands.
 
 mod bench;
+mod cleanup;
+mod connectors;
+mod db;
+mod demo;
 pub mod exit;
+mod history;
+mod output;
+mod request;
+mod status;
+mod why;
 mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// Share a pool of API keys between many processes on one machine.
+/// Share a pool of API keys (Gemini, Hugging Face, ...) between many processes on one machine.
+///
+/// Send a request through the pool:  apijongler CONNECTOR METHOD ENDPOINT [BODY]
 #[derive(Debug, Parser)]
-#[command(name = "apijongler", version, about)]
+#[command(name = "apijongler", version, about, args_conflicts_with_subcommands = true)]
 pub struct Args {
     #[command(flatten)]
     pub global: Global,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    request: request::RequestArgs,
+    /// Seed form of `cleanup CONNECTOR`.
+    #[arg(long, value_name = "CONNECTOR", conflicts_with = "cleanup_all")]
+    cleanup: Option<String>,
+    /// Seed form of `cleanup --all`.
+    #[arg(long)]
+    cleanup_all: bool,
 }
 
 /// Options every subcommand takes.
@@ -26,20 +49,48 @@ pub struct Global {
     /// The keyring INI file.
     #[arg(long, global = true, env = "APIJONGLER_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// The database file (default: $XDG_STATE_HOME/apijongler/apijongler.db).
+    /// The database file [default: $XDG_STATE_HOME/apijongler/apijongler.db].
     #[arg(long, global = true, env = "APIJONGLER_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
-    /// More log output (-v: debug, -vv: trace).
+    /// A directory of connector JSON files that add to or override the shipped ones.
+    #[arg(long, global = true, env = "APIJONGLER_CONNECTORS", value_name = "DIR")]
+    pub connectors: Option<PathBuf>,
+    /// Print data as JSON (and nothing else on stdout).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v: info, -vv: debug, -vvv: trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Only errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Log level (seed option): error, warn, info, debug, trace; APIJONGLER_LOG wins over it.
+    #[arg(long, global = true, value_name = "LEVEL", ignore_case = true)]
+    pub log_level: Option<tracing::Level>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure coordinator throughput against raw SQLite on this machine.
+    /// Keys per connector: state, holder, lockdown deadline, last reason, uses.
+    Status(status::StatusArgs),
+    /// Lockdown and error keys back to vacant, dead holders' locks freed (live ones kept unless --force).
+    Cleanup(cleanup::CleanupArgs),
+    /// The state transitions, newest first.
+    History(history::HistoryArgs),
+    /// One key's state, explained.
+    Why(why::WhyArgs),
+    /// The known connectors, where each comes from, and how its key is sent.
+    Connectors,
+    /// The database path, schema version and example queries.
+    Db(db::DbArgs),
+    /// The whole thing on a built-in mock upstream: no keys, no network, well under a minute.
+    Demo(demo::DemoArgs),
+    /// Shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Measure the coordinator and the request layer on this machine.
     Bench(bench::BenchArgs),
     /// One worker process of `bench` and of the multi-process tests (not for direct use).
     #[command(hide = true)]
@@ -48,20 +99,59 @@ enum Command {
 
 /// Runs the parsed command.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let global = &args.global;
+    if let Some(connector) = &args.cleanup {
+        return cleanup::seed(global, Some(connector));
+    }
+    if args.cleanup_all {
+        return cleanup::seed(global, None);
+    }
     match args.command {
-        Command::Bench(bench) => bench::run(&args.global, &bench),
-        Command::Worker(worker) => worker::run(&args.global, &worker),
+        Some(Command::Status(status)) => status::run(global, &status),
+        Some(Command::Cleanup(cleanup)) => cleanup::run(global, &cleanup),
+        Some(Command::History(history)) => history::run(global, &history),
+        Some(Command::Why(why)) => why::run(global, &why),
+        Some(Command::Connectors) => connectors::run(global),
+        Some(Command::Db(db)) => db::run(global, &db),
+        Some(Command::Demo(demo)) => demo::run(global, &demo),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Args::command(), "apijongler", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Bench(bench)) => bench::run(global, &bench),
+        Some(Command::Worker(worker)) => worker::run(global, &worker),
+        None => request::run(global, &args.request),
     }
 }
 
-/// Logs go to stderr; `APIJONGLER_LOG` (a tracing filter) wins over `-v`/`-q`.
+/// Logs go to stderr. `APIJONGLER_LOG` (a tracing filter) wins over `--log-level`, which wins over
+/// `-v`/`-q`; by default only warnings and errors are shown.
 pub fn init_logging(global: &Global) {
-    let level = match (global.quiet, global.verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "debug",
-        (false, _) => "trace",
+    let level = match (global.log_level, global.quiet, global.verbose) {
+        (Some(level), _, _) => level.as_str().to_ascii_lowercase(),
+        (None, true, _) => "error".to_owned(),
+        (None, false, 0) => "warn".to_owned(),
+        (None, false, 1) => "info".to_owned(),
+        (None, false, 2) => "debug".to_owned(),
+        (None, false, _) => "trace".to_owned(),
     };
     let filter = EnvFilter::try_from_env("APIJONGLER_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// The coordinator on the configured database; syncs the keyring too when one is configured, so that
+/// what is shown matches the file.
+fn open(global: &Global) -> api_jongler::Result<Coordinator> {
+    let coordinator =
+        Coordinator::open(CoordinatorOptions { db_path: global.db.clone(), ..CoordinatorOptions::default() })?;
+    if let Some(path) = &global.config {
+        coordinator.sync(&Keyring::load(path)?)?;
+    }
+    Ok(coordinator)
+}
+
+/// `30s`, `2m`, `1h30m`, `0`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|error| format!("'{text}' is not a duration ({error}); write it like 30s, 2m, 1h30m or 0"))
 }

@@ -1,0 +1,54 @@
+//! `apijongler db [--path]`: where the database is, its schema version, and queries to start from.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use super::{Global, open};
+
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    /// Print only the path (for `sqlite3 "$(apijongler db --path)"`).
+    #[arg(long)]
+    path: bool,
+}
+
+/// Queries worth keeping at hand; the README lists the same.
+pub const EXAMPLES: &str = "\
+-- Requests per key today (local time)
+SELECT connector, key_name, count(*) AS requests, sum(outcome = 'success') AS ok
+  FROM requests WHERE at >= strftime('%s', 'now', 'localtime', 'start of day', 'utc') * 1000
+ GROUP BY connector, key_name;
+
+-- Keys in lockdown, and until when
+SELECT connector, key_name, datetime(lockdown_until / 1000, 'unixepoch', 'localtime') AS until, reason
+  FROM keys WHERE state = 'lockdown' AND lockdown_until > strftime('%s', 'now') * 1000;
+
+-- Why a key went to error
+SELECT datetime(at / 1000, 'unixepoch', 'localtime') AS at, connector, key_name, reason, http_status
+  FROM history WHERE to_state = 'error' ORDER BY id DESC LIMIT 10;
+
+-- Who holds what
+SELECT connector, key_name, holder_pid, datetime(locked_at / 1000, 'unixepoch', 'localtime') AS since
+  FROM keys WHERE state = 'locked';
+";
+
+pub fn run(global: &Global, args: &DbArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = open(global)?;
+    let path = coordinator.db_path().display().to_string();
+    let mut stdout = std::io::stdout().lock();
+    if args.path {
+        writeln!(stdout, "{path}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let version = coordinator.store().schema_version()?;
+    if global.json {
+        writeln!(stdout, "{}", serde_json::json!({"path": path, "schema_version": version}))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        stdout,
+        "database: {path}\nschema version: {version}\n\nOpen it with:  sqlite3 \"$(apijongler db --path)\"\n"
+    )?;
+    writeln!(stdout, "{EXAMPLES}")?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,148 @@
+//! The seed's form: `apijongler CONNECTOR METHOD ENDPOINT [BODY]`. The body of the answer goes to
+//! stdout (indented with `--pretty`), the status and progress to stderr; a non-2xx answer exits 3.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use api_jongler::{Jongler, Response};
+use serde_json::Value;
+
+use super::exit::{self, Usage};
+use super::{Global, output, parse_duration};
+
+#[derive(Debug, clap::Args)]
+pub struct RequestArgs {
+    /// The connector (see `apijongler connectors`), e.g. generativelanguage.googleapis.com.
+    connector: Option<String>,
+    /// The HTTP method, e.g. POST.
+    method: Option<String>,
+    /// The endpoint path, e.g. /v1beta/models/gemini-2.5-flash:generateContent.
+    endpoint: Option<String>,
+    /// The request body (JSON for JSON connectors).
+    body: Option<String>,
+    /// Print a JSON answer indented.
+    #[arg(long)]
+    pretty: bool,
+    /// Route through Tor (socks5h://127.0.0.1:9050, or APIJONGLER_TOR_PROXY).
+    #[arg(long)]
+    tor: bool,
+    /// How long to wait for a key when all are held or in lockdown (30s, 2m, 0 = fail at once).
+    #[arg(long, env = "APIJONGLER_WAIT", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    wait: Duration,
+}
+
+pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
+    let (Some(connector), Some(method), Some(endpoint)) = (&args.connector, &args.method, &args.endpoint) else {
+        return Err(Usage(
+            "connector, method and endpoint are required for API calls, e.g. `apijongler \
+             generativelanguage.googleapis.com POST /v1beta/models/gemini-2.5-flash:generateContent '{...}'` \
+             (see `apijongler --help` for the other commands)"
+                .to_owned(),
+        )
+        .into());
+    };
+    let body = args.body.as_deref().unwrap_or_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(async {
+        let mut builder = Jongler::builder(connector.as_str()).wait(args.wait).tor(args.tor);
+        if let Some(path) = &global.config {
+            builder = builder.keyring(path);
+        }
+        if let Some(path) = &global.db {
+            builder = builder.database(path);
+        }
+        if let Some(dir) = &global.connectors {
+            builder = builder.connectors_dir(dir);
+        }
+        let jongler = builder.connect().await?;
+        if jongler.connector().content_type() == "application/json" && !body.trim().is_empty() {
+            serde_json::from_str::<Value>(body)
+                .map_err(|error| Usage(format!("BODY is not valid JSON ({error}); {connector} takes JSON")))?;
+        }
+        if !global.quiet {
+            eprintln!("Making {} request to {connector}{endpoint}", method.to_ascii_uppercase());
+        }
+        let response = with_waiting_line(&jongler, args.wait, jongler.request(method, endpoint, body)).await?;
+        print(global, args, &response)?;
+        if response.is_success() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("apijongler: {connector} answered {} (the body is on stdout)", response.status);
+        Ok(ExitCode::from(exit::UPSTREAM))
+    })
+}
+
+fn print(global: &Global, args: &RequestArgs, response: &Response) -> anyhow::Result<()> {
+    let parsed = serde_json::from_str::<Value>(&response.body).ok();
+    let mut stdout = std::io::stdout().lock();
+    if global.json {
+        let body = parsed.unwrap_or_else(|| Value::String(response.body.clone()));
+        let record = serde_json::json!({
+            "status": response.status, "key": response.key_name, "attempts": response.attempts, "body": body
+        });
+        writeln!(stdout, "{record}")?;
+        return Ok(());
+    }
+    if !global.quiet {
+        let key = response.key_name.as_deref().map(|key| format!(" (key {key})")).unwrap_or_default();
+        eprintln!("Status Code: {}{key}", response.status);
+    }
+    match parsed {
+        Some(json) if args.pretty => writeln!(stdout, "{}", serde_json::to_string_pretty(&json)?)?,
+        _ => writeln!(stdout, "{}", response.body)?,
+    }
+    Ok(())
+}
+
+/// Runs `request`; while it takes more than a second and stderr is a terminal, keeps one status line
+/// there saying what the request is waiting for and until when.
+async fn with_waiting_line<T>(
+    jongler: &Jongler,
+    wait: Duration,
+    request: impl Future<Output = api_jongler::Result<T>>,
+) -> anyhow::Result<T> {
+    if !std::io::stderr().is_terminal() {
+        return Ok(request.await?);
+    }
+    let started = Instant::now();
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    tokio::pin!(request);
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut request => break result,
+            _ = ticker.tick() => {
+                shown = true;
+                eprint!("\r\x1b[2K{}", waiting_line(jongler, started, wait));
+            }
+        }
+    };
+    if shown {
+        eprint!("\r\x1b[2K");
+    }
+    Ok(result?)
+}
+
+fn waiting_line(jongler: &Jongler, started: Instant, wait: Duration) -> String {
+    let coordinator = jongler.coordinator();
+    let now = coordinator.now_ms();
+    let waited = output::humanize(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    let limit = output::humanize(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+    match coordinator.store().availability(&jongler.connector().name, &[], now) {
+        Ok(a) if a.claimable == 0 && a.total() > 0 => {
+            let until = a
+                .earliest_lockdown_end
+                .map(|end| {
+                    format!(", the first lockdown ends {} ({})", output::clock_time(end), output::relative(end, now))
+                })
+                .unwrap_or_default();
+            format!(
+                "waiting for a key of {}: {} held, {} in lockdown{until} (waited {waited} of at most {limit})",
+                a.connector, a.locked, a.lockdown
+            )
+        }
+        _ => format!("waiting for the answer of {} ({waited})", jongler.connector().name),
+    }
+}
