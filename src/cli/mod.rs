@@ -27,7 +27,7 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Send a request through the pool:  apijongler CONNECTOR METHOD ENDPOINT [BODY]
 #[derive(Debug, Parser)]
-#[command(name = "apijongler", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "apijongler", version, about, subcommand_precedence_over_arg = true)]
 pub struct Args {
     #[command(flatten)]
     pub global: Global,
