@@ -98,7 +98,7 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
         401 => verdict(KeyFate::Error { reason: error.reason("401 invalid credentials") }, Next::OtherKey),
         403 => verdict(KeyFate::Error { reason: error.reason("403 permission denied") }, Next::OtherKey),
         400 if error.is_bad_key() => {
-            verdict(KeyFate::Error { reason: error.reason("400 API_KEY_INVALID") }, Next::OtherKey)
+            verdict(KeyFate::Error { reason: error.reason("400 invalid API key") }, Next::OtherKey)
         }
         400 if error.is_location() => verdict(release, if context.via_tor { Next::NewCircuit } else { Next::Return }),
         402 => {

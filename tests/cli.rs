@@ -1,0 +1,260 @@
+//! The real `apijongler` binary, each subcommand and the seed's forms, with a temporary database and
+//! keyring and an empty environment: outputs (JSON parsed and checked), messages and exit codes.
+
+mod common;
+
+use std::process::Output;
+
+use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
+use common::Sandbox;
+use serde_json::Value;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const GEMINI: &str = "generativelanguage.googleapis.com";
+const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+/// A sandbox whose Gemini connector points at 127.0.0.1:`port` over HTTP.
+fn sandbox(keys: usize, port: u16) -> Sandbox {
+    let sandbox = Sandbox::new(GEMINI, keys);
+    let dir = sandbox.dir.path().join("connectors");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let connector = serde_json::json!({"name": GEMINI, "host": "127.0.0.1", "port": port, "protocol": "http",
+        "api_key_header": KEY_HEADER, "api_key_prefix": "", "policy": {"backoff_ms": 5, "retries": 1}});
+    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
+    sandbox
+}
+
+/// Runs the binary (off the async threads) with the sandbox's environment and connector directory.
+async fn run(sandbox: &Sandbox, args: &[&str]) -> Output {
+    let mut command = sandbox.apijongler();
+    command.env("APIJONGLER_CONNECTORS", sandbox.dir.path().join("connectors")).args(args);
+    tokio::task::spawn_blocking(move || command.output()).await.expect("join").expect("run apijongler")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[track_caller]
+fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&output.stdout)))
+}
+
+/// The error message of a failed command: one line on stderr that starts with `apijongler:`.
+#[track_caller]
+fn one_line_error(output: &Output) -> String {
+    let stderr = text(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|line| line.starts_with("apijongler:")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {stderr}");
+    lines[0].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_form_prints_the_body_on_stdout_and_the_status_on_stderr() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = sandbox(2, mock.port());
+    let output = run(&sandbox, &[GEMINI, "POST", ENDPOINT, r#"{"contents":[]}"#, "--pretty"]).await;
+    assert_exit(&output, 0);
+    let body = json(&output);
+    assert_eq!(body["candidates"][0]["finishReason"], "STOP");
+    assert!(text(&output.stdout).contains("\n  "), "indented by --pretty");
+    assert!(text(&output.stderr).contains("Status Code: 200"), "{}", text(&output.stderr));
+
+    let output = run(&sandbox, &["--json", GEMINI, "post", ENDPOINT, "{}"]).await;
+    assert_exit(&output, 0);
+    let record = json(&output);
+    assert_eq!((record["status"].as_u64(), record["attempts"].as_u64()), (Some(200), Some(1)));
+    assert!(record["key"].as_str().is_some_and(|key| key.starts_with("key")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_exit_code_comes_from_a_real_situation() {
+    // 3: the upstream answered non-2xx (the body still goes to stdout).
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404).set_body_raw(r#"{"error":{"code":404,"status":"NOT_FOUND"}}"#, "application/json"))
+        .mount(&server)
+        .await;
+    let missing = sandbox(1, server.address().port());
+    let output = run(&missing, &[GEMINI, "POST", "/v1beta/models/nope:generateContent", "{}"]).await;
+    assert_exit(&output, 3);
+    assert!(text(&output.stdout).contains("NOT_FOUND"));
+    assert!(one_line_error(&output).contains("answered 404"));
+
+    // 4: no key free within --wait (the only key is held by someone alive: this test process).
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let busy = sandbox(1, mock.port());
+    let coordinator = busy.coordinator(busy.options());
+    let held = coordinator.claim(GEMINI, &[], std::time::Duration::ZERO).expect("hold the key");
+    let output = run(&busy, &[GEMINI, "POST", ENDPOINT, "{}", "--wait", "300ms"]).await;
+    assert_exit(&output, 4);
+    let message = one_line_error(&output);
+    assert!(message.contains("1 locked") && message.contains("wait longer"), "{message}");
+    held.release().expect("release");
+
+    // 5: configuration (no keyring; an unknown connector).
+    let output = run(&busy, &["--config", "/nonexistent/keys.ini", GEMINI, "POST", ENDPOINT, "{}"]).await;
+    assert_exit(&output, 5);
+    assert!(one_line_error(&output).contains("/nonexistent/keys.ini"));
+    let output = run(&busy, &["gemini", "POST", ENDPOINT, "{}"]).await;
+    assert_exit(&output, 5);
+    let message = one_line_error(&output);
+    assert!(message.contains("unknown connector 'gemini'") && message.contains(GEMINI), "{message}");
+
+    // 6: the database path holds something that is not a database.
+    let foreign = sandbox(1, mock.port());
+    std::fs::create_dir_all(foreign.db.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&foreign.db, "not a database ".repeat(100)).expect("write");
+    let output = run(&foreign, &["status"]).await;
+    assert_exit(&output, 6);
+    assert!(one_line_error(&output).contains("not an apijongler database"));
+
+    // 7: no answer (nothing listens on the port).
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let unreachable = sandbox(1, port);
+    let output = run(&unreachable, &[GEMINI, "POST", ENDPOINT, "{}"]).await;
+    assert_exit(&output, 7);
+    assert!(one_line_error(&output).contains("no answer"));
+
+    // 2: usage.
+    let output = run(&busy, &[GEMINI, "POST"]).await;
+    assert_exit(&output, 2);
+    assert!(one_line_error(&output).contains("endpoint are required"));
+    let output = run(&busy, &[GEMINI, "POST", ENDPOINT, "{not json"]).await;
+    assert_exit(&output, 2);
+    assert!(one_line_error(&output).contains("BODY is not valid JSON"));
+    let output = run(&busy, &["why", GEMINI, "key9"]).await;
+    assert_exit(&output, 2);
+    assert!(one_line_error(&output).contains("its keys are: key0"));
+    let output = run(&busy, &["history", "--since", "yesterday"]).await;
+    assert_exit(&output, 2);
+    assert!(text(&output.stderr).contains("write it like 30s"), "{}", text(&output.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_history_and_why_explain_the_keys() {
+    let bad = format!("fake-secret-{GEMINI}-1-do-not-use");
+    let mock = MockUpstream::start(MockConfig { bad_keys: [bad].into(), ..MockConfig::default() }).await.expect("mock");
+    let sandbox = sandbox(3, mock.port());
+    for _ in 0..3 {
+        assert_exit(&run(&sandbox, &[GEMINI, "POST", ENDPOINT, "{}"]).await, 0);
+    }
+
+    let output = run(&sandbox, &["status", GEMINI, "--json"]).await;
+    assert_exit(&output, 0);
+    let rows = json(&output);
+    let rows = rows.as_array().expect("array");
+    assert_eq!(rows.len(), 3);
+    let key1 = rows.iter().find(|row| row["key"] == "key1").expect("key1");
+    assert_eq!(key1["state"], "error");
+    assert_eq!(key1["http_status"], 400);
+    assert!(rows.iter().all(|row| row["fingerprint"].as_str().is_some_and(|f| f.len() == 8)));
+    let table = run(&sandbox, &["status"]).await;
+    assert_exit(&table, 0);
+    assert!(text(&table.stdout).contains("invalid API key"), "{}", text(&table.stdout));
+
+    let output = run(&sandbox, &["history", "--key", "key1", "--since", "1h", "--json"]).await;
+    assert_exit(&output, 0);
+    let history = json(&output);
+    let history = history.as_array().expect("array");
+    assert_eq!(history[0]["to"], "error", "newest first");
+    assert_eq!(history.last().expect("oldest")["reason"], "added to the keyring");
+    let limited = json(&run(&sandbox, &["history", "--limit", "2", "--json"]).await);
+    assert_eq!(limited.as_array().map(Vec::len), Some(2));
+
+    let output = run(&sandbox, &["why", GEMINI, "key1"]).await;
+    assert_exit(&output, 0);
+    let why = text(&output.stdout);
+    assert!(why.contains("is in error") && why.contains("apijongler cleanup"), "{why}");
+    let output = run(&sandbox, &["why", GEMINI, "key0"]).await;
+    assert!(text(&output.stdout).contains("is vacant"), "{}", text(&output.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_in_both_forms_reports_what_it_changed() {
+    let bad = format!("fake-secret-{GEMINI}-0-do-not-use");
+    let mock = MockUpstream::start(MockConfig { bad_keys: [bad].into(), ..MockConfig::default() }).await.expect("mock");
+    let sandbox = sandbox(2, mock.port());
+    assert_exit(&run(&sandbox, &[GEMINI, "POST", ENDPOINT, "{}"]).await, 0);
+
+    let output = run(&sandbox, &["cleanup", GEMINI, "--json"]).await;
+    assert_exit(&output, 0);
+    let changed = json(&output);
+    assert_eq!(changed[0]["key"], "key0");
+    assert_eq!((changed[0]["from"].as_str(), changed[0]["to"].as_str()), (Some("error"), Some("vacant")));
+
+    assert_exit(&run(&sandbox, &[GEMINI, "POST", ENDPOINT, "{}"]).await, 0);
+    let output = run(&sandbox, &["--cleanup", GEMINI]).await;
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).contains("key0: error -> vacant"), "{}", text(&output.stdout));
+    let output = run(&sandbox, &["--cleanup-all"]).await;
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).contains("Cleanup completed: 0 keys changed"), "{}", text(&output.stdout));
+    assert_exit(&run(&sandbox, &["cleanup"]).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectors_db_version_and_completions() {
+    let sandbox = sandbox(1, 9);
+    let output = run(&sandbox, &["connectors", "--json"]).await;
+    assert_exit(&output, 0);
+    let connectors = json(&output);
+    let gemini = connectors.as_array().expect("array").iter().find(|c| c["name"] == GEMINI).expect("gemini");
+    assert_eq!(gemini["base_url"], "http://127.0.0.1:9", "the user's file overrides the shipped one");
+    assert!(gemini["origin"].as_str().is_some_and(|o| o.ends_with("gemini.json")));
+    let hf = connectors.as_array().expect("array").iter().find(|c| c["name"] == "router.huggingface.co").expect("hf");
+    assert_eq!((hf["key"].as_str(), hf["origin"].as_str()), (Some("Authorization: Bearer <key>"), Some("built in")));
+
+    let output = run(&sandbox, &["db", "--path"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(text(&output.stdout).trim(), sandbox.db.display().to_string());
+    let output = run(&sandbox, &["db", "--json"]).await;
+    assert_eq!(json(&output)["schema_version"], api_jongler::store::SCHEMA_VERSION);
+    let output = run(&sandbox, &["db"]).await;
+    assert!(text(&output.stdout).contains("SELECT"), "example queries");
+
+    let output = run(&sandbox, &["--version"]).await;
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).starts_with("apijongler "));
+    let output = run(&sandbox, &["completions", "bash"]).await;
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).contains("_apijongler"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_and_its_summary_matches_the_history_it_wrote() {
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let output = run(&sandbox, &["demo", "--quick", "--json"]).await;
+    assert_exit(&output, 0);
+    let summary = json(&output);
+    assert_eq!(summary["succeeded"], summary["requests"], "every request got through");
+    assert_eq!(summary["requests_before_deadline"], 0);
+    assert_eq!(summary["keys_blamed_for_overloads"], 0);
+    assert_eq!(summary["bad_keys"], serde_json::json!(["key2"]));
+    let db = summary["database"].as_str().expect("database path");
+    let connection = rusqlite::Connection::open(db).expect("open the demo's database");
+    let count = |sql: &str| -> i64 { connection.query_row(sql, [], |row| row.get(0)).expect(sql) };
+    assert_eq!(count("SELECT count(*) FROM requests"), summary["attempts"].as_i64().expect("attempts"));
+    assert_eq!(count("SELECT count(*) FROM requests WHERE outcome = 'success'"), summary["succeeded"].as_i64().expect("ok"));
+    assert_eq!(count("SELECT count(*) FROM history WHERE to_state = 'lockdown'"), summary["lockdowns"].as_i64().expect("n"));
+    assert_eq!(count("SELECT count(*) FROM requests WHERE status = 429"), summary["rate_limited"].as_i64().expect("n"));
+    assert!(summary["rate_limited"].as_i64().expect("n") > 0, "the quota was reached");
+    assert_eq!(count("SELECT count(*) FROM requests WHERE key_name = 'key2'"), 1, "the bad key was used once");
+    assert_eq!(count("SELECT count(*) FROM keys WHERE state = 'error'"), 1);
+    assert!(summary["overloads"].as_i64().expect("n") > 0, "some 503s happened");
+    drop(connection);
+    std::fs::remove_dir_all(std::path::Path::new(db).parent().expect("demo dir")).expect("remove the demo's files");
+}
