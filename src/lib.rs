@@ -34,6 +34,11 @@
 
 mod blocking;
 pub mod classify;
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod clock;
 pub mod connector;
 mod coordinator;

@@ -38,17 +38,12 @@ fn text(bytes: &[u8]) -> String {
 
 #[track_caller]
 fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
+    assert_eq!(output.status.code(), Some(code), "stdout: {}\nstderr: {}", text(&output.stdout), text(&output.stderr));
 }
 
 fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&output.stdout)))
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&output.stdout)))
 }
 
 /// The error message of a failed command: one line on stderr that starts with `apijongler:`.
@@ -83,7 +78,10 @@ async fn each_exit_code_comes_from_a_real_situation() {
     // 3: the upstream answered non-2xx (the body still goes to stdout).
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(404).set_body_raw(r#"{"error":{"code":404,"status":"NOT_FOUND"}}"#, "application/json"))
+        .respond_with(
+            ResponseTemplate::new(404)
+                .set_body_raw(r#"{"error":{"code":404,"status":"NOT_FOUND"}}"#, "application/json"),
+        )
         .mount(&server)
         .await;
     let missing = sandbox(1, server.address().port());
@@ -248,8 +246,14 @@ async fn the_demo_runs_and_its_summary_matches_the_history_it_wrote() {
     let connection = rusqlite::Connection::open(db).expect("open the demo's database");
     let count = |sql: &str| -> i64 { connection.query_row(sql, [], |row| row.get(0)).expect(sql) };
     assert_eq!(count("SELECT count(*) FROM requests"), summary["attempts"].as_i64().expect("attempts"));
-    assert_eq!(count("SELECT count(*) FROM requests WHERE outcome = 'success'"), summary["succeeded"].as_i64().expect("ok"));
-    assert_eq!(count("SELECT count(*) FROM history WHERE to_state = 'lockdown'"), summary["lockdowns"].as_i64().expect("n"));
+    assert_eq!(
+        count("SELECT count(*) FROM requests WHERE outcome = 'success'"),
+        summary["succeeded"].as_i64().expect("ok")
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM history WHERE to_state = 'lockdown'"),
+        summary["lockdowns"].as_i64().expect("n")
+    );
     assert_eq!(count("SELECT count(*) FROM requests WHERE status = 429"), summary["rate_limited"].as_i64().expect("n"));
     assert!(summary["rate_limited"].as_i64().expect("n") > 0, "the quota was reached");
     assert_eq!(count("SELECT count(*) FROM requests WHERE key_name = 'key2'"), 1, "the bad key was used once");
@@ -257,4 +261,21 @@ async fn the_demo_runs_and_its_summary_matches_the_history_it_wrote() {
     assert!(summary["overloads"].as_i64().expect("n") > 0, "some 503s happened");
     drop(connection);
     std::fs::remove_dir_all(std::path::Path::new(db).parent().expect("demo dir")).expect("remove the demo's files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmarks_run() {
+    // Only that they run and print their tables: their figures are for the README, not for assertions.
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let output = run(&sandbox, &["-q", "bench", "keys", "--processes", "2", "--keys", "4", "--seconds", "0.3"]).await;
+    assert_exit(&output, 0);
+    let table = text(&output.stdout);
+    assert!(table.contains(" raw ") && table.lines().count() == 4, "{table}");
+    let output = run(
+        &sandbox,
+        &["bench", "requests", "--requests", "20", "--keys", "2", "--quota", "2", "--window", "0.3", "--windows", "2"],
+    )
+    .await;
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).contains("goodput"), "{}", text(&output.stdout));
 }

@@ -175,9 +175,9 @@ fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut connection = rusqlite::Connection::open(db)?;
     connection.busy_timeout(Duration::from_secs(5))?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
-    let keys: Vec<(i64, String, String)> = connection
-        .prepare("SELECT id, connector, key_name FROM keys")?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+    let keys: Vec<(i64, String, String, String)> = connection
+        .prepare("SELECT id, connector, key_name, fingerprint FROM keys")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
     anyhow::ensure!(!keys.is_empty(), "the reference needs a database with keys");
     let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
@@ -185,7 +185,7 @@ fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut latencies = Vec::new();
     let mut cycles = 0u64;
     while Instant::now() < end {
-        let (id, connector, key_name) = &keys[fastrand::usize(..keys.len())];
+        let (id, connector, key_name, fingerprint) = &keys[fastrand::usize(..keys.len())];
         for (from, to) in [("vacant", "locked"), ("locked", "vacant")] {
             let asked = Instant::now();
             let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -194,10 +194,11 @@ fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
                 .query_row(rusqlite::params![id, to], |row| row.get(0))?;
             transaction
                 .prepare_cached(
-                    "INSERT INTO history (at, connector, key_name, from_state, to_state, reason, holder_pid, lease)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'reference', ?6, ?7)",
+                    "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, holder_pid,
+                                         lease)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reference', ?7, ?8)",
                 )?
-                .execute(rusqlite::params![SystemClock.now_ms(), connector, key_name, from, to, pid, lease])?;
+                .execute(rusqlite::params![SystemClock.now_ms(), connector, key_name, fingerprint, from, to, pid, lease])?;
             transaction.commit()?;
             if to == "locked" && args.latencies {
                 latencies.push(asked.elapsed().as_micros());

@@ -32,23 +32,27 @@ struct Measured {
     p99_us: u128,
 }
 
-pub fn run(_global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
+pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let duration = Duration::from_secs_f64(args.seconds);
     let mut report = String::new();
     writeln!(report, "apijongler bench keys: claim+release cycles, {} s per configuration", args.seconds)?;
     writeln!(report, "{:>4} {:>6} {:>12} {:>10} {:>10} {:>9}", "P", "K", "cycles/s", "p50 ms", "p99 ms", "vs raw")?;
-    eprint!("{report}");
-    let mut out = std::io::stderr();
+    // Progress on stderr as each configuration finishes; the whole table on stdout at the end.
+    let progress = |text: &str| {
+        if !global.quiet {
+            eprint!("{text}");
+        }
+    };
+    progress(&report);
     for &processes in &args.processes {
         let raw = measure(processes, None, duration)?;
         let line = row(processes, "raw", &raw, None);
-        eprint!("{line}");
-        let _ = std::io::Write::flush(&mut out);
+        progress(&line);
         report.push_str(&line);
         for &keys in &args.keys {
             let measured = measure(processes, Some(keys), duration)?;
             let line = row(processes, &keys.to_string(), &measured, Some(raw.cycles_per_second));
-            eprint!("{line}");
+            progress(&line);
             report.push_str(&line);
         }
     }
