@@ -41,11 +41,18 @@ pub struct RequestsArgs {
 }
 
 pub fn run(args: &RequestsArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let report = runtime.block_on(async {
+    // The mock upstream runs on a runtime of its own, standing in for the far side of a network: the
+    // clients measured do not share their threads with it.
+    let upstream = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let instant = upstream.block_on(MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }))?;
+    let window = Duration::from_secs_f64(args.window);
+    let quota = MockConfig { quota: Some(args.quota), window, ..MockConfig::default() };
+    let quota = upstream.block_on(MockUpstream::start(quota))?;
+    let clients = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report = clients.block_on(async {
         let mut report = String::new();
-        overhead(args, &mut report).await?;
-        goodput(args, &mut report).await?;
+        overhead(args, &instant, &mut report).await?;
+        goodput(args, &quota, &mut report).await?;
         anyhow::Ok(report)
     })?;
     print!("{report}");
@@ -73,11 +80,10 @@ fn sandbox(dir: &Path, keys: usize, mock: &MockUpstream) -> anyhow::Result<api_j
         .wait(Duration::from_secs(60)))
 }
 
-async fn overhead(args: &RequestsArgs, report: &mut String) -> anyhow::Result<()> {
-    let mock = MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }).await?;
+async fn overhead(args: &RequestsArgs, mock: &MockUpstream, report: &mut String) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let per_request = sandbox(dir.path(), 4, &mock)?.connect().await?;
-    let per_connection = sandbox(dir.path(), 4, &mock)?.scope(LeaseScope::PerConnection).connect().await?;
+    let per_request = sandbox(dir.path(), 4, mock)?.connect().await?;
+    let per_connection = sandbox(dir.path(), 4, mock)?.scope(LeaseScope::PerConnection).connect().await?;
     let plain = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build()?;
     let url = format!("{}{ENDPOINT}", mock.url());
     let mut times: [Vec<u128>; 3] = Default::default();
@@ -133,12 +139,10 @@ async fn overhead(args: &RequestsArgs, report: &mut String) -> anyhow::Result<()
     Ok(())
 }
 
-async fn goodput(args: &RequestsArgs, report: &mut String) -> anyhow::Result<()> {
+async fn goodput(args: &RequestsArgs, mock: &MockUpstream, report: &mut String) -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(args.window);
-    let config = MockConfig { quota: Some(args.quota), window, ..MockConfig::default() };
-    let mock = MockUpstream::start(config).await?;
     let dir = tempfile::tempdir()?;
-    let jongler = sandbox(dir.path(), args.keys, &mock)?.connect().await?;
+    let jongler = sandbox(dir.path(), args.keys, mock)?.connect().await?;
     let run_for = window * args.windows;
     let started = Instant::now();
     let succeeded = Arc::new(AtomicU64::new(0));
