@@ -315,7 +315,8 @@ impl Jongler {
                 }
                 Next::Backoff { after } if retries < policy.retries => {
                     retries += 1;
-                    tokio::time::sleep(after).await;
+                    // A loading model's estimate is honoured, but never beyond one attempt's timeout.
+                    tokio::time::sleep(after.min(self.inner.timeout)).await;
                     true
                 }
                 Next::NewCircuit if circuits < policy.retries && self.inner.tor.is_some() => {

@@ -139,7 +139,10 @@ async fn each_exit_code_comes_from_a_real_situation() {
     assert!(one_line_error(&output).contains("its keys are: key0"));
     let output = run(&busy, &["history", "--since", "yesterday"]).await;
     assert_exit(&output, 2);
-    assert!(text(&output.stderr).contains("write it like 30s"), "{}", text(&output.stderr));
+    assert!(one_line_error(&output).contains("--since 'yesterday' is not a duration"));
+    let output = run(&busy, &[GEMINI, "POST", ENDPOINT, "{}", "--wait", "forever"]).await;
+    assert_exit(&output, 2);
+    assert!(one_line_error(&output).contains("write it like 30s"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use api_jongler::store::HistoryQuery;
 
+use super::exit::Usage;
 use super::{Global, open, output, parse_duration};
 
 #[derive(Debug, clap::Args)]
@@ -18,20 +19,22 @@ pub struct HistoryArgs {
     #[arg(long)]
     key: Option<String>,
     /// Only this recent (90s, 15m, 2h, 1d).
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    since: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    since: Option<String>,
     /// At most this many rows.
     #[arg(long, default_value_t = 50)]
     limit: u64,
 }
 
 pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
+    let since: Option<Duration> =
+        args.since.as_deref().map(parse_duration).transpose().map_err(|why| Usage(format!("--since {why}")))?;
     let coordinator = open(global)?;
     let now = coordinator.now_ms();
     let query = HistoryQuery {
         connector: args.connector.clone(),
         key_name: args.key.clone(),
-        since: args.since.map(|since| now - i64::try_from(since.as_millis()).unwrap_or(i64::MAX)),
+        since: since.map(|since| now - i64::try_from(since.as_millis()).unwrap_or(i64::MAX)),
         limit: Some(args.limit),
     };
     let rows = coordinator.store().history(&query)?;

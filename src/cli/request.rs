@@ -28,8 +28,8 @@ pub struct RequestArgs {
     #[arg(long)]
     tor: bool,
     /// How long to wait for a key when all are held or in lockdown (30s, 2m, 0 = fail at once).
-    #[arg(long, env = "APIJONGLER_WAIT", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
-    wait: Duration,
+    #[arg(long, env = "APIJONGLER_WAIT", default_value = "5m", value_name = "DURATION")]
+    wait: String,
 }
 
 pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
@@ -42,10 +42,11 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     };
+    let wait = parse_duration(&args.wait).map_err(|why| Usage(format!("--wait (or APIJONGLER_WAIT) {why}")))?;
     let body = args.body.as_deref().unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async {
-        let mut builder = Jongler::builder(connector.as_str()).wait(args.wait).tor(args.tor);
+        let mut builder = Jongler::builder(connector.as_str()).wait(wait).tor(args.tor);
         if let Some(path) = &global.config {
             builder = builder.keyring(path);
         }
@@ -63,7 +64,7 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         if !global.quiet {
             eprintln!("Making {} request to {connector}{endpoint}", method.to_ascii_uppercase());
         }
-        let response = with_waiting_line(&jongler, args.wait, jongler.request(method, endpoint, body)).await?;
+        let response = with_waiting_line(&jongler, wait, jongler.request(method, endpoint, body)).await?;
         print(global, args, &response)?;
         if response.is_success() {
             return Ok(ExitCode::SUCCESS);

@@ -44,7 +44,8 @@ pub fn run(args: &RequestsArgs) -> anyhow::Result<ExitCode> {
     // The mock upstream runs on a runtime of its own, standing in for the far side of a network: the
     // clients measured do not share their threads with it.
     let upstream = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let instant = upstream.block_on(MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }))?;
+    let instant =
+        upstream.block_on(MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }))?;
     let window = Duration::from_secs_f64(args.window);
     let quota = MockConfig { quota: Some(args.quota), window, ..MockConfig::default() };
     let quota = upstream.block_on(MockUpstream::start(quota))?;
