@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Output;
 
-use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
+use api_jongler::mock::{MockConfig, MockUpstream};
 use common::Sandbox;
 use serde_json::Value;
 use wiremock::matchers::method;
@@ -17,18 +17,14 @@ const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
 /// A sandbox whose Gemini connector points at 127.0.0.1:`port` over HTTP.
 fn sandbox(keys: usize, port: u16) -> Sandbox {
     let sandbox = Sandbox::new(GEMINI, keys);
-    let dir = sandbox.dir.path().join("connectors");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let connector = serde_json::json!({"name": GEMINI, "host": "127.0.0.1", "port": port, "protocol": "http",
-        "api_key_header": KEY_HEADER, "api_key_prefix": "", "policy": {"backoff_ms": 5, "retries": 1}});
-    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
+    sandbox.point_connector(GEMINI, "127.0.0.1", port, serde_json::json!({"backoff_ms": 5, "retries": 1}));
     sandbox
 }
 
 /// Runs the binary (off the async threads) with the sandbox's environment and connector directory.
 async fn run(sandbox: &Sandbox, args: &[&str]) -> Output {
     let mut command = sandbox.apijongler();
-    command.env("APIJONGLER_CONNECTORS", sandbox.dir.path().join("connectors")).args(args);
+    command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).args(args);
     tokio::task::spawn_blocking(move || command.output()).await.expect("join").expect("run apijongler")
 }
 
@@ -215,7 +211,7 @@ async fn connectors_db_version_and_completions() {
     let connectors = json(&output);
     let gemini = connectors.as_array().expect("array").iter().find(|c| c["name"] == GEMINI).expect("gemini");
     assert_eq!(gemini["base_url"], "http://127.0.0.1:9", "the user's file overrides the shipped one");
-    assert!(gemini["origin"].as_str().is_some_and(|o| o.ends_with("gemini.json")));
+    assert!(gemini["origin"].as_str().is_some_and(|o| o.ends_with(&format!("{GEMINI}.json"))));
     let hf = connectors.as_array().expect("array").iter().find(|c| c["name"] == "router.huggingface.co").expect("hf");
     assert_eq!((hf["key"].as_str(), hf["origin"].as_str()), (Some("Authorization: Bearer <key>"), Some("built in")));
 

@@ -10,24 +10,12 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use api_jongler::{Clock, SystemClock};
-use common::{Sandbox, assert_integrity, check_leases};
+use common::{Sandbox, assert_integrity, check_leases, wait_success};
 use rustix::process::{Pid, Signal, kill_process};
 
 fn signal(child: &Child, signal: Signal) {
     let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits")).expect("nonzero pid");
     kill_process(pid, signal).expect("signal the worker");
-}
-
-fn wait_success(child: Child) -> String {
-    let output = child.wait_with_output().expect("wait for worker");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "worker failed with {}: stdout {stdout} stderr {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 #[test]

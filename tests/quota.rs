@@ -16,21 +16,14 @@ const GEMINI: &str = "generativelanguage.googleapis.com";
 /// budget generous, so that the mock's every-n-th 503 can never exhaust a request's retries.
 fn sandbox(keys: usize, mock: &MockUpstream) -> Sandbox {
     let sandbox = Sandbox::new(GEMINI, keys);
-    let dir = sandbox.dir.path().join("connectors");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let connector = serde_json::json!({
-        "name": GEMINI, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
-        "api_key_header": "x-goog-api-key", "api_key_prefix": "",
-        "policy": { "backoff_ms": 5, "retries": 10 }
-    });
-    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 10}));
     sandbox
 }
 
 fn request_worker(sandbox: &Sandbox, requests: u32, extra: &[&str]) -> Child {
     sandbox
         .worker(GEMINI)
-        .env("APIJONGLER_CONNECTORS", sandbox.dir.path().join("connectors"))
+        .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
         .args(["--requests", &requests.to_string(), "--wait-ms", "60000", "--reap-ms", "100"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -40,15 +33,7 @@ fn request_worker(sandbox: &Sandbox, requests: u32, extra: &[&str]) -> Child {
 }
 
 async fn wait_success(child: Child) -> String {
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "worker failed ({}): {stdout}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    tokio::task::spawn_blocking(move || common::wait_success(child)).await.expect("join")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

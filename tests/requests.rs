@@ -30,22 +30,13 @@ fn secret(index: usize) -> String {
 /// A sandbox whose Gemini connector points at `host:port` over plain HTTP, with quick backoffs.
 fn gemini_sandbox(keys: usize, host: &str, port: u16) -> Sandbox {
     let sandbox = Sandbox::new(GEMINI, keys);
-    let dir = sandbox.dir.path().join("connectors");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let connector = serde_json::json!({
-        "name": GEMINI, "host": host, "port": port, "protocol": "http",
-        "api_key_header": "x-goog-api-key", "api_key_prefix": "",
-        "policy": { "backoff_ms": 5, "retries": 2, "timeout_secs": 2.0 }
-    });
-    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write connector");
+    let policy = serde_json::json!({ "backoff_ms": 5, "retries": 2, "timeout_secs": 2.0 });
+    sandbox.point_connector(GEMINI, host, port, policy);
     sandbox
 }
 
 fn builder(sandbox: &Sandbox) -> JonglerBuilder {
-    Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.dir.path().join("connectors"))
+    Jongler::builder(GEMINI).keyring(&sandbox.keyring).database(&sandbox.db).connectors_dir(sandbox.connectors_dir())
 }
 
 fn port(server: &MockServer) -> u16 {

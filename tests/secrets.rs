@@ -49,11 +49,8 @@ async fn no_secret_in_logs_errors_or_the_database() {
     };
     let mock = MockUpstream::start(config).await.expect("mock");
     let sandbox = Sandbox::new(GEMINI, 3);
-    let dir = sandbox.dir.path().join("connectors");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let connector = serde_json::json!({"name": GEMINI, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
-        "api_key_header": "x-goog-api-key", "api_key_prefix": "", "policy": {"backoff_ms": 5}});
-    std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write");
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5}));
+    let dir = sandbox.connectors_dir();
     let jongler = Jongler::builder(GEMINI)
         .keyring(&sandbox.keyring)
         .database(&sandbox.db)
@@ -75,9 +72,7 @@ async fn no_secret_in_logs_errors_or_the_database() {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = closed.local_addr().expect("addr").port();
         drop(closed);
-        let connector = serde_json::json!({"name": GEMINI, "host": "127.0.0.1", "port": port, "protocol": "http",
-            "api_key_header": "x-goog-api-key", "api_key_prefix": "", "policy": {"backoff_ms": 1, "retries": 1}});
-        std::fs::write(dir.join("gemini.json"), connector.to_string()).expect("write");
+        sandbox.point_connector(GEMINI, "127.0.0.1", port, serde_json::json!({"backoff_ms": 1, "retries": 1}));
         keyless.connect().await.expect("connect").request("POST", "/x", "{}").await.expect_err("refused")
     };
     texts.push(format!("{refused} / {refused:?} / {:?}", std::error::Error::source(&refused)));

@@ -36,6 +36,23 @@ impl Sandbox {
         Self { dir, keyring, db }
     }
 
+    /// The directory of this sandbox's connector files (`APIJONGLER_CONNECTORS`).
+    pub fn connectors_dir(&self) -> PathBuf {
+        self.dir.path().join("connectors")
+    }
+
+    /// Writes a connector file that sends `name` to `host:port` over plain HTTP with Gemini's key header
+    /// (overriding the shipped connector of that name), with `policy` overrides.
+    pub fn point_connector(&self, name: &str, host: &str, port: u16, policy: serde_json::Value) {
+        let dir = self.connectors_dir();
+        std::fs::create_dir_all(&dir).expect("mkdir connectors");
+        let connector = serde_json::json!({
+            "name": name, "host": host, "port": port, "protocol": "http",
+            "api_key_header": "x-goog-api-key", "api_key_prefix": "", "policy": policy
+        });
+        std::fs::write(dir.join(format!("{name}.json")), connector.to_string()).expect("write connector");
+    }
+
     pub fn options(&self) -> CoordinatorOptions {
         CoordinatorOptions { db_path: Some(self.db.clone()), ..CoordinatorOptions::default() }
     }
@@ -150,6 +167,19 @@ pub fn check_leases(history: &[HistoryRow]) -> usize {
         }
     }
     released
+}
+
+/// Waits for a worker and returns its stdout; a failure shows its stdout and stderr.
+pub fn wait_success(child: std::process::Child) -> String {
+    let output = child.wait_with_output().expect("wait for worker");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "worker failed with {}: stdout {stdout} stderr {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// Polls `condition` every few milliseconds until it holds or `limit` passes.
