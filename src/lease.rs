@@ -47,12 +47,14 @@ impl Registry {
         self.lock().is_empty()
     }
 
-    /// Applies a heartbeat's answer: the leases it names are renewed as of `at`, the others are lost.
-    fn renew(&self, still_held: &[(i64, i64)], at: Instant) {
+    /// Applies a heartbeat's answer: the leases it names are renewed as of `sent`, the others are lost,
+    /// except leases registered after the heartbeat was sent (their claim may have committed after it).
+    fn renew(&self, still_held: &[(i64, i64)], sent: Instant) {
         for (id, liveness) in self.lock().iter() {
+            let mut renewed = liveness.renewed.lock().unwrap_or_else(PoisonError::into_inner);
             if still_held.contains(&(*id, liveness.token)) {
-                *liveness.renewed.lock().unwrap_or_else(PoisonError::into_inner) = at;
-            } else if !liveness.lost.swap(true, Ordering::SeqCst) {
+                *renewed = (*renewed).max(sent);
+            } else if *renewed <= sent && !liveness.lost.swap(true, Ordering::SeqCst) {
                 tracing::warn!(lease = liveness.token, "lease lost: the key was reaped or cleaned up");
             }
         }
@@ -207,5 +209,34 @@ impl Drop for Lease {
         {
             tracing::warn!(error = %error, "releasing a dropped lease failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_sent_before_a_claim_does_not_declare_it_lost() {
+        let registry = Registry::default();
+        let sent = Instant::now();
+        let claimed_after = registry.insert(7, 3);
+        registry.renew(&[], sent);
+        assert!(!claimed_after.lost.load(Ordering::SeqCst), "registered after the heartbeat was sent");
+        let later = Instant::now();
+        registry.renew(&[], later);
+        assert!(claimed_after.lost.load(Ordering::SeqCst), "missing from a heartbeat sent after its claim");
+    }
+
+    #[test]
+    fn a_heartbeat_naming_the_lease_renews_it() {
+        let registry = Registry::default();
+        let liveness = registry.insert(1, 5);
+        let sent = Instant::now();
+        registry.renew(&[(1, 5)], sent);
+        assert!(!liveness.lost.load(Ordering::SeqCst));
+        assert_eq!(*liveness.renewed.lock().expect("lock"), sent);
+        registry.renew(&[(1, 6)], Instant::now());
+        assert!(liveness.lost.load(Ordering::SeqCst), "another lease token on the key means ours is gone");
     }
 }
