@@ -1,0 +1,285 @@
+//! The values the store takes and gives: plain Rust types, no SQLite in sight, so that another
+//! backend can produce the same.
+
+use crate::holder::Holder;
+
+/// The state of a key, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyState {
+    /// Free to be claimed.
+    Vacant,
+    /// Held by a live process.
+    Locked,
+    /// Rate-limited until a deadline.
+    Lockdown,
+    /// Permanently bad until cleaned up or its secret changes.
+    Error,
+}
+
+impl KeyState {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vacant => "vacant",
+            Self::Locked => "locked",
+            Self::Lockdown => "lockdown",
+            Self::Error => "error",
+        }
+    }
+
+    pub(super) fn parse(text: &str) -> Self {
+        match text {
+            "locked" => Self::Locked,
+            "lockdown" => Self::Lockdown,
+            "error" => Self::Error,
+            _ => Self::Vacant,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A key as the keyring describes it, for [`Store::sync_keys`].
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec<'a> {
+    /// Connector (INI section).
+    pub connector: &'a str,
+    /// Key name (INI option).
+    pub name: &'a str,
+    /// Fingerprint of the secret.
+    pub fingerprint: &'a str,
+}
+
+/// What a keyring sync changed, as `(connector, key name)` pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Keys new to the database, inserted vacant.
+    pub added: Vec<(String, String)>,
+    /// Keys whose secret changed; an error or lockdown of the old secret was lifted.
+    pub changed: Vec<(String, String)>,
+    /// Keys that left the keyring: never claimed again.
+    pub retired: Vec<(String, String)>,
+    /// Retired keys that came back to the keyring.
+    pub restored: Vec<(String, String)>,
+    /// The history rows written.
+    pub transitions: Vec<Transition>,
+}
+
+impl SyncReport {
+    /// True when the sync changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.retired.is_empty() && self.restored.is_empty()
+    }
+}
+
+/// A key just claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Row id.
+    pub id: i64,
+    /// Key name.
+    pub key_name: String,
+    /// Fingerprint of the secret the row was synced with.
+    pub fingerprint: String,
+    /// The lease token: every later write must name it.
+    pub lease: i64,
+    /// The key's consecutive lockdowns so far (for escalating default lockdowns).
+    pub lockdown_count: i64,
+}
+
+/// How a lease ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Back to vacant; after a success the key's consecutive-lockdown count starts again at 0.
+    Release {
+        /// The key's last answer was a success.
+        success: bool,
+    },
+    /// Rate-limited: not claimable before `until` (unix ms).
+    Lockdown {
+        /// Deadline, unix ms.
+        until: i64,
+        /// Why, for `status`, `why` and the history.
+        reason: String,
+        /// The upstream status behind it.
+        http_status: Option<u16>,
+    },
+    /// Permanently bad until cleanup or a new secret.
+    Error {
+        /// Why.
+        reason: String,
+        /// The upstream status behind it.
+        http_status: Option<u16>,
+    },
+}
+
+/// One upstream attempt, for the `requests` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it started, unix ms.
+    pub at: i64,
+    /// Connector.
+    pub connector: String,
+    /// The key used, if the connector needs one.
+    pub key_name: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// The endpoint path, without its query string.
+    pub endpoint: String,
+    /// The answer's status; `None` when no answer came.
+    pub status: Option<u16>,
+    /// How long it took, ms.
+    pub latency_ms: i64,
+    /// What the answer meant (success, rate limited, bad key, ...).
+    pub outcome: String,
+}
+
+/// A held key, as the reaper sees it.
+#[derive(Debug, Clone)]
+pub struct HeldKey {
+    /// Row id.
+    pub id: i64,
+    /// Connector.
+    pub connector: String,
+    /// Key name.
+    pub key_name: String,
+    /// The current lease token.
+    pub lease: i64,
+    /// The recorded holder.
+    pub holder: Holder,
+    /// Last heartbeat, unix ms.
+    pub heartbeat_at: i64,
+}
+
+/// A lock to free, and why.
+#[derive(Debug, Clone)]
+pub struct Eviction {
+    /// Row id.
+    pub id: i64,
+    /// The lease being ended; if the key was re-leased meanwhile, nothing happens.
+    pub lease: i64,
+    /// Why, for the history.
+    pub reason: String,
+}
+
+/// How many keys of a connector are in each situation, read without taking the write lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Availability {
+    /// The connector.
+    pub connector: String,
+    /// Keys that could be claimed now (vacant, or lockdown past its deadline), not counting tried ones.
+    pub claimable: u32,
+    /// Keys held by some process.
+    pub locked: u32,
+    /// Keys in lockdown whose deadline is ahead.
+    pub lockdown: u32,
+    /// Keys in error.
+    pub error: u32,
+    /// Keys otherwise claimable that the caller said it already tried.
+    pub tried: u32,
+    /// The earliest deadline among keys in lockdown, unix ms.
+    pub earliest_lockdown_end: Option<i64>,
+}
+
+impl Availability {
+    /// All configured (not retired) keys of the connector.
+    pub fn total(&self) -> u32 {
+        self.claimable + self.locked + self.lockdown + self.error + self.tried
+    }
+
+    /// Whether waiting could help: some key is held or in lockdown, so it may come back.
+    pub fn may_free_up(&self) -> bool {
+        self.locked > 0 || self.lockdown > 0
+    }
+}
+
+/// Everything the database knows about one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Connector.
+    pub connector: String,
+    /// Key name.
+    pub key_name: String,
+    /// Fingerprint of the secret.
+    pub fingerprint: String,
+    /// State as stored.
+    pub state: KeyState,
+    /// When the key left the keyring, unix ms.
+    pub retired_at: Option<i64>,
+    /// Current lease token.
+    pub lease: i64,
+    /// The holder, while locked.
+    pub holder: Option<Holder>,
+    /// When the current holder claimed it, unix ms.
+    pub locked_at: Option<i64>,
+    /// The holder's last heartbeat, unix ms.
+    pub heartbeat_at: Option<i64>,
+    /// Lockdown deadline, unix ms.
+    pub lockdown_until: Option<i64>,
+    /// Why the last lockdown or error happened.
+    pub reason: Option<String>,
+    /// The upstream status behind that reason.
+    pub http_status: Option<u16>,
+    /// Consecutive lockdowns.
+    pub lockdown_count: i64,
+    /// Times claimed.
+    pub uses: i64,
+    /// Last claim, unix ms (0 = never).
+    pub last_used_at: i64,
+}
+
+impl KeyRecord {
+    /// The state that matters to a claimer at `now`: a lockdown whose deadline has passed is vacant.
+    pub fn effective_state(&self, now: i64) -> KeyState {
+        match (self.state, self.lockdown_until) {
+            (KeyState::Lockdown, Some(until)) if until <= now => KeyState::Vacant,
+            (state, _) => state,
+        }
+    }
+}
+
+/// One row of the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Row id: the order in which transitions were committed.
+    pub id: i64,
+    /// When, unix ms.
+    pub at: i64,
+    /// Connector.
+    pub connector: String,
+    /// Key name.
+    pub key_name: String,
+    /// Fingerprint of the key's secret at the time.
+    pub fingerprint: String,
+    /// State before (`None` when the key first appeared).
+    pub from_state: Option<String>,
+    /// State after, or `retired`.
+    pub to_state: String,
+    /// Why.
+    pub reason: String,
+    /// Upstream status, if any.
+    pub http_status: Option<u16>,
+    /// The pid of the holder involved, if any.
+    pub holder_pid: Option<u32>,
+    /// The lease involved, if any.
+    pub lease: Option<i64>,
+    /// The lockdown deadline set, if any.
+    pub lockdown_until: Option<i64>,
+}
+
+/// Which history rows to read, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Only this connector.
+    pub connector: Option<String>,
+    /// Only this key name.
+    pub key_name: Option<String>,
+    /// Only at or after this time, unix ms.
+    pub since: Option<i64>,
+    /// At most this many rows (`None`: all).
+    pub limit: Option<u64>,
+}
