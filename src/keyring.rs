@@ -120,20 +120,24 @@ impl Keyring {
         for (section, properties) in &ini {
             let Some(connector) = section else {
                 if let Some((name, _)) = properties.iter().next() {
+                    let at = line_of(text, None, name, 0);
                     return Err(invalid(format!(
-                        "key '{name}' stands before the first [connector] section: move it under one"
+                        "{at}key '{name}' stands before the first [connector] section: move it under one"
                     )));
                 }
                 continue;
             };
             let keys = connectors.entry(connector.to_owned()).or_default();
             for (name, secret) in properties.iter() {
+                let seen_before = keys.iter().filter(|key| key.name == name).count();
                 if secret.is_empty() {
-                    return Err(invalid(format!("key '{name}' in [{connector}] has an empty secret")));
+                    let at = line_of(text, Some(connector), name, seen_before);
+                    return Err(invalid(format!("{at}key '{name}' in [{connector}] has an empty secret")));
                 }
-                if keys.iter().any(|key| key.name == name) {
+                if seen_before > 0 {
+                    let at = line_of(text, Some(connector), name, seen_before);
                     return Err(invalid(format!(
-                        "key '{name}' appears twice in [{connector}]: give each key its own name"
+                        "{at}key '{name}' appears twice in [{connector}]: give each key its own name"
                     )));
                 }
                 keys.push(ApiKey::new(name, secret));
@@ -172,6 +176,28 @@ impl Keyring {
     pub fn key(&self, connector: &str, name: &str) -> Option<&ApiKey> {
         self.connectors.get(connector)?.iter().find(|key| key.name == name)
     }
+}
+
+/// `line N: ` for the `nth` (0-based) line defining `name` in `[section]` (`None`: before any section),
+/// found by a plain scan because the INI parser keeps no positions; empty if not found.
+fn line_of(text: &str, section: Option<&str>, name: &str, nth: usize) -> String {
+    let mut current: Option<&str> = None;
+    let mut seen = 0;
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.rsplit_once(']').map(|(inside, _)| inside.trim());
+            continue;
+        }
+        let key = line.split_once(['=', ':']).map(|(key, _)| key.trim());
+        if current == section && key == Some(name) {
+            if seen == nth {
+                return format!("line {}: ", index + 1);
+            }
+            seen += 1;
+        }
+    }
+    String::new()
 }
 
 #[cfg(test)]
@@ -219,9 +245,9 @@ mod tests {
     #[test]
     fn bad_contents_are_explained() {
         let cases = [
-            ("stray = 1\n[gemini]\nk = v\n", "before the first [connector]"),
-            ("[gemini]\nk = v\nk = w\n", "appears twice"),
-            ("[gemini]\nk =\n", "empty secret"),
+            ("stray = 1\n[gemini]\nk = v\n", "line 1: key 'stray' stands before the first [connector]"),
+            ("[gemini]\nk = v\n\n; note\nk = w\n", "line 5: key 'k' appears twice"),
+            ("[other]\nk = x\n[gemini]\nk =\n", "line 4: key 'k' in [gemini] has an empty secret"),
         ];
         for (text, expected) in cases {
             let message = parse(text).expect_err(text).to_string();
