@@ -30,13 +30,18 @@ struct Measured {
     cycles_per_second: f64,
     p50_us: u128,
     p99_us: u128,
+    p999_us: u128,
 }
 
 pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let duration = Duration::from_secs_f64(args.seconds);
     let mut report = String::new();
     writeln!(report, "apijongler bench keys: claim+release cycles, {} s per configuration", args.seconds)?;
-    writeln!(report, "{:>4} {:>6} {:>12} {:>10} {:>10} {:>9}", "P", "K", "cycles/s", "p50 ms", "p99 ms", "vs raw")?;
+    writeln!(
+        report,
+        "{:>4} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9}",
+        "P", "K", "cycles/s", "p50 ms", "p99 ms", "p99.9 ms", "vs raw"
+    )?;
     // Progress on stderr as each configuration finishes; the whole table on stdout at the end.
     let progress = |text: &str| {
         if !global.quiet {
@@ -64,10 +69,11 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
 fn row(processes: u32, keys: &str, measured: &Measured, raw: Option<f64>) -> String {
     let share = raw.map_or_else(String::new, |raw| format!("{:.0} %", 100.0 * measured.cycles_per_second / raw));
     format!(
-        "{processes:>4} {keys:>6} {:>12.0} {:>10.2} {:>10.2} {share:>9}\n",
+        "{processes:>4} {keys:>6} {:>12.0} {:>10.2} {:>10.2} {:>10.2} {share:>9}\n",
         measured.cycles_per_second,
         measured.p50_us as f64 / 1000.0,
-        measured.p99_us as f64 / 1000.0
+        measured.p99_us as f64 / 1000.0,
+        measured.p999_us as f64 / 1000.0
     )
 }
 
@@ -118,6 +124,7 @@ fn measure(processes: u32, keys: Option<u32>, duration: Duration) -> anyhow::Res
         cycles_per_second: cycles as f64 / duration.as_secs_f64(),
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
+        p999_us: percentile(&latencies, 0.999),
     })
 }
 
