@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::clock::{Clock, SystemClock};
@@ -88,7 +88,8 @@ pub(crate) struct Inner {
     pub(crate) trust_window: Duration,
     options: CoordinatorOptions,
     last_reap: Mutex<HashMap<String, Instant>>,
-    heartbeat_stop: Mutex<Option<mpsc::Sender<()>>>,
+    /// Started by the first claim; dropping it (with the coordinator) ends the heartbeat thread.
+    heartbeat_stop: OnceLock<mpsc::Sender<()>>,
 }
 
 /// A handle on the shared key database for this process; cheap to clone, safe to share between threads.
@@ -114,7 +115,7 @@ impl Coordinator {
             trust_window,
             options,
             last_reap: Mutex::new(HashMap::new()),
-            heartbeat_stop: Mutex::new(None),
+            heartbeat_stop: OnceLock::new(),
         });
         Ok(Self { inner })
     }
@@ -265,22 +266,20 @@ impl Coordinator {
     }
 
     fn reap_if_due(&self, connector: &str) -> Result<()> {
-        if !self.reap_is_due(connector) {
-            return Ok(());
+        {
+            let mut last = self.inner.last_reap.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.get(connector).is_some_and(|at| at.elapsed() < self.inner.options.reap_interval) {
+                return Ok(());
+            }
+            last.insert(connector.to_owned(), Instant::now());
         }
-        self.inner
-            .last_reap
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(connector.to_owned(), Instant::now());
         self.reap(Some(connector)).map(drop)
     }
 
     fn ensure_heartbeat(&self) {
-        let mut stop = self.inner.heartbeat_stop.lock().unwrap_or_else(PoisonError::into_inner);
-        if stop.is_none() {
-            *stop = Some(lease::start_heartbeat(Arc::downgrade(&self.inner), self.inner.options.heartbeat_interval));
-        }
+        self.inner
+            .heartbeat_stop
+            .get_or_init(|| lease::start_heartbeat(Arc::downgrade(&self.inner), self.inner.options.heartbeat_interval));
     }
 }
 

@@ -10,7 +10,7 @@ use std::io;
 use std::sync::OnceLock;
 
 /// The identity of a process holding keys, as recorded in a key's row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holder {
     /// Host name.
     pub host: String,

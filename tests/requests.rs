@@ -117,8 +117,11 @@ async fn each_answer_does_what_the_policy_table_says_to_the_key_and_the_caller()
         if state == "lockdown" {
             assert!(until.expect("deadline") > jongler.coordinator().now_ms(), "{name}: deadline ahead");
         }
-        let recorded: i64 = sandbox.sql().query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).expect("count");
-        assert_eq!(recorded, i64::from(attempts), "{name}: every attempt is recorded");
+        assert_eq!(
+            sandbox.count("SELECT count(*) FROM requests"),
+            i64::from(attempts),
+            "{name}: every attempt is recorded"
+        );
     }
 }
 
@@ -145,8 +148,7 @@ async fn every_key_rate_limited_gives_an_error_naming_the_states() {
     let message = error.to_string();
     assert!(matches!(error, Error::NoKeyAvailable(_)), "{error:?}");
     assert!(message.contains("2 in lockdown") && message.contains("earliest ends at"), "{message}");
-    let count: i64 = sandbox.sql().query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).expect("count");
-    assert_eq!(count, 2, "each key was tried once");
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests"), 2, "each key was tried once");
 }
 
 #[tokio::test]
@@ -157,11 +159,7 @@ async fn a_bad_key_is_never_used_again_until_cleanup() {
     for _ in 0..6 {
         assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").key_name.as_deref(), Some("key1"));
     }
-    let uses: i64 = sandbox
-        .sql()
-        .query_row("SELECT count(*) FROM requests WHERE key_name = 'key0'", [], |r| r.get(0))
-        .expect("count");
-    assert_eq!(uses, 1);
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE key_name = 'key0'"), 1);
     assert_eq!(jongler.error_keys().await.expect("states"), ["key0"]);
     jongler.cleanup(false).await.expect("cleanup");
     assert!(jongler.error_keys().await.expect("states").is_empty());

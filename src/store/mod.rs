@@ -236,7 +236,7 @@ impl Store {
         })
     }
 
-    /// Every recorded attempt, oldest first (for tests, the demo's summary and `status`).
+    /// Every recorded attempt, oldest first (for the demo's summary and for tests).
     pub fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
         self.read("reading requests", |connection| {
             let mut statement = connection.prepare_cached(
@@ -288,12 +288,8 @@ impl Store {
                     connector: row.get(1)?,
                     key_name: row.get(2)?,
                     lease: row.get(3)?,
-                    holder: Holder {
-                        host: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                        boot_id: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                        pid: row.get::<_, Option<u32>>(6)?.unwrap_or_default(),
-                        started: row.get::<_, Option<i64>>(7)?.unwrap_or_default(),
-                    },
+                    // A locked row always names its holder; an empty one is judged by heartbeat alone.
+                    holder: holder_at(row, 4)?.unwrap_or_default(),
                     heartbeat_at: row.get::<_, Option<i64>>(8)?.unwrap_or_default(),
                 })
             })
@@ -654,8 +650,19 @@ fn apply_sync(
     Ok(written)
 }
 
+/// The holder recorded in columns `first..first + 4` (host, boot id, pid, start time, the order of the
+/// `keys` table), or `None` when no pid is recorded.
+fn holder_at(row: &Row<'_>, first: usize) -> rusqlite::Result<Option<Holder>> {
+    let Some(pid) = row.get::<_, Option<u32>>(first + 2)? else { return Ok(None) };
+    Ok(Some(Holder {
+        host: row.get::<_, Option<String>>(first)?.unwrap_or_default(),
+        boot_id: row.get::<_, Option<String>>(first + 1)?.unwrap_or_default(),
+        pid,
+        started: row.get::<_, Option<i64>>(first + 3)?.unwrap_or_default(),
+    }))
+}
+
 fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
-    let holder_pid: Option<u32> = row.get(8)?;
     Ok(KeyRecord {
         connector: row.get(0)?,
         key_name: row.get(1)?,
@@ -663,15 +670,7 @@ fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         state: KeyState::parse(&row.get::<_, String>(3)?),
         retired_at: row.get(4)?,
         lease: row.get(5)?,
-        holder: match holder_pid {
-            Some(pid) => Some(Holder {
-                host: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                boot_id: row.get::<_, Option<String>>(7)?.unwrap_or_default(),
-                pid,
-                started: row.get::<_, Option<i64>>(9)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
+        holder: holder_at(row, 6)?,
         locked_at: row.get(10)?,
         heartbeat_at: row.get(11)?,
         lockdown_until: row.get(12)?,

@@ -89,6 +89,11 @@ impl Sandbox {
         connection
     }
 
+    /// The single number a query such as `SELECT count(*) ...` answers.
+    pub fn count(&self, sql: &str) -> i64 {
+        self.sql().query_row(sql, [], |row| row.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Every history row, oldest first: (id, key_name, from, to, lease, reason, at).
     pub fn history(&self) -> Vec<HistoryRow> {
         let connection = self.sql();
