@@ -1,4 +1,10 @@
-//! Wall-clock time as unix milliseconds, behind a trait so tests can move time by hand.
+//! The two clocks apijongler reads, behind a trait so tests can move time by hand.
+//!
+//! - Wall-clock unix milliseconds, for what users read and for deadlines that are calendar times
+//!   (a lockdown "until 10:00").
+//! - Milliseconds on `CLOCK_BOOTTIME`, for ages: heartbeats and the trust a holder puts in its lease.
+//!   It cannot step (NTP, a resumed VM, a user's `date -s`), counts time spent suspended, and is shared
+//!   by every process of one boot, so an age written by one process means the same to every other.
 //!
 //! Every timestamp the database holds comes from here (never from SQLite's own clock), which is what
 //! lets a test put a key in lockdown "until 10:00" and then say "it is now 10:00" without sleeping.
@@ -10,6 +16,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// The current time, unix milliseconds.
     fn now_ms(&self) -> i64;
+
+    /// Milliseconds since boot on a clock that never steps and that every process of this boot
+    /// shares (`CLOCK_BOOTTIME`): the clock of heartbeats and lease trust.
+    fn boot_ms(&self) -> i64;
 }
 
 /// The system clock.
@@ -21,9 +31,15 @@ impl Clock for SystemClock {
         let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
     }
+
+    fn boot_ms(&self) -> i64 {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        now.tv_sec.saturating_mul(1000).saturating_add(now.tv_nsec / 1_000_000)
+    }
 }
 
-/// A clock that only moves when told to: for tests of deadlines.
+/// A clock that only moves when told to: for tests of deadlines and ages. Both of its clocks read
+/// the same counter.
 #[derive(Debug, Default)]
 pub struct ManualClock(AtomicI64);
 
@@ -46,6 +62,10 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn boot_ms(&self) -> i64 {
         self.0.load(Ordering::SeqCst)
     }
 }

@@ -9,7 +9,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -17,8 +16,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::keyring::Keyring;
-use crate::lease::{self, Lease, Registry};
-use crate::reaper;
+use crate::lease::{self, HeartbeatWaker, Lease, Registry};
+use crate::reaper::{self, Now};
 use crate::store::{self, Availability, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
 
 /// The shortest and longest nap of a waiter between two reads.
@@ -32,11 +31,16 @@ pub struct CoordinatorOptions {
     pub db_path: Option<PathBuf>,
     /// How often held keys' heartbeats are refreshed (default 5 s).
     pub heartbeat_interval: Duration,
-    /// A lock whose heartbeat is older than this is freed whatever its pid says (default 30 s).
+    /// A stopped holder, or one this process cannot see (another host, boot or pid namespace), is
+    /// freed once its heartbeat is older than this (default 30 s). A running holder on this host is
+    /// never freed for its heartbeat's age; a dead one is freed at once.
     pub stale_after: Duration,
     /// How often, at most, a process looks for dead holders before claiming (default 1 s).
     pub reap_interval: Duration,
-    /// The wall clock written to the database.
+    /// Every database operation may wait at least this long for another process's write lock, even
+    /// when its caller has less time left (default 5 s); then it fails with `Error::DatabaseLocked`.
+    pub lock_wait_floor: Duration,
+    /// The clocks written to the database.
     pub clock: Arc<dyn Clock>,
 }
 
@@ -47,6 +51,7 @@ impl Default for CoordinatorOptions {
             heartbeat_interval: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
             reap_interval: Duration::from_secs(1),
+            lock_wait_floor: store::DEFAULT_LOCK_WAIT_FLOOR,
             clock: Arc::new(SystemClock),
         }
     }
@@ -89,7 +94,7 @@ pub(crate) struct Inner {
     options: CoordinatorOptions,
     last_reap: Mutex<HashMap<String, Instant>>,
     /// Started by the first claim; dropping it (with the coordinator) ends the heartbeat thread.
-    heartbeat_stop: OnceLock<mpsc::Sender<()>>,
+    heartbeat: OnceLock<HeartbeatWaker>,
 }
 
 /// A handle on the shared key database for this process; cheap to clone, safe to share between threads.
@@ -105,7 +110,7 @@ impl Coordinator {
             Some(path) => path.clone(),
             None => store::default_path()?,
         };
-        let store = Store::open(&path)?;
+        let store = Store::open(&path)?.with_lock_wait_floor(options.lock_wait_floor);
         let trust_window = options.stale_after.saturating_sub(options.heartbeat_interval).max(options.stale_after / 2);
         let inner = Arc::new(Inner {
             store,
@@ -115,7 +120,7 @@ impl Coordinator {
             trust_window,
             options,
             last_reap: Mutex::new(HashMap::new()),
-            heartbeat_stop: OnceLock::new(),
+            heartbeat: OnceLock::new(),
         });
         Ok(Self { inner })
     }
@@ -130,13 +135,18 @@ impl Coordinator {
         &self.inner.store
     }
 
-    /// Makes the database's keys match `keyring` (see [`Store::sync_keys`]).
+    /// Makes the database's keys of the connectors `keyring` has a section for match it (see
+    /// [`Store::sync_keys`]); keys of other connectors are left alone, so keyrings with different
+    /// sections can share a database. Keys it retires name the keyring file in their history row.
     pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {
         let specs: Vec<KeySpec<'_>> = keyring
             .all_keys()
             .map(|(connector, key)| KeySpec { connector, name: key.name(), fingerprint: key.fingerprint().as_str() })
             .collect();
-        let report = self.inner.store.sync_keys(&specs, self.now_ms())?;
+        let connectors: Vec<&str> = keyring.connectors().collect();
+        let path = std::path::absolute(keyring.path()).unwrap_or_else(|_| keyring.path().to_owned());
+        let source = store::SyncSource { path: &path, connectors: &connectors, keys: &specs };
+        let report = self.inner.store.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
         Ok(report)
     }
@@ -146,18 +156,21 @@ impl Coordinator {
     /// in lockdown (and until when) and in error.
     pub fn claim(&self, connector: &str, tried: &[String], wait: Duration) -> Result<Lease> {
         let started = Instant::now();
-        let deadline = started + wait;
+        // A wait too long to add to an instant is as good as forever.
+        let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
         let mut nap = MIN_NAP;
         loop {
             self.reap_if_due(connector)?;
-            let now = self.now_ms();
-            if let Some(claimed) = self.inner.store.claim(connector, tried, self.inner.holder, now)? {
+            let (now, boot_ms) = (self.now_ms(), self.inner.clock.boot_ms());
+            if let Some(claimed) =
+                self.inner.store.claim(connector, tried, self.inner.holder, (now, boot_ms), deadline)?
+            {
                 self.ensure_heartbeat();
                 tracing::info!(
                     connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint, lease = claimed.lease,
                     "key claimed"
                 );
-                return Ok(Lease::new(self.clone(), connector, claimed));
+                return Ok(Lease::new(self.clone(), connector, claimed, boot_ms));
             }
             // Nothing claimable: wait with reads only, until a read says a claim could succeed.
             loop {
@@ -185,20 +198,26 @@ impl Coordinator {
         }
     }
 
-    /// Frees the locks of dead and hung holders of `connector` (or of all connectors).
+    /// Frees the locks of dead holders of `connector` (or of all connectors), and of stopped or
+    /// invisible ones whose heartbeat is stale (see the `reaper` module).
     pub fn reap(&self, connector: Option<&str>) -> Result<Vec<Transition>> {
-        let now = self.now_ms();
-        let evictions: Vec<Eviction> = self
-            .inner
-            .store
-            .held_keys(connector)?
+        let held = self.inner.store.held_keys(connector)?;
+        // Read the clocks after the read: a heartbeat read is never judged against an earlier time.
+        let now = Now { wall_ms: self.now_ms(), boot_ms: self.inner.clock.boot_ms() };
+        let evictions: Vec<Eviction> = held
             .into_iter()
             .filter_map(|held| {
                 let reason = reaper::verdict(&held, now, self.inner.options.stale_after)?;
-                Some(Eviction { id: held.id, lease: held.lease, reason })
+                Some(Eviction {
+                    id: held.id,
+                    lease: held.lease,
+                    heartbeat_at: held.heartbeat_at,
+                    heartbeat_boot_ms: held.heartbeat_boot_ms,
+                    reason,
+                })
             })
             .collect();
-        let freed = self.inner.store.evict(&evictions, now)?;
+        let freed = self.inner.store.evict(&evictions, now.wall_ms)?;
         log_transitions(&freed);
         Ok(freed)
     }
@@ -218,6 +237,8 @@ impl Coordinator {
                 .map(|held| Eviction {
                     id: held.id,
                     lease: held.lease,
+                    heartbeat_at: held.heartbeat_at,
+                    heartbeat_boot_ms: held.heartbeat_boot_ms,
                     reason: format!("cleanup --force took it from live holder pid {}", held.holder.pid),
                 })
                 .collect();
@@ -276,16 +297,45 @@ impl Coordinator {
         self.reap(Some(connector)).map(drop)
     }
 
-    fn ensure_heartbeat(&self) {
+    /// Writes the lease ends this process still owes (releases given up on an async runtime or by a
+    /// cancelled request, ends that failed) before `deadline`, and returns how many are left. Call it
+    /// before exiting: what is left is freed by the next claimer once this process is gone.
+    pub fn settle(&self, deadline: Instant) -> usize {
+        lease::settle_deferred(&self.inner, deadline)
+    }
+
+    pub(crate) fn ensure_heartbeat(&self) {
         self.inner
-            .heartbeat_stop
+            .heartbeat
             .get_or_init(|| lease::start_heartbeat(Arc::downgrade(&self.inner), self.inner.options.heartbeat_interval));
+    }
+
+    /// Has the heartbeat thread write deferred lease ends now rather than at its next beat.
+    pub(crate) fn wake_heartbeat(&self) {
+        self.ensure_heartbeat();
+        if let Some(waker) = self.inner.heartbeat.get() {
+            // A closed channel means the thread is gone with the coordinator; nothing to wake.
+            let _ = waker.send(());
+        }
     }
 }
 
 impl fmt::Display for Unavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let a = &self.availability;
+        if a.total() == 0 && a.retired > 0 {
+            let how = match (&a.last_retired_reason, a.last_retired_at) {
+                (Some(reason), Some(at)) => format!(" ({reason} at {})", format_time(at)),
+                (None, Some(at)) => format!(" (at {})", format_time(at)),
+                _ => String::new(),
+            };
+            return write!(
+                f,
+                "all {} keys of '{}' were retired{how}: a keyring whose [{}] section lacks them synced this \
+                 database. Put them back in that keyring, or give each keyring its own database (APIJONGLER_DB)",
+                a.retired, a.connector, a.connector
+            );
+        }
         if a.total() == 0 {
             return write!(
                 f,

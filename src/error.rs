@@ -153,15 +153,50 @@ pub enum Error {
         supported: i64,
     },
 
-    /// Any other database failure.
+    /// The file at the database path is an SQLite database of another application.
     #[error(
-        "database {path}: {operation} failed (the database must be on a local disk; NFS and SMB break SQLite's WAL mode)"
+        "{path} is an SQLite database of another application (it has no apijongler tables and no apijongler application_id); it was left untouched: set APIJONGLER_DB to another path"
     )]
+    ForeignDatabase {
+        /// The file that was found.
+        path: PathBuf,
+    },
+
+    /// Another process held the database's write lock for longer than the caller could wait.
+    #[error(
+        "database {path} stayed locked by another process for {:.1} s while {operation}; find the holder with `fuser {path}` (an open `sqlite3` shell with a transaction, or a stopped apijongler process) and end it",
+        waited.as_secs_f64()
+    )]
+    DatabaseLocked {
+        /// The database file.
+        path: PathBuf,
+        /// What apijongler was doing.
+        operation: &'static str,
+        /// How long it waited for the lock.
+        waited: std::time::Duration,
+    },
+
+    /// The database file was deleted or replaced while this process had it open: going on would
+    /// split the pool in two.
+    #[error(
+        "database {path} {what} while this process was using it; nothing more was written. Processes that still have the old file open must be restarted; do not delete the database of running processes"
+    )]
+    DatabaseReplaced {
+        /// The database path.
+        path: PathBuf,
+        /// What happened to the file.
+        what: String,
+    },
+
+    /// Any other database failure.
+    #[error("database {path}: {operation} failed{}", if hint.is_empty() { String::new() } else { format!(" ({hint})") })]
     Database {
         /// The database file.
         path: PathBuf,
         /// What apijongler was doing.
         operation: &'static str,
+        /// What to check, where the failure says it.
+        hint: &'static str,
         /// The cause.
         #[source]
         source: Cause,

@@ -1,9 +1,16 @@
-//! Who holds a key, and whether that holder is provably dead.
+//! Who holds a key, and what the OS can prove about that holder.
 //!
-//! A pid alone proves nothing (pids are reused), so a holder is host + boot id + pid + process start
-//! time. A holder on this host and boot whose pid is gone, is a zombie, or has another start time is
-//! dead for certain and its locks can be freed at once. Anything else (another host, another boot, an
-//! unreadable /proc) is "unknown": only the heartbeat age can free such a lock.
+//! A pid alone proves nothing (pids are reused), so a holder is host + boot id + pid namespace + pid +
+//! process start time. A holder the OS of this process can see (same host, boot and pid namespace) is
+//! judged by the OS alone, never by its heartbeat's age, because a heartbeat can be late for reasons
+//! that are not the holder's (another connection held the write lock; a wall clock stepped):
+//! - its pid is gone, a zombie, or has another start time: dead, its locks are freed at once;
+//! - it is stopped (`T`/`t` in `/proc/PID/stat`: SIGSTOP, a debugger): it may resume any time, so it
+//!   is freed once its heartbeat is older than the stale threshold;
+//! - anything else is alive and keeps its keys however old its heartbeat is.
+//!
+//! A holder the OS cannot see (another host, boot or pid namespace; an unreadable /proc) is "unknown":
+//! only its heartbeat's age can free its locks.
 
 use std::fs;
 use std::io;
@@ -16,6 +23,9 @@ pub struct Holder {
     pub host: String,
     /// `/proc/sys/kernel/random/boot_id`; empty where the system has none.
     pub boot_id: String,
+    /// The pid namespace (the inode of `/proc/self/ns/pid`), so that a process in another container
+    /// never judges a pid it cannot see; empty where unknown.
+    pub pid_namespace: String,
     /// Process id.
     pub pid: u32,
     /// Process start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`); 0 if unknown.
@@ -25,11 +35,13 @@ pub struct Holder {
 /// What can be said about a recorded holder from this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Liveness {
-    /// The holder is running.
+    /// The holder is running: it keeps its keys whatever its heartbeat's age.
     Alive,
+    /// The holder is stopped (SIGSTOP, a debugger): free its keys once its heartbeat is stale.
+    Stopped,
     /// The holder is provably gone; the text says how we know.
     Dead(String),
-    /// Nothing can be proven (another host or boot, or no /proc): trust only the heartbeat.
+    /// Nothing can be proven (another host, boot or pid namespace, or no /proc): trust only the heartbeat.
     Unknown,
 }
 
@@ -42,6 +54,7 @@ impl Holder {
             Holder {
                 host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
                 boot_id: boot_id(),
+                pid_namespace: pid_namespace(),
                 pid,
                 started: read_stat(pid).ok().flatten().map_or(0, |stat| stat.started),
             }
@@ -51,7 +64,12 @@ impl Holder {
     /// Whether `self` (a holder recorded in the database) is still running, judged from this process.
     pub fn liveness(&self) -> Liveness {
         let me = Holder::current();
-        if self.host != me.host || self.boot_id.is_empty() || self.boot_id != me.boot_id {
+        let visible = self.host == me.host
+            && !self.boot_id.is_empty()
+            && self.boot_id == me.boot_id
+            && !self.pid_namespace.is_empty()
+            && self.pid_namespace == me.pid_namespace;
+        if !visible {
             return Liveness::Unknown;
         }
         if self.pid == me.pid {
@@ -70,6 +88,7 @@ impl Holder {
                 "holder pid {} was reused by another process (start time {} instead of {})",
                 self.pid, stat.started, self.started
             )),
+            Ok(Some(stat)) if matches!(stat.state, 'T' | 't') => Liveness::Stopped,
             Ok(Some(_)) => Liveness::Alive,
             Err(_) => Liveness::Unknown,
         }
@@ -78,6 +97,12 @@ impl Holder {
 
 fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|id| id.trim().to_owned()).unwrap_or_default()
+}
+
+/// The inode of this process's pid namespace, as text; empty where /proc does not say.
+fn pid_namespace() -> String {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").map(|meta| meta.ino().to_string()).unwrap_or_default()
 }
 
 /// The two fields of `/proc/<pid>/stat` that matter here.
@@ -125,6 +150,7 @@ mod tests {
         assert_eq!(me.pid, std::process::id());
         assert!(me.started > 0, "start time read from /proc");
         assert!(!me.boot_id.is_empty());
+        assert!(!me.pid_namespace.is_empty());
         assert_eq!(me.liveness(), Liveness::Alive);
     }
 
@@ -137,5 +163,34 @@ mod tests {
         assert!(matches!(gone.liveness(), Liveness::Dead(_)));
         let elsewhere = Holder { host: format!("{}-other", me.host), ..me.clone() };
         assert_eq!(elsewhere.liveness(), Liveness::Unknown);
+        let other_container = Holder { pid_namespace: "1".into(), pid: u32::MAX - 1, ..me.clone() };
+        assert_eq!(other_container.liveness(), Liveness::Unknown, "a pid of another namespace is not ours to judge");
+    }
+
+    #[test]
+    fn a_stopped_process_is_seen_as_stopped_and_a_continued_one_as_alive() {
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+        let pid = child.id();
+        let holder = Holder {
+            pid,
+            started: read_stat(pid).expect("stat").expect("exists").started,
+            ..Holder::current().clone()
+        };
+        assert_eq!(holder.liveness(), Liveness::Alive);
+        let process = rustix::process::Pid::from_raw(pid.try_into().expect("pid")).expect("pid");
+        rustix::process::kill_process(process, rustix::process::Signal::STOP).expect("SIGSTOP");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while holder.liveness() != Liveness::Stopped {
+            assert!(std::time::Instant::now() < deadline, "the stop never showed in /proc");
+            std::thread::yield_now();
+        }
+        rustix::process::kill_process(process, rustix::process::Signal::CONT).expect("SIGCONT");
+        while holder.liveness() != Liveness::Alive {
+            assert!(std::time::Instant::now() < deadline, "the continue never showed in /proc");
+            std::thread::yield_now();
+        }
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(matches!(holder.liveness(), Liveness::Dead(_)));
     }
 }

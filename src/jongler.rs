@@ -11,6 +11,11 @@
 //!
 //! Every attempt is recorded in the `requests` table. Keys travel only in request headers (marked
 //! sensitive), never in URLs, logs or errors.
+//!
+//! Faults: a lease is checked right before every send and a key whose lease is no longer trusted is
+//! given up and another claimed; a request dropped mid-flight (SIGINT, a client gone) gives its key
+//! back and records the attempt as `cancelled`; an answer that came is returned even when the
+//! database could not record what followed from it ([`Response::bookkeeping`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -44,6 +49,26 @@ pub enum LeaseScope {
     PerConnection,
 }
 
+/// Whether the database recorded what followed from an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Bookkeeping {
+    /// The attempt and the key's new state were written.
+    #[default]
+    Recorded,
+    /// A key's lease was taken away during the request (reaped after this process was stopped, or
+    /// `cleanup --force`): another process may have used the key at the same time.
+    LeaseLost {
+        /// The key.
+        key: String,
+    },
+    /// The answer came, but the attempt or the key's new state could not be written (disk full, the
+    /// database locked too long); the key is released in the background or by the reaper.
+    NotRecorded {
+        /// What failed.
+        problem: String,
+    },
+}
+
 /// An upstream answer.
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -57,6 +82,8 @@ pub struct Response {
     pub key_name: Option<String>,
     /// Upstream attempts this request made.
     pub attempts: u32,
+    /// Whether the database recorded everything that followed from the request's attempts.
+    pub bookkeeping: Bookkeeping,
 }
 
 impl Response {
@@ -272,14 +299,44 @@ impl Jongler {
             .map_or(0, |keyring| keyring.keys(&self.inner.connector.name).map_or(0, <[_]>::len));
         let max_attempts = u32::try_from(keys * 4).unwrap_or(u32::MAX).saturating_add(policy.retries * 2 + 4);
         let mut tried: Vec<String> = Vec::new();
-        let (mut attempts, mut retries, mut circuits) = (0u32, 0u32, 0u32);
+        let (mut attempts, mut retries, mut circuits, mut untrusted) = (0u32, 0u32, 0u32, 0u32);
+        let mut bookkeeping = Bookkeeping::Recorded;
         loop {
-            attempts += 1;
             let lease = self.lease_for_attempt(slot, &tried, started).await?;
+            if let Some(lease) = lease.as_ref().filter(|lease| !lease.is_valid()) {
+                // Claimed (or held) before this process was stopped for longer than the lease is trusted:
+                // the key may be someone else's by now. Give it up and claim again.
+                untrusted += 1;
+                tracing::warn!(key = %lease.key_name(), "lease no longer trusted before sending; claiming again");
+                if untrusted > MAX_UNTRUSTED_CLAIMS {
+                    return Err(Error::LeaseLost {
+                        connector: self.inner.connector.name.clone(),
+                        key: lease.key_name().to_owned(),
+                        lease: lease.token(),
+                    });
+                }
+                continue;
+            }
+            attempts += 1;
             let key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
             let at = self.inner.coordinator.now_ms();
             let sent = Instant::now();
-            let outcome = self.send(&method, &url, body, lease.as_ref()).await;
+            let in_flight = InFlight {
+                lease,
+                cancelled: Attempt {
+                    at,
+                    connector: self.inner.connector.name.clone(),
+                    key_name: key_name.clone(),
+                    method: method.to_string(),
+                    endpoint: path.clone(),
+                    status: None,
+                    latency_ms: 0,
+                    outcome: "cancelled".to_owned(),
+                },
+                sent,
+            };
+            let outcome = self.send(&method, &url, body, in_flight.lease.as_ref()).await;
+            let lease = in_flight.landed();
             let latency_ms = i64::try_from(sent.elapsed().as_millis()).unwrap_or(i64::MAX);
             let context = Context {
                 now_ms: self.inner.coordinator.now_ms(),
@@ -306,7 +363,18 @@ impl Jongler {
                 connector = %attempt.connector, key = ?attempt.key_name, status = ?attempt.status,
                 latency_ms, outcome = %attempt.outcome, attempt = attempts, "upstream attempt"
             );
-            self.settle(slot, lease, &verdict, attempt).await?;
+            match self.settle(slot, lease, &verdict, attempt).await {
+                Ok(()) => {}
+                Err(Error::LeaseLost { key, .. }) => bookkeeping = Bookkeeping::LeaseLost { key },
+                // The answer (if one came) is the caller's: the quota is spent. Stop here and hand it over.
+                Err(error) => match outcome {
+                    Ok((status, headers, body)) => {
+                        let bookkeeping = Bookkeeping::NotRecorded { problem: error.to_string() };
+                        return Ok(Response { status, headers, body, key_name, attempts, bookkeeping });
+                    }
+                    Err(_) => return Err(error),
+                },
+            }
             let retry = match verdict.next {
                 Next::Return => false,
                 Next::OtherKey => {
@@ -328,7 +396,9 @@ impl Jongler {
             };
             if !retry || attempts >= max_attempts {
                 return match outcome {
-                    Ok((status, headers, body)) => Ok(Response { status, headers, body, key_name, attempts }),
+                    Ok((status, headers, body)) => {
+                        Ok(Response { status, headers, body, key_name, attempts, bookkeeping })
+                    }
                     Err(error) => Err(Error::Transport {
                         connector: self.inner.connector.name.clone(),
                         endpoint: path,
@@ -479,10 +549,11 @@ impl Jongler {
                 *slot = kept;
                 Ok(())
             }
-            // The key was reaped or cleaned up under us: its new state is not ours to touch; carry on.
+            // The key was reaped or cleaned up under us: its new state is not ours to touch. The caller
+            // hears of it through the response.
             Err(error @ Error::LeaseLost { .. }) => {
                 tracing::warn!(error = %error, "lease lost during a request");
-                Ok(())
+                Err(error)
             }
             Err(error) => Err(error),
         }
@@ -525,6 +596,37 @@ impl Jongler {
         *self.inner.client.lock().unwrap_or_else(PoisonError::into_inner) = client;
         tracing::info!(connector = %self.inner.connector.name, "new Tor circuit");
         Ok(())
+    }
+}
+
+/// How many times in a row one request may find a freshly claimed lease untrusted before giving up
+/// (each time means this process was stopped between claim and send).
+const MAX_UNTRUSTED_CLAIMS: u32 = 3;
+
+/// A lease while its request is on the wire. Dropped there (the request future was cancelled: SIGINT,
+/// a client that went away), it gives the key back and records the attempt as cancelled, off this
+/// thread (see `Lease::end_later`).
+struct InFlight {
+    lease: Option<Lease>,
+    cancelled: Attempt,
+    sent: Instant,
+}
+
+impl InFlight {
+    /// The send finished: the lease goes on to be settled by the verdict.
+    fn landed(mut self) -> Option<Lease> {
+        self.lease.take()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let mut attempt = self.cancelled.clone();
+            attempt.latency_ms = i64::try_from(self.sent.elapsed().as_millis()).unwrap_or(i64::MAX);
+            tracing::info!(key = %lease.key_name(), "request cancelled; giving the key back");
+            lease.end_later(Fate::Release { success: false }, Some(attempt));
+        }
     }
 }
 

@@ -1,12 +1,21 @@
-//! A held key, and the heartbeat that keeps this process's keys from being reaped.
+//! A held key, the heartbeat that renews exactly the leases this process holds, and the settling of
+//! leases whose end could not be written at once.
 //!
-//! One heartbeat thread per coordinator refreshes every key this process holds with one statement,
-//! and learns from its answer which leases were lost (reaped while we were stopped, or cleaned up by
-//! force). A holder trusts its lease for a little less than the reaper's stale threshold after the last
-//! successful heartbeat, measured with `Instant`, so it stops using a key before anyone else may take it.
+//! Invariants:
+//! - The heartbeat renews exactly the `(key, lease token)` pairs registered here, never "every key
+//!   this pid holds", so a key whose end failed is never kept alive by accident; a lease missing from
+//!   the heartbeat's answer was lost (reaped, or taken by `cleanup --force`).
+//! - A lease is trusted for `trust_window` (a margin short of the reaper's `stale_after`) after the
+//!   last write that confirmed it, measured on the boot clock (which counts a SIGSTOP, a suspend, and
+//!   cannot step). Every send checks it first ([`Lease::check`]); the remaining window is the time
+//!   between that check and the request's bytes leaving the process (see the README).
+//! - An end (release, lockdown, error) that cannot be written (disk full, a lock held too long) is
+//!   kept, with its attempt row, and retried by the heartbeat thread until it lands, so the key
+//!   comes back without waiting for this process to exit. A lease dropped on an async runtime is
+//!   ended the same way, off the runtime's threads.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread;
@@ -21,75 +30,148 @@ use crate::store::{Attempt, Claimed, Fate};
 pub(crate) struct LeaseLiveness {
     token: i64,
     lost: AtomicBool,
-    renewed: Mutex<Instant>,
+    /// Boot-clock ms of the last write that confirmed the lease (its claim, or a heartbeat), taken
+    /// before that write was sent.
+    renewed_boot_ms: AtomicI64,
 }
 
-/// The leases this process holds, by key row id.
+/// A lease end that could not be written yet; retried until it lands or the lease turns out lost.
+#[derive(Debug)]
+struct Unsettled {
+    id: i64,
+    lease: i64,
+    key_name: String,
+    fate: Fate,
+    attempt: Option<Attempt>,
+}
+
+/// The leases this process holds, by key row id, and the ends still to be written.
 #[derive(Debug, Default)]
-pub(crate) struct Registry(Mutex<HashMap<i64, Arc<LeaseLiveness>>>);
+pub(crate) struct Registry {
+    held: Mutex<HashMap<i64, Arc<LeaseLiveness>>>,
+    unsettled: Mutex<Vec<Unsettled>>,
+}
 
 impl Registry {
-    fn insert(&self, id: i64, token: i64) -> Arc<LeaseLiveness> {
-        let liveness =
-            Arc::new(LeaseLiveness { token, lost: AtomicBool::new(false), renewed: Mutex::new(Instant::now()) });
-        self.lock().insert(id, Arc::clone(&liveness));
+    fn insert(&self, id: i64, token: i64, claimed_boot_ms: i64) -> Arc<LeaseLiveness> {
+        let liveness = Arc::new(LeaseLiveness {
+            token,
+            lost: AtomicBool::new(false),
+            renewed_boot_ms: AtomicI64::new(claimed_boot_ms),
+        });
+        self.held().insert(id, Arc::clone(&liveness));
         liveness
     }
 
     fn remove(&self, id: i64, token: i64) {
-        let mut leases = self.lock();
+        let mut leases = self.held();
         if leases.get(&id).is_some_and(|liveness| liveness.token == token) {
             leases.remove(&id);
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+    /// Whether the heartbeat thread has anything to do.
+    fn is_idle(&self) -> bool {
+        self.held().is_empty() && self.unsettled().is_empty()
     }
 
-    /// Applies a heartbeat's answer: the leases it names are renewed as of `sent`, the others are lost,
-    /// except leases registered after the heartbeat was sent (their claim may have committed after it).
-    fn renew(&self, still_held: &[(i64, i64)], sent: Instant) {
-        for (id, liveness) in self.lock().iter() {
-            let mut renewed = liveness.renewed.lock().unwrap_or_else(PoisonError::into_inner);
-            if still_held.contains(&(*id, liveness.token)) {
-                *renewed = (*renewed).max(sent);
-            } else if *renewed <= sent && !liveness.lost.swap(true, Ordering::SeqCst) {
-                tracing::warn!(lease = liveness.token, "lease lost: the key was reaped or cleaned up");
+    /// The `(id, token)` pairs to renew.
+    fn to_renew(&self) -> Vec<(i64, i64)> {
+        self.held().iter().map(|(id, liveness)| (*id, liveness.token)).collect()
+    }
+
+    /// Applies a heartbeat's answer to the leases it `asked` about: those `still_held` are renewed as
+    /// of `sent_boot_ms`, the others are lost. Leases registered since it was sent are not judged.
+    fn renew(&self, asked: &[(i64, i64)], still_held: &[(i64, i64)], sent_boot_ms: i64) {
+        let leases = self.held();
+        for pair @ (id, token) in asked {
+            let Some(liveness) = leases.get(id).filter(|liveness| liveness.token == *token) else { continue };
+            if still_held.contains(pair) {
+                liveness.renewed_boot_ms.fetch_max(sent_boot_ms, Ordering::SeqCst);
+            } else if !liveness.lost.swap(true, Ordering::SeqCst) {
+                tracing::warn!(lease = token, "lease lost: the key was reaped or cleaned up");
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Arc<LeaseLiveness>>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn defer(&self, unsettled: Unsettled) {
+        self.unsettled().push(unsettled);
+    }
+
+    /// Writes every deferred end it can; the ones that still fail stay for the next try.
+    fn settle(&self, inner: &Inner) -> usize {
+        let pending = std::mem::take(&mut *self.unsettled());
+        let mut failed = Vec::new();
+        for end in pending {
+            match inner.store.end_lease(end.id, end.lease, &end.fate, end.attempt.as_ref(), inner.clock.now_ms()) {
+                Ok(true) => {
+                    tracing::info!(key = %end.key_name, lease = end.lease, fate = ?end.fate, "deferred lease end written")
+                }
+                Ok(false) => {
+                    tracing::warn!(key = %end.key_name, lease = end.lease, "deferred lease end: the lease was already lost")
+                }
+                Err(error) => {
+                    tracing::warn!(key = %end.key_name, lease = end.lease, error = %error, "lease end still cannot be written; will retry");
+                    failed.push(end);
+                }
+            }
+        }
+        let left = failed.len();
+        self.unsettled().extend(failed);
+        left
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Arc<LeaseLiveness>>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, Vec<Unsettled>> {
+        self.unsettled.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Starts the heartbeat thread of a coordinator; it ends when the coordinator is dropped (the
-/// returned sender with it).
-pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> mpsc::Sender<()> {
-    let (stop, stopped) = mpsc::channel::<()>();
+/// How the coordinator talks to its heartbeat thread: a message wakes it early (to write deferred
+/// lease ends); dropping the sender, with the coordinator, ends it.
+pub(crate) type HeartbeatWaker = mpsc::Sender<()>;
+
+/// Starts the heartbeat thread of a coordinator.
+pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> HeartbeatWaker {
+    let (waker, woken) = mpsc::channel::<()>();
     let spawned = thread::Builder::new().name("apijongler-heartbeat".into()).spawn(move || {
         loop {
-            match stopped.recv_timeout(interval) {
-                Err(RecvTimeoutError::Timeout) => {}
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            match woken.recv_timeout(interval) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
             let Some(inner) = inner.upgrade() else { return };
-            if inner.leases.is_empty() {
+            if inner.leases.is_idle() {
                 continue;
             }
-            let sent = Instant::now();
-            match inner.store.heartbeat(inner.holder, inner.clock.now_ms()) {
-                Ok(still_held) => inner.leases.renew(&still_held, sent),
+            inner.leases.settle(&inner);
+            let asked = inner.leases.to_renew();
+            let sent_boot_ms = inner.clock.boot_ms();
+            match inner.store.heartbeat(&asked, (inner.clock.now_ms(), sent_boot_ms)) {
+                Ok(still_held) => inner.leases.renew(&asked, &still_held, sent_boot_ms),
                 Err(error) => tracing::warn!(error = %error, "heartbeat failed; will retry"),
             }
         }
     });
     if let Err(error) = spawned {
-        tracing::error!(error = %error, "cannot start the heartbeat thread; held keys will be reaped as stale");
+        tracing::error!(error = %error, "cannot start the heartbeat thread; held keys will not be trusted for long");
     }
-    stop
+    waker
+}
+
+/// Writes the deferred lease ends of `inner` now, in the calling thread, until none is left or
+/// `deadline` passes; returns how many are left.
+pub(crate) fn settle_deferred(inner: &Inner, deadline: Instant) -> usize {
+    loop {
+        let left = inner.leases.settle(inner);
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
+    }
 }
 
 /// A key held by this process. Ends with [`release`](Lease::release), [`lockdown`](Lease::lockdown)
@@ -104,8 +186,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(coordinator: Coordinator, connector: &str, claimed: Claimed) -> Self {
-        let liveness = coordinator.inner.leases.insert(claimed.id, claimed.lease);
+    pub(crate) fn new(coordinator: Coordinator, connector: &str, claimed: Claimed, claimed_boot_ms: i64) -> Self {
+        let liveness = coordinator.inner.leases.insert(claimed.id, claimed.lease, claimed_boot_ms);
         Self { coordinator, connector: connector.to_owned(), claimed, liveness, ended: false }
     }
 
@@ -129,11 +211,14 @@ impl Lease {
         self.claimed.lease
     }
 
-    /// Whether the key may still be used: the lease was not reported lost, and the last successful
-    /// heartbeat is recent enough that no reaper can have judged it stale yet.
+    /// Whether the key may still be used: the lease was not reported lost, and the last write that
+    /// confirmed it is recent enough on the boot clock that no reaper can have judged it stale yet
+    /// (a process stopped longer than that must not trust a key it held before the stop).
     pub fn is_valid(&self) -> bool {
-        let renewed = *self.liveness.renewed.lock().unwrap_or_else(PoisonError::into_inner);
-        !self.liveness.lost.load(Ordering::SeqCst) && renewed.elapsed() < self.coordinator.inner.trust_window
+        let inner = &self.coordinator.inner;
+        let age_ms = inner.clock.boot_ms().saturating_sub(self.liveness.renewed_boot_ms.load(Ordering::SeqCst));
+        let trusted_ms = i64::try_from(inner.trust_window.as_millis()).unwrap_or(i64::MAX);
+        !self.liveness.lost.load(Ordering::SeqCst) && age_ms < trusted_ms
     }
 
     /// Ok while the key may still be used; [`Error::LeaseLost`] once it must not be.
@@ -178,11 +263,50 @@ impl Lease {
         self.end(&Fate::Error { reason: reason.into(), http_status }, None)
     }
 
+    /// Ends the lease with `fate` later, off this thread: for a lease given up where no blocking
+    /// write may happen (an async runtime's thread, a cancelled request). [`Coordinator::settle`]
+    /// waits for such ends.
+    pub(crate) fn end_later(mut self, fate: Fate, attempt: Option<Attempt>) {
+        self.ended = true;
+        let inner = &self.coordinator.inner;
+        inner.leases.remove(self.claimed.id, self.claimed.lease);
+        inner.leases.defer(Unsettled {
+            id: self.claimed.id,
+            lease: self.claimed.lease,
+            key_name: self.claimed.key_name.clone(),
+            fate,
+            attempt,
+        });
+        self.coordinator.wake_heartbeat();
+    }
+
     fn end(&mut self, fate: &Fate, attempt: Option<&Attempt>) -> Result<()> {
         self.ended = true;
         let inner = &self.coordinator.inner;
         inner.leases.remove(self.claimed.id, self.claimed.lease);
-        let ended = inner.store.end_lease(self.claimed.id, self.claimed.lease, fate, attempt, inner.clock.now_ms())?;
+        let ended = match inner.store.end_lease(
+            self.claimed.id,
+            self.claimed.lease,
+            fate,
+            attempt,
+            inner.clock.now_ms(),
+        ) {
+            Ok(ended) => ended,
+            Err(error) => {
+                // Not lost, not ended: the key stays locked under our live pid, so nobody else frees it.
+                // Keep trying in the background; this caller still hears of the failure.
+                tracing::warn!(key = %self.claimed.key_name, error = %error, "ending a lease failed; retrying in the background");
+                inner.leases.defer(Unsettled {
+                    id: self.claimed.id,
+                    lease: self.claimed.lease,
+                    key_name: self.claimed.key_name.clone(),
+                    fate: fate.clone(),
+                    attempt: attempt.cloned(),
+                });
+                self.coordinator.ensure_heartbeat();
+                return Err(error);
+            }
+        };
         if !ended {
             return Err(self.lost());
         }
@@ -203,10 +327,25 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// Releases the key; on an async runtime's thread the write is left to the heartbeat thread, so no
+    /// drop ever blocks a runtime.
     fn drop(&mut self) {
-        if !self.ended
-            && let Err(error) = self.end(&Fate::Release { success: false }, None)
-        {
+        if self.ended {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let inner = &self.coordinator.inner;
+            self.ended = true;
+            inner.leases.remove(self.claimed.id, self.claimed.lease);
+            inner.leases.defer(Unsettled {
+                id: self.claimed.id,
+                lease: self.claimed.lease,
+                key_name: self.claimed.key_name.clone(),
+                fate: Fate::Release { success: false },
+                attempt: None,
+            });
+            self.coordinator.wake_heartbeat();
+        } else if let Err(error) = self.end(&Fate::Release { success: false }, None) {
             tracing::warn!(error = %error, "releasing a dropped lease failed");
         }
     }
@@ -217,26 +356,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_heartbeat_sent_before_a_claim_does_not_declare_it_lost() {
+    fn a_heartbeat_judges_only_the_leases_it_asked_about() {
         let registry = Registry::default();
-        let sent = Instant::now();
-        let claimed_after = registry.insert(7, 3);
-        registry.renew(&[], sent);
-        assert!(!claimed_after.lost.load(Ordering::SeqCst), "registered after the heartbeat was sent");
-        let later = Instant::now();
-        registry.renew(&[], later);
-        assert!(claimed_after.lost.load(Ordering::SeqCst), "missing from a heartbeat sent after its claim");
+        let claimed_after = registry.insert(7, 3, 1_000);
+        registry.renew(&[], &[], 2_000);
+        assert!(!claimed_after.lost.load(Ordering::SeqCst), "not asked about: registered after the heartbeat was sent");
+        registry.renew(&[(7, 3)], &[], 3_000);
+        assert!(claimed_after.lost.load(Ordering::SeqCst), "asked about and missing from the answer");
     }
 
     #[test]
     fn a_heartbeat_naming_the_lease_renews_it() {
         let registry = Registry::default();
-        let liveness = registry.insert(1, 5);
-        let sent = Instant::now();
-        registry.renew(&[(1, 5)], sent);
+        let liveness = registry.insert(1, 5, 1_000);
+        registry.renew(&[(1, 5)], &[(1, 5)], 4_000);
         assert!(!liveness.lost.load(Ordering::SeqCst));
-        assert_eq!(*liveness.renewed.lock().expect("lock"), sent);
-        registry.renew(&[(1, 6)], Instant::now());
-        assert!(liveness.lost.load(Ordering::SeqCst), "another lease token on the key means ours is gone");
+        assert_eq!(liveness.renewed_boot_ms.load(Ordering::SeqCst), 4_000);
+        registry.renew(&[(1, 5)], &[(1, 5)], 2_000);
+        assert_eq!(liveness.renewed_boot_ms.load(Ordering::SeqCst), 4_000, "an older answer never moves it back");
+        let replaced = registry.insert(1, 6, 5_000);
+        registry.renew(&[(1, 5)], &[], 6_000);
+        assert!(!replaced.lost.load(Ordering::SeqCst), "an answer about token 5 says nothing of token 6");
+    }
+
+    #[test]
+    fn only_registered_leases_are_renewed() {
+        let registry = Registry::default();
+        registry.insert(1, 5, 0);
+        registry.insert(2, 9, 0);
+        registry.remove(2, 8);
+        let mut asked = registry.to_renew();
+        asked.sort_unstable();
+        assert_eq!(asked, vec![(1, 5), (2, 9)], "removing another token leaves the lease");
+        registry.remove(2, 9);
+        assert_eq!(registry.to_renew(), vec![(1, 5)]);
     }
 }

@@ -56,7 +56,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{Connector, Connectors};
 pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
 pub use error::{Cause, Error, Result};
-pub use jongler::{Jongler, JonglerBuilder, LeaseScope, Response};
+pub use jongler::{Bookkeeping, Jongler, JonglerBuilder, LeaseScope, Response};
 pub use keyring::{ApiKey, Keyring};
 pub use lease::Lease;
 pub use store::{Availability, KeyState, Store};

@@ -8,7 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    cli::init_logging(&args.global);
+    cli::init_logging(&args);
     match cli::run(args) {
         Ok(code) => code,
         // Output piped into `head` that stops reading is not a failure.

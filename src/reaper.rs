@@ -1,66 +1,145 @@
-//! Deciding which locks to free: the holder is provably dead, or its heartbeat is stale.
+//! Deciding which locks to free, from what the OS proves about the holder and, only where it proves
+//! nothing, from the age of the holder's heartbeat.
 //!
-//! Pure: takes a held key as read from the database and the time, returns the reason to free it (or
-//! nothing). A dead holder is freed at once whatever its heartbeat says; a stale heartbeat frees the
-//! lock whatever the pid says, because a hung or stopped holder is as useless as a dead one, and its
-//! fenced writes will change nothing once the lease is gone.
+//! Pure apart from reading `/proc`: takes a held key as read from the database and the time, returns
+//! the reason to free it (or nothing).
+//! - A dead holder is freed at once, whatever its heartbeat says.
+//! - A running holder on this host, boot and pid namespace keeps its key however old its heartbeat is:
+//!   the heartbeat may be late because another connection held the write lock, and a stepped wall
+//!   clock cannot make it look old because ages are measured on `CLOCK_BOOTTIME`.
+//! - A stopped holder is freed once its heartbeat is older than `stale_after`: it may resume any
+//!   time, but it will then find its lease untrusted (see `lease`) and claim again before sending.
+//! - A holder the OS cannot see (another host, boot or pid namespace) is freed once its heartbeat is
+//!   older than `stale_after`. Ages are on the boot clock when the holder ran in this boot; only a
+//!   holder of another boot or host is judged on the wall clock (SQLite's file lives on one host, so
+//!   that is a holder of a previous boot, long gone).
 
 use std::time::Duration;
 
-use crate::holder::Liveness;
+use crate::holder::{Holder, Liveness};
 use crate::store::HeldKey;
 
+/// The time on both clocks, read once per reaping pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Wall clock, unix ms.
+    pub wall_ms: i64,
+    /// `CLOCK_BOOTTIME`, ms.
+    pub boot_ms: i64,
+}
+
 /// Why the lock on `held` should be freed at `now`, or `None` to leave it.
-pub fn verdict(held: &HeldKey, now: i64, stale_after: Duration) -> Option<String> {
-    let age_ms = now.saturating_sub(held.heartbeat_at);
-    let stale_ms = i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX);
-    if age_ms > stale_ms {
-        return Some(format!(
-            "reaped: heartbeat of holder pid {} is {:.1} s old (stale after {:.1} s)",
-            held.holder.pid,
-            age_ms as f64 / 1000.0,
-            stale_after.as_secs_f64()
-        ));
-    }
+pub fn verdict(held: &HeldKey, now: Now, stale_after: Duration) -> Option<String> {
+    let pid = held.holder.pid;
+    let stale = || heartbeat_age(held, now).filter(|age| *age > stale_after);
     match held.holder.liveness() {
         Liveness::Dead(why) => Some(format!("reaped: {why}")),
-        Liveness::Alive | Liveness::Unknown => None,
+        Liveness::Alive => None,
+        Liveness::Stopped => stale().map(|age| {
+            format!(
+                "reaped: holder pid {pid} is stopped and its last heartbeat is {:.1} s old (stale after {:.1} s)",
+                age.as_secs_f64(),
+                stale_after.as_secs_f64()
+            )
+        }),
+        Liveness::Unknown => stale().map(|age| {
+            format!(
+                "reaped: heartbeat of holder pid {pid} on {} (not visible from this process) is {:.1} s old (stale after {:.1} s)",
+                if held.holder.host.is_empty() { "an unknown host" } else { &held.holder.host },
+                age.as_secs_f64(),
+                stale_after.as_secs_f64()
+            )
+        }),
     }
+}
+
+/// How old the holder's last heartbeat is: on the boot clock when the holder ran in this boot, else on
+/// the wall clock. A row with no heartbeat at all is as old as can be.
+fn heartbeat_age(held: &HeldKey, now: Now) -> Option<Duration> {
+    let same_boot = !held.holder.boot_id.is_empty() && held.holder.boot_id == Holder::current().boot_id;
+    let age_ms = match (same_boot, held.heartbeat_boot_ms, held.heartbeat_at) {
+        (true, Some(boot_ms), _) => now.boot_ms.saturating_sub(boot_ms),
+        (_, _, Some(wall_ms)) => now.wall_ms.saturating_sub(wall_ms),
+        _ => i64::MAX,
+    };
+    Some(Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::holder::Holder;
 
-    fn held(holder: Holder, heartbeat_at: i64) -> HeldKey {
-        HeldKey { id: 1, connector: "c".into(), key_name: "k".into(), lease: 7, holder, heartbeat_at }
+    const STALE: Duration = Duration::from_secs(30);
+
+    fn held(holder: Holder, heartbeat_boot_ms: i64, heartbeat_at: i64) -> HeldKey {
+        HeldKey {
+            id: 1,
+            connector: "c".into(),
+            key_name: "k".into(),
+            lease: 7,
+            holder,
+            heartbeat_at: Some(heartbeat_at),
+            heartbeat_boot_ms: Some(heartbeat_boot_ms),
+        }
+    }
+
+    fn at(boot_ms: i64, wall_ms: i64) -> Now {
+        Now { wall_ms, boot_ms }
     }
 
     #[test]
-    fn fresh_live_holder_is_kept() {
+    fn a_running_holder_keeps_its_key_whatever_its_heartbeat_age_or_the_wall_clock() {
         let me = Holder::current().clone();
-        assert_eq!(verdict(&held(me, 10_000), 10_500, Duration::from_secs(30)), None);
+        assert_eq!(verdict(&held(me.clone(), 10_000, 10_000), at(10_500, 10_500), STALE), None);
+        assert_eq!(verdict(&held(me.clone(), 0, 0), at(3_600_000, 3_600_000), STALE), None, "an hour-old heartbeat");
+        assert_eq!(verdict(&held(me, 0, 0), at(0, 120_000), STALE), None, "wall clock two minutes ahead");
     }
 
     #[test]
-    fn stale_heartbeat_is_freed_even_if_alive() {
-        let me = Holder::current().clone();
-        let reason = verdict(&held(me, 0), 31_000, Duration::from_secs(30)).expect("stale");
-        assert!(reason.contains("31.0 s old"), "{reason}");
-    }
-
-    #[test]
-    fn dead_holder_is_freed_with_a_fresh_heartbeat() {
+    fn a_dead_holder_is_freed_with_a_fresh_heartbeat() {
         let gone = Holder { pid: u32::MAX - 1, ..Holder::current().clone() };
-        let reason = verdict(&held(gone, 10_000), 10_001, Duration::from_secs(30)).expect("dead");
+        let reason = verdict(&held(gone, 10_000, 10_000), at(10_001, 10_001), STALE).expect("dead");
         assert!(reason.contains("has exited"), "{reason}");
     }
 
     #[test]
-    fn holder_on_another_host_is_judged_by_heartbeat_only() {
-        let remote = Holder { host: "elsewhere.invalid".into(), pid: u32::MAX - 1, ..Holder::current().clone() };
-        assert_eq!(verdict(&held(remote.clone(), 10_000), 20_000, Duration::from_secs(30)), None);
-        assert!(verdict(&held(remote, 10_000), 50_000, Duration::from_secs(30)).is_some());
+    fn an_invisible_holder_of_this_boot_is_judged_on_the_boot_clock_only() {
+        let other_container = Holder { pid_namespace: "1".into(), pid: u32::MAX - 1, ..Holder::current().clone() };
+        let fresh = held(other_container, 100_000, 100_000);
+        assert_eq!(verdict(&fresh, at(110_000, 100_000 + 3_600_000), STALE), None, "the wall clock stepped an hour");
+        assert_eq!(verdict(&fresh, at(110_000, 100_000 - 3_600_000), STALE), None, "the wall clock stepped back");
+        let reason = verdict(&fresh, at(131_000, 100_000), STALE).expect("stale on the boot clock");
+        assert!(reason.contains("31.0 s old") && reason.contains("not visible"), "{reason}");
+        assert_eq!(verdict(&fresh, at(130_000, 100_000), STALE), None, "exactly stale_after is not yet stale");
+    }
+
+    #[test]
+    fn a_holder_of_another_host_or_boot_is_judged_on_the_wall_clock() {
+        let remote =
+            Holder { host: "elsewhere.invalid".into(), boot_id: "other-boot".into(), ..Holder::current().clone() };
+        assert_eq!(verdict(&held(remote.clone(), 999_999_999, 10_000), at(0, 20_000), STALE), None);
+        assert!(verdict(&held(remote, 0, 10_000), at(0, 50_000), STALE).is_some());
+    }
+
+    #[test]
+    fn a_stopped_holder_is_freed_only_once_its_heartbeat_is_stale() {
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+        let pid = child.id();
+        let process = rustix::process::Pid::from_raw(pid.try_into().expect("pid")).expect("pid");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let started = stat[stat.rfind(')').expect(")") + 1..].split_whitespace().nth(19).expect("field 22");
+        let holder = Holder { pid, started: started.parse().expect("number"), ..Holder::current().clone() };
+        rustix::process::kill_process(process, rustix::process::Signal::STOP).expect("SIGSTOP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while holder.liveness() != Liveness::Stopped {
+            assert!(std::time::Instant::now() < deadline, "the stop never showed in /proc");
+            std::thread::yield_now();
+        }
+        let key = held(holder, 100_000, 100_000);
+        assert_eq!(verdict(&key, at(129_000, 100_000), STALE), None, "stopped, but its heartbeat is fresh");
+        let reason = verdict(&key, at(131_000, 100_000), STALE).expect("stopped and stale");
+        assert!(reason.contains("is stopped"), "{reason}");
+        child.kill().expect("kill");
+        child.wait().expect("reap");
     }
 }

@@ -278,3 +278,76 @@ async fn the_benchmarks_run() {
     assert_exit(&output, 0);
     assert!(text(&output.stdout).contains("goodput"), "{}", text(&output.stdout));
 }
+
+/// A JSON body of more than `bytes` bytes, like a request with an inline image.
+fn large_body(bytes: usize) -> String {
+    let data: String = (0..bytes).map(|index| char::from(b'A' + (index % 26) as u8)).collect();
+    format!(r#"{{"contents":[{{"parts":[{{"inline_data":{{"mime_type":"image/png","data":"{data}"}}}},{{"text":"What is this?"}}]}}]}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_from_a_file_or_standard_input_reaches_the_upstream_byte_for_byte() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(r#"{"candidates":[]}"#, "application/json"))
+        .mount(&server)
+        .await;
+    let sandbox = sandbox(1, server.address().port());
+    let body = large_body(1_500_000);
+    let file = sandbox.dir.path().join("request.json");
+    std::fs::write(&file, &body).expect("write body");
+
+    let at_file = format!("@{}", file.display());
+    assert_exit(&run(&sandbox, &[GEMINI, "POST", ENDPOINT, &at_file]).await, 0);
+    let mut command = sandbox.apijongler();
+    command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).args([GEMINI, "POST", ENDPOINT, "-"]);
+    command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let stdin_body = body.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = command.spawn().expect("spawn");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, stdin_body.as_bytes()));
+        let output = child.wait_with_output().expect("wait");
+        writer.join().expect("writer").expect("write stdin");
+        output
+    })
+    .await
+    .expect("join");
+    assert_exit(&output, 0);
+
+    let received = server.received_requests().await.expect("recorded");
+    assert_eq!(received.len(), 2);
+    for request in &received {
+        assert!(request.body == body.as_bytes(), "the upstream got {} bytes, not the {} sent", request.body.len(), body.len());
+    }
+
+    let missing = sandbox.dir.path().join("nowhere.json");
+    let output = run(&sandbox, &[GEMINI, "POST", ENDPOINT, &format!("@{}", missing.display())]).await;
+    assert_exit(&output, 2);
+    let message = one_line_error(&output);
+    assert!(message.contains(&missing.display().to_string()), "{message}");
+    assert_eq!(server.received_requests().await.expect("recorded").len(), 2, "nothing sent without a body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_too_long_for_a_clock_is_a_usage_error_not_a_panic() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let busy = sandbox(1, mock.port());
+    let coordinator = busy.coordinator(busy.options());
+    // Every key held, so that a request would have to wait.
+    let held = coordinator.claim(GEMINI, &[], std::time::Duration::ZERO).expect("hold the key");
+    let output = run(&busy, &[GEMINI, "POST", ENDPOINT, "{}", "--wait", "500000000000y"]).await;
+    assert_exit(&output, 2);
+    let message = one_line_error(&output);
+    assert!(message.contains("500000000000y") && message.contains("1y"), "{message}");
+    assert!(!text(&output.stderr).contains("panicked"), "{}", text(&output.stderr));
+    let mut command = busy.apijongler();
+    command.env("APIJONGLER_CONNECTORS", busy.connectors_dir()).env("APIJONGLER_WAIT", "500000000000y");
+    let output = tokio::task::spawn_blocking(move || command.args([GEMINI, "POST", ENDPOINT, "{}"]).output())
+        .await
+        .expect("join")
+        .expect("run");
+    assert_exit(&output, 2);
+    assert!(one_line_error(&output).contains("APIJONGLER_WAIT"));
+    held.release().expect("release");
+}

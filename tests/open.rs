@@ -75,7 +75,12 @@ fn newer_schema_is_refused_untouched() {
     std::fs::create_dir_all(sandbox.db.parent().expect("parent")).expect("mkdir");
     {
         let connection = rusqlite::Connection::open(&sandbox.db).expect("create");
-        connection.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;").expect("future schema");
+        connection
+            .execute_batch(&format!(
+                "CREATE TABLE future (x); PRAGMA user_version = 99; PRAGMA application_id = {};",
+                api_jongler::store::APPLICATION_ID
+            ))
+            .expect("future schema");
     }
     let before = std::fs::read(&sandbox.db).expect("read");
     let error = open(&sandbox.db).expect_err("too new");
@@ -96,4 +101,46 @@ fn a_file_that_is_not_sqlite_is_refused_untouched() {
     assert!(matches!(error, Error::NotADatabase { .. }), "{error:?}");
     assert!(message.contains("not an apijongler database") && message.contains("APIJONGLER_DB"), "{message}");
     assert_eq!(std::fs::read_to_string(&sandbox.db).expect("read"), text, "file unchanged");
+}
+
+#[test]
+fn another_applications_database_is_refused_untouched() {
+    let sandbox = Sandbox::new("c", 1);
+    std::fs::create_dir_all(sandbox.db.parent().expect("parent")).expect("mkdir");
+    for setup in [
+        "CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('ada');",
+        // Another application that happens to have a `keys` table, but not apijongler's version.
+        "CREATE TABLE keys (id INTEGER); PRAGMA user_version = 7;",
+        "CREATE TABLE notes (x); PRAGMA application_id = 42;",
+    ] {
+        std::fs::remove_file(&sandbox.db).ok();
+        rusqlite::Connection::open(&sandbox.db).expect("create").execute_batch(setup).expect("setup");
+        let before = std::fs::read(&sandbox.db).expect("read");
+        let error = open(&sandbox.db).expect_err(setup);
+        assert!(matches!(error, Error::ForeignDatabase { .. }), "{setup}: {error:?}");
+        assert!(error.to_string().contains("another application") && error.to_string().contains("APIJONGLER_DB"));
+        assert_eq!(std::fs::read(&sandbox.db).expect("read"), before, "{setup}: file unchanged");
+        let wal = sandbox.db.with_extension("db-wal");
+        assert!(!wal.exists(), "{setup}: not switched to WAL");
+    }
+}
+
+#[test]
+fn a_database_of_schema_2_is_adopted_stamped_and_migrated() {
+    let sandbox = Sandbox::new("c", 1);
+    std::fs::create_dir_all(sandbox.db.parent().expect("parent")).expect("mkdir");
+    {
+        let connection = rusqlite::Connection::open(&sandbox.db).expect("create");
+        connection.execute_batch(include_str!("../migrations/0001_initial.sql")).expect("v1");
+        connection.execute_batch(include_str!("../migrations/0002_requests.sql")).expect("v2");
+        connection.execute_batch("PRAGMA user_version = 2;").expect("version");
+    }
+    open(&sandbox.db).expect("an apijongler database of schema 2 is ours");
+    let connection = rusqlite::Connection::open(&sandbox.db).expect("reopen");
+    let (version, id): (i64, i64) = connection
+        .query_row("SELECT user_version, application_id FROM pragma_user_version, pragma_application_id", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .expect("read");
+    assert_eq!((version, id), (api_jongler::store::SCHEMA_VERSION, api_jongler::store::APPLICATION_ID));
 }

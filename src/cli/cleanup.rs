@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use api_jongler::store::Transition;
 
 use super::exit::Usage;
-use super::{Global, open};
+use super::{Global, open_synced};
 
 #[derive(Debug, clap::Args)]
 pub struct CleanupArgs {
@@ -41,7 +41,7 @@ pub fn seed(global: &Global, connector: Option<&str>) -> anyhow::Result<ExitCode
 }
 
 fn clean(global: &Global, connector: Option<&str>, force: bool) -> anyhow::Result<ExitCode> {
-    let coordinator = open(global)?;
+    let coordinator = open_synced(global)?;
     let done: Vec<Transition> = coordinator.cleanup(connector, force)?;
     let mut stdout = std::io::stdout().lock();
     if global.json {

@@ -10,7 +10,10 @@
 //! | 5 | configuration: keyring, connector files, environment variables |
 //! | 6 | database: cannot be created, not SQLite, too new, failing |
 //! | 7 | network: no answer from the upstream (timeouts, refused connections) |
-//! | 8 | a held key's lease was lost (reaped or cleaned up by force) |
+//! | 8 | a key's lease was lost during the request (cleanup --force, or the process was stopped); the answer, if one came, is on stdout |
+//! | 9 | the answer is on stdout, but the database could not record it (disk full, file removed, locked too long) |
+//! | 130 | interrupted by SIGINT: the request was cancelled and its key released |
+//! | 143 | ended by SIGTERM: the request was cancelled and its key released |
 
 use api_jongler::Error;
 
@@ -30,6 +33,12 @@ pub const DATABASE: u8 = 6;
 pub const NETWORK: u8 = 7;
 /// A lease was lost.
 pub const LEASE_LOST: u8 = 8;
+/// The answer came but could not be recorded.
+pub const NOT_RECORDED: u8 = 9;
+/// SIGINT (128 + 2, as shells report it).
+pub const INTERRUPTED: u8 = 130;
+/// SIGTERM (128 + 15).
+pub const TERMINATED: u8 = 143;
 
 /// A usage error found after parsing (bad `--since`, a body that is not JSON, an unknown key).
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +66,9 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         Error::DatabaseCreate { .. }
         | Error::NotADatabase { .. }
         | Error::SchemaTooNew { .. }
+        | Error::ForeignDatabase { .. }
+        | Error::DatabaseLocked { .. }
+        | Error::DatabaseReplaced { .. }
         | Error::Database { .. } => DATABASE,
         Error::NoKeyAvailable(_) => NO_KEY,
         Error::Transport { .. } => NETWORK,

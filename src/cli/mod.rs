@@ -22,6 +22,9 @@ use std::time::Duration;
 use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Share a pool of API keys (Gemini, Hugging Face, ...) between many processes on one machine.
 ///
@@ -126,7 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Logs go to stderr. `APIJONGLER_LOG` (a tracing filter) wins over `--log-level`, which wins over
 /// `-v`/`-q`; by default only warnings and errors are shown.
-pub fn init_logging(global: &Global) {
+pub fn init_logging(args: &Args) {
+    let global = &args.global;
     let level = match (global.log_level, global.quiet, global.verbose) {
         (Some(level), _, _) => level.as_str().to_ascii_lowercase(),
         (None, true, _) => "error".to_owned(),
@@ -136,18 +140,42 @@ pub fn init_logging(global: &Global) {
         (None, false, _) => "trace".to_owned(),
     };
     let filter = EnvFilter::try_from_env("APIJONGLER_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    // The worker's fault injection sees every event; other commands pay nothing for it.
+    let stop_after_claim = match &args.command {
+        Some(Command::Worker(worker)) if worker.stop_after_claim => Some(worker::StopAfterClaim::default()),
+        _ => None,
+    };
+    tracing_subscriber::registry().with(output).with(stop_after_claim).init();
 }
 
-/// The coordinator on the configured database; syncs the keyring too when one is configured, so that
-/// what is shown matches the file.
+/// The coordinator on the configured database, for the commands that only read it (`status`, `why`,
+/// `history`, `db`): it never syncs a keyring, so they write no row whatever keyring they are given.
 fn open(global: &Global) -> api_jongler::Result<Coordinator> {
-    let coordinator =
-        Coordinator::open(CoordinatorOptions { db_path: global.db.clone(), ..CoordinatorOptions::default() })?;
+    Coordinator::open(CoordinatorOptions { db_path: global.db.clone(), ..CoordinatorOptions::default() })
+}
+
+/// The coordinator, synced with the configured keyring first (if any), for commands that change key
+/// states (`cleanup`). The sync touches only the connectors the keyring has a section for.
+fn open_synced(global: &Global) -> api_jongler::Result<Coordinator> {
+    let coordinator = open(global)?;
     if let Some(path) = &global.config {
         coordinator.sync(&Keyring::load(path)?)?;
     }
     Ok(coordinator)
+}
+
+/// The configured keyring for a read-only command to compare with the database: `None` without one,
+/// and `None` with a warning when it cannot be read (the database is still worth showing).
+fn keyring_to_compare(global: &Global) -> Option<Keyring> {
+    let path = global.config.as_ref()?;
+    Keyring::load(path)
+        .inspect_err(|error| {
+            if !global.quiet {
+                eprintln!("apijongler: warning: {error}; showing the database alone");
+            }
+        })
+        .ok()
 }
 
 /// `30s`, `2m`, `1h30m`, `0`.

@@ -1,11 +1,11 @@
 //! The seed's form: `apijongler CONNECTOR METHOD ENDPOINT [BODY]`. The body of the answer goes to
 //! stdout (indented with `--pretty`), the status and progress to stderr; a non-2xx answer exits 3.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use api_jongler::{Jongler, Response};
+use api_jongler::{Bookkeeping, Jongler, Response};
 use serde_json::Value;
 
 use super::exit::{self, Usage};
@@ -19,7 +19,8 @@ pub struct RequestArgs {
     method: Option<String>,
     /// The endpoint path, e.g. /v1beta/models/gemini-2.5-flash:generateContent.
     endpoint: Option<String>,
-    /// The request body (JSON for JSON connectors).
+    /// The request body (JSON for JSON connectors); `-` reads it from standard input and `@FILE` from
+    /// a file, as curl does (an argument holds 128 KiB at most).
     body: Option<String>,
     /// Print a JSON answer indented.
     #[arg(long)]
@@ -27,7 +28,7 @@ pub struct RequestArgs {
     /// Route through Tor (socks5h://127.0.0.1:9050, or APIJONGLER_TOR_PROXY).
     #[arg(long)]
     tor: bool,
-    /// How long to wait for a key when all are held or in lockdown (30s, 2m, 0 = fail at once).
+    /// How long to wait for a key when all are held or in lockdown (30s, 2m, 0 = fail at once; 1y at most).
     #[arg(long, env = "APIJONGLER_WAIT", default_value = "5m", value_name = "DURATION")]
     wait: String,
 }
@@ -42,10 +43,11 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     };
-    let wait = parse_duration(&args.wait).map_err(|why| Usage(format!("--wait (or APIJONGLER_WAIT) {why}")))?;
-    let body = args.body.as_deref().unwrap_or_default();
+    let wait = parse_wait(&args.wait)?;
+    let body = read_body(args.body.as_deref())?;
+    let body = body.as_str();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let mut builder = Jongler::builder(connector.as_str()).wait(wait).tor(args.tor);
         if let Some(path) = &global.config {
             builder = builder.keyring(path);
@@ -64,14 +66,120 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         if !global.quiet {
             eprintln!("Making {} request to {connector}{endpoint}", method.to_ascii_uppercase());
         }
-        let response = with_waiting_line(&jongler, wait, jongler.request(method, endpoint, body)).await?;
+        let request = with_waiting_line(&jongler, wait, jongler.request(method, endpoint, body));
+        let response = tokio::select! {
+            response = request => response?,
+            signal = interrupted() => return cancelled(&jongler, signal?).await,
+        };
         print(global, args, &response)?;
+        match &response.bookkeeping {
+            Bookkeeping::Recorded => {}
+            Bookkeeping::LeaseLost { key } => {
+                eprintln!(
+                    "apijongler: the answer is on stdout, but the lease on key '{key}' was taken away during the \
+                     request (`cleanup --force`, or this process was stopped): another process may have used the key \
+                     at the same time; see `apijongler history --key {key}`"
+                );
+                return Ok(ExitCode::from(exit::LEASE_LOST));
+            }
+            Bookkeeping::NotRecorded { problem } => {
+                eprintln!(
+                    "apijongler: the answer is on stdout, but the database could not record it: {problem}; the key \
+                     is freed once this process has exited"
+                );
+                return Ok(ExitCode::from(exit::NOT_RECORDED));
+            }
+        }
         if response.is_success() {
             return Ok(ExitCode::SUCCESS);
         }
         eprintln!("apijongler: {connector} answered {} (the body is on stdout)", response.status);
         Ok(ExitCode::from(exit::UPSTREAM))
-    })
+    });
+    // A claim still waiting on the blocking pool (the request was interrupted) must not hold up the exit.
+    runtime.shutdown_background();
+    code
+}
+
+/// Which signal ended the request.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn interrupted() -> std::io::Result<Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut interrupt, mut terminate) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+    tokio::select! {
+        _ = interrupt.recv() => Ok(Signal::Interrupt),
+        _ = terminate.recv() => Ok(Signal::Terminate),
+    }
+}
+
+/// The request was dropped by a signal: its key is being given back with the attempt recorded as
+/// cancelled (see `Jongler::request`); wait a little for that write, then exit as the signal asks.
+async fn cancelled(jongler: &Jongler, signal: Signal) -> anyhow::Result<ExitCode> {
+    let coordinator = jongler.coordinator().clone();
+    let left = tokio::task::spawn_blocking(move || coordinator.settle(Instant::now() + SETTLE_ON_EXIT)).await?;
+    let (name, code) = match signal {
+        Signal::Interrupt => ("SIGINT", exit::INTERRUPTED),
+        Signal::Terminate => ("SIGTERM", exit::TERMINATED),
+    };
+    if left == 0 {
+        eprintln!("apijongler: {name}: request cancelled, key released");
+    } else {
+        eprintln!(
+            "apijongler: {name}: request cancelled; the key is freed by the next claimer once this process has exited"
+        );
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// How long an interrupted request waits for its key's release to be written.
+const SETTLE_ON_EXIT: Duration = Duration::from_secs(5);
+
+/// The longest `--wait` (humantime's `1y`): as good as forever for a request, and far from the
+/// overflow of the clock arithmetic that a wait like `500000000000y` would reach.
+const MAX_WAIT: Duration = Duration::from_secs(31_557_600);
+
+fn parse_wait(text: &str) -> Result<Duration, Usage> {
+    let wait = parse_duration(text).map_err(|why| Usage(format!("--wait (or APIJONGLER_WAIT) {why}")))?;
+    if wait > MAX_WAIT {
+        return Err(Usage(format!(
+            "--wait (or APIJONGLER_WAIT) '{text}' is longer than the longest wait, 1y; write 1y to wait as long as it takes"
+        )));
+    }
+    Ok(wait)
+}
+
+/// BODY as curl reads `--data`: `-` is standard input, `@FILE` the contents of FILE, anything else the
+/// body itself. Bodies are text (JSON, form data); bytes that are not UTF-8 are refused.
+fn read_body(arg: Option<&str>) -> Result<String, Usage> {
+    let usage =
+        |problem: String| Usage(format!("BODY {problem}; BODY is the text itself, - for standard input or @FILE"));
+    let (source, bytes) = match arg {
+        None => return Ok(String::new()),
+        Some("-") => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut bytes)
+                .map_err(|error| usage(format!("-: cannot read standard input ({error})")))?;
+            ("standard input".to_owned(), bytes)
+        }
+        Some(arg) => match arg.strip_prefix('@') {
+            None => return Ok(arg.to_owned()),
+            Some("") => return Err(usage("'@' names no file".to_owned())),
+            Some(path) => {
+                let bytes =
+                    std::fs::read(path).map_err(|error| usage(format!("{arg}: cannot read {path} ({error})")))?;
+                (path.to_owned(), bytes)
+            }
+        },
+    };
+    String::from_utf8(bytes).map_err(|error| usage(format!("from {source} is not UTF-8 text ({error})")))
 }
 
 fn print(global: &Global, args: &RequestArgs, response: &Response) -> anyhow::Result<()> {

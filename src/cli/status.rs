@@ -1,13 +1,19 @@
 //! `apijongler status [CONNECTOR] [--json]`: every key, its state, holder, deadline, last reason, uses.
+//!
+//! It writes nothing: the keyring, if one is configured, is compared with the database but not synced.
+//! Keys in the keyring and not yet in the database are shown in state `new`; a key whose secret
+//! changed, that left the keyring or came back to it carries that note. The next command that uses
+//! the keyring (a request, `cleanup`) applies it.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::process::ExitCode;
 
 use api_jongler::store::KeyRecord;
-use api_jongler::{KeyState, holder::Liveness};
+use api_jongler::{KeyState, Keyring, holder::Liveness};
 use serde_json::json;
 
-use super::{Global, open, output};
+use super::{Global, keyring_to_compare, open, output};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -15,17 +21,30 @@ pub struct StatusArgs {
     connector: Option<String>,
 }
 
+/// One line of the status: a key of the database, or of the keyring only.
+struct Line<'a> {
+    connector: &'a str,
+    key_name: &'a str,
+    fingerprint: &'a str,
+    /// `None`: in the keyring, not yet in the database.
+    record: Option<&'a KeyRecord>,
+    /// How the keyring differs from the row, if it does.
+    keyring: Option<&'static str>,
+}
+
 pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let coordinator = open(global)?;
     let now = coordinator.now_ms();
     let keys: Vec<KeyRecord> = coordinator.store().keys(args.connector.as_deref())?;
+    let keyring = keyring_to_compare(global);
+    let lines = lines(&keys, keyring.as_ref(), args.connector.as_deref());
     let mut stdout = std::io::stdout().lock();
     if global.json {
-        let rows: Vec<_> = keys.iter().map(|key| as_json(key, now)).collect();
+        let rows: Vec<_> = lines.iter().map(|line| as_json(line, now)).collect();
         writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if keys.is_empty() {
+    if lines.is_empty() {
         let scope = args.connector.as_deref().map(|c| format!(" of '{c}'")).unwrap_or_default();
         writeln!(
             stdout,
@@ -34,7 +53,7 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = output::table(&[
+    let mut header = vec![
         "connector",
         "key",
         "fingerprint",
@@ -44,25 +63,92 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         "last reason",
         "uses",
         "last used",
-    ]);
-    for key in &keys {
-        table.add_row(vec![
-            key.connector.clone(),
-            key.key_name.clone(),
-            key.fingerprint.clone(),
-            state_label(key, now),
-            holder(key, now),
-            key.lockdown_until
-                .filter(|_| key.state == KeyState::Lockdown)
-                .map(|until| format!("{} ({})", output::local_time(until), output::relative(until, now)))
-                .unwrap_or_default(),
-            reason(key),
-            key.uses.to_string(),
-            if key.last_used_at > 0 { output::relative(key.last_used_at, now) } else { "never".to_owned() },
-        ]);
+    ];
+    if keyring.is_some() {
+        header.push("keyring");
+    }
+    let mut table = output::table(&header);
+    for line in &lines {
+        let mut row = match line.record {
+            Some(key) => vec![
+                key.connector.clone(),
+                key.key_name.clone(),
+                key.fingerprint.clone(),
+                state_label(key, now),
+                holder(key, now),
+                key.lockdown_until
+                    .filter(|_| key.state == KeyState::Lockdown)
+                    .map(|until| format!("{} ({})", output::local_time(until), output::relative(until, now)))
+                    .unwrap_or_default(),
+                reason(key),
+                key.uses.to_string(),
+                if key.last_used_at > 0 { output::relative(key.last_used_at, now) } else { "never".to_owned() },
+            ],
+            None => {
+                let mut row = vec![line.connector.to_owned(), line.key_name.to_owned(), line.fingerprint.to_owned()];
+                row.extend(["new", "", "", "", "0", "never"].map(str::to_owned));
+                row
+            }
+        };
+        if keyring.is_some() {
+            row.push(line.keyring.unwrap_or_default().to_owned());
+        }
+        table.add_row(row);
     }
     writeln!(stdout, "{table}")?;
+    if let Some(keyring) = keyring.as_ref().filter(|_| lines.iter().any(|line| line.keyring.is_some())) {
+        writeln!(
+            stdout,
+            "The keyring column is how {} differs from the database; the next request or cleanup with it applies it.",
+            keyring.path().display()
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The database's keys and the keyring's keys not yet in it, by connector and name, each with how the
+/// keyring differs from its row (only for the connectors the keyring has a section for, as a sync).
+fn lines<'a>(keys: &'a [KeyRecord], keyring: Option<&'a Keyring>, only: Option<&str>) -> Vec<Line<'a>> {
+    let defined: HashSet<&str> = keyring.map(|keyring| keyring.connectors().collect()).unwrap_or_default();
+    let mut in_keyring: HashMap<(&str, &str), &str> = keyring
+        .map(|keyring| {
+            keyring
+                .all_keys()
+                .filter(|(connector, _)| only.is_none_or(|only| only == *connector))
+                .map(|(connector, key)| ((connector, key.name()), key.fingerprint().as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut lines: Vec<Line<'a>> = keys
+        .iter()
+        .map(|key| {
+            let listed = in_keyring.remove(&(key.connector.as_str(), key.key_name.as_str()));
+            let keyring = match (defined.contains(key.connector.as_str()), listed, key.retired_at) {
+                (false, _, _) => None,
+                (true, None, None) => Some("not in the keyring"),
+                (true, None, Some(_)) => None,
+                (true, Some(fingerprint), _) if fingerprint != key.fingerprint => Some("secret changed in the keyring"),
+                (true, Some(_), Some(_)) => Some("back in the keyring"),
+                (true, Some(_), None) => None,
+            };
+            Line {
+                connector: &key.connector,
+                key_name: &key.key_name,
+                fingerprint: &key.fingerprint,
+                record: Some(key),
+                keyring,
+            }
+        })
+        .collect();
+    lines.extend(in_keyring.into_iter().map(|((connector, key_name), fingerprint)| Line {
+        connector,
+        key_name,
+        fingerprint,
+        record: None,
+        keyring: Some("in the keyring, not yet in the database"),
+    }));
+    lines.sort_by(|a, b| (a.connector, a.key_name).cmp(&(b.connector, b.key_name)));
+    lines
 }
 
 /// The state as a user should read it: an expired lockdown is claimable, a retired key is gone.
@@ -91,13 +177,26 @@ fn reason(key: &KeyRecord) -> String {
     }
 }
 
-fn as_json(key: &KeyRecord, now: i64) -> serde_json::Value {
+fn as_json(line: &Line<'_>, now: i64) -> serde_json::Value {
+    let Some(key) = line.record else {
+        return json!({
+            "connector": line.connector,
+            "key": line.key_name,
+            "fingerprint": line.fingerprint,
+            "state": "new",
+            "stored_state": null,
+            "in_database": false,
+            "keyring": line.keyring,
+        });
+    };
     json!({
         "connector": key.connector,
         "key": key.key_name,
         "fingerprint": key.fingerprint,
         "state": if key.retired_at.is_some() { "retired".to_owned() } else { key.effective_state(now).to_string() },
         "stored_state": key.state.as_str(),
+        "in_database": true,
+        "keyring": line.keyring,
         "retired_at": key.retired_at,
         "lease": key.lease,
         "holder": key.holder.as_ref().map(|h| json!({

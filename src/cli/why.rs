@@ -9,7 +9,7 @@ use api_jongler::store::{HistoryQuery, KeyRecord};
 use api_jongler::{Coordinator, KeyState};
 
 use super::exit::Usage;
-use super::{Global, open, output};
+use super::{Global, keyring_to_compare, open, output};
 
 #[derive(Debug, clap::Args)]
 pub struct WhyArgs {
@@ -23,6 +23,22 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     let coordinator = open(global)?;
     let keys = coordinator.store().keys(Some(&args.connector))?;
     let Some(key) = keys.iter().find(|key| key.key_name == args.key) else {
+        // `why` writes nothing, so a key only the keyring knows is explained, not added.
+        if let Some(keyring) = keyring_to_compare(global)
+            && let Some(key) = keyring.key(&args.connector, &args.key)
+        {
+            writeln!(
+                std::io::stdout().lock(),
+                "{} of {} ({}) is in the keyring {} but not yet in the database {}: the next request or cleanup \
+                 with that keyring adds it, vacant.",
+                args.key,
+                args.connector,
+                key.fingerprint(),
+                keyring.path().display(),
+                coordinator.db_path().display()
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
         let known: Vec<&str> = keys.iter().map(|key| key.key_name.as_str()).collect();
         let hint = if known.is_empty() {
             format!("the database has no keys of '{}'; check the connector name (`apijongler status`)", args.connector)
@@ -119,9 +135,16 @@ fn explain(coordinator: &Coordinator, key: &KeyRecord) -> String {
                     " Its holder is gone ({why}): the next claim of any process, or `apijongler cleanup {}`, frees it.",
                     key.connector
                 ),
-                Liveness::Alive => String::new(),
+                Liveness::Alive => {
+                    " Its holder is running: it keeps the key until it is done, however old its heartbeat (`apijongler cleanup --force` takes it away)."
+                        .to_owned()
+                }
+                Liveness::Stopped => format!(
+                    " Its holder is stopped (SIGSTOP or a debugger): the key is freed once its last heartbeat is older than the stale threshold, or by `apijongler cleanup --force {}`.",
+                    key.connector
+                ),
                 Liveness::Unknown => {
-                    " Its holder runs elsewhere; the key is freed if its heartbeat goes stale.".to_owned()
+                    " Its holder runs where this process cannot see it (another host, boot or container); the key is freed if its heartbeat goes stale.".to_owned()
                 }
             };
             format!("{name} is held by pid {} on {}{since}{heartbeat}.{fate}", holder.pid, holder.host)

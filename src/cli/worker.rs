@@ -63,6 +63,50 @@ pub struct WorkerArgs {
     /// The endpoint those requests go to.
     #[arg(long, default_value = "/v1beta/models/gemini-2.5-flash:generateContent")]
     endpoint: String,
+    /// Fault: this process stops itself (SIGSTOP) right after its first claim, as a debugger or a
+    /// paused VM would, and goes on when continued (see `StopAfterClaim`).
+    #[arg(long)]
+    pub stop_after_claim: bool,
+    /// Fault: this process's wall clock is this many ms ahead (negative: behind), as after an NTP step.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    clock_offset_ms: i64,
+}
+
+/// A wall clock stepped by a fixed offset; the boot clock is the system's (no step can move it).
+#[derive(Debug)]
+struct SteppedClock(i64);
+
+impl Clock for SteppedClock {
+    fn now_ms(&self) -> i64 {
+        SystemClock.now_ms().saturating_add(self.0)
+    }
+
+    fn boot_ms(&self) -> i64 {
+        SystemClock.boot_ms()
+    }
+}
+
+/// A tracing layer that stops this process with SIGSTOP right after its first claim commits (the
+/// coordinator logs "key claimed" then), the fault of a holder paused between its claim and its send.
+#[derive(Debug, Default)]
+pub struct StopAfterClaim(std::sync::atomic::AtomicBool);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StopAfterClaim {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct IsClaim(bool);
+        impl tracing::field::Visit for IsClaim {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" && format!("{value:?}") == "key claimed" {
+                    self.0 = true;
+                }
+            }
+        }
+        let mut claim = IsClaim(false);
+        event.record(&mut claim);
+        if claim.0 && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+        }
+    }
 }
 
 pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -138,6 +182,7 @@ fn send_requests(global: &Global, db: &Path, requests: u64, args: &WorkerArgs) -
                 heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
                 stale_after: Duration::from_millis(args.stale_ms),
                 reap_interval: Duration::from_millis(args.reap_ms),
+                clock: std::sync::Arc::new(SteppedClock(args.clock_offset_ms)),
                 ..CoordinatorOptions::default()
             });
         if let Some(config) = &global.config {
@@ -153,6 +198,11 @@ fn send_requests(global: &Global, db: &Path, requests: u64, args: &WorkerArgs) -
                 stdout.flush()?;
             }
             anyhow::ensure!(response.is_success(), "the upstream answered {}: {}", response.status, response.body);
+            anyhow::ensure!(
+                response.bookkeeping == api_jongler::Bookkeeping::Recorded,
+                "answered, but {:?}",
+                response.bookkeeping
+            );
         }
         writeln!(stdout, "requests {requests}")?;
         Ok(ExitCode::SUCCESS)

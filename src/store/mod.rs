@@ -8,12 +8,16 @@
 //!   `state = 'locked' AND lease = ?`, so a holder that lost its lease changes nothing.
 //! - A vacant key has no `lockdown_until`. A key claimed out of an expired lockdown keeps that past
 //!   deadline until it is released, which is how the claim's history row knows where the key came from.
-//! - A write that meets SQLITE_BUSY is retried until it goes through: a dropped release would leak
-//!   the key, and no caller ever sees SQLITE_BUSY.
+//! - A write that meets SQLITE_BUSY is retried until its caller's deadline, never less than the
+//!   store's floor (a few seconds, so a brief lock never fails a request), then fails with
+//!   [`Error::DatabaseLocked`]: no operation ever hangs on another process's lock.
+//! - Before every operation, the path must still lead to the file this process opened
+//!   ([`Error::DatabaseReplaced`] otherwise): a deleted database must not become two pools.
 //!
 //! A second backend (PostgreSQL, for pools shared by several hosts) would implement the same methods.
 
 mod schema;
+mod sync;
 mod types;
 
 use std::path::{Path, PathBuf};
@@ -24,15 +28,25 @@ use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params}
 
 use crate::error::{Error, Result};
 use crate::holder::Holder;
+use sync::{apply_sync, plan_sync};
 
-pub use schema::{DB_ENV, SCHEMA_VERSION, default_path};
+pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
+pub use sync::SyncSource;
 pub use types::*;
+
+/// How long any operation may wait for another process's write lock, at least (see [`Store::write`]).
+pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
+
+/// The longest single wait inside SQLite's busy handler, so a deadline is checked at least this often.
+const BUSY_SLICE: Duration = Duration::from_millis(250);
 
 /// The database: one file shared by every process of a user.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: r2d2::Pool<SqliteConnectionManager>,
     path: PathBuf,
+    identity: schema::FileIdentity,
+    lock_wait_floor: Duration,
 }
 
 /// A history row about to be written.
@@ -74,8 +88,23 @@ impl<'a> NewTransition<'a> {
 }
 
 const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
-     holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status, lockdown_count,
-     uses, last_used_at";
+     holder_pid_namespace, holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status,
+     lockdown_count, uses, last_used_at";
+
+/// The claim: the least recently used claimable key, walked in `keys_claim_order`, locked with a new
+/// lease. One statement, so two processes can never both get a key. `explain_claim` shows its plan.
+const CLAIM: &str = "UPDATE keys
+    SET state = 'locked', lease = lease + 1, holder_host = ?3, holder_boot_id = ?4, holder_pid_namespace = ?9,
+        holder_pid = ?5, holder_started = ?6, locked_at = ?2, heartbeat_at = ?2, heartbeat_boot_ms = ?8,
+        uses = uses + 1, last_used_at = ?2
+  WHERE id = (SELECT id FROM keys
+               WHERE connector = ?1
+                 AND state IN ('vacant', 'lockdown') AND retired_at IS NULL
+                 AND (state = 'vacant' OR lockdown_until <= ?2)
+                 AND key_name NOT IN (SELECT value FROM json_each(?7))
+               ORDER BY last_used_at
+               LIMIT 1)
+RETURNING id, key_name, fingerprint, lease, lockdown_until, lockdown_count";
 
 const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
@@ -84,8 +113,15 @@ const HISTORY_COLUMNS: &str =
 impl Store {
     /// Opens the database at `path`, creating and migrating it as needed.
     pub fn open(path: &Path) -> Result<Self> {
-        let pool = schema::open(path)?;
-        Ok(Self { pool, path: path.to_owned() })
+        let (pool, identity) = schema::open(path)?;
+        Ok(Self { pool, path: path.to_owned(), identity, lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR })
+    }
+
+    /// The same store with another floor for lock waits: every operation may wait at least this long
+    /// for another process's write lock (default [`DEFAULT_LOCK_WAIT_FLOOR`]).
+    pub fn with_lock_wait_floor(mut self, floor: Duration) -> Self {
+        self.lock_wait_floor = floor;
+        self
     }
 
     /// The database file.
@@ -100,43 +136,50 @@ impl Store {
         })
     }
 
-    /// Makes the keys table match the keyring: inserts new keys vacant, lifts error and lockdown from
-    /// keys whose secret changed, retires keys that left the keyring and restores those that came back.
-    /// Writes nothing (takes no write lock) when everything already matches.
-    pub fn sync_keys(&self, keys: &[KeySpec<'_>], now: i64) -> Result<SyncReport> {
-        let pending = self.read("reading the keys", |connection| plan_sync(connection, keys))?;
+    /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
+    /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
+    /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
+    /// when everything already matches.
+    pub fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
+        let pending = self.read("reading the keys", |connection| plan_sync(connection, source))?;
         if pending.is_empty() {
             return Ok(pending);
         }
-        self.write("syncing the keyring", |transaction| {
+        self.write("syncing the keyring", None, |transaction| {
             // Plan again under the write lock: another process may have synced in between.
-            let mut plan = plan_sync(transaction, keys)?;
-            plan.transitions = apply_sync(transaction, keys, &plan, now)?;
+            let mut plan = plan_sync(transaction, source)?;
+            plan.transitions = apply_sync(transaction, source, &plan, now)?;
             Ok(plan)
         })
     }
 
-    /// Claims the least recently used claimable key of `connector` not named in `tried`, for `holder`.
-    pub fn claim(&self, connector: &str, tried: &[String], holder: &Holder, now: i64) -> Result<Option<Claimed>> {
+    /// Claims the least recently used claimable key of `connector` not named in `tried`, for `holder`,
+    /// at wall-clock `now` and boot-clock `boot_ms`; waits for the write lock until `deadline` at most
+    /// (and at least the store's floor).
+    pub fn claim(
+        &self,
+        connector: &str,
+        tried: &[String],
+        holder: &Holder,
+        (now, boot_ms): (i64, i64),
+        deadline: Instant,
+    ) -> Result<Option<Claimed>> {
         let tried = json_list(tried);
-        self.write("claiming a key", |transaction| {
+        self.write("claiming a key", Some(deadline), |transaction| {
             let claimed = transaction
-                .prepare_cached(
-                    "UPDATE keys
-                        SET state = 'locked', lease = lease + 1, holder_host = ?3, holder_boot_id = ?4,
-                            holder_pid = ?5, holder_started = ?6, locked_at = ?2, heartbeat_at = ?2,
-                            uses = uses + 1, last_used_at = ?2
-                      WHERE id = (SELECT id FROM keys
-                                   WHERE connector = ?1
-                                     AND state IN ('vacant', 'lockdown') AND retired_at IS NULL
-                                     AND (state = 'vacant' OR lockdown_until <= ?2)
-                                     AND key_name NOT IN (SELECT value FROM json_each(?7))
-                                   ORDER BY last_used_at
-                                   LIMIT 1)
-                  RETURNING id, key_name, fingerprint, lease, lockdown_until, lockdown_count",
-                )?
+                .prepare_cached(CLAIM)?
                 .query_row(
-                    params![connector, now, holder.host, holder.boot_id, holder.pid, holder.started, tried],
+                    params![
+                        connector,
+                        now,
+                        holder.host,
+                        holder.boot_id,
+                        holder.pid,
+                        holder.started,
+                        tried,
+                        boot_ms,
+                        holder.pid_namespace
+                    ],
                     |row| {
                         let claimed = Claimed {
                             id: row.get(0)?,
@@ -179,7 +222,7 @@ impl Store {
             Fate::Lockdown { until, reason, http_status } => ("lockdown", Some(*until), Some(reason), *http_status),
             Fate::Error { reason, http_status } => ("error", None, Some(reason), *http_status),
         };
-        self.write("ending a lease", |transaction| {
+        self.write("ending a lease", None, |transaction| {
             let ended = transaction
                 .prepare_cached(
                     "UPDATE keys
@@ -187,8 +230,8 @@ impl Store {
                             reason = coalesce(?5, reason), http_status = CASE WHEN ?5 IS NULL THEN http_status ELSE ?6 END,
                             lockdown_count = CASE WHEN ?3 = 'lockdown' THEN lockdown_count + 1
                                                   WHEN ?7 THEN 0 ELSE lockdown_count END,
-                            holder_host = NULL, holder_boot_id = NULL, holder_pid = NULL, holder_started = NULL,
-                            locked_at = NULL, heartbeat_at = NULL
+                            holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
+                            holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
                       WHERE id = ?1 AND lease = ?2 AND state = 'locked'
                   RETURNING connector, key_name, fingerprint",
                 )?
@@ -222,13 +265,13 @@ impl Store {
 
     /// Records an attempt made without ending a lease (no key, or the lease is kept).
     pub fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
-        self.write("recording a request", |transaction| insert_attempt(transaction, attempt))
+        self.write("recording a request", None, |transaction| insert_attempt(transaction, attempt))
     }
 
     /// After a success on a key that is kept (per-connection leases), its consecutive-lockdown count
     /// starts again at 0. `Ok(false)`: the lease was lost.
     pub fn reset_escalation(&self, id: i64, lease: i64) -> Result<bool> {
-        self.write("resetting a key's lockdown count", |transaction| {
+        self.write("resetting a key's lockdown count", None, |transaction| {
             let changed = transaction
                 .prepare_cached("UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'")?
                 .execute(params![id, lease])?;
@@ -258,19 +301,22 @@ impl Store {
         })
     }
 
-    /// Refreshes the heartbeat of every key `holder` holds, and returns `(id, lease)` of each: a lease
-    /// missing from the answer was lost.
-    pub fn heartbeat(&self, holder: &Holder, now: i64) -> Result<Vec<(i64, i64)>> {
-        self.write("refreshing heartbeats", |transaction| {
+    /// Refreshes the heartbeat of exactly the given leases (`(key id, lease token)`), at wall-clock
+    /// `now` and boot-clock `boot_ms`, and returns those still held: a lease missing from the answer was
+    /// lost. Keys this process holds under no listed lease are not touched.
+    pub fn heartbeat(&self, leases: &[(i64, i64)], (now, boot_ms): (i64, i64)) -> Result<Vec<(i64, i64)>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let leases = serde_json::to_string(leases).unwrap_or_else(|_| "[]".to_owned());
+        self.write("refreshing heartbeats", None, |transaction| {
             let mut statement = transaction.prepare_cached(
-                "UPDATE keys SET heartbeat_at = ?1
-                  WHERE state = 'locked' AND holder_pid = ?2 AND holder_started = ?3
-                    AND holder_boot_id = ?4 AND holder_host = ?5
+                "UPDATE keys SET heartbeat_at = ?1, heartbeat_boot_ms = ?2
+                  WHERE state = 'locked'
+                    AND (id, lease) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?3))
               RETURNING id, lease",
             )?;
-            all(&mut statement, params![now, holder.pid, holder.started, holder.boot_id, holder.host], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
+            all(&mut statement, params![now, boot_ms, leases], |row| Ok((row.get(0)?, row.get(1)?)))
         })
     }
 
@@ -278,8 +324,8 @@ impl Store {
     pub fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
         self.read("reading held keys", |connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT id, connector, key_name, lease, holder_host, holder_boot_id, holder_pid, holder_started,
-                        heartbeat_at
+                "SELECT id, connector, key_name, lease, holder_host, holder_boot_id, holder_pid_namespace, holder_pid,
+                        holder_started, heartbeat_at, heartbeat_boot_ms
                    FROM keys WHERE state = 'locked' AND (?1 IS NULL OR connector = ?1)",
             )?;
             all(&mut statement, params![connector], |row| {
@@ -290,19 +336,21 @@ impl Store {
                     lease: row.get(3)?,
                     // A locked row always names its holder; an empty one is judged by heartbeat alone.
                     holder: holder_at(row, 4)?.unwrap_or_default(),
-                    heartbeat_at: row.get::<_, Option<i64>>(8)?.unwrap_or_default(),
+                    heartbeat_at: row.get(9)?,
+                    heartbeat_boot_ms: row.get(10)?,
                 })
             })
         })
     }
 
-    /// Frees the given locks (each fenced by its lease): back to vacant, or to lockdown if the key's
-    /// deadline is still ahead. Returns the transitions written.
+    /// Frees the given locks, each only if its lease and heartbeat are still the ones the caller read
+    /// (a heartbeat that landed first wins): back to vacant, or to lockdown if the key's deadline is
+    /// still ahead. Returns the transitions written.
     pub fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>> {
         if evictions.is_empty() {
             return Ok(Vec::new());
         }
-        self.write("freeing locks", |transaction| {
+        self.write("freeing locks", None, |transaction| {
             let mut written = Vec::new();
             for eviction in evictions {
                 let freed = transaction
@@ -310,15 +358,20 @@ impl Store {
                         "UPDATE keys
                             SET state = CASE WHEN lockdown_until > ?3 THEN 'lockdown' ELSE 'vacant' END,
                                 lockdown_until = CASE WHEN lockdown_until > ?3 THEN lockdown_until END,
-                                holder_host = NULL, holder_boot_id = NULL, holder_pid = NULL,
-                                holder_started = NULL, locked_at = NULL, heartbeat_at = NULL
+                                holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL,
+                                holder_pid = NULL, holder_started = NULL, locked_at = NULL, heartbeat_at = NULL,
+                                heartbeat_boot_ms = NULL
                           WHERE id = ?1 AND lease = ?2 AND state = 'locked'
+                            AND heartbeat_at IS ?4 AND heartbeat_boot_ms IS ?5
                       RETURNING connector, key_name, fingerprint, state, lockdown_until",
                     )?
-                    .query_row(params![eviction.id, eviction.lease, now], |row| {
-                        let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
-                        Ok((key, row.get::<_, String>(3)?, row.get(4)?))
-                    })
+                    .query_row(
+                        params![eviction.id, eviction.lease, now, eviction.heartbeat_at, eviction.heartbeat_boot_ms],
+                        |row| {
+                            let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                            Ok((key, row.get::<_, String>(3)?, row.get(4)?))
+                        },
+                    )
                     .optional()?;
                 if let Some(((connector, key_name, fingerprint), state, until)) = freed {
                     written.push(record(
@@ -344,7 +397,7 @@ impl Store {
     /// Puts every key in lockdown or error of `connector` (or of all connectors) back to vacant.
     /// Locks are not touched here: the reaper frees dead ones, and a forced cleanup evicts the rest.
     pub fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
-        self.write("cleaning up keys", |transaction| {
+        self.write("cleaning up keys", None, |transaction| {
             let mut statement = transaction.prepare_cached(
                 "UPDATE keys SET state = 'vacant', lockdown_until = NULL, lockdown_count = 0 WHERE id = ?1",
             )?;
@@ -378,14 +431,16 @@ impl Store {
         self.read("reading key availability", |connection| {
             connection
                 .prepare_cached(
-                    "SELECT coalesce(sum(usable AND NOT was_tried), 0), coalesce(sum(state = 'locked'), 0),
-                        coalesce(sum(state = 'lockdown' AND NOT usable), 0), coalesce(sum(state = 'error'), 0),
-                        coalesce(sum(usable AND was_tried), 0),
-                        min(CASE WHEN state = 'lockdown' AND NOT usable THEN lockdown_until END)
-                   FROM (SELECT state, lockdown_until,
-                                state = 'vacant' OR (state = 'lockdown' AND lockdown_until <= ?2) AS usable,
+                    "SELECT coalesce(sum(usable AND NOT was_tried), 0), coalesce(sum(live AND state = 'locked'), 0),
+                        coalesce(sum(live AND state = 'lockdown' AND NOT usable), 0),
+                        coalesce(sum(live AND state = 'error'), 0), coalesce(sum(usable AND was_tried), 0),
+                        min(CASE WHEN live AND state = 'lockdown' AND NOT usable THEN lockdown_until END),
+                        coalesce(sum(NOT live), 0), max(retired_at)
+                   FROM (SELECT state, lockdown_until, retired_at, retired_at IS NULL AS live,
+                                retired_at IS NULL
+                                AND (state = 'vacant' OR (state = 'lockdown' AND lockdown_until <= ?2)) AS usable,
                                 key_name IN (SELECT value FROM json_each(?3)) AS was_tried
-                           FROM keys WHERE connector = ?1 AND retired_at IS NULL)",
+                           FROM keys WHERE connector = ?1)",
                 )?
                 .query_row(params![connector, now, tried], |row| {
                     Ok(Availability {
@@ -396,7 +451,26 @@ impl Store {
                         error: row.get(3)?,
                         tried: row.get(4)?,
                         earliest_lockdown_end: row.get(5)?,
+                        retired: row.get(6)?,
+                        last_retired_at: row.get(7)?,
+                        last_retired_reason: None,
                     })
+                })
+                .and_then(|mut availability| {
+                    // Only when no key is left: say what emptied the pool (the waiters' polls skip this).
+                    if availability.total() == 0 && availability.retired > 0 {
+                        availability.last_retired_reason = connection
+                            .prepare_cached(
+                                "SELECT reason FROM history
+                                  WHERE connector = ?1 AND to_state = 'retired'
+                                    AND key_name = (SELECT key_name FROM keys WHERE connector = ?1
+                                                     ORDER BY retired_at DESC LIMIT 1)
+                                  ORDER BY at DESC, id DESC LIMIT 1",
+                            )?
+                            .query_row(params![connector], |row| row.get(0))
+                            .optional()?;
+                    }
+                    Ok(availability)
                 })
         })
     }
@@ -424,43 +498,45 @@ impl Store {
         })
     }
 
-    /// The plan SQLite chooses for the claim's key lookup, one line per step (for tests and docs).
+    /// The plan SQLite chooses for the very statement [`claim`](Self::claim) runs, one line per step
+    /// (for tests and docs).
     pub fn explain_claim(&self) -> Result<Vec<String>> {
         self.read("explaining the claim", |connection| {
-            let mut statement = connection.prepare(
-                "EXPLAIN QUERY PLAN
-                 SELECT id FROM keys
-                  WHERE connector = ?1
-                    AND state IN ('vacant', 'lockdown') AND retired_at IS NULL
-                    AND (state = 'vacant' OR lockdown_until <= ?2)
-                    AND key_name NOT IN (SELECT value FROM json_each(?3))
-                  ORDER BY last_used_at
-                  LIMIT 1",
-            )?;
-            all(&mut statement, params!["c", 0, "[]"], |row| row.get::<_, String>(3))
+            let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {CLAIM}"))?;
+            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n"], |row| row.get::<_, String>(3))
         })
     }
 
+    /// Runs `f` on a connection; reads run beside the writer in WAL mode and wait (up to the floor)
+    /// only while a checkpoint or recovery briefly locks the file.
     fn read<T>(
         &self,
         operation: &'static str,
         f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
         let connection = self.connection(operation)?;
-        f(&connection).map_err(|error| schema::classify(&self.path, operation, error))
+        let failed = |error| schema::classify(&self.path, operation, error);
+        connection.busy_timeout(self.lock_wait_floor).map_err(failed)?;
+        f(&connection).map_err(failed)
     }
 
-    /// Runs `f` in a `BEGIN IMMEDIATE` transaction, retrying while another process holds the write lock
-    /// beyond the busy timeout: the write is never dropped and SQLITE_BUSY never reaches the caller.
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
+    /// `deadline` (`None`: now), but never less than the store's floor; then [`Error::DatabaseLocked`].
+    /// The wait is cut in slices so the deadline is kept whatever SQLite's busy handler does.
     fn write<T>(
         &self,
         operation: &'static str,
+        deadline: Option<Instant>,
         mut f: impl FnMut(&Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T> {
         let mut connection = self.connection(operation)?;
         let started = Instant::now();
-        let mut attempt: u32 = 0;
+        let deadline = deadline.unwrap_or(started).max(started + self.lock_wait_floor);
+        let failed = |error| schema::classify(&self.path, operation, error);
+        let mut warned = false;
         loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            connection.busy_timeout(remaining.min(BUSY_SLICE)).map_err(failed)?;
             let result = connection.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|transaction| {
                 let value = f(&transaction)?;
                 transaction.commit()?;
@@ -469,20 +545,34 @@ impl Store {
             match result {
                 Ok(value) => return Ok(value),
                 Err(error) if schema::is_busy(&error) => {
-                    attempt += 1;
-                    tracing::warn!(
-                        path = %self.path.display(), operation, attempt, waited = ?started.elapsed(),
-                        "database stays locked by another process; retrying"
-                    );
-                    std::thread::sleep(Duration::from_millis(fastrand::u64(1..=50)));
+                    let waited = started.elapsed();
+                    if Instant::now() >= deadline {
+                        return Err(Error::DatabaseLocked { path: self.path.clone(), operation, waited });
+                    }
+                    if !warned && waited >= Duration::from_secs(1) {
+                        warned = true;
+                        tracing::warn!(
+                            path = %self.path.display(), operation, waited = ?waited,
+                            "database stays locked by another process; waiting (find it with `fuser`)"
+                        );
+                    }
                 }
-                Err(error) => return Err(schema::classify(&self.path, operation, error)),
+                Err(error) => return Err(failed(error)),
             }
         }
     }
 
+    /// A pooled connection, once the path is known to still lead to the file this process opened.
     fn connection(&self, operation: &'static str) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
-        self.pool.get().map_err(|error| Error::Database { path: self.path.clone(), operation, source: Box::new(error) })
+        if let Some(what) = self.identity.lost_at(&self.path) {
+            return Err(Error::DatabaseReplaced { path: self.path.clone(), what });
+        }
+        self.pool.get().map_err(|error| Error::Database {
+            path: self.path.clone(),
+            operation,
+            hint: "",
+            source: Box::new(error),
+        })
     }
 }
 
@@ -558,107 +648,16 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
     })
 }
 
-/// What syncing `keys` would change, compared with the rows as they are.
-fn plan_sync(connection: &rusqlite::Connection, keys: &[KeySpec<'_>]) -> rusqlite::Result<SyncReport> {
-    let mut existing = std::collections::HashMap::new();
-    let mut statement = connection.prepare_cached("SELECT connector, key_name, fingerprint, retired_at FROM keys")?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            (row.get::<_, String>(0)?, row.get::<_, String>(1)?),
-            (row.get::<_, String>(2)?, row.get::<_, Option<i64>>(3)?),
-        ))
-    })?;
-    for row in rows {
-        let (id, values) = row?;
-        existing.insert(id, values);
-    }
-    let mut report = SyncReport::default();
-    for key in keys {
-        let id = (key.connector.to_owned(), key.name.to_owned());
-        match existing.remove(&id) {
-            None => report.added.push(id),
-            Some((fingerprint, retired_at)) => {
-                if fingerprint != key.fingerprint {
-                    report.changed.push(id.clone());
-                }
-                if retired_at.is_some() {
-                    report.restored.push(id);
-                }
-            }
-        }
-    }
-    report.retired =
-        existing.into_iter().filter(|(_, (_, retired_at))| retired_at.is_none()).map(|(id, _)| id).collect();
-    report.retired.sort();
-    Ok(report)
-}
-
-fn apply_sync(
-    transaction: &Transaction<'_>,
-    keys: &[KeySpec<'_>],
-    plan: &SyncReport,
-    now: i64,
-) -> rusqlite::Result<Vec<Transition>> {
-    let mut written = Vec::new();
-    let spec = |(connector, name): &(String, String)| {
-        keys.iter().find(|key| key.connector == connector && key.name == name).map_or("", |key| key.fingerprint)
-    };
-    let mut note = |key: (&str, &str, &str), from_state: Option<&str>, to_state: &str, reason: &str| {
-        written.push(record(transaction, now, &NewTransition::new(key, from_state, to_state, reason))?);
-        Ok::<_, rusqlite::Error>(())
-    };
-    for id @ (connector, name) in &plan.added {
-        transaction
-            .prepare_cached("INSERT INTO keys (connector, key_name, fingerprint, created_at) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![connector, name, spec(id), now])?;
-        note((connector, name, spec(id)), None, "vacant", "added to the keyring")?;
-    }
-    for id @ (connector, name) in &plan.changed {
-        // A new secret is a new key: the old one's error or quota says nothing about it.
-        let before: String = transaction
-            .prepare_cached("SELECT state FROM keys WHERE connector = ?1 AND key_name = ?2")?
-            .query_row(params![connector, name], |row| row.get(0))?;
-        let state: String = transaction
-            .prepare_cached(
-                "UPDATE keys
-                    SET fingerprint = ?3,
-                        state = CASE WHEN state IN ('error', 'lockdown') THEN 'vacant' ELSE state END,
-                        lockdown_until = CASE WHEN state IN ('error', 'lockdown') THEN NULL ELSE lockdown_until END,
-                        lockdown_count = 0
-                  WHERE connector = ?1 AND key_name = ?2
-              RETURNING state",
-            )?
-            .query_row(params![connector, name, spec(id)], |row| row.get(0))?;
-        note((connector, name, spec(id)), Some(&before), &state, "secret changed in the keyring")?;
-    }
-    for (connector, name) in &plan.retired {
-        let (state, fingerprint): (String, String) = transaction
-            .prepare_cached(
-                "UPDATE keys SET retired_at = ?3 WHERE connector = ?1 AND key_name = ?2 RETURNING state, fingerprint",
-            )?
-            .query_row(params![connector, name, now], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        note((connector, name, &fingerprint), Some(&state), "retired", "removed from the keyring")?;
-    }
-    for (connector, name) in &plan.restored {
-        let (state, fingerprint): (String, String) = transaction
-            .prepare_cached(
-                "UPDATE keys SET retired_at = NULL WHERE connector = ?1 AND key_name = ?2 RETURNING state, fingerprint",
-            )?
-            .query_row(params![connector, name], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        note((connector, name, &fingerprint), Some("retired"), &state, "back in the keyring")?;
-    }
-    Ok(written)
-}
-
-/// The holder recorded in columns `first..first + 4` (host, boot id, pid, start time, the order of the
-/// `keys` table), or `None` when no pid is recorded.
+/// The holder recorded in columns `first..first + 5` (host, boot id, pid namespace, pid, start time),
+/// or `None` when no pid is recorded.
 fn holder_at(row: &Row<'_>, first: usize) -> rusqlite::Result<Option<Holder>> {
-    let Some(pid) = row.get::<_, Option<u32>>(first + 2)? else { return Ok(None) };
+    let Some(pid) = row.get::<_, Option<u32>>(first + 3)? else { return Ok(None) };
     Ok(Some(Holder {
         host: row.get::<_, Option<String>>(first)?.unwrap_or_default(),
         boot_id: row.get::<_, Option<String>>(first + 1)?.unwrap_or_default(),
+        pid_namespace: row.get::<_, Option<String>>(first + 2)?.unwrap_or_default(),
         pid,
-        started: row.get::<_, Option<i64>>(first + 3)?.unwrap_or_default(),
+        started: row.get::<_, Option<i64>>(first + 4)?.unwrap_or_default(),
     }))
 }
 
@@ -671,14 +670,14 @@ fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         retired_at: row.get(4)?,
         lease: row.get(5)?,
         holder: holder_at(row, 6)?,
-        locked_at: row.get(10)?,
-        heartbeat_at: row.get(11)?,
-        lockdown_until: row.get(12)?,
-        reason: row.get(13)?,
-        http_status: row.get(14)?,
-        lockdown_count: row.get(15)?,
-        uses: row.get(16)?,
-        last_used_at: row.get(17)?,
+        locked_at: row.get(11)?,
+        heartbeat_at: row.get(12)?,
+        lockdown_until: row.get(13)?,
+        reason: row.get(14)?,
+        http_status: row.get(15)?,
+        lockdown_count: row.get(16)?,
+        uses: row.get(17)?,
+        last_used_at: row.get(18)?,
     })
 }
 

@@ -1,16 +1,23 @@
 //! Opening the database file: location, creation, pragmas, WAL, and the embedded migrations.
 //!
-//! Invariants: a file that is not SQLite, or that has a newer schema than this build knows, is refused
-//! before anything is written to it. The schema version is read inside the same `BEGIN IMMEDIATE`
-//! transaction that migrates, so any number of processes may open a fresh file at once.
+//! Invariants: a file that is not SQLite, another application's database, or a database with a newer
+//! schema than this build knows is refused before anything is written to it. apijongler's files carry
+//! `PRAGMA application_id` [`APPLICATION_ID`]; an empty file, or one written by a build older than
+//! the stamp (schema 1 or 2 with a `keys` table), is adopted. The schema version is read inside the
+//! same `BEGIN IMMEDIATE` transaction that migrates, so any number of processes may open a fresh file
+//! at once.
+//!
+//! Pooled connections open the file without `SQLITE_OPEN_CREATE`, so a file deleted while in use is
+//! never silently re-created empty by a later connection; [`FileIdentity`] tells when the path no
+//! longer leads to the file this process opened.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
@@ -18,8 +25,14 @@ use crate::error::{Error, Result};
 pub const DB_ENV: &str = "APIJONGLER_DB";
 
 /// The embedded migrations, in order; migration `n` (1-based) brings the schema to version `n`.
-const MIGRATIONS: &[&str] =
-    &[include_str!("../../migrations/0001_initial.sql"), include_str!("../../migrations/0002_requests.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_initial.sql"),
+    include_str!("../../migrations/0002_requests.sql"),
+    include_str!("../../migrations/0003_liveness.sql"),
+];
+
+/// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.
+pub const APPLICATION_ID: i64 = 0x414A_4E47;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -51,32 +64,65 @@ pub fn default_path() -> Result<PathBuf> {
     Ok(state_home.join("apijongler/apijongler.db"))
 }
 
-/// Opens (creating if needed) and migrates the database, and returns a pool of configured connections.
-pub(super) fn open(path: &Path) -> Result<r2d2::Pool<SqliteConnectionManager>> {
+/// The device and inode of the database file this process opened: if the path later leads elsewhere
+/// (the file was deleted, or replaced by another), this process and new ones would use two pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self { device: meta.dev(), inode: meta.ino() })
+    }
+
+    /// `None` while `path` still leads to this file; else what happened to it.
+    pub(super) fn lost_at(&self, path: &Path) -> Option<String> {
+        match Self::of(path) {
+            Ok(now) if now == *self => None,
+            Ok(_) => Some("was replaced by another file".to_owned()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Some("was deleted".to_owned()),
+            Err(error) => Some(format!("cannot be checked ({error})")),
+        }
+    }
+}
+
+/// Opens (creating if needed) and migrates the database, and returns a pool of configured connections
+/// and the identity of the file they use.
+pub(super) fn open(path: &Path) -> Result<(r2d2::Pool<SqliteConnectionManager>, FileIdentity)> {
     create_file(path)?;
     let failed = |operation| {
         let path = path.to_owned();
         move |error: rusqlite::Error| classify(&path, operation, error)
     };
 
-    let mut setup = Connection::open(path).map_err(failed("opening"))?;
+    let mut setup = Connection::open_with_flags(path, existing_file()).map_err(failed("opening"))?;
     configure(&setup).map_err(failed("configuring the connection"))?;
+    let identity = FileIdentity::of(path).map_err(|source| Error::DatabaseCreate { path: path.to_owned(), source })?;
     // Read before anything can write: a foreign or newer file must stay byte-for-byte untouched.
-    let version: i64 = setup.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(failed("reading"))?;
-    refuse_newer(path, version)?;
+    let version = refuse_foreign_or_newer(&setup, path)?;
     switch_to_wal(&setup).map_err(failed("switching to WAL mode"))?;
     if version < SCHEMA_VERSION {
         migrate(&mut setup, path)?;
     }
     drop(setup);
 
-    let manager = SqliteConnectionManager::file(path).with_init(|connection| configure(connection));
-    Ok(r2d2::Pool::builder()
+    let manager =
+        SqliteConnectionManager::file(path).with_flags(existing_file()).with_init(|connection| configure(connection));
+    let pool = r2d2::Pool::builder()
         .max_size(POOL_SIZE)
         .min_idle(Some(0))
         .test_on_check_out(false)
         .connection_timeout(Duration::from_secs(30))
-        .build_unchecked(manager))
+        .build_unchecked(manager);
+    Ok((pool, identity))
+}
+
+/// Read-write, never create: the file is created once, by `create_file`.
+fn existing_file() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
 }
 
 /// Creates the parent directory and the file (mode 0600: the file says which keys a user has). An
@@ -128,8 +174,7 @@ fn switch_to_wal(connection: &Connection) -> rusqlite::Result<()> {
 fn migrate(connection: &mut Connection, path: &Path) -> Result<()> {
     let failed = |error| classify(path, "migrating the schema", error);
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
-    let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(failed)?;
-    refuse_newer(path, version)?;
+    let version = refuse_foreign_or_newer(&transaction, path)?;
     // Another process may have migrated between our first read and this transaction.
     let applied = usize::try_from(version).unwrap_or(0);
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
@@ -142,22 +187,60 @@ fn migrate(connection: &mut Connection, path: &Path) -> Result<()> {
     transaction.commit().map_err(failed)
 }
 
-fn refuse_newer(path: &Path, found: i64) -> Result<()> {
-    if found > SCHEMA_VERSION {
-        return Err(Error::SchemaTooNew { path: path.to_owned(), found, supported: SCHEMA_VERSION });
+/// The schema version of an apijongler database (0 for an empty file); an error for a newer schema
+/// or for another application's database, which must not be adopted.
+fn refuse_foreign_or_newer(connection: &Connection, path: &Path) -> Result<i64> {
+    let read = |error| classify(path, "reading", error);
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(read)?;
+    let application_id: i64 = connection.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(read)?;
+    let ours = match application_id {
+        APPLICATION_ID => true,
+        0 => {
+            let (objects, has_keys): (i64, bool) = connection
+                .query_row(
+                    "SELECT count(*), coalesce(sum(type = 'table' AND name = 'keys'), 0) > 0 FROM sqlite_schema",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .map_err(read)?;
+            // Empty, or written by apijongler before it stamped its files.
+            objects == 0 || (has_keys && (1..APPLICATION_ID_SINCE).contains(&version))
+        }
+        _ => false,
+    };
+    if !ours {
+        return Err(Error::ForeignDatabase { path: path.to_owned() });
     }
-    Ok(())
+    if version > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    }
+    Ok(version)
 }
+
+/// The schema version whose migration stamps `application_id`.
+const APPLICATION_ID_SINCE: i64 = 3;
 
 /// True for the two answers that mean "another connection holds the lock, try again".
 pub(super) fn is_busy(error: &rusqlite::Error) -> bool {
     matches!(error.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
 }
 
-/// Maps an SQLite failure to the library error, recognising a file that is not a database.
+/// Maps an SQLite failure to the library error, recognising a file that is not a database and the
+/// failures that come from the file system (full, read-only, I/O), whose hint differs.
 pub(super) fn classify(path: &Path, operation: &'static str, error: rusqlite::Error) -> Error {
-    if error.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
-        return Error::NotADatabase { path: path.to_owned() };
-    }
-    Error::Database { path: path.to_owned(), operation, source: Box::new(error) }
+    let hint = match error.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => return Error::NotADatabase { path: path.to_owned() },
+        Some(ErrorCode::DiskFull) => "the disk is full: free space on it",
+        Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied | ErrorCode::CannotOpen) => {
+            "check the file's and its directory's permissions (APIJONGLER_DB names the file)"
+        }
+        Some(ErrorCode::SystemIoFailure | ErrorCode::FileLockingProtocolFailed) => {
+            "the file system failed; the database must be on a local disk (NFS and SMB break SQLite's WAL mode)"
+        }
+        Some(ErrorCode::DatabaseCorrupt) => {
+            "the file is damaged: move it away (the keys come back from the keyring; the history stays in the old file)"
+        }
+        _ => "",
+    };
+    Error::Database { path: path.to_owned(), operation, hint, source: Box::new(error) }
 }

@@ -151,8 +151,11 @@ pub struct HeldKey {
     pub lease: i64,
     /// The recorded holder.
     pub holder: Holder,
-    /// Last heartbeat, unix ms.
-    pub heartbeat_at: i64,
+    /// Last heartbeat, wall-clock unix ms.
+    pub heartbeat_at: Option<i64>,
+    /// Last heartbeat on the holder's boot clock (`CLOCK_BOOTTIME` ms), comparable with this
+    /// process's when both run in one boot.
+    pub heartbeat_boot_ms: Option<i64>,
 }
 
 /// A lock to free, and why.
@@ -162,6 +165,10 @@ pub struct Eviction {
     pub id: i64,
     /// The lease being ended; if the key was re-leased meanwhile, nothing happens.
     pub lease: i64,
+    /// The heartbeat the decision was based on; if another landed meanwhile, nothing happens.
+    pub heartbeat_at: Option<i64>,
+    /// The same, on the boot clock.
+    pub heartbeat_boot_ms: Option<i64>,
     /// Why, for the history.
     pub reason: String,
 }
@@ -183,6 +190,12 @@ pub struct Availability {
     pub tried: u32,
     /// The earliest deadline among keys in lockdown, unix ms.
     pub earliest_lockdown_end: Option<i64>,
+    /// Keys that left the keyring (never claimed; not counted in [`total`](Self::total)).
+    pub retired: u32,
+    /// When the most recent of them was retired, unix ms.
+    pub last_retired_at: Option<i64>,
+    /// Why (e.g. `removed from the keyring /path/keys.ini`); read only when no key is left.
+    pub last_retired_reason: Option<String>,
 }
 
 impl Availability {

@@ -1,9 +1,10 @@
 //! `apijongler bench`: the measurements the README quotes. `bench keys` measures the coordinator
 //! against raw SQLite; `bench requests` measures the request layer against a plain HTTP client and its
-//! goodput under a quota.
+//! goodput under a quota; `bench sync` measures what the keyring's size costs a sync and a command.
 
 mod keys;
 mod requests;
+mod sync;
 
 use std::process::ExitCode;
 
@@ -21,12 +22,15 @@ enum What {
     Keys(keys::KeysArgs),
     /// Latency added over a plain HTTP client, and goodput under a per-key quota.
     Requests(requests::RequestsArgs),
+    /// Keyring syncs and whole commands with 10, 10,000 and 100,000 keys.
+    Sync(sync::SyncArgs),
 }
 
 pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &args.what {
         What::Keys(keys) => keys::run(global, keys),
         What::Requests(requests) => requests::run(requests),
+        What::Sync(sync) => sync::run(sync),
     }
 }
 

@@ -1,0 +1,322 @@
+//! Keyring syncs under faults: a keyring never retires the keys of connectors it does not define, the
+//! read-only commands write nothing, a key pool emptied by a sync says which keyring emptied it, a sync
+//! that changes nothing takes no write lock, and a wait of any length cannot overflow.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use api_jongler::mock::{MockConfig, MockUpstream};
+use api_jongler::{Coordinator, Error, Keyring};
+use common::Sandbox;
+
+const GEMINI: &str = "generativelanguage.googleapis.com";
+const HF: &str = "router.huggingface.co";
+const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+/// Writes a second keyring file next to the sandbox's and returns its path.
+fn other_keyring(sandbox: &Sandbox, name: &str, ini: &str) -> PathBuf {
+    let path = sandbox.dir.path().join(name);
+    std::fs::write(&path, ini).expect("write keyring");
+    path
+}
+
+fn load(path: &Path) -> Keyring {
+    Keyring::load(path).expect("keyring")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[track_caller]
+fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(output.status.code(), Some(code), "stdout: {}\nstderr: {}", text(&output.stdout), text(&output.stderr));
+}
+
+/// Every row of `keys`, `history` and `requests`, as text: equal snapshots mean nothing was written.
+fn snapshot(sandbox: &Sandbox) -> String {
+    let connection = sandbox.sql();
+    let mut dump = String::new();
+    for table in ["keys", "history", "requests"] {
+        let mut statement = connection.prepare(&format!("SELECT * FROM {table} ORDER BY id")).expect("prepare");
+        let columns = statement.column_count();
+        let rows = statement
+            .query_map([], |row| {
+                (0..columns).map(|index| row.get::<_, rusqlite::types::Value>(index)).collect::<Result<Vec<_>, _>>()
+            })
+            .expect("query");
+        for row in rows {
+            dump.push_str(&format!("{table} {:?}\n", row.expect("row")));
+        }
+    }
+    dump
+}
+
+fn retired_rows(sandbox: &Sandbox) -> Vec<(String, String)> {
+    sandbox.history().into_iter().filter(|row| row.to == "retired").map(|row| (row.key, row.reason)).collect()
+}
+
+#[test]
+fn a_keyring_never_retires_the_keys_of_a_connector_it_does_not_define() {
+    let sandbox = Sandbox::new(GEMINI, 3);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let other = other_keyring(&sandbox, "other.ini", &format!("[{HF}]\nhf0 = fake-hf-secret-0\n"));
+
+    let report = coordinator.sync(&load(&other)).expect("sync the other keyring");
+    assert!(report.retired.is_empty(), "{:?}", report.retired);
+    assert_eq!(report.added, [(HF.to_owned(), "hf0".to_owned())]);
+    assert_eq!(retired_rows(&sandbox), []);
+    assert_eq!(coordinator.key_states(GEMINI).expect("states").vacant.len(), 3, "every Gemini key stays claimable");
+    // Back and forth: neither keyring ever touches the other's connector.
+    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    coordinator.sync(&load(&other)).expect("sync");
+    assert_eq!(retired_rows(&sandbox), []);
+    assert_eq!(coordinator.key_states(HF).expect("states").vacant.len(), 1);
+}
+
+#[test]
+fn a_pool_emptied_by_a_keyring_says_which_keyring_and_when() {
+    let sandbox = Sandbox::new(GEMINI, 3);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    // A keyring that keeps the section but drops key1 and key2 retires exactly those two.
+    let fewer = other_keyring(
+        &sandbox,
+        "fewer.ini",
+        &format!("[{GEMINI}]\nkey0 = fake-secret-{GEMINI}-0-do-not-use\n[{HF}]\nhf0 = fake-hf-secret-0\n"),
+    );
+    let report = coordinator.sync(&load(&fewer)).expect("sync");
+    let pair = |key: &str| (GEMINI.to_owned(), key.to_owned());
+    assert_eq!(report.retired, [pair("key1"), pair("key2")]);
+    let expected = format!("removed from the keyring {}", fewer.display());
+    assert_eq!(retired_rows(&sandbox), [("key1".to_owned(), expected.clone()), ("key2".to_owned(), expected.clone())]);
+
+    // A keyring whose section is empty retires the rest: no key left, and the error says why.
+    let empty = other_keyring(&sandbox, "empty.ini", &format!("[{GEMINI}]\n"));
+    coordinator.sync(&load(&empty)).expect("sync");
+    let error = coordinator.claim(GEMINI, &[], Duration::ZERO).expect_err("every key is retired");
+    let Error::NoKeyAvailable(unavailable) = &error else { panic!("{error:?}") };
+    assert_eq!((unavailable.availability.retired, unavailable.availability.total()), (3, 0));
+    let message = error.to_string();
+    assert!(message.contains(&format!("all 3 keys of '{GEMINI}' were retired")), "{message}");
+    assert!(message.contains(&format!("removed from the keyring {}", empty.display())), "{message}");
+    assert!(!message.contains("add a ["), "the section is there; the advice must not say to add it: {message}");
+
+    // The same keyring as before brings them all back.
+    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert_eq!(report.restored, [pair("key0"), pair("key1"), pair("key2")]);
+    coordinator.claim(GEMINI, &[], Duration::ZERO).expect("claimable again").release().expect("release");
+}
+
+#[test]
+fn a_connector_never_configured_still_says_to_add_a_section() {
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let message = coordinator.claim(HF, &[], Duration::ZERO).expect_err("no keys").to_string();
+    assert!(message.contains(&format!("add a [{HF}] section")) && !message.contains("retired"), "{message}");
+}
+
+#[test]
+fn every_kind_of_change_in_a_large_keyring_is_planned_and_applied_once() {
+    const KEYS: usize = 5_000;
+    let sandbox = Sandbox::new("big", KEYS);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    assert_eq!(coordinator.key_states("big").expect("states").vacant.len(), KEYS);
+    // Every 7th key leaves, every 11th gets a new secret, and 100 new keys arrive.
+    let mut ini = String::from("[big]\n");
+    for index in 0..KEYS {
+        match (index % 7, index % 11) {
+            (0, _) => {}
+            (_, 0) => ini.push_str(&format!("key{index} = fake-new-secret-{index}\n")),
+            _ => ini.push_str(&format!("key{index} = fake-secret-big-{index}-do-not-use\n")),
+        }
+    }
+    for index in KEYS..KEYS + 100 {
+        ini.push_str(&format!("key{index} = fake-secret-big-{index}-do-not-use\n"));
+    }
+    std::fs::write(&sandbox.keyring, &ini).expect("rewrite");
+    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    let gone = (0..KEYS).filter(|index| index % 7 == 0).count();
+    let changed = (0..KEYS).filter(|index| index % 7 != 0 && index % 11 == 0).count();
+    assert_eq!((report.retired.len(), report.changed.len(), report.added.len()), (gone, changed, 100));
+    assert_eq!(report.transitions.len(), gone + changed + 100, "one history row per change");
+    let keyring = sandbox.load_keyring();
+    for key in coordinator.store().keys(Some("big")).expect("rows") {
+        let index: usize = key.key_name.trim_start_matches("key").parse().expect("index");
+        assert_eq!(key.retired_at.is_some(), index < KEYS && index % 7 == 0, "{}", key.key_name);
+        if let Some(spec) = keyring.key("big", &key.key_name) {
+            assert_eq!(
+                key.fingerprint,
+                spec.fingerprint().as_str(),
+                "{} has its own secret's fingerprint",
+                key.key_name
+            );
+        }
+    }
+    assert!(coordinator.sync(&keyring).expect("again").is_empty(), "a second sync finds nothing to do");
+}
+
+#[test]
+fn a_sync_that_changes_nothing_takes_no_write_lock() {
+    let sandbox = Sandbox::new(GEMINI, 3);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let other = other_keyring(&sandbox, "other.ini", &format!("[{HF}]\nhf0 = fake-hf-secret-0\n"));
+    coordinator.sync(&load(&other)).expect("sync");
+
+    // Another process holds the write lock until the syncs below are done (or the test gives up).
+    let blocker = sandbox.sql();
+    blocker.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+    let done = std::thread::scope(|scope| {
+        let syncs = scope.spawn(|| {
+            // The same keyring again, then a keyring of another connector: neither has anything to change.
+            let same = coordinator.sync(&sandbox.load_keyring()).expect("no-op sync");
+            let other = coordinator.sync(&load(&other)).expect("no-op sync of the other keyring");
+            (same.is_empty(), other.is_empty())
+        });
+        // Polled by hand rather than with `wait_until`, so the lock is released even when this fails.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !syncs.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let finished = syncs.is_finished();
+        blocker.execute_batch("ROLLBACK").expect("release the write lock");
+        let result = syncs.join().expect("syncs");
+        assert!(finished, "the no-op syncs waited for the write lock held by another connection");
+        result
+    });
+    assert_eq!(done, (true, true));
+}
+
+#[test]
+fn a_claim_may_wait_for_duration_max() {
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let held = coordinator.claim(GEMINI, &[], Duration::ZERO).expect("hold the only key");
+    let waiter: Coordinator = coordinator.clone();
+    let claim = std::thread::spawn(move || {
+        waiter.claim(GEMINI, &[], Duration::MAX).map(|lease| (lease.key_name().to_owned(), lease.release()))
+    });
+    held.release().expect("release");
+    let (key, released) = claim.join().expect("the claim did not panic").expect("claimed once the key came free");
+    assert_eq!(key, "key0");
+    released.expect("release");
+}
+
+/// The real binary with the sandbox's environment, its connectors pointing at the mock.
+fn apijongler(sandbox: &Sandbox) -> Command {
+    let mut command = sandbox.apijongler();
+    command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir());
+    command
+}
+
+#[test]
+fn read_only_commands_write_nothing_whatever_the_keyring() {
+    let sandbox = Sandbox::new(GEMINI, 2);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    coordinator.claim(GEMINI, &[], Duration::ZERO).expect("claim").release().expect("release");
+    // Another keyring: a new Gemini key, key0 with another secret, key1 gone, and a connector of its own.
+    let other = other_keyring(
+        &sandbox,
+        "other.ini",
+        &format!("[{GEMINI}]\nkey0 = fake-changed-secret\nkey9 = fake-secret-9\n[{HF}]\nhf0 = fake-hf-secret-0\n"),
+    );
+    let before = snapshot(&sandbox);
+    let commands: &[&[&str]] = &[
+        &["status"],
+        &["status", "--json"],
+        &["status", GEMINI],
+        &["why", GEMINI, "key0"],
+        &["why", GEMINI, "key9"],
+        &["history"],
+        &["history", "--json"],
+        &["db"],
+        &["db", "--json"],
+        &["connectors"],
+    ];
+    for keyring in [&sandbox.keyring, &other] {
+        for args in commands {
+            let output = apijongler(&sandbox).arg("--config").arg(keyring).args(*args).output().expect("run");
+            // key9 is in the other keyring only; with the sandbox's, `why` does not know it (usage).
+            let unknown = args.contains(&"key9") && *keyring == sandbox.keyring;
+            assert_exit(&output, if unknown { 2 } else { 0 });
+            assert_eq!(snapshot(&sandbox), before, "`apijongler {}` with {} wrote", args.join(" "), keyring.display());
+        }
+    }
+
+    // What status shows of a keyring that differs from the database, without applying it.
+    let output = apijongler(&sandbox).arg("--config").arg(&other).args(["status", "--json"]).output().expect("run");
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let row = |connector: &str, key: &str| {
+        rows.as_array()
+            .expect("array")
+            .iter()
+            .find(|row| row["connector"] == connector && row["key"] == key)
+            .unwrap_or_else(|| panic!("no row {connector} {key}: {rows:#}"))
+            .clone()
+    };
+    let new = row(GEMINI, "key9");
+    assert_eq!((new["state"].as_str(), new["in_database"].as_bool()), (Some("new"), Some(false)), "{new}");
+    assert_eq!(row(HF, "hf0")["state"], "new");
+    assert_eq!(row(GEMINI, "key0")["keyring"], "secret changed in the keyring");
+    assert_eq!(row(GEMINI, "key1")["keyring"], "not in the keyring");
+    assert_eq!(
+        (row(GEMINI, "key1")["state"].as_str(), row(GEMINI, "key1")["in_database"].as_bool()),
+        (Some("vacant"), Some(true))
+    );
+    let output = apijongler(&sandbox).arg("--config").arg(&other).args(["why", GEMINI, "key9"]).output().expect("run");
+    let why = text(&output.stdout);
+    assert!(why.contains("not yet in the database") && why.contains(&other.display().to_string()), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_one_keyring_survive_status_with_another() {
+    const LOOPS: usize = 4;
+    const REQUESTS: usize = 10;
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = Sandbox::new(GEMINI, 2);
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 10}));
+    let other = other_keyring(&sandbox, "other.ini", &format!("[{HF}]\nhf0 = fake-hf-secret-0\n"));
+    let request = |sandbox: &Sandbox| {
+        let output = apijongler(sandbox).args(["--quiet", GEMINI, "POST", ENDPOINT, "{}"]).output().expect("run");
+        assert_exit(&output, 0);
+    };
+    // One request first, so that every `status` below runs while the Gemini keys are in the database.
+    request(&sandbox);
+
+    let statuses = tokio::task::spawn_blocking(move || {
+        let requests_done = AtomicBool::new(false);
+        let statuses = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let loops: Vec<_> = (0..LOOPS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        for _ in 0..REQUESTS {
+                            request(&sandbox);
+                        }
+                    })
+                })
+                .collect();
+            scope.spawn(|| {
+                while !requests_done.load(Ordering::SeqCst) || statuses.load(Ordering::SeqCst) < 3 {
+                    let output = apijongler(&sandbox).arg("--config").arg(&other).arg("status").output().expect("run");
+                    assert_exit(&output, 0);
+                    statuses.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            for handle in loops {
+                handle.join().expect("a request failed");
+            }
+            requests_done.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(retired_rows(&sandbox), [], "no sync retired the Gemini keys");
+        let ok = sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'success'");
+        assert_eq!(ok, (1 + LOOPS * REQUESTS) as i64);
+        statuses.into_inner()
+    })
+    .await
+    .expect("every request succeeded and no key was retired");
+    eprintln!("{} requests beside {statuses} status commands with another keyring", 1 + LOOPS * REQUESTS);
+}
