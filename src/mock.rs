@@ -73,6 +73,13 @@ pub struct KeyStats {
     deadline: Option<Instant>,
 }
 
+impl KeyStats {
+    /// Requests with this key in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     requests: u64,
