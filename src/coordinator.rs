@@ -184,12 +184,7 @@ impl Coordinator {
                     let waited = started.elapsed();
                     return Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited, at: now })));
                 }
-                let mut sleep =
-                    Duration::from_micros(fastrand::u64(MIN_NAP.as_micros() as u64..=nap.as_micros() as u64));
-                if let Some(end) = availability.earliest_lockdown_end {
-                    sleep = sleep.min(Duration::from_millis(u64::try_from(end - now).unwrap_or(0)));
-                }
-                std::thread::sleep(sleep.min(remaining));
+                std::thread::sleep(nap_before_next_read(nap, &availability, now, remaining));
                 nap = (nap * 2).min(MAX_NAP);
                 if self.reap_is_due(connector) {
                     break;
@@ -320,6 +315,17 @@ impl Coordinator {
     }
 }
 
+/// How long a waiter sleeps before reading again: a random share of `nap` (so waiters spread out),
+/// but never past the earliest lockdown deadline (so a key coming back is claimed at once) nor past
+/// the end of the wait.
+fn nap_before_next_read(nap: Duration, availability: &Availability, now: i64, remaining: Duration) -> Duration {
+    let mut sleep = Duration::from_micros(fastrand::u64(MIN_NAP.as_micros() as u64..=nap.as_micros() as u64));
+    if let Some(end) = availability.earliest_lockdown_end {
+        sleep = sleep.min(Duration::from_millis(u64::try_from(end - now).unwrap_or(0)));
+    }
+    sleep.min(remaining)
+}
+
 impl fmt::Display for Unavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let a = &self.availability;
@@ -386,4 +392,24 @@ pub(crate) fn format_time(ms: i64) -> String {
 fn format_delay(ms: i64) -> String {
     let seconds = ms.max(0) as f64 / 1000.0;
     if seconds < 120.0 { format!("{seconds:.1} s") } else { format!("{:.0} min", seconds / 60.0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiter_never_naps_past_the_earliest_deadline_or_its_wait() {
+        let availability = |end| Availability { lockdown: 1, earliest_lockdown_end: end, ..Availability::default() };
+        let long = Duration::from_secs(60);
+        for _ in 0..100 {
+            let nap = nap_before_next_read(MAX_NAP, &availability(Some(1_003)), 1_000, long);
+            assert!(nap <= Duration::from_millis(3), "woke after the deadline: {nap:?}");
+            assert_eq!(nap_before_next_read(MAX_NAP, &availability(Some(900)), 1_000, long), Duration::ZERO);
+            let short = Duration::from_micros(700);
+            assert!(nap_before_next_read(MAX_NAP, &availability(None), 1_000, short) <= short, "past the wait");
+            let free = nap_before_next_read(MAX_NAP, &availability(None), 1_000, long);
+            assert!((MIN_NAP..=MAX_NAP).contains(&free), "{free:?}");
+        }
+    }
 }

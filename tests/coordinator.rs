@@ -284,6 +284,26 @@ fn the_claim_walks_an_index_in_lru_order_with_ten_thousand_keys() {
 }
 
 #[test]
+fn keys_come_out_least_recently_used_first() {
+    let sandbox = Sandbox::new("c", 3);
+    let (options, clock) = manual(&sandbox);
+    let coordinator = sandbox.coordinator(options);
+    let mut use_key = |tried: &[String]| {
+        clock.advance(1_000);
+        let lease = coordinator.claim("c", tried, Duration::ZERO).expect("claim");
+        let name = lease.key_name().to_owned();
+        lease.release().expect("release");
+        name
+    };
+    let first_round: Vec<String> = (0..3).map(|_| use_key(&[])).collect();
+    assert_eq!(first_round, ["key0", "key1", "key2"], "never used: in the order they were added");
+    // key1 is used once more (key0 excluded), so it becomes the most recently used.
+    assert_eq!(use_key(&["key0".to_owned()]), "key1");
+    let next_round: Vec<String> = (0..3).map(|_| use_key(&[])).collect();
+    assert_eq!(next_round, ["key0", "key2", "key1"], "least recently used first");
+}
+
+#[test]
 fn no_secret_reaches_the_database_file() {
     let sandbox = Sandbox::new("c", 3);
     let (options, clock) = manual(&sandbox);

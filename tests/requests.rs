@@ -231,7 +231,15 @@ async fn request_json_returns_data_or_a_typed_error() {
 
 #[tokio::test]
 async fn per_connection_scope_holds_one_key_until_it_is_rate_limited() {
-    let server = server_where_key0_gets(json(200, "{}")).await;
+    // key0 answers 200 three times, then Gemini's 429; every other key answers 200.
+    let server = MockServer::start().await;
+    let ok = || json(200, r#"{"candidates":[]}"#);
+    let key0 = || Mock::given(method("POST")).and(header("x-goog-api-key", secret(0).as_str()));
+    key0().respond_with(ok()).up_to_n_times(3).with_priority(1).mount(&server).await;
+    let limited = json(429, r#"{"error":{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED"}}"#);
+    key0().respond_with(limited).with_priority(2).mount(&server).await;
+    Mock::given(method("POST")).respond_with(ok()).with_priority(3).mount(&server).await;
+
     let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
     let jongler = builder(&sandbox).scope(LeaseScope::PerConnection).connect().await.expect("connect");
     assert_eq!(jongler.locked_keys().await.expect("states"), ["key0"], "claimed at connect");
@@ -239,6 +247,12 @@ async fn per_connection_scope_holds_one_key_until_it_is_rate_limited() {
         assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").key_name.as_deref(), Some("key0"));
     }
     assert_eq!(jongler.locked_keys().await.expect("states"), ["key0"], "still held between requests");
+    // The 429 puts key0 in lockdown; the request goes through on key1, which is kept from then on.
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("answered");
+    assert_eq!((response.status, response.key_name.as_deref(), response.attempts), (200, Some("key1"), 2));
+    assert_eq!(jongler.lockdown_keys().await.expect("states"), ["key0"], "the rate-limited key is not kept");
+    assert_eq!(jongler.locked_keys().await.expect("states"), ["key1"]);
+    assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").key_name.as_deref(), Some("key1"));
     jongler.disconnect().await.expect("disconnect");
     assert!(jongler.locked_keys().await.expect("states").is_empty());
 }
