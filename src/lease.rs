@@ -147,13 +147,14 @@ pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> Heartbe
             if inner.leases.is_idle() {
                 continue;
             }
-            inner.leases.settle(&inner);
+            // Renew first: a deferred end that waits for a lock must not delay the leases in use.
             let asked = inner.leases.to_renew();
             let sent_boot_ms = inner.clock.boot_ms();
             match inner.store.heartbeat(&asked, (inner.clock.now_ms(), sent_boot_ms)) {
                 Ok(still_held) => inner.leases.renew(&asked, &still_held, sent_boot_ms),
                 Err(error) => tracing::warn!(error = %error, "heartbeat failed; will retry"),
             }
+            inner.leases.settle(&inner);
         }
     });
     if let Err(error) = spawned {
