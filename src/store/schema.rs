@@ -242,5 +242,53 @@ pub(super) fn classify(path: &Path, operation: &'static str, error: rusqlite::Er
         }
         _ => "",
     };
-    Error::Database { path: path.to_owned(), operation, hint, source: Box::new(error) }
+    // SQLite's syntax errors quote the statement; a message never shows SQL (a migration's, say).
+    let source: crate::error::Cause = match error {
+        rusqlite::Error::SqlInputError { msg, .. } => msg.into(),
+        error => Box::new(error),
+    };
+    Error::Database { path: path.to_owned(), operation, hint, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(error: rusqlite::Error) -> String {
+        let error = classify(Path::new("/db"), "testing", error);
+        let mut text = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(inner) = cause {
+            text.push_str(&format!(": {inner}"));
+            cause = inner.source();
+        }
+        text
+    }
+
+    fn failure(code: std::ffi::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn the_hint_fits_the_failure() {
+        let full = message(failure(rusqlite::ffi::SQLITE_FULL));
+        assert!(full.contains("the disk is full") && !full.contains("NFS"), "{full}");
+        let io = message(failure(rusqlite::ffi::SQLITE_IOERR));
+        assert!(io.contains("NFS"), "{io}");
+        let plain = message(failure(rusqlite::ffi::SQLITE_CONSTRAINT));
+        assert!(!plain.contains("NFS") && !plain.contains('('), "{plain}");
+    }
+
+    #[test]
+    fn no_message_quotes_sql() {
+        let error = rusqlite::Error::SqlInputError {
+            error: rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            msg: "incomplete input".to_owned(),
+            sql: "CREATE TABLE secret_statement_text (".to_owned(),
+            offset: 36,
+        };
+        let text = message(error);
+        assert!(!text.contains("secret_statement_text"), "{text}");
+        assert!(text.contains("testing failed"), "{text}");
+    }
 }
