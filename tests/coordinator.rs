@@ -115,7 +115,7 @@ fn keys_removed_from_the_keyring_are_retired_and_come_back() {
     assert_eq!(report.restored, [("c".to_owned(), "gone".to_owned())]);
     assert!(coordinator.key_states("c").expect("states").vacant.contains("gone"));
     let reasons: Vec<String> = sandbox.history().into_iter().map(|row| row.reason).collect();
-    assert!(reasons.contains(&"removed from the keyring".to_owned()), "{reasons:?}");
+    assert!(reasons.iter().any(|reason| reason.starts_with("removed from the keyring ")), "{reasons:?}");
 }
 
 #[test]
@@ -288,7 +288,7 @@ fn keys_come_out_least_recently_used_first() {
     let sandbox = Sandbox::new("c", 3);
     let (options, clock) = manual(&sandbox);
     let coordinator = sandbox.coordinator(options);
-    let mut use_key = |tried: &[String]| {
+    let use_key = |tried: &[String]| {
         clock.advance(1_000);
         let lease = coordinator.claim("c", tried, Duration::ZERO).expect("claim");
         let name = lease.key_name().to_owned();

@@ -139,14 +139,14 @@ fn every_kind_of_change_in_a_large_keyring_is_planned_and_applied_once() {
     }
     std::fs::write(&sandbox.keyring, &ini).expect("rewrite");
     let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
-    let gone = (0..KEYS).filter(|index| index % 7 == 0).count();
-    let changed = (0..KEYS).filter(|index| index % 7 != 0 && index % 11 == 0).count();
+    let gone = (0..KEYS).filter(|index| index.is_multiple_of(7)).count();
+    let changed = (0..KEYS).filter(|index| !index.is_multiple_of(7) && index.is_multiple_of(11)).count();
     assert_eq!((report.retired.len(), report.changed.len(), report.added.len()), (gone, changed, 100));
     assert_eq!(report.transitions.len(), gone + changed + 100, "one history row per change");
     let keyring = sandbox.load_keyring();
     for key in coordinator.store().keys(Some("big")).expect("rows") {
         let index: usize = key.key_name.trim_start_matches("key").parse().expect("index");
-        assert_eq!(key.retired_at.is_some(), index < KEYS && index % 7 == 0, "{}", key.key_name);
+        assert_eq!(key.retired_at.is_some(), index < KEYS && index.is_multiple_of(7), "{}", key.key_name);
         if let Some(spec) = keyring.key("big", &key.key_name) {
             assert_eq!(
                 key.fingerprint,
@@ -238,7 +238,7 @@ fn read_only_commands_write_nothing_whatever_the_keyring() {
     ];
     for keyring in [&sandbox.keyring, &other] {
         for args in commands {
-            let output = apijongler(&sandbox).arg("--config").arg(keyring).args(*args).output().expect("run");
+            let output = sandbox.apijongler().arg("--config").arg(keyring).args(*args).output().expect("run");
             // key9 is in the other keyring only; with the sandbox's, `why` does not know it (usage).
             let unknown = args.contains(&"key9") && *keyring == sandbox.keyring;
             assert_exit(&output, if unknown { 2 } else { 0 });
@@ -247,7 +247,7 @@ fn read_only_commands_write_nothing_whatever_the_keyring() {
     }
 
     // What status shows of a keyring that differs from the database, without applying it.
-    let output = apijongler(&sandbox).arg("--config").arg(&other).args(["status", "--json"]).output().expect("run");
+    let output = sandbox.apijongler().arg("--config").arg(&other).args(["status", "--json"]).output().expect("run");
     let rows: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     let row = |connector: &str, key: &str| {
         rows.as_array()
@@ -266,7 +266,7 @@ fn read_only_commands_write_nothing_whatever_the_keyring() {
         (row(GEMINI, "key1")["state"].as_str(), row(GEMINI, "key1")["in_database"].as_bool()),
         (Some("vacant"), Some(true))
     );
-    let output = apijongler(&sandbox).arg("--config").arg(&other).args(["why", GEMINI, "key9"]).output().expect("run");
+    let output = sandbox.apijongler().arg("--config").arg(&other).args(["why", GEMINI, "key9"]).output().expect("run");
     let why = text(&output.stdout);
     assert!(why.contains("not yet in the database") && why.contains(&other.display().to_string()), "{why}");
 }
@@ -306,10 +306,9 @@ async fn requests_with_one_keyring_survive_status_with_another() {
                     statuses.fetch_add(1, Ordering::SeqCst);
                 }
             });
-            for handle in loops {
-                handle.join().expect("a request failed");
-            }
+            let results: Vec<_> = loops.into_iter().map(|handle| handle.join()).collect();
             requests_done.store(true, Ordering::SeqCst);
+            assert!(results.iter().all(Result::is_ok), "a request failed (see its exit code above)");
         });
         assert_eq!(retired_rows(&sandbox), [], "no sync retired the Gemini keys");
         let ok = sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'success'");
