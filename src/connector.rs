@@ -6,11 +6,22 @@
 //! connector of the same name. The JSON fields are the seed's (`name`, `host`, `port`, `protocol`,
 //! `format`, `requires_api_key`, `api_key_header`, `api_key_prefix`) plus `base_path` and `policy`;
 //! unknown fields (the seed's `default_model`, say) are ignored.
+//!
+//! A definition is checked when it is loaded, so that a mistake is a configuration error naming the
+//! file and the field rather than a network error later, or worse, a request sent without its key:
+//! `host` is a bare host name or IP address, `port` is not 0, `base_path` is empty or starts with `/`,
+//! `api_key_header` is a valid HTTP header name, `api_key_prefix` a valid header value (so prefix and
+//! secret, itself checked by the keyring, always make a valid header), `policy.timeout_secs` a positive
+//! number. Two files of the user's directory that define the same connector are an error, not a
+//! silent winner. `APIJONGLER_TIMEOUT` is checked at load too, since every timeout falls back on it.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -18,8 +29,14 @@ use crate::error::{Error, Result};
 /// The environment variable naming the directory of user connector files.
 pub const CONNECTORS_ENV: &str = "APIJONGLER_CONNECTORS";
 
-/// The environment variable overriding the default per-attempt timeout, in seconds (the seed's).
+/// The environment variable overriding the default per-attempt timeout: seconds (the seed's), or a
+/// duration such as `0.5s`, `30s` or `2m`.
 pub const TIMEOUT_ENV: &str = "APIJONGLER_TIMEOUT";
+
+/// The per-attempt timeout when neither the connector nor `APIJONGLER_TIMEOUT` sets one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+const TIMEOUT_EXPECTED: &str = "write a positive number of seconds, or a duration such as 0.5s, 30s or 2m";
 
 const EMBEDDED: &[(&str, &str)] = &[
     ("generativelanguage.googleapis.com.json", include_str!("../connectors/generativelanguage.googleapis.com.json")),
@@ -56,7 +73,7 @@ pub struct Policy {
     pub retries: u32,
     /// First backoff before such a retry, doubled each time (default 500 ms).
     pub backoff_ms: u64,
-    /// Per-attempt timeout (default 60 s, or `APIJONGLER_TIMEOUT`).
+    /// Per-attempt timeout in seconds, positive (default `APIJONGLER_TIMEOUT`, else 60 s).
     pub timeout_secs: Option<f64>,
 }
 
@@ -76,12 +93,46 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// The per-attempt timeout: the connector's, else `APIJONGLER_TIMEOUT`, else 60 s.
-    pub fn timeout(&self) -> Duration {
-        let from_env = || std::env::var(TIMEOUT_ENV).ok()?.trim().parse::<f64>().ok();
-        let seconds = self.timeout_secs.or_else(from_env).filter(|s| s.is_finite() && *s > 0.0).unwrap_or(60.0);
-        Duration::from_secs_f64(seconds)
+    /// The per-attempt timeout: the connector's, else `APIJONGLER_TIMEOUT`, else 60 s; an error naming
+    /// the variable when it is set to something that is not a positive duration.
+    pub fn try_timeout(&self) -> Result<Duration> {
+        match self.timeout_secs.and_then(positive_seconds) {
+            Some(timeout) => Ok(timeout),
+            None => Ok(timeout_from_env()?.unwrap_or(DEFAULT_TIMEOUT)),
+        }
     }
+
+    /// [`try_timeout`](Self::try_timeout), with 60 s for a bad `APIJONGLER_TIMEOUT`. Loading connectors
+    /// ([`Connectors::load`]) has already refused one, so this is only a fallback.
+    pub fn timeout(&self) -> Duration {
+        self.try_timeout().unwrap_or(DEFAULT_TIMEOUT)
+    }
+}
+
+/// `APIJONGLER_TIMEOUT`: `None` when unset or empty, an error naming the variable when it is neither a
+/// positive number of seconds nor a positive duration (`0.5s`, `2m`, `1h 30m`).
+pub fn timeout_from_env() -> Result<Option<Duration>> {
+    parse_timeout(std::env::var_os(TIMEOUT_ENV).as_deref())
+}
+
+fn parse_timeout(value: Option<&OsStr>) -> Result<Option<Duration>> {
+    let Some(value) = value.filter(|value| !value.is_empty()) else { return Ok(None) };
+    let invalid = || Error::InvalidEnv {
+        variable: TIMEOUT_ENV,
+        value: value.to_string_lossy().into_owned(),
+        expected: TIMEOUT_EXPECTED,
+    };
+    let text = value.to_str().ok_or_else(invalid)?.trim();
+    let timeout = match text.parse::<f64>() {
+        Ok(seconds) => positive_seconds(seconds),
+        Err(_) => humantime::parse_duration(text).ok().filter(|timeout| !timeout.is_zero()),
+    };
+    timeout.map(Some).ok_or_else(invalid)
+}
+
+/// `seconds` as a duration if it is a positive, finite number a duration can hold.
+fn positive_seconds(seconds: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(seconds).ok().filter(|timeout| !timeout.is_zero())
 }
 
 /// One API.
@@ -166,17 +217,70 @@ impl Connector {
             let stem = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
             connector.name = stem.strip_suffix(".json").unwrap_or(stem).to_owned();
         }
-        if !matches!(connector.protocol.to_ascii_lowercase().as_str(), "http" | "https") {
-            return Err(Error::ConnectorFile {
-                path: path.to_owned(),
-                line: 0,
-                column: 0,
-                message: format!("protocol must be \"http\" or \"https\", not {:?}", connector.protocol),
-            });
-        }
+        connector.check().map_err(|(field, problem)| Error::ConnectorField {
+            path: path.to_owned(),
+            field,
+            problem,
+        })?;
         connector.origin = origin;
         Ok(connector)
     }
+
+    /// The first field that cannot work, and what is wrong with it (see the module documentation).
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if !matches!(self.protocol.to_ascii_lowercase().as_str(), "http" | "https") {
+            return Err(("protocol", format!("must be \"http\" or \"https\", not {:?}", self.protocol)));
+        }
+        if self.host.trim().is_empty() {
+            return Err(("host", "is empty: write the API's host name, e.g. \"api.example.com\"".to_owned()));
+        }
+        if !is_bare_host(&self.host) {
+            return Err((
+                "host",
+                format!(
+                    "must be a bare host name or IP address (no scheme, port, path or spaces; the port has its own field), not {:?}",
+                    self.host
+                ),
+            ));
+        }
+        if self.port == Some(0) {
+            return Err(("port", "is 0: give the API's port, or leave it out for 443 (https) or 80 (http)".to_owned()));
+        }
+        if !self.base_path.is_empty() && !self.base_path.starts_with('/') {
+            return Err(("base_path", format!("must start with `/`, not {:?}", self.base_path)));
+        }
+        if self.base_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(("base_path", format!("must not hold spaces or control characters: {:?}", self.base_path)));
+        }
+        let (header, prefix) = self.key_header();
+        if HeaderName::from_bytes(header.as_bytes()).is_err() {
+            return Err((
+                "api_key_header",
+                format!(
+                    "is not a valid HTTP header name (letters, digits and `-`, no spaces, not empty): {header:?}; without a valid name every request would go out without its key"
+                ),
+            ));
+        }
+        if HeaderValue::from_str(prefix).is_err() {
+            return Err((
+                "api_key_prefix",
+                "holds a control character (a line break, say), which an HTTP header cannot carry; without a valid header every request would go out without its key".to_owned(),
+            ));
+        }
+        if let Some(seconds) = self.policy.timeout_secs
+            && positive_seconds(seconds).is_none()
+        {
+            return Err(("policy.timeout_secs", format!("must be a positive number of seconds, not {seconds}")));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `host` is a host name or IP address and nothing more: parsed as a URL's host, it comes back
+/// the same (a port, a path, user info or a scheme would not).
+fn is_bare_host(host: &str) -> bool {
+    reqwest::Url::parse(&format!("http://{host}/"))
+        .is_ok_and(|url| url.host_str().is_some_and(|parsed| parsed.eq_ignore_ascii_case(host)))
 }
 
 /// The known connectors: embedded ones, overridden or extended by a user directory.
@@ -192,8 +296,10 @@ impl Connectors {
         Self::load(dir.as_deref())
     }
 
-    /// The embedded connectors plus the `*.json` files of `dir`.
+    /// The embedded connectors plus the `*.json` files of `dir`; also checks `APIJONGLER_TIMEOUT`, which
+    /// every connector's timeout falls back on.
     pub fn load(dir: Option<&Path>) -> Result<Self> {
+        timeout_from_env()?;
         let mut by_name = BTreeMap::new();
         for (file, text) in EMBEDDED {
             let connector = Connector::parse(text, Path::new(file), Origin::Embedded)?;
@@ -207,10 +313,18 @@ impl Connectors {
                 .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
                 .collect();
             files.sort();
+            let mut defined_by: BTreeMap<String, PathBuf> = BTreeMap::new();
             for path in files {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|source| Error::ConnectorsDir { path: path.clone(), source })?;
                 let connector = Connector::parse(&text, &path, Origin::File(path.clone()))?;
+                match defined_by.entry(connector.name.clone()) {
+                    Entry::Occupied(first) => {
+                        let (name, first) = first.remove_entry();
+                        return Err(Error::DuplicateConnector { name, first, second: path });
+                    }
+                    Entry::Vacant(slot) => slot.insert(path),
+                };
                 by_name.insert(connector.name.clone(), connector);
             }
         }
@@ -277,6 +391,117 @@ mod tests {
         assert_eq!(overridden.base_url(), "https://127.0.0.1:9");
         assert_eq!(overridden.origin, Origin::File(dir.path().join("mine.json")));
         assert_eq!(connectors.get("extra").expect("added").base_url(), "http://example.invalid");
+    }
+
+    /// The message for a connector file holding `json`, or `None` if it is valid.
+    fn problem(json: &str) -> Option<String> {
+        Connector::parse(json, Path::new("/conf/mine.json"), Origin::Embedded).err().map(|error| error.to_string())
+    }
+
+    #[test]
+    fn fields_that_cannot_work_are_refused_by_file_and_field() {
+        let cases = [
+            (r#"{"host": "h", "protocol": "ftp"}"#, "`protocol` must be \"http\" or \"https\""),
+            (r#"{"host": ""}"#, "`host` is empty"),
+            (r#"{"host": "  "}"#, "`host` is empty"),
+            (r#"{"host": "exa mple.com"}"#, "`host` must be a bare host name"),
+            (r#"{"host": "https://example.com"}"#, "`host` must be a bare host name"),
+            (r#"{"host": "example.com/v1"}"#, "`host` must be a bare host name"),
+            (r#"{"host": "example.com:8080"}"#, "`host` must be a bare host name"),
+            (r#"{"host": "user@example.com"}"#, "`host` must be a bare host name"),
+            (r#"{"host": "h", "port": 0}"#, "`port` is 0"),
+            (r#"{"host": "h", "base_path": "v1"}"#, "`base_path` must start with `/`"),
+            (r#"{"host": "h", "base_path": "/v1 beta"}"#, "`base_path` must not hold spaces"),
+            (
+                r#"{"host": "h", "api_key_header": "x-goog-api-key "}"#,
+                "`api_key_header` is not a valid HTTP header name",
+            ),
+            (r#"{"host": "h", "api_key_header": "x goog"}"#, "`api_key_header` is not a valid HTTP header name"),
+            (r#"{"host": "h", "api_key_header": ""}"#, "`api_key_header` is not a valid HTTP header name"),
+            (r#"{"host": "h", "api_key_prefix": "Bearer\n"}"#, "`api_key_prefix` holds a control character"),
+            (r#"{"host": "h", "api_key_header": "Authorization", "api_key_prefix": "B\u0000 "}"#, "`api_key_prefix`"),
+            (r#"{"host": "h", "policy": {"timeout_secs": 0}}"#, "`policy.timeout_secs` must be a positive number"),
+            (r#"{"host": "h", "policy": {"timeout_secs": -2.5}}"#, "`policy.timeout_secs` must be a positive number"),
+            (r#"{"host": "h", "policy": {"timeout_secs": 1e300}}"#, "`policy.timeout_secs` must be a positive number"),
+        ];
+        for (json, expected) in cases {
+            let message = problem(json).unwrap_or_else(|| panic!("accepted: {json}"));
+            assert!(message.starts_with(&format!("/conf/mine.json: {expected}")), "{json}: {message}");
+        }
+        for fine in [
+            r#"{"host": "api.example.com", "port": 8443, "base_path": "/v1/"}"#,
+            r#"{"host": "127.0.0.1", "protocol": "HTTP"}"#,
+            r#"{"host": "[::1]", "api_key_header": "X-Api-Key", "api_key_prefix": "Token "}"#,
+            r#"{"host": "Example.COM", "policy": {"timeout_secs": 0.5}}"#,
+        ] {
+            assert_eq!(problem(fine), None, "{fine}");
+        }
+    }
+
+    #[test]
+    fn a_valid_connector_and_a_valid_secret_always_make_a_header() {
+        // What `Jongler::send` relies on: it cannot report a header that fails to parse.
+        let keyring =
+            crate::Keyring::parse(Path::new("k.ini"), "[c]\na = fake-secret\tone\nb = x\u{e9}~!\n").expect("keyring");
+        let connectors = Connectors::load(None).expect("embedded");
+        let custom = Connector::parse(
+            r#"{"host": "h", "api_key_header": "X-K", "api_key_prefix": "K \t"}"#,
+            Path::new("c.json"),
+            Origin::Embedded,
+        )
+        .expect("valid");
+        for connector in connectors.iter().chain([&custom]) {
+            let (header, prefix) = connector.key_header();
+            assert!(HeaderName::from_bytes(header.as_bytes()).is_ok(), "{}", connector.name);
+            for key in keyring.keys("c").expect("keys") {
+                let value = format!("{prefix}{}", secrecy::ExposeSecret::expose_secret(key.secret()));
+                assert!(HeaderValue::from_str(&value).is_ok(), "{} with {}", connector.name, key.name());
+            }
+        }
+    }
+
+    #[test]
+    fn two_files_defining_one_connector_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.json"), r#"{"name": "b", "host": "one.example"}"#).expect("write");
+        std::fs::write(dir.path().join("b.json"), r#"{"host": "two.example"}"#).expect("write");
+        let message = Connectors::load(Some(dir.path())).expect_err("duplicate").to_string();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        assert!(
+            message.starts_with(&format!("{} and {} both define connector 'b'", a.display(), b.display())),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn timeout_variable_is_seconds_or_a_duration() {
+        let parse = |value: &str| parse_timeout(Some(OsStr::new(value)));
+        assert_eq!(parse_timeout(None).expect("unset"), None);
+        for (value, expected) in [
+            ("", None),
+            ("30", Some(30_000)),
+            (" 1.5 ", Some(1_500)),
+            ("0.5s", Some(500)),
+            ("2m", Some(120_000)),
+            ("1h 30m", Some(5_400_000)),
+            ("250ms", Some(250)),
+        ] {
+            let timeout = parse(value).unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(timeout.map(|t| t.as_millis()), expected, "{value:?}");
+        }
+        for bad in ["abc", "0", "0s", "-1", "-1s", "NaN", "inf", "1e400", "30 s please", "1e-12"] {
+            let message = parse(bad).expect_err(bad).to_string();
+            assert!(
+                message.starts_with(&format!("APIJONGLER_TIMEOUT={bad:?} is not valid: write a positive number")),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_connector_timeout_wins_over_the_default() {
+        let policy = Policy { timeout_secs: Some(2.5), ..Policy::default() };
+        assert_eq!(policy.try_timeout().expect("valid"), Duration::from_millis(2_500));
     }
 
     #[test]

@@ -259,6 +259,146 @@ pub enum Error {
         /// The lease token that is no longer current.
         lease: i64,
     },
+
+    /// A line of the keyring that apijongler cannot use. The message names the file, the line, the
+    /// section and (only when it is a valid name) the key, never the line's text: it may be a secret.
+    #[error("{path}:{line}: {problem}")]
+    KeyringLine {
+        /// The keyring file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong with it.
+        problem: KeyringProblem,
+    },
+
+    /// A field of a connector file holds a value apijongler cannot use.
+    #[error("{path}: `{field}` {problem}")]
+    ConnectorField {
+        /// The connector file (its bare file name for a shipped connector).
+        path: PathBuf,
+        /// The JSON field, dotted for nested ones (`policy.timeout_secs`).
+        field: &'static str,
+        /// What is wrong and what to write instead.
+        problem: String,
+    },
+
+    /// Two files of the connector directory define the same connector.
+    #[error(
+        "{first} and {second} both define connector '{name}': give one another `name` (without one, the file name is the name) or remove it"
+    )]
+    DuplicateConnector {
+        /// The connector name both define.
+        name: String,
+        /// The first file, in name order.
+        first: PathBuf,
+        /// The second file.
+        second: PathBuf,
+    },
+
+    /// An environment variable holds a value apijongler cannot use.
+    #[error("{variable}={value:?} is not valid: {expected} (or unset it)")]
+    InvalidEnv {
+        /// The variable.
+        variable: &'static str,
+        /// Its value (never a secret: no variable holds one).
+        value: String,
+        /// What the variable must hold.
+        expected: &'static str,
+    },
+}
+
+/// What is wrong with one keyring line (see [`Error::KeyringLine`]). No variant holds the line's text,
+/// only names that passed the key-name rule, so a secret pasted in the wrong place is never shown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringProblem {
+    /// The line is not UTF-8.
+    #[error("this line is not UTF-8 text: save the keyring as UTF-8")]
+    NotUtf8,
+
+    /// `[connector` without its `]`.
+    #[error("this section header has no closing `]`: write it as `[connector]`")]
+    UnclosedSection,
+
+    /// `[]`, or a section name with a control character.
+    #[error("this section header has no usable name: write the connector's name between the brackets, `[connector]`")]
+    BadSection,
+
+    /// Neither a section header, a comment, nor `name = secret`.
+    #[error(
+        "this line, {}, is neither a `[connector]` header nor a `name = secret` line: if it is a secret on a line of its own, put a name before it (`name = secret`); a comment starts with `;` or `#`",
+        within(.section.as_deref())
+    )]
+    NotAKey {
+        /// The section the line is in (`None`: before the first one).
+        section: Option<String>,
+    },
+
+    /// `= secret` without a name.
+    #[error("this key, {}, has no name before its `=`: write it as `name = secret`", within(.section.as_deref()))]
+    MissingName {
+        /// The section the line is in.
+        section: Option<String>,
+    },
+
+    /// A name that breaks the key-name rule (see the keyring module).
+    #[error(
+        "the name of this key, {}, {reason}: a key name is 1 to 64 ASCII letters, digits and `-_.@+` (is a secret standing where its name should be?)",
+        within(.section.as_deref())
+    )]
+    InvalidName {
+        /// The section the line is in.
+        section: Option<String>,
+        /// What is wrong with the name, without showing it.
+        reason: &'static str,
+    },
+
+    /// A valid key line before any section.
+    #[error("key '{key}' stands before the first [connector] section: move it under the section of its connector")]
+    BeforeSection {
+        /// The key's name.
+        key: String,
+    },
+
+    /// The same name twice in one section.
+    #[error("key '{key}' appears twice in [{section}] (first on line {first_line}): give each key its own name")]
+    DuplicateKey {
+        /// The section.
+        section: String,
+        /// The key's name.
+        key: String,
+        /// The line of its first definition.
+        first_line: usize,
+    },
+
+    /// `name =` with nothing after it.
+    #[error("key '{key}' in [{section}] has an empty secret: put the secret after the `=`")]
+    EmptySecret {
+        /// The section.
+        section: String,
+        /// The key's name.
+        key: String,
+    },
+
+    /// A secret an HTTP header cannot carry: it would be sent without a key, or not at all.
+    #[error(
+        "the secret of key '{key}' in [{section}] holds a control character, which an HTTP header cannot carry: paste the secret again"
+    )]
+    SecretNotHeaderSafe {
+        /// The section.
+        section: String,
+        /// The key's name.
+        key: String,
+    },
+}
+
+/// Where a keyring line stands: `in [section]`, or before the first section.
+fn within(section: Option<&str>) -> String {
+    match section {
+        Some(section) => format!("in [{section}]"),
+        None => "before the first [connector] section".to_owned(),
+    }
 }
 
 /// The library's result type.

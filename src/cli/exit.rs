@@ -62,6 +62,10 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::UnknownConnector { .. }
         | Error::ConnectorFile { .. }
         | Error::ConnectorsDir { .. }
+        | Error::KeyringLine { .. }
+        | Error::ConnectorField { .. }
+        | Error::DuplicateConnector { .. }
+        | Error::InvalidEnv { .. }
         | Error::NoDatabaseLocation => CONFIG,
         Error::DatabaseCreate { .. }
         | Error::NotADatabase { .. }

@@ -15,12 +15,14 @@ mod status;
 mod why;
 mod worker;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::builder::TypedValueParser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
@@ -47,29 +49,107 @@ pub struct Args {
 }
 
 /// Options every subcommand takes.
-#[derive(Debug, clap::Args)]
+///
+/// An empty `APIJONGLER_CONFIG`, `APIJONGLER_DB` or `APIJONGLER_CONNECTORS` means unset, as in the
+/// library; an empty `--config`, `--db` or `--connectors` on the command line is a usage error.
+#[derive(Debug)]
 pub struct Global {
     /// The keyring INI file.
-    #[arg(long, global = true, env = "APIJONGLER_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// The database file [default: $XDG_STATE_HOME/apijongler/apijongler.db].
-    #[arg(long, global = true, env = "APIJONGLER_DB", value_name = "PATH")]
+    /// The database file.
     pub db: Option<PathBuf>,
-    /// A directory of connector JSON files that add to or override the shipped ones.
-    #[arg(long, global = true, env = "APIJONGLER_CONNECTORS", value_name = "DIR")]
+    /// A directory of connector JSON files.
     pub connectors: Option<PathBuf>,
     /// Print data as JSON (and nothing else on stdout).
-    #[arg(long, global = true)]
     pub json: bool,
-    /// More log output (-v: info, -vv: debug, -vvv: trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More log output.
     pub verbose: u8,
     /// Only errors.
-    #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Log level (seed option).
+    pub log_level: Option<tracing::Level>,
+}
+
+/// [`Global`] as clap parses it: path values may be empty, which [`Global`] turns into "unset".
+#[derive(Debug, clap::Args)]
+struct GlobalArgs {
+    /// The keyring INI file.
+    #[arg(long, global = true, env = "APIJONGLER_CONFIG", value_name = "PATH", value_parser = any_path())]
+    config: Option<PathBuf>,
+    /// The database file [default: $XDG_STATE_HOME/apijongler/apijongler.db].
+    #[arg(long, global = true, env = "APIJONGLER_DB", value_name = "PATH", value_parser = any_path())]
+    db: Option<PathBuf>,
+    /// A directory of connector JSON files that add to or override the shipped ones.
+    #[arg(long, global = true, env = "APIJONGLER_CONNECTORS", value_name = "DIR", value_parser = any_path())]
+    connectors: Option<PathBuf>,
+    /// Print data as JSON (and nothing else on stdout).
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     /// Log level (seed option): error, warn, info, debug, trace; APIJONGLER_LOG wins over it.
     #[arg(long, global = true, value_name = "LEVEL", ignore_case = true)]
-    pub log_level: Option<tracing::Level>,
+    log_level: Option<tracing::Level>,
+}
+
+/// A path, empty allowed (clap's own path parser refuses an empty one, even from the environment).
+fn any_path() -> impl TypedValueParser<Value = PathBuf> {
+    clap::builder::OsStringValueParser::new().map(PathBuf::from)
+}
+
+impl Global {
+    fn from_args(matches: &clap::ArgMatches, args: GlobalArgs) -> Result<Self, clap::Error> {
+        let path = |id: &str, value: Option<PathBuf>| -> Result<Option<PathBuf>, clap::Error> {
+            match value {
+                Some(path) if path.as_os_str().is_empty() => {
+                    if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                        let message = format!("--{id} needs a path; leave it out for the default\n");
+                        return Err(clap::Error::raw(clap::error::ErrorKind::InvalidValue, message));
+                    }
+                    Ok(None)
+                }
+                other => Ok(other),
+            }
+        };
+        Ok(Self {
+            config: path("config", args.config)?,
+            db: path("db", args.db)?,
+            connectors: path("connectors", args.connectors)?,
+            json: args.json,
+            verbose: args.verbose,
+            quiet: args.quiet,
+            log_level: args.log_level,
+        })
+    }
+}
+
+impl FromArgMatches for Global {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_args(matches, GlobalArgs::from_arg_matches(matches)?)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for Global {
+    fn group_id() -> Option<clap::Id> {
+        GlobalArgs::group_id()
+    }
+
+    fn augment_args(command: clap::Command) -> clap::Command {
+        GlobalArgs::augment_args(command)
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        GlobalArgs::augment_args_for_update(command)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,7 +208,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs go to stderr. `APIJONGLER_LOG` (a tracing filter) wins over `--log-level`, which wins over
-/// `-v`/`-q`; by default only warnings and errors are shown.
+/// `-v`/`-q`; by default only warnings and errors are shown. Colours only on a terminal, without
+/// `NO_COLOR`: a log file or a pipe gets plain text.
 pub fn init_logging(args: &Args) {
     let global = &args.global;
     let level = match (global.log_level, global.quiet, global.verbose) {
@@ -140,13 +221,19 @@ pub fn init_logging(args: &Args) {
         (None, false, _) => "trace".to_owned(),
     };
     let filter = EnvFilter::try_from_env("APIJONGLER_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let colour = wants_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour).with_filter(filter);
     // The worker's fault injection sees every event; other commands pay nothing for it.
     let stop_after_claim = match &args.command {
         Some(Command::Worker(worker)) if worker.stop_after_claim => Some(worker::StopAfterClaim::default()),
         _ => None,
     };
     tracing_subscriber::registry().with(output).with(stop_after_claim).init();
+}
+
+/// Colours only on a terminal, and not when `NO_COLOR` is set to anything but empty (no-color.org).
+fn wants_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
 /// The coordinator on the configured database, for the commands that only read it (`status`, `why`,
@@ -182,4 +269,32 @@ fn keyring_to_compare(global: &Global) -> Option<Keyring> {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|error| format!("'{text}' is not a duration ({error}); write it like 30s, 2m, 1h30m or 0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(wants_colour(true, None));
+        assert!(wants_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR is unset");
+        assert!(!wants_colour(true, Some(OsStr::new("1"))));
+        assert!(!wants_colour(false, None));
+    }
+
+    #[test]
+    fn global_options_parse_before_and_after_the_subcommand() {
+        for argv in [
+            &["apijongler", "--db", "/x.db", "--json", "-vv", "status"][..],
+            &["apijongler", "status", "--db", "/x.db", "--json", "-vv"],
+        ] {
+            let args = Args::try_parse_from(argv).expect("parses");
+            assert_eq!(args.global.db.as_deref(), Some(std::path::Path::new("/x.db")), "{argv:?}");
+            assert!(args.global.json && args.global.verbose == 2, "{argv:?}");
+        }
+        Args::command().debug_assert();
+    }
 }
