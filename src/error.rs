@@ -38,28 +38,6 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The keyring file is not valid INI.
-    #[error("{path}:{line}:{column}: {message} (the keyring is INI: [connector] sections of `name = secret` lines)")]
-    ConfigSyntax {
-        /// The keyring file.
-        path: PathBuf,
-        /// 1-based line of the error.
-        line: usize,
-        /// 1-based column of the error.
-        column: usize,
-        /// What the parser found wrong.
-        message: String,
-    },
-
-    /// The keyring parses, but says something apijongler cannot use (a duplicate key, an empty secret).
-    #[error("{path}: {problem}")]
-    ConfigInvalid {
-        /// The keyring file.
-        path: PathBuf,
-        /// What is wrong and how to fix it.
-        problem: String,
-    },
-
     /// The keyring has no section for the connector.
     #[error(
         "no keys for connector '{connector}' in {path}: add a [{connector}] section with one `name = secret` line per key"

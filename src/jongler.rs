@@ -197,7 +197,10 @@ impl JonglerBuilder {
                 .or_else(|| std::env::var(TOR_PROXY_ENV).ok().filter(|url| !url.is_empty()))
                 .unwrap_or_else(|| DEFAULT_TOR_PROXY.to_owned())
         });
-        let timeout = self.timeout.unwrap_or_else(|| connector.policy.timeout());
+        let timeout = match self.timeout {
+            Some(timeout) => timeout,
+            None => connector.policy.try_timeout()?,
+        };
         let client = build_client(tor.as_deref(), timeout)?;
         let jongler = Jongler {
             inner: Arc::new(Inner {

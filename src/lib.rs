@@ -57,6 +57,6 @@ pub use connector::{Connector, Connectors};
 pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
 pub use error::{Cause, Error, Result};
 pub use jongler::{Bookkeeping, Jongler, JonglerBuilder, LeaseScope, Response};
-pub use keyring::{ApiKey, Keyring};
+pub use keyring::{ApiKey, Keyring, KeyringProblem};
 pub use lease::Lease;
 pub use store::{Availability, KeyState, Store};

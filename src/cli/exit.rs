@@ -55,8 +55,6 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         Error::ConfigNotSet
         | Error::ConfigMissing { .. }
         | Error::ConfigRead { .. }
-        | Error::ConfigSyntax { .. }
-        | Error::ConfigInvalid { .. }
         | Error::NoKeyringSection { .. }
         | Error::NoKeysConfigured { .. }
         | Error::UnknownConnector { .. }
