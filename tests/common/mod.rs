@@ -119,6 +119,15 @@ impl Sandbox {
             .expect("rows")
     }
 
+    /// The pids recorded as holders of locked keys, as a reaper would read them.
+    pub fn holder_pids(&self) -> Vec<u32> {
+        let connection = self.sql();
+        let mut statement = connection
+            .prepare("SELECT holder_pid FROM keys WHERE state = 'locked' AND holder_pid IS NOT NULL")
+            .expect("prepare");
+        statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+    }
+
     /// `(key_name, state)` of every key, by name.
     pub fn states(&self) -> Vec<(String, String)> {
         let connection = self.sql();
