@@ -218,13 +218,26 @@ fn wait_for_start(start_at_ms: Option<i64>) {
     }
 }
 
-/// The yardstick: each cycle is two write transactions of one UPDATE and one INSERT each, writing the
-/// same columns and the same history rows (real connector and key names) as a claim and a release,
-/// so the two differ only by the coordinator's own work.
+/// The coordinator's connection settings (`configure` in `src/store/schema.rs`), so that the reference
+/// and the coordinator differ by the coordinator's work, not by how often SQLite checkpoints.
+const REFERENCE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const REFERENCE_CHECKPOINT_PAGES: i64 = 4000;
+
+/// The yardstick: each cycle is two write transactions of one UPDATE (the key's state and lease) and
+/// one INSERT each, writing the same history rows (real connector and key names) as a claim and a
+/// release, on a connection set up as the coordinator's are, so the two differ only by the
+/// coordinator's own work.
 fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
-    let mut connection = rusqlite::Connection::open(db)?;
-    connection.busy_timeout(Duration::from_secs(5))?;
+    use rusqlite::OpenFlags;
+    // The store's flags: an existing file only, one connection per thread.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let mut connection = rusqlite::Connection::open_with_flags(db, flags)?;
+    connection.busy_timeout(REFERENCE_BUSY_TIMEOUT)?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.pragma_update(None, "wal_autocheckpoint", REFERENCE_CHECKPOINT_PAGES)?;
+    let mode: String = connection.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+    anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "the reference runs on a WAL database, not '{mode}'");
     let keys: Vec<(i64, String, String, String)> = connection
         .prepare("SELECT id, connector, key_name, fingerprint FROM keys")?
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
