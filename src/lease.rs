@@ -50,6 +50,9 @@ struct Unsettled {
 pub(crate) struct Registry {
     held: Mutex<HashMap<i64, Arc<LeaseLiveness>>>,
     unsettled: Mutex<Vec<Unsettled>>,
+    /// Held for a whole settling pass, so that a caller waiting for the ends to land (a process about
+    /// to exit) also waits for the pass another thread is in the middle of.
+    settling: Mutex<()>,
 }
 
 impl Registry {
@@ -100,6 +103,7 @@ impl Registry {
 
     /// Writes every deferred end it can; the ones that still fail stay for the next try.
     fn settle(&self, inner: &Inner) -> usize {
+        let _pass = self.settling.lock().unwrap_or_else(PoisonError::into_inner);
         let pending = std::mem::take(&mut *self.unsettled());
         let mut failed = Vec::new();
         for end in pending {
