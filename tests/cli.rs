@@ -351,3 +351,13 @@ async fn a_wait_too_long_for_a_clock_is_a_usage_error_not_a_panic() {
     assert!(one_line_error(&output).contains("APIJONGLER_WAIT"));
     held.release().expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_benchmark_runs() {
+    // Only that it runs and prints a row per key count: its figures are for the README.
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let output = run(&sandbox, &["bench", "sync", "--keys", "10,200", "--runs", "1"]).await;
+    assert_exit(&output, 0);
+    let table = text(&output.stdout);
+    assert!(table.lines().count() == 4 && table.contains("\n     200 "), "{table}");
+}

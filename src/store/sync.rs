@@ -15,7 +15,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::Error::FromSqlConversionFailure;
+use rusqlite::types::Type;
+use rusqlite::{Connection, Row, Transaction, params};
 
 use super::{KeySpec, NewTransition, SyncReport, Transition, record};
 
@@ -40,38 +42,57 @@ impl SyncSource<'_> {
     }
 }
 
-/// What syncing `source` would change, compared with the rows as they are.
+/// What syncing `source` would change, compared with the rows as they are. The keyring's keys are put
+/// in a hash map once; each row is then looked up in it as read, without being copied, so a sync that
+/// changes nothing allocates nothing per key.
 pub(super) fn plan_sync(connection: &Connection, source: &SyncSource<'_>) -> rusqlite::Result<SyncReport> {
+    let wanted: HashMap<(&str, &str), (&str, usize)> = source
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(index, key)| ((key.connector, key.name), (key.fingerprint, index)))
+        .collect();
+    let mut seen = vec![false; source.keys.len()];
+    let mut report = SyncReport::default();
     let mut statement = connection.prepare_cached(
         "SELECT connector, key_name, fingerprint, retired_at IS NOT NULL FROM keys
           WHERE connector IN (SELECT value FROM json_each(?1))",
     )?;
-    let mut existing: HashMap<(String, String), (String, bool)> = HashMap::new();
-    let rows = statement.query_map(params![source.connectors_json()], |row| {
-        Ok(((row.get::<_, String>(0)?, row.get::<_, String>(1)?), (row.get::<_, String>(2)?, row.get::<_, bool>(3)?)))
-    })?;
-    for row in rows {
-        let (id, values) = row?;
-        existing.insert(id, values);
-    }
-    let mut report = SyncReport::default();
-    for key in source.keys {
-        let id = (key.connector.to_owned(), key.name.to_owned());
-        match existing.remove(&id) {
-            None => report.added.push(id),
-            Some((fingerprint, retired)) => {
-                if fingerprint != key.fingerprint {
-                    report.changed.push(id.clone());
+    let mut rows = statement.query(params![source.connectors_json()])?;
+    while let Some(row) = rows.next()? {
+        let (connector, name, fingerprint) = (text(row, 0)?, text(row, 1)?, text(row, 2)?);
+        let retired: bool = row.get(3)?;
+        let id = || (connector.to_owned(), name.to_owned());
+        match wanted.get(&(connector, name)) {
+            None if !retired => report.retired.push(id()),
+            None => {}
+            Some(&(wanted_fingerprint, index)) => {
+                seen[index] = true;
+                if wanted_fingerprint != fingerprint {
+                    report.changed.push(id());
                 }
                 if retired {
-                    report.restored.push(id);
+                    report.restored.push(id());
                 }
             }
         }
     }
-    report.retired = existing.into_iter().filter(|(_, (_, retired))| !retired).map(|(id, _)| id).collect();
-    report.retired.sort_unstable();
+    report.added = source
+        .keys
+        .iter()
+        .zip(seen)
+        .filter(|(_, seen)| !seen)
+        .map(|(key, _)| (key.connector.to_owned(), key.name.to_owned()))
+        .collect();
+    for ids in [&mut report.changed, &mut report.retired, &mut report.restored] {
+        ids.sort_unstable();
+    }
     Ok(report)
+}
+
+/// Column `index` of `row` as text, borrowed from SQLite.
+fn text<'row>(row: &'row Row<'_>, index: usize) -> rusqlite::Result<&'row str> {
+    row.get_ref(index)?.as_str().map_err(|error| FromSqlConversionFailure(index, Type::Text, Box::new(error)))
 }
 
 /// Writes `plan` (made from `source` under this transaction's write lock) and its history rows.

@@ -18,7 +18,8 @@ use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
 
 use super::percentile;
 
-const CONNECTOR: &str = "bench";
+// Not `bench`: a connector named like a subcommand would be taken for it.
+const CONNECTOR: &str = "mock";
 
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
@@ -88,7 +89,7 @@ fn measure(dir: &Path, keys: u32, runs: usize, mock: &MockUpstream) -> anyhow::R
         "name": CONNECTOR, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
         "api_key_header": KEY_HEADER, "api_key_prefix": ""
     });
-    std::fs::write(connectors.join("bench.json"), connector.to_string())?;
+    std::fs::write(connectors.join("mock.json"), connector.to_string())?;
     let keyring = Keyring::load(&keyring_path)?;
 
     let (mut sync_first, mut sync_noop) = (Vec::new(), Vec::new());
