@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
@@ -59,6 +59,24 @@ async fn finished(child: Child) -> std::process::Output {
 
 async fn succeeded(child: Child) -> String {
     tokio::task::spawn_blocking(move || common::wait_success(child)).await.expect("join")
+}
+
+/// A mock that answers after `latency`, shared with the closures that watch it.
+async fn mock_answering_after(latency: Duration) -> Arc<MockUpstream> {
+    Arc::new(MockUpstream::start(MockConfig { latency, ..MockConfig::default() }).await.expect("mock"))
+}
+
+/// Waits until the mock has `count` requests in flight.
+async fn until_in_flight(mock: &Arc<MockUpstream>, count: u64, what: &str) {
+    let watched = Arc::clone(mock);
+    eventually(what, move || in_flight(&watched) == count).await;
+}
+
+/// The CLI's request form, started and in flight at the mock.
+async fn cli_request_in_flight(sandbox: &Sandbox, mock: &Arc<MockUpstream>) -> Child {
+    let child = cli_request(sandbox).spawn().expect("spawn");
+    until_in_flight(mock, 1, "the request in flight").await;
+    child
 }
 
 /// Requests in flight at the mock now, over all keys.
@@ -141,6 +159,13 @@ fn heartbeat_age(db: &std::path::Path) -> Option<Duration> {
     Some(Duration::from_millis(u64::try_from(SystemClock.boot_ms() - beat?).unwrap_or(0)))
 }
 
+/// Removes the database file and its WAL and shared-memory files, as `rm` would.
+fn delete_database(sandbox: &Sandbox) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", sandbox.db.display()));
+    }
+}
+
 fn reaped(sandbox: &Sandbox) -> Vec<String> {
     sandbox.history().into_iter().filter(|row| row.reason.starts_with("reaped")).map(|row| row.reason).collect()
 }
@@ -151,11 +176,7 @@ fn reaped(sandbox: &Sandbox) -> Vec<String> {
 /// claims again and waits for B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_stopped_after_its_claim_never_sends_once_its_key_was_taken() {
-    let mock = std::sync::Arc::new(
-        MockUpstream::start(MockConfig { latency: Duration::from_secs(3), ..MockConfig::default() })
-            .await
-            .expect("mock"),
-    );
+    let mock = mock_answering_after(Duration::from_secs(3)).await;
     let sandbox = sandbox(1, &mock);
     let a = request_worker(&sandbox, &["--stop-after-claim"]);
     let a_pid = a.id();
@@ -163,8 +184,7 @@ async fn a_holder_stopped_after_its_claim_never_sends_once_its_key_was_taken() {
     assert_eq!(in_flight(&mock), 0, "A stopped before sending");
 
     let b = request_worker(&sandbox, &[]);
-    let watched = std::sync::Arc::clone(&mock);
-    eventually("B's request reaches the upstream with A's old key", move || in_flight(&watched) == 1).await;
+    until_in_flight(&mock, 1, "B's request reaches the upstream with A's old key").await;
     signal(a_pid, rustix::process::Signal::CONT);
 
     succeeded(b).await;
@@ -180,15 +200,10 @@ async fn a_holder_stopped_after_its_claim_never_sends_once_its_key_was_taken() {
 /// must not evict A (alive and running) and must wait for A's key instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_external_write_lock_never_makes_a_live_holder_lose_its_key() {
-    let mock = std::sync::Arc::new(
-        MockUpstream::start(MockConfig { latency: Duration::from_secs(8), ..MockConfig::default() })
-            .await
-            .expect("mock"),
-    );
+    let mock = mock_answering_after(Duration::from_secs(8)).await;
     let sandbox = sandbox(1, &mock);
     let a = request_worker(&sandbox, &[]);
-    let watched = std::sync::Arc::clone(&mock);
-    eventually("A's request in flight", move || in_flight(&watched) == 1).await;
+    until_in_flight(&mock, 1, "A's request in flight").await;
 
     let shell = SqliteShell::lock(&sandbox);
     let mut b = request_worker(&sandbox, &[]);
@@ -217,15 +232,10 @@ async fn a_long_external_write_lock_never_makes_a_live_holder_lose_its_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stepped_wall_clock_never_evicts_a_live_holder() {
     for (a_offset, b_offset) in [("0", "120000"), ("-120000", "0"), ("120000", "-120000")] {
-        let mock = std::sync::Arc::new(
-            MockUpstream::start(MockConfig { latency: Duration::from_secs(3), ..MockConfig::default() })
-                .await
-                .expect("mock"),
-        );
+        let mock = mock_answering_after(Duration::from_secs(3)).await;
         let sandbox = sandbox(1, &mock);
         let a = request_worker(&sandbox, &["--clock-offset-ms", a_offset]);
-        let watched = std::sync::Arc::clone(&mock);
-        eventually("A's request in flight", move || in_flight(&watched) == 1).await;
+        until_in_flight(&mock, 1, "A's request in flight").await;
         let b = request_worker(&sandbox, &["--clock-offset-ms", b_offset]);
         succeeded(a).await;
         succeeded(b).await;
@@ -292,9 +302,7 @@ fn a_deleted_database_is_noticed_before_the_next_claim() {
     let sandbox = Sandbox::new("c", 1);
     let coordinator = sandbox.coordinator(sandbox.options());
     coordinator.claim("c", &[], Duration::ZERO).expect("claim").release().expect("release");
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", sandbox.db.display()));
-    }
+    delete_database(&sandbox);
     let error = coordinator.claim("c", &[], Duration::ZERO).expect_err("deleted");
     assert!(matches!(error, Error::DatabaseReplaced { .. }), "{error:?}");
     assert!(error.to_string().contains("was deleted"), "{error}");
@@ -305,18 +313,10 @@ fn a_deleted_database_is_noticed_before_the_next_claim() {
 /// spent) is printed; the bookkeeping failure is reported on stderr with exit 9.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_printed_even_when_the_database_cannot_record_it() {
-    let mock = std::sync::Arc::new(
-        MockUpstream::start(MockConfig { latency: Duration::from_secs(2), ..MockConfig::default() })
-            .await
-            .expect("mock"),
-    );
+    let mock = mock_answering_after(Duration::from_secs(2)).await;
     let sandbox = sandbox(1, &mock);
-    let child = cli_request(&sandbox).spawn().expect("spawn");
-    let watched = std::sync::Arc::clone(&mock);
-    eventually("the request in flight", move || in_flight(&watched) == 1).await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", sandbox.db.display()));
-    }
+    let child = cli_request_in_flight(&sandbox, &mock).await;
+    delete_database(&sandbox);
     let output = finished(child).await;
     let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert_eq!(output.status.code(), Some(9), "{stderr}");
@@ -328,15 +328,9 @@ async fn an_answer_is_printed_even_when_the_database_cannot_record_it() {
 /// exits 8, as documented.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_lost_during_the_request_exits_8() {
-    let mock = std::sync::Arc::new(
-        MockUpstream::start(MockConfig { latency: Duration::from_secs(2), ..MockConfig::default() })
-            .await
-            .expect("mock"),
-    );
+    let mock = mock_answering_after(Duration::from_secs(2)).await;
     let sandbox = sandbox(1, &mock);
-    let child = cli_request(&sandbox).spawn().expect("spawn");
-    let watched = std::sync::Arc::clone(&mock);
-    eventually("the request in flight", move || in_flight(&watched) == 1).await;
+    let child = cli_request_in_flight(&sandbox, &mock).await;
     let cleanup = sandbox.apijongler().args(["cleanup", "--force", GEMINI]).output().expect("cleanup");
     assert!(cleanup.status.success(), "{}", String::from_utf8_lossy(&cleanup.stderr));
     let output = finished(child).await;
@@ -351,15 +345,9 @@ async fn a_lease_lost_during_the_request_exits_8() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_request_gives_its_key_back_at_once() {
     for (signal_sent, code) in [(rustix::process::Signal::INT, 130), (rustix::process::Signal::TERM, 143)] {
-        let mock = std::sync::Arc::new(
-            MockUpstream::start(MockConfig { latency: Duration::from_secs(600), ..MockConfig::default() })
-                .await
-                .expect("mock"),
-        );
+        let mock = mock_answering_after(Duration::from_secs(600)).await;
         let sandbox = sandbox(1, &mock);
-        let child = cli_request(&sandbox).spawn().expect("spawn");
-        let watched = std::sync::Arc::clone(&mock);
-        eventually("the request in flight", move || in_flight(&watched) == 1).await;
+        let child = cli_request_in_flight(&sandbox, &mock).await;
         signal(child.id(), signal_sent);
         let output = finished(child).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
