@@ -210,7 +210,9 @@ async fn a_long_external_write_lock_never_makes_a_live_holder_lose_its_key() {
     let b_stderr = stderr_lines(&mut b);
     // B has waited on the lock for a second (it says so), and A's heartbeat is three thresholds old.
     let said = tokio::task::spawn_blocking(move || {
-        b_stderr.recv_timeout(LIMIT).map(|line| line.contains("stays locked")).unwrap_or(false)
+        let deadline = Instant::now() + LIMIT;
+        std::iter::from_fn(|| b_stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok())
+            .any(|line| line.contains("stays locked"))
     });
     assert!(said.await.expect("join"), "B waits on the write lock");
     let db = sandbox.db.clone();
