@@ -4,9 +4,9 @@
 //! - A sync touches only the connectors its keyring defines (has a section for, even an empty one):
 //!   keys of any other connector are never added, changed, retired or restored by it, so processes
 //!   whose keyrings have different sections can share one database.
-//! - Planning and applying cost time linear in the number of keys: the rows of those connectors are
-//!   read once into a hash map keyed by (connector, key name), the keyring's fingerprints are looked up
-//!   in another, and each statement is prepared once per sync.
+//! - Planning and applying cost time linear in the number of keys: the keyring's keys go into a hash
+//!   map keyed by (connector, key name), the rows of those connectors are read once and looked up in it
+//!   without being copied, and each statement is prepared once per sync.
 //! - A sync that would change nothing is found out by a read and takes no write lock. One that changes
 //!   something plans again under the write lock, as another process may have synced in between.
 //! - A retired (or restored) key's history row names the keyring file that dropped (or brought back)
