@@ -38,7 +38,8 @@ pub struct CoordinatorOptions {
     /// How often, at most, a process looks for dead holders before claiming (default 1 s).
     pub reap_interval: Duration,
     /// Every database operation may wait at least this long for another process's write lock, even
-    /// when its caller has less time left (default 5 s); then it fails with `Error::DatabaseLocked`.
+    /// when its caller has less time left (default 5 s); a holder's own writes (ending a lease, a
+    /// heartbeat, recording an attempt) three times as long. Then it fails with `Error::DatabaseLocked`.
     pub lock_wait_floor: Duration,
     /// The clocks written to the database.
     pub clock: Arc<dyn Clock>,

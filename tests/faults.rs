@@ -278,6 +278,7 @@ fn a_release_that_failed_is_written_later_and_never_renewed_meanwhile() {
     let first = coordinator.claim("c", &[], Duration::ZERO).expect("first key");
     let second = coordinator.claim("c", &[], Duration::ZERO).expect("second key");
     let (released, kept) = (first.key_name().to_owned(), second.key_name().to_owned());
+    assert_eq!((first.connector(), second.connector()), ("c", "c"));
 
     let shell = SqliteShell::lock(&sandbox);
     let asked = Instant::now();

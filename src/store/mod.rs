@@ -37,6 +37,12 @@ pub use types::*;
 /// How long any operation may wait for another process's write lock, at least (see [`Store::write`]).
 pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
 
+/// How many floors a holder's own bookkeeping (ending a lease, recording an attempt, a heartbeat) may
+/// wait: giving up on it costs more than the wait (a key held until the retry lands, an answer reported
+/// as not recorded), and SQLite's busy handler is not fair, so under heavy contention one writer can
+/// lose the lock for seconds in a row.
+const HOLDER_PATIENCE: u32 = 3;
+
 /// The longest single wait inside SQLite's busy handler, so a deadline is checked at least this often.
 const BUSY_SLICE: Duration = Duration::from_millis(250);
 
@@ -222,7 +228,7 @@ impl Store {
             Fate::Lockdown { until, reason, http_status } => ("lockdown", Some(*until), Some(reason), *http_status),
             Fate::Error { reason, http_status } => ("error", None, Some(reason), *http_status),
         };
-        self.write("ending a lease", None, |transaction| {
+        self.write("ending a lease", Some(self.holder_deadline()), |transaction| {
             let ended = transaction
                 .prepare_cached(
                     "UPDATE keys
@@ -265,13 +271,13 @@ impl Store {
 
     /// Records an attempt made without ending a lease (no key, or the lease is kept).
     pub fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
-        self.write("recording a request", None, |transaction| insert_attempt(transaction, attempt))
+        self.write("recording a request", Some(self.holder_deadline()), |transaction| insert_attempt(transaction, attempt))
     }
 
     /// After a success on a key that is kept (per-connection leases), its consecutive-lockdown count
     /// starts again at 0. `Ok(false)`: the lease was lost.
     pub fn reset_escalation(&self, id: i64, lease: i64) -> Result<bool> {
-        self.write("resetting a key's lockdown count", None, |transaction| {
+        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |transaction| {
             let changed = transaction
                 .prepare_cached("UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'")?
                 .execute(params![id, lease])?;
@@ -309,7 +315,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let leases = serde_json::to_string(leases).unwrap_or_else(|_| "[]".to_owned());
-        self.write("refreshing heartbeats", None, |transaction| {
+        self.write("refreshing heartbeats", Some(self.holder_deadline()), |transaction| {
             let mut statement = transaction.prepare_cached(
                 "UPDATE keys SET heartbeat_at = ?1, heartbeat_boot_ms = ?2
                   WHERE state = 'locked'
@@ -560,6 +566,11 @@ impl Store {
                 Err(error) => return Err(failed(error)),
             }
         }
+    }
+
+    /// The deadline of a holder's own bookkeeping writes (see [`HOLDER_PATIENCE`]).
+    fn holder_deadline(&self) -> Instant {
+        Instant::now() + self.lock_wait_floor.saturating_mul(HOLDER_PATIENCE)
     }
 
     /// A pooled connection, once the path is known to still lead to the file this process opened.
