@@ -190,22 +190,21 @@ fn migrate(connection: &mut Connection, path: &Path) -> Result<()> {
 /// The schema version of an apijongler database (0 for an empty file); an error for a newer schema
 /// or for another application's database, which must not be adopted.
 fn refuse_foreign_or_newer(connection: &Connection, path: &Path) -> Result<i64> {
-    let read = |error| classify(path, "reading", error);
-    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(read)?;
-    let application_id: i64 = connection.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(read)?;
+    // One statement, so one snapshot: another process may be migrating the file right now.
+    let (version, application_id, objects, has_keys): (i64, i64, i64, bool) = connection
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version),
+                    (SELECT application_id FROM pragma_application_id),
+                    count(*), coalesce(sum(type = 'table' AND name = 'keys'), 0) > 0
+               FROM sqlite_schema",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )
+        .map_err(|error| classify(path, "reading", error))?;
     let ours = match application_id {
         APPLICATION_ID => true,
-        0 => {
-            let (objects, has_keys): (i64, bool) = connection
-                .query_row(
-                    "SELECT count(*), coalesce(sum(type = 'table' AND name = 'keys'), 0) > 0 FROM sqlite_schema",
-                    [],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .map_err(read)?;
-            // Empty, or written by apijongler before it stamped its files.
-            objects == 0 || (has_keys && (1..APPLICATION_ID_SINCE).contains(&version))
-        }
+        // Empty, or written by apijongler before it stamped its files.
+        0 => objects == 0 || (has_keys && (1..APPLICATION_ID_SINCE).contains(&version)),
         _ => false,
     };
     if !ours {
