@@ -330,3 +330,44 @@ fn no_secret_reaches_the_database_file() {
     }
     held.release().expect("release");
 }
+
+#[test]
+fn a_lease_is_trusted_until_the_trust_window_ends_on_the_boot_clock() {
+    let sandbox = Sandbox::new("c", 1);
+    let (options, clock) = manual(&sandbox);
+    // The window is stale_after - heartbeat_interval: 25 s with the defaults.
+    let coordinator = sandbox.coordinator(options);
+    let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    clock.advance(24_999);
+    assert!(lease.is_valid() && lease.check().is_ok(), "trusted just inside the window");
+    clock.advance(1);
+    assert!(!lease.is_valid(), "no longer trusted once the window has passed");
+    assert!(matches!(lease.check(), Err(Error::LeaseLost { .. })));
+}
+
+#[test]
+fn escalation_counts_consecutive_lockdowns_and_a_success_resets_it() {
+    let sandbox = Sandbox::new("c", 1);
+    let (options, clock) = manual(&sandbox);
+    let coordinator = sandbox.coordinator(options);
+    for expected in 0..2 {
+        let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+        assert_eq!(lease.lockdown_count(), expected);
+        lease.lockdown(clock.now_ms() + 1_000, "quota", Some(429)).expect("lockdown");
+        clock.advance(1_000);
+    }
+    let mut lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    assert_eq!(lease.lockdown_count(), 2);
+    lease.reset_escalation().expect("reset");
+    assert_eq!(lease.lockdown_count(), 0);
+    assert_eq!(sandbox.count("SELECT lockdown_count FROM keys"), 0, "written to the row");
+    lease.release().expect("release");
+}
+
+#[test]
+fn a_dropped_lease_gives_its_key_back() {
+    let sandbox = Sandbox::new("c", 1);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    drop(coordinator.claim("c", &[], Duration::ZERO).expect("claim"));
+    assert_eq!(sandbox.states(), [("key0".to_owned(), "vacant".to_owned())]);
+}
