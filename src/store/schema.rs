@@ -148,9 +148,9 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
 
 /// WAL mode is a property of the file, so it is switched once here, not per connection. Several
 /// processes switching a fresh file at once can see "database is locked" despite the busy timeout;
-/// a short bounded retry absorbs that.
+/// a retry bounded like every other lock wait (by the store's default floor) absorbs that.
 fn switch_to_wal(connection: &Connection) -> rusqlite::Result<()> {
-    let mut attempt = 0;
+    let deadline = std::time::Instant::now() + super::DEFAULT_LOCK_WAIT_FLOOR;
     loop {
         let result: rusqlite::Result<String> =
             connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0));
@@ -162,8 +162,7 @@ fn switch_to_wal(connection: &Connection) -> rusqlite::Result<()> {
                     Some(format!("the file system refused WAL mode (journal mode stays '{mode}')")),
                 ));
             }
-            Err(error) if is_busy(&error) && attempt < 100 => {
-                attempt += 1;
+            Err(error) if is_busy(&error) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5 + fastrand::u64(0..20)));
             }
             Err(error) => return Err(error),
