@@ -282,7 +282,9 @@ async fn the_benchmarks_run() {
 /// A JSON body of more than `bytes` bytes, like a request with an inline image.
 fn large_body(bytes: usize) -> String {
     let data: String = (0..bytes).map(|index| char::from(b'A' + (index % 26) as u8)).collect();
-    format!(r#"{{"contents":[{{"parts":[{{"inline_data":{{"mime_type":"image/png","data":"{data}"}}}},{{"text":"What is this?"}}]}}]}}"#)
+    format!(
+        r#"{{"contents":[{{"parts":[{{"inline_data":{{"mime_type":"image/png","data":"{data}"}}}},{{"text":"What is this?"}}]}}]}}"#
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +303,10 @@ async fn a_body_from_a_file_or_standard_input_reaches_the_upstream_byte_for_byte
     assert_exit(&run(&sandbox, &[GEMINI, "POST", ENDPOINT, &at_file]).await, 0);
     let mut command = sandbox.apijongler();
     command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).args([GEMINI, "POST", ENDPOINT, "-"]);
-    command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let stdin_body = body.clone();
     let output = tokio::task::spawn_blocking(move || {
         let mut child = command.spawn().expect("spawn");
@@ -318,7 +323,12 @@ async fn a_body_from_a_file_or_standard_input_reaches_the_upstream_byte_for_byte
     let received = server.received_requests().await.expect("recorded");
     assert_eq!(received.len(), 2);
     for request in &received {
-        assert!(request.body == body.as_bytes(), "the upstream got {} bytes, not the {} sent", request.body.len(), body.len());
+        assert!(
+            request.body == body.as_bytes(),
+            "the upstream got {} bytes, not the {} sent",
+            request.body.len(),
+            body.len()
+        );
     }
 
     let missing = sandbox.dir.path().join("nowhere.json");

@@ -271,7 +271,9 @@ impl Store {
 
     /// Records an attempt made without ending a lease (no key, or the lease is kept).
     pub fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
-        self.write("recording a request", Some(self.holder_deadline()), |transaction| insert_attempt(transaction, attempt))
+        self.write("recording a request", Some(self.holder_deadline()), |transaction| {
+            insert_attempt(transaction, attempt)
+        })
     }
 
     /// After a success on a key that is kept (per-connection leases), its consecutive-lockdown count
