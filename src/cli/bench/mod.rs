@@ -6,6 +6,8 @@ mod keys;
 mod requests;
 mod sync;
 
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::Global;
@@ -37,4 +39,23 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<ExitCode> {
 /// The value at fraction `p` (0..=1) of sorted `values`.
 fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+}
+
+/// Writes, in `dir`, a keyring of `keys` fake keys for connector `name` and a connector file pointing
+/// `name` at the loopback mock on `port`; returns the keyring's path and the connectors directory.
+fn mock_setup(dir: &Path, name: &str, keys: usize, port: u16) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let keyring = dir.join("keys.ini");
+    let mut ini = format!("[{name}]\n");
+    for index in 0..keys {
+        writeln!(ini, "key{index:06} = fake-bench-secret-{index}")?;
+    }
+    std::fs::write(&keyring, ini)?;
+    let connectors = dir.join("connectors");
+    std::fs::create_dir_all(&connectors)?;
+    let connector = serde_json::json!({
+        "name": name, "host": "127.0.0.1", "port": port, "protocol": "http",
+        "api_key_header": api_jongler::mock::KEY_HEADER, "api_key_prefix": ""
+    });
+    std::fs::write(connectors.join(format!("{name}.json")), connector.to_string())?;
+    Ok((keyring, connectors))
 }

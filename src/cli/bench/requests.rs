@@ -62,20 +62,9 @@ pub fn run(args: &RequestsArgs) -> anyhow::Result<ExitCode> {
 
 /// A temporary keyring, database and connector file pointing at `mock`.
 fn sandbox(dir: &Path, keys: usize, mock: &MockUpstream) -> anyhow::Result<api_jongler::JonglerBuilder> {
-    let mut ini = format!("[{CONNECTOR}]\n");
-    for index in 0..keys {
-        writeln!(ini, "key{index} = fake-bench-secret-{index}")?;
-    }
-    std::fs::write(dir.join("keys.ini"), ini)?;
-    let connectors = dir.join("connectors");
-    std::fs::create_dir_all(&connectors)?;
-    let connector = serde_json::json!({
-        "name": CONNECTOR, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
-        "api_key_header": KEY_HEADER, "api_key_prefix": ""
-    });
-    std::fs::write(connectors.join("mock.json"), connector.to_string())?;
+    let (keyring, connectors) = super::mock_setup(dir, CONNECTOR, keys, mock.port())?;
     Ok(Jongler::builder(CONNECTOR)
-        .keyring(dir.join("keys.ini"))
+        .keyring(keyring)
         .database(dir.join("bench.db"))
         .connectors_dir(connectors)
         .wait(Duration::from_secs(60)))

@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
+use api_jongler::mock::{MockConfig, MockUpstream};
 use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
 
 use super::percentile;
@@ -77,19 +77,7 @@ fn ms(duration: Duration) -> f64 {
 }
 
 fn measure(dir: &Path, keys: u32, runs: usize, mock: &MockUpstream) -> anyhow::Result<Measured> {
-    let keyring_path = dir.join("keys.ini");
-    let mut ini = format!("[{CONNECTOR}]\n");
-    for index in 0..keys {
-        writeln!(ini, "key{index:06} = fake-bench-secret-{index}")?;
-    }
-    std::fs::write(&keyring_path, ini)?;
-    let connectors = dir.join("connectors");
-    std::fs::create_dir_all(&connectors)?;
-    let connector = serde_json::json!({
-        "name": CONNECTOR, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
-        "api_key_header": KEY_HEADER, "api_key_prefix": ""
-    });
-    std::fs::write(connectors.join("mock.json"), connector.to_string())?;
+    let (keyring_path, connectors) = super::mock_setup(dir, CONNECTOR, usize::try_from(keys)?, mock.port())?;
     let keyring = Keyring::load(&keyring_path)?;
 
     let (mut sync_first, mut sync_noop) = (Vec::new(), Vec::new());
