@@ -180,6 +180,22 @@ pub enum Error {
         source: Cause,
     },
 
+    /// The key claimed from the database is not in this process's keyring, or has another secret there:
+    /// another keyring synced the database since this process loaded its own.
+    #[error(
+        "key '{key}' of '{connector}' was claimed from the database, but the keyring {path} {problem}: another keyring synced this database since this process started. Restart it, or give each keyring its own database (APIJONGLER_DB)"
+    )]
+    KeyringDiffers {
+        /// The connector.
+        connector: String,
+        /// The key name.
+        key: String,
+        /// This process's keyring.
+        path: PathBuf,
+        /// "has no such key" or "has another secret for it".
+        problem: &'static str,
+    },
+
     /// No key of the connector could be claimed within the wait.
     #[error("{0}")]
     NoKeyAvailable(Box<Unavailable>),

@@ -80,7 +80,9 @@ impl Holder {
             };
         }
         match read_stat(self.pid) {
-            Ok(None) => Liveness::Dead(format!("holder pid {} has exited", self.pid)),
+            // /proc may hide other users' processes (hidepid): ask the kernel before calling it dead.
+            Ok(None) if !exists(self.pid) => Liveness::Dead(format!("holder pid {} has exited", self.pid)),
+            Ok(None) => Liveness::Unknown,
             Ok(Some(stat)) if matches!(stat.state, 'Z' | 'X') => {
                 Liveness::Dead(format!("holder pid {} is a zombie", self.pid))
             }
@@ -99,10 +101,24 @@ fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|id| id.trim().to_owned()).unwrap_or_default()
 }
 
-/// The inode of this process's pid namespace, as text; empty where /proc does not say.
+/// The inode of this process's pid namespace, as text; empty where /proc does not say, or where the
+/// /proc mounted here belongs to another pid namespace (its pids are not ours to judge).
 fn pid_namespace() -> String {
     use std::os::unix::fs::MetadataExt;
+    let own_proc = fs::read_link("/proc/self")
+        .ok()
+        .and_then(|target| target.to_str().and_then(|pid| pid.parse::<u32>().ok()))
+        .is_some_and(|pid| pid == std::process::id());
+    if !own_proc {
+        return String::new();
+    }
     fs::metadata("/proc/self/ns/pid").map(|meta| meta.ino().to_string()).unwrap_or_default()
+}
+
+/// Whether a process with this pid exists, by the kernel's answer to signal 0 (EPERM: it does).
+fn exists(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else { return false };
+    !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
 }
 
 /// The two fields of `/proc/<pid>/stat` that matter here.

@@ -306,9 +306,21 @@ impl Jongler {
         let mut bookkeeping = Bookkeeping::Recorded;
         loop {
             let lease = self.lease_for_attempt(slot, &tried, started).await?;
-            if let Some(lease) = lease.as_ref().filter(|lease| !lease.is_valid()) {
-                // Claimed (or held) before this process was stopped for longer than the lease is trusted:
-                // the key may be someone else's by now. Give it up and claim again.
+            let (lease, trusted) = match lease {
+                // Claimed (or held) before this process was stopped, or the database locked, for longer than
+                // the lease is trusted: confirm it with one conditional write before using it.
+                Some(lease) if !lease.is_valid() => {
+                    let (lease, renewed) = short_blocking(move || {
+                        let renewed = lease.renew().unwrap_or(false);
+                        Ok((lease, renewed))
+                    })
+                    .await?;
+                    (Some(lease), renewed)
+                }
+                other => (other, true),
+            };
+            if let Some(lease) = lease.as_ref().filter(|_| !trusted) {
+                // The key may be someone else's by now. Give it up and claim again.
                 untrusted += 1;
                 tracing::warn!(key = %lease.key_name(), "lease no longer trusted before sending; claiming again");
                 if untrusted > MAX_UNTRUSTED_CLAIMS {
@@ -320,6 +332,7 @@ impl Jongler {
                 }
                 continue;
             }
+            self.check_secret(lease.as_ref())?;
             attempts += 1;
             let key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
             let at = self.inner.coordinator.now_ms();
@@ -488,16 +501,33 @@ impl Jongler {
             return Ok(None);
         }
         if let Some(lease) = slot.take() {
-            if lease.is_valid() {
-                return Ok(Some(lease));
-            }
-            tracing::warn!(key = %lease.key_name(), "the held key's lease is no longer valid; claiming another");
+            // Its trust is checked (and renewed if it can be) by the caller, like a fresh claim's.
+            return Ok(Some(lease));
         }
         let remaining = self.inner.wait.saturating_sub(started.elapsed());
         // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
         // lockdown by this request may be tried again once its deadline has passed.
         let exclude = if self.inner.wait.is_zero() { tried } else { &[] };
         self.claim(exclude, remaining).await.map(Some)
+    }
+
+    /// The secret this process would send for `lease` is the one the database row was synced with;
+    /// otherwise another keyring synced the database since this process loaded its own, and sending
+    /// would go out without a key or with an old one (and put a good key in error).
+    fn check_secret(&self, lease: Option<&Lease>) -> Result<()> {
+        let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring) else { return Ok(()) };
+        let connector = &self.inner.connector.name;
+        let problem = match keyring.key(connector, lease.key_name()) {
+            Some(key) if key.fingerprint().as_str() == lease.fingerprint() => return Ok(()),
+            Some(_) => "has another secret for it",
+            None => "has no such key",
+        };
+        Err(Error::KeyringDiffers {
+            connector: connector.clone(),
+            key: lease.key_name().to_owned(),
+            path: keyring.path().to_owned(),
+            problem,
+        })
     }
 
     /// A free key at once if there is one (in place: no hand-off), else a wait on the blocking pool,

@@ -187,6 +187,11 @@ impl Keyring {
                 return Err(fail(KeyringProblem::NotAKey { section: section_name() }));
             };
             let (name, secret) = (name.trim(), secret.trim());
+            // `abc==` or `abc=:x` is a pasted secret (base64 padding, say), not `name = secret`; its
+            // left part must not become a key name, nor appear in the message.
+            if secret.starts_with(['=', ':']) {
+                return Err(fail(KeyringProblem::NotAKey { section: section_name() }));
+            }
             if name.is_empty() {
                 return Err(fail(KeyringProblem::MissingName { section: section_name() }));
             }
@@ -342,6 +347,13 @@ mod tests {
         assert!(a.fingerprint().as_str().chars().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(a.fingerprint(), ApiKey::new("other", "fake-one").fingerprint());
         assert_ne!(a.fingerprint(), ApiKey::new("k", "fake-two").fingerprint());
+    }
+
+    #[test]
+    fn a_pasted_secret_with_base64_padding_is_not_a_key() {
+        let error = parse("[g]\nk = fake-one\nZmFrZS1zZWNyZXQ==\n").expect_err("padding").to_string();
+        assert!(!error.contains("ZmFrZS1zZWNyZXQ"), "{error}");
+        assert!(error.contains("keys.ini:3:"), "{error}");
     }
 
     #[test]

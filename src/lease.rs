@@ -28,7 +28,6 @@ use crate::store::{Attempt, Claimed, Fate};
 /// What the heartbeat thread and a [`Lease`] share about one lease.
 #[derive(Debug)]
 pub(crate) struct LeaseLiveness {
-    token: i64,
     lost: AtomicBool,
     /// Boot-clock ms of the last write that confirmed the lease (its claim, or a heartbeat), taken
     /// before that write was sent.
@@ -38,6 +37,9 @@ pub(crate) struct LeaseLiveness {
 /// A lease end that could not be written yet; retried until it lands or the lease turns out lost.
 #[derive(Debug)]
 struct Unsettled {
+    /// Keeps the coordinator (its store and heartbeat thread) alive until the end lands, even when the
+    /// lease outlived every other handle on it.
+    _keep_alive: Coordinator,
     id: i64,
     lease: i64,
     key_name: String,
@@ -48,7 +50,8 @@ struct Unsettled {
 /// The leases this process holds, by key row id, and the ends still to be written.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    held: Mutex<HashMap<i64, Arc<LeaseLiveness>>>,
+    /// By `(key id, lease token)`: a key lost and claimed again by this process is two leases.
+    held: Mutex<HashMap<(i64, i64), Arc<LeaseLiveness>>>,
     unsettled: Mutex<Vec<Unsettled>>,
     /// Held for a whole settling pass, so that a caller waiting for the ends to land (a process about
     /// to exit) also waits for the pass another thread is in the middle of.
@@ -57,20 +60,14 @@ pub(crate) struct Registry {
 
 impl Registry {
     fn insert(&self, id: i64, token: i64, claimed_boot_ms: i64) -> Arc<LeaseLiveness> {
-        let liveness = Arc::new(LeaseLiveness {
-            token,
-            lost: AtomicBool::new(false),
-            renewed_boot_ms: AtomicI64::new(claimed_boot_ms),
-        });
-        self.held().insert(id, Arc::clone(&liveness));
+        let liveness =
+            Arc::new(LeaseLiveness { lost: AtomicBool::new(false), renewed_boot_ms: AtomicI64::new(claimed_boot_ms) });
+        self.held().insert((id, token), Arc::clone(&liveness));
         liveness
     }
 
     fn remove(&self, id: i64, token: i64) {
-        let mut leases = self.held();
-        if leases.get(&id).is_some_and(|liveness| liveness.token == token) {
-            leases.remove(&id);
-        }
+        self.held().remove(&(id, token));
     }
 
     /// Whether the heartbeat thread has anything to do.
@@ -80,15 +77,15 @@ impl Registry {
 
     /// The `(id, token)` pairs to renew.
     fn to_renew(&self) -> Vec<(i64, i64)> {
-        self.held().iter().map(|(id, liveness)| (*id, liveness.token)).collect()
+        self.held().keys().copied().collect()
     }
 
     /// Applies a heartbeat's answer to the leases it `asked` about: those `still_held` are renewed as
     /// of `sent_boot_ms`, the others are lost. Leases registered since it was sent are not judged.
     fn renew(&self, asked: &[(i64, i64)], still_held: &[(i64, i64)], sent_boot_ms: i64) {
         let leases = self.held();
-        for pair @ (id, token) in asked {
-            let Some(liveness) = leases.get(id).filter(|liveness| liveness.token == *token) else { continue };
+        for pair @ (_, token) in asked {
+            let Some(liveness) = leases.get(pair) else { continue };
             if still_held.contains(pair) {
                 liveness.renewed_boot_ms.fetch_max(sent_boot_ms, Ordering::SeqCst);
             } else if !liveness.lost.swap(true, Ordering::SeqCst) {
@@ -125,7 +122,17 @@ impl Registry {
         left
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Arc<LeaseLiveness>>> {
+    /// Marks every lease in `asked` lost: the database they were held in is gone.
+    fn lose(&self, asked: &[(i64, i64)]) {
+        let leases = self.held();
+        for pair in asked {
+            if let Some(liveness) = leases.get(pair) {
+                liveness.lost.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), Arc<LeaseLiveness>>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -156,6 +163,10 @@ pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> Heartbe
             let sent_boot_ms = inner.clock.boot_ms();
             match inner.store.heartbeat(&asked, (inner.clock.now_ms(), sent_boot_ms)) {
                 Ok(still_held) => inner.leases.renew(&asked, &still_held, sent_boot_ms),
+                Err(error @ Error::DatabaseReplaced { .. }) => {
+                    tracing::error!(error = %error, "the database is gone: no held key may be used any more");
+                    inner.leases.lose(&asked);
+                }
                 Err(error) => tracing::warn!(error = %error, "heartbeat failed; will retry"),
             }
             inner.leases.settle(&inner);
@@ -226,6 +237,18 @@ impl Lease {
         !self.liveness.lost.load(Ordering::SeqCst) && age_ms < trusted_ms
     }
 
+    /// Confirms the lease now with one conditional write: true (and trusted again) if it is still this
+    /// process's, false if it was lost. For a lease whose trust ran out while this process could not
+    /// heartbeat (stopped, or the database locked): if nobody took the key, there is no need to give it up.
+    pub fn renew(&self) -> Result<bool> {
+        let inner = &self.coordinator.inner;
+        let pair = (self.claimed.id, self.claimed.lease);
+        let sent_boot_ms = inner.clock.boot_ms();
+        let still_held = inner.store.heartbeat(&[pair], (inner.clock.now_ms(), sent_boot_ms))?;
+        inner.leases.renew(&[pair], &still_held, sent_boot_ms);
+        Ok(still_held.contains(&pair) && self.is_valid())
+    }
+
     /// Ok while the key may still be used; [`Error::LeaseLost`] once it must not be.
     pub fn check(&self) -> Result<()> {
         if self.is_valid() { Ok(()) } else { Err(self.lost()) }
@@ -276,6 +299,7 @@ impl Lease {
         let inner = &self.coordinator.inner;
         inner.leases.remove(self.claimed.id, self.claimed.lease);
         inner.leases.defer(Unsettled {
+            _keep_alive: self.coordinator.clone(),
             id: self.claimed.id,
             lease: self.claimed.lease,
             key_name: self.claimed.key_name.clone(),
@@ -302,6 +326,7 @@ impl Lease {
                 // Keep trying in the background; this caller still hears of the failure.
                 tracing::warn!(key = %self.claimed.key_name, error = %error, "ending a lease failed; retrying in the background");
                 inner.leases.defer(Unsettled {
+                    _keep_alive: self.coordinator.clone(),
                     id: self.claimed.id,
                     lease: self.claimed.lease,
                     key_name: self.claimed.key_name.clone(),
@@ -343,6 +368,7 @@ impl Drop for Lease {
             self.ended = true;
             inner.leases.remove(self.claimed.id, self.claimed.lease);
             inner.leases.defer(Unsettled {
+                _keep_alive: self.coordinator.clone(),
                 id: self.claimed.id,
                 lease: self.claimed.lease,
                 key_name: self.claimed.key_name.clone(),
@@ -382,6 +408,7 @@ mod tests {
         let replaced = registry.insert(1, 6, 5_000);
         registry.renew(&[(1, 5)], &[], 6_000);
         assert!(!replaced.lost.load(Ordering::SeqCst), "an answer about token 5 says nothing of token 6");
+        assert!(liveness.lost.load(Ordering::SeqCst), "while token 5, still registered, is lost");
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::ConnectorField { .. }
         | Error::DuplicateConnector { .. }
         | Error::InvalidEnv { .. }
+        | Error::KeyringDiffers { .. }
         | Error::NoDatabaseLocation => CONFIG,
         Error::DatabaseCreate { .. }
         | Error::NotADatabase { .. }

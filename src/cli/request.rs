@@ -66,11 +66,17 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         if !global.quiet {
             eprintln!("Making {} request to {connector}{endpoint}", method.to_ascii_uppercase());
         }
+        // Installed before the request starts, so no signal in between kills the process outright.
+        let mut signals = Signals::install()?;
         let request = with_waiting_line(&jongler, wait, jongler.request(method, endpoint, body));
         let response = tokio::select! {
-            response = request => response?,
-            signal = interrupted() => return cancelled(&jongler, signal?).await,
+            response = request => response,
+            signal = signals.next() => return cancelled(&jongler, signal).await,
         };
+        // Ends that could not be written in place (a lock held too long) get a last chance before exit.
+        let coordinator = jongler.coordinator().clone();
+        tokio::task::spawn_blocking(move || coordinator.settle(Instant::now() + SETTLE_ON_EXIT)).await?;
+        let response = response?;
         print(global, args, &response)?;
         match &response.bookkeeping {
             Bookkeeping::Recorded => {}
@@ -108,13 +114,24 @@ enum Signal {
     Terminate,
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn interrupted() -> std::io::Result<Signal> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut interrupt, mut terminate) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
-    tokio::select! {
-        _ = interrupt.recv() => Ok(Signal::Interrupt),
-        _ = terminate.recv() => Ok(Signal::Terminate),
+/// SIGINT and SIGTERM, caught from the moment they are installed.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    /// Resolves when one of them arrives.
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.interrupt.recv() => Signal::Interrupt,
+            _ = self.terminate.recv() => Signal::Terminate,
+        }
     }
 }
 
