@@ -396,3 +396,36 @@ fn the_blocking_wrapper_needs_no_runtime_of_its_own() {
     assert_eq!(answer["candidates"][0]["finishReason"], "STOP");
     assert_eq!(jongler.available_keys().expect("keys"), ["key0", "key1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_connection_jongler_dropped_without_disconnect_gives_its_key_back() {
+    let server = server_where_key0_gets(json(200, "{}")).await;
+    let sandbox = gemini_sandbox(1, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).scope(LeaseScope::PerConnection).connect().await.expect("connect");
+    assert_eq!(jongler.locked_keys().await.expect("states"), ["key0"]);
+    drop(jongler);
+    let db = sandbox.db.clone();
+    let released = move || {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| c.query_row("SELECT state FROM keys", [], |row| row.get::<_, String>(0)))
+            .is_ok_and(|state| state == "vacant")
+    };
+    tokio::task::spawn_blocking(move || common::wait_until(Duration::from_secs(60), "the key released", released))
+        .await
+        .expect("join");
+}
+
+#[tokio::test]
+async fn a_key_whose_secret_another_keyring_changed_is_never_sent_with_the_old_one() {
+    let server = server_where_key0_gets(json(200, "{}")).await;
+    let sandbox = gemini_sandbox(1, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    let other = sandbox.dir.path().join("other.ini");
+    std::fs::write(&other, format!("[{GEMINI}]\nkey0 = fake-rotated-secret\n")).expect("write");
+    let coordinator = api_jongler::Coordinator::open(sandbox.options()).expect("open");
+    coordinator.sync(&api_jongler::Keyring::load(&other).expect("keyring")).expect("sync");
+    let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("stale keyring");
+    assert!(matches!(error, Error::KeyringDiffers { .. }), "{error:?}");
+    assert!(error.to_string().contains("another secret"), "{error}");
+    assert!(server.received_requests().await.expect("recorded").is_empty(), "nothing was sent");
+}
