@@ -162,16 +162,14 @@ impl Coordinator {
         let mut nap = MIN_NAP;
         loop {
             self.reap_if_due(connector)?;
-            let (now, boot_ms) = (self.now_ms(), self.inner.clock.boot_ms());
-            if let Some(claimed) =
-                self.inner.store.claim(connector, tried, self.inner.holder, (now, boot_ms), deadline)?
-            {
+            let claimed = self.inner.store.claim(connector, tried, self.inner.holder, &*self.inner.clock, deadline)?;
+            if let Some(claimed) = claimed {
                 self.ensure_heartbeat();
                 tracing::info!(
                     connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint, lease = claimed.lease,
                     "key claimed"
                 );
-                return Ok(Lease::new(self.clone(), connector, claimed, boot_ms));
+                return Ok(Lease::new(self.clone(), connector, claimed));
             }
             // Nothing claimable: wait with reads only, until a read says a claim could succeed.
             loop {

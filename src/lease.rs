@@ -29,8 +29,8 @@ use crate::store::{Attempt, Claimed, Fate};
 #[derive(Debug)]
 pub(crate) struct LeaseLiveness {
     lost: AtomicBool,
-    /// Boot-clock ms of the last write that confirmed the lease (its claim, or a heartbeat), taken
-    /// before that write was sent.
+    /// Boot-clock ms of the last write that confirmed the lease (its claim, or a heartbeat), as that
+    /// write put it in the row: the very time any reaper measures the lease's age from.
     renewed_boot_ms: AtomicI64,
 }
 
@@ -160,9 +160,8 @@ pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> Heartbe
             }
             // Renew first: a deferred end that waits for a lock must not delay the leases in use.
             let asked = inner.leases.to_renew();
-            let sent_boot_ms = inner.clock.boot_ms();
-            match inner.store.heartbeat(&asked, (inner.clock.now_ms(), sent_boot_ms)) {
-                Ok(still_held) => inner.leases.renew(&asked, &still_held, sent_boot_ms),
+            match inner.store.heartbeat(&asked, &*inner.clock) {
+                Ok((still_held, written_boot_ms)) => inner.leases.renew(&asked, &still_held, written_boot_ms),
                 Err(error @ Error::DatabaseReplaced { .. }) => {
                     tracing::error!(error = %error, "the database is gone: no held key may be used any more");
                     inner.leases.lose(&asked);
@@ -202,8 +201,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(coordinator: Coordinator, connector: &str, claimed: Claimed, claimed_boot_ms: i64) -> Self {
-        let liveness = coordinator.inner.leases.insert(claimed.id, claimed.lease, claimed_boot_ms);
+    pub(crate) fn new(coordinator: Coordinator, connector: &str, claimed: Claimed) -> Self {
+        let liveness = coordinator.inner.leases.insert(claimed.id, claimed.lease, claimed.boot_ms);
         Self { coordinator, connector: connector.to_owned(), claimed, liveness, ended: false }
     }
 
@@ -243,9 +242,8 @@ impl Lease {
     pub fn renew(&self) -> Result<bool> {
         let inner = &self.coordinator.inner;
         let pair = (self.claimed.id, self.claimed.lease);
-        let sent_boot_ms = inner.clock.boot_ms();
-        let still_held = inner.store.heartbeat(&[pair], (inner.clock.now_ms(), sent_boot_ms))?;
-        inner.leases.renew(&[pair], &still_held, sent_boot_ms);
+        let (still_held, written_boot_ms) = inner.store.heartbeat(&[pair], &*inner.clock)?;
+        inner.leases.renew(&[pair], &still_held, written_boot_ms);
         Ok(still_held.contains(&pair) && self.is_valid())
     }
 

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::holder::Holder;
 use sync::{apply_sync, plan_sync};
@@ -159,19 +160,21 @@ impl Store {
         })
     }
 
-    /// Claims the least recently used claimable key of `connector` not named in `tried`, for `holder`,
-    /// at wall-clock `now` and boot-clock `boot_ms`; waits for the write lock until `deadline` at most
-    /// (and at least the store's floor).
+    /// Claims the least recently used claimable key of `connector` not named in `tried`, for `holder`;
+    /// waits for the write lock until `deadline` at most (and at least the store's floor). The times
+    /// written are read from `clock` once the lock is held, so a long wait never makes a fresh lease
+    /// look old; the claim's boot-clock time comes back in [`Claimed::boot_ms`].
     pub fn claim(
         &self,
         connector: &str,
         tried: &[String],
         holder: &Holder,
-        (now, boot_ms): (i64, i64),
+        clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Option<Claimed>> {
         let tried = json_list(tried);
         self.write("claiming a key", Some(deadline), |transaction| {
+            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
             let claimed = transaction
                 .prepare_cached(CLAIM)?
                 .query_row(
@@ -193,6 +196,7 @@ impl Store {
                             fingerprint: row.get(2)?,
                             lease: row.get(3)?,
                             lockdown_count: row.get(5)?,
+                            boot_ms,
                         };
                         let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
                         Ok((claimed, out_of_lockdown))
@@ -309,22 +313,25 @@ impl Store {
         })
     }
 
-    /// Refreshes the heartbeat of exactly the given leases (`(key id, lease token)`), at wall-clock
-    /// `now` and boot-clock `boot_ms`, and returns those still held: a lease missing from the answer was
-    /// lost. Keys this process holds under no listed lease are not touched.
-    pub fn heartbeat(&self, leases: &[(i64, i64)], (now, boot_ms): (i64, i64)) -> Result<Vec<(i64, i64)>> {
+    /// Refreshes the heartbeat of exactly the given leases (`(key id, lease token)`), with times read
+    /// from `clock` once the lock is held, and returns those still held (a lease missing from the
+    /// answer was lost) and the boot-clock time written. Keys this process holds under no listed lease
+    /// are not touched.
+    pub fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)> {
         if leases.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), clock.boot_ms()));
         }
         let leases = serde_json::to_string(leases).unwrap_or_else(|_| "[]".to_owned());
         self.write("refreshing heartbeats", Some(self.holder_deadline()), |transaction| {
+            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
             let mut statement = transaction.prepare_cached(
                 "UPDATE keys SET heartbeat_at = ?1, heartbeat_boot_ms = ?2
                   WHERE state = 'locked'
                     AND (id, lease) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?3))
               RETURNING id, lease",
             )?;
-            all(&mut statement, params![now, boot_ms, leases], |row| Ok((row.get(0)?, row.get(1)?)))
+            let held = all(&mut statement, params![now, boot_ms, leases], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok((held, boot_ms))
         })
     }
 

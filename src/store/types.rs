@@ -89,6 +89,8 @@ pub struct Claimed {
     pub lease: i64,
     /// The key's consecutive lockdowns so far (for escalating default lockdowns).
     pub lockdown_count: i64,
+    /// The boot-clock time (`CLOCK_BOOTTIME` ms) written as the lease's first heartbeat.
+    pub boot_ms: i64,
 }
 
 /// How a lease ends.
