@@ -225,19 +225,23 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
 #[test]
 fn heartbeats_keep_a_held_key_from_going_stale() {
     let sandbox = Sandbox::new("c", 1);
+    // A 2 s threshold against beats every 20 ms: only a stall of the heartbeat thread 100 times its
+    // interval could fail this.
     let options = CoordinatorOptions {
         heartbeat_interval: Duration::from_millis(20),
-        stale_after: Duration::from_millis(200),
+        stale_after: Duration::from_secs(2),
         ..sandbox.options()
     };
     let holder = sandbox.coordinator(options.clone());
     let lease = holder.claim("c", &[], Duration::ZERO).expect("claim");
+    // As if the holder ran in another container: the reaper can judge it by its heartbeat alone.
+    sandbox.sql().execute("UPDATE keys SET holder_pid_namespace = 'another'", []).expect("forge");
     let heartbeat_at = || -> i64 {
         sandbox.sql().query_row("SELECT heartbeat_at FROM keys", [], |row| row.get(0)).expect("heartbeat_at")
     };
     let first = heartbeat_at();
     // Wait until the heartbeat has moved the row well past the stale threshold since the claim.
-    wait_until(Duration::from_secs(10), "heartbeats past the stale threshold", || heartbeat_at() > first + 400);
+    wait_until(Duration::from_secs(60), "heartbeats past the stale threshold", || heartbeat_at() > first + 3_000);
     let reaper = sandbox.coordinator(options);
     assert_eq!(reaper.reap(None).expect("reap"), [], "a heartbeating holder is not stale");
     assert!(lease.is_valid());
