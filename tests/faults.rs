@@ -57,6 +57,25 @@ async fn finished(child: Child) -> std::process::Output {
     tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait")).await.expect("join")
 }
 
+/// The child's output, or a failure (and the child killed) if it runs past `limit`: a wait that
+/// regressed to unbounded must fail the test, not hang the suite.
+async fn finished_within(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    let exited = tokio::task::spawn_blocking(move || {
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return Err(child.wait_with_output().expect("reap"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child.wait_with_output().expect("output"))
+    })
+    .await
+    .expect("join");
+    exited.unwrap_or_else(|output| panic!("still running after {limit:?}: {}", String::from_utf8_lossy(&output.stderr)))
+}
+
 async fn succeeded(child: Child) -> String {
     tokio::task::spawn_blocking(move || common::wait_success(child)).await.expect("join")
 }
@@ -255,7 +274,8 @@ async fn a_request_under_a_lock_that_never_ends_fails_with_exit_6() {
     let shell = SqliteShell::lock(&sandbox);
     let mut command = cli_request(&sandbox);
     command.arg("--wait=0");
-    let output = tokio::task::spawn_blocking(move || command.output().expect("run")).await.expect("join");
+    let child = command.spawn().expect("run");
+    let output = finished_within(child, LIMIT).await;
     shell.release();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(6), "{stderr}");
@@ -316,7 +336,7 @@ fn a_deleted_database_is_noticed_before_the_next_claim() {
 /// spent) is printed; the bookkeeping failure is reported on stderr with exit 9.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_printed_even_when_the_database_cannot_record_it() {
-    let mock = mock_answering_after(Duration::from_secs(2)).await;
+    let mock = mock_answering_after(Duration::from_secs(8)).await;
     let sandbox = sandbox(1, &mock);
     let child = cli_request_in_flight(&sandbox, &mock).await;
     delete_database(&sandbox);
@@ -331,7 +351,7 @@ async fn an_answer_is_printed_even_when_the_database_cannot_record_it() {
 /// exits 8, as documented.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_lost_during_the_request_exits_8() {
-    let mock = mock_answering_after(Duration::from_secs(2)).await;
+    let mock = mock_answering_after(Duration::from_secs(8)).await;
     let sandbox = sandbox(1, &mock);
     let child = cli_request_in_flight(&sandbox, &mock).await;
     let cleanup = sandbox.apijongler().args(["cleanup", "--force", GEMINI]).output().expect("cleanup");
