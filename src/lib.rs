@@ -11,8 +11,11 @@
 //!   `UPDATE ... RETURNING` in a `BEGIN IMMEDIATE` transaction, incrementing the key's lease token.
 //!   Every later write by the holder is fenced by that token: if it changed nothing, the lease was lost
 //!   and the holder must stop using the key.
-//! - Holders heartbeat; any process frees the locks of holders that are provably dead (same host and
-//!   boot, pid gone or reused) at once, and of holders whose heartbeat is stale whatever their pid says.
+//! - Holders heartbeat exactly the leases they hold. A holder this process's OS can see (same host,
+//!   boot and pid namespace) is judged by the OS: dead (pid gone or reused) frees its keys at once,
+//!   running keeps them whatever its heartbeat's age, stopped frees them once its heartbeat is stale.
+//!   Only holders the OS cannot see are judged by heartbeat age, on `CLOCK_BOOTTIME`. A holder checks
+//!   that its lease is still trusted right before every send.
 //! - When no key is free, waiters poll with reads, back off with jitter and wake at the earliest
 //!   lockdown deadline, so scarce keys never turn into a storm of write attempts.
 //!
