@@ -1,5 +1,5 @@
 //! The key coordinator: claims keys for this process, waits politely when none is free, reaps the
-//! locks of dead and hung holders, and answers "which keys are in which state".
+//! locks of dead and long-stopped holders (see `reaper`), and answers "which keys are in which state".
 //!
 //! Waiting never hammers the write lock: a waiter polls with reads (which run beside the writer in WAL
 //! mode), backs off with jitter, wakes early at the earliest lockdown deadline, and only then tries the
@@ -217,7 +217,7 @@ impl Coordinator {
     }
 
     /// The seed's cleanup, made safe: lockdown and error keys of `connector` (or all connectors) go
-    /// back to vacant and dead or hung holders' locks are freed; live holders keep their keys unless
+    /// back to vacant and dead or long-stopped holders' locks are freed; live holders keep their keys unless
     /// `force`. Returns every transition made.
     pub fn cleanup(&self, connector: Option<&str>, force: bool) -> Result<Vec<Transition>> {
         let mut done = self.reap(connector)?;
