@@ -71,7 +71,7 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         let request = with_waiting_line(&jongler, wait, jongler.request(method, endpoint, body));
         let response = tokio::select! {
             response = request => response,
-            signal = signals.next() => return cancelled(&jongler, signal).await,
+            signal = signals.next() => return cancelled(&jongler, signal, &mut signals).await,
         };
         // Ends that could not be written in place (a lock held too long) get a last chance before exit.
         let coordinator = jongler.coordinator().clone();
@@ -137,9 +137,14 @@ impl Signals {
 
 /// The request was dropped by a signal: its key is being given back with the attempt recorded as
 /// cancelled (see `Jongler::request`); wait a little for that write, then exit as the signal asks.
-async fn cancelled(jongler: &Jongler, signal: Signal) -> anyhow::Result<ExitCode> {
+/// A second signal while it waits ends the process at once (the key is then freed by the next claimer).
+async fn cancelled(jongler: &Jongler, signal: Signal, signals: &mut Signals) -> anyhow::Result<ExitCode> {
     let coordinator = jongler.coordinator().clone();
-    let left = tokio::task::spawn_blocking(move || coordinator.settle(Instant::now() + SETTLE_ON_EXIT)).await?;
+    let settling = tokio::task::spawn_blocking(move || coordinator.settle(Instant::now() + SETTLE_ON_EXIT));
+    let left = tokio::select! {
+        left = settling => left?,
+        _ = signals.next() => 1,
+    };
     let (name, code) = match signal {
         Signal::Interrupt => ("SIGINT", exit::INTERRUPTED),
         Signal::Terminate => ("SIGTERM", exit::TERMINATED),
