@@ -306,7 +306,7 @@ impl Coordinator {
         lease::settle_deferred(&self.inner, deadline)
     }
 
-    pub(crate) fn ensure_heartbeat(&self) {
+    fn ensure_heartbeat(&self) {
         self.inner
             .heartbeat
             .get_or_init(|| lease::start_heartbeat(Arc::downgrade(&self.inner), self.inner.options.heartbeat_interval));

@@ -293,6 +293,11 @@ impl Lease {
     /// write may happen (an async runtime's thread, a cancelled request). [`Coordinator::settle`]
     /// waits for such ends.
     pub(crate) fn end_later(mut self, fate: Fate, attempt: Option<Attempt>) {
+        self.defer_end(fate, attempt);
+    }
+
+    /// Hands the end to the heartbeat thread, which writes it (and retries it) off this thread.
+    fn defer_end(&mut self, fate: Fate, attempt: Option<Attempt>) {
         self.ended = true;
         let inner = &self.coordinator.inner;
         inner.leases.remove(self.claimed.id, self.claimed.lease);
@@ -323,15 +328,7 @@ impl Lease {
                 // Not lost, not ended: the key stays locked under our live pid, so nobody else frees it.
                 // Keep trying in the background; this caller still hears of the failure.
                 tracing::warn!(key = %self.claimed.key_name, error = %error, "ending a lease failed; retrying in the background");
-                inner.leases.defer(Unsettled {
-                    _keep_alive: self.coordinator.clone(),
-                    id: self.claimed.id,
-                    lease: self.claimed.lease,
-                    key_name: self.claimed.key_name.clone(),
-                    fate: fate.clone(),
-                    attempt: attempt.cloned(),
-                });
-                self.coordinator.ensure_heartbeat();
+                self.defer_end(fate.clone(), attempt.cloned());
                 return Err(error);
             }
         };
@@ -362,18 +359,7 @@ impl Drop for Lease {
             return;
         }
         if tokio::runtime::Handle::try_current().is_ok() {
-            let inner = &self.coordinator.inner;
-            self.ended = true;
-            inner.leases.remove(self.claimed.id, self.claimed.lease);
-            inner.leases.defer(Unsettled {
-                _keep_alive: self.coordinator.clone(),
-                id: self.claimed.id,
-                lease: self.claimed.lease,
-                key_name: self.claimed.key_name.clone(),
-                fate: Fate::Release { success: false },
-                attempt: None,
-            });
-            self.coordinator.wake_heartbeat();
+            self.defer_end(Fate::Release { success: false }, None);
         } else if let Err(error) = self.end(&Fate::Release { success: false }, None) {
             tracing::warn!(error = %error, "releasing a dropped lease failed");
         }
