@@ -5,6 +5,12 @@
 //! provider says it frees (a daily quota until the next midnight in America/Los_Angeles, whatever
 //! `retryDelay` claims), a bad key goes to error, and everything that is the provider's or the
 //! request's problem (overload, 5xx, a location refusal, a bad request) leaves the key vacant.
+//!
+//! A lockdown is only as wide as the quota that ran out: Gemini meters per project and per model, so a
+//! `QuotaFailure` that names a model locks that model for the key's quota group (and the requested
+//! name too, when it was an alias), a quota per project without a model locks the whole group, Hugging
+//! Face's 402 (credits) locks the whole group, and a 429 without details (shared capacity) locks only
+//! the requested model of that key.
 
 use std::time::Duration;
 
@@ -14,6 +20,10 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::connector::Policy;
+use crate::store::Reach;
+
+/// What a lockdown for a quota of 0 says.
+const ZERO_QUOTA: &str = "quota is 0: the model is not available on this key's tier";
 
 /// The longest delay an answer may impose through `Retry-After` and friends: longer is taken as absurd
 /// and clamped.
@@ -27,12 +37,18 @@ pub enum KeyFate {
         /// The answer was a success.
         success: bool,
     },
-    /// Rate-limited until `until_ms`.
+    /// Rate-limited until `until_ms`, for `models` (empty: every model) of the key or its group.
     Lockdown {
         /// Deadline, unix ms.
         until_ms: i64,
         /// Why, for the history.
         reason: String,
+        /// The key alone, or its whole quota group.
+        reach: Reach,
+        /// The models locked down; empty: every model.
+        models: Vec<String>,
+        /// The provider's quota that ran out, if it named one.
+        quota_id: Option<String>,
     },
     /// Permanently bad.
     Error {
@@ -64,6 +80,8 @@ pub struct Verdict {
     pub key: KeyFate,
     /// What the caller does next.
     pub next: Next,
+    /// The Google Cloud project number the answer revealed (`consumer: projects/NNN`), if any.
+    pub project: Option<String>,
 }
 
 /// What is known around an answer.
@@ -79,6 +97,8 @@ pub struct Context<'a> {
     pub retries: u32,
     /// The request went through Tor.
     pub via_tor: bool,
+    /// The model the request named, if any.
+    pub model: Option<&'a str>,
 }
 
 /// The verdict on an answer with `status`, `headers` and `body`.
@@ -86,7 +106,8 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
     let error = UpstreamError::parse(body);
     let policy = context.policy;
     let release = KeyFate::Release { success: false };
-    let verdict = |key, next| Verdict { key, next };
+    let project = error.consumer_project.clone();
+    let verdict = |key, next| Verdict { key, next, project: project.clone() };
 
     if (200..300).contains(&status) {
         return verdict(KeyFate::Release { success: true }, Next::Return);
@@ -103,7 +124,9 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
         400 if error.is_location() => verdict(release, if context.via_tor { Next::NewCircuit } else { Next::Return }),
         402 => {
             let until_ms = context.now_ms + millis(Duration::from_secs(policy.credits_lockdown_secs));
-            verdict(KeyFate::Lockdown { until_ms, reason: error.reason("402 credits used up") }, Next::OtherKey)
+            let reason = error.reason("402 credits used up");
+            let key = KeyFate::Lockdown { until_ms, reason, reach: Reach::Group, models: Vec::new(), quota_id: None };
+            verdict(key, Next::OtherKey)
         }
         500 | 502 | 503 | 504 => {
             let doubling = Duration::from_millis(policy.backoff_ms).saturating_mul(1 << context.retries.min(16));
@@ -118,49 +141,96 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
 /// The verdict when no answer came: a timeout or a connection error is never the key's fault.
 pub fn transport_failure(context: &Context<'_>) -> Verdict {
     let after = Duration::from_millis(context.policy.backoff_ms).saturating_mul(1 << context.retries.min(16));
-    Verdict { key: KeyFate::Release { success: false }, next: Next::Backoff { after } }
+    Verdict { key: KeyFate::Release { success: false }, next: Next::Backoff { after }, project: None }
 }
 
 fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, context: &Context<'_>) -> KeyFate {
     let now = context.now_ms;
     let policy = context.policy;
-    let cap = Duration::from_secs(policy.max_lockdown_secs);
-    if let Some(quota) = &error.daily_quota {
-        return KeyFate::Lockdown {
-            until_ms: next_pacific_midnight(now),
-            reason: format!("{status} daily quota {quota}, resets at midnight Pacific"),
-        };
-    }
-    if error.zero_quota {
-        return KeyFate::Lockdown {
-            until_ms: now + millis(Duration::from_secs(policy.zero_quota_lockdown_secs)),
-            reason: format!("{status} quota is 0: the model is not available on this key's tier"),
-        };
-    }
+    let requested: Vec<String> = context.model.map(str::to_owned).into_iter().collect();
     let hints = [
         error.retry_delay.map(|delay| (delay, "RetryInfo.retryDelay")),
         retry_after(headers, now).map(|delay| (delay, "Retry-After")),
         error.retry_in.map(|delay| (delay, "'Please retry in'")),
         huggingface_reset(headers).map(|delay| (delay, "ratelimit t=")),
     ];
-    if let Some((delay, source)) = hints.into_iter().flatten().max_by_key(|(delay, _)| *delay) {
-        let delay = delay.min(MAX_HINT);
-        return KeyFate::Lockdown {
-            until_ms: now + millis(delay),
-            reason: error.reason(&format!("{status} rate limit, {source} {:.1} s", delay.as_secs_f64())),
+    let hint = hints
+        .into_iter()
+        .flatten()
+        .max_by_key(|(delay, _)| *delay)
+        .map(|(delay, source)| (delay.min(MAX_HINT), source));
+    let default_wait = Duration::from_secs(policy.default_lockdown_secs);
+
+    let zero_wait = Duration::from_secs(policy.zero_quota_lockdown_secs);
+    if error.violations.is_empty() && error.zero_quota {
+        let reason = error.reason(&format!("{status} {ZERO_QUOTA}"));
+        return lockdown_of(now + millis(zero_wait), reason, Reach::Group, requested, None);
+    }
+    // A quota the provider metered per project (and per model when it names one).
+    if let Some(first) = error.violations.first() {
+        let (mut until_ms, mut worst, mut worst_kind) = (i64::MIN, first, "");
+        let (mut models, mut every_model) = (Vec::new(), false);
+        for violation in &error.violations {
+            let (ends, kind) = if violation.is_daily() {
+                (next_pacific_midnight(now), "daily quota, resets at midnight Pacific")
+            } else if violation.is_zero() || error.zero_quota {
+                (now + millis(zero_wait), ZERO_QUOTA)
+            } else {
+                (now + millis(hint.map_or(default_wait, |(delay, _)| delay)), "rate limit")
+            };
+            if ends > until_ms {
+                (until_ms, worst, worst_kind) = (ends, violation, kind);
+            }
+            match &violation.model {
+                Some(model) => models.push(model.clone()),
+                None if violation.is_per_project_only() => every_model = true,
+                None => models.extend(requested.iter().cloned()),
+            }
+        }
+        // The requested name may be an alias (gemini-flash-latest) of the model the quota names: lock both.
+        if !models.is_empty() {
+            models.extend(requested.iter().cloned());
+        }
+        models.sort();
+        models.dedup();
+        // A request whose model the connector cannot tell would be claimed past a lockdown of one
+        // model, so without a model the lockdown covers them all.
+        if every_model || requested.is_empty() {
+            models.clear();
+        }
+        let wait = match hint {
+            _ if worst_kind != "rate limit" => String::new(),
+            Some((delay, source)) => format!(", {source} {:.1} s", delay.as_secs_f64()),
+            None => format!(", lockdown {} s", default_wait.as_secs()),
         };
+        let reason = error.reason(&format!("{status} {worst_kind}{wait} ({})", worst.quota_id));
+        return lockdown_of(until_ms, reason, Reach::Group, models, Some(worst.quota_id.clone()));
     }
-    let escalated = Duration::from_secs(policy.default_lockdown_secs)
-        .saturating_mul(1u32 << context.lockdown_count.clamp(0, 20))
-        .min(cap);
-    KeyFate::Lockdown {
-        until_ms: now + millis(escalated),
-        reason: error.reason(&format!(
-            "{status} rate limit without a hint, lockdown {} s (lockdown #{} in a row)",
-            escalated.as_secs(),
-            context.lockdown_count + 1
-        )),
+    // A per-project rate limit that names no model (the older regional quota): the whole group.
+    if error.reason.as_deref() == Some("RATE_LIMIT_EXCEEDED")
+        && error.quota_limit.as_deref().is_some_and(|limit| !limit.contains("PerModel"))
+    {
+        let delay = hint.map_or(default_wait, |(delay, _)| delay);
+        let reason = error.reason(&format!("{status} project rate limit, lockdown {:.1} s", delay.as_secs_f64()));
+        return lockdown_of(now + millis(delay), reason, Reach::Group, Vec::new(), error.quota_limit.clone());
     }
+    // No details: shared capacity, or a limit of this key alone. Only the requested model of this key.
+    if let Some((delay, source)) = hint {
+        let reason = error.reason(&format!("{status} rate limit, {source} {:.1} s", delay.as_secs_f64()));
+        return lockdown_of(now + millis(delay), reason, Reach::Key, requested, None);
+    }
+    let cap = Duration::from_secs(policy.max_lockdown_secs);
+    let escalated = default_wait.saturating_mul(1u32 << context.lockdown_count.clamp(0, 20)).min(cap);
+    let reason = error.reason(&format!(
+        "{status} rate limit without a hint, lockdown {} s (lockdown #{} in a row)",
+        escalated.as_secs(),
+        context.lockdown_count + 1
+    ));
+    lockdown_of(now + millis(escalated), reason, Reach::Key, requested, None)
+}
+
+fn lockdown_of(until_ms: i64, reason: String, reach: Reach, models: Vec<String>, quota_id: Option<String>) -> KeyFate {
+    KeyFate::Lockdown { until_ms, reason, reach, models, quota_id }
 }
 
 /// The next midnight in America/Los_Angeles after `now_ms`, as unix ms (daylight saving included:
@@ -208,10 +278,14 @@ struct UpstreamError {
     message: Option<String>,
     /// `ErrorInfo.reason` such as `API_KEY_INVALID`.
     reason: Option<String>,
-    /// A violated per-day quotaId.
-    daily_quota: Option<String>,
-    /// A violated quota with value 0, or `limit: 0` in the message.
+    /// The violated quotas of a `QuotaFailure`.
+    violations: Vec<Violation>,
+    /// `limit: 0` in the message (the model is not on this tier), with or without a `QuotaFailure`.
     zero_quota: bool,
+    /// `ErrorInfo.metadata.quota_limit` (the older per-project, per-region quota).
+    quota_limit: Option<String>,
+    /// The project number in `ErrorInfo.metadata.consumer` (`projects/NNN`) or the message.
+    consumer_project: Option<String>,
     retry_delay: Option<Duration>,
     retry_in: Option<Duration>,
     /// Hugging Face `estimated_time` of a loading model.
@@ -241,20 +315,32 @@ impl UpstreamError {
                 parsed.retry_delay = detail["retryDelay"].as_str().and_then(protobuf_duration);
             } else if kind.ends_with("google.rpc.ErrorInfo") {
                 parsed.reason = detail["reason"].as_str().map(str::to_owned);
+                let metadata = &detail["metadata"];
+                parsed.quota_limit = metadata["quota_limit"].as_str().filter(|limit| sane(limit)).map(str::to_owned);
+                parsed.consumer_project = metadata["consumer"].as_str().and_then(project_number);
             } else if kind.ends_with("google.rpc.QuotaFailure") {
                 for violation in detail["violations"].as_array().into_iter().flatten() {
-                    let quota_id = violation["quotaId"].as_str().unwrap_or_default();
-                    if quota_id.contains("PerDay") || quota_id.contains("Daily") {
-                        parsed.daily_quota = Some(quota_id.to_owned());
-                    }
-                    if violation["quotaValue"].as_str() == Some("0") {
-                        parsed.zero_quota = true;
-                    }
+                    let quota_id = violation["quotaId"].as_str().filter(|id| sane(id)).unwrap_or("unnamed quota");
+                    parsed.violations.push(Violation {
+                        quota_id: quota_id.to_owned(),
+                        model: violation["quotaDimensions"]["model"]
+                            .as_str()
+                            .map(|model| model.strip_prefix("models/").unwrap_or(model))
+                            .filter(|model| sane(model))
+                            .map(str::to_owned),
+                        value: violation["quotaValue"].as_str().map(str::to_owned),
+                    });
                 }
             }
         }
         if let Some(message) = &parsed.message {
             parsed.zero_quota |= message.contains("limit: 0");
+            if parsed.consumer_project.is_none() {
+                parsed.consumer_project = message
+                    .split_once("project_number:")
+                    .or_else(|| message.split_once("in project "))
+                    .and_then(|(_, rest)| project_number(rest));
+            }
             parsed.retry_in = message
                 .split_once("retry in ")
                 .and_then(|(_, rest)| rest.split_whitespace().next())
@@ -281,6 +367,47 @@ impl UpstreamError {
         let extra: Vec<&str> = [self.status.as_deref(), self.reason.as_deref()].into_iter().flatten().collect();
         if extra.is_empty() { summary.to_owned() } else { format!("{summary} ({})", extra.join(", ")) }
     }
+}
+
+/// One violated quota of a `QuotaFailure`.
+#[derive(Debug)]
+struct Violation {
+    /// e.g. `GenerateRequestsPerDayPerProjectPerModel-FreeTier`.
+    quota_id: String,
+    /// `quotaDimensions.model`, without a `models/` prefix.
+    model: Option<String>,
+    /// `quotaValue`, the limit.
+    value: Option<String>,
+}
+
+impl Violation {
+    fn is_daily(&self) -> bool {
+        self.quota_id.contains("PerDay") || self.quota_id.contains("Daily")
+    }
+
+    fn is_zero(&self) -> bool {
+        self.value.as_deref() == Some("0")
+    }
+
+    /// A quota of the whole project, whatever the model (no `PerModel` and no model dimension).
+    fn is_per_project_only(&self) -> bool {
+        self.model.is_none() && self.quota_id.contains("PerProject") && !self.quota_id.contains("PerModel")
+    }
+}
+
+/// The digits of a project number at the start of `text` or after `projects/` (`projects/411082643095`,
+/// `411082643095 before it ...`), if there are some.
+fn project_number(text: &str) -> Option<String> {
+    let text = text.trim_start_matches('\'').trim_start();
+    let digits = text.strip_prefix("projects/").unwrap_or(text);
+    let number: String = digits.chars().take_while(char::is_ascii_digit).collect();
+    (!number.is_empty() && number.len() <= 20).then_some(number)
+}
+
+/// A name from an answer fit to be stored and shown: short, and only characters quota ids and model
+/// names use.
+fn sane(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 200 && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@+".contains(c))
 }
 
 #[cfg(test)]

@@ -138,15 +138,20 @@ impl Coordinator {
 
     /// Makes the database's keys of the connectors `keyring` has a section for match it (see
     /// [`Store::sync_keys`]); keys of other connectors are left alone, so keyrings with different
-    /// sections can share a database. Keys it retires name the keyring file in their history row.
+    /// sections can share a database. Keys it retires name the keyring file in their history row; each
+    /// key gets the quota group the keyring declares for it.
     pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {
         let specs: Vec<KeySpec<'_>> = keyring
             .all_keys()
             .map(|(connector, key)| KeySpec { connector, name: key.name(), fingerprint: key.fingerprint().as_str() })
             .collect();
+        let groups: Vec<(&str, &str, &str)> = specs
+            .iter()
+            .filter_map(|key| Some((key.connector, key.name, keyring.group(key.connector, key.name)?)))
+            .collect();
         let connectors: Vec<&str> = keyring.connectors().collect();
         let path = std::path::absolute(keyring.path()).unwrap_or_else(|_| keyring.path().to_owned());
-        let source = store::SyncSource { path: &path, connectors: &connectors, keys: &specs };
+        let source = store::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
         let report = self.inner.store.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
         Ok(report)
@@ -154,15 +159,23 @@ impl Coordinator {
 
     /// Claims the least recently used free key of `connector`, skipping the key names in `tried`,
     /// waiting up to `wait` for one to come free. The error, if none does, says how many keys are held,
-    /// in lockdown (and until when) and in error.
+    /// in lockdown (and until when) and in error. Only lockdowns of every model stop it: see
+    /// [`claim_for`](Self::claim_for).
     pub fn claim(&self, connector: &str, tried: &[String], wait: Duration) -> Result<Lease> {
+        self.claim_for(connector, None, tried, wait)
+    }
+
+    /// [`claim`](Self::claim) for a request to `model`: keys whose quota scope is locked down for that
+    /// model are skipped (they still serve other models), and a waiter wakes when the earliest lockdown
+    /// that matters for the model ends.
+    pub fn claim_for(&self, connector: &str, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
         let started = Instant::now();
         // A wait too long to add to an instant is as good as forever.
         let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
         let mut nap = MIN_NAP;
         loop {
             self.reap_if_due(connector)?;
-            let claimed = self.inner.store.claim(connector, tried, self.inner.holder, &*self.inner.clock, deadline)?;
+            let claimed = self.inner.store.claim(connector, model, tried, self.inner.holder, &*self.inner.clock, deadline)?;
             if let Some(claimed) = claimed {
                 self.ensure_heartbeat();
                 tracing::info!(
@@ -174,7 +187,7 @@ impl Coordinator {
             // Nothing claimable: wait with reads only, until a read says a claim could succeed.
             loop {
                 let now = self.now_ms();
-                let availability = self.inner.store.availability(connector, tried, now)?;
+                let availability = self.inner.store.availability(connector, model, tried, now)?;
                 if availability.claimable > 0 {
                     break;
                 }
@@ -356,16 +369,35 @@ impl fmt::Display for Unavailable {
                 a.connector, a.connector
             );
         }
-        write!(
-            f,
-            "no key of '{}' is free after waiting {:.1} s: {} locked, {} in lockdown",
-            a.connector,
-            self.waited.as_secs_f64(),
-            a.locked,
-            a.lockdown
-        )?;
-        if let Some(end) = a.earliest_lockdown_end {
-            write!(f, " (the earliest ends at {}, in {})", format_time(end), format_delay(end - self.at))?;
+        if let (Some(model), true) = (&a.model, a.model_lockdown > 0) {
+            write!(
+                f,
+                "0 of {} keys of '{}' free for {model} after waiting {:.1} s: {} locked down for it",
+                a.total(),
+                a.connector,
+                self.waited.as_secs_f64(),
+                a.model_lockdown
+            )?;
+            if let Some(end) = a.earliest_model_lockdown_end {
+                write!(f, " until {} (in {}", format_time(end), format_delay(end - self.at))?;
+                match a.model_lockdown_quota.as_deref().map(quota_kind) {
+                    Some(kind) => write!(f, ", {kind})")?,
+                    None => write!(f, ")")?,
+                }
+            }
+            write!(f, ", {} locked, {} in lockdown for every model", a.locked, a.lockdown)?;
+        } else {
+            write!(
+                f,
+                "no key of '{}' is free after waiting {:.1} s: {} locked, {} in lockdown",
+                a.connector,
+                self.waited.as_secs_f64(),
+                a.locked,
+                a.lockdown
+            )?;
+        }
+        if let Some(end) = a.earliest_lockdown_end.filter(|_| a.lockdown > 0) {
+            write!(f, " (the earliest key comes back at {}, in {})", format_time(end), format_delay(end - self.at))?;
         }
         write!(f, ", {} in error", a.error)?;
         if a.tried > 0 {
@@ -394,6 +426,17 @@ pub(crate) fn log_transitions(transitions: &[Transition]) {
 pub(crate) fn format_time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map_or_else(|| ms.to_string(), |time| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// A quota id in words: `GenerateRequestsPerDayPerProjectPerModel-FreeTier` is a daily quota.
+fn quota_kind(quota: &str) -> String {
+    if quota.contains("PerDay") || quota.contains("Daily") {
+        format!("daily quota {quota}")
+    } else if quota.contains("PerMinute") {
+        format!("per-minute quota {quota}")
+    } else {
+        quota.to_owned()
+    }
 }
 
 fn format_delay(ms: i64) -> String {

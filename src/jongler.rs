@@ -31,7 +31,7 @@ use crate::coordinator::{Coordinator, CoordinatorOptions, KeyStates};
 use crate::error::{Error, Result};
 use crate::keyring::Keyring;
 use crate::lease::Lease;
-use crate::store::{Attempt, Fate, Transition};
+use crate::store::{Attempt, Fate, Lockdown, Transition};
 
 /// The environment variable overriding the Tor SOCKS proxy.
 pub const TOR_PROXY_ENV: &str = "APIJONGLER_TOR_PROXY";
@@ -216,7 +216,7 @@ impl JonglerBuilder {
             }),
         };
         if jongler.inner.scope == LeaseScope::PerConnection && jongler.inner.keyring.is_some() {
-            let lease = jongler.claim(&[], jongler.inner.wait).await?;
+            let lease = jongler.claim(None, &[], jongler.inner.wait).await?;
             *jongler.inner.held.lock().await = Some(lease);
         }
         tracing::info!(connector = %jongler.inner.connector.name, scope = ?jongler.inner.scope, "connected");
@@ -286,6 +286,7 @@ impl Jongler {
         let endpoint = if endpoint.starts_with('/') { endpoint.to_owned() } else { format!("/{endpoint}") };
         let url = format!("{}{endpoint}", self.inner.connector.base_url());
         let path = endpoint.split(['?', '#']).next().unwrap_or_default().to_owned();
+        let model = self.inner.connector.model_of(&endpoint, body.as_bytes());
         let policy = &self.inner.connector.policy;
         let started = Instant::now();
         let mut connection_slot =
@@ -305,7 +306,7 @@ impl Jongler {
         let (mut attempts, mut retries, mut circuits, mut untrusted) = (0u32, 0u32, 0u32, 0u32);
         let mut bookkeeping = Bookkeeping::Recorded;
         loop {
-            let lease = self.lease_for_attempt(slot, &tried, started).await?;
+            let lease = self.lease_for_attempt(slot, model.as_deref(), &tried, started).await?;
             let (lease, trusted) = match lease {
                 // Claimed (or held) before this process was stopped, or the database locked, for longer than
                 // the lease is trusted: confirm it with one conditional write before using it.
@@ -348,6 +349,7 @@ impl Jongler {
                     status: None,
                     latency_ms: 0,
                     outcome: "cancelled".to_owned(),
+                    model: model.clone(),
                 },
                 sent,
             };
@@ -360,6 +362,7 @@ impl Jongler {
                 lockdown_count: lease.as_ref().map_or(0, Lease::lockdown_count),
                 retries,
                 via_tor: self.inner.tor.is_some(),
+                model: model.as_deref(),
             };
             let verdict = match &outcome {
                 Ok((status, headers, text)) => classify::classify(*status, headers, text, &context),
@@ -374,6 +377,7 @@ impl Jongler {
                 status: outcome.as_ref().ok().map(|(status, _, _)| *status),
                 latency_ms,
                 outcome: describe(&verdict, &outcome),
+                model: model.clone(),
             };
             tracing::debug!(
                 connector = %attempt.connector, key = ?attempt.key_name, status = ?attempt.status,
@@ -494,6 +498,7 @@ impl Jongler {
     async fn lease_for_attempt(
         &self,
         slot: &mut Option<Lease>,
+        model: Option<&str>,
         tried: &[String],
         started: Instant,
     ) -> Result<Option<Lease>> {
@@ -508,7 +513,7 @@ impl Jongler {
         // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
         // lockdown by this request may be tried again once its deadline has passed.
         let exclude = if self.inner.wait.is_zero() { tried } else { &[] };
-        self.claim(exclude, remaining).await.map(Some)
+        self.claim(model, exclude, remaining).await.map(Some)
     }
 
     /// The secret this process would send for `lease` is the one the database row was synced with;
@@ -532,13 +537,15 @@ impl Jongler {
 
     /// A free key at once if there is one (in place: no hand-off), else a wait on the blocking pool,
     /// where sleeping harms no other task.
-    async fn claim(&self, tried: &[String], wait: Duration) -> Result<Lease> {
+    async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
         let (coordinator, connector, tried) =
             (self.inner.coordinator.clone(), self.inner.connector.name.clone(), tried.to_vec());
-        let (first, name, excluded) = (coordinator.clone(), connector.clone(), tried.clone());
-        match short_blocking(move || first.claim(&name, &excluded, Duration::ZERO)).await {
+        let model = model.map(str::to_owned);
+        let (first, name, excluded, first_model) =
+            (coordinator.clone(), connector.clone(), tried.clone(), model.clone());
+        match short_blocking(move || first.claim_for(&name, first_model.as_deref(), &excluded, Duration::ZERO)).await {
             Err(Error::NoKeyAvailable(_)) if !wait.is_zero() => {
-                blocking(move || coordinator.claim(&connector, &tried, wait)).await
+                blocking(move || coordinator.claim_for(&connector, model.as_deref(), &tried, wait)).await
             }
             claimed => claimed,
         }
@@ -558,10 +565,18 @@ impl Jongler {
         };
         let fate = match &verdict.key {
             KeyFate::Release { success } => Fate::Release { success: *success },
-            KeyFate::Lockdown { until_ms, reason } => {
-                Fate::Lockdown { until: *until_ms, reason: reason.clone(), http_status: attempt.status }
+            KeyFate::Lockdown { until_ms, reason, reach, models, quota_id } => Fate::Lockdown(Lockdown {
+                until: *until_ms,
+                reason: reason.clone(),
+                http_status: attempt.status,
+                reach: *reach,
+                models: models.clone(),
+                quota_id: quota_id.clone(),
+                project: verdict.project.clone(),
+            }),
+            KeyFate::Error { reason } => {
+                Fate::Error { reason: reason.clone(), http_status: attempt.status, project: verdict.project.clone() }
             }
-            KeyFate::Error { reason } => Fate::Error { reason: reason.clone(), http_status: attempt.status },
         };
         let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
         let coordinator = self.inner.coordinator.clone();
@@ -569,7 +584,7 @@ impl Jongler {
             if keep {
                 coordinator.store().record_attempt(&attempt)?;
                 if matches!(fate, Fate::Release { success: true }) {
-                    lease.reset_escalation()?;
+                    lease.reset_escalation(attempt.model.as_deref())?;
                 }
                 Ok(Some(lease))
             } else {

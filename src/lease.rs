@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::coordinator::{Coordinator, Inner};
 use crate::error::{Error, Result};
-use crate::store::{Attempt, Claimed, Fate};
+use crate::store::{Attempt, Claimed, Fate, Lockdown};
 
 /// What the heartbeat thread and a [`Lease`] share about one lease.
 #[derive(Debug)]
@@ -252,17 +252,20 @@ impl Lease {
         if self.is_valid() { Ok(()) } else { Err(self.lost()) }
     }
 
-    /// The key's consecutive lockdowns before this lease (for escalating default lockdowns).
+    /// The key's consecutive lockdowns for the model it was claimed for, before this lease (for
+    /// escalating default lockdowns).
     pub fn lockdown_count(&self) -> i64 {
         self.claimed.lockdown_count
     }
 
-    /// After a success on a key that is kept: its consecutive-lockdown count starts again at 0.
-    pub fn reset_escalation(&mut self) -> Result<()> {
+    /// After a success for `model` on a key that is kept: its consecutive-lockdown count for that model
+    /// starts again at 0.
+    pub fn reset_escalation(&mut self, model: Option<&str>) -> Result<()> {
         if self.claimed.lockdown_count == 0 {
             return Ok(());
         }
-        if !self.coordinator.inner.store.reset_escalation(self.claimed.id, self.claimed.lease)? {
+        let now = self.coordinator.now_ms();
+        if !self.coordinator.inner.store.reset_escalation(self.claimed.id, self.claimed.lease, model, now)? {
             return Err(self.lost());
         }
         self.claimed.lockdown_count = 0;
@@ -279,14 +282,14 @@ impl Lease {
         self.end(fate, attempt)
     }
 
-    /// Rate-limited: the key is not claimed again before `until_ms` (unix ms).
+    /// Rate-limited: the key is not claimed again, for any model, before `until_ms` (unix ms).
     pub fn lockdown(mut self, until_ms: i64, reason: impl Into<String>, http_status: Option<u16>) -> Result<()> {
-        self.end(&Fate::Lockdown { until: until_ms, reason: reason.into(), http_status }, None)
+        self.end(&Fate::Lockdown(Lockdown::whole_key(until_ms, reason, http_status)), None)
     }
 
     /// Permanently bad: never claimed again until cleanup or a new secret.
     pub fn mark_error(mut self, reason: impl Into<String>, http_status: Option<u16>) -> Result<()> {
-        self.end(&Fate::Error { reason: reason.into(), http_status }, None)
+        self.end(&Fate::Error { reason: reason.into(), http_status, project: None }, None)
     }
 
     /// Ends the lease with `fate` later, off this thread: for a lease given up where no blocking

@@ -362,7 +362,7 @@ fn escalation_counts_consecutive_lockdowns_and_a_success_resets_it() {
     }
     let mut lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
     assert_eq!(lease.lockdown_count(), 2);
-    lease.reset_escalation().expect("reset");
+    lease.reset_escalation(None).expect("reset");
     assert_eq!(lease.lockdown_count(), 0);
     assert_eq!(sandbox.count("SELECT lockdown_count FROM keys"), 0, "written to the row");
     lease.release().expect("release");

@@ -21,7 +21,7 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 
 fn judge(status: u16, pairs: &[(&'static str, &str)], body: &str) -> Verdict {
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false };
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false, model: None };
     classify(status, &headers(pairs), body, &context)
 }
 
@@ -34,7 +34,10 @@ fn lockdown_secs(verdict: &Verdict) -> f64 {
 
 #[test]
 fn success_releases_and_returns() {
-    assert_eq!(judge(200, &[], "{}"), Verdict { key: KeyFate::Release { success: true }, next: Next::Return });
+    assert_eq!(
+        judge(200, &[], "{}"),
+        Verdict { key: KeyFate::Release { success: true }, next: Next::Return, project: None }
+    );
 }
 
 #[test]
@@ -59,7 +62,7 @@ fn rate_limits_lock_down_exactly_as_long_as_asked() {
 #[test]
 fn a_daily_quota_locks_down_until_midnight_pacific_whatever_retry_delay_says() {
     let verdict = judge(429, &[], GEMINI_429_DAY);
-    let KeyFate::Lockdown { until_ms, reason } = &verdict.key else { panic!("{verdict:?}") };
+    let KeyFate::Lockdown { until_ms, reason, .. } = &verdict.key else { panic!("{verdict:?}") };
     // 2026-11-23 00:00 PST = 08:00 UTC.
     let midnight = NaiveDate::from_ymd_opt(2026, 11, 23).and_then(|d| d.and_hms_opt(8, 0, 0)).expect("date");
     assert_eq!(*until_ms, midnight.and_utc().timestamp_millis());
@@ -95,7 +98,8 @@ fn zero_quota_locks_down_for_a_day() {
 fn no_hint_escalates_from_the_base_to_the_cap_and_absurd_hints_are_clamped() {
     let policy = Policy::default();
     let at = |count| {
-        let context = Context { now_ms: NOW, policy: &policy, lockdown_count: count, retries: 0, via_tor: false };
+        let context =
+            Context { now_ms: NOW, policy: &policy, lockdown_count: count, retries: 0, via_tor: false, model: None };
         lockdown_secs(&classify(429, &HeaderMap::new(), GEMINI_429_BARE, &context))
     };
     assert_eq!([at(0), at(1), at(2), at(6), at(30)], [60.0, 120.0, 240.0, 3600.0, 3600.0]);
@@ -130,11 +134,14 @@ fn used_up_credits_lock_down_for_a_day() {
 #[test]
 fn location_refusals_are_not_the_keys_fault() {
     let released = KeyFate::Release { success: false };
-    assert_eq!(judge(400, &[], GEMINI_400_LOCATION), Verdict { key: released.clone(), next: Next::Return });
+    assert_eq!(
+        judge(400, &[], GEMINI_400_LOCATION),
+        Verdict { key: released.clone(), next: Next::Return, project: None }
+    );
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: true };
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: true, model: None };
     let verdict = classify(400, &HeaderMap::new(), GEMINI_400_LOCATION, &context);
-    assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit });
+    assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit, project: None });
 }
 
 #[test]
@@ -151,13 +158,14 @@ fn provider_trouble_releases_the_key_and_backs_off() {
             verdict,
             Verdict {
                 key: KeyFate::Release { success: false },
-                next: Next::Backoff { after: Duration::from_millis(after_ms) }
+                next: Next::Backoff { after: Duration::from_millis(after_ms) },
+                project: None,
             },
             "{status} {body}"
         );
     }
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 2, via_tor: false };
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 2, via_tor: false, model: None };
     assert_eq!(transport_failure(&context).next, Next::Backoff { after: Duration::from_millis(2_000) });
 }
 
@@ -166,7 +174,7 @@ fn other_client_errors_release_and_return_at_once() {
     for (status, body) in [(400, GEMINI_400_BAD_REQUEST), (404, GEMINI_404), (410, HF_410), (422, "not json")] {
         assert_eq!(
             judge(status, &[], body),
-            Verdict { key: KeyFate::Release { success: false }, next: Next::Return },
+            Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None },
             "{status}"
         );
     }
@@ -175,7 +183,7 @@ fn other_client_errors_release_and_return_at_once() {
 #[test]
 fn a_connector_may_declare_other_rate_limit_statuses() {
     let policy = Policy { rate_limit_statuses: vec![429, 420], ..Policy::default() };
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false };
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false, model: None };
     let verdict = classify(420, &HeaderMap::new(), "", &context);
     assert!(matches!(verdict.key, KeyFate::Lockdown { .. }));
 }

@@ -58,6 +58,7 @@ async fn demo(global: &Global, plan: &Plan, dir: &Path) -> anyhow::Result<ExitCo
         latency: Duration::from_millis(20),
         bad_keys: [secret(BAD_KEY)].into(),
         overload_every: Some(9),
+        ..MockConfig::default()
     })
     .await?;
     let mut ini = format!("[{CONNECTOR}]\n");
@@ -68,7 +69,8 @@ async fn demo(global: &Global, plan: &Plan, dir: &Path) -> anyhow::Result<ExitCo
     std::fs::create_dir_all(dir.join("connectors"))?;
     let connector = json!({
         "name": CONNECTOR, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
-        "api_key_header": KEY_HEADER, "api_key_prefix": "", "policy": {"backoff_ms": 50, "retries": 6}
+        "api_key_header": KEY_HEADER, "api_key_prefix": "", "policy": {"backoff_ms": 50, "retries": 6},
+        "model": {"path_markers": ["models", "tunedModels"], "path_segments": 1, "body_field": "model"}
     });
     std::fs::write(dir.join("connectors/gemini.json"), connector.to_string())?;
     let db = dir.join("apijongler.db");

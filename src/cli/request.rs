@@ -68,7 +68,8 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         }
         // Installed before the request starts, so no signal in between kills the process outright.
         let mut signals = Signals::install()?;
-        let request = with_waiting_line(&jongler, wait, jongler.request(method, endpoint, body));
+        let model = jongler.connector().model_of(endpoint, body.as_bytes());
+        let request = with_waiting_line(&jongler, model.as_deref(), wait, jongler.request(method, endpoint, body));
         let response = tokio::select! {
             response = request => response,
             signal = signals.next() => return cancelled(&jongler, signal, &mut signals).await,
@@ -230,6 +231,7 @@ fn print(global: &Global, args: &RequestArgs, response: &Response) -> anyhow::Re
 /// there saying what the request is waiting for and until when.
 async fn with_waiting_line<T>(
     jongler: &Jongler,
+    model: Option<&str>,
     wait: Duration,
     request: impl Future<Output = api_jongler::Result<T>>,
 ) -> anyhow::Result<T> {
@@ -246,7 +248,7 @@ async fn with_waiting_line<T>(
             result = &mut request => break result,
             _ = ticker.tick() => {
                 shown = true;
-                eprint!("\r\x1b[2K{}", waiting_line(jongler, started, wait));
+                eprint!("\r\x1b[2K{}", waiting_line(jongler, model, started, wait));
             }
         }
     };
@@ -256,12 +258,12 @@ async fn with_waiting_line<T>(
     Ok(result?)
 }
 
-fn waiting_line(jongler: &Jongler, started: Instant, wait: Duration) -> String {
+fn waiting_line(jongler: &Jongler, model: Option<&str>, started: Instant, wait: Duration) -> String {
     let coordinator = jongler.coordinator();
     let now = coordinator.now_ms();
     let waited = output::humanize(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
     let limit = output::humanize(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-    match coordinator.store().availability(&jongler.connector().name, &[], now) {
+    match coordinator.store().availability(&jongler.connector().name, model, &[], now) {
         Ok(a) if a.claimable == 0 && a.total() > 0 => {
             let until = a
                 .earliest_lockdown_end
@@ -269,8 +271,12 @@ fn waiting_line(jongler: &Jongler, started: Instant, wait: Duration) -> String {
                     format!(", the first lockdown ends {} ({})", output::clock_time(end), output::relative(end, now))
                 })
                 .unwrap_or_default();
+            let for_model = match &a.model {
+                Some(model) => format!(", {} locked down for {model}", a.model_lockdown),
+                None => String::new(),
+            };
             format!(
-                "waiting for a key of {}: {} held, {} in lockdown{until} (waited {waited} of at most {limit})",
+                "waiting for a key of {}: {} held, {} in lockdown{for_model}{until} (waited {waited} of at most {limit})",
                 a.connector, a.locked, a.lockdown
             )
         }

@@ -68,6 +68,8 @@ struct NewTransition<'a> {
     holder_pid: Option<u32>,
     lease: Option<i64>,
     lockdown_until: Option<i64>,
+    model: Option<&'a str>,
+    quota_scope: Option<&'a str>,
 }
 
 impl<'a> NewTransition<'a> {
@@ -90,32 +92,71 @@ impl<'a> NewTransition<'a> {
             holder_pid: None,
             lease: None,
             lockdown_until: None,
+            model: None,
+            quota_scope: None,
         }
     }
 }
 
 const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
      holder_pid_namespace, holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status,
-     lockdown_count, uses, last_used_at";
+     lockdown_count, uses, last_used_at, quota_group, project_learned, quota_scope";
 
-/// The claim: the least recently used claimable key, walked in `keys_claim_order`, locked with a new
-/// lease. One statement, so two processes can never both get a key. `explain_claim` shows its plan.
-const CLAIM: &str = "UPDATE keys
+/// Whether a lockdown in force keeps key `k` from serving model `?{model}` (NULL: a request that names
+/// no model, which only a lockdown of every model stops): the one rule of "locked down for a model",
+/// written once for the claim and the availability count. A key's lockdowns are those of its quota
+/// scope and those of the key alone.
+fn locked_down_for(k: &str, model: u8, now: u8) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM lockdowns q
+                  WHERE q.connector = {k}.connector AND q.scope IN ({k}.quota_scope, 'key:' || {k}.key_name)
+                    AND q.model IN (coalesce(?{model}, '*'), '*') AND q.until > ?{now})"
+    )
+}
+
+/// The latest deadline among the lockdowns of every model in force on key `k`'s scopes (NULL: none).
+fn whole_lockdown_end(k: &str, now: u8) -> String {
+    format!(
+        "(SELECT max(q.until) FROM lockdowns q
+           WHERE q.connector = {k}.connector AND q.scope IN ({k}.quota_scope, 'key:' || {k}.key_name)
+             AND q.model = '*' AND q.until > ?{now})"
+    )
+}
+
+/// The claim: the first claimable key in `keys_claim_order` (keys free for every model by least recent
+/// use, then keys with lockdowns by their end) that no lockdown keeps from the requested model, locked
+/// with a new lease. One statement, so two processes can never both get a key. The key's new place in
+/// the order is after every lockdown of its scopes, so keys locked down for a model never pile up at
+/// the front where every claim for that model would have to walk past them. `explain_claim` shows
+/// its plan.
+static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE keys
     SET state = 'locked', lease = lease + 1, holder_host = ?3, holder_boot_id = ?4, holder_pid_namespace = ?9,
         holder_pid = ?5, holder_started = ?6, locked_at = ?2, heartbeat_at = ?2, heartbeat_boot_ms = ?8,
-        uses = uses + 1, last_used_at = ?2
-  WHERE id = (SELECT id FROM keys
-               WHERE connector = ?1
-                 AND state IN ('vacant', 'lockdown') AND retired_at IS NULL
-                 AND (state = 'vacant' OR lockdown_until <= ?2)
-                 AND key_name NOT IN (SELECT value FROM json_each(?7))
-               ORDER BY last_used_at
+        uses = uses + 1, last_used_at = ?2,
+        queue_at = max(?2, coalesce((SELECT max(q.until) FROM lockdowns q
+                                      WHERE q.connector = keys.connector
+                                        AND q.scope IN (keys.quota_scope, 'key:' || keys.key_name)), 0))
+  WHERE id = (SELECT k.id FROM keys k
+               WHERE k.connector = ?1
+                 AND k.state IN ('vacant', 'lockdown') AND k.retired_at IS NULL
+                 AND (k.state = 'vacant' OR k.lockdown_until <= ?2)
+                 AND k.key_name NOT IN (SELECT value FROM json_each(?7))
+                 AND NOT {}
+               ORDER BY k.queue_at, k.last_used_at
                LIMIT 1)
-RETURNING id, key_name, fingerprint, lease, lockdown_until, lockdown_count";
+RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
+          coalesce((SELECT q.strikes FROM lockdowns q
+                     WHERE q.connector = keys.connector AND q.scope = 'key:' || keys.key_name
+                       AND q.model = coalesce(?10, '*')), 0)",
+        locked_down_for("k", 10, 2)
+    )
+});
 
 const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
-     lease, lockdown_until";
+     lease, lockdown_until, model, quota_scope";
 
 impl Store {
     /// Opens the database at `path`, creating and migrating it as needed.
@@ -160,13 +201,15 @@ impl Store {
         })
     }
 
-    /// Claims the least recently used claimable key of `connector` not named in `tried`, for `holder`;
-    /// waits for the write lock until `deadline` at most (and at least the store's floor). The times
-    /// written are read from `clock` once the lock is held, so a long wait never makes a fresh lease
-    /// look old; the claim's boot-clock time comes back in [`Claimed::boot_ms`].
+    /// Claims the first claimable key of `connector` not named in `tried` and not locked down for
+    /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
+    /// `deadline` at most (and at least the store's floor). The times written are read from `clock`
+    /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
+    /// time comes back in [`Claimed::boot_ms`].
     pub fn claim(
         &self,
         connector: &str,
+        model: Option<&str>,
         tried: &[String],
         holder: &Holder,
         clock: &dyn Clock,
@@ -176,7 +219,7 @@ impl Store {
         self.write("claiming a key", Some(deadline), |transaction| {
             let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
             let claimed = transaction
-                .prepare_cached(CLAIM)?
+                .prepare_cached(&CLAIM)?
                 .query_row(
                     params![
                         connector,
@@ -187,7 +230,8 @@ impl Store {
                         holder.started,
                         tried,
                         boot_ms,
-                        holder.pid_namespace
+                        holder.pid_namespace,
+                        model
                     ],
                     |row| {
                         let claimed = Claimed {
@@ -195,21 +239,23 @@ impl Store {
                             key_name: row.get(1)?,
                             fingerprint: row.get(2)?,
                             lease: row.get(3)?,
-                            lockdown_count: row.get(5)?,
+                            lockdown_count: row.get(6)?,
                             boot_ms,
                         };
                         let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
-                        Ok((claimed, out_of_lockdown))
+                        Ok((claimed, out_of_lockdown, row.get::<_, String>(5)?))
                     },
                 )
                 .optional()?;
-            let Some((claimed, out_of_lockdown)) = claimed else { return Ok(None) };
+            let Some((claimed, out_of_lockdown, scope)) = claimed else { return Ok(None) };
             record(
                 transaction,
                 now,
                 &NewTransition {
                     holder_pid: Some(holder.pid),
                     lease: Some(claimed.lease),
+                    model,
+                    quota_scope: Some(&scope),
                     ..NewTransition::new(
                         (connector, &claimed.key_name, &claimed.fingerprint),
                         Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
@@ -225,50 +271,106 @@ impl Store {
     /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
     /// key now belongs to someone else (or to nobody) and was not touched.
     /// `attempt`, if given, is recorded in the same transaction.
+    ///
+    /// A lockdown is recorded on its scope (the key alone, or its quota group) for its models; one of
+    /// every model also puts the group's free keys in lockdown. The key goes back to vacant, or to
+    /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
+    /// attempt's model on the key's scopes once their lockdowns are over.
     pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        let success = matches!(fate, Fate::Release { success: true });
-        let (to_state, until, reason, status) = match fate {
-            Fate::Release { .. } => ("vacant", None, None, None),
-            Fate::Lockdown { until, reason, http_status } => ("lockdown", Some(*until), Some(reason), *http_status),
-            Fate::Error { reason, http_status } => ("error", None, Some(reason), *http_status),
-        };
         self.write("ending a lease", Some(self.holder_deadline()), |transaction| {
-            let ended = transaction
-                .prepare_cached(
-                    "UPDATE keys
-                        SET state = ?3, lockdown_until = ?4,
-                            reason = coalesce(?5, reason), http_status = CASE WHEN ?5 IS NULL THEN http_status ELSE ?6 END,
-                            lockdown_count = CASE WHEN ?3 = 'lockdown' THEN lockdown_count + 1
-                                                  WHEN ?7 THEN 0 ELSE lockdown_count END,
-                            holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
-                            holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
-                      WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                  RETURNING connector, key_name, fingerprint",
-                )?
-                .query_row(params![id, lease, to_state, until, reason, status, success], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })
-                .optional()?;
             if let Some(attempt) = attempt {
                 insert_attempt(transaction, attempt)?;
             }
-            let Some((connector, key_name, fingerprint)) = ended else { return Ok(false) };
-            record(
-                transaction,
-                now,
-                &NewTransition {
-                    http_status: status,
-                    holder_pid: Some(std::process::id()),
-                    lease: Some(lease),
-                    lockdown_until: until,
-                    ..NewTransition::new(
-                        (&connector, &key_name, &fingerprint),
-                        Some("locked"),
-                        to_state,
-                        reason.map_or("released", String::as_str),
-                    )
-                },
-            )?;
+            let held = transaction
+                .prepare_cached(
+                    "SELECT connector, key_name, fingerprint FROM keys WHERE id = ?1 AND lease = ?2 AND state = 'locked'",
+                )?
+                .query_row(params![id, lease], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                })
+                .optional()?;
+            let Some((connector, key_name, fingerprint)) = held else { return Ok(false) };
+            let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
+            let project = match fate {
+                Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
+                Fate::Error { project, .. } => project.as_deref(),
+                Fate::Release { .. } => None,
+            };
+            if let Some(project) = project {
+                transaction
+                    .prepare_cached("UPDATE keys SET project_learned = ?2 WHERE id = ?1")?
+                    .execute(params![id, project])?;
+            }
+            let key_scope: String =
+                transaction.prepare_cached("SELECT quota_scope FROM keys WHERE id = ?1")?.query_row([id], |row| row.get(0))?;
+            let mut transition = NewTransition {
+                holder_pid: Some(std::process::id()),
+                lease: Some(lease),
+                quota_scope: Some(&key_scope),
+                ..NewTransition::new(key, Some("locked"), "vacant", "released")
+            };
+            let lockdown_scope;
+            let models;
+            match fate {
+                Fate::Lockdown(lockdown) => {
+                    lockdown_scope = set_lockdown(transaction, key, id, &key_scope, lockdown, now)?;
+                    models = lockdown.models.join(",");
+                    transition.reason = &lockdown.reason;
+                    transition.http_status = lockdown.http_status;
+                    transition.lockdown_until = Some(lockdown.until);
+                    transition.model = (!models.is_empty()).then_some(models.as_str());
+                    transition.quota_scope = Some(&lockdown_scope);
+                }
+                Fate::Error { reason, http_status, .. } => {
+                    transition.to_state = "error";
+                    transition.reason = reason;
+                    transition.http_status = *http_status;
+                }
+                Fate::Release { success } => {
+                    let model = attempt.and_then(|attempt| attempt.model.as_deref());
+                    if *success {
+                        transaction
+                            .prepare_cached(
+                                "DELETE FROM lockdowns
+                                  WHERE connector = ?1 AND scope IN (?2, 'key:' || ?3) AND model IN (coalesce(?4, '*'), '*')
+                                    AND until <= ?5",
+                            )?
+                            .execute(params![connector, key_scope, key_name, model, now])?;
+                    }
+                    transition.model = model;
+                }
+            }
+            let (state, until) = transaction
+                .prepare_cached(&format!(
+                    "UPDATE keys
+                        SET state = CASE WHEN ?2 = 'error' THEN 'error'
+                                         WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                            lockdown_until = CASE WHEN ?2 = 'error' THEN NULL ELSE {end} END,
+                            reason = coalesce(?4, reason), http_status = CASE WHEN ?4 IS NULL THEN http_status ELSE ?5 END,
+                            lockdown_count = CASE WHEN ?6 THEN lockdown_count + 1 WHEN ?7 THEN 0 ELSE lockdown_count END,
+                            holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
+                            holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
+                      WHERE id = ?1
+                  RETURNING state, lockdown_until",
+                    end = whole_lockdown_end("keys", 3)
+                ))?
+                .query_row(
+                    params![
+                        id,
+                        transition.to_state,
+                        now,
+                        (transition.to_state == "error" || matches!(fate, Fate::Lockdown(_))).then_some(transition.reason),
+                        transition.http_status,
+                        matches!(fate, Fate::Lockdown(_)),
+                        matches!(fate, Fate::Release { success: true })
+                    ],
+                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?)),
+                )?;
+            transition.to_state = &state;
+            if transition.lockdown_until.is_none() {
+                transition.lockdown_until = until;
+            }
+            record(transaction, now, &transition)?;
             Ok(true)
         })
     }
@@ -280,14 +382,48 @@ impl Store {
         })
     }
 
-    /// After a success on a key that is kept (per-connection leases), its consecutive-lockdown count
-    /// starts again at 0. `Ok(false)`: the lease was lost.
-    pub fn reset_escalation(&self, id: i64, lease: i64) -> Result<bool> {
+    /// After a success for `model` on a key that is kept (per-connection leases), the strikes of that
+    /// model on the key's scopes start again at 0 (their lockdowns being over). `Ok(false)`: the lease
+    /// was lost.
+    pub fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
         self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |transaction| {
             let changed = transaction
                 .prepare_cached("UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'")?
                 .execute(params![id, lease])?;
+            transaction
+                .prepare_cached(
+                    "DELETE FROM lockdowns
+                      WHERE (connector, scope) IN (SELECT connector, quota_scope FROM keys WHERE id = ?1
+                                                   UNION ALL SELECT connector, 'key:' || key_name FROM keys WHERE id = ?1)
+                        AND model IN (coalesce(?2, '*'), '*') AND until <= ?3 AND ?4",
+                )?
+                .execute(params![id, model, now, changed == 1])?;
             Ok(changed == 1)
+        })
+    }
+
+    /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
+    /// scope and model.
+    pub fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
+        self.read("reading lockdowns", |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes
+                   FROM lockdowns WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, scope, model",
+            )?;
+            all(&mut statement, params![connector], |row| {
+                Ok(LockdownRecord {
+                    connector: row.get(0)?,
+                    scope: row.get(1)?,
+                    model: row.get(2)?,
+                    until: row.get(3)?,
+                    quota_id: row.get(4)?,
+                    reason: row.get(5)?,
+                    http_status: row.get(6)?,
+                    set_by_key: row.get(7)?,
+                    set_at: row.get(8)?,
+                    strikes: row.get(9)?,
+                })
+            })
         })
     }
 
@@ -295,7 +431,7 @@ impl Store {
     pub fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
         self.read("reading requests", |connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome
+                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model
                    FROM requests WHERE ?1 IS NULL OR connector = ?1 ORDER BY id",
             )?;
             all(&mut statement, params![connector], |row| {
@@ -308,6 +444,7 @@ impl Store {
                     status: row.get(5)?,
                     latency_ms: row.get(6)?,
                     outcome: row.get(7)?,
+                    model: row.get(8)?,
                 })
             })
         })
@@ -369,17 +506,18 @@ impl Store {
             let mut written = Vec::new();
             for eviction in evictions {
                 let freed = transaction
-                    .prepare_cached(
+                    .prepare_cached(&format!(
                         "UPDATE keys
-                            SET state = CASE WHEN lockdown_until > ?3 THEN 'lockdown' ELSE 'vacant' END,
-                                lockdown_until = CASE WHEN lockdown_until > ?3 THEN lockdown_until END,
+                            SET state = CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                                lockdown_until = {end},
                                 holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL,
                                 holder_pid = NULL, holder_started = NULL, locked_at = NULL, heartbeat_at = NULL,
                                 heartbeat_boot_ms = NULL
                           WHERE id = ?1 AND lease = ?2 AND state = 'locked'
                             AND heartbeat_at IS ?4 AND heartbeat_boot_ms IS ?5
                       RETURNING connector, key_name, fingerprint, state, lockdown_until",
-                    )?
+                        end = whole_lockdown_end("keys", 3)
+                    ))?
                     .query_row(
                         params![eviction.id, eviction.lease, now, eviction.heartbeat_at, eviction.heartbeat_boot_ms],
                         |row| {
@@ -426,6 +564,9 @@ impl Store {
                     Ok((row.get::<_, i64>(0)?, key, row.get::<_, String>(4)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            transaction
+                .prepare_cached("DELETE FROM lockdowns WHERE ?1 IS NULL OR connector = ?1")?
+                .execute(params![connector])?;
             let mut written = Vec::new();
             for (id, (key_connector, key_name, fingerprint), state) in targets {
                 statement.execute(params![id])?;
@@ -439,25 +580,44 @@ impl Store {
         })
     }
 
-    /// How many keys of `connector` are claimable, held, in lockdown or error, from a read (no write
-    /// lock), so waiters can poll without slowing the writers.
-    pub fn availability(&self, connector: &str, tried: &[String], now: i64) -> Result<Availability> {
+    /// How many keys of `connector` are claimable for `model`, held, in lockdown (for every model or for
+    /// `model`) or in error, from a read (no write lock), so waiters can poll without slowing the
+    /// writers.
+    pub fn availability(
+        &self,
+        connector: &str,
+        model: Option<&str>,
+        tried: &[String],
+        now: i64,
+    ) -> Result<Availability> {
         let tried = json_list(tried);
         self.read("reading key availability", |connection| {
             connection
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "SELECT coalesce(sum(usable AND NOT was_tried), 0), coalesce(sum(live AND state = 'locked'), 0),
-                        coalesce(sum(live AND state = 'lockdown' AND NOT usable), 0),
+                        coalesce(sum(live AND free AND whole_until IS NOT NULL), 0),
                         coalesce(sum(live AND state = 'error'), 0), coalesce(sum(usable AND was_tried), 0),
-                        min(CASE WHEN live AND state = 'lockdown' AND NOT usable THEN lockdown_until END),
-                        coalesce(sum(NOT live), 0), max(retired_at)
-                   FROM (SELECT state, lockdown_until, retired_at, retired_at IS NULL AS live,
-                                retired_at IS NULL
-                                AND (state = 'vacant' OR (state = 'lockdown' AND lockdown_until <= ?2)) AS usable,
-                                key_name IN (SELECT value FROM json_each(?3)) AS was_tried
-                           FROM keys WHERE connector = ?1)",
-                )?
-                .query_row(params![connector, now, tried], |row| {
+                        min(CASE WHEN live AND free AND NOT usable
+                                 THEN max(coalesce(whole_until, 0), coalesce(model_until, 0)) END),
+                        coalesce(sum(NOT live), 0), max(retired_at),
+                        coalesce(sum(live AND free AND whole_until IS NULL AND model_until IS NOT NULL), 0),
+                        min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
+                   FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried,
+                                live AND free AND whole_until IS NULL AND model_until IS NULL AS usable
+                           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live,
+                                        k.state IN ('vacant', 'lockdown') AS free,
+                                        nullif(max(CASE WHEN k.state = 'lockdown' AND k.lockdown_until > ?2
+                                                        THEN k.lockdown_until ELSE 0 END,
+                                                   coalesce({whole}, 0)), 0) AS whole_until,
+                                        (SELECT max(q.until) FROM lockdowns q
+                                          WHERE q.connector = k.connector
+                                            AND q.scope IN (k.quota_scope, 'key:' || k.key_name)
+                                            AND q.model = ?4 AND q.until > ?2) AS model_until,
+                                        k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
+                                   FROM keys k WHERE k.connector = ?1))",
+                    whole = whole_lockdown_end("k", 2)
+                ))?
+                .query_row(params![connector, now, tried, model], |row| {
                     Ok(Availability {
                         connector: connector.to_owned(),
                         claimable: row.get(0)?,
@@ -469,6 +629,10 @@ impl Store {
                         retired: row.get(6)?,
                         last_retired_at: row.get(7)?,
                         last_retired_reason: None,
+                        model: model.map(str::to_owned),
+                        model_lockdown: row.get(8)?,
+                        earliest_model_lockdown_end: row.get(9)?,
+                        model_lockdown_quota: None,
                     })
                 })
                 .and_then(|mut availability| {
@@ -483,6 +647,15 @@ impl Store {
                                   ORDER BY at DESC, id DESC LIMIT 1",
                             )?
                             .query_row(params![connector], |row| row.get(0))
+                            .optional()?;
+                    }
+                    if availability.claimable == 0 && availability.model_lockdown > 0 {
+                        availability.model_lockdown_quota = connection
+                            .prepare_cached(
+                                "SELECT coalesce(quota_id, reason) FROM lockdowns
+                                  WHERE connector = ?1 AND model = ?2 AND until > ?3 ORDER BY until LIMIT 1",
+                            )?
+                            .query_row(params![connector, model, now], |row| row.get(0))
                             .optional()?;
                     }
                     Ok(availability)
@@ -517,8 +690,8 @@ impl Store {
     /// (for tests and docs).
     pub fn explain_claim(&self) -> Result<Vec<String>> {
         self.read("explaining the claim", |connection| {
-            let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {CLAIM}"))?;
-            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n"], |row| row.get::<_, String>(3))
+            let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {}", *CLAIM))?;
+            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n", "m"], |row| row.get::<_, String>(3))
         })
     }
 
@@ -613,11 +786,97 @@ fn all<T>(
     statement.query_map(params, map)?.collect()
 }
 
+/// Records `lockdown`, set by the answer key `key` (row `id`, scope `key_scope`) got, on its scope, and
+/// pushes the keys of that scope back in the claim order until it ends. A lockdown of every model of a
+/// group also puts the group's other free keys in lockdown, each with a history row. Returns the scope.
+fn set_lockdown(
+    transaction: &Transaction<'_>,
+    key: (&str, &str, &str),
+    id: i64,
+    key_scope: &str,
+    lockdown: &Lockdown,
+    now: i64,
+) -> rusqlite::Result<String> {
+    let (connector, key_name, _) = key;
+    let scope = match lockdown.reach {
+        Reach::Key => format!("key:{key_name}"),
+        Reach::Group => key_scope.to_owned(),
+    };
+    let every_model = [EVERY_MODEL.to_owned()];
+    let models = if lockdown.models.is_empty() { &every_model[..] } else { &lockdown.models[..] };
+    let mut upsert = transaction.prepare_cached(
+        "INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (connector, scope, model) DO UPDATE SET
+             strikes = strikes + 1,
+             quota_id = CASE WHEN excluded.until >= until THEN excluded.quota_id ELSE quota_id END,
+             reason = CASE WHEN excluded.until >= until THEN excluded.reason ELSE reason END,
+             http_status = CASE WHEN excluded.until >= until THEN excluded.http_status ELSE http_status END,
+             set_by_key = CASE WHEN excluded.until >= until THEN excluded.set_by_key ELSE set_by_key END,
+             set_at = CASE WHEN excluded.until >= until THEN excluded.set_at ELSE set_at END,
+             until = max(until, excluded.until)",
+    )?;
+    for model in models {
+        upsert.execute(params![
+            connector,
+            scope,
+            model,
+            lockdown.until,
+            lockdown.quota_id,
+            lockdown.reason,
+            lockdown.http_status,
+            key_name,
+            now
+        ])?;
+    }
+    if lockdown.reach == Reach::Key || scope != key_scope {
+        transaction
+            .prepare_cached("UPDATE keys SET queue_at = max(queue_at, ?2) WHERE id = ?1")?
+            .execute(params![id, lockdown.until])?;
+        return Ok(scope);
+    }
+    transaction
+        .prepare_cached("UPDATE keys SET queue_at = max(queue_at, ?3) WHERE connector = ?1 AND quota_scope = ?2")?
+        .execute(params![connector, scope, lockdown.until])?;
+    if !lockdown.models.is_empty() {
+        return Ok(scope);
+    }
+    let siblings = transaction
+        .prepare_cached(
+            "SELECT id, key_name, fingerprint, state FROM keys
+              WHERE connector = ?1 AND quota_scope = ?2 AND id != ?3 AND retired_at IS NULL
+                AND state IN ('vacant', 'lockdown') AND coalesce(lockdown_until, 0) < ?4",
+        )?
+        .query_map(params![connector, scope, id, lockdown.until], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let reason = format!("{scope} locked down for every model by {key_name}'s answer: {}", lockdown.reason);
+    for (sibling, name, fingerprint, state) in siblings {
+        transaction
+            .prepare_cached("UPDATE keys SET state = 'lockdown', lockdown_until = ?2 WHERE id = ?1")?
+            .execute(params![sibling, lockdown.until])?;
+        record(
+            transaction,
+            now,
+            &NewTransition {
+                http_status: lockdown.http_status,
+                lockdown_until: Some(lockdown.until),
+                quota_scope: Some(&scope),
+                ..NewTransition::new((connector, &name, &fingerprint), Some(&state), "lockdown", &reason)
+            },
+        )?;
+    }
+    Ok(scope)
+}
+
 fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite::Result<()> {
     transaction
         .prepare_cached(
-            "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
+                                   quota_scope)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
+                     (SELECT quota_scope FROM keys WHERE connector = ?2 AND key_name = ?3))",
         )?
         .execute(params![
             attempt.at,
@@ -627,7 +886,8 @@ fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite:
             attempt.endpoint,
             attempt.status,
             attempt.latency_ms,
-            attempt.outcome
+            attempt.outcome,
+            attempt.model
         ])?;
     Ok(())
 }
@@ -636,8 +896,8 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
     transaction
         .prepare_cached(
             "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, http_status,
-                                  holder_pid, lease, lockdown_until)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                  holder_pid, lease, lockdown_until, model, quota_scope)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?
         .execute(params![
             at,
@@ -650,7 +910,9 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
             new.http_status,
             new.holder_pid,
             new.lease,
-            new.lockdown_until
+            new.lockdown_until,
+            new.model,
+            new.quota_scope
         ])?;
     Ok(Transition {
         id: transaction.last_insert_rowid(),
@@ -665,6 +927,8 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
         holder_pid: new.holder_pid,
         lease: new.lease,
         lockdown_until: new.lockdown_until,
+        model: new.model.map(str::to_owned),
+        quota_scope: new.quota_scope.map(str::to_owned),
     })
 }
 
@@ -698,6 +962,9 @@ fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         lockdown_count: row.get(16)?,
         uses: row.get(17)?,
         last_used_at: row.get(18)?,
+        quota_group: row.get(19)?,
+        project_learned: row.get(20)?,
+        quota_scope: row.get(21)?,
     })
 }
 
@@ -715,5 +982,7 @@ fn transition(row: &Row<'_>) -> rusqlite::Result<Transition> {
         holder_pid: row.get(9)?,
         lease: row.get(10)?,
         lockdown_until: row.get(11)?,
+        model: row.get(12)?,
+        quota_scope: row.get(13)?,
     })
 }

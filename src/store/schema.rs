@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_requests.sql"),
     include_str!("../../migrations/0003_liveness.sql"),
+    include_str!("../../migrations/0004_quotas.sql"),
 ];
 
 /// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.

@@ -87,7 +87,7 @@ pub struct Claimed {
     pub fingerprint: String,
     /// The lease token: every later write must name it.
     pub lease: i64,
-    /// The key's consecutive lockdowns so far (for escalating default lockdowns).
+    /// The key's consecutive lockdowns for the requested model so far (for escalating default lockdowns).
     pub lockdown_count: i64,
     /// The boot-clock time (`CLOCK_BOOTTIME` ms) written as the lease's first heartbeat.
     pub boot_ms: i64,
@@ -96,27 +96,66 @@ pub struct Claimed {
 /// How a lease ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fate {
-    /// Back to vacant; after a success the key's consecutive-lockdown count starts again at 0.
+    /// Back to vacant (or to lockdown, while a lockdown of every model covers the key's scope); after a
+    /// success the strikes of the attempt's model start again at 0.
     Release {
         /// The key's last answer was a success.
         success: bool,
     },
-    /// Rate-limited: not claimable before `until` (unix ms).
-    Lockdown {
-        /// Deadline, unix ms.
-        until: i64,
-        /// Why, for `status`, `why` and the history.
-        reason: String,
-        /// The upstream status behind it.
-        http_status: Option<u16>,
-    },
+    /// Rate-limited: one model or every model, of the key alone or of its whole quota group.
+    Lockdown(Lockdown),
     /// Permanently bad until cleanup or a new secret.
     Error {
         /// Why.
         reason: String,
         /// The upstream status behind it.
         http_status: Option<u16>,
+        /// The Google Cloud project number the answer revealed (`consumer: projects/NNN`), if any.
+        project: Option<String>,
     },
+}
+
+/// Whose quota a lockdown is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The key alone (shared capacity, a hint-less 429): scope `key:NAME`.
+    Key,
+    /// Every key of the key's quota group (a quota metered per project or account).
+    Group,
+}
+
+/// A lockdown to record: what it covers, until when, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lockdown {
+    /// Deadline, unix ms.
+    pub until: i64,
+    /// Why, for `status`, `why` and the history.
+    pub reason: String,
+    /// The upstream status behind it.
+    pub http_status: Option<u16>,
+    /// The key alone, or its whole quota group.
+    pub reach: Reach,
+    /// The models it covers; empty: every model.
+    pub models: Vec<String>,
+    /// The provider's quota, e.g. `GenerateRequestsPerDayPerProjectPerModel-FreeTier`.
+    pub quota_id: Option<String>,
+    /// The Google Cloud project number the answer revealed, if any (learned for ungrouped keys).
+    pub project: Option<String>,
+}
+
+impl Lockdown {
+    /// A lockdown of every model of this key alone (the seed's lockdown).
+    pub fn whole_key(until: i64, reason: impl Into<String>, http_status: Option<u16>) -> Self {
+        Self {
+            until,
+            reason: reason.into(),
+            http_status,
+            reach: Reach::Key,
+            models: Vec::new(),
+            quota_id: None,
+            project: None,
+        }
+    }
 }
 
 /// One upstream attempt, for the `requests` table.
@@ -138,6 +177,8 @@ pub struct Attempt {
     pub latency_ms: i64,
     /// What the answer meant (success, rate limited, bad key, ...).
     pub outcome: String,
+    /// The model the request named, if any.
+    pub model: Option<String>,
 }
 
 /// A held key, as the reaper sees it.
@@ -184,13 +225,22 @@ pub struct Availability {
     pub claimable: u32,
     /// Keys held by some process.
     pub locked: u32,
-    /// Keys in lockdown whose deadline is ahead.
+    /// Keys in lockdown (for every model) whose deadline is ahead.
     pub lockdown: u32,
+    /// The model asked for, if any.
+    pub model: Option<String>,
+    /// Keys otherwise free whose quota scope is locked down for that model.
+    pub model_lockdown: u32,
+    /// The earliest deadline among the lockdowns for that model that keep a key from being claimed.
+    pub earliest_model_lockdown_end: Option<i64>,
+    /// The quota behind that earliest lockdown for the model (e.g. a daily quota), if named.
+    pub model_lockdown_quota: Option<String>,
     /// Keys in error.
     pub error: u32,
     /// Keys otherwise claimable that the caller said it already tried.
     pub tried: u32,
-    /// The earliest deadline among keys in lockdown, unix ms.
+    /// The earliest moment a key that is not held or in error becomes claimable again (the end of its
+    /// lockdowns, for every model or for the one asked for), unix ms.
     pub earliest_lockdown_end: Option<i64>,
     /// Keys that left the keyring (never claimed; not counted in [`total`](Self::total)).
     pub retired: u32,
@@ -203,12 +253,12 @@ pub struct Availability {
 impl Availability {
     /// All configured (not retired) keys of the connector.
     pub fn total(&self) -> u32 {
-        self.claimable + self.locked + self.lockdown + self.error + self.tried
+        self.claimable + self.locked + self.lockdown + self.model_lockdown + self.error + self.tried
     }
 
     /// Whether waiting could help: some key is held or in lockdown, so it may come back.
     pub fn may_free_up(&self) -> bool {
-        self.locked > 0 || self.lockdown > 0
+        self.locked > 0 || self.lockdown > 0 || self.model_lockdown > 0
     }
 }
 
@@ -245,6 +295,12 @@ pub struct KeyRecord {
     pub uses: i64,
     /// Last claim, unix ms (0 = never).
     pub last_used_at: i64,
+    /// The quota group the keyring declares for the key, if any.
+    pub quota_group: Option<String>,
+    /// The Google Cloud project number an answer revealed, if any.
+    pub project_learned: Option<String>,
+    /// The scope its quota lockdowns are recorded under: `group:NAME`, `project:NUMBER` or `key:NAME`.
+    pub quota_scope: String,
 }
 
 impl KeyRecord {
@@ -284,7 +340,47 @@ pub struct Transition {
     pub lease: Option<i64>,
     /// The lockdown deadline set, if any.
     pub lockdown_until: Option<i64>,
+    /// The model the transition is about (a lockdown of one model), if any.
+    pub model: Option<String>,
+    /// The key's quota scope at the time (or the scope a lockdown was set on).
+    pub quota_scope: Option<String>,
 }
+
+/// A lockdown of one model (or every model, `*`) of one quota scope, as recorded. Rows stay after
+/// their deadline, to count consecutive lockdowns, until a success clears them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockdownRecord {
+    /// Connector.
+    pub connector: String,
+    /// `group:NAME`, `project:NUMBER` or `key:NAME`.
+    pub scope: String,
+    /// A model name, or `*` for every model.
+    pub model: String,
+    /// Deadline, unix ms.
+    pub until: i64,
+    /// The provider's quota, if it named one.
+    pub quota_id: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// The upstream status behind it.
+    pub http_status: Option<u16>,
+    /// The key whose answer set it.
+    pub set_by_key: String,
+    /// When, unix ms.
+    pub set_at: i64,
+    /// Consecutive lockdowns of this scope and model.
+    pub strikes: i64,
+}
+
+impl LockdownRecord {
+    /// Whether it covers every model.
+    pub fn is_every_model(&self) -> bool {
+        self.model == EVERY_MODEL
+    }
+}
+
+/// The `model` of a lockdown that covers every model.
+pub const EVERY_MODEL: &str = "*";
 
 /// Which history rows to read, newest first.
 #[derive(Debug, Clone, Default)]

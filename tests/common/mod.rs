@@ -48,7 +48,8 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).expect("mkdir connectors");
         let connector = serde_json::json!({
             "name": name, "host": host, "port": port, "protocol": "http",
-            "api_key_header": "x-goog-api-key", "api_key_prefix": "", "policy": policy
+            "api_key_header": "x-goog-api-key", "api_key_prefix": "", "policy": policy,
+            "model": {"path_markers": ["models", "tunedModels"], "path_segments": 1, "body_field": "model"}
         });
         std::fs::write(dir.join(format!("{name}.json")), connector.to_string()).expect("write connector");
     }

@@ -54,7 +54,8 @@ fn mock_setup(dir: &Path, name: &str, keys: usize, port: u16) -> anyhow::Result<
     std::fs::create_dir_all(&connectors)?;
     let connector = serde_json::json!({
         "name": name, "host": "127.0.0.1", "port": port, "protocol": "http",
-        "api_key_header": api_jongler::mock::KEY_HEADER, "api_key_prefix": ""
+        "api_key_header": api_jongler::mock::KEY_HEADER, "api_key_prefix": "",
+        "model": {"path_markers": ["models", "tunedModels"], "path_segments": 1, "body_field": "model"}
     });
     std::fs::write(connectors.join(format!("{name}.json")), connector.to_string())?;
     Ok((keyring, connectors))
