@@ -187,3 +187,93 @@ fn a_connector_may_declare_other_rate_limit_statuses() {
     let verdict = classify(420, &HeaderMap::new(), "", &context);
     assert!(matches!(verdict.key, KeyFate::Lockdown { .. }));
 }
+
+/// A per-day 429 that names its model, as the free tier sends it.
+const DAY_FOR_PRO: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-pro"},"quotaValue":"50"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"47s"}]}}"#;
+/// The older per-project, per-region rate limit: no model, and the project in `consumer`.
+const PROJECT_RATE_LIMIT: &str = r#"{"error":{"code":429,"message":"Quota exceeded for quota metric 'Generate Content API requests per minute' and limit 'GenerateContent request limit per minute for a region' of service 'generativelanguage.googleapis.com' for consumer 'project_number:696498078762'.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"RATE_LIMIT_EXCEEDED","domain":"googleapis.com","metadata":{"consumer":"projects/696498078762","quota_limit":"GenerateContentRequestsPerMinutePerProjectPerRegion","service":"generativelanguage.googleapis.com"}},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"20s"}]}}"#;
+/// A per-project quota without a model dimension.
+const PROJECT_QUOTA: &str = r#"{"error":{"code":429,"message":"x","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProject-FreeTier","quotaValue":"100"}]}]}}"#;
+const DISABLED_WITH_CONSUMER: &str = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 411082643095 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED","metadata":{"consumer":"projects/411082643095","service":"generativelanguage.googleapis.com"}}]}}"#;
+
+fn judge_for(status: u16, body: &str, model: Option<&str>) -> Verdict {
+    let policy = Policy::default();
+    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false, model };
+    classify(status, &HeaderMap::new(), body, &context)
+}
+
+/// Each 429 locks exactly the quota that ran out: its scope (the key, or its whole group), its models
+/// (none listed: every model) and its end.
+#[test]
+fn a_lockdown_is_as_wide_as_the_quota_that_ran_out() {
+    let midnight = next_pacific_midnight(NOW);
+    let day = 86_400_000;
+    let models = |names: &[&str]| names.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>();
+    let cases: [(u16, &str, Option<&str>, Reach, Vec<String>, i64); 12] = [
+        // The quota names its model: that model of the group, whatever was asked.
+        (429, DAY_FOR_PRO, Some("gemini-2.5-pro"), Reach::Group, models(&["gemini-2.5-pro"]), midnight),
+        (429, GEMINI_429_MINUTE, Some("gemini-2.5-flash"), Reach::Group, models(&["gemini-2.5-flash"]), NOW + 26_000),
+        // An alias asked for: both names.
+        (
+            429,
+            DAY_FOR_PRO,
+            Some("gemini-pro-latest"),
+            Reach::Group,
+            models(&["gemini-2.5-pro", "gemini-pro-latest"]),
+            midnight,
+        ),
+        // No model dimension: the requested model (the daily quota still wins over the short retryDelay).
+        (429, GEMINI_429_DAY, Some("gemini-2.5-flash"), Reach::Group, models(&["gemini-2.5-flash"]), midnight),
+        (429, GEMINI_429_ZERO, Some("gemini-2.5-pro"), Reach::Group, models(&["gemini-2.5-pro"]), NOW + day),
+        // A request whose model the connector cannot tell: every model.
+        (429, DAY_FOR_PRO, None, Reach::Group, models(&[]), midnight),
+        // Quotas of the whole project: every model of the group.
+        (429, PROJECT_QUOTA, Some("gemini-2.5-pro"), Reach::Group, models(&[]), NOW + 60_000),
+        (429, PROJECT_RATE_LIMIT, Some("gemini-2.5-pro"), Reach::Group, models(&[]), NOW + 20_000),
+        // No details: shared capacity, or this key alone; the requested model only.
+        (429, GEMINI_429_BARE, Some("gemini-2.5-pro"), Reach::Key, models(&["gemini-2.5-pro"]), NOW + 60_000),
+        (429, GEMINI_429_BARE, None, Reach::Key, models(&[]), NOW + 60_000),
+        (
+            429,
+            HF_429,
+            Some("meta-llama/Llama-3.1-8B-Instruct"),
+            Reach::Key,
+            models(&["meta-llama/Llama-3.1-8B-Instruct"]),
+            NOW + 60_000,
+        ),
+        // Credits of the account: everything of the group.
+        (402, HF_402, Some("meta-llama/Llama-3.1-8B-Instruct"), Reach::Group, models(&[]), NOW + day),
+    ];
+    for (status, body, model, reach, expected_models, until) in cases {
+        let verdict = judge_for(status, body, model);
+        let KeyFate::Lockdown { until_ms, reach: got_reach, models: got_models, .. } = &verdict.key else {
+            panic!("{status} {body} for {model:?}: {verdict:?}")
+        };
+        assert_eq!(
+            (got_reach, got_models, *until_ms),
+            (&reach, &expected_models, until),
+            "{status} {body} for {model:?}"
+        );
+    }
+}
+
+#[test]
+fn the_project_an_answer_reveals_is_learned() {
+    assert_eq!(judge_for(429, PROJECT_RATE_LIMIT, None).project.as_deref(), Some("696498078762"));
+    assert_eq!(judge_for(403, DISABLED_WITH_CONSUMER, None).project.as_deref(), Some("411082643095"));
+    assert_eq!(judge_for(403, GEMINI_403_DISABLED, None).project.as_deref(), Some("1"), "from the message alone");
+    assert_eq!(judge_for(429, DAY_FOR_PRO, None).project, None);
+    assert_eq!(judge_for(403, GEMINI_403_LEAKED, None).project, None);
+}
+
+#[test]
+fn quota_ids_and_model_names_from_answers_are_kept_only_when_sane() {
+    let hostile = DAY_FOR_PRO
+        .replace("gemini-2.5-pro", "gemini\\u001b[31m pro")
+        .replace("GenerateRequestsPerDayPerProjectPerModel-FreeTier", "GenerateRequestsPerDay <script>");
+    let verdict = judge_for(429, &hostile, Some("gemini-2.5-pro"));
+    let KeyFate::Lockdown { models, quota_id, reason, .. } = &verdict.key else { panic!("{verdict:?}") };
+    assert_eq!(models, &vec!["gemini-2.5-pro".to_owned()], "the requested model stands in for an insane one");
+    assert_eq!(quota_id.as_deref(), Some("unnamed quota"));
+    assert!(!reason.contains('<') && !reason.contains('\u{1b}'), "{reason}");
+}
