@@ -175,7 +175,8 @@ impl Coordinator {
         let mut nap = MIN_NAP;
         loop {
             self.reap_if_due(connector)?;
-            let claimed = self.inner.store.claim(connector, model, tried, self.inner.holder, &*self.inner.clock, deadline)?;
+            let claimed =
+                self.inner.store.claim(connector, model, tried, self.inner.holder, &*self.inner.clock, deadline)?;
             if let Some(claimed) = claimed {
                 self.ensure_heartbeat();
                 tracing::info!(
@@ -259,15 +260,41 @@ impl Coordinator {
         Ok(done)
     }
 
-    /// Key names of `connector` by state; retired keys are left out.
+    /// Key names of `connector` by state; retired keys are left out. Lockdown means locked down for
+    /// every model (the seed's meaning); see [`key_states_for`](Self::key_states_for).
     pub fn key_states(&self, connector: &str) -> Result<KeyStates> {
+        self.key_states_for(connector, None)
+    }
+
+    /// Key names of `connector` by state as a request for `model` sees them: a key whose quota scope
+    /// is locked down for that model counts as in lockdown, as the claim would skip it.
+    pub fn key_states_for(&self, connector: &str, model: Option<&str>) -> Result<KeyStates> {
         let now = self.now_ms();
+        let in_force: BTreeSet<(String, String)> = self
+            .inner
+            .store
+            .lockdowns(Some(connector))?
+            .into_iter()
+            .filter(|lockdown| lockdown.until > now)
+            .map(|lockdown| (lockdown.scope, lockdown.model))
+            .collect();
         let mut states = KeyStates::default();
         for key in self.inner.store.keys(Some(connector))? {
             if key.retired_at.is_some() {
                 continue;
             }
-            let set = match key.effective_state(now) {
+            let own_scope = format!("key:{}", key.key_name);
+            let locked_down = [&key.quota_scope, &own_scope].into_iter().any(|scope| {
+                [Some(store::EVERY_MODEL), model]
+                    .into_iter()
+                    .flatten()
+                    .any(|model| in_force.contains(&(scope.clone(), model.to_owned())))
+            });
+            let state = match key.effective_state(now) {
+                KeyState::Vacant if locked_down => KeyState::Lockdown,
+                state => state,
+            };
+            let set = match state {
                 KeyState::Vacant => &mut states.vacant,
                 KeyState::Locked => &mut states.locked,
                 KeyState::Lockdown => &mut states.lockdown,

@@ -452,6 +452,14 @@ impl Jongler {
         blocking(move || coordinator.key_states(&connector)).await
     }
 
+    /// Key names by state as a request for `model` sees them: a key whose quota group is locked down
+    /// for that model counts as in lockdown (it still serves other models).
+    pub async fn key_states_for(&self, model: Option<&str>) -> Result<KeyStates> {
+        let (coordinator, connector) = (self.inner.coordinator.clone(), self.inner.connector.name.clone());
+        let model = model.map(str::to_owned);
+        blocking(move || coordinator.key_states_for(&connector, model.as_deref())).await
+    }
+
     /// Names of the vacant keys.
     pub async fn vacant_keys(&self) -> Result<Vec<String>> {
         Ok(self.key_states().await?.vacant.into_iter().collect())
@@ -462,7 +470,9 @@ impl Jongler {
         Ok(self.key_states().await?.locked.into_iter().collect())
     }
 
-    /// Names of the keys in lockdown.
+    /// Names of the keys in lockdown for every model (the seed's meaning; per model: [`key_states_for`]).
+    ///
+    /// [`key_states_for`]: Self::key_states_for
     pub async fn lockdown_keys(&self) -> Result<Vec<String>> {
         Ok(self.key_states().await?.lockdown.into_iter().collect())
     }

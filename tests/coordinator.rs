@@ -281,6 +281,12 @@ fn the_claim_walks_an_index_in_lru_order_with_ten_thousand_keys() {
     let plan = coordinator.store().explain_claim().expect("plan");
     assert!(plan.iter().any(|step| step.contains("USING INDEX keys_claim_order")), "{plan:?}");
     assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort of every key: {plan:?}");
+    // The lockdowns that keep a key from the model are probed by their primary key, never scanned.
+    assert!(
+        plan.iter().any(|step| step.contains("SEARCH q USING PRIMARY KEY (connector=? AND scope=? AND model=?)")),
+        "{plan:?}"
+    );
+    assert!(!plan.iter().any(|step| step.contains("SCAN q")), "{plan:?}");
     // And it is the least recently used key that comes out.
     let first = coordinator.claim("big", &[], Duration::ZERO).expect("claim");
     let second = coordinator.claim("big", &[], Duration::ZERO).expect("claim");
