@@ -385,6 +385,63 @@ pub enum KeyringProblem {
         /// The key's name.
         key: String,
     },
+
+    /// A `[connector groups]` section for a connector whose keys are not in this file.
+    #[error(
+        "section [{connector} groups] declares quota groups of connector '{connector}', but this file has no [{connector}] section: add the keys under [{connector}] or remove [{connector} groups] (no connector's name ends in ` groups`)"
+    )]
+    GroupsWithoutKeys {
+        /// The connector the section is named after.
+        connector: String,
+    },
+
+    /// A key in a `[connector groups]` section that the connector's section does not define.
+    #[error(
+        "key '{key}' in [{connector} groups] is not a key of [{connector}]: list only keys of [{connector}] there (a key in no group is a group of its own)"
+    )]
+    UnknownGroupKey {
+        /// The connector.
+        connector: String,
+        /// The key's name.
+        key: String,
+    },
+
+    /// The same key twice in a `[connector groups]` section.
+    #[error(
+        "key '{key}' appears twice in [{connector} groups] (first on line {first_line}): a key belongs to one quota group, list it once"
+    )]
+    DuplicateGroupKey {
+        /// The connector.
+        connector: String,
+        /// The key's name.
+        key: String,
+        /// The line of its first listing.
+        first_line: usize,
+    },
+
+    /// A quota group label that breaks the label rule (see the keyring module).
+    #[error(
+        "the quota group of key '{key}' in [{connector} groups] {reason}: a group label is 1 to 128 ASCII letters, digits and `-_.:@+/`, such as a Google Cloud project id"
+    )]
+    BadGroupLabel {
+        /// The connector.
+        connector: String,
+        /// The key's name.
+        key: String,
+        /// What is wrong with the label, without showing it.
+        reason: &'static str,
+    },
+
+    /// A quota group label that is the secret of a key of the file.
+    #[error(
+        "the quota group of key '{key}' in [{connector} groups] is the secret of a key: write the name of the project or account the key belongs to there, never a secret"
+    )]
+    GroupLabelIsSecret {
+        /// The connector.
+        connector: String,
+        /// The key's name.
+        key: String,
+    },
 }
 
 /// Where a keyring line stands: `in [section]`, or before the first section.

@@ -11,6 +11,31 @@
 //!   (after a space or tab) to the end of a line: `k = abc ; my first key` has the secret `abc`.
 //! - Blank lines are skipped; `\r\n` line ends and a UTF-8 byte order mark at the start are accepted.
 //!
+//! # Quota groups
+//!
+//! Keys that share one quota (one Google Cloud project for Gemini, one account for Hugging Face) are
+//! declared in an optional companion section named after the connector and ` groups`:
+//!
+//! ```ini
+//! [generativelanguage.googleapis.com]
+//! key1 = AIza...
+//! key2 = AIza...
+//! [generativelanguage.googleapis.com groups]
+//! key1 = my-project
+//! key2 = my-project
+//! ```
+//!
+//! - Each line is `key = label`: the key must be one of the connector's section in this file (which may
+//!   come before or after), listed once over all `[... groups]` headers of the connector. A key in no
+//!   group is a group of its own. The Python api-jongler reads only the sections it is asked for, so one
+//!   keyring serves both.
+//! - A **group label** is opaque: 1 to 128 characters of ASCII letters, digits and `-_.:@+/`, enough for
+//!   a project id (`gen-lang-client-0123456789`), a project number, `org/account` or `project:123`, and
+//!   safe to store and print. A label that is the secret of a key of the file is refused, so a secret
+//!   pasted in the wrong section never reaches the database.
+//! - Any section whose name ends in ` groups` (lower case, after a space) is a groups section, so no
+//!   connector can be named `x groups`; `[x Groups]` is an ordinary connector section.
+//!
 //! # The rules
 //!
 //! - A **key name** is 1 to 64 characters of ASCII letters, digits and `-_.@+`; case is kept and names
@@ -37,7 +62,7 @@
 //! names a key by its name and its short fingerprint.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 
@@ -50,6 +75,12 @@ use crate::error::{Error, Result};
 
 /// The longest key name, in characters.
 pub const MAX_KEY_NAME: usize = 64;
+
+/// The longest quota group label, in characters.
+pub const MAX_GROUP_LABEL: usize = 128;
+
+/// What ends the name of a section of quota groups: `[connector groups]`.
+pub const GROUPS_SUFFIX: &str = " groups";
 
 /// The environment variable naming the keyring file.
 pub const CONFIG_ENV: &str = "APIJONGLER_CONFIG";
@@ -127,6 +158,34 @@ struct Section {
     keys: Vec<ApiKey>,
     /// Name -> (position in `keys`, line of the definition).
     index: HashMap<String, (usize, usize)>,
+    /// Key name -> the quota group its `[connector groups]` section declares.
+    groups: HashMap<String, String>,
+}
+
+/// A `[connector groups]` section as read, checked against its connector once the whole file is read.
+#[derive(Debug, Default)]
+struct Groups {
+    /// The line of its first header.
+    header_line: usize,
+    /// Key name -> (label, line).
+    labels: HashMap<String, (String, usize)>,
+}
+
+/// The section the parser is in.
+enum Current {
+    Keys(String, Section),
+    /// The connector's name (without ` groups`), and its groups.
+    Groups(String, Groups),
+}
+
+impl Current {
+    /// The section's name as written between brackets, for messages.
+    fn name(&self) -> String {
+        match self {
+            Self::Keys(name, _) => name.clone(),
+            Self::Groups(connector, _) => format!("{connector}{GROUPS_SUFFIX}"),
+        }
+    }
 }
 
 impl Keyring {
@@ -160,8 +219,9 @@ impl Keyring {
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut connectors: BTreeMap<String, Section> = BTreeMap::new();
-        // The current section's name, and its entry (looked up once per header, not once per key).
-        let mut current: Option<(String, Section)> = None;
+        let mut groups: BTreeMap<String, Groups> = BTreeMap::new();
+        // The current section, and its entry (looked up once per header, not once per key).
+        let mut current: Option<Current> = None;
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
             let fail = |problem| Error::KeyringLine { path: path.to_owned(), line: number, problem };
@@ -175,21 +235,25 @@ impl Keyring {
                 if name.is_empty() || name.chars().any(char::is_control) {
                     return Err(fail(KeyringProblem::BadSection));
                 }
-                if let Some((done, section)) = current.take() {
-                    connectors.insert(done, section);
-                }
-                let section = connectors.remove(name).unwrap_or_default();
-                current = Some((name.to_owned(), section));
+                finish(current.take(), &mut connectors, &mut groups);
+                current = Some(match name.strip_suffix(GROUPS_SUFFIX).map(str::trim_end) {
+                    Some(connector) => {
+                        let section =
+                            groups.remove(connector).unwrap_or(Groups { header_line: number, ..Groups::default() });
+                        Current::Groups(connector.to_owned(), section)
+                    }
+                    None => Current::Keys(name.to_owned(), connectors.remove(name).unwrap_or_default()),
+                });
                 continue;
             }
-            let section_name = || current.as_ref().map(|(name, _)| name.clone());
-            let Some((name, secret)) = line.split_once(['=', ':']) else {
+            let section_name = || current.as_ref().map(Current::name);
+            let Some((name, value)) = line.split_once(['=', ':']) else {
                 return Err(fail(KeyringProblem::NotAKey { section: section_name() }));
             };
-            let (name, secret) = (name.trim(), secret.trim());
+            let (name, value) = (name.trim(), value.trim());
             // `abc==` or `abc=:x` is a pasted secret (base64 padding, say), not `name = secret`; its
             // left part must not become a key name, nor appear in the message.
-            if secret.starts_with(['=', ':']) {
+            if value.starts_with(['=', ':']) {
                 return Err(fail(KeyringProblem::NotAKey { section: section_name() }));
             }
             if name.is_empty() {
@@ -198,29 +262,45 @@ impl Keyring {
             if let Err(reason) = check_key_name(name) {
                 return Err(fail(KeyringProblem::InvalidName { section: section_name(), reason }));
             }
-            let Some((connector, section)) = current.as_mut() else {
-                return Err(fail(KeyringProblem::BeforeSection { key: name.to_owned() }));
-            };
-            let (section_name, key) = (connector.clone(), name.to_owned());
-            let slot = match section.index.entry(key.clone()) {
-                Entry::Occupied(first) => {
-                    let first_line = first.get().1;
-                    return Err(fail(KeyringProblem::DuplicateKey { section: section_name, key, first_line }));
+            let key = name.to_owned();
+            match current.as_mut() {
+                None => return Err(fail(KeyringProblem::BeforeSection { key })),
+                Some(Current::Keys(connector, section)) => {
+                    let section_name = connector.clone();
+                    let slot = match section.index.entry(key.clone()) {
+                        Entry::Occupied(first) => {
+                            let first_line = first.get().1;
+                            return Err(fail(KeyringProblem::DuplicateKey { section: section_name, key, first_line }));
+                        }
+                        Entry::Vacant(slot) => slot,
+                    };
+                    if value.is_empty() {
+                        return Err(fail(KeyringProblem::EmptySecret { section: section_name, key }));
+                    }
+                    if HeaderValue::from_str(value).is_err() {
+                        return Err(fail(KeyringProblem::SecretNotHeaderSafe { section: section_name, key }));
+                    }
+                    slot.insert((section.keys.len(), number));
+                    section.keys.push(ApiKey::new(key, value));
                 }
-                Entry::Vacant(slot) => slot,
-            };
-            if secret.is_empty() {
-                return Err(fail(KeyringProblem::EmptySecret { section: section_name, key }));
+                Some(Current::Groups(connector, section)) => {
+                    let connector = connector.clone();
+                    let slot = match section.labels.entry(key.clone()) {
+                        Entry::Occupied(first) => {
+                            let first_line = first.get().1;
+                            return Err(fail(KeyringProblem::DuplicateGroupKey { connector, key, first_line }));
+                        }
+                        Entry::Vacant(slot) => slot,
+                    };
+                    if let Err(reason) = check_group_label(value) {
+                        return Err(fail(KeyringProblem::BadGroupLabel { connector, key, reason }));
+                    }
+                    slot.insert((value.to_owned(), number));
+                }
             }
-            if HeaderValue::from_str(secret).is_err() {
-                return Err(fail(KeyringProblem::SecretNotHeaderSafe { section: section_name, key }));
-            }
-            slot.insert((section.keys.len(), number));
-            section.keys.push(ApiKey::new(key, secret));
         }
-        if let Some((done, section)) = current {
-            connectors.insert(done, section);
-        }
+        finish(current, &mut connectors, &mut groups);
+        attach_groups(path, &mut connectors, groups)?;
         Ok(Self { path: path.to_owned(), connectors })
     }
 
@@ -257,6 +337,67 @@ impl Keyring {
         let section = self.connectors.get(connector)?;
         section.index.get(name).map(|&(position, _)| &section.keys[position])
     }
+
+    /// The quota group `[connector groups]` declares for a key; `None`: the key is a group of its own
+    /// (or is not in the keyring).
+    pub fn group(&self, connector: &str, key: &str) -> Option<&str> {
+        self.connectors.get(connector)?.groups.get(key).map(String::as_str)
+    }
+}
+
+/// Files the section the parser leaves.
+fn finish(current: Option<Current>, connectors: &mut BTreeMap<String, Section>, groups: &mut BTreeMap<String, Groups>) {
+    match current {
+        Some(Current::Keys(name, section)) => _ = connectors.insert(name, section),
+        Some(Current::Groups(connector, section)) => _ = groups.insert(connector, section),
+        None => {}
+    }
+}
+
+/// Checks every `[connector groups]` section against the keys of its connector, then hands its labels
+/// to it. Of several mistakes, the one on the earliest line is reported.
+fn attach_groups(
+    path: &Path,
+    connectors: &mut BTreeMap<String, Section>,
+    groups: BTreeMap<String, Groups>,
+) -> Result<()> {
+    let mut first: Option<(usize, KeyringProblem)> = None;
+    let mut note = |line: usize, problem: KeyringProblem| {
+        if first.as_ref().is_none_or(|(earliest, _)| line < *earliest) {
+            first = Some((line, problem));
+        }
+    };
+    // The secrets, to refuse a label that is one; gathered only if there is a label.
+    let secrets: HashSet<&str> = if groups.is_empty() {
+        HashSet::new()
+    } else {
+        connectors.values().flat_map(|section| &section.keys).map(|key| key.secret().expose_secret()).collect()
+    };
+    for (connector, section) in &groups {
+        let Some(keys) = connectors.get(connector) else {
+            note(section.header_line, KeyringProblem::GroupsWithoutKeys { connector: connector.clone() });
+            continue;
+        };
+        for (key, (label, line)) in &section.labels {
+            let problem = if !keys.index.contains_key(key) {
+                KeyringProblem::UnknownGroupKey { connector: connector.clone(), key: key.clone() }
+            } else if secrets.contains(label.as_str()) {
+                KeyringProblem::GroupLabelIsSecret { connector: connector.clone(), key: key.clone() }
+            } else {
+                continue;
+            };
+            note(*line, problem);
+        }
+    }
+    if let Some((line, problem)) = first {
+        return Err(Error::KeyringLine { path: path.to_owned(), line, problem });
+    }
+    for (connector, section) in groups {
+        if let Some(keys) = connectors.get_mut(&connector) {
+            keys.groups.extend(section.labels.into_iter().map(|(key, (label, _))| (key, label)));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `name` obeys the key-name rule; if not, what is wrong, in words that do not show it.
@@ -270,6 +411,21 @@ pub fn check_key_name(name: &str) -> std::result::Result<(), &'static str> {
         Err("holds a character other than ASCII letters, digits and `-_.@+` (a space, say)")
     } else if name.len() > MAX_KEY_NAME {
         Err("is longer than 64 characters")
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `label` obeys the group-label rule (see the module documentation); if not, what is wrong,
+/// in words that do not show it.
+pub fn check_group_label(label: &str) -> std::result::Result<(), &'static str> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@' | '+' | '/');
+    if label.is_empty() {
+        Err("is empty")
+    } else if !label.chars().all(allowed) {
+        Err("holds a character other than ASCII letters, digits and `-_.:@+/` (a space, say)")
+    } else if label.len() > MAX_GROUP_LABEL {
+        Err("is longer than 128 characters")
     } else {
         Ok(())
     }
@@ -423,6 +579,87 @@ mod tests {
         std::fs::write(&path, b"[g]\nk0 = ok\nk1 = fake-secret-\xff\n").expect("write");
         let message = Keyring::load(&path).expect_err("not UTF-8").to_string();
         assert!(message.ends_with("keys.ini:3: this line is not UTF-8 text: save the keyring as UTF-8"), "{message}");
+    }
+
+    #[test]
+    fn a_groups_section_before_or_after_its_connector_declares_quota_groups() {
+        let after = "[gemini]\nkey1 = fake-secret-1\nkey2 = fake-secret-2\nkey3 = fake-secret-3\n\
+                     [gemini groups] ; one Cloud project\nkey1 = my-project\nkey2 = my-project # too\n";
+        let before = "[gemini groups]\nkey1 = my-project\n[other]\nk = fake-secret-9\n[gemini]\n\
+                      key1 = fake-secret-1\nkey2 = fake-secret-2\nkey3 = fake-secret-3\n\
+                      [gemini  groups]\nkey2 = my-project\n";
+        for text in [after, before] {
+            let keyring = parse(text).expect(text);
+            assert_eq!(keyring.group("gemini", "key1"), Some("my-project"), "{text}");
+            assert_eq!(keyring.group("gemini", "key2"), Some("my-project"), "{text}");
+            assert_eq!(keyring.group("gemini", "key3"), None, "a key in no group is a group of its own");
+            assert_eq!(keyring.group("other", "key1"), None);
+            assert_eq!(keyring.group("gemini groups", "key1"), None);
+            assert!(!keyring.connectors().any(|name| name.ends_with("groups")), "{text}");
+            assert_eq!(names(&keyring, "gemini"), ["key1", "key2", "key3"]);
+            assert_eq!(keyring.all_keys().count(), 3 + usize::from(text == before));
+            assert!(keyring.keys("gemini groups").is_err(), "a groups section is no connector");
+        }
+        // Only a lower-case ` groups` after a space makes a groups section.
+        let keyring = parse("[x Groups]\nk = fake-secret-1\n[xgroups]\nk = fake-secret-2\n").expect("valid");
+        assert_eq!(keyring.connectors().collect::<Vec<_>>(), ["x Groups", "xgroups"]);
+    }
+
+    #[test]
+    fn a_group_label_is_1_to_128_of_letters_digits_and_a_few_marks() {
+        for good in
+            ["p", "gen-lang-client-0123456789", "411082643095", "org/acc_1", "project:1", "a.b@c+d", &"l".repeat(128)]
+        {
+            assert_eq!(check_group_label(good), Ok(()), "{good}");
+            let keyring = parse(&format!("[g]\nk = fake-secret-1\n[g groups]\nk = {good}\n")).expect(good);
+            assert_eq!(keyring.group("g", "k"), Some(good));
+        }
+        let long = "l".repeat(129);
+        for bad in ["", "my project", "proj\u{1}", "projé", "p\"", "p,q", "p=q", &long] {
+            assert!(check_group_label(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn each_groups_mistake_names_its_line_and_section_and_never_the_label() {
+        let keys = "[g]\nk1 = fake-secret-1\nk2 = fake-secret-2\n";
+        let cases = [
+            (
+                format!("{keys}[h groups]\nk1 = fake-label\n"),
+                "4: section [h groups] declares quota groups of connector 'h', but this file has no [h] section",
+            ),
+            (
+                format!("[h groups]\n{keys}[h groups]\n"),
+                "1: section [h groups] declares quota groups of connector 'h', but this file has no [h] section",
+            ),
+            (format!("{keys}[g groups]\nk1 = p\nk9 = p\n"), "6: key 'k9' in [g groups] is not a key of [g]"),
+            (format!("[g groups]\nk9 = p\n{keys}"), "2: key 'k9' in [g groups] is not a key of [g]"),
+            (
+                format!("{keys}[g groups]\nk1 = p\n[g groups]\nk1 = p\n"),
+                "7: key 'k1' appears twice in [g groups] (first on line 5): a key belongs to one quota group",
+            ),
+            (format!("{keys}[g groups]\nk1 =\n"), "5: the quota group of key 'k1' in [g groups] is empty"),
+            (
+                format!("{keys}[g groups]\nk1 = fake label\n"),
+                "5: the quota group of key 'k1' in [g groups] holds a character other",
+            ),
+            (
+                format!("{keys}[g groups]\nk1 = fake-secret-2\n"),
+                "5: the quota group of key 'k1' in [g groups] is the secret of a key",
+            ),
+            (format!("{keys}[g groups]\nfake label = p\n"), "5: the name of this key, in [g groups],"),
+            (format!("{keys}[g groups]\nfake-label\n"), "5: this line, in [g groups], is neither"),
+            // Of two mistakes found once the file is read, the earlier line is reported.
+            (
+                format!("[g groups]\nk1 = p\n{keys}[h groups]\n[g groups]\nk8 = p\n[g groups]\nk7 = p\n"),
+                "6: section [h groups]",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = refused(&text);
+            assert!(message.starts_with(&format!("/etc/keys.ini:{expected}")), "{text:?}: {message}");
+            assert!(!message.contains("fake-label") && !message.contains("fake label"), "{message}");
+        }
     }
 
     #[test]

@@ -108,6 +108,37 @@ fn keyring_mistakes_are_explained_in_plain_words_with_file_and_line() {
 }
 
 #[test]
+fn quota_group_mistakes_name_file_line_and_section_and_never_show_the_label() {
+    let keys = "[gemini]\nk1 = fake-secret-1\nk2 = fake-secret-2\n";
+    let cases = [
+        (format!("{keys}[hf groups]\nk1 = fake-label-1\n"), "keys.ini:4:", "[hf groups]", "no [hf] section"),
+        (format!("{keys}[gemini groups]\nk9 = fake-label-1\n"), "keys.ini:5:", "[gemini groups]", "'k9'"),
+        (
+            format!("[gemini groups]\nk1 = fake-label-1\n{keys}[gemini groups]\nk1 = fake-label-1\n"),
+            "keys.ini:7:",
+            "[gemini groups]",
+            "key 'k1' appears twice in [gemini groups] (first on line 2)",
+        ),
+        (format!("{keys}[gemini groups]\nk1 = fake label\n"), "keys.ini:5:", "[gemini groups]", "1 to 128"),
+        (format!("{keys}[gemini groups]\nk1 = fake-secret-2\n"), "keys.ini:5:", "[gemini groups]", "never a secret"),
+        (format!("{keys}[gemini groups]\nfake-label-1\n"), "keys.ini:5:", "[gemini groups]", "neither"),
+    ];
+    for (ini, place, section, words) in cases {
+        let (sandbox, output) = sync_with(&ini);
+        assert_exit(&output, CONFIG);
+        let message = the_error(&output);
+        assert!(message.contains(place) && message.contains(section) && message.contains(words), "{ini:?}: {message}");
+        for shown in ["fake-label", "fake label"] {
+            assert_never_shown(&sandbox, &output, shown);
+        }
+        assert_never_shown(&sandbox, &output, "fake-secret");
+    }
+    // The same keys with a well-formed groups section are synced.
+    let (_sandbox, output) = sync_with(&format!("{keys}[gemini groups]\nk1 = fake-label-1\n"));
+    assert_exit(&output, 0);
+}
+
+#[test]
 fn a_secret_that_cannot_be_a_header_value_is_refused_by_name_and_line() {
     let (sandbox, output) = sync_with("[gemini]\nk0 = fake-secret-0\nk1 = fake-se\u{1}cret-1\n");
     assert_exit(&output, CONFIG);

@@ -190,6 +190,132 @@ fn a_sync_that_changes_nothing_takes_no_write_lock() {
     assert_eq!(done, (true, true));
 }
 
+/// `(connector, key, quota_group, quota_scope)` of every key, by connector and name.
+fn groups(sandbox: &Sandbox) -> Vec<(String, String, Option<String>, String)> {
+    let connection = sandbox.sql();
+    let mut statement = connection
+        .prepare("SELECT connector, key_name, quota_group, quota_scope FROM keys ORDER BY connector, key_name")
+        .expect("prepare");
+    statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+/// A history row as `(key, from, to, reason, quota_scope)`.
+type Entry = (String, Option<String>, String, String, Option<String>);
+
+/// The history rows after row `after`.
+fn history_since(sandbox: &Sandbox, after: i64) -> Vec<Entry> {
+    let connection = sandbox.sql();
+    let mut statement = connection
+        .prepare("SELECT key_name, from_state, to_state, reason, quota_scope FROM history WHERE id > ?1 ORDER BY id")
+        .expect("prepare");
+    statement
+        .query_map([after], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn a_keyring_change_regroups_keys_with_a_history_row_and_leaves_other_connectors_alone() {
+    let gemini = |index: usize| format!("key{index} = fake-secret-{GEMINI}-{index}-do-not-use\n");
+    let hf = format!("[{HF}]\nhf0 = fake-hf-secret-0\n[{HF} groups]\nhf0 = my-account\n");
+    let sandbox = Sandbox::with_keyring(&format!("[{GEMINI}]\n{}{}{}{hf}", gemini(0), gemini(1), gemini(2)));
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let row = |connector: &str, key: &str, group: Option<&str>, scope: &str| {
+        (connector.to_owned(), key.to_owned(), group.map(str::to_owned), scope.to_owned())
+    };
+    let own = |key: &str| row(GEMINI, key, None, &format!("key:{key}"));
+    let account = row(HF, "hf0", Some("my-account"), "group:my-account");
+    assert_eq!(groups(&sandbox), [own("key0"), own("key1"), own("key2"), account.clone()]);
+    let held = coordinator.claim(GEMINI, &[], Duration::ZERO).expect("claim key0");
+    assert_eq!(held.key_name(), "key0");
+
+    // key0 (held) and key1 join a project, key2 gets a new secret and the project, key3 arrives in it.
+    let grouped = format!(
+        "[{GEMINI} groups]\nkey0 = my-project\nkey1 = my-project\n[{GEMINI}]\n{}{}key2 = fake-new-secret\n{}\
+         [{GEMINI} groups]\nkey2 = my-project\nkey3 = my-project\n{hf}",
+        gemini(0),
+        gemini(1),
+        gemini(3)
+    );
+    std::fs::write(&sandbox.keyring, grouped).expect("rewrite");
+    let last = sandbox.count("SELECT max(id) FROM history");
+    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert!(!report.is_empty());
+    let project = |key: &str| row(GEMINI, key, Some("my-project"), "group:my-project");
+    assert_eq!(groups(&sandbox), [project("key0"), project("key1"), project("key2"), project("key3"), account.clone()]);
+    let file = sandbox.keyring.display();
+    let set = format!("quota group set to 'my-project' (keyring {file})");
+    let entry = |key: &str, from: Option<&str>, to: &str, reason: &str| {
+        (key.to_owned(), from.map(str::to_owned), to.to_owned(), reason.to_owned(), Some("group:my-project".to_owned()))
+    };
+    assert_eq!(
+        history_since(&sandbox, last),
+        [
+            entry("key3", None, "vacant", "added to the keyring"),
+            (
+                "key2".to_owned(),
+                Some("vacant".to_owned()),
+                "vacant".to_owned(),
+                "secret changed in the keyring".to_owned(),
+                Some("key:key2".to_owned())
+            ),
+            entry("key0", Some("locked"), "locked", &set),
+            entry("key1", Some("vacant"), "vacant", &set),
+            entry("key2", Some("vacant"), "vacant", &set),
+        ]
+    );
+    assert_eq!(report.transitions.len(), 5, "{:?}", report.transitions);
+    held.release().expect("the held key's lease survived its regrouping");
+
+    // The same keyring again changes nothing.
+    assert!(coordinator.sync(&sandbox.load_keyring()).expect("again").is_empty());
+    // A keyring of the other connector alone, without its groups section, ungroups only its own key.
+    let other = other_keyring(&sandbox, "other.ini", &format!("[{HF}]\nhf0 = fake-hf-secret-0\n"));
+    let last = sandbox.count("SELECT max(id) FROM history");
+    assert!(!coordinator.sync(&load(&other)).expect("sync").is_empty(), "a change of group alone is a change");
+    let ungrouped = format!("quota group 'my-account' removed (keyring {})", other.display());
+    assert_eq!(
+        history_since(&sandbox, last),
+        [("hf0".to_owned(), Some("vacant".to_owned()), "vacant".to_owned(), ungrouped, Some("key:hf0".to_owned()))]
+    );
+    let hf_alone = row(HF, "hf0", None, "key:hf0");
+    assert_eq!(groups(&sandbox), [project("key0"), project("key1"), project("key2"), project("key3"), hf_alone]);
+
+    // key1 moves to another project and key0 leaves its group.
+    let moved = format!(
+        "[{GEMINI}]\n{}{}{}{}[{GEMINI} groups]\nkey1 = other\nkey2 = my-project\nkey3 = my-project\n",
+        gemini(0),
+        gemini(1),
+        gemini(3),
+        "key2 = fake-new-secret\n"
+    );
+    std::fs::write(&sandbox.keyring, moved).expect("rewrite");
+    let last = sandbox.count("SELECT max(id) FROM history");
+    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    let reasons: Vec<_> = history_since(&sandbox, last).into_iter().map(|row| (row.0, row.3, row.4)).collect();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "key0".to_owned(),
+                format!("quota group 'my-project' removed (keyring {file})"),
+                Some("key:key0".to_owned())
+            ),
+            (
+                "key1".to_owned(),
+                format!("quota group changed from 'my-project' to 'other' (keyring {file})"),
+                Some("group:other".to_owned())
+            ),
+        ]
+    );
+    assert_eq!(groups(&sandbox)[..2], [own("key0"), row(GEMINI, "key1", Some("other"), "group:other")]);
+}
+
 #[test]
 fn a_claim_may_wait_for_duration_max() {
     let sandbox = Sandbox::new(GEMINI, 1);
