@@ -1,0 +1,224 @@
+//! Quotas as Gemini meters them, through real HTTP: the loopback mock counts requests per (project,
+//! model), answers Gemini's real 429s, and says when a request reached a bucket that had already
+//! answered a per-day 429 (a request apijongler should never have sent).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api_jongler::mock::{MockConfig, MockUpstream, ModelQuota};
+use api_jongler::{Clock, CoordinatorOptions, Error, Jongler, ManualClock};
+use common::Sandbox;
+
+const GEMINI: &str = "generativelanguage.googleapis.com";
+const PRO: &str = "/v1beta/models/gemini-2.5-pro:generateContent";
+const FLASH: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+fn secret(index: usize) -> String {
+    format!("fake-secret-{GEMINI}-{index}-do-not-use")
+}
+
+/// A mock where gemini-2.5-pro allows `pro_per_day` requests a day per project, and flash is unlimited.
+async fn mock(pro_per_day: u32, projects: HashMap<String, String>) -> MockUpstream {
+    let pro = ModelQuota { model: "gemini-2.5-pro".to_owned(), per_day: Some(pro_per_day), ..ModelQuota::default() };
+    let config = MockConfig { model_quotas: vec![pro], projects, latency: Duration::ZERO, ..MockConfig::default() };
+    MockUpstream::start(config).await.expect("mock")
+}
+
+/// `keys` Gemini keys pointed at `mock`, with `groups` as the keyring's `[... groups]` section.
+fn sandbox(keys: usize, groups: &str, mock: &MockUpstream) -> Sandbox {
+    let mut ini = format!("[{GEMINI}]\n");
+    for index in 0..keys {
+        ini.push_str(&format!("key{index} = {}\n", secret(index)));
+    }
+    if !groups.is_empty() {
+        ini.push_str(&format!("[{GEMINI} groups]\n{groups}"));
+    }
+    let sandbox = Sandbox::with_keyring(&ini);
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 4}));
+    sandbox
+}
+
+async fn connect(sandbox: &Sandbox, options: Option<CoordinatorOptions>) -> Jongler {
+    let mut builder = Jongler::builder(GEMINI)
+        .keyring(&sandbox.keyring)
+        .database(&sandbox.db)
+        .connectors_dir(sandbox.connectors_dir());
+    if let Some(options) = options {
+        builder = builder.coordinator(options);
+    }
+    builder.connect().await.expect("connect")
+}
+
+/// The mock's counts for one model, summed over its projects: (requests, 200s, 429s, after a 429).
+fn seen(mock: &MockUpstream, model: &str) -> (u64, u64, u64, u64) {
+    mock.model_stats().iter().filter(|((_, m), _)| m == model).fold((0, 0, 0, 0), |sum, (_, s)| {
+        (sum.0 + s.requests, sum.1 + s.ok, sum.2 + s.rate_limited, sum.3 + s.after_429)
+    })
+}
+
+/// The scenario: 4 keys, each in its own project; pro allows 2 requests a day, flash is
+/// unlimited. Once pro's day is spent, every flash request still succeeds, and no pro request reaches
+/// the upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_quota_of_one_model_leaves_every_key_to_the_others() {
+    let mock = mock(2, HashMap::new()).await;
+    let sandbox = sandbox(4, "", &mock);
+    let jongler = connect(&sandbox, None).await;
+    for _ in 0..8 {
+        assert_eq!(jongler.request("POST", PRO, "{}").await.expect("pro").status, 200);
+    }
+    // The ninth meets each project's 429 once, and finds no key left for pro.
+    let error = jongler.request("POST", PRO, "{}").await.expect_err("pro's day is spent");
+    let message = error.to_string();
+    assert!(matches!(error, Error::NoKeyAvailable(_)), "{message}");
+    assert!(message.contains("0 of 4 keys") && message.contains("free for gemini-2.5-pro"), "{message}");
+    assert!(message.contains("4 locked down for it") && message.contains("daily quota"), "{message}");
+    for _ in 0..3 {
+        jongler.request("POST", PRO, "{}").await.expect_err("still spent");
+    }
+    assert_eq!(seen(&mock, "gemini-2.5-pro"), (12, 8, 4, 0), "no pro request after each project's 429");
+    for _ in 0..20 {
+        let response = jongler.request("POST", FLASH, "{}").await.expect("flash");
+        assert_eq!((response.status, response.attempts), (200, 1), "flash is never blocked by pro");
+    }
+    assert_eq!(seen(&mock, "gemini-2.5-flash"), (20, 20, 0, 0));
+    // Keys are whole for the seed's view and for flash, locked down for pro.
+    assert!(jongler.lockdown_keys().await.expect("states").is_empty());
+    assert_eq!(jongler.key_states_for(Some("gemini-2.5-pro")).await.expect("states").lockdown.len(), 4);
+    assert_eq!(jongler.key_states_for(Some("gemini-2.5-flash")).await.expect("states").vacant.len(), 4);
+    // The requests table says which model each attempt was for.
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE model = 'gemini-2.5-pro'"), 12);
+}
+
+/// Two projects of two keys each, declared in the keyring: a per-day 429 locks the whole project for
+/// pro, so its second key never asks the bucket that already said no.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_one_declared_group_share_its_lockdown() {
+    let projects: HashMap<String, String> =
+        (0..4).map(|index| (secret(index), if index < 2 { "alpha" } else { "beta" }.to_owned())).collect();
+    let mock = mock(2, projects).await;
+    let groups = "key0 = alpha\nkey1 = alpha\nkey2 = beta\nkey3 = beta\n";
+    let sandbox = sandbox(4, groups, &mock);
+    let jongler = connect(&sandbox, None).await;
+    for _ in 0..4 {
+        assert_eq!(jongler.request("POST", PRO, "{}").await.expect("pro").status, 200);
+    }
+    let message = jongler.request("POST", PRO, "{}").await.expect_err("pro's day is spent").to_string();
+    assert!(message.contains("free for gemini-2.5-pro"), "{message}");
+    assert_eq!(seen(&mock, "gemini-2.5-pro"), (6, 4, 2, 0), "one 429 per project, none after it");
+    assert_eq!(
+        sandbox.count("SELECT count(*) FROM lockdowns WHERE model = 'gemini-2.5-pro' AND scope LIKE 'group:%'"),
+        2
+    );
+    for _ in 0..8 {
+        assert_eq!(jongler.request("POST", FLASH, "{}").await.expect("flash").status, 200);
+    }
+}
+
+/// Without the groups section, the same two projects cost one wasted 429 each: what the section saves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_keys_of_one_project_each_learn_the_429_themselves() {
+    let projects: HashMap<String, String> =
+        (0..4).map(|index| (secret(index), if index < 2 { "alpha" } else { "beta" }.to_owned())).collect();
+    let mock = mock(2, projects).await;
+    let sandbox = sandbox(4, "", &mock);
+    let jongler = connect(&sandbox, None).await;
+    for _ in 0..4 {
+        jongler.request("POST", PRO, "{}").await.expect("pro");
+    }
+    jongler.request("POST", PRO, "{}").await.expect_err("pro's day is spent");
+    assert_eq!(seen(&mock, "gemini-2.5-pro"), (8, 4, 4, 2));
+}
+
+/// A per-minute lockdown of flash on every key, while pro keeps flowing through the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_minute_lockdown_of_one_model_leaves_the_other_flowing() {
+    let flash = ModelQuota { model: "gemini-2.5-flash".to_owned(), per_minute: Some(1), ..ModelQuota::default() };
+    let config = MockConfig {
+        model_quotas: vec![flash],
+        // A "minute" no test run outlives, so the lockdowns are still in force at the end.
+        minute: Duration::from_secs(3_600),
+        latency: Duration::ZERO,
+        ..MockConfig::default()
+    };
+    let mock = MockUpstream::start(config).await.expect("mock");
+    let sandbox = sandbox(2, "", &mock);
+    let jongler = connect(&sandbox, None).await;
+    for _ in 0..2 {
+        assert_eq!(jongler.request("POST", FLASH, "{}").await.expect("flash").status, 200);
+    }
+    let message = jongler.request("POST", FLASH, "{}").await.expect_err("flash's minute is spent").to_string();
+    assert!(message.contains("free for gemini-2.5-flash") && message.contains("per-minute quota"), "{message}");
+    for _ in 0..10 {
+        let response = jongler.request("POST", PRO, "{}").await.expect("pro");
+        assert_eq!((response.status, response.attempts), (200, 1));
+    }
+    jongler.request("POST", FLASH, "{}").await.expect_err("still locked down");
+    let stats = mock.model_stats();
+    let flash_stats: Vec<_> = stats.iter().filter(|((_, model), _)| model == "gemini-2.5-flash").collect();
+    assert!(flash_stats.iter().all(|(_, s)| s.before_deadline == 0 && s.rate_limited == 1), "{flash_stats:?}");
+}
+
+/// The day of a per-day lockdown ends at midnight in Los Angeles, on the days the clocks change too:
+/// pro is refused a millisecond before and served at midnight; flash is served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_lockdown_of_one_model_ends_at_pacific_midnight_across_daylight_saving() {
+    // (when the quota runs out, UTC; the next Pacific midnight, UTC)
+    let days = [
+        ("2026-03-07T22:00:00Z", "2026-03-08T08:00:00Z"), // Saturday before spring forward: PST midnight
+        ("2026-03-08T20:00:00Z", "2026-03-09T07:00:00Z"), // the 23-hour day: PDT midnight
+        ("2026-10-31T20:00:00Z", "2026-11-01T07:00:00Z"), // Saturday before fall back: PDT midnight
+        ("2026-11-01T20:00:00Z", "2026-11-02T08:00:00Z"), // the 25-hour day: PST midnight
+    ];
+    let ms = |text: &str| chrono::DateTime::parse_from_rfc3339(text).expect("time").timestamp_millis();
+    for (spent, midnight) in days {
+        let mock = mock(1, HashMap::new()).await;
+        let sandbox = sandbox(1, "", &mock);
+        let clock = Arc::new(ManualClock::new(ms(spent)));
+        let options = CoordinatorOptions { clock: clock.clone(), ..sandbox.options() };
+        let jongler = connect(&sandbox, Some(options)).await;
+        assert_eq!(jongler.request("POST", PRO, "{}").await.expect("pro").status, 200);
+        jongler.request("POST", PRO, "{}").await.expect_err("pro's day is spent");
+        clock.set(ms(midnight) - 1);
+        jongler.request("POST", PRO, "{}").await.expect_err("still the same Pacific day");
+        assert_eq!(jongler.request("POST", FLASH, "{}").await.expect("flash").status, 200, "{spent}");
+        mock.reset_day();
+        clock.set(ms(midnight));
+        assert_eq!(jongler.request("POST", PRO, "{}").await.expect("a new day").status, 200, "{spent}");
+        assert_eq!(seen(&mock, "gemini-2.5-pro"), (3, 2, 1, 0), "{spent}");
+    }
+}
+
+/// Hint-less 429s escalate per (key, model): three for flash lock it 60, 120, then 240 s; pro's first
+/// is 60 s whatever flash went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hintless_lockdowns_escalate_per_model() {
+    let config = MockConfig {
+        bare_429_models: ["gemini-2.5-flash", "gemini-2.5-pro"].map(str::to_owned).into_iter().collect(),
+        latency: Duration::ZERO,
+        ..MockConfig::default()
+    };
+    let mock = MockUpstream::start(config).await.expect("mock");
+    let sandbox = sandbox(1, "", &mock);
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let options = CoordinatorOptions { clock: clock.clone(), ..sandbox.options() };
+    let jongler = connect(&sandbox, Some(options)).await;
+    let lockdown_of = |model: &str| {
+        let store = jongler.coordinator().store();
+        let lockdowns = store.lockdowns(Some(GEMINI)).expect("lockdowns");
+        let found = lockdowns.into_iter().find(|l| l.model == model && l.scope == "key:key0").expect("lockdown");
+        ((found.until - clock.now_ms()) / 1000, found.strikes)
+    };
+    for (round, expected) in [(1, 60), (2, 120), (3, 240)] {
+        jongler.request("POST", FLASH, "{}").await.expect_err("bare 429");
+        assert_eq!(lockdown_of("gemini-2.5-flash"), (expected, round));
+        clock.advance(expected * 1000);
+    }
+    jongler.request("POST", PRO, "{}").await.expect_err("bare 429");
+    assert_eq!(lockdown_of("gemini-2.5-pro"), (60, 1), "pro's strikes are its own");
+    let (_, per_key) = mock.stats();
+    assert_eq!(per_key.values().map(|s| s.before_deadline).sum::<u64>(), 0);
+}
