@@ -144,3 +144,46 @@ fn a_database_of_schema_2_is_adopted_stamped_and_migrated() {
         .expect("read");
     assert_eq!((version, id), (api_jongler::store::SCHEMA_VERSION, api_jongler::store::APPLICATION_ID));
 }
+
+/// Migration 4 turns a key lockdown of schema 3 into a lockdown of every model of the key's scope,
+/// keeps every history row, and the key stays out of claims until its deadline.
+#[test]
+fn migration_4_turns_key_lockdowns_into_whole_scope_ones_and_keeps_the_history() {
+    let sandbox = Sandbox::new("c", 1);
+    std::fs::create_dir_all(sandbox.db.parent().expect("parent")).expect("mkdir");
+    let until = 4_102_444_800_000_i64; // 2100-01-01: far ahead of any test run
+    {
+        let connection = rusqlite::Connection::open(&sandbox.db).expect("create");
+        for migration in [
+            include_str!("../migrations/0001_initial.sql"),
+            include_str!("../migrations/0002_requests.sql"),
+            include_str!("../migrations/0003_liveness.sql"),
+        ] {
+            connection.execute_batch(migration).expect("migration");
+        }
+        connection
+            .execute_batch(&format!(
+                "PRAGMA user_version = 3;
+                 INSERT INTO keys (connector, key_name, fingerprint, state, lockdown_until, reason, http_status,
+                                   lockdown_count, last_used_at, created_at)
+                 VALUES ('c', 'key0', 'fp', 'lockdown', {until}, '429 daily quota', 429, 2, 5, 1);
+                 INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason)
+                 VALUES (2, 'c', 'key0', 'fp', 'locked', 'lockdown', '429 daily quota');"
+            ))
+            .expect("a schema-3 pool with a key in lockdown");
+    }
+    let coordinator = open(&sandbox.db).expect("migrated");
+    let store = coordinator.store();
+    let lockdowns = store.lockdowns(Some("c")).expect("lockdowns");
+    assert_eq!(lockdowns.len(), 1, "{lockdowns:?}");
+    let lockdown = &lockdowns[0];
+    assert_eq!(
+        (lockdown.scope.as_str(), lockdown.model.as_str(), lockdown.until, lockdown.strikes),
+        ("key:key0", "*", until, 2)
+    );
+    assert_eq!(lockdown.reason, "429 daily quota");
+    let history = store.history(&api_jongler::store::HistoryQuery::default()).expect("history");
+    assert_eq!(history.len(), 1, "kept: {history:?}");
+    let key = &store.keys(Some("c")).expect("keys")[0];
+    assert_eq!((key.quota_scope.as_str(), key.quota_group.as_deref()), ("key:key0", None));
+}
