@@ -4,7 +4,8 @@
 //! `APIJONGLER_CONNECTORS` may add connectors or override shipped ones: a file there defines the
 //! connector named by its `name` field (or, without one, by its file name) and wins over an embedded
 //! connector of the same name. The JSON fields are the seed's (`name`, `host`, `port`, `protocol`,
-//! `format`, `requires_api_key`, `api_key_header`, `api_key_prefix`) plus `base_path` and `policy`;
+//! `format`, `requires_api_key`, `api_key_header`, `api_key_prefix`) plus `base_path`, `policy` and
+//! `model` (where a request names its model, see [`crate::model`]; without it, no request names one);
 //! unknown fields (the seed's `default_model`, say) are ignored.
 //!
 //! A definition is checked when it is loaded, so that a mistake is a configuration error naming the
@@ -12,7 +13,7 @@
 //! `host` is a bare host name or IP address, `port` is not 0, `base_path` is empty or starts with `/`,
 //! `api_key_header` is a valid HTTP header name, `api_key_prefix` a valid header value (so prefix and
 //! secret, itself checked by the keyring, always make a valid header), `policy.timeout_secs` a positive
-//! number. Two files of the user's directory that define the same connector are an error, not a
+//! number, `model` a rule that can match (see [`ModelRule`]). Two files of the user's directory that define the same connector are an error, not a
 //! silent winner. `APIJONGLER_TIMEOUT` is checked at load too, since every timeout falls back on it.
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::model::{self, ModelRule};
 
 /// The environment variable naming the directory of user connector files.
 pub const CONNECTORS_ENV: &str = "APIJONGLER_CONNECTORS";
@@ -167,6 +169,9 @@ pub struct Connector {
     /// How answers are read and retried.
     #[serde(default)]
     pub policy: Policy,
+    /// Where a request names its model (default: nowhere, so no request names one).
+    #[serde(default)]
+    pub model: ModelRule,
     /// Where this definition came from.
     #[serde(skip, default = "embedded")]
     pub origin: Origin,
@@ -204,6 +209,12 @@ impl Connector {
     /// The content type request bodies are sent with.
     pub fn content_type(&self) -> &'static str {
         if self.format.eq_ignore_ascii_case("json") { "application/json" } else { "application/xml" }
+    }
+
+    /// The model a request to `path_and_query` (the endpoint, without `base_path`) with `body` names,
+    /// by this connector's `model` rule; `None` when it names none (see [`crate::model`]).
+    pub fn model_of(&self, path_and_query: &str, body: &[u8]) -> Option<String> {
+        model::requested_model(&self.model, path_and_query, body)
     }
 
     fn parse(text: &str, path: &Path, origin: Origin) -> Result<Self> {
@@ -272,7 +283,7 @@ impl Connector {
         {
             return Err(("policy.timeout_secs", format!("must be a positive number of seconds, not {seconds}")));
         }
-        Ok(())
+        self.model.check()
     }
 }
 
@@ -362,6 +373,45 @@ mod tests {
     }
 
     #[test]
+    fn shipped_connectors_know_where_requests_name_their_model() {
+        let connectors = Connectors::load(None).expect("embedded connectors parse");
+        let model_of =
+            |name: &str, path: &str, body: &str| connectors.get(name).expect(name).model_of(path, body.as_bytes());
+        let chat = r#"{"model": "models/gemini-2.0-flash", "messages": []}"#;
+        let gemini = "generativelanguage.googleapis.com";
+        assert_eq!(
+            model_of(gemini, "/v1beta/models/gemini-2.5-flash:generateContent", "{}").as_deref(),
+            Some("gemini-2.5-flash")
+        );
+        assert_eq!(model_of(gemini, "/v1beta/tunedModels/t-1:generateContent", "{}").as_deref(), Some("t-1"));
+        assert_eq!(model_of(gemini, "/v1beta/openai/chat/completions", chat).as_deref(), Some("gemini-2.0-flash"));
+        assert_eq!(model_of(gemini, "/v1beta/models", "").as_deref(), None);
+        for hf in ["router.huggingface.co", "api-inference.huggingface.co"] {
+            assert_eq!(
+                model_of(hf, "/models/google/gemma-2-9b-it", "{}").as_deref(),
+                Some("google/gemma-2-9b-it"),
+                "{hf}"
+            );
+            let chat = r#"{"model": "meta-llama/Llama-3.1-8B-Instruct:novita"}"#;
+            let expected = Some("meta-llama/Llama-3.1-8B-Instruct:novita");
+            assert_eq!(model_of(hf, "/v1/chat/completions", chat).as_deref(), expected, "{hf}");
+        }
+        assert_eq!(model_of("httpbin.org", "/models/a:b", r#"{"model": "m"}"#), None, "no `model` field: no model");
+    }
+
+    #[test]
+    fn a_user_file_without_a_model_rule_names_no_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seed = r#"{"name": "generativelanguage.googleapis.com", "host": "generativelanguage.googleapis.com",
+            "api_key_header": "x-goog-api-key", "default_model": "gemini-pro"}"#;
+        std::fs::write(dir.path().join("gemini.json"), seed).expect("write");
+        let connectors = Connectors::load(Some(dir.path())).expect("load");
+        let gemini = connectors.get("generativelanguage.googleapis.com").expect("overridden");
+        assert_eq!(gemini.model, ModelRule::default());
+        assert_eq!(gemini.model_of("/v1beta/models/gemini-2.5-flash:generateContent", b"{}"), None);
+    }
+
+    #[test]
     fn ports_follow_the_protocol() {
         let parse = |json: &str| Connector::parse(json, Path::new("x.json"), Origin::Embedded).expect("valid");
         assert_eq!(parse(r#"{"host": "h", "protocol": "http"}"#).base_url(), "http://h");
@@ -423,6 +473,13 @@ mod tests {
             (r#"{"host": "h", "policy": {"timeout_secs": 0}}"#, "`policy.timeout_secs` must be a positive number"),
             (r#"{"host": "h", "policy": {"timeout_secs": -2.5}}"#, "`policy.timeout_secs` must be a positive number"),
             (r#"{"host": "h", "policy": {"timeout_secs": 1e300}}"#, "`policy.timeout_secs` must be a positive number"),
+            (r#"{"host": "h", "model": {"path_markers": ["models/"]}}"#, "`model.path_markers` holds \"models/\""),
+            (r#"{"host": "h", "model": {"path_markers": [""]}}"#, "`model.path_markers` holds \"\""),
+            (
+                r#"{"host": "h", "model": {"path_markers": ["models"], "path_segments": 0}}"#,
+                "`model.path_segments` is 0",
+            ),
+            (r#"{"host": "h", "model": {"body_field": ""}}"#, "`model.body_field` is empty"),
         ];
         for (json, expected) in cases {
             let message = problem(json).unwrap_or_else(|| panic!("accepted: {json}"));
@@ -433,6 +490,9 @@ mod tests {
             r#"{"host": "127.0.0.1", "protocol": "HTTP"}"#,
             r#"{"host": "[::1]", "api_key_header": "X-Api-Key", "api_key_prefix": "Token "}"#,
             r#"{"host": "Example.COM", "policy": {"timeout_secs": 0.5}}"#,
+            r#"{"host": "h", "model": {}}"#,
+            r#"{"host": "h", "model": {"body_field": "model"}}"#,
+            r#"{"host": "h", "model": {"path_markers": ["models", "tunedModels"], "path_segments": 2}}"#,
         ] {
             assert_eq!(problem(fine), None, "{fine}");
         }
@@ -510,5 +570,19 @@ mod tests {
         std::fs::write(dir.path().join("bad.json"), "{\n  \"host\": \"h\",\n  \"port\": \"eighty\"\n}").expect("write");
         let message = Connectors::load(Some(dir.path())).expect_err("malformed").to_string();
         assert!(message.contains("bad.json:3:"), "{message}");
+    }
+
+    #[test]
+    fn a_model_rule_of_the_wrong_shape_names_file_and_position() {
+        let cases = [
+            (r#"{"host": "h", "model": "gemini-pro"}"#, "an object such as {\"path_markers\""),
+            (r#"{"host": "h", "model": {"body": "model"}}"#, "unknown field `body`"),
+            (r#"{"host": "h", "model": {"path_markers": "models"}}"#, "invalid type"),
+            (r#"{"host": "h", "model": {"path_segments": -1}}"#, "invalid value"),
+        ];
+        for (json, expected) in cases {
+            let message = problem(json).unwrap_or_else(|| panic!("accepted: {json}"));
+            assert!(message.starts_with("/conf/mine.json:1:") && message.contains(expected), "{json}: {message}");
+        }
     }
 }

@@ -51,6 +51,7 @@ mod jongler;
 pub mod keyring;
 mod lease;
 pub mod mock;
+pub mod model;
 mod reaper;
 pub mod store;
 
