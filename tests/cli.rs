@@ -231,6 +231,24 @@ async fn connectors_db_version_and_completions() {
     assert!(text(&output.stdout).contains("_apijongler"));
 }
 
+/// `worker` is plumbing for `bench` and the multi-process tests: help hides it, and so must the
+/// completions, which clap_complete fills with hidden subcommands too.
+#[test]
+fn the_hidden_worker_is_in_neither_help_nor_completions() {
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let names_worker = |line: &str| line.split(|c: char| !c.is_ascii_alphanumeric()).any(|word| word == "worker");
+    let shells = ["bash", "zsh", "fish", "elvish", "powershell"];
+    let completions = shells.map(|shell| vec!["completions", shell]);
+    for args in [vec!["help"], vec!["--help"]].into_iter().chain(completions) {
+        let output = sandbox.apijongler().args(&args).output().expect("run apijongler");
+        assert_exit(&output, 0);
+        let stdout = text(&output.stdout);
+        assert!(stdout.contains("bench"), "{args:?} lists the visible subcommands: {stdout}");
+        let offending: Vec<&str> = stdout.lines().filter(|line| names_worker(line)).collect();
+        assert!(offending.is_empty(), "{args:?} offers `worker`:\n{}", offending.join("\n"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_and_its_summary_matches_the_history_it_wrote() {
     let sandbox = Sandbox::new(GEMINI, 1);

@@ -198,13 +198,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Command::Db(db)) => db::run(global, &db),
         Some(Command::Demo(demo)) => demo::run(global, &demo),
         Some(Command::Completions { shell }) => {
-            clap_complete::generate(shell, &mut Args::command(), "apijongler", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut completion_command(), "apijongler", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Bench(bench)) => bench::run(global, &bench),
         Some(Command::Worker(worker)) => worker::run(global, &worker),
         None => request::run(global, &args.request),
     }
+}
+
+/// The command line as `completions` describes it: without the hidden subcommands (`worker`), which
+/// clap_complete would offer (it leaves out hidden values only). clap cannot remove a subcommand, so
+/// the root is put back together from `Args`'s own arguments and its visible subcommands; the scripts
+/// differ from those of `Args::command()` by the hidden subcommands alone.
+fn completion_command() -> clap::Command {
+    use clap::builder::Resettable;
+    let full = Args::command();
+    clap::Command::new("apijongler")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(Resettable::from(full.get_about().cloned()))
+        .long_about(Resettable::from(full.get_long_about().cloned()))
+        .args(full.get_arguments().cloned())
+        .groups(full.get_groups().cloned())
+        .subcommands(full.get_subcommands().filter(|command| !command.is_hide_set()).cloned())
 }
 
 /// Logs go to stderr. `APIJONGLER_LOG` (a tracing filter) wins over `--log-level`, which wins over

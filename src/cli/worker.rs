@@ -48,6 +48,9 @@ pub struct WorkerArgs {
     stale_ms: u64,
     #[arg(long, default_value_t = 1_000)]
     reap_ms: u64,
+    /// Claim keys for this model (keys locked down for it are skipped).
+    #[arg(long)]
+    model: Option<String>,
     /// Print a line for every claim.
     #[arg(long)]
     report: bool,
@@ -139,7 +142,8 @@ pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut lost = false;
     while args.cycles.is_none_or(|limit| cycles < limit) && end.is_none_or(|end| Instant::now() < end) {
         let asked = Instant::now();
-        let lease = coordinator.claim(&args.connector, &[], Duration::from_millis(args.wait_ms))?;
+        let wait = Duration::from_millis(args.wait_ms);
+        let lease = coordinator.claim_for(&args.connector, args.model.as_deref(), &[], wait)?;
         if args.latencies {
             latencies.push(asked.elapsed().as_micros());
         }

@@ -12,6 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use api_jongler::store::{Fate, Lockdown};
 use api_jongler::{Clock, Coordinator, CoordinatorOptions, Keyring, SystemClock};
 
 use super::percentile;
@@ -31,6 +32,30 @@ pub struct KeysArgs {
     /// Rounds per process count; each measures the reference, then every key count.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Key counts also measured with `--locked-percent` of their keys locked down for the model the
+    /// workers claim for (rows marked `*`).
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    locked_keys: Vec<u32>,
+    /// The share of keys locked down for the model in the `*` rows.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
+    locked_percent: u32,
+}
+
+/// The model every bench worker claims for, so that the rows with and without lockdowns run the same
+/// claim statement.
+const MODEL: &str = "gemini-2.5-pro";
+
+/// One pool to measure: its key count and how many of its keys are locked down for [`MODEL`].
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    keys: u32,
+    locked: u32,
+}
+
+impl Pool {
+    fn label(self) -> String {
+        if self.locked == 0 { self.keys.to_string() } else { format!("{}*", self.keys) }
+    }
 }
 
 /// What one configuration measured in one round.
@@ -78,12 +103,25 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 
 pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let duration = Duration::from_secs_f64(args.seconds);
+    let pools: Vec<Pool> = args
+        .keys
+        .iter()
+        .map(|&keys| Pool { keys, locked: 0 })
+        .chain(args.locked_keys.iter().map(|&keys| Pool { keys, locked: keys * args.locked_percent / 100 }))
+        .collect();
     let mut report = String::new();
     writeln!(
         report,
         "apijongler bench keys: claim+release cycles, {} s per configuration, median of {} rounds",
         args.seconds, args.rounds
     )?;
+    if !args.locked_keys.is_empty() {
+        writeln!(
+            report,
+            "(K* rows: {} % of the K keys locked down for {MODEL}, the model every worker claims for)",
+            args.locked_percent
+        )?;
+    }
     writeln!(
         report,
         "{:>4} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9}",
@@ -98,16 +136,16 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     progress(&report);
     for &processes in &args.processes {
         let mut raw = Vec::new();
-        let mut by_keys: Vec<Vec<Measured>> = args.keys.iter().map(|_| Vec::new()).collect();
+        let mut by_pool: Vec<Vec<Measured>> = pools.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
             raw.push(measure(processes, None, duration)?);
-            for (rounds, &keys) in by_keys.iter_mut().zip(&args.keys) {
-                rounds.push(measure(processes, Some(keys), duration)?);
+            for (rounds, &pool) in by_pool.iter_mut().zip(&pools) {
+                rounds.push(measure(processes, Some(pool), duration)?);
             }
         }
         let mut lines = row(processes, "raw", &Summary::of(&raw, None));
-        for (rounds, &keys) in by_keys.iter().zip(&args.keys) {
-            lines.push_str(&row(processes, &keys.to_string(), &Summary::of(rounds, Some(&raw))));
+        for (rounds, &pool) in by_pool.iter().zip(&pools) {
+            lines.push_str(&row(processes, &pool.label(), &Summary::of(rounds, Some(&raw))));
         }
         progress(&lines);
         report.push_str(&lines);
@@ -128,25 +166,25 @@ fn row(processes: u32, keys: &str, summary: &Summary) -> String {
     )
 }
 
-/// Runs `processes` workers for `duration` on a fresh database with `keys` keys (`None`: the raw
+/// Runs `processes` workers for `duration` on a fresh database with `pool` (`None`: the raw
 /// reference, on 64 rows).
-fn measure(processes: u32, keys: Option<u32>, duration: Duration) -> anyhow::Result<Measured> {
+fn measure(processes: u32, pool: Option<Pool>, duration: Duration) -> anyhow::Result<Measured> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
-    prepare(dir.path(), &db, keys.unwrap_or(64))?;
+    prepare(dir.path(), &db, pool.unwrap_or(Pool { keys: 64, locked: 0 }))?;
     let exe = std::env::current_exe()?;
     let start_at = SystemClock.now_ms() + 500 + i64::from(processes) * 30;
     let children = (0..processes)
         .map(|_| {
             let mut command = Command::new(&exe);
             command
-                .args(["--quiet", "worker", "--latencies"])
+                .args(["--quiet", "worker", "--latencies", "--model", MODEL])
                 .arg("--db")
                 .arg(&db)
                 .args(["--start-at-ms", &start_at.to_string(), "--duration-ms", &duration.as_millis().to_string()])
                 .env_remove("APIJONGLER_CONFIG")
                 .stdout(Stdio::piped());
-            if keys.is_none() {
+            if pool.is_none() {
                 command.arg("--raw");
             }
             command.spawn().context("spawning a bench worker")
@@ -173,14 +211,25 @@ fn measure(processes: u32, keys: Option<u32>, duration: Duration) -> anyhow::Res
     Ok(Measured { cycles_per_second: cycles as f64 / duration.as_secs_f64(), latencies_us: latencies })
 }
 
-/// A keyring of `keys` fake keys in connector `bench`, synced into a fresh database.
-fn prepare(dir: &Path, db: &Path, keys: u32) -> anyhow::Result<()> {
+/// A keyring of `pool.keys` fake keys in connector `bench`, synced into a fresh database, and the
+/// `pool.locked` least recently used of them locked down for [`MODEL`] for an hour, each as a 429
+/// would (so their place in the claim order is the one such a lockdown gives them).
+fn prepare(dir: &Path, db: &Path, pool: Pool) -> anyhow::Result<()> {
     let mut ini = String::from("[bench]\n");
-    for index in 0..keys {
+    for index in 0..pool.keys {
         writeln!(ini, "key{index:05} = fake-bench-secret-{index}")?;
     }
     let keyring = Keyring::parse(&dir.join("bench.ini"), &ini)?;
     let coordinator = Coordinator::open(CoordinatorOptions { db_path: Some(db.to_owned()), ..Default::default() })?;
     coordinator.sync(&keyring)?;
+    let until = SystemClock.now_ms() + 3_600_000;
+    for _ in 0..pool.locked {
+        let lease = coordinator.claim_for("bench", Some(MODEL), &[], Duration::ZERO)?;
+        let lockdown = Lockdown {
+            models: vec![MODEL.to_owned()],
+            ..Lockdown::whole_key(until, "bench: per-day quota of the model", Some(429))
+        };
+        lease.finish(&Fate::Lockdown(lockdown), None)?;
+    }
     Ok(())
 }
