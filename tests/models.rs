@@ -222,3 +222,37 @@ async fn hintless_lockdowns_escalate_per_model() {
     let (_, per_key) = mock.stats();
     assert_eq!(per_key.values().map(|s| s.before_deadline).sum::<u64>(), 0);
 }
+
+/// A new secret is a new key: the lockdowns of the old key alone are lifted, its group's stay.
+#[test]
+fn a_new_secret_lifts_the_lockdowns_of_the_old_key_alone() {
+    use api_jongler::store::{Fate, Lockdown, Reach};
+    let sandbox = Sandbox::with_keyring(&format!(
+        "[{GEMINI}]\nkey0 = {}\nkey1 = {}\n[{GEMINI} groups]\nkey1 = team\n",
+        secret(0),
+        secret(1)
+    ));
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let until = coordinator.now_ms() + 3_600_000;
+    for key in ["key0", "key1"] {
+        let lease = coordinator.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], Duration::ZERO).expect("claim");
+        assert_eq!(lease.key_name(), key);
+        let reach = if key == "key0" { Reach::Key } else { Reach::Group };
+        let lockdown = Lockdown {
+            models: vec!["gemini-2.5-pro".to_owned()],
+            reach,
+            ..Lockdown::whole_key(until, "429", Some(429))
+        };
+        lease.finish(&Fate::Lockdown(lockdown), None).expect("lockdown");
+    }
+    coordinator.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], Duration::ZERO).expect_err("both locked for pro");
+    let renewed =
+        format!("[{GEMINI}]\nkey0 = fake-new-secret-0\nkey1 = fake-new-secret-1\n[{GEMINI} groups]\nkey1 = team\n");
+    std::fs::write(&sandbox.keyring, renewed).expect("write keyring");
+    coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    let scopes: Vec<String> =
+        coordinator.store().lockdowns(Some(GEMINI)).expect("lockdowns").into_iter().map(|l| l.scope).collect();
+    assert_eq!(scopes, ["group:team"], "the group's lockdown stays");
+    let lease = coordinator.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], Duration::ZERO).expect("key0 is new");
+    assert_eq!(lease.key_name(), "key0");
+}

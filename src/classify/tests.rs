@@ -209,7 +209,8 @@ fn a_lockdown_is_as_wide_as_the_quota_that_ran_out() {
     let midnight = next_pacific_midnight(NOW);
     let day = 86_400_000;
     let models = |names: &[&str]| names.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>();
-    let cases: [(u16, &str, Option<&str>, Reach, Vec<String>, i64); 12] = [
+    type Case<'a> = (u16, &'a str, Option<&'a str>, Reach, Vec<String>, i64);
+    let cases: [Case<'_>; 12] = [
         // The quota names its model: that model of the group, whatever was asked.
         (429, DAY_FOR_PRO, Some("gemini-2.5-pro"), Reach::Group, models(&["gemini-2.5-pro"]), midnight),
         (429, GEMINI_429_MINUTE, Some("gemini-2.5-flash"), Reach::Group, models(&["gemini-2.5-flash"]), NOW + 26_000),

@@ -183,6 +183,10 @@ pub(super) fn apply_sync(
         }
         let (after, scope): (String, String) =
             change.query_row(params![connector, name, fingerprint(id)], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        // A new secret is a new key: the lockdowns of the old one alone go (its group's stay).
+        transaction
+            .prepare_cached("DELETE FROM lockdowns WHERE connector = ?1 AND scope = 'key:' || ?2")?
+            .execute(params![connector, name])?;
         let key = (connector.as_str(), name.as_str(), fingerprint(id));
         let transition = NewTransition::new(key, Some(&before), &after, "secret changed in the keyring");
         note(NewTransition { quota_scope: Some(&scope), ..transition })?;

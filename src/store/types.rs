@@ -59,7 +59,8 @@ pub struct KeySpec<'a> {
 pub struct SyncReport {
     /// Keys new to the database, inserted vacant.
     pub added: Vec<(String, String)>,
-    /// Keys whose secret changed; an error or lockdown of the old secret was lifted.
+    /// Keys whose secret changed (an error or lockdown of the old secret, and the lockdowns of that key
+    /// alone, were lifted), or whose quota group alone changed.
     pub changed: Vec<(String, String)>,
     /// Keys that left the keyring: never claimed again.
     pub retired: Vec<(String, String)>,
