@@ -389,3 +389,192 @@ async fn the_sync_benchmark_runs() {
     let table = text(&output.stdout);
     assert!(table.lines().count() == 4 && table.contains("\n     200 "), "{table}");
 }
+
+/// The recipes `apijongler db` prints, as (title, statement): each block of its output that starts with
+/// a `-- ` line.
+fn recipes(db_output: &str) -> Vec<(String, String)> {
+    db_output
+        .split("\n\n")
+        .filter_map(|block| {
+            let (title, sql) = block.trim().split_once('\n')?;
+            Some((title.strip_prefix("-- ")?.to_owned(), sql.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// Issue 8: a key's lockdowns are per model and per quota group. Keys key0 and key1 share group
+/// my-project; gemini-2.5-pro is locked down for the group until the Pacific midnight, and key0 alone is
+/// locked down for every model. `status`, `why`, `history` and the `db` recipes must all say so, and
+/// `why` must agree with what the claim itself does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockdowns_by_model_and_group_in_status_why_history_and_db() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = sandbox(2, mock.port());
+    for _ in 0..2 {
+        assert_exit(&run(&sandbox, &[GEMINI, "POST", ENDPOINT, "{}"]).await, 0);
+    }
+    // The groups and lockdowns go in after the requests, whose keyring sync would redo the groups.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let midnight = api_jongler::classify::next_pacific_midnight(now);
+    let daily = "GenerateRequestsPerDayPerProjectPerModel-FreeTier";
+    let connection = sandbox.sql();
+    connection
+        .execute_batch(
+            "UPDATE keys SET quota_group = 'my-project';
+             UPDATE keys SET project_learned = CASE key_name WHEN 'key0' THEN '111' ELSE '222' END;",
+        )
+        .expect("groups");
+    let mut insert = connection
+        .prepare(
+            "INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 429, 'key0', ?7)",
+        )
+        .expect("prepare");
+    for (scope, model, until, quota) in [
+        ("group:my-project", "gemini-2.5-pro", midnight, Some(daily)),
+        ("key:key0", "*", now + 600_000, None),
+        ("group:my-project", "gemini-2.0-flash", now - 1_000, None),
+    ] {
+        let reason = format!("429 test lockdown of {model}");
+        insert.execute(rusqlite::params![GEMINI, scope, model, until, quota, reason, now - 60_000]).expect("insert");
+    }
+    drop(insert);
+    drop(connection);
+
+    // status --json: each key's lockdowns in force, by model, with its group.
+    let output = run(&sandbox, &["status", GEMINI, "--json"]).await;
+    assert_exit(&output, 0);
+    let rows = json(&output);
+    let key = |name: &str| rows.as_array().expect("array").iter().find(|row| row["key"] == name).cloned().expect(name);
+    let key1 = key("key1");
+    assert_eq!(
+        (key1["quota_group"].as_str(), key1["quota_scope"].as_str()),
+        (Some("my-project"), Some("group:my-project"))
+    );
+    assert_eq!(key1["project_learned"], "222");
+    assert_eq!(key1["state"], "vacant", "a lockdown of one model leaves the key's state alone");
+    let models = |row: &Value| -> Vec<String> {
+        row["lockdowns"]
+            .as_array()
+            .expect("lockdowns")
+            .iter()
+            .map(|l| l["model"].as_str().expect("model").to_owned())
+            .collect()
+    };
+    assert_eq!(models(&key1), ["gemini-2.5-pro"], "only lockdowns in force: {key1}");
+    let pro = &key1["lockdowns"][0];
+    assert_eq!((pro["until"].as_i64(), pro["quota_id"].as_str()), (Some(midnight), Some(daily)));
+    assert_eq!(
+        (pro["scope"].as_str(), pro["set_by_key"].as_str(), pro["http_status"].as_u64()),
+        (Some("group:my-project"), Some("key0"), Some(429))
+    );
+    assert_eq!(models(&key("key0")), ["*", "gemini-2.5-pro"], "its own lockdowns and its group's");
+
+    // The table: group, models with deadlines, each lockdown's reason once; the conflicting projects warned of.
+    let output = run(&sandbox, &["status", GEMINI]).await;
+    assert_exit(&output, 0);
+    let table = text(&output.stdout);
+    let row = |key: &str| table.lines().find(|line| line.contains(&format!(" {key} "))).unwrap_or_default();
+    assert!(row("key1").contains(" my-project ") && row("key1").contains("gemini-2.5-pro until 00:00 PT"), "{table}");
+    assert!(table.contains("every model until") && table.contains("429 test lockdown of gemini-2.5-pro"), "{table}");
+    assert!(!table.contains("gemini-2.0-flash"), "an expired lockdown is not shown: {table}");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("group 'my-project'") && stderr.contains("may be wrong"), "{stderr}");
+
+    // why --model: locked for pro (the group's lockdown, until midnight), free for flash.
+    let output = run(&sandbox, &["why", GEMINI, "key1", "--model", "gemini-2.5-pro"]).await;
+    assert_exit(&output, 0);
+    let why = text(&output.stdout);
+    assert!(why.contains("gemini-2.5-pro is locked down for group my-project until 00:00 PT"), "{why}");
+    assert!(why.contains("set by key0's 429") && why.contains("quota group is my-project"), "{why}");
+    assert!(why.contains("A request for gemini-2.5-pro does not take key1 before 00:00 PT"), "{why}");
+    let output = run(&sandbox, &["why", GEMINI, "key1", "--model", "gemini-2.5-flash"]).await;
+    assert!(text(&output.stdout).contains("A request for gemini-2.5-flash takes key1 now"), "{}", text(&output.stdout));
+    let verdict = |key: &'static str, model: Option<&'static str>| {
+        let sandbox = &sandbox;
+        async move {
+            let mut args = vec!["why", GEMINI, key, "--json"];
+            args.extend(model.iter().flat_map(|model| ["--model", model]));
+            let answer = json(&run(sandbox, &args).await);
+            (answer["claimable_now"].as_bool().expect("claimable_now"), answer["claimable_at"].as_i64())
+        }
+    };
+    let answer = json(&run(&sandbox, &["why", GEMINI, "key1", "--json"]).await);
+    assert_eq!(models(&answer), ["gemini-2.5-pro"], "only lockdowns in force: {answer}");
+    assert_eq!(verdict("key1", Some("gemini-2.5-pro")).await, (false, Some(midnight)));
+    assert!(verdict("key1", Some("gemini-2.5-flash")).await.0);
+    assert!(verdict("key1", None).await.0, "no lockdown of every model on key1");
+    assert_eq!(
+        verdict("key0", Some("gemini-2.5-flash")).await,
+        (false, Some(now + 600_000)),
+        "key0 alone: every model"
+    );
+    assert_eq!(verdict("key0", Some("gemini-2.5-pro")).await, (false, Some(midnight)), "the later of the two");
+    let output = run(&sandbox, &["why", GEMINI, "key0"]).await;
+    let why = text(&output.stdout);
+    assert!(why.contains("every model is locked down for this key alone"), "{why}");
+    assert!(why.contains("A request that names no model does not take key0 before"), "{why}");
+
+    // The claim agrees: no key for pro, key1 for flash.
+    let coordinator = api_jongler::Coordinator::open(sandbox.options()).expect("open");
+    let pro = coordinator.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], std::time::Duration::ZERO);
+    assert!(pro.is_err(), "both keys of the group are locked down for pro");
+    let flash = coordinator.claim_for(GEMINI, Some("gemini-2.5-flash"), &[], std::time::Duration::ZERO).expect("flash");
+    assert_eq!(flash.key_name(), "key1");
+    flash.release().expect("release");
+
+    // history: every row says which model and quota scope it was about.
+    let output = run(&sandbox, &["history", "--json"]).await;
+    assert_exit(&output, 0);
+    let history = json(&output);
+    let history = history.as_array().expect("array");
+    assert!(history.iter().all(|row| row.get("model").is_some() && row.get("quota_scope").is_some()), "{history:?}");
+    let claims: Vec<&Value> = history.iter().filter(|row| row["to"] == "locked").collect();
+    assert!(claims.len() >= 3 && claims.iter().all(|row| row["model"] == "gemini-2.5-flash"), "{claims:?}");
+    assert_eq!(claims[0]["quota_scope"], "group:my-project", "the claim through the group");
+    let table = text(&run(&sandbox, &["history"]).await.stdout);
+    assert!(table.contains("gemini-2.5-flash") && table.contains("group:my-project"), "{table}");
+
+    // db: every recipe runs; those about models and lockdowns find the rows above.
+    let output = run(&sandbox, &["db"]).await;
+    assert_exit(&output, 0);
+    let recipes = recipes(&text(&output.stdout));
+    assert!(recipes.len() >= 7, "{recipes:?}");
+    let connection = sandbox.sql();
+    let mut found = std::collections::HashMap::new();
+    for (title, sql) in &recipes {
+        let mut statement = connection.prepare(sql).unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
+        let columns = statement.column_count();
+        let rows: Vec<Vec<String>> = statement
+            .query_map([], |row| {
+                (0..columns)
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            rusqlite::types::ValueRef::Text(text) => String::from_utf8_lossy(text).into_owned(),
+                            other => format!("{other:?}"),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .and_then(Iterator::collect)
+            .unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
+        found.insert(title.clone(), rows);
+    }
+    let rows = |prefix: &str| -> &Vec<Vec<String>> {
+        found
+            .iter()
+            .find(|(title, _)| title.starts_with(prefix))
+            .map(|(_, rows)| rows)
+            .unwrap_or_else(|| panic!("{prefix}"))
+    };
+    let per_model = rows("Requests per key and model today");
+    assert!(per_model.iter().any(|row| row.iter().any(|cell| cell.contains("gemini-2.5-flash"))), "{per_model:?}");
+    assert_eq!(rows("Lockdowns in force").len(), 2, "the expired one is not in force");
+    assert_eq!(rows("The keys each lockdown in force stops").len(), 3, "pro for both keys, every model for key0");
+    assert!(rows("Keys locked down for every model").is_empty(), "no key's state is lockdown");
+    // The README lists the same recipes.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    for (title, sql) in &recipes {
+        assert!(readme.contains(&format!("-- {title}\n{sql}")), "README lacks the recipe '{title}'");
+    }
+}

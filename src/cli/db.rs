@@ -19,7 +19,23 @@ SELECT connector, key_name, count(*) AS requests, sum(outcome = 'success') AS ok
   FROM requests WHERE at >= strftime('%s', 'now', 'localtime', 'start of day', 'utc') * 1000
  GROUP BY connector, key_name;
 
--- Keys in lockdown, and until when
+-- Requests per key and model today (local time), and the quota scope they counted against
+SELECT connector, key_name, coalesce(model, '-') AS model, quota_scope, count(*) AS requests,
+       sum(outcome = 'success') AS ok, sum(outcome = 'rate limited') AS rate_limited
+  FROM requests WHERE at >= strftime('%s', 'now', 'localtime', 'start of day', 'utc') * 1000
+ GROUP BY connector, key_name, model, quota_scope ORDER BY connector, key_name, model;
+
+-- Lockdowns in force: which model ('*': every model) of which quota scope, until when, and why
+SELECT connector, scope, model, datetime(until / 1000, 'unixepoch', 'localtime') AS until, quota_id, reason,
+       set_by_key, datetime(set_at / 1000, 'unixepoch', 'localtime') AS set_at
+  FROM lockdowns WHERE until > strftime('%s', 'now') * 1000 ORDER BY connector, scope, model;
+
+-- The keys each lockdown in force stops (their group's lockdowns, and their own)
+SELECT k.connector, k.key_name, q.model, datetime(q.until / 1000, 'unixepoch', 'localtime') AS until, q.scope
+  FROM keys k JOIN lockdowns q ON q.connector = k.connector AND q.scope IN (k.quota_scope, 'key:' || k.key_name)
+ WHERE q.until > strftime('%s', 'now') * 1000 AND k.retired_at IS NULL ORDER BY k.connector, k.key_name, q.model;
+
+-- Keys locked down for every model, and until when
 SELECT connector, key_name, datetime(lockdown_until / 1000, 'unixepoch', 'localtime') AS until, reason
   FROM keys WHERE state = 'lockdown' AND lockdown_until > strftime('%s', 'now') * 1000;
 

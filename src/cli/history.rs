@@ -1,5 +1,6 @@
 //! `apijongler history [--connector C] [--key K] [--since 1h] [--limit N] [--json]`: transitions,
-//! newest first.
+//! newest first, each with the model it was about (a claim for a model, a lockdown of some models) and
+//! the quota scope it counted against.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -47,13 +48,26 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
                     "id": t.id, "at": t.at, "connector": t.connector, "key": t.key_name, "fingerprint": t.fingerprint,
                     "from": t.from_state, "to": t.to_state, "reason": t.reason, "http_status": t.http_status,
                     "holder_pid": t.holder_pid, "lease": t.lease, "lockdown_until": t.lockdown_until,
+                    "model": t.model, "quota_scope": t.quota_scope,
                 })
             })
             .collect();
         writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = output::table(&["time", "connector", "key", "from", "to", "reason", "status", "pid", "until"]);
+    let mut table = output::table(&[
+        "time",
+        "connector",
+        "key",
+        "from",
+        "to",
+        "model",
+        "scope",
+        "reason",
+        "status",
+        "pid",
+        "until",
+    ]);
     for t in &rows {
         table.add_row(vec![
             output::local_time(t.at),
@@ -61,6 +75,8 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
             t.key_name.clone(),
             t.from_state.clone().unwrap_or_else(|| "-".to_owned()),
             t.to_state.clone(),
+            t.model.clone().unwrap_or_default(),
+            t.quota_scope.clone().unwrap_or_default(),
             t.reason.clone(),
             t.http_status.map(|s| s.to_string()).unwrap_or_default(),
             t.holder_pid.map(|p| p.to_string()).unwrap_or_default(),

@@ -154,13 +154,13 @@ impl clap::Args for Global {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Keys per connector: state, holder, lockdown deadline, last reason, uses.
+    /// Keys per connector: quota group, state, holder, lockdowns by model, last reason, uses.
     Status(status::StatusArgs),
     /// Lockdown and error keys back to vacant, dead holders' locks freed (live ones kept unless --force).
     Cleanup(cleanup::CleanupArgs),
     /// The state transitions, newest first.
     History(history::HistoryArgs),
-    /// One key's state, explained.
+    /// One key's state and lockdowns, explained (--model: would a request for it take the key).
     Why(why::WhyArgs),
     /// The known connectors, where each comes from, and how its key is sent.
     Connectors,

@@ -1,6 +1,8 @@
 //! How times and tables look on the terminal.
 
-use chrono::{DateTime, Local};
+use api_jongler::store::LockdownRecord;
+use chrono::{DateTime, Local, Timelike};
+use chrono_tz::America::Los_Angeles;
 use comfy_table::{ContentArrangement, Table, presets};
 
 /// A unix-ms time in local time, to the second, with its offset.
@@ -15,6 +17,55 @@ pub fn clock_time(ms: i64) -> String {
     DateTime::from_timestamp_millis(ms)
         .map(|time| time.with_timezone(&Local).format("%H:%M:%S").to_string())
         .unwrap_or_else(|| ms.to_string())
+}
+
+/// A deadline as people read it: `00:00 PT (in 9 h)` for a Pacific midnight (when Gemini's daily quotas
+/// reset), the clock time within a day (`13:03:05 (in 42 s)`), else the full local time.
+pub fn deadline(until: i64, now: i64) -> String {
+    let Some(time) = DateTime::from_timestamp_millis(until) else { return until.to_string() };
+    let pacific = time.with_timezone(&Los_Angeles);
+    let midnight = pacific.num_seconds_from_midnight() == 0 && pacific.nanosecond() == 0;
+    let when = match (midnight, (until - now).abs() < 86_400_000) {
+        (true, true) => "00:00 PT".to_owned(),
+        (true, false) => pacific.format("%Y-%m-%d 00:00 PT").to_string(),
+        (false, true) => clock_time(until),
+        (false, false) => local_time(until),
+    };
+    format!("{when} ({})", relative(until, now))
+}
+
+/// A past moment: its clock time within the last 20 hours, else the full local time.
+pub fn moment(at: i64, now: i64) -> String {
+    if (0..72_000_000).contains(&(now - at)) { clock_time(at) } else { local_time(at) }
+}
+
+/// A quota scope as a phrase: `group my-project`, `project #411082643095 (learned)`, `key key1 alone`.
+pub fn scope(scope: &str) -> String {
+    match scope.split_once(':') {
+        Some(("group", name)) => format!("group {name}"),
+        Some(("project", number)) => format!("project #{number} (learned)"),
+        Some(("key", name)) => format!("key {name} alone"),
+        _ => scope.to_owned(),
+    }
+}
+
+/// A lockdown's model as a phrase: the model's name, or `every model`.
+pub fn model(lockdown: &LockdownRecord) -> &str {
+    if lockdown.is_every_model() { "every model" } else { &lockdown.model }
+}
+
+/// Why a lockdown was set: its reason, with the provider's quota when the reason does not name it.
+pub fn because(lockdown: &LockdownRecord) -> String {
+    match &lockdown.quota_id {
+        Some(quota) if !lockdown.reason.contains(quota.as_str()) => format!("{} [{quota}]", lockdown.reason),
+        _ => lockdown.reason.clone(),
+    }
+}
+
+/// Who set a lockdown and when: `key1's 429 at 13:02:05`.
+pub fn set_by(lockdown: &LockdownRecord, now: i64) -> String {
+    let answer = lockdown.http_status.map_or_else(|| "answer".to_owned(), |status| status.to_string());
+    format!("{}'s {answer} at {}", lockdown.set_by_key, moment(lockdown.set_at, now))
 }
 
 /// `in 42 s`, `3 min ago`, ... for `ms` relative to `now`.

@@ -1,15 +1,21 @@
-//! `apijongler status [CONNECTOR] [--json]`: every key, its state, holder, deadline, last reason, uses.
+//! `apijongler status [CONNECTOR] [--json]`: every key, its quota group, state, holder, lockdowns by
+//! model, last reason, uses.
+//!
+//! A key's lockdowns are those in force on its quota scope (its declared group, the project an answer
+//! revealed, or the key alone) and on the key alone: the rows a claim checks. The table lists each
+//! key's locked models with their deadlines, and below it each lockdown once, with its reason and the
+//! answer that set it (a group's lockdown is shared by all its keys).
 //!
 //! It writes nothing: the keyring, if one is configured, is compared with the database but not synced.
 //! Keys in the keyring and not yet in the database are shown in state `new`; a key whose secret
 //! changed, that left the keyring or came back to it carries that note. The next command that uses
 //! the keyring (a request, `cleanup`) applies it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::process::ExitCode;
 
-use api_jongler::store::KeyRecord;
+use api_jongler::store::{KeyRecord, LockdownRecord};
 use api_jongler::{KeyState, Keyring, holder::Liveness};
 use serde_json::json;
 
@@ -36,11 +42,18 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let coordinator = open(global)?;
     let now = coordinator.now_ms();
     let keys: Vec<KeyRecord> = coordinator.store().keys(args.connector.as_deref())?;
+    let lockdowns: Vec<LockdownRecord> =
+        coordinator.store().lockdowns(args.connector.as_deref())?.into_iter().filter(|l| l.until > now).collect();
     let keyring = keyring_to_compare(global);
     let lines = lines(&keys, keyring.as_ref(), args.connector.as_deref());
+    if !global.quiet {
+        for warning in group_warnings(&keys) {
+            eprintln!("apijongler: warning: {warning}");
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     if global.json {
-        let rows: Vec<_> = lines.iter().map(|line| as_json(line, now)).collect();
+        let rows: Vec<_> = lines.iter().map(|line| as_json(line, &lockdowns, now)).collect();
         writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -57,9 +70,10 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         "connector",
         "key",
         "fingerprint",
+        "group",
         "state",
         "holder",
-        "lockdown until",
+        "lockdowns",
         "last reason",
         "uses",
         "last used",
@@ -74,19 +88,17 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 key.connector.clone(),
                 key.key_name.clone(),
                 key.fingerprint.clone(),
+                group(key),
                 state_label(key, now),
                 holder(key, now),
-                key.lockdown_until
-                    .filter(|_| key.state == KeyState::Lockdown)
-                    .map(|until| format!("{} ({})", output::local_time(until), output::relative(until, now)))
-                    .unwrap_or_default(),
+                lockdown_cell(key, &in_force_on(key, &lockdowns, now), now),
                 reason(key),
                 key.uses.to_string(),
                 if key.last_used_at > 0 { output::relative(key.last_used_at, now) } else { "never".to_owned() },
             ],
             None => {
                 let mut row = vec![line.connector.to_owned(), line.key_name.to_owned(), line.fingerprint.to_owned()];
-                row.extend(["new", "", "", "", "0", "never"].map(str::to_owned));
+                row.extend(["", "new", "", "", "", "0", "never"].map(str::to_owned));
                 row
             }
         };
@@ -96,6 +108,26 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         table.add_row(row);
     }
     writeln!(stdout, "{table}")?;
+    let shown: HashSet<&str> = lines.iter().map(|line| line.connector).collect();
+    let explained: Vec<&LockdownRecord> = lockdowns.iter().filter(|l| shown.contains(l.connector.as_str())).collect();
+    if !explained.is_empty() {
+        writeln!(
+            stdout,
+            "Lockdowns in force (keys skip them for that model; `apijongler why CONNECTOR KEY` explains one key):"
+        )?;
+        for lockdown in explained {
+            writeln!(
+                stdout,
+                "  {} {}: {} until {}, set by {}: {}",
+                lockdown.connector,
+                output::scope(&lockdown.scope),
+                output::model(lockdown),
+                output::deadline(lockdown.until, now),
+                output::set_by(lockdown, now),
+                output::because(lockdown)
+            )?;
+        }
+    }
     if let Some(keyring) = keyring.as_ref().filter(|_| lines.iter().any(|line| line.keyring.is_some())) {
         writeln!(
             stdout,
@@ -151,6 +183,74 @@ fn lines<'a>(keys: &'a [KeyRecord], keyring: Option<&'a Keyring>, only: Option<&
     lines
 }
 
+/// The lockdowns in force on `key`: those of its quota scope and those of the key alone (the rows a
+/// claim checks), every-model ones first, then by model.
+pub(super) fn in_force_on<'a>(key: &KeyRecord, lockdowns: &'a [LockdownRecord], now: i64) -> Vec<&'a LockdownRecord> {
+    let alone = format!("key:{}", key.key_name);
+    let mut mine: Vec<&LockdownRecord> = lockdowns
+        .iter()
+        .filter(|l| l.connector == key.connector && (l.scope == key.quota_scope || l.scope == alone) && l.until > now)
+        .collect();
+    mine.sort_by(|a, b| (!a.is_every_model(), &a.model, &a.scope).cmp(&(!b.is_every_model(), &b.model, &b.scope)));
+    mine
+}
+
+/// A lockdown in `--json` output.
+pub(super) fn lockdown_json(l: &LockdownRecord) -> serde_json::Value {
+    json!({
+        "model": l.model, "until": l.until, "quota_id": l.quota_id, "reason": l.reason, "http_status": l.http_status,
+        "set_by_key": l.set_by_key, "set_at": l.set_at, "scope": l.scope, "strikes": l.strikes,
+    })
+}
+
+/// The key's quota group: the keyring's label, else the project an answer revealed, else nothing (the
+/// key is a group of its own).
+fn group(key: &KeyRecord) -> String {
+    match (&key.quota_group, &key.project_learned) {
+        (Some(group), _) => group.clone(),
+        (None, Some(project)) => format!("#{project} (learned)"),
+        (None, None) => String::new(),
+    }
+}
+
+/// One line per locked model: `gemini-2.5-pro until 00:00 PT (in 9 h)`. A key in lockdown whose every-model
+/// row is gone (a database from before per-model lockdowns) still shows its deadline.
+fn lockdown_cell(key: &KeyRecord, mine: &[&LockdownRecord], now: i64) -> String {
+    let mut lines: Vec<String> =
+        mine.iter().map(|l| format!("{} until {}", output::model(l), output::deadline(l.until, now))).collect();
+    if let Some(until) = key.lockdown_until.filter(|until| key.state == KeyState::Lockdown && *until > now)
+        && !mine.iter().any(|l| l.is_every_model())
+    {
+        lines.insert(0, format!("every model until {}", output::deadline(until, now)));
+    }
+    lines.join("\n")
+}
+
+/// Keys the keyring puts in one group, yet whose answers revealed different Google Cloud projects: the
+/// group is probably wrong (a lockdown of one project then stops keys of another).
+fn group_warnings(keys: &[KeyRecord]) -> Vec<String> {
+    let mut projects: BTreeMap<(&str, &str), BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
+    for key in keys.iter().filter(|key| key.retired_at.is_none()) {
+        if let (Some(group), Some(project)) = (&key.quota_group, &key.project_learned) {
+            let group = projects.entry((&key.connector, group)).or_default();
+            group.entry(project).or_default().push(&key.key_name);
+        }
+    }
+    projects
+        .into_iter()
+        .filter(|(_, learned)| learned.len() > 1)
+        .map(|((connector, group), learned)| {
+            let learned: Vec<String> =
+                learned.iter().map(|(project, keys)| format!("{} in #{project}", keys.join(", "))).collect();
+            format!(
+                "the keys of group '{group}' of {connector} are in different Google Cloud projects ({}): the group \
+                 may be wrong; check the [{connector} groups] section of the keyring",
+                learned.join("; ")
+            )
+        })
+        .collect()
+}
+
 /// The state as a user should read it: an expired lockdown is claimable, a retired key is gone.
 fn state_label(key: &KeyRecord, now: i64) -> String {
     if key.retired_at.is_some() {
@@ -177,7 +277,7 @@ fn reason(key: &KeyRecord) -> String {
     }
 }
 
-fn as_json(line: &Line<'_>, now: i64) -> serde_json::Value {
+fn as_json(line: &Line<'_>, lockdowns: &[LockdownRecord], now: i64) -> serde_json::Value {
     let Some(key) = line.record else {
         return json!({
             "connector": line.connector,
@@ -187,8 +287,10 @@ fn as_json(line: &Line<'_>, now: i64) -> serde_json::Value {
             "stored_state": null,
             "in_database": false,
             "keyring": line.keyring,
+            "lockdowns": [],
         });
     };
+    let mine: Vec<_> = in_force_on(key, lockdowns, now).into_iter().map(lockdown_json).collect();
     json!({
         "connector": key.connector,
         "key": key.key_name,
@@ -209,5 +311,9 @@ fn as_json(line: &Line<'_>, now: i64) -> serde_json::Value {
         "lockdown_count": key.lockdown_count,
         "uses": key.uses,
         "last_used_at": if key.last_used_at > 0 { Some(key.last_used_at) } else { None },
+        "quota_group": key.quota_group,
+        "project_learned": key.project_learned,
+        "quota_scope": key.quota_scope,
+        "lockdowns": mine,
     })
 }

@@ -1,14 +1,21 @@
-//! `apijongler why CONNECTOR KEY`: one key's state explained in a sentence, from its row and its last
-//! transitions.
+//! `apijongler why CONNECTOR KEY [--model MODEL]`: one key's state explained in a sentence, from its
+//! row, the lockdowns in force on its quota scopes and its last transitions.
+//!
+//! Whether a claim would take the key follows the claim's rule: the key is vacant (or its lockdown is
+//! over), and no lockdown in force on its scopes covers the model asked for or every model (`*`). A
+//! request that names no model is stopped only by lockdowns of every model. The order among the free
+//! keys (least recently used first, keys with lockdowns last) is not the key's to explain.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use api_jongler::holder::Liveness;
-use api_jongler::store::{HistoryQuery, KeyRecord};
+use api_jongler::store::{HistoryQuery, KeyRecord, LockdownRecord};
 use api_jongler::{Coordinator, KeyState};
+use serde_json::json;
 
 use super::exit::Usage;
+use super::status::{in_force_on, lockdown_json};
 use super::{Global, keyring_to_compare, open, output};
 
 #[derive(Debug, clap::Args)]
@@ -17,6 +24,10 @@ pub struct WhyArgs {
     connector: String,
     /// The key name.
     key: String,
+    /// Whether a request for this model would take the key now, and when it will (the name as requests
+    /// give it, e.g. gemini-2.5-pro).
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
 }
 
 pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
@@ -53,8 +64,39 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     };
+    let now = coordinator.now_ms();
+    let lockdowns = coordinator.store().lockdowns(Some(&args.connector))?;
+    let mine = in_force_on(key, &lockdowns, now);
+    let model = args.model.as_deref();
+    let (claimable_at, verdict) = verdict(key, &mine, model, now);
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", explain(&coordinator, key))?;
+    if global.json {
+        let state = if key.retired_at.is_some() { "retired".to_owned() } else { key.effective_state(now).to_string() };
+        let at = match claimable_at {
+            Some(Claimable::Now) => Some(now),
+            Some(Claimable::At(at)) => Some(at),
+            None => None,
+        };
+        let lockdowns: Vec<_> = mine.iter().map(|l| lockdown_json(l)).collect();
+        let answer = json!({
+            "connector": key.connector, "key": key.key_name, "fingerprint": key.fingerprint, "state": state,
+            "quota_group": key.quota_group, "project_learned": key.project_learned, "quota_scope": key.quota_scope,
+            "lockdowns": lockdowns, "model": model, "claimable_now": claimable_at == Some(Claimable::Now),
+            "claimable_at": at,
+            "explanation": explain(&coordinator, key, &mine), "verdict": verdict,
+        });
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&answer)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(stdout, "{}", explain(&coordinator, key, &mine))?;
+    writeln!(stdout, "{}", quota_group(key))?;
+    if !mine.is_empty() {
+        writeln!(stdout, "Lockdowns in force:")?;
+        for lockdown in &mine {
+            writeln!(stdout, "  {}", locked_down(lockdown, now))?;
+        }
+    }
+    writeln!(stdout, "{verdict}")?;
     let history = coordinator.store().history(&HistoryQuery {
         connector: Some(args.connector.clone()),
         key_name: Some(args.key.clone()),
@@ -65,9 +107,10 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
         writeln!(stdout, "\nLast transitions:")?;
         for t in &history {
             let status = t.http_status.map(|s| format!(" [{s}]")).unwrap_or_default();
+            let model = t.model.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
             writeln!(
                 stdout,
-                "  {}  {} -> {}  {}{status}",
+                "  {}  {} -> {}{model}  {}{status}",
                 output::local_time(t.at),
                 t.from_state.as_deref().unwrap_or("-"),
                 t.to_state,
@@ -78,8 +121,99 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// When a claim (for the model asked, or for a request that names no model) takes the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claimable {
+    /// Now, if it is the first free key in the claim order.
+    Now,
+    /// Not before this deadline, unix ms.
+    At(i64),
+}
+
+/// Whether a claim for `model` takes `key` now, or from when, and that said in a sentence; `None`: not
+/// by the passing of time (held, in error, retired).
+fn verdict(key: &KeyRecord, mine: &[&LockdownRecord], model: Option<&str>, now: i64) -> (Option<Claimable>, String) {
+    let what = match model {
+        Some(model) => format!("A request for {model}"),
+        None => "A request that names no model".to_owned(),
+    };
+    let name = &key.key_name;
+    if key.retired_at.is_some() {
+        return (None, format!("{what} never takes {name}: it is retired."));
+    }
+    match key.state {
+        KeyState::Error => {
+            return (None, format!("{what} does not take {name} before `apijongler cleanup {}`.", key.connector));
+        }
+        KeyState::Locked => return (None, format!("{what} cannot take {name} while it is held.")),
+        KeyState::Vacant | KeyState::Lockdown => {}
+    }
+    // The claim's rule: a lockdown in force on the key's scopes, of this model or of every model.
+    let blocking: Vec<&&LockdownRecord> =
+        mine.iter().filter(|l| l.is_every_model() || model.is_some_and(|model| l.model == model)).collect();
+    let whole = key.lockdown_until.filter(|until| key.state == KeyState::Lockdown && *until > now);
+    let until = blocking.iter().map(|l| l.until).chain(whole).max();
+    let Some(until) = until else {
+        let others = if model.is_none() && !mine.is_empty() {
+            ", and so does a request for a model not listed above"
+        } else {
+            ""
+        };
+        return (
+            Some(Claimable::Now),
+            format!("{what} takes {name} now when it is the first free key in the claim order{others}."),
+        );
+    };
+    let by: Vec<String> =
+        blocking.iter().map(|l| format!("{} is locked down for {}", output::model(l), scope_of(l))).collect();
+    let by = if by.is_empty() { "the key is in lockdown".to_owned() } else { by.join("; ") };
+    (Some(Claimable::At(until)), format!("{what} does not take {name} before {} ({by}).", output::deadline(until, now)))
+}
+
+/// Which quota group the key is in, and what that means for its lockdowns.
+fn quota_group(key: &KeyRecord) -> String {
+    let learned = key
+        .project_learned
+        .as_deref()
+        .map(|p| format!(" An answer revealed its Google Cloud project, #{p}."))
+        .unwrap_or_default();
+    match (&key.quota_group, &key.project_learned) {
+        (Some(name), _) => format!(
+            "Its quota group is {name} (declared in the keyring): a lockdown of the group stops every key of it.{learned}"
+        ),
+        (None, Some(project)) => format!(
+            "Its quota group is project #{project}, learned from an answer: keys that revealed the same project \
+             share its lockdowns."
+        ),
+        (None, None) => format!(
+            "It is in no quota group (a group of its own): only its own answers lock it down. If it shares a quota \
+             (a Google Cloud project, a Hugging Face account) with other keys, say so in the keyring's \
+             [{} groups] section.",
+            key.connector
+        ),
+    }
+}
+
+/// `gemini-2.5-pro is locked down for group my-project until 00:00 PT (in 9 h), set by key1's 429 at
+/// 13:02:05: 429 daily quota, ...`.
+fn locked_down(lockdown: &LockdownRecord, now: i64) -> String {
+    format!(
+        "{} is locked down for {} until {}, set by {}: {}",
+        output::model(lockdown),
+        scope_of(lockdown),
+        output::deadline(lockdown.until, now),
+        output::set_by(lockdown, now),
+        output::because(lockdown)
+    )
+}
+
+/// Whom a lockdown of the key's scopes stops: `group my-project`, `this key alone`.
+fn scope_of(lockdown: &LockdownRecord) -> String {
+    if lockdown.scope.starts_with("key:") { "this key alone".to_owned() } else { output::scope(&lockdown.scope) }
+}
+
 /// The sentence.
-fn explain(coordinator: &Coordinator, key: &KeyRecord) -> String {
+fn explain(coordinator: &Coordinator, key: &KeyRecord, mine: &[&LockdownRecord]) -> String {
     let now = coordinator.now_ms();
     let name = format!("{} of {} ({})", key.key_name, key.connector, key.fingerprint);
     let used = if key.last_used_at > 0 {
@@ -100,9 +234,17 @@ fn explain(coordinator: &Coordinator, key: &KeyRecord) -> String {
     }
     let because = key.reason.as_deref().map(|reason| format!(" ({reason})")).unwrap_or_default();
     match (key.state, key.effective_state(now)) {
-        (KeyState::Vacant, _) => {
+        (KeyState::Vacant, _) if mine.is_empty() => {
             format!("{name} is vacant: the next request takes it when it is the least recently used free key; {used}.")
         }
+        (KeyState::Vacant, _) if mine.iter().any(|l| l.is_every_model()) => {
+            format!("{name} is vacant, but locked down for every model (below); {used}.")
+        }
+        (KeyState::Vacant, _) => format!(
+            "{name} is vacant, and free for every model but the {} locked down below: the next request for another \
+             model takes it when it is the least recently used free key; {used}.",
+            if mine.len() == 1 { "one" } else { "ones" }
+        ),
         (KeyState::Lockdown, KeyState::Vacant) => format!(
             "{name} is free again: its lockdown{because} ended {}; {used}.",
             key.lockdown_until.map(|until| output::relative(until, now)).unwrap_or_default()
