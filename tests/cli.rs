@@ -284,10 +284,11 @@ async fn the_demo_runs_and_its_summary_matches_the_history_it_wrote() {
 async fn the_benchmarks_run() {
     // Only that they run and print their tables: their figures are for the README, not for assertions.
     let sandbox = Sandbox::new(GEMINI, 1);
-    let output = run(&sandbox, &["-q", "bench", "keys", "--processes", "2", "--keys", "4", "--seconds", "0.3"]).await;
+    let keys = ["-q", "bench", "keys", "--processes", "2", "--keys", "4", "--locked-keys", "10", "--seconds", "0.3"];
+    let output = run(&sandbox, &keys).await;
     assert_exit(&output, 0);
     let table = text(&output.stdout);
-    assert!(table.contains(" raw ") && table.lines().count() == 4, "{table}");
+    assert!(table.contains(" raw ") && table.contains(" 10* ") && table.lines().count() == 6, "{table}");
     let output = run(
         &sandbox,
         &["bench", "requests", "--requests", "20", "--keys", "2", "--quota", "2", "--window", "0.3", "--windows", "2"],
