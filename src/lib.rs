@@ -50,6 +50,11 @@ pub mod holder;
 mod jongler;
 pub mod keyring;
 mod lease;
+// Test and demo support, not API: the loopback Gemini of `apijongler demo`, `apijongler bench` and the
+// tests in tests/ (which drive the binary, so they build with `cli` as well). Hidden from the docs and
+// built only with the `cli` feature, so a library user neither sees it nor builds a hyper server.
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod mock;
 pub mod model;
 mod reaper;
