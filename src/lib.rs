@@ -46,6 +46,7 @@ pub mod clock;
 pub mod connector;
 mod coordinator;
 mod error;
+pub mod gateway;
 pub mod holder;
 mod jongler;
 pub mod keyring;
