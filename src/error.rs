@@ -221,6 +221,20 @@ pub enum Error {
         source: Cause,
     },
 
+    /// A streaming answer never reached its first event within the retry budget (it timed out, was
+    /// too large, or ended before any event).
+    #[error("no first event from '{connector}' for {endpoint} after {attempts} attempts: {problem}")]
+    Stream {
+        /// The connector.
+        connector: String,
+        /// The endpoint path.
+        endpoint: String,
+        /// Attempts made.
+        attempts: u32,
+        /// What went wrong on the last attempt.
+        problem: String,
+    },
+
     /// The upstream answered with a non-2xx status (for `request_json`).
     #[error("'{connector}' answered {status}: {body}")]
     Upstream {

@@ -21,17 +21,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use secrecy::ExposeSecret;
+use reqwest::header::HeaderMap;
 use serde_json::Value;
 
-use crate::classify::{self, Context, KeyFate, Next, Verdict};
 use crate::connector::{Connector, Connectors};
 use crate::coordinator::{Coordinator, CoordinatorOptions, KeyStates};
 use crate::error::{Error, Result};
+use crate::exchange::{ExchangeBody, Outgoing};
 use crate::keyring::Keyring;
 use crate::lease::Lease;
-use crate::store::{Attempt, Fate, Lockdown, Transition};
+use crate::store::Transition;
 
 /// The environment variable overriding the Tor SOCKS proxy.
 pub const TOR_PROXY_ENV: &str = "APIJONGLER_TOR_PROXY";
@@ -227,23 +226,23 @@ impl JonglerBuilder {
 /// A connection to one API through the shared key pool. Cheap to clone; safe to share between tasks.
 #[derive(Debug, Clone)]
 pub struct Jongler {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    connector: Connector,
+pub(crate) struct Inner {
+    pub(crate) connector: Connector,
     /// `None` for connectors that need no key.
-    keyring: Option<Keyring>,
-    coordinator: Coordinator,
+    pub(crate) keyring: Option<Keyring>,
+    pub(crate) coordinator: Coordinator,
     /// Replaced by a new one (new SOCKS credentials, so a new Tor circuit) after a location refusal.
-    client: Mutex<reqwest::Client>,
-    tor: Option<String>,
-    timeout: Duration,
-    wait: Duration,
-    scope: LeaseScope,
+    pub(crate) client: Mutex<reqwest::Client>,
+    pub(crate) tor: Option<String>,
+    pub(crate) timeout: Duration,
+    pub(crate) wait: Duration,
+    pub(crate) scope: LeaseScope,
     /// The key held across requests (per connection); its lock also makes those requests take turns.
-    held: tokio::sync::Mutex<Option<Lease>>,
+    pub(crate) held: tokio::sync::Mutex<Option<Lease>>,
 }
 
 impl Jongler {
@@ -279,155 +278,31 @@ impl Jongler {
 
     /// Sends `body` (empty: none) to `endpoint` with `method` through a free key, retrying on other keys
     /// and after provider trouble as the policy says, and returns the final answer whatever its status.
-    /// Errors: no key free in time, the network failing beyond the retry budget, a lost lease.
+    /// Errors: no key free in time, the network failing beyond the retry budget, a lost lease. For
+    /// bytes, headers and streams, see [`send`](Self::send).
     pub async fn request(&self, method: &str, endpoint: &str, body: &str) -> Result<Response> {
         let method = reqwest::Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes())
             .map_err(|_| Error::InvalidRequest { problem: format!("'{method}' is not an HTTP method") })?;
         let endpoint = if endpoint.starts_with('/') { endpoint.to_owned() } else { format!("/{endpoint}") };
-        let url = format!("{}{endpoint}", self.inner.connector.base_url());
-        let path = endpoint.split(['?', '#']).next().unwrap_or_default().to_owned();
-        let model = self.inner.connector.model_of(&endpoint, body.as_bytes());
-        let policy = &self.inner.connector.policy;
-        let started = Instant::now();
-        let mut connection_slot =
-            if self.inner.scope == LeaseScope::PerConnection { Some(self.inner.held.lock().await) } else { None };
-        let mut request_slot = None;
-        let slot: &mut Option<Lease> = match connection_slot.as_mut() {
-            Some(guard) => guard,
-            None => &mut request_slot,
+        let exchange = self.send(Outgoing::new(method, endpoint, body.to_owned())).await?;
+        let body = match exchange.body {
+            ExchangeBody::Full(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            ExchangeBody::Stream(mut stream) => {
+                let mut bytes = Vec::new();
+                while let Some(chunk) = stream.chunk().await {
+                    bytes.extend_from_slice(&chunk);
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
         };
-        let keys = self
-            .inner
-            .keyring
-            .as_ref()
-            .map_or(0, |keyring| keyring.keys(&self.inner.connector.name).map_or(0, <[_]>::len));
-        let max_attempts = u32::try_from(keys * 4).unwrap_or(u32::MAX).saturating_add(policy.retries * 2 + 4);
-        let mut tried: Vec<String> = Vec::new();
-        let (mut attempts, mut retries, mut circuits, mut untrusted) = (0u32, 0u32, 0u32, 0u32);
-        let mut bookkeeping = Bookkeeping::Recorded;
-        loop {
-            let lease = self.lease_for_attempt(slot, model.as_deref(), &tried, started).await?;
-            let (lease, trusted) = match lease {
-                // Claimed (or held) before this process was stopped, or the database locked, for longer than
-                // the lease is trusted: confirm it with one conditional write before using it.
-                Some(lease) if !lease.is_valid() => {
-                    let (lease, renewed) = short_blocking(move || {
-                        let renewed = lease.renew().unwrap_or(false);
-                        Ok((lease, renewed))
-                    })
-                    .await?;
-                    (Some(lease), renewed)
-                }
-                other => (other, true),
-            };
-            if let Some(lease) = lease.as_ref().filter(|_| !trusted) {
-                // The key may be someone else's by now. Give it up and claim again.
-                untrusted += 1;
-                tracing::warn!(key = %lease.key_name(), "lease no longer trusted before sending; claiming again");
-                if untrusted > MAX_UNTRUSTED_CLAIMS {
-                    return Err(Error::LeaseLost {
-                        connector: self.inner.connector.name.clone(),
-                        key: lease.key_name().to_owned(),
-                        lease: lease.token(),
-                    });
-                }
-                continue;
-            }
-            self.check_secret(lease.as_ref())?;
-            attempts += 1;
-            let key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
-            let at = self.inner.coordinator.now_ms();
-            let sent = Instant::now();
-            let in_flight = InFlight {
-                lease,
-                cancelled: Attempt {
-                    at,
-                    connector: self.inner.connector.name.clone(),
-                    key_name: key_name.clone(),
-                    method: method.to_string(),
-                    endpoint: path.clone(),
-                    status: None,
-                    latency_ms: 0,
-                    outcome: "cancelled".to_owned(),
-                    model: model.clone(),
-                },
-                sent,
-            };
-            let outcome = self.send(&method, &url, body, in_flight.lease.as_ref()).await;
-            let lease = in_flight.landed();
-            let latency_ms = i64::try_from(sent.elapsed().as_millis()).unwrap_or(i64::MAX);
-            let context = Context {
-                now_ms: self.inner.coordinator.now_ms(),
-                policy,
-                lockdown_count: lease.as_ref().map_or(0, Lease::lockdown_count),
-                retries,
-                via_tor: self.inner.tor.is_some(),
-                model: model.as_deref(),
-            };
-            let verdict = match &outcome {
-                Ok((status, headers, text)) => classify::classify(*status, headers, text, &context),
-                Err(_) => classify::transport_failure(&context),
-            };
-            let attempt = Attempt {
-                at,
-                connector: self.inner.connector.name.clone(),
-                key_name: key_name.clone(),
-                method: method.to_string(),
-                endpoint: path.clone(),
-                status: outcome.as_ref().ok().map(|(status, _, _)| *status),
-                latency_ms,
-                outcome: describe(&verdict, &outcome),
-                model: model.clone(),
-            };
-            tracing::debug!(
-                connector = %attempt.connector, key = ?attempt.key_name, status = ?attempt.status,
-                latency_ms, outcome = %attempt.outcome, attempt = attempts, "upstream attempt"
-            );
-            match self.settle(slot, lease, &verdict, attempt).await {
-                Ok(()) => {}
-                Err(Error::LeaseLost { key, .. }) => bookkeeping = Bookkeeping::LeaseLost { key },
-                // The answer (if one came) is the caller's: the quota is spent. Stop here and hand it over.
-                Err(error) => match outcome {
-                    Ok((status, headers, body)) => {
-                        let bookkeeping = Bookkeeping::NotRecorded { problem: error.to_string() };
-                        return Ok(Response { status, headers, body, key_name, attempts, bookkeeping });
-                    }
-                    Err(_) => return Err(error),
-                },
-            }
-            let retry = match verdict.next {
-                Next::Return => false,
-                Next::OtherKey => {
-                    tried.extend(key_name.clone());
-                    true
-                }
-                Next::Backoff { after } if retries < policy.retries => {
-                    retries += 1;
-                    // A loading model's estimate is honoured, but never beyond one attempt's timeout.
-                    tokio::time::sleep(after.min(self.inner.timeout)).await;
-                    true
-                }
-                Next::NewCircuit if circuits < policy.retries && self.inner.tor.is_some() => {
-                    circuits += 1;
-                    self.new_circuit()?;
-                    true
-                }
-                Next::Backoff { .. } | Next::NewCircuit => false,
-            };
-            if !retry || attempts >= max_attempts {
-                return match outcome {
-                    Ok((status, headers, body)) => {
-                        Ok(Response { status, headers, body, key_name, attempts, bookkeeping })
-                    }
-                    Err(error) => Err(Error::Transport {
-                        connector: self.inner.connector.name.clone(),
-                        endpoint: path,
-                        attempts,
-                        source: Box::new(error.without_url()),
-                    }),
-                };
-            }
-        }
+        Ok(Response {
+            status: exchange.status,
+            headers: exchange.headers,
+            body,
+            key_name: exchange.key_name,
+            attempts: exchange.attempts,
+            bookkeeping: exchange.bookkeeping,
+        })
     }
 
     /// POSTs `body` as JSON to `endpoint` and returns the parsed JSON of a 2xx answer. A non-2xx answer
@@ -505,12 +380,13 @@ impl Jongler {
 
     /// The key to use for the next attempt: none for keyless connectors, the held one per connection
     /// while it is valid, else a fresh claim that waits what is left of the caller's wait.
-    async fn lease_for_attempt(
+    pub(crate) async fn lease_for_attempt(
         &self,
         slot: &mut Option<Lease>,
         model: Option<&str>,
         tried: &[String],
         started: Instant,
+        wait: Duration,
     ) -> Result<Option<Lease>> {
         if self.inner.keyring.is_none() {
             return Ok(None);
@@ -519,17 +395,17 @@ impl Jongler {
             // Its trust is checked (and renewed if it can be) by the caller, like a fresh claim's.
             return Ok(Some(lease));
         }
-        let remaining = self.inner.wait.saturating_sub(started.elapsed());
+        let remaining = wait.saturating_sub(started.elapsed());
         // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
         // lockdown by this request may be tried again once its deadline has passed.
-        let exclude = if self.inner.wait.is_zero() { tried } else { &[] };
+        let exclude = if wait.is_zero() { tried } else { &[] };
         self.claim(model, exclude, remaining).await.map(Some)
     }
 
     /// The secret this process would send for `lease` is the one the database row was synced with;
     /// otherwise another keyring synced the database since this process loaded its own, and sending
     /// would go out without a key or with an old one (and put a good key in error).
-    fn check_secret(&self, lease: Option<&Lease>) -> Result<()> {
+    pub(crate) fn check_secret(&self, lease: Option<&Lease>) -> Result<()> {
         let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring) else { return Ok(()) };
         let connector = &self.inner.connector.name;
         let problem = match keyring.key(connector, lease.key_name()) {
@@ -561,95 +437,13 @@ impl Jongler {
         }
     }
 
-    /// Applies the verdict to the key and records the attempt (in one transaction when the lease ends).
-    async fn settle(
-        &self,
-        slot: &mut Option<Lease>,
-        lease: Option<Lease>,
-        verdict: &Verdict,
-        attempt: Attempt,
-    ) -> Result<()> {
-        let Some(mut lease) = lease else {
-            let coordinator = self.inner.coordinator.clone();
-            return short_blocking(move || coordinator.store().record_attempt(&attempt)).await;
-        };
-        let fate = match &verdict.key {
-            KeyFate::Release { success } => Fate::Release { success: *success },
-            KeyFate::Lockdown { until_ms, reason, reach, models, quota_id } => Fate::Lockdown(Lockdown {
-                until: *until_ms,
-                reason: reason.clone(),
-                http_status: attempt.status,
-                reach: *reach,
-                models: models.clone(),
-                quota_id: quota_id.clone(),
-                project: verdict.project.clone(),
-            }),
-            KeyFate::Error { reason } => {
-                Fate::Error { reason: reason.clone(), http_status: attempt.status, project: verdict.project.clone() }
-            }
-        };
-        let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
-        let coordinator = self.inner.coordinator.clone();
-        let settled = short_blocking(move || {
-            if keep {
-                coordinator.store().record_attempt(&attempt)?;
-                if matches!(fate, Fate::Release { success: true }) {
-                    lease.reset_escalation(attempt.model.as_deref())?;
-                }
-                Ok(Some(lease))
-            } else {
-                lease.finish(&fate, Some(&attempt)).map(|()| None)
-            }
-        })
-        .await;
-        match settled {
-            Ok(kept) => {
-                *slot = kept;
-                Ok(())
-            }
-            // The key was reaped or cleaned up under us: its new state is not ours to touch. The caller
-            // hears of it through the response.
-            Err(error @ Error::LeaseLost { .. }) => {
-                tracing::warn!(error = %error, "lease lost during a request");
-                Err(error)
-            }
-            Err(error) => Err(error),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: &reqwest::Method,
-        url: &str,
-        body: &str,
-        lease: Option<&Lease>,
-    ) -> std::result::Result<(u16, HeaderMap, String), reqwest::Error> {
-        let client = self.inner.client.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let mut request = client.request(method.clone(), url);
-        if !body.is_empty() {
-            request = request.header("content-type", self.inner.connector.content_type()).body(body.to_owned());
-        }
-        if let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring)
-            && let Some(key) = keyring.key(&self.inner.connector.name, lease.key_name())
-        {
-            let (header, prefix) = self.inner.connector.key_header();
-            if let (Ok(name), Ok(mut value)) = (
-                HeaderName::from_bytes(header.as_bytes()),
-                HeaderValue::from_str(&format!("{prefix}{}", key.secret().expose_secret())),
-            ) {
-                value.set_sensitive(true);
-                request = request.header(name, value);
-            }
-        }
-        let response = request.send().await?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await?;
-        Ok((status, headers, text))
+    /// The current HTTP client (a new one after each new Tor circuit).
+    pub(crate) fn client(&self) -> reqwest::Client {
+        self.inner.client.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Fresh SOCKS credentials: Tor isolates streams by credentials, so this is a new circuit (and exit).
-    fn new_circuit(&self) -> Result<()> {
+    pub(crate) fn new_circuit(&self) -> Result<()> {
         let client = build_client(self.inner.tor.as_deref(), self.inner.timeout)?;
         *self.inner.client.lock().unwrap_or_else(PoisonError::into_inner) = client;
         tracing::info!(connector = %self.inner.connector.name, "new Tor circuit");
@@ -657,40 +451,11 @@ impl Jongler {
     }
 }
 
-/// How many times in a row one request may find a freshly claimed lease untrusted before giving up
-/// (each time means this process was stopped between claim and send).
-const MAX_UNTRUSTED_CLAIMS: u32 = 3;
-
-/// A lease while its request is on the wire. Dropped there (the request future was cancelled: SIGINT,
-/// a client that went away), it gives the key back and records the attempt as cancelled, off this
-/// thread (see `Lease::end_later`).
-struct InFlight {
-    lease: Option<Lease>,
-    cancelled: Attempt,
-    sent: Instant,
-}
-
-impl InFlight {
-    /// The send finished: the lease goes on to be settled by the verdict.
-    fn landed(mut self) -> Option<Lease> {
-        self.lease.take()
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            let mut attempt = self.cancelled.clone();
-            attempt.latency_ms = i64::try_from(self.sent.elapsed().as_millis()).unwrap_or(i64::MAX);
-            tracing::info!(key = %lease.key_name(), "request cancelled; giving the key back");
-            lease.end_later(Fate::Release { success: false }, Some(attempt));
-        }
-    }
-}
-
 /// An HTTP client, through `tor_proxy` with fresh random credentials if given.
 fn build_client(tor_proxy: Option<&str>, timeout: Duration) -> Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().timeout(timeout).no_proxy();
+    // No total timeout: a stream may last long. Each whole answer gets its own (see `exchange`); reads
+    // of a stream get this one each.
+    let mut builder = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).no_proxy();
     if let Some(proxy) = tor_proxy {
         let isolated = proxy.replacen("://", &format!("://apijongler-{:016x}:circuit@", fastrand::u64(..)), 1);
         let proxy = reqwest::Proxy::all(&isolated).map_err(|_| Error::InvalidRequest {
@@ -701,31 +466,25 @@ fn build_client(tor_proxy: Option<&str>, timeout: Duration) -> Result<reqwest::C
     builder.build().map_err(|error| Error::InvalidRequest { problem: format!("cannot build the HTTP client: {error}") })
 }
 
-/// One word or two for the `requests` table's `outcome`.
-fn describe<T>(verdict: &Verdict, outcome: &std::result::Result<T, reqwest::Error>) -> String {
-    match (&verdict.key, outcome) {
-        (_, Err(error)) if error.is_timeout() => "timeout".to_owned(),
-        (_, Err(_)) => "connection error".to_owned(),
-        (KeyFate::Release { success: true }, _) => "success".to_owned(),
-        (KeyFate::Lockdown { .. }, _) => "rate limited".to_owned(),
-        (KeyFate::Error { .. }, _) => "bad key".to_owned(),
-        (KeyFate::Release { success: false }, _) => match verdict.next {
-            Next::Backoff { .. } => "provider error".to_owned(),
-            Next::NewCircuit => "location refused".to_owned(),
-            _ => "client error".to_owned(),
-        },
+/// A transport error's text without its URL (which names the upstream host, never a secret, but is
+/// noise in a one-line message).
+pub(crate) fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(&format!(" ({url})"), "").replace(url.as_str(), "");
     }
+    text
 }
 
 /// Runs blocking coordinator work off the async threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
 }
 
 /// Runs short database work that never waits for another request of ours (it may wait for another
 /// process's write lock, which never waits for us): in place on a multi-threaded runtime, sparing the
 /// hand-off to the blocking pool and back; on a current-thread runtime, which cannot, on that pool.
-async fn short_blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn short_blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
         return tokio::task::block_in_place(work);
     }

@@ -22,6 +22,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+const MODEL: &str = "gemini-2.5-flash";
 
 fn secret(index: usize) -> String {
     format!("fake-secret-{GEMINI}-{index}-do-not-use")
@@ -111,11 +112,17 @@ async fn each_answer_does_what_the_policy_table_says_to_the_key_and_the_caller()
         let jongler = builder(&sandbox).connect().await.expect("connect");
         let response = jongler.request("POST", ENDPOINT, "{}").await.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((response.status, response.attempts), (status, attempts), "{name}");
-        let (state, until, reason) = state_of(&sandbox, "key0");
+        // The state as the next request for the same model sees it: a 429 that names the model locks that
+        // model (the key stays vacant for others), a 402 the whole key.
+        let (stored, _, reason) = state_of(&sandbox, "key0");
+        let for_model = jongler.key_states_for(Some(MODEL)).await.expect("states");
+        let state = if for_model.lockdown.contains("key0") { "lockdown" } else { stored.as_str() };
         assert_eq!(state, key0_after, "{name}: key0 is {state} ({reason:?})");
         assert_eq!(state_of(&sandbox, "key1").0, "vacant", "{name}: key1 is released");
         if state == "lockdown" {
-            assert!(until.expect("deadline") > jongler.coordinator().now_ms(), "{name}: deadline ahead");
+            let until =
+                sandbox.count("SELECT max(until) FROM lockdowns WHERE scope = 'key:key0' OR scope LIKE '%key0'");
+            assert!(until > jongler.coordinator().now_ms(), "{name}: deadline ahead");
         }
         assert_eq!(
             sandbox.count("SELECT count(*) FROM requests"),
@@ -147,7 +154,8 @@ async fn every_key_rate_limited_gives_an_error_naming_the_states() {
     let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("no key left");
     let message = error.to_string();
     assert!(matches!(error, Error::NoKeyAvailable(_)), "{error:?}");
-    assert!(message.contains("2 in lockdown") && message.contains("earliest ends at"), "{message}");
+    assert!(message.contains("2 locked down for it until"), "{message}");
+    assert!(message.contains(&format!("free for {MODEL}")) && message.contains("per-minute quota"), "{message}");
     assert_eq!(sandbox.count("SELECT count(*) FROM requests"), 2, "each key was tried once");
 }
 
@@ -250,7 +258,8 @@ async fn per_connection_scope_holds_one_key_until_it_is_rate_limited() {
     // The 429 puts key0 in lockdown; the request goes through on key1, which is kept from then on.
     let response = jongler.request("POST", ENDPOINT, "{}").await.expect("answered");
     assert_eq!((response.status, response.key_name.as_deref(), response.attempts), (200, Some("key1"), 2));
-    assert_eq!(jongler.lockdown_keys().await.expect("states"), ["key0"], "the rate-limited key is not kept");
+    let for_model = jongler.key_states_for(Some(MODEL)).await.expect("states");
+    assert_eq!(for_model.lockdown.into_iter().collect::<Vec<_>>(), ["key0"], "the rate-limited key is not kept");
     assert_eq!(jongler.locked_keys().await.expect("states"), ["key1"]);
     assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").key_name.as_deref(), Some("key1"));
     jongler.disconnect().await.expect("disconnect");

@@ -74,7 +74,7 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::DatabaseReplaced { .. }
         | Error::Database { .. } => DATABASE,
         Error::NoKeyAvailable(_) => NO_KEY,
-        Error::Transport { .. } => NETWORK,
+        Error::Transport { .. } | Error::Stream { .. } => NETWORK,
         Error::Upstream { .. } => UPSTREAM,
         Error::LeaseLost { .. } => LEASE_LOST,
         Error::InvalidRequest { .. } => USAGE,

@@ -1,0 +1,816 @@
+//! Sending one request through the pool: the path the library, the CLI and the gateway share.
+//!
+//! [`Jongler::send`] is a composition of named steps, each owning one decision:
+//! - [`RetryBudget`] owns the counters: attempts, backoff retries, Tor circuits, untrusted claims.
+//! - `next_lease` claims a key for the request's model (or keeps the one held per connection), and
+//!   confirms a lease whose trust ran out before it is used.
+//! - `attempt` sends the bytes with the key and reads the answer: the whole body, or for a stream the
+//!   bytes up to its first complete event, within a first-event deadline.
+//! - `judge` turns the answer into a [`Verdict`] (the `classify` policy).
+//! - `settle` applies the verdict to the key and records the attempt, in one transaction.
+//! - A committed stream is relayed by a task that owns the lease until the stream ends, and settles
+//!   the key by how it ended.
+//!
+//! Streams follow one rule: until the first event has reached the caller, every failure (a non-2xx
+//! status, a transport error, an `{"error": ...}` first event, a body that ends before any event) is
+//! judged like a non-streaming answer and may be retried on another key. After it: never a retry,
+//! never another key, never two attempts joined. A later failure ends the stream with one error event
+//! in the stream's dialect; after a terminal event (or an upstream error event) nothing is added.
+//! Bytes are forwarded verbatim, whole events at a time, so an error event never lands in the middle
+//! of a half-sent one.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use secrecy::ExposeSecret;
+use tokio::sync::mpsc;
+
+use crate::classify::{self, Context, KeyFate, Next, Verdict};
+use crate::error::{Error, Result};
+use crate::gateway::dialect::Dialect;
+use crate::gateway::sse::{DEFAULT_FIRST_EVENT_LIMIT, Event, FirstEventHold, Framer};
+use crate::jongler::{Bookkeeping, Jongler, LeaseScope, blocking, short_blocking};
+use crate::lease::Lease;
+use crate::store::{Attempt, Fate, Lockdown};
+
+/// How many times in a row one request may find a freshly claimed lease untrusted before giving up
+/// (each time means this process was stopped between claim and send).
+const MAX_UNTRUSTED_CLAIMS: u32 = 3;
+
+/// How many chunks a relayed stream may run ahead of its reader.
+const RELAY_CHUNKS: usize = 16;
+
+/// A request to send through the pool: bytes and headers, never strings.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// HTTP method.
+    pub method: reqwest::Method,
+    /// The upstream path and query, e.g. `/v1beta/models/gemini-2.5-flash:generateContent?alt=sse`. It
+    /// must carry no credential: the key travels only in the connector's header.
+    pub path_and_query: String,
+    /// End-to-end headers to forward (no credentials, no hop-by-hop headers). Without a
+    /// `content-type`, a non-empty body is sent as the connector's format.
+    pub headers: HeaderMap,
+    /// The body (empty: none). Kept whole, so that a retry on another key sends the same bytes.
+    pub body: Bytes,
+    /// A streaming request, and the dialect of its error events: hold the answer until its first
+    /// complete event, then relay it (see the module docs).
+    pub stream: Option<Dialect>,
+    /// How long to wait for a free key (default: the jongler's).
+    pub wait: Option<Duration>,
+}
+
+impl Outgoing {
+    /// A request with no extra header, no stream and the jongler's wait.
+    pub fn new(method: reqwest::Method, path_and_query: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Self {
+            method,
+            path_and_query: path_and_query.into(),
+            headers: HeaderMap::new(),
+            body: body.into(),
+            stream: None,
+            wait: None,
+        }
+    }
+}
+
+/// The answer to an [`Outgoing`] request.
+#[derive(Debug)]
+pub struct Exchange {
+    /// HTTP status.
+    pub status: u16,
+    /// The upstream's response headers.
+    pub headers: HeaderMap,
+    /// The body: whole, or a stream being relayed.
+    pub body: ExchangeBody,
+    /// The key that got this answer, if the connector needs keys.
+    pub key_name: Option<String>,
+    /// Upstream attempts this request made.
+    pub attempts: u32,
+    /// The model the request named, if the connector could tell.
+    pub model: Option<String>,
+    /// Whether the database recorded everything that followed from the attempts so far (a relayed
+    /// stream settles its key when it ends).
+    pub bookkeeping: Bookkeeping,
+}
+
+/// The body of an [`Exchange`].
+#[derive(Debug)]
+pub enum ExchangeBody {
+    /// The whole body.
+    Full(Bytes),
+    /// A stream: its chunks as the relay forwards them.
+    Stream(StreamingBody),
+}
+
+/// A stream being relayed: whole events, verbatim, ending with at most one error event of ours.
+/// Dropping it (a client that went away) stops the relay, frees the key at once and records the
+/// attempt as cancelled.
+#[derive(Debug)]
+pub struct StreamingBody {
+    chunks: mpsc::Receiver<Bytes>,
+}
+
+impl StreamingBody {
+    /// The next chunk; `None` at the end of the stream.
+    pub async fn chunk(&mut self) -> Option<Bytes> {
+        self.chunks.recv().await
+    }
+
+    /// Polls for the next chunk (for an HTTP body implementation).
+    pub fn poll_chunk(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<Option<Bytes>> {
+        self.chunks.poll_recv(context)
+    }
+}
+
+/// The counters of one request's retries, and the rules that spend them.
+#[derive(Debug)]
+struct RetryBudget {
+    attempts: u32,
+    max_attempts: u32,
+    backoffs: u32,
+    max_backoffs: u32,
+    circuits: u32,
+    untrusted: u32,
+}
+
+/// What to do after an answer that was not returned at once.
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// Return the answer.
+    No,
+    /// Try again (on another key if the last one was put aside), after sleeping this long.
+    After(Duration),
+    /// Try again through a new Tor circuit.
+    NewCircuit,
+}
+
+impl RetryBudget {
+    /// A budget for a pool of `keys` keys and a connector allowing `retries` backoff retries: each key
+    /// may be tried a few times (a lockdown may end during a wait), plus the retries.
+    fn new(keys: usize, retries: u32) -> Self {
+        let max_attempts = u32::try_from(keys * 4).unwrap_or(u32::MAX).saturating_add(retries * 2 + 4);
+        Self { attempts: 0, max_attempts, backoffs: 0, max_backoffs: retries, circuits: 0, untrusted: 0 }
+    }
+
+    fn attempt(&mut self) {
+        self.attempts += 1;
+    }
+
+    /// One more lease found untrusted before its send; false once that happened too often.
+    fn untrusted_claim(&mut self) -> bool {
+        self.untrusted += 1;
+        self.untrusted <= MAX_UNTRUSTED_CLAIMS
+    }
+
+    /// Whether `next` may be followed, spending what it costs; `cap` bounds a backoff.
+    fn follow(&mut self, next: &Next, via_tor: bool, cap: Duration) -> Retry {
+        if self.attempts >= self.max_attempts {
+            return Retry::No;
+        }
+        match *next {
+            Next::Return => Retry::No,
+            Next::OtherKey => Retry::After(Duration::ZERO),
+            Next::Backoff { after } if self.backoffs < self.max_backoffs => {
+                self.backoffs += 1;
+                // A loading model's estimate is honoured, but never beyond one attempt's timeout.
+                Retry::After(after.min(cap))
+            }
+            Next::NewCircuit if via_tor && self.circuits < self.max_backoffs => {
+                self.circuits += 1;
+                Retry::NewCircuit
+            }
+            Next::Backoff { .. } | Next::NewCircuit => Retry::No,
+        }
+    }
+
+    /// How many backoff retries were made (the escalation of backoff delays).
+    fn backoffs(&self) -> u32 {
+        self.backoffs
+    }
+}
+
+/// What came back from one attempt.
+enum Answer {
+    /// A whole answer.
+    Whole { status: u16, headers: HeaderMap, body: Bytes },
+    /// A 2xx stream whose first event is complete: the bytes held so far, and the rest to relay.
+    Stream { status: u16, headers: HeaderMap, held: Box<HeldStream> },
+}
+
+/// A stream held up to its first event.
+struct HeldStream {
+    committed: crate::gateway::sse::Committed,
+    response: reqwest::Response,
+    /// The first event's data, to judge it.
+    first_data: String,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        match self {
+            Answer::Whole { status, .. } | Answer::Stream { status, .. } => *status,
+        }
+    }
+}
+
+/// A failure of one attempt before any answer could be judged.
+#[derive(Debug)]
+enum NoAnswer {
+    Transport(reqwest::Error),
+    /// The first event did not come within the deadline, or was too large, or the body ended with none.
+    Stream(String),
+}
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAnswer::Transport(error) => write!(f, "{}", crate::jongler::without_url(error)),
+            NoAnswer::Stream(problem) => f.write_str(problem),
+        }
+    }
+}
+
+impl Jongler {
+    /// Sends `outgoing` through a free key, retrying on other keys and after provider trouble as the
+    /// policy says, and returns the final answer whatever its status (see the module docs for
+    /// streams). Errors: no key free in time, the network failing beyond the retry budget, a lost
+    /// lease, a keyring that no longer matches the database.
+    pub async fn send(&self, outgoing: Outgoing) -> Result<Exchange> {
+        let inner = &self.inner;
+        let connector = &inner.connector;
+        let path = outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned();
+        let model = connector.model_of(&outgoing.path_and_query, &outgoing.body);
+        let wait = outgoing.wait.unwrap_or(inner.wait);
+        let started = Instant::now();
+        let mut connection_slot =
+            if inner.scope == LeaseScope::PerConnection { Some(inner.held.lock().await) } else { None };
+        let mut request_slot = None;
+        let slot: &mut Option<Lease> = match connection_slot.as_mut() {
+            Some(guard) => guard,
+            None => &mut request_slot,
+        };
+        let keys = inner.keyring.as_ref().map_or(0, |keyring| keyring.keys(&connector.name).map_or(0, <[_]>::len));
+        let mut budget = RetryBudget::new(keys, connector.policy.retries);
+        let mut tried: Vec<String> = Vec::new();
+        let mut bookkeeping = Bookkeeping::Recorded;
+        loop {
+            let lease = self.next_lease(slot, model.as_deref(), &tried, started, wait, &mut budget).await?;
+            self.check_secret(lease.as_ref())?;
+            budget.attempt();
+            let key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
+            let attempt = Attempt {
+                at: inner.coordinator.now_ms(),
+                connector: connector.name.clone(),
+                key_name: key_name.clone(),
+                method: outgoing.method.to_string(),
+                endpoint: path.clone(),
+                status: None,
+                latency_ms: 0,
+                outcome: "cancelled".to_owned(),
+                model: model.clone(),
+            };
+            let sent = Instant::now();
+            let in_flight = InFlight { lease, cancelled: attempt.clone(), sent };
+            let answer = self.attempt(&outgoing, in_flight.lease.as_ref()).await;
+            let lease = in_flight.landed();
+            let verdict = self.judge(&answer, model.as_deref(), lease.as_ref(), budget.backoffs());
+            let attempt = Attempt {
+                status: answer.as_ref().ok().map(Answer::status),
+                latency_ms: millis(sent.elapsed()),
+                outcome: describe(&verdict, &answer),
+                ..attempt
+            };
+            tracing::debug!(
+                connector = %attempt.connector, key = ?attempt.key_name, status = ?attempt.status,
+                latency_ms = attempt.latency_ms, outcome = %attempt.outcome, attempt = budget.attempts,
+                "upstream attempt"
+            );
+            // A stream whose first event is good is committed: its lease goes to the relay.
+            if let (Ok(Answer::Stream { .. }), KeyFate::Release { success: true }) = (&answer, &verdict.key) {
+                let Ok(Answer::Stream { status, headers, held }) = answer else { unreachable!("matched above") };
+                let dialect = outgoing.stream.unwrap_or(Dialect::Google);
+                let body = self.relay(held, dialect, lease, attempt, sent);
+                return Ok(Exchange {
+                    status,
+                    headers,
+                    body: ExchangeBody::Stream(body),
+                    key_name,
+                    attempts: budget.attempts,
+                    model,
+                    bookkeeping,
+                });
+            }
+            match self.settle(slot, lease, &verdict, attempt, model.as_deref()).await {
+                Ok(()) => {}
+                Err(Error::LeaseLost { key, .. }) => bookkeeping = Bookkeeping::LeaseLost { key },
+                // The answer (if one came) is the caller's: the quota is spent. Stop here and hand it over.
+                Err(error) => match answer {
+                    Ok(answer) => {
+                        let bookkeeping = Bookkeeping::NotRecorded { problem: error.to_string() };
+                        return Ok(self.exchange(answer, key_name, budget.attempts, model, bookkeeping).await);
+                    }
+                    Err(_) => return Err(error),
+                },
+            }
+            let retry = budget.follow(&verdict.next, inner.tor.is_some(), inner.timeout);
+            if verdict.next == Next::OtherKey {
+                tried.extend(key_name.clone());
+            }
+            match retry {
+                Retry::After(pause) => tokio::time::sleep(pause).await,
+                Retry::NewCircuit => self.new_circuit()?,
+                Retry::No => {
+                    return match answer {
+                        Ok(answer) => Ok(self.exchange(answer, key_name, budget.attempts, model, bookkeeping).await),
+                        Err(NoAnswer::Transport(error)) => Err(Error::Transport {
+                            connector: connector.name.clone(),
+                            endpoint: path,
+                            attempts: budget.attempts,
+                            source: Box::new(error.without_url()),
+                        }),
+                        Err(NoAnswer::Stream(problem)) => Err(Error::Stream {
+                            connector: connector.name.clone(),
+                            endpoint: path,
+                            attempts: budget.attempts,
+                            problem,
+                        }),
+                    };
+                }
+            }
+        }
+    }
+
+    /// The key for the next attempt (see `lease_for_attempt`), confirmed if its trust ran out: a lease
+    /// claimed (or held) before this process was stopped, or the database locked, for longer than it is
+    /// trusted is confirmed with one conditional write, and given up for another claim if it was lost.
+    async fn next_lease(
+        &self,
+        slot: &mut Option<Lease>,
+        model: Option<&str>,
+        tried: &[String],
+        started: Instant,
+        wait: Duration,
+        budget: &mut RetryBudget,
+    ) -> Result<Option<Lease>> {
+        loop {
+            let Some(lease) = self.lease_for_attempt(slot, model, tried, started, wait).await? else {
+                return Ok(None);
+            };
+            if lease.is_valid() {
+                return Ok(Some(lease));
+            }
+            let (lease, renewed) = short_blocking(move || {
+                let renewed = lease.renew().unwrap_or(false);
+                Ok((lease, renewed))
+            })
+            .await?;
+            if renewed {
+                return Ok(Some(lease));
+            }
+            // The key may be someone else's by now. Give it up and claim again.
+            tracing::warn!(key = %lease.key_name(), "lease no longer trusted before sending; claiming again");
+            if !budget.untrusted_claim() {
+                return Err(Error::LeaseLost {
+                    connector: self.inner.connector.name.clone(),
+                    key: lease.key_name().to_owned(),
+                    lease: lease.token(),
+                });
+            }
+        }
+    }
+
+    /// Sends the request with `lease`'s key and reads the answer: whole, or for a streaming request
+    /// that got a 2xx, up to its first complete event.
+    async fn attempt(&self, outgoing: &Outgoing, lease: Option<&Lease>) -> std::result::Result<Answer, NoAnswer> {
+        let inner = &self.inner;
+        let client = self.client();
+        let url = format!("{}{}", inner.connector.base_url(), outgoing.path_and_query);
+        let mut request = client.request(outgoing.method.clone(), url).headers(outgoing.headers.clone());
+        if !outgoing.body.is_empty() {
+            if !outgoing.headers.contains_key(CONTENT_TYPE) {
+                request = request.header(CONTENT_TYPE, inner.connector.content_type());
+            }
+            request = request.body(outgoing.body.clone());
+        }
+        if let Some((name, value)) = self.key_header(lease) {
+            request = request.header(name, value);
+        }
+        if outgoing.stream.is_none() {
+            // A whole answer has a total deadline; a stream has per-read ones (a long stream is fine).
+            request = request.timeout(inner.timeout);
+        }
+        let deadline = tokio::time::Instant::now() + inner.timeout;
+        let mut response = request.send().await.map_err(NoAnswer::Transport)?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let is_event_stream = headers
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+        if outgoing.stream.is_none() || !(200..300).contains(&status) || !is_event_stream {
+            let body = tokio::time::timeout_at(deadline, response.bytes())
+                .await
+                .map_err(|_| NoAnswer::Stream("the answer's body did not come in time".to_owned()))?
+                .map_err(NoAnswer::Transport)?;
+            return Ok(Answer::Whole { status, headers, body });
+        }
+        let mut hold = FirstEventHold::new(DEFAULT_FIRST_EVENT_LIMIT);
+        loop {
+            let chunk = tokio::time::timeout_at(deadline, response.chunk())
+                .await
+                .map_err(|_| NoAnswer::Stream(format!("no first event within {:.0} s", inner.timeout.as_secs_f64())))?;
+            match chunk.map_err(NoAnswer::Transport)? {
+                Some(chunk) => {
+                    let first = hold.push(chunk).map_err(|error| NoAnswer::Stream(error.to_string()))?;
+                    if let Some(first) = first {
+                        let first_data = first.data().unwrap_or_default();
+                        let held = Box::new(HeldStream { committed: hold.commit(), response, first_data });
+                        return Ok(Answer::Stream { status, headers, held });
+                    }
+                }
+                None => {
+                    // Ended before any event: the whole body, judged like a non-streaming answer (an
+                    // error written without its blank line), or as no answer at all.
+                    let (_, last) = hold.finish();
+                    let data = last.and_then(|event| event.data());
+                    if let Some(data) = data.filter(|data| crate::gateway::sse::is_error_event(data)) {
+                        return Ok(Answer::Whole { status: error_code(&data), headers, body: Bytes::from(data) });
+                    }
+                    return Err(NoAnswer::Stream("the stream ended before its first event".to_owned()));
+                }
+            }
+        }
+    }
+
+    /// The verdict on an answer (or on its absence).
+    fn judge(
+        &self,
+        answer: &std::result::Result<Answer, NoAnswer>,
+        model: Option<&str>,
+        lease: Option<&Lease>,
+        backoffs: u32,
+    ) -> Verdict {
+        let context = Context {
+            now_ms: self.inner.coordinator.now_ms(),
+            policy: &self.inner.connector.policy,
+            lockdown_count: lease.map_or(0, Lease::lockdown_count),
+            retries: backoffs,
+            via_tor: self.inner.tor.is_some(),
+            model,
+        };
+        match answer {
+            Ok(Answer::Whole { status, headers, body }) => {
+                classify::classify(*status, headers, &String::from_utf8_lossy(body), &context)
+            }
+            // A first event that is an upstream error is that error's answer.
+            Ok(Answer::Stream { headers, held, .. }) if crate::gateway::sse::is_error_event(&held.first_data) => {
+                classify::classify(error_code(&held.first_data), headers, &held.first_data, &context)
+            }
+            Ok(Answer::Stream { status, headers, .. }) => classify::classify(*status, headers, "", &context),
+            Err(_) => classify::transport_failure(&context),
+        }
+    }
+
+    /// Applies the verdict to the key and records the attempt (in one transaction when the lease ends).
+    async fn settle(
+        &self,
+        slot: &mut Option<Lease>,
+        lease: Option<Lease>,
+        verdict: &Verdict,
+        attempt: Attempt,
+        model: Option<&str>,
+    ) -> Result<()> {
+        let Some(mut lease) = lease else {
+            let coordinator = self.inner.coordinator.clone();
+            return short_blocking(move || coordinator.store().record_attempt(&attempt)).await;
+        };
+        let fate = fate_of(verdict, attempt.status);
+        let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
+        let coordinator = self.inner.coordinator.clone();
+        let model = model.map(str::to_owned);
+        let settled = short_blocking(move || {
+            if keep {
+                coordinator.store().record_attempt(&attempt)?;
+                if matches!(fate, Fate::Release { success: true }) {
+                    lease.reset_escalation(model.as_deref())?;
+                }
+                Ok(Some(lease))
+            } else {
+                lease.finish(&fate, Some(&attempt)).map(|()| None)
+            }
+        })
+        .await;
+        match settled {
+            Ok(kept) => {
+                *slot = kept;
+                Ok(())
+            }
+            // The key was reaped or cleaned up under us: its new state is not ours to touch. The caller
+            // hears of it through the response.
+            Err(error @ Error::LeaseLost { .. }) => {
+                tracing::warn!(error = %error, "lease lost during a request");
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The exchange for an answer that is returned as it is (a stream that was not committed is read
+    /// to its end: its first event already said it failed).
+    async fn exchange(
+        &self,
+        answer: Answer,
+        key_name: Option<String>,
+        attempts: u32,
+        model: Option<String>,
+        bookkeeping: Bookkeeping,
+    ) -> Exchange {
+        let (status, headers, body) = match answer {
+            Answer::Whole { status, headers, body } => (status, headers, body),
+            Answer::Stream { status, headers, held } => {
+                let mut bytes: Vec<u8> = held.committed.held.iter().flat_map(|chunk| chunk.iter().copied()).collect();
+                let mut response = held.response;
+                let deadline = tokio::time::Instant::now() + self.inner.timeout;
+                while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await {
+                    bytes.extend_from_slice(&chunk);
+                }
+                (status, headers, Bytes::from(bytes))
+            }
+        };
+        Exchange { status, headers, body: ExchangeBody::Full(body), key_name, attempts, model, bookkeeping }
+    }
+
+    /// The connector's key header with `lease`'s secret, marked sensitive.
+    fn key_header(&self, lease: Option<&Lease>) -> Option<(HeaderName, HeaderValue)> {
+        let (lease, keyring) = (lease?, self.inner.keyring.as_ref()?);
+        let key = keyring.key(&self.inner.connector.name, lease.key_name())?;
+        let (header, prefix) = self.inner.connector.key_header();
+        let name = HeaderName::from_bytes(header.as_bytes()).ok()?;
+        let mut value = HeaderValue::from_str(&format!("{prefix}{}", key.secret().expose_secret())).ok()?;
+        value.set_sensitive(true);
+        Some((name, value))
+    }
+
+    /// Relays a committed stream from a task that owns its lease: the held bytes first, then each
+    /// complete event as it arrives, with an idle timeout per read. The task settles the key when the
+    /// stream ends, and stops (freeing the key, the attempt recorded as cancelled) when the reader goes.
+    fn relay(
+        &self,
+        held: Box<HeldStream>,
+        dialect: Dialect,
+        lease: Option<Lease>,
+        attempt: Attempt,
+        sent: Instant,
+    ) -> StreamingBody {
+        let (sender, chunks) = mpsc::channel(RELAY_CHUNKS);
+        let jongler = self.clone();
+        tokio::spawn(async move {
+            let mut relay = Relay::new(held.committed, dialect);
+            let ending = relay.run(held.response, &sender, jongler.inner.timeout).await;
+            drop(sender);
+            let context_model = attempt.model.clone();
+            let verdict = match &ending {
+                Ending::UpstreamError(data) => {
+                    let context = Context {
+                        now_ms: jongler.inner.coordinator.now_ms(),
+                        policy: &jongler.inner.connector.policy,
+                        lockdown_count: lease.as_ref().map_or(0, Lease::lockdown_count),
+                        retries: 0,
+                        via_tor: jongler.inner.tor.is_some(),
+                        model: context_model.as_deref(),
+                    };
+                    classify::classify(error_code(data), &HeaderMap::new(), data, &context)
+                }
+                Ending::Complete => {
+                    Verdict { key: KeyFate::Release { success: true }, next: Next::Return, project: None }
+                }
+                Ending::Broken(_) | Ending::Cancelled => {
+                    Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
+                }
+            };
+            let outcome = match &ending {
+                Ending::Complete => "success".to_owned(),
+                Ending::UpstreamError(_) => format!("stream error: {}", describe_fate(&verdict)),
+                Ending::Broken(_) => "stream broken".to_owned(),
+                Ending::Cancelled => "cancelled".to_owned(),
+            };
+            if let Ending::Broken(problem) = &ending {
+                tracing::warn!(connector = %attempt.connector, key = ?attempt.key_name, problem = %problem, "stream broke after its first event");
+            }
+            let attempt = Attempt { latency_ms: millis(sent.elapsed()), outcome, ..attempt };
+            let Some(lease) = lease else {
+                let coordinator = jongler.inner.coordinator.clone();
+                let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
+                return;
+            };
+            let fate = fate_of(&verdict, attempt.status);
+            if let Err(error) = blocking(move || lease.finish(&fate, Some(&attempt))).await {
+                tracing::warn!(error = %error, "could not settle the key of a finished stream");
+            }
+        });
+        StreamingBody { chunks }
+    }
+}
+
+/// How a relayed stream ended.
+#[derive(Debug)]
+enum Ending {
+    /// After a terminal event.
+    Complete,
+    /// With an upstream error event (its data), forwarded as it is.
+    UpstreamError(String),
+    /// Without a terminal event: the upstream failed, went idle or ended early (one error event of
+    /// ours was sent).
+    Broken(String),
+    /// The reader went away.
+    Cancelled,
+}
+
+/// The relay's state: the bytes not yet forwarded (at most one incomplete event) and what was seen.
+struct Relay {
+    framer: Framer,
+    dialect: Dialect,
+    /// Bytes after the last forwarded one, starting at stream offset `unsent_from`.
+    unsent: Vec<u8>,
+    unsent_from: u64,
+    /// Events forwarded.
+    events: u64,
+    /// Set once a terminal or error event was forwarded: nothing more goes out.
+    ended: Option<Ending>,
+    /// What the committed hold allows to forward at once.
+    initial: Option<Bytes>,
+}
+
+impl Relay {
+    fn new(committed: crate::gateway::sse::Committed, dialect: Dialect) -> Self {
+        let mut relay = Relay {
+            framer: committed.framer,
+            dialect,
+            unsent: committed.held.iter().flat_map(|chunk| chunk.iter().copied()).collect(),
+            unsent_from: 0,
+            events: 0,
+            ended: None,
+            initial: None,
+        };
+        relay.framer.set_max_event_len(DEFAULT_FIRST_EVENT_LIMIT);
+        relay.initial = relay.see(&committed.events);
+        relay
+    }
+
+    /// Takes note of complete events; returns the bytes to forward now: through the last complete
+    /// event, or through the terminal (or error) event, after which nothing is forwarded.
+    fn see(&mut self, events: &[Event]) -> Option<Bytes> {
+        if self.ended.is_some() {
+            return None;
+        }
+        let mut through = None;
+        for event in events {
+            through = Some(event.range().end);
+            self.events += 1;
+            if let Some(data) = event.data() {
+                if crate::gateway::sse::is_error_event(&data) {
+                    self.ended = Some(Ending::UpstreamError(data));
+                    break;
+                }
+                if event.is_terminal(self.dialect) {
+                    self.ended = Some(Ending::Complete);
+                    break;
+                }
+            }
+        }
+        let through = through?;
+        let take = usize::try_from(through - self.unsent_from).unwrap_or(usize::MAX).min(self.unsent.len());
+        let bytes: Vec<u8> = self.unsent.drain(..take).collect();
+        self.unsent_from = through;
+        Some(Bytes::from(bytes))
+    }
+
+    /// Forwards the stream until it ends; returns how.
+    async fn run(&mut self, mut response: reqwest::Response, sender: &mpsc::Sender<Bytes>, idle: Duration) -> Ending {
+        if let Some(bytes) = self.initial.take()
+            && sender.send(bytes).await.is_err()
+        {
+            return Ending::Cancelled;
+        }
+        loop {
+            if let Some(ending) = self.ended.take() {
+                return ending;
+            }
+            let read = tokio::select! {
+                read = tokio::time::timeout(idle, response.chunk()) => read,
+                () = sender.closed() => return Ending::Cancelled,
+            };
+            let problem = match read {
+                Ok(Ok(Some(chunk))) => {
+                    self.unsent.extend_from_slice(&chunk);
+                    let events = self.framer.push(&chunk);
+                    if let Some(bytes) = self.see(&events)
+                        && sender.send(bytes).await.is_err()
+                    {
+                        return Ending::Cancelled;
+                    }
+                    continue;
+                }
+                Ok(Ok(None)) => format!("upstream stream ended after {} events without its last one", self.events),
+                Ok(Err(error)) => {
+                    format!(
+                        "upstream stream broke after {} events ({})",
+                        self.events,
+                        crate::jongler::without_url(&error)
+                    )
+                }
+                Err(_) => format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events),
+            };
+            let event = self.dialect.stream_error_event(http::StatusCode::BAD_GATEWAY, &problem);
+            if sender.send(event).await.is_err() {
+                return Ending::Cancelled;
+            }
+            return Ending::Broken(problem);
+        }
+    }
+}
+
+/// The status an in-band error event carries (`error.code`), else 500.
+fn error_code(data: &str) -> u16 {
+    serde_json::from_str::<serde_json::Value>(data)
+        .ok()
+        .and_then(|json| json["error"]["code"].as_u64())
+        .and_then(|code| u16::try_from(code).ok())
+        .filter(|code| (400..600).contains(code))
+        .unwrap_or(500)
+}
+
+/// The key's fate from a verdict, for the store.
+fn fate_of(verdict: &Verdict, http_status: Option<u16>) -> Fate {
+    match &verdict.key {
+        KeyFate::Release { success } => Fate::Release { success: *success },
+        KeyFate::Lockdown { until_ms, reason, reach, models, quota_id } => Fate::Lockdown(Lockdown {
+            until: *until_ms,
+            reason: reason.clone(),
+            http_status,
+            reach: *reach,
+            models: models.clone(),
+            quota_id: quota_id.clone(),
+            project: verdict.project.clone(),
+        }),
+        KeyFate::Error { reason } => {
+            Fate::Error { reason: reason.clone(), http_status, project: verdict.project.clone() }
+        }
+    }
+}
+
+/// One word or two for the `requests` table's `outcome`.
+fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -> String {
+    match answer {
+        Err(NoAnswer::Transport(error)) if error.is_timeout() => "timeout".to_owned(),
+        Err(NoAnswer::Transport(_)) => "connection error".to_owned(),
+        Err(NoAnswer::Stream(_)) => "stream failed".to_owned(),
+        Ok(_) => describe_fate(verdict),
+    }
+}
+
+fn describe_fate(verdict: &Verdict) -> String {
+    match &verdict.key {
+        KeyFate::Release { success: true } => "success".to_owned(),
+        KeyFate::Lockdown { .. } => "rate limited".to_owned(),
+        KeyFate::Error { .. } => "bad key".to_owned(),
+        KeyFate::Release { success: false } => match verdict.next {
+            Next::Backoff { .. } => "provider error".to_owned(),
+            Next::NewCircuit => "location refused".to_owned(),
+            _ => "client error".to_owned(),
+        },
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A lease while its request is on the wire. Dropped there (the request future was cancelled: SIGINT,
+/// a client that went away), it gives the key back and records the attempt as cancelled, off this
+/// thread (see `Lease::end_later`).
+struct InFlight {
+    lease: Option<Lease>,
+    cancelled: Attempt,
+    sent: Instant,
+}
+
+impl InFlight {
+    /// The send finished: the lease goes on to be settled by the verdict.
+    fn landed(mut self) -> Option<Lease> {
+        self.lease.take()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let mut attempt = self.cancelled.clone();
+            attempt.latency_ms = millis(self.sent.elapsed());
+            tracing::info!(key = %lease.key_name(), "request cancelled; giving the key back");
+            lease.end_later(Fate::Release { success: false }, Some(attempt));
+        }
+    }
+}
