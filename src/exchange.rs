@@ -59,6 +59,9 @@ pub struct Outgoing {
     pub stream: Option<Dialect>,
     /// How long to wait for a free key (default: the jongler's).
     pub wait: Option<Duration>,
+    /// Send with no key and never retry: a resumable upload's chunk, whose `upload_id` is its own
+    /// capability and belongs to the key that started the upload.
+    pub without_key: bool,
 }
 
 impl Outgoing {
@@ -71,8 +74,18 @@ impl Outgoing {
             body: body.into(),
             stream: None,
             wait: None,
+            without_key: false,
         }
     }
+}
+
+/// Where the time of an exchange went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Waiting for free keys, over all attempts.
+    pub claiming: Duration,
+    /// The last attempt, from sending to its answer (a stream: to its first event).
+    pub upstream: Duration,
 }
 
 /// The answer to an [`Outgoing`] request.
@@ -90,6 +103,8 @@ pub struct Exchange {
     pub attempts: u32,
     /// The model the request named, if the connector could tell.
     pub model: Option<String>,
+    /// Where the time went.
+    pub timings: Timings,
     /// Whether the database recorded everything that followed from the attempts so far (a relayed
     /// stream settles its key when it ends).
     pub bookkeeping: Bookkeeping,
@@ -255,8 +270,15 @@ impl Jongler {
         let mut budget = RetryBudget::new(keys, connector.policy.retries);
         let mut tried: Vec<String> = Vec::new();
         let mut bookkeeping = Bookkeeping::Recorded;
+        let mut timings = Timings::default();
         loop {
-            let lease = self.next_lease(slot, model.as_deref(), &tried, started, wait, &mut budget).await?;
+            let claiming = Instant::now();
+            let lease = if outgoing.without_key {
+                None
+            } else {
+                self.next_lease(slot, model.as_deref(), &tried, started, wait, &mut budget).await?
+            };
+            timings.claiming += claiming.elapsed();
             self.check_secret(lease.as_ref())?;
             budget.attempt();
             let key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
@@ -274,6 +296,7 @@ impl Jongler {
             let sent = Instant::now();
             let in_flight = InFlight { lease, cancelled: attempt.clone(), sent };
             let answer = self.attempt(&outgoing, in_flight.lease.as_ref()).await;
+            timings.upstream = sent.elapsed();
             let lease = in_flight.landed();
             let verdict = self.judge(&answer, model.as_deref(), lease.as_ref(), budget.backoffs());
             let attempt = Attempt {
@@ -299,6 +322,7 @@ impl Jongler {
                     key_name,
                     attempts: budget.attempts,
                     model,
+                    timings,
                     bookkeeping,
                 });
             }
@@ -309,12 +333,17 @@ impl Jongler {
                 Err(error) => match answer {
                     Ok(answer) => {
                         let bookkeeping = Bookkeeping::NotRecorded { problem: error.to_string() };
-                        return Ok(self.exchange(answer, key_name, budget.attempts, model, bookkeeping).await);
+                        let summary = (key_name, budget.attempts, model, timings, bookkeeping);
+                        return Ok(self.exchange(answer, summary).await);
                     }
                     Err(_) => return Err(error),
                 },
             }
-            let retry = budget.follow(&verdict.next, inner.tor.is_some(), inner.timeout);
+            let retry = if outgoing.without_key {
+                Retry::No
+            } else {
+                budget.follow(&verdict.next, inner.tor.is_some(), inner.timeout)
+            };
             if verdict.next == Next::OtherKey {
                 tried.extend(key_name.clone());
             }
@@ -323,7 +352,9 @@ impl Jongler {
                 Retry::NewCircuit => self.new_circuit()?,
                 Retry::No => {
                     return match answer {
-                        Ok(answer) => Ok(self.exchange(answer, key_name, budget.attempts, model, bookkeeping).await),
+                        Ok(answer) => {
+                            Ok(self.exchange(answer, (key_name, budget.attempts, model, timings, bookkeeping)).await)
+                        }
                         Err(NoAnswer::Transport(error)) => Err(Error::Transport {
                             connector: connector.name.clone(),
                             endpoint: path,
@@ -519,14 +550,8 @@ impl Jongler {
 
     /// The exchange for an answer that is returned as it is (a stream that was not committed is read
     /// to its end: its first event already said it failed).
-    async fn exchange(
-        &self,
-        answer: Answer,
-        key_name: Option<String>,
-        attempts: u32,
-        model: Option<String>,
-        bookkeeping: Bookkeeping,
-    ) -> Exchange {
+    async fn exchange(&self, answer: Answer, summary: Summary) -> Exchange {
+        let (key_name, attempts, model, timings, bookkeeping) = summary;
         let (status, headers, body) = match answer {
             Answer::Whole { status, headers, body } => (status, headers, body),
             Answer::Stream { status, headers, held } => {
@@ -539,7 +564,7 @@ impl Jongler {
                 (status, headers, Bytes::from(bytes))
             }
         };
-        Exchange { status, headers, body: ExchangeBody::Full(body), key_name, attempts, model, bookkeeping }
+        Exchange { status, headers, body: ExchangeBody::Full(body), key_name, attempts, model, timings, bookkeeping }
     }
 
     /// The connector's key header with `lease`'s secret, marked sensitive.
@@ -613,6 +638,9 @@ impl Jongler {
         StreamingBody { chunks }
     }
 }
+
+/// What an exchange returns besides its answer: key, attempts, model, timings, bookkeeping.
+type Summary = (Option<String>, u32, Option<String>, Timings, Bookkeeping);
 
 /// How a relayed stream ended.
 #[derive(Debug)]

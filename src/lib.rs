@@ -67,7 +67,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{Connector, Connectors};
 pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
 pub use error::{Cause, Error, Result};
-pub use exchange::{Exchange, ExchangeBody, Outgoing, StreamingBody};
+pub use exchange::{Exchange, ExchangeBody, Outgoing, StreamingBody, Timings};
 pub use jongler::{Bookkeeping, Jongler, JonglerBuilder, LeaseScope, Response};
 pub use keyring::{ApiKey, Keyring, KeyringProblem};
 pub use lease::Lease;
