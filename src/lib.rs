@@ -16,8 +16,15 @@
 //!   running keeps them whatever its heartbeat's age, stopped frees them once its heartbeat is stale.
 //!   Only holders the OS cannot see are judged by heartbeat age, on `CLOCK_BOOTTIME`. A holder checks
 //!   that its lease is still trusted right before every send.
+//! - A lockdown is as wide as the quota that ran out: one model (or every model) of the key alone or of
+//!   its quota group (keys sharing one Google Cloud project or account, declared in the keyring).
+//!   [`Coordinator::claim_for`] skips keys locked down for the request's model; they still serve
+//!   others.
 //! - When no key is free, waiters poll with reads, back off with jitter and wake at the earliest
-//!   lockdown deadline, so scarce keys never turn into a storm of write attempts.
+//!   lockdown deadline that matters for their model, so scarce keys never turn into a storm of write
+//!   attempts.
+//! - [`Jongler::send`] is the one path a request takes through the pool (the CLI, the library and the
+//!   `apijongler serve` gateway share it): bytes and headers in, a whole answer or a relayed stream out.
 //!
 //! ```no_run
 //! use std::time::Duration;
