@@ -166,6 +166,12 @@ fn row(processes: u32, keys: &str, summary: &Summary) -> String {
     )
 }
 
+/// The claim+release cycles per second of `processes` workers on `keys` keys (for `bench gateway`'s
+/// ceiling).
+pub(super) fn claim_release_rate(processes: u32, keys: u32, duration: Duration) -> anyhow::Result<f64> {
+    Ok(measure(processes, Some(Pool { keys, locked: 0 }), duration)?.cycles_per_second)
+}
+
 /// Runs `processes` workers for `duration` on a fresh database with `pool` (`None`: the raw
 /// reference, on 64 rows).
 fn measure(processes: u32, pool: Option<Pool>, duration: Duration) -> anyhow::Result<Measured> {

@@ -1,7 +1,9 @@
 //! `apijongler bench`: the measurements the README quotes. `bench keys` measures the coordinator
 //! against raw SQLite; `bench requests` measures the request layer against a plain HTTP client and its
-//! goodput under a quota; `bench sync` measures what the keyring's size costs a sync and a command.
+//! goodput under a quota; `bench sync` measures what the keyring's size costs a sync and a command;
+//! `bench gateway` measures what `apijongler serve` adds and how close it gets to the coordinator's ceiling.
 
+mod gateway;
 mod keys;
 mod requests;
 mod sync;
@@ -26,6 +28,8 @@ enum What {
     Requests(requests::RequestsArgs),
     /// Keyring syncs and whole commands with 10, 10,000 and 100,000 keys.
     Sync(sync::SyncArgs),
+    /// Latency `apijongler serve` adds, and its throughput next to the coordinator's ceiling.
+    Gateway(gateway::GatewayArgs),
 }
 
 pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -33,6 +37,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         What::Keys(keys) => keys::run(global, keys),
         What::Requests(requests) => requests::run(requests),
         What::Sync(sync) => sync::run(sync),
+        What::Gateway(gateway) => gateway::run(gateway),
     }
 }
 
