@@ -16,15 +16,29 @@
 //! short, misleading `retryDelay` of a per-day 429. The mock's day ends only when a test calls
 //! [`MockUpstream::reset_day`]: no wall clock. Per bucket it counts the requests that arrived after
 //! the bucket had already answered a per-day 429 that day, which a correct client never sends.
+//!
+//! It streams in both dialects: `…/models/{m}:streamGenerateContent?alt=sse` answers Gemini's event
+//! stream (events end with CRLF CRLF, the last one carries `finishReason` and `usageMetadata`), and
+//! `…/chat/completions` with `"stream": true` in its JSON body answers OpenAI's (LF LF, a last chunk
+//! with `finish_reason`, then `data: [DONE]`; without it, one `chat.completion`); see [`good_stream`].
+//! Each event is its own body frame, flushed on its own, [`MockConfig::stream_delay`] apart. A
+//! streaming request is metered and judged like any other (a 429, 400 or 503 comes before the stream,
+//! as JSON), unless it takes one of the configured [`StreamFault`]s, which replaces its answer. A
+//! stream keeps its key in flight until hyper drops its body, and counts as cancelled when that happens
+//! before its script ended without the terminal event having been handed over (the client went away).
+//! Every request is recorded as a [`SeenRequest`], secrets included: this is the fake upstream.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -77,6 +91,182 @@ pub struct MockConfig {
     /// Projects that always answer the project-wide ErrorInfo `RATE_LIMIT_EXCEEDED` 429, with
     /// `consumer: projects/<`[`project_number`]`>`.
     pub project_rate_limited: HashSet<String>,
+    /// Events in a good stream (at least 1): in Gemini's dialect the last one is the terminal event;
+    /// OpenAI's adds a `finish_reason` chunk and `[DONE]`. See [`good_stream`].
+    pub stream_events: usize,
+    /// The pause before each event after the first (the first one comes after `latency`).
+    pub stream_delay: Duration,
+    /// Faults taken in order, one by each streaming request with a valid key that
+    /// [`MockConfig::stream_faults_by_key`] has none left for; then streams are good again.
+    pub stream_faults: Vec<StreamFault>,
+    /// Faults per secret, taken in order by that key's streaming requests, before `stream_faults`.
+    pub stream_faults_by_key: HashMap<String, Vec<StreamFault>>,
+}
+
+/// A way for one streaming request to fail, instead of judging and streaming it normally: the request
+/// bypasses every quota and `overload_every`, and counts in [`KeyStats::faults`]. "`after_events: n`"
+/// counts events of the good stream ([`good_stream`]), capped so that the terminal event never is
+/// among them. An in-band error is `data: ` + [`error_body`] + the dialect's blank line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFault {
+    /// No stream: this status and JSON body (see [`StreamFault::quota_429`], [`StreamFault::overloaded_503`]).
+    StatusBeforeStream(u16, String),
+    /// 200 event-stream whose only event is the in-band error [`error_body`] of this code, then the end.
+    ErrorAsFirstEvent(u16),
+    /// 200 event-stream with an empty body.
+    EndBeforeFirstEvent,
+    /// 200 event-stream with the first event's `data:` line but not the blank line that ends it, then
+    /// a clean end.
+    PartialFirstEvent,
+    /// Headers, nothing for this long, then the good stream.
+    SilentBeforeFirstEvent(Duration),
+    /// `after_events` good events, the in-band 503 "The model is overloaded", then a clean end.
+    ErrorMidStream {
+        /// Good events before the error.
+        after_events: usize,
+    },
+    /// `after_events` good events (flushed), then the body fails: hyper aborts the connection and the
+    /// client sees an incomplete chunked body.
+    BreakMidStream {
+        /// Good events before the break.
+        after_events: usize,
+    },
+    /// `after_events` good events, then a clean end without the terminal event.
+    TruncateMidStream {
+        /// Good events before the end.
+        after_events: usize,
+    },
+    /// `after_events` good events, nothing for `pause`, then the rest of the good stream.
+    IdleMidStream {
+        /// Good events before the pause.
+        after_events: usize,
+        /// How long nothing is sent.
+        pause: Duration,
+    },
+    /// The whole good stream, then the in-band 503 after the terminal event.
+    TrailingErrorAfterTerminal,
+    /// The good stream's bytes, each event in several frames: after `data`, in the middle, and between
+    /// every two bytes of its closing blank line (so between the CR and the LF of Gemini's CRLF CRLF).
+    SplitFrames,
+}
+
+impl StreamFault {
+    /// A per-minute 429 before the stream, with the QuotaFailure (model `model`) and RetryInfo (20 s)
+    /// of today's Gemini.
+    pub fn quota_429(model: &str) -> Self {
+        Self::StatusBeforeStream(429, quota_failure(PER_MINUTE_QUOTA_ID, model, 10, "20s"))
+    }
+
+    /// Gemini's 503 "The model is overloaded" before the stream.
+    pub fn overloaded_503() -> Self {
+        Self::StatusBeforeStream(503, OVERLOADED.to_owned())
+    }
+}
+
+/// The two stream formats the mock speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamDialect {
+    /// `:streamGenerateContent?alt=sse`: events end with CRLF CRLF; the terminal event carries
+    /// `finishReason`.
+    Gemini,
+    /// `/chat/completions` with `"stream": true`: events end with LF LF; the terminal event is
+    /// `data: [DONE]`.
+    OpenAi,
+}
+
+impl StreamDialect {
+    fn blank_line(self) -> &'static str {
+        match self {
+            Self::Gemini => "\r\n\r\n",
+            Self::OpenAi => "\n\n",
+        }
+    }
+
+    fn event(self, data: &str) -> Bytes {
+        Bytes::from(format!("data: {data}{}", self.blank_line()))
+    }
+}
+
+/// The events of a good stream, each with its closing blank line, in order; the last one is the
+/// terminal event. Gemini: `events` events with the text `chunk 1` … `chunk N`, the last with
+/// `finishReason: STOP` and `usageMetadata`. OpenAI: `events` chunks with the same texts, a chunk with
+/// `finish_reason: stop` and `usage`, then `[DONE]`. The bytes depend only on the arguments.
+pub fn good_stream(dialect: StreamDialect, model: &str, events: usize) -> Vec<Bytes> {
+    let events = events.max(1);
+    let (prompt, output) = (5, events);
+    let total = prompt + output;
+    let mut stream: Vec<Bytes> = (1..=events)
+        .map(|i| {
+            let text = format!("chunk {i}");
+            let data = match dialect {
+                StreamDialect::Gemini if i == events => json!({
+                    "candidates": [{
+                        "content": {"parts": [{"text": text}], "role": "model"},
+                        "finishReason": "STOP",
+                        "index": 0,
+                    }],
+                    "usageMetadata": {
+                        "promptTokenCount": prompt, "candidatesTokenCount": output, "totalTokenCount": total,
+                    },
+                    "modelVersion": model,
+                }),
+                StreamDialect::Gemini => json!({
+                    "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+                    "modelVersion": model,
+                }),
+                StreamDialect::OpenAi => json!({
+                    "id": OPENAI_ID, "object": "chat.completion.chunk", "created": OPENAI_CREATED, "model": model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": null}],
+                }),
+            };
+            dialect.event(&data.to_string())
+        })
+        .collect();
+    if dialect == StreamDialect::OpenAi {
+        let stop = json!({
+            "id": OPENAI_ID, "object": "chat.completion.chunk", "created": OPENAI_CREATED, "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": total},
+        });
+        stream.push(dialect.event(&stop.to_string()));
+        stream.push(dialect.event("[DONE]"));
+    }
+    stream
+}
+
+/// The JSON of an in-band (or before-stream) error of this code, in Gemini's shape:
+/// `{"error":{"code":…,"message":…,"status":…}}`. 429 is [`BARE_429`], 503 is "The model is
+/// overloaded. Please try again later." with `UNAVAILABLE`.
+pub fn error_body(code: u16) -> String {
+    match code {
+        429 => BARE_429.to_owned(),
+        503 => OVERLOADED.to_owned(),
+        _ => {
+            let (message, status) = match code {
+                400 => ("Request contains an invalid argument.", "INVALID_ARGUMENT"),
+                403 => ("Permission denied.", "PERMISSION_DENIED"),
+                500 => ("An internal error has occurred.", "INTERNAL"),
+                504 => ("The service is currently unavailable.", "DEADLINE_EXCEEDED"),
+                _ => ("Unknown error.", "UNKNOWN"),
+            };
+            json!({"error": {"code": code, "message": message, "status": status}}).to_string()
+        }
+    }
+}
+
+/// What the mock saw of one request, secrets included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenRequest {
+    /// `POST`, `GET`…
+    pub method: String,
+    /// The path and the query string, as received.
+    pub path_and_query: String,
+    /// Every header, names lowercase, values as received (non-UTF-8 bytes replaced), in order.
+    pub headers: Vec<(String, String)>,
+    /// The key the mock read (`x-goog-api-key`, else `Authorization: Bearer …`); `None` when empty.
+    pub key: Option<String>,
+    /// The request body.
+    pub body: Bytes,
 }
 
 impl Default for MockConfig {
@@ -92,6 +282,10 @@ impl Default for MockConfig {
             minute: Duration::from_secs(60),
             bare_429_models: HashSet::new(),
             project_rate_limited: HashSet::new(),
+            stream_events: 3,
+            stream_delay: Duration::ZERO,
+            stream_faults: Vec::new(),
+            stream_faults_by_key: HashMap::new(),
         }
     }
 }
@@ -124,13 +318,22 @@ pub struct KeyStats {
     pub max_in_flight: u64,
     /// Requests that arrived before the deadline the mock had announced in a 429.
     pub before_deadline: u64,
+    /// Streaming requests answered with a [`StreamFault`].
+    pub faults: u64,
+    /// 200 event-stream answers begun (good ones and faults alike).
+    pub streams_started: u64,
+    /// Streams whose terminal event was handed to hyper to write.
+    pub streams_completed: u64,
+    /// Streams whose body was dropped before its script ended, with no terminal event handed over:
+    /// the client went away.
+    pub streams_cancelled: u64,
     in_flight: u64,
     accepted: VecDeque<Instant>,
     deadline: Option<Instant>,
 }
 
 impl KeyStats {
-    /// Requests with this key in flight now.
+    /// Requests with this key in flight now; a stream is in flight until hyper drops its body.
     pub fn in_flight(&self) -> u64 {
         self.in_flight
     }
@@ -161,6 +364,21 @@ struct State {
     requests: u64,
     keys: HashMap<String, KeyStats>,
     models: HashMap<(String, String), ModelStats>,
+    seen: Vec<SeenRequest>,
+    faults: VecDeque<StreamFault>,
+    faults_by_key: HashMap<String, VecDeque<StreamFault>>,
+}
+
+impl State {
+    fn lock(state: &Mutex<Self>) -> std::sync::MutexGuard<'_, Self> {
+        state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The fault the next streaming request of `key` takes, if any.
+    fn take_fault(&mut self, key: &str) -> Option<StreamFault> {
+        let own = self.faults_by_key.get_mut(key).and_then(VecDeque::pop_front);
+        own.or_else(|| self.faults.pop_front())
+    }
 }
 
 /// A running mock upstream; it stops when dropped.
@@ -176,7 +394,13 @@ impl MockUpstream {
     pub async fn start(config: MockConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            faults: config.stream_faults.iter().cloned().collect(),
+            faults_by_key: (config.stream_faults_by_key.iter())
+                .map(|(key, faults)| (key.clone(), faults.iter().cloned().collect()))
+                .collect(),
+            ..State::default()
+        }));
         let config = Arc::new(config);
         let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -214,6 +438,46 @@ impl MockUpstream {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).models.clone()
     }
 
+    /// Every request it received so far, in order of arrival.
+    pub fn seen_requests(&self) -> Vec<SeenRequest> {
+        State::lock(&self.state).seen.clone()
+    }
+
+    /// Queues a fault for the next streaming requests, after those already queued.
+    pub fn push_stream_fault(&self, fault: StreamFault) {
+        State::lock(&self.state).faults.push_back(fault);
+    }
+
+    /// Queues a fault for the next streaming requests of one key (secret), before the shared ones.
+    pub fn push_stream_fault_for(&self, key: &str, fault: StreamFault) {
+        State::lock(&self.state).faults_by_key.entry(key.to_owned()).or_default().push_back(fault);
+    }
+
+    /// Waits until `condition` holds on the per-key stats, checking every 10 ms; `false` if it still
+    /// does not after `timeout`.
+    pub async fn wait_for(&self, timeout: Duration, condition: impl Fn(&HashMap<String, KeyStats>) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if condition(&State::lock(&self.state).keys) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until no key has a request in flight (streams included); `false` on timeout.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |keys| keys.values().all(|stats| stats.in_flight == 0)).await
+    }
+
+    /// Waits until `key` (a secret) has no request in flight; `false` on timeout.
+    pub async fn wait_key_idle(&self, key: &str, timeout: Duration) -> bool {
+        self.wait_for(timeout, |keys| keys.get(key).is_none_or(|stats| stats.in_flight == 0)).await
+    }
+
     /// The mock's midnight: every per-day counter starts again, and no bucket has answered a per-day
     /// 429 yet. The cumulative stats stay.
     pub fn reset_day(&self) {
@@ -244,25 +508,37 @@ async fn answer(
     state: Arc<Mutex<State>>,
     config: Arc<MockConfig>,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let headers = request.headers();
-    let key = headers
+) -> Result<Response<MockBody>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let key = parts
+        .headers
         .get(KEY_HEADER)
-        .or_else(|| headers.get(hyper::header::AUTHORIZATION))
+        .or_else(|| parts.headers.get(hyper::header::AUTHORIZATION))
         .and_then(|value| value.to_str().ok())
         .map(|value| value.strip_prefix("Bearer ").unwrap_or(value))
         .unwrap_or_default()
         .to_owned();
-    let slow = request.uri().path().starts_with("/slow");
-    let mut model = model_in_path(request.uri().path()).map(str::to_owned);
-    if model.is_none() {
-        let body = request.into_body().collect().await.map(|body| body.to_bytes()).unwrap_or_default();
-        model = model_in_body(&body);
-    }
+    let body = body.collect().await.map(|body| body.to_bytes()).unwrap_or_default();
+    let path = parts.uri.path();
+    let slow = path.starts_with("/slow");
+    let chat = path.ends_with("/chat/completions");
+    let model = model_in_path(path).map(str::to_owned).or_else(|| model_in_body(&body));
+    let stream = stream_dialect(&parts.uri, &body);
     let arrived = Instant::now();
-    let (status, body) = {
-        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    let (status, body, fault) = {
+        let mut state = State::lock(&state);
         state.requests += 1;
+        state.seen.push(SeenRequest {
+            method: parts.method.to_string(),
+            path_and_query: parts.uri.path_and_query().map_or_else(|| path.to_owned(), ToString::to_string),
+            headers: (parts.headers.iter())
+                .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+                .collect(),
+            key: (!key.is_empty()).then(|| key.clone()),
+            body,
+        });
+        let valid = !key.is_empty() && !config.bad_keys.contains(&key);
+        let fault = if stream.is_some() && valid { state.take_fault(&key) } else { None };
         let overload = config.overload_every.is_some_and(|every| state.requests.is_multiple_of(every));
         let State { keys, models, .. } = &mut *state;
         let stats = keys.entry(key.clone()).or_default();
@@ -271,20 +547,271 @@ async fn answer(
         if stats.deadline.is_some_and(|deadline| arrived < deadline) {
             stats.before_deadline += 1;
         }
-        judge(&config, stats, models, &key, model.as_deref(), arrived, overload)
+        if fault.is_some() {
+            stats.faults += 1;
+            (StatusCode::OK, String::new(), fault)
+        } else {
+            let (status, body) = judge(&config, stats, models, &key, model.as_deref(), arrived, overload);
+            (status, body, None)
+        }
     };
+    // From here on, however the answer ends (a client gone during the latency included), the request
+    // leaves the key's in-flight count when this guard drops.
+    let mut flight = Flight { state, key, streaming: false, terminal: false, ended: false };
     let latency = if slow { Duration::from_secs(60) } else { config.latency };
     // Even a zero sleep waits for the timer's next millisecond tick; an instant mock answers at once.
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    if let Some(stats) = state.lock().unwrap_or_else(PoisonError::into_inner).keys.get_mut(&key) {
-        stats.in_flight -= 1;
+    let model = model.as_deref().unwrap_or("gemini-2.5-flash");
+    let script = match (stream, fault) {
+        (Some(_), Some(StreamFault::StatusBeforeStream(code, body))) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Ok(whole(status, body));
+        }
+        (Some(dialect), fault) if status == StatusCode::OK => script(dialect, model, &config, fault),
+        _ if status == StatusCode::OK && chat => return Ok(whole(status, chat_completion(model))),
+        _ => return Ok(whole(status, body)),
+    };
+    if let Some(stats) = State::lock(&flight.state).keys.get_mut(&flight.key) {
+        stats.streams_started += 1;
     }
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    flight.streaming = true;
+    let body = MockBody::Stream(Box::new(Script { steps: script, sleep: None, flushed: false, flight }));
+    let mut response = Response::new(body);
+    response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/event-stream"));
+    Ok(response)
+}
+
+/// A whole JSON answer.
+fn whole(status: StatusCode, body: String) -> Response<MockBody> {
+    let mut response = Response::new(MockBody::Whole(Some(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
-    Ok(response)
+    response
+}
+
+/// The dialect of a streaming request: Gemini's `:streamGenerateContent?alt=sse` (without `alt=sse`
+/// the mock answers one JSON object, as before), or a chat completion whose body says `"stream": true`
+/// (OpenAI's SDK sends `Accept: application/json` even then).
+fn stream_dialect(uri: &hyper::Uri, body: &[u8]) -> Option<StreamDialect> {
+    let path = uri.path();
+    if path.contains(":streamGenerateContent") {
+        let sse = uri.query().is_some_and(|query| query.split('&').any(|pair| pair == "alt=sse"));
+        return sse.then_some(StreamDialect::Gemini);
+    }
+    let streaming = || {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        value.get("stream")?.as_bool()
+    };
+    (path.ends_with("/chat/completions") && streaming() == Some(true)).then_some(StreamDialect::OpenAi)
+}
+
+/// What one streaming answer sends, step by step.
+fn script(dialect: StreamDialect, model: &str, config: &MockConfig, fault: Option<StreamFault>) -> VecDeque<Step> {
+    let events = good_stream(dialect, model, config.stream_events);
+    let last = events.len() - 1;
+    // Each event's steps: the pause before it (not before the first), then its bytes.
+    let good: Vec<Vec<Step>> = (events.iter().enumerate())
+        .map(|(i, event)| {
+            let mut steps = Vec::new();
+            if i > 0 && !config.stream_delay.is_zero() {
+                steps.push(Step::Pause(config.stream_delay));
+            }
+            steps.push(if i == last { Step::Terminal(event.clone()) } else { Step::Data(event.clone()) });
+            steps
+        })
+        .collect();
+    let until = |n: usize| good[..n.min(last)].iter().flatten().cloned();
+    let error = |code| Step::Data(dialect.event(&error_body(code)));
+    let Some(fault) = fault else { return good.into_iter().flatten().collect() };
+    match fault {
+        // Answered before any stream: `answer` never gets here with it.
+        StreamFault::StatusBeforeStream(..) => VecDeque::new(),
+        StreamFault::ErrorAsFirstEvent(code) => [error(code)].into(),
+        StreamFault::EndBeforeFirstEvent => VecDeque::new(),
+        StreamFault::PartialFirstEvent => {
+            let first = &events[0];
+            let line_end = dialect.blank_line().len() / 2;
+            [Step::Data(first.slice(..first.len() - line_end))].into()
+        }
+        StreamFault::SilentBeforeFirstEvent(pause) => {
+            std::iter::once(Step::Pause(pause)).chain(good.into_iter().flatten()).collect()
+        }
+        StreamFault::ErrorMidStream { after_events } => until(after_events).chain([error(503)]).collect(),
+        StreamFault::BreakMidStream { after_events } => until(after_events).chain([Step::Abort]).collect(),
+        StreamFault::TruncateMidStream { after_events } => until(after_events).collect(),
+        StreamFault::IdleMidStream { after_events, pause } => {
+            let n = after_events.min(last);
+            let rest = good[n..].iter().flatten().cloned();
+            until(n).chain([Step::Pause(pause)]).chain(rest).collect()
+        }
+        StreamFault::TrailingErrorAfterTerminal => good.into_iter().flatten().chain([error(503)]).collect(),
+        StreamFault::SplitFrames => good
+            .into_iter()
+            .flatten()
+            .flat_map(|step| match step {
+                Step::Data(event) => split(&event, dialect).into_iter().map(Step::Data).collect(),
+                Step::Terminal(event) => {
+                    let mut parts = split(&event, dialect);
+                    let end = parts.pop().map(Step::Terminal);
+                    parts.into_iter().map(Step::Data).chain(end).collect()
+                }
+                other => vec![other],
+            })
+            .collect(),
+    }
+}
+
+/// An event cut after `data`, in the middle, and between every two bytes of its closing blank line.
+fn split(event: &Bytes, dialect: StreamDialect) -> Vec<Bytes> {
+    let blank = dialect.blank_line().len();
+    let mut cuts = vec![4, event.len() / 2];
+    cuts.extend((1..blank).map(|i| event.len() - blank + i));
+    let mut start = 0;
+    let mut parts = Vec::new();
+    for cut in cuts.into_iter().chain([event.len()]) {
+        if cut > start {
+            parts.push(event.slice(start..cut));
+            start = cut;
+        }
+    }
+    parts
+}
+
+/// A non-streaming chat completion, in OpenAI's shape.
+fn chat_completion(model: &str) -> String {
+    json!({
+        "id": OPENAI_ID, "object": "chat.completion", "created": OPENAI_CREATED, "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello from the mock upstream."},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+    })
+    .to_string()
+}
+
+const OPENAI_ID: &str = "chatcmpl-mock";
+
+/// A fixed `created`, so the bytes of an answer depend only on the request.
+const OPENAI_CREATED: u64 = 1_700_000_000;
+
+/// One step of a streaming answer.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A body frame.
+    Data(Bytes),
+    /// The frame that completes the stream's terminal event.
+    Terminal(Bytes),
+    /// Nothing is sent for this long.
+    Pause(Duration),
+    /// The body fails, so hyper aborts the connection.
+    Abort,
+}
+
+/// The mock's response body: a whole JSON answer, or a scripted event stream.
+enum MockBody {
+    Whole(Option<Bytes>),
+    Stream(Box<Script>),
+}
+
+struct Script {
+    steps: VecDeque<Step>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection has been given a chance to flush since the last frame.
+    flushed: bool,
+    flight: Flight,
+}
+
+/// Keeps a request in its key's in-flight count until dropped: with the answer, or with a stream's
+/// body when hyper drops it. For a stream, it tells how the stream ended.
+struct Flight {
+    state: Arc<Mutex<State>>,
+    key: String,
+    streaming: bool,
+    /// The terminal event was handed to hyper.
+    terminal: bool,
+    /// The script ended (cleanly or by its abort).
+    ended: bool,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Some(stats) = State::lock(&self.state).keys.get_mut(&self.key) {
+            stats.in_flight -= 1;
+            if self.streaming && !self.terminal && !self.ended {
+                stats.streams_cancelled += 1;
+            }
+        }
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let script = match self.get_mut() {
+            Self::Whole(bytes) => return Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
+            Self::Stream(script) => script,
+        };
+        loop {
+            if let Some(sleep) = script.sleep.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                script.sleep = None;
+            }
+            match script.steps.front() {
+                None => {
+                    script.flight.ended = true;
+                    return Poll::Ready(None);
+                }
+                Some(Step::Pause(pause)) => {
+                    script.sleep = Some(Box::pin(tokio::time::sleep(*pause)));
+                    script.steps.pop_front();
+                    continue;
+                }
+                // hyper flushes what it buffered only once the body is pending: going pending once
+                // before each frame puts each frame on the wire on its own, and lets the frames before
+                // an abort out before hyper drops the connection's write buffer.
+                Some(_) if !script.flushed => {
+                    script.flushed = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Some(_) => script.flushed = false,
+            }
+            return Poll::Ready(match script.steps.pop_front() {
+                Some(Step::Data(bytes)) => Some(Ok(Frame::data(bytes))),
+                Some(Step::Terminal(bytes)) => {
+                    script.flight.terminal = true;
+                    if let Some(stats) = State::lock(&script.flight.state).keys.get_mut(&script.flight.key) {
+                        stats.streams_completed += 1;
+                    }
+                    Some(Ok(Frame::data(bytes)))
+                }
+                _ => {
+                    script.flight.ended = true;
+                    Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "mock: stream broken on purpose",
+                    )))
+                }
+            });
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Self::Whole(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |bytes| bytes.len() as u64)),
+            Self::Stream(_) => SizeHint::default(),
+        }
+    }
 }
 
 /// `gemini-2.5-pro` from `/v1beta/models/gemini-2.5-pro:generateContent`.
@@ -691,5 +1218,338 @@ mod tests {
         assert_eq!((keys["k1"].ok, keys["k1"].rate_limited, keys["k1"].max_in_flight), (1, 1, 1));
         let pro = bucket(&mock, "p", PRO);
         assert_eq!((pro.ok, pro.rate_limited, pro.after_429), (2, 1, 0));
+    }
+
+    /// A model without quotas in [`config`].
+    const LITE: &str = "gemini-2.5-flash-lite";
+
+    fn streaming(faults: Vec<StreamFault>) -> MockConfig {
+        MockConfig {
+            latency: Duration::ZERO,
+            bad_keys: ["bad".to_owned()].into(),
+            stream_faults: faults,
+            ..MockConfig::default()
+        }
+    }
+
+    /// What a client saw of one streaming request.
+    #[derive(Debug)]
+    struct Streamed {
+        status: u16,
+        content_type: String,
+        /// The body frames as they arrived, each with the time since the request was sent.
+        frames: Vec<(Bytes, Duration)>,
+        /// The time `send` took (until the headers).
+        headers_after: Duration,
+        /// The body ended in an error rather than cleanly.
+        broken: bool,
+    }
+
+    impl Streamed {
+        fn frames(&self) -> Vec<Bytes> {
+            self.frames.iter().map(|(frame, _)| frame.clone()).collect()
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            self.frames().concat()
+        }
+    }
+
+    async fn send_stream(mock: &Probe, dialect: StreamDialect, key: &str) -> (reqwest::Response, Instant) {
+        let url = mock.upstream.url();
+        let request = match dialect {
+            StreamDialect::Gemini => (mock.client)
+                .post(format!("{url}/v1beta/models/{LITE}:streamGenerateContent?alt=sse"))
+                .header(KEY_HEADER, key)
+                .body("{}"),
+            StreamDialect::OpenAi => (mock.client)
+                .post(format!("{url}/v1beta/openai/chat/completions"))
+                .bearer_auth(key)
+                .body(json!({"model": LITE, "stream": true, "messages": []}).to_string()),
+        };
+        let sent = Instant::now();
+        (request.send().await.unwrap(), sent)
+    }
+
+    /// Sends one streaming request and reads its body to the end.
+    async fn stream(mock: &Probe, dialect: StreamDialect, key: &str) -> Streamed {
+        let (mut response, sent) = send_stream(mock, dialect, key).await;
+        let headers_after = sent.elapsed();
+        let status = response.status().as_u16();
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+        let mut frames = Vec::new();
+        let broken = loop {
+            match response.chunk().await {
+                Ok(Some(frame)) => frames.push((frame, sent.elapsed())),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        Streamed { status, content_type, frames, headers_after, broken }
+    }
+
+    fn key_stats(mock: &Probe, key: &str) -> KeyStats {
+        mock.upstream.stats().1.remove(key).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn gemini_streams_each_event_in_its_own_frame_ending_in_crlf_crlf() {
+        let mock = start(streaming(Vec::new())).await;
+        let got = stream(&mock, StreamDialect::Gemini, "k1").await;
+        assert_eq!((got.status, got.content_type.as_str(), got.broken), (200, "text/event-stream", false));
+        let good = good_stream(StreamDialect::Gemini, LITE, 3);
+        assert_eq!(got.frames(), good);
+        assert_eq!(
+            good[0],
+            format!(
+                "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"chunk 1\"}}],\"role\":\"model\"}},\
+                 \"index\":0}}],\"modelVersion\":\"{LITE}\"}}\r\n\r\n"
+            )
+        );
+        let last: serde_json::Value = serde_json::from_slice(good[2].strip_prefix(b"data: ").unwrap()).unwrap();
+        assert_eq!(last["candidates"][0]["finishReason"], "STOP");
+        assert_eq!(last["candidates"][0]["content"]["parts"][0]["text"], "chunk 3");
+        assert_eq!(last["usageMetadata"]["totalTokenCount"], 8);
+        assert!(good[1].ends_with(b"}\r\n\r\n") && !good[1].windows(7).any(|w| w == b"finishR"));
+
+        assert!(mock.upstream.wait_idle(Duration::from_secs(5)).await);
+        let k1 = key_stats(&mock, "k1");
+        let counts = (k1.ok, k1.streams_started, k1.streams_completed, k1.streams_cancelled, k1.faults);
+        assert_eq!(counts, (1, 1, 1, 0, 0));
+        // Without alt=sse, the mock answers one JSON object, as before.
+        let url = format!("{}/v1beta/models/{LITE}:streamGenerateContent", mock.upstream.url());
+        let response = mock.client.post(url).header(KEY_HEADER, "k1").body("{}").send().await.unwrap();
+        assert_eq!(response.headers()["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn openai_streams_chunks_then_done_only_when_the_body_asks() {
+        let mock = start(streaming(Vec::new())).await;
+        let got = stream(&mock, StreamDialect::OpenAi, "k1").await;
+        assert_eq!((got.status, got.content_type.as_str(), got.broken), (200, "text/event-stream", false));
+        let good = good_stream(StreamDialect::OpenAi, LITE, 3);
+        assert_eq!(got.frames(), good);
+        assert_eq!(good.len(), 5);
+        assert_eq!(good[4], "data: [DONE]\n\n");
+        let parse = |event: &Bytes| -> serde_json::Value {
+            let data = event.strip_prefix(b"data: ").unwrap().strip_suffix(b"\n\n").unwrap();
+            serde_json::from_slice(data).unwrap()
+        };
+        let first = parse(&good[0]);
+        assert_eq!(first["object"], "chat.completion.chunk");
+        assert_eq!(first["choices"][0]["delta"]["content"], "chunk 1");
+        assert_eq!(first["choices"][0]["finish_reason"], serde_json::Value::Null);
+        assert_eq!(parse(&good[3])["choices"][0]["finish_reason"], "stop");
+
+        let url = format!("{}/v1/chat/completions", mock.upstream.url());
+        for body in [json!({"model": LITE, "messages": []}), json!({"model": LITE, "stream": false})] {
+            let response = mock.client.post(&url).bearer_auth("k1").body(body.to_string()).send().await.unwrap();
+            assert_eq!(response.headers()["content-type"], "application/json");
+            let answer: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+            assert_eq!(answer["object"], "chat.completion", "{answer}");
+            assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+            assert_eq!(answer["model"], LITE);
+        }
+        assert!(mock.upstream.wait_idle(Duration::from_secs(5)).await);
+        let k1 = key_stats(&mock, "k1");
+        assert_eq!((k1.ok, k1.streams_started, k1.streams_completed), (3, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn each_fault_sends_its_bytes_in_both_dialects() {
+        use StreamFault::*;
+        for dialect in [StreamDialect::Gemini, StreamDialect::OpenAi] {
+            let good = good_stream(dialect, LITE, 3);
+            let last = good.len() - 1;
+            let error = |code| dialect.event(&error_body(code));
+            let line_end: &[u8] = if dialect == StreamDialect::Gemini { b"\r\n" } else { b"\n" };
+            let partial = good[0].slice(..good[0].len() - line_end.len());
+            assert!(partial.strip_suffix(line_end).is_some_and(|data| data.ends_with(b"}")), "{partial:?}");
+            let quota = StreamFault::quota_429(LITE);
+            let StatusBeforeStream(_, quota_body) = &quota else { unreachable!() };
+            let whole = |body: &str| vec![Bytes::from(body.to_owned())];
+            let with = |events: &[Bytes], more: Bytes| events.iter().cloned().chain([more]).collect::<Vec<_>>();
+            // (fault, status, the frames the client gets, the body breaks, a terminal event is sent)
+            let cases: Vec<(StreamFault, u16, Vec<Bytes>, bool, bool)> = vec![
+                (quota.clone(), 429, whole(quota_body), false, false),
+                (StreamFault::overloaded_503(), 503, whole(OVERLOADED), false, false),
+                (StatusBeforeStream(500, "{}".into()), 500, whole("{}"), false, false),
+                (ErrorAsFirstEvent(429), 200, vec![error(429)], false, false),
+                (ErrorAsFirstEvent(503), 200, vec![error(503)], false, false),
+                (EndBeforeFirstEvent, 200, Vec::new(), false, false),
+                (PartialFirstEvent, 200, vec![partial], false, false),
+                (ErrorMidStream { after_events: 1 }, 200, with(&good[..1], error(503)), false, false),
+                (BreakMidStream { after_events: 2 }, 200, good[..2].to_vec(), true, false),
+                (TruncateMidStream { after_events: 2 }, 200, good[..2].to_vec(), false, false),
+                (TruncateMidStream { after_events: 99 }, 200, good[..last].to_vec(), false, false),
+                (TrailingErrorAfterTerminal, 200, with(&good, error(503)), false, true),
+                (SplitFrames, 200, good.clone(), false, true),
+            ];
+            let mock = start(streaming(cases.iter().map(|case| case.0.clone()).collect())).await;
+            for (fault, status, frames, broken, _) in &cases {
+                let got = stream(&mock, dialect, "k1").await;
+                let what = format!("{dialect:?} {fault:?}: {:?}", String::from_utf8_lossy(&got.bytes()));
+                assert_eq!((got.status, got.bytes(), got.broken), (*status, frames.concat(), *broken), "{what}");
+                let content_type = if *status == 200 { "text/event-stream" } else { "application/json" };
+                assert_eq!(got.content_type, content_type, "{what}");
+                if *status == 200 && *fault != SplitFrames {
+                    assert_eq!(&got.frames(), frames, "each event its own frame: {what}");
+                }
+            }
+            let got = stream(&mock, dialect, "k1").await;
+            assert_eq!(got.frames(), good, "{dialect:?}: the faults are used up");
+
+            assert!(mock.upstream.wait_idle(Duration::from_secs(5)).await);
+            let k1 = key_stats(&mock, "k1");
+            let terminal = cases.iter().filter(|case| case.4).count() as u64 + 1;
+            let streams = cases.iter().filter(|case| case.1 == 200).count() as u64 + 1;
+            let counts = (k1.faults, k1.ok, k1.streams_started, k1.streams_completed, k1.streams_cancelled);
+            assert_eq!(counts, (cases.len() as u64, 1, streams, terminal, 0), "{dialect:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn split_frames_cut_between_the_cr_and_the_lf() {
+        for dialect in [StreamDialect::Gemini, StreamDialect::OpenAi] {
+            let mock = start(streaming(vec![StreamFault::SplitFrames])).await;
+            let got = stream(&mock, dialect, "k1").await;
+            let good = good_stream(dialect, LITE, 3);
+            assert_eq!(got.bytes(), good.concat());
+            let frames = got.frames();
+            let first = &good[0];
+            assert_eq!(frames[0], "data");
+            assert_eq!(frames[0].len() + frames[1].len(), first.len() / 2);
+            match dialect {
+                StreamDialect::Gemini => {
+                    assert!(frames[2].ends_with(b"}\r"), "{:?}", frames[2]);
+                    assert_eq!(frames[3..6], ["\n", "\r", "\n"]);
+                    assert_eq!(frames.len(), 6 * good.len());
+                }
+                StreamDialect::OpenAi => {
+                    assert!(frames[2].ends_with(b"}\n"), "{:?}", frames[2]);
+                    assert_eq!(frames[3], "\n");
+                    // `data: [DONE]\n\n` has no middle cut of its own beyond `data`.
+                    assert_eq!(frames.len(), 4 * good.len());
+                }
+            }
+            assert!(mock.upstream.wait_idle(Duration::from_secs(5)).await);
+            assert_eq!(key_stats(&mock, "k1").streams_completed, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn delays_and_pauses_hold_the_events_back() {
+        const PAUSE: Duration = Duration::from_secs(1);
+        let config = MockConfig {
+            stream_delay: Duration::from_millis(100),
+            stream_faults_by_key: [
+                ("silent".to_owned(), vec![StreamFault::SilentBeforeFirstEvent(PAUSE)]),
+                ("idle".to_owned(), vec![StreamFault::IdleMidStream { after_events: 1, pause: PAUSE }]),
+            ]
+            .into(),
+            ..streaming(Vec::new())
+        };
+        let mock = start(config).await;
+        let (delayed, silent, idle) = tokio::join!(
+            stream(&mock, StreamDialect::Gemini, "k1"),
+            stream(&mock, StreamDialect::Gemini, "silent"),
+            stream(&mock, StreamDialect::OpenAi, "idle"),
+        );
+        for (k, (_, at)) in delayed.frames.iter().enumerate() {
+            assert!(*at >= Duration::from_millis(100) * k as u32, "frame {k} at {at:?}");
+        }
+        assert_eq!(silent.frames(), good_stream(StreamDialect::Gemini, LITE, 3));
+        assert!(silent.headers_after < PAUSE, "the headers come before the silence: {:?}", silent.headers_after);
+        assert!(silent.frames[0].1 >= PAUSE, "{:?}", silent.frames[0].1);
+        assert_eq!(idle.frames(), good_stream(StreamDialect::OpenAi, LITE, 3));
+        assert!(idle.frames[0].1 < PAUSE, "{:?}", idle.frames[0].1);
+        assert!(idle.frames[1].1 >= PAUSE, "{:?}", idle.frames[1].1);
+    }
+
+    #[tokio::test]
+    async fn faults_go_in_order_to_valid_streaming_requests_and_per_key_first() {
+        let mock = start(streaming(vec![StreamFault::overloaded_503()])).await;
+        assert_eq!(gemini(&mock, "k1", LITE).await.0, 200, "not a streaming request");
+        assert_eq!(stream(&mock, StreamDialect::Gemini, "bad").await.status, 400, "not a valid key");
+        assert_eq!(stream(&mock, StreamDialect::Gemini, "k1").await.status, 503);
+        assert_eq!(stream(&mock, StreamDialect::Gemini, "k1").await.status, 200);
+        mock.upstream.push_stream_fault(StreamFault::ErrorAsFirstEvent(503));
+        mock.upstream.push_stream_fault_for("k2", StreamFault::quota_429(LITE));
+        assert_eq!(
+            stream(&mock, StreamDialect::OpenAi, "k1").await.bytes(),
+            b"data: ".iter().chain(OVERLOADED.as_bytes()).chain(b"\n\n").copied().collect::<Vec<_>>()
+        );
+        assert_eq!(stream(&mock, StreamDialect::OpenAi, "k2").await.status, 429, "its own fault");
+        assert_eq!(stream(&mock, StreamDialect::OpenAi, "k2").await.frames().len(), 5);
+        assert!(mock.upstream.wait_idle(Duration::from_secs(5)).await);
+        let (k1, k2) = (key_stats(&mock, "k1"), key_stats(&mock, "k2"));
+        assert_eq!((k1.faults, k1.ok, k1.streams_started, k1.streams_completed), (2, 2, 2, 1));
+        assert_eq!((k2.faults, k2.ok, k2.rate_limited, k2.streams_started), (1, 1, 0, 1), "a fault is not metered");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_cancels_the_stream_and_frees_the_key() {
+        let config = MockConfig {
+            stream_faults_by_key: [
+                ("before".to_owned(), vec![StreamFault::SilentBeforeFirstEvent(Duration::from_secs(60))]),
+                (
+                    "during".to_owned(),
+                    vec![StreamFault::IdleMidStream { after_events: 1, pause: Duration::from_secs(60) }],
+                ),
+            ]
+            .into(),
+            ..streaming(Vec::new())
+        };
+        let mock = start(config).await;
+        let (before, _) = send_stream(&mock, StreamDialect::Gemini, "before").await;
+        let (mut during, _) = send_stream(&mock, StreamDialect::OpenAi, "during").await;
+        assert!(during.chunk().await.unwrap().is_some());
+        assert_eq!((key_stats(&mock, "before").in_flight(), key_stats(&mock, "during").in_flight()), (1, 1));
+        assert!(!mock.upstream.wait_idle(Duration::from_millis(50)).await, "streams hold their keys");
+        drop(before);
+        assert!(mock.upstream.wait_key_idle("before", Duration::from_secs(5)).await);
+        assert_eq!(key_stats(&mock, "during").in_flight(), 1);
+        drop(during);
+        assert!(mock.upstream.wait_idle(Duration::from_secs(5)).await);
+        for key in ["before", "during"] {
+            let stats = key_stats(&mock, key);
+            let counts = (stats.streams_started, stats.streams_completed, stats.streams_cancelled, stats.max_in_flight);
+            assert_eq!(counts, (1, 0, 1, 1), "{key}");
+        }
+        // A client gone during the latency frees its key too.
+        let url = format!("{}/slow/v1beta/models/{LITE}:generateContent", mock.upstream.url());
+        let request = mock.client.post(url).header(KEY_HEADER, "slow").timeout(Duration::from_millis(100));
+        assert!(request.send().await.is_err());
+        assert!(mock.upstream.wait_key_idle("slow", Duration::from_secs(5)).await);
+        assert_eq!(key_stats(&mock, "slow").streams_cancelled, 0, "not a stream");
+    }
+
+    #[tokio::test]
+    async fn every_request_is_recorded_with_its_headers_query_and_key() {
+        let mock = start(streaming(Vec::new())).await;
+        let url = mock.upstream.url();
+        let request = mock.client.post(format!("{url}/v1beta/models/{LITE}:streamGenerateContent?alt=sse&key=q"));
+        request
+            .header(KEY_HEADER, "k1")
+            .header("x-custom", "v")
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        stream(&mock, StreamDialect::OpenAi, "k2").await;
+        mock.client.get(format!("{url}/v1beta/models")).send().await.unwrap();
+        let seen = mock.upstream.seen_requests();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].method, "POST");
+        assert_eq!(seen[0].path_and_query, format!("/v1beta/models/{LITE}:streamGenerateContent?alt=sse&key=q"));
+        assert!(seen[0].headers.contains(&("x-custom".to_owned(), "v".to_owned())), "{:?}", seen[0].headers);
+        assert!(seen[0].headers.contains(&(KEY_HEADER.to_owned(), "k1".to_owned())));
+        assert_eq!((seen[0].key.as_deref(), &seen[0].body[..]), (Some("k1"), &b"{}"[..]));
+        assert!(seen[1].headers.contains(&("authorization".to_owned(), "Bearer k2".to_owned())));
+        assert_eq!(seen[1].key.as_deref(), Some("k2"));
+        assert_eq!((seen[2].method.as_str(), seen[2].key.as_deref()), ("GET", None));
     }
 }
