@@ -17,7 +17,12 @@ ALTER TABLE keys ADD COLUMN quota_scope TEXT GENERATED ALWAYS AS
 ALTER TABLE keys ADD COLUMN queue_at INTEGER NOT NULL DEFAULT 0;
 UPDATE keys SET queue_at = max(last_used_at, coalesce(lockdown_until, 0));
 
+-- The claim looks at the least recently used keys first (`keys_lru`), and when all of those are locked
+-- down for the requested model, walks `keys_claim_order`, where keys locked down for a model sit behind
+-- the keys free for it.
 DROP INDEX keys_claim_order;
+CREATE INDEX keys_lru ON keys (connector, last_used_at)
+    WHERE state IN ('vacant', 'lockdown') AND retired_at IS NULL;
 CREATE INDEX keys_claim_order ON keys (connector, queue_at, last_used_at)
     WHERE state IN ('vacant', 'lockdown') AND retired_at IS NULL;
 CREATE INDEX keys_by_scope ON keys (connector, quota_scope);

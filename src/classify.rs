@@ -99,6 +99,9 @@ pub struct Context<'a> {
     pub via_tor: bool,
     /// The model the request named, if any.
     pub model: Option<&'a str>,
+    /// The connector can tell a request's model (its file has a model rule). When it cannot, every
+    /// claim is for no model, so a lockdown of one model would never stop one: it covers every model.
+    pub names_models: bool,
 }
 
 /// The verdict on an answer with `status`, `headers` and `body`.
@@ -193,9 +196,9 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
         }
         models.sort();
         models.dedup();
-        // A request whose model the connector cannot tell would be claimed past a lockdown of one
-        // model, so without a model the lockdown covers them all.
-        if every_model || requested.is_empty() {
+        // A request that names no model (listing models) still locks the model the quota names; only
+        // where the connector can tell no model at all would that lockdown never stop a claim.
+        if every_model || !context.names_models {
             models.clear();
         }
         let wait = match hint {
@@ -206,13 +209,15 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
         let reason = error.reason(&format!("{status} {worst_kind}{wait} ({})", worst.quota_id));
         return lockdown_of(until_ms, reason, Reach::Group, models, Some(worst.quota_id.clone()));
     }
-    // A per-project rate limit that names no model (the older regional quota): the whole group.
+    // A per-project rate limit in an ErrorInfo (the older regional quota): the whole group, for every
+    // model unless the quota is per model.
     if error.reason.as_deref() == Some("RATE_LIMIT_EXCEEDED")
-        && error.quota_limit.as_deref().is_some_and(|limit| !limit.contains("PerModel"))
+        && let Some(limit) = &error.quota_limit
     {
         let delay = hint.map_or(default_wait, |(delay, _)| delay);
+        let models = if limit.contains("PerModel") && context.names_models { requested } else { Vec::new() };
         let reason = error.reason(&format!("{status} project rate limit, lockdown {:.1} s", delay.as_secs_f64()));
-        return lockdown_of(now + millis(delay), reason, Reach::Group, Vec::new(), error.quota_limit.clone());
+        return lockdown_of(now + millis(delay), reason, Reach::Group, models, Some(limit.clone()));
     }
     // No details: shared capacity, or a limit of this key alone. Only the requested model of this key.
     if let Some((delay, source)) = hint {
@@ -307,14 +312,14 @@ impl UpstreamError {
             parsed.message = Some(flat.to_owned());
             return parsed;
         }
-        parsed.status = error["status"].as_str().map(str::to_owned);
+        parsed.status = error["status"].as_str().filter(|status| sane(status)).map(str::to_owned);
         parsed.message = error["message"].as_str().map(str::to_owned);
         for detail in error["details"].as_array().into_iter().flatten() {
             let kind = detail["@type"].as_str().unwrap_or_default();
             if kind.ends_with("google.rpc.RetryInfo") {
                 parsed.retry_delay = detail["retryDelay"].as_str().and_then(protobuf_duration);
             } else if kind.ends_with("google.rpc.ErrorInfo") {
-                parsed.reason = detail["reason"].as_str().map(str::to_owned);
+                parsed.reason = detail["reason"].as_str().filter(|reason| sane(reason)).map(str::to_owned);
                 let metadata = &detail["metadata"];
                 parsed.quota_limit = metadata["quota_limit"].as_str().filter(|limit| sane(limit)).map(str::to_owned);
                 parsed.consumer_project = metadata["consumer"].as_str().and_then(project_number);

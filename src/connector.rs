@@ -217,6 +217,11 @@ impl Connector {
         model::requested_model(&self.model, path_and_query, body)
     }
 
+    /// Whether this connector's rule can tell any request's model at all.
+    pub fn names_models(&self) -> bool {
+        !self.model.path_markers.is_empty() || self.model.body_field.is_some()
+    }
+
     fn parse(text: &str, path: &Path, origin: Origin) -> Result<Self> {
         let mut connector: Connector = serde_json::from_str(text).map_err(|error| Error::ConnectorFile {
             path: path.to_owned(),

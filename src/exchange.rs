@@ -218,8 +218,6 @@ enum Answer {
 struct HeldStream {
     committed: crate::gateway::sse::Committed,
     response: reqwest::Response,
-    /// The first event's data, to judge it.
-    first_data: String,
 }
 
 impl Answer {
@@ -454,12 +452,18 @@ impl Jongler {
                 .map_err(|_| NoAnswer::Stream(format!("no first event within {:.0} s", inner.timeout.as_secs_f64())))?;
             match chunk.map_err(NoAnswer::Transport)? {
                 Some(chunk) => {
-                    let first = hold.push(chunk).map_err(|error| NoAnswer::Stream(error.to_string()))?;
-                    if let Some(first) = first {
-                        let first_data = first.data().unwrap_or_default();
-                        let held = Box::new(HeldStream { committed: hold.commit(), response, first_data });
-                        return Ok(Answer::Stream { status, headers, held });
+                    let first_data = match hold.push(chunk) {
+                        Ok(None) => continue,
+                        Ok(Some(first)) => first.data().unwrap_or_default(),
+                        // Too large to judge, and errors are small: a real answer (an inline image).
+                        Err(_) => String::new(),
+                    };
+                    // A first event that is an upstream error is that error's answer, as a whole one.
+                    if crate::gateway::sse::is_error_event(&first_data) {
+                        return Ok(error_answer(headers, first_data));
                     }
+                    let held = Box::new(HeldStream { committed: hold.commit(), response });
+                    return Ok(Answer::Stream { status, headers, held });
                 }
                 None => {
                     // Ended before any event: the whole body, judged like a non-streaming answer (an
@@ -467,7 +471,7 @@ impl Jongler {
                     let (_, last) = hold.finish();
                     let data = last.and_then(|event| event.data());
                     if let Some(data) = data.filter(|data| crate::gateway::sse::is_error_event(data)) {
-                        return Ok(Answer::Whole { status: error_code(&data), headers, body: Bytes::from(data) });
+                        return Ok(error_answer(headers, data));
                     }
                     return Err(NoAnswer::Stream("the stream ended before its first event".to_owned()));
                 }
@@ -490,14 +494,11 @@ impl Jongler {
             retries: backoffs,
             via_tor: self.inner.tor.is_some(),
             model,
+            names_models: self.inner.connector.names_models(),
         };
         match answer {
             Ok(Answer::Whole { status, headers, body }) => {
                 classify::classify(*status, headers, &String::from_utf8_lossy(body), &context)
-            }
-            // A first event that is an upstream error is that error's answer.
-            Ok(Answer::Stream { headers, held, .. }) if crate::gateway::sse::is_error_event(&held.first_data) => {
-                classify::classify(error_code(&held.first_data), headers, &held.first_data, &context)
             }
             Ok(Answer::Stream { status, headers, .. }) => classify::classify(*status, headers, "", &context),
             Err(_) => classify::transport_failure(&context),
@@ -605,6 +606,7 @@ impl Jongler {
                         retries: 0,
                         via_tor: jongler.inner.tor.is_some(),
                         model: context_model.as_deref(),
+                        names_models: jongler.inner.connector.names_models(),
                     };
                     classify::classify(error_code(data), &HeaderMap::new(), data, &context)
                 }
@@ -630,7 +632,11 @@ impl Jongler {
                 let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
                 return;
             };
-            let fate = fate_of(&verdict, attempt.status);
+            let http_status = match &ending {
+                Ending::UpstreamError(data) => Some(error_code(data)),
+                _ => attempt.status,
+            };
+            let fate = fate_of(&verdict, http_status);
             if let Err(error) = blocking(move || lease.finish(&fate, Some(&attempt))).await {
                 tracing::warn!(error = %error, "could not settle the key of a finished stream");
             }
@@ -657,16 +663,24 @@ enum Ending {
 }
 
 /// The relay's state: the bytes not yet forwarded (at most one incomplete event) and what was seen.
+///
+/// Upstream bytes go out verbatim, whole events at a time. After a terminal event the rest still goes
+/// out (OpenAI's usage chunk and `[DONE]`, other candidates' last chunks), except an upstream error
+/// event, which would make an SDK throw the complete answer away; nothing of ours is added then. An
+/// upstream error event before any terminal one goes out and ends the relay.
 struct Relay {
     framer: Framer,
     dialect: Dialect,
-    /// Bytes after the last forwarded one, starting at stream offset `unsent_from`.
+    /// Bytes after the last forwarded one, starting at stream offset `unsent_from`. Events are judged
+    /// from these bytes, so an event too long for the framer to keep is judged all the same.
     unsent: Vec<u8>,
     unsent_from: u64,
     /// Events forwarded.
     events: u64,
-    /// Set once a terminal or error event was forwarded: nothing more goes out.
-    ended: Option<Ending>,
+    /// A terminal event was forwarded: the answer is complete.
+    complete: bool,
+    /// An upstream error event was forwarded before any terminal one: its data.
+    upstream_error: Option<String>,
     /// What the committed hold allows to forward at once.
     initial: Option<Bytes>,
 }
@@ -679,52 +693,63 @@ impl Relay {
             unsent: committed.held.iter().flat_map(|chunk| chunk.iter().copied()).collect(),
             unsent_from: 0,
             events: 0,
-            ended: None,
+            complete: false,
+            upstream_error: None,
             initial: None,
         };
-        relay.framer.set_max_event_len(DEFAULT_FIRST_EVENT_LIMIT);
         relay.initial = relay.see(&committed.events);
         relay
     }
 
-    /// Takes note of complete events; returns the bytes to forward now: through the last complete
-    /// event, or through the terminal (or error) event, after which nothing is forwarded.
+    /// Takes note of complete events; returns the bytes to forward now (through the last complete
+    /// event, less an upstream error event after a terminal one).
     fn see(&mut self, events: &[Event]) -> Option<Bytes> {
-        if self.ended.is_some() {
-            return None;
-        }
+        let mut out = Vec::new();
         let mut through = None;
         for event in events {
-            through = Some(event.range().end);
-            self.events += 1;
-            if let Some(data) = event.data() {
-                if crate::gateway::sse::is_error_event(&data) {
-                    self.ended = Some(Ending::UpstreamError(data));
-                    break;
-                }
-                if event.is_terminal(self.dialect) {
-                    self.ended = Some(Ending::Complete);
-                    break;
-                }
+            let range = event.range();
+            let start = usize::try_from(range.start.saturating_sub(self.unsent_from)).unwrap_or(usize::MAX);
+            let end = usize::try_from(range.end - self.unsent_from).unwrap_or(usize::MAX).min(self.unsent.len());
+            let bytes = &self.unsent[start.min(end)..end];
+            through = Some(range.end);
+            if self.upstream_error.is_some() {
+                break;
             }
+            let data = crate::gateway::sse::event_data(bytes);
+            if let Some(data) = data.as_deref().filter(|data| crate::gateway::sse::is_error_event(data)) {
+                if self.complete {
+                    tracing::warn!("upstream error event after a complete stream; not forwarded");
+                    continue;
+                }
+                self.upstream_error = Some(data.to_owned());
+            } else if data.is_some_and(|data| crate::gateway::sse::is_terminal(self.dialect, &data)) {
+                self.complete = true;
+            }
+            self.events += 1;
+            out.extend_from_slice(bytes);
         }
         let through = through?;
         let take = usize::try_from(through - self.unsent_from).unwrap_or(usize::MAX).min(self.unsent.len());
-        let bytes: Vec<u8> = self.unsent.drain(..take).collect();
+        self.unsent.drain(..take);
         self.unsent_from = through;
-        Some(Bytes::from(bytes))
+        (!out.is_empty()).then(|| Bytes::from(out))
+    }
+
+    /// Hands `bytes` to the reader; false when it went away or stopped reading for `idle`.
+    async fn forward(sender: &mpsc::Sender<Bytes>, bytes: Bytes, idle: Duration) -> bool {
+        matches!(tokio::time::timeout(idle, sender.send(bytes)).await, Ok(Ok(())))
     }
 
     /// Forwards the stream until it ends; returns how.
     async fn run(&mut self, mut response: reqwest::Response, sender: &mpsc::Sender<Bytes>, idle: Duration) -> Ending {
         if let Some(bytes) = self.initial.take()
-            && sender.send(bytes).await.is_err()
+            && !Self::forward(sender, bytes, idle).await
         {
             return Ending::Cancelled;
         }
         loop {
-            if let Some(ending) = self.ended.take() {
-                return ending;
+            if let Some(data) = self.upstream_error.take() {
+                return Ending::UpstreamError(data);
             }
             let read = tokio::select! {
                 read = tokio::time::timeout(idle, response.chunk()) => read,
@@ -735,12 +760,13 @@ impl Relay {
                     self.unsent.extend_from_slice(&chunk);
                     let events = self.framer.push(&chunk);
                     if let Some(bytes) = self.see(&events)
-                        && sender.send(bytes).await.is_err()
+                        && !Self::forward(sender, bytes, idle).await
                     {
                         return Ending::Cancelled;
                     }
                     continue;
                 }
+                _ if self.complete => return Ending::Complete,
                 Ok(Ok(None)) => format!("upstream stream ended after {} events without its last one", self.events),
                 Ok(Err(error)) => {
                     format!(
@@ -751,13 +777,21 @@ impl Relay {
                 }
                 Err(_) => format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events),
             };
-            let event = self.dialect.stream_error_event(http::StatusCode::BAD_GATEWAY, &problem);
-            if sender.send(event).await.is_err() {
+            let event = self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem);
+            if !Self::forward(sender, event, idle).await {
                 return Ending::Cancelled;
             }
             return Ending::Broken(problem);
         }
     }
+}
+
+/// An in-band error event (`data: {"error": ...}`) in place of a stream's first event, as the whole
+/// answer it stands for: its `error.code` as the status, its JSON as the body.
+fn error_answer(mut headers: HeaderMap, data: String) -> Answer {
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.remove(reqwest::header::CONTENT_LENGTH);
+    Answer::Whole { status: error_code(&data), headers, body: Bytes::from(data) }
 }
 
 /// The status an in-band error event carries (`error.code`), else 500.

@@ -280,6 +280,7 @@ fn the_claim_walks_an_index_in_lru_order_with_ten_thousand_keys() {
     let coordinator = sandbox.coordinator(sandbox.options());
     let plan = coordinator.store().explain_claim().expect("plan");
     assert!(plan.iter().any(|step| step.contains("USING INDEX keys_claim_order")), "{plan:?}");
+    assert!(plan.iter().any(|step| step.contains("USING INDEX keys_lru")), "{plan:?}");
     assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort of every key: {plan:?}");
     // The lockdowns that keep a key from the model are probed by their primary key, never scanned.
     assert!(

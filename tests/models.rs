@@ -156,6 +156,9 @@ async fn a_per_minute_lockdown_of_one_model_leaves_the_other_flowing() {
         let response = jongler.request("POST", PRO, "{}").await.expect("pro");
         assert_eq!((response.status, response.attempts), (200, 1));
     }
+    // Keys locked down for flash still take turns serving pro.
+    let keys = "SELECT count(DISTINCT key_name) FROM requests WHERE model = 'gemini-2.5-pro' AND status = 200";
+    assert_eq!(sandbox.count(keys), 2, "pro used both keys");
     jongler.request("POST", FLASH, "{}").await.expect_err("still locked down");
     let stats = mock.model_stats();
     let flash_stats: Vec<_> = stats.iter().filter(|((_, model), _)| model == "gemini-2.5-flash").collect();
@@ -255,4 +258,76 @@ fn a_new_secret_lifts_the_lockdowns_of_the_old_key_alone() {
     assert_eq!(scopes, ["group:team"], "the group's lockdown stays");
     let lease = coordinator.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], Duration::ZERO).expect("key0 is new");
     assert_eq!(lease.key_name(), "key0");
+}
+
+fn lockdown_of_group(model: &str, until: i64, project: Option<&str>) -> api_jongler::store::Lockdown {
+    api_jongler::store::Lockdown {
+        reach: api_jongler::store::Reach::Group,
+        models: vec![model.to_owned()],
+        project: project.map(str::to_owned),
+        ..api_jongler::store::Lockdown::whole_key(until, "429 daily quota", Some(429))
+    }
+}
+
+/// A new secret is a new key, maybe of another project: the project the old one revealed is forgotten,
+/// and with it that project's lockdowns.
+#[test]
+fn a_new_secret_forgets_the_project_the_old_one_revealed() {
+    use api_jongler::store::Fate;
+    let sandbox = Sandbox::with_keyring(&format!("[{GEMINI}]\nkey0 = {}\n", secret(0)));
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
+    let until = coordinator.now_ms() + 3_600_000;
+    lease.finish(&Fate::Lockdown(lockdown_of_group("m", until, Some("123456"))), None).expect("lockdown");
+    assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE quota_scope = 'project:123456'"), 1);
+    std::fs::write(&sandbox.keyring, format!("[{GEMINI}]\nkey0 = fake-new-secret-0\n")).expect("write keyring");
+    coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE project_learned IS NULL"), 1);
+    coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("the new key is free for m");
+}
+
+/// Keys that join a group locked down for a model move behind the keys free for it in the claim order,
+/// so a claim for that model still stops at the first key it looks at.
+#[test]
+fn keys_joining_a_locked_group_move_behind_the_free_ones() {
+    use api_jongler::store::Fate;
+    let mut ini = format!("[{GEMINI}]\n");
+    for index in 0..6 {
+        ini.push_str(&format!("key{index} = {}\n", secret(index)));
+    }
+    let sandbox = Sandbox::with_keyring(&format!("{ini}[{GEMINI} groups]\nkey5 = team\n"));
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let until = coordinator.now_ms() + 3_600_000;
+    let lease = coordinator
+        .claim_for(GEMINI, Some("m"), &["key0", "key1", "key2", "key3", "key4"].map(String::from), Duration::ZERO)
+        .expect("key5");
+    lease.finish(&Fate::Lockdown(lockdown_of_group("m", until, None)), None).expect("lockdown");
+    let regrouped = format!("{ini}[{GEMINI} groups]\nkey0 = team\nkey1 = team\nkey2 = team\nkey5 = team\n");
+    std::fs::write(&sandbox.keyring, regrouped).expect("write keyring");
+    coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    let behind = format!("SELECT count(*) FROM keys WHERE quota_group = 'team' AND queue_at >= {until}");
+    assert_eq!(sandbox.count(&behind), 4, "every key of the locked group is behind the free ones");
+    let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("a key free for m");
+    assert!(["key3", "key4"].contains(&lease.key_name()), "{}", lease.key_name());
+}
+
+/// Keys locked down for one model still take turns serving the others, least recently used first.
+#[test]
+fn keys_locked_down_for_one_model_still_rotate_for_the_others() {
+    use api_jongler::store::Fate;
+    let sandbox = Sandbox::new(GEMINI, 4);
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let coordinator = sandbox.coordinator(CoordinatorOptions { clock: clock.clone(), ..sandbox.options() });
+    for _ in 0..3 {
+        let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
+        lease.finish(&Fate::Lockdown(lockdown_of_group("m", clock.now_ms() + 3_600_000, None)), None).expect("x");
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        clock.advance(1_000);
+        let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("claim");
+        used.insert(lease.key_name().to_owned());
+        lease.release().expect("release");
+    }
+    assert_eq!(used.len(), 4, "four claims for n used four keys: {used:?}");
 }

@@ -21,7 +21,15 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 
 fn judge(status: u16, pairs: &[(&'static str, &str)], body: &str) -> Verdict {
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false, model: None };
+    let context = Context {
+        now_ms: NOW,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: false,
+        model: None,
+        names_models: true,
+    };
     classify(status, &headers(pairs), body, &context)
 }
 
@@ -98,8 +106,15 @@ fn zero_quota_locks_down_for_a_day() {
 fn no_hint_escalates_from_the_base_to_the_cap_and_absurd_hints_are_clamped() {
     let policy = Policy::default();
     let at = |count| {
-        let context =
-            Context { now_ms: NOW, policy: &policy, lockdown_count: count, retries: 0, via_tor: false, model: None };
+        let context = Context {
+            now_ms: NOW,
+            policy: &policy,
+            lockdown_count: count,
+            retries: 0,
+            via_tor: false,
+            model: None,
+            names_models: true,
+        };
         lockdown_secs(&classify(429, &HeaderMap::new(), GEMINI_429_BARE, &context))
     };
     assert_eq!([at(0), at(1), at(2), at(6), at(30)], [60.0, 120.0, 240.0, 3600.0, 3600.0]);
@@ -139,7 +154,15 @@ fn location_refusals_are_not_the_keys_fault() {
         Verdict { key: released.clone(), next: Next::Return, project: None }
     );
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: true, model: None };
+    let context = Context {
+        now_ms: NOW,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: true,
+        model: None,
+        names_models: true,
+    };
     let verdict = classify(400, &HeaderMap::new(), GEMINI_400_LOCATION, &context);
     assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit, project: None });
 }
@@ -165,7 +188,15 @@ fn provider_trouble_releases_the_key_and_backs_off() {
         );
     }
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 2, via_tor: false, model: None };
+    let context = Context {
+        now_ms: NOW,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 2,
+        via_tor: false,
+        model: None,
+        names_models: true,
+    };
     assert_eq!(transport_failure(&context).next, Next::Backoff { after: Duration::from_millis(2_000) });
 }
 
@@ -183,7 +214,15 @@ fn other_client_errors_release_and_return_at_once() {
 #[test]
 fn a_connector_may_declare_other_rate_limit_statuses() {
     let policy = Policy { rate_limit_statuses: vec![429, 420], ..Policy::default() };
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false, model: None };
+    let context = Context {
+        now_ms: NOW,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: false,
+        model: None,
+        names_models: true,
+    };
     let verdict = classify(420, &HeaderMap::new(), "", &context);
     assert!(matches!(verdict.key, KeyFate::Lockdown { .. }));
 }
@@ -198,7 +237,15 @@ const DISABLED_WITH_CONSUMER: &str = r#"{"error":{"code":403,"message":"Generati
 
 fn judge_for(status: u16, body: &str, model: Option<&str>) -> Verdict {
     let policy = Policy::default();
-    let context = Context { now_ms: NOW, policy: &policy, lockdown_count: 0, retries: 0, via_tor: false, model };
+    let context = Context {
+        now_ms: NOW,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: false,
+        model,
+        names_models: true,
+    };
     classify(status, &HeaderMap::new(), body, &context)
 }
 
@@ -210,7 +257,7 @@ fn a_lockdown_is_as_wide_as_the_quota_that_ran_out() {
     let day = 86_400_000;
     let models = |names: &[&str]| names.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>();
     type Case<'a> = (u16, &'a str, Option<&'a str>, Reach, Vec<String>, i64);
-    let cases: [Case<'_>; 12] = [
+    let cases: [Case<'_>; 13] = [
         // The quota names its model: that model of the group, whatever was asked.
         (429, DAY_FOR_PRO, Some("gemini-2.5-pro"), Reach::Group, models(&["gemini-2.5-pro"]), midnight),
         (429, GEMINI_429_MINUTE, Some("gemini-2.5-flash"), Reach::Group, models(&["gemini-2.5-flash"]), NOW + 26_000),
@@ -226,11 +273,19 @@ fn a_lockdown_is_as_wide_as_the_quota_that_ran_out() {
         // No model dimension: the requested model (the daily quota still wins over the short retryDelay).
         (429, GEMINI_429_DAY, Some("gemini-2.5-flash"), Reach::Group, models(&["gemini-2.5-flash"]), midnight),
         (429, GEMINI_429_ZERO, Some("gemini-2.5-pro"), Reach::Group, models(&["gemini-2.5-pro"]), NOW + day),
-        // A request whose model the connector cannot tell: every model.
-        (429, DAY_FOR_PRO, None, Reach::Group, models(&[]), midnight),
+        // A request that names no model: the model the quota names.
+        (429, DAY_FOR_PRO, None, Reach::Group, models(&["gemini-2.5-pro"]), midnight),
         // Quotas of the whole project: every model of the group.
         (429, PROJECT_QUOTA, Some("gemini-2.5-pro"), Reach::Group, models(&[]), NOW + 60_000),
         (429, PROJECT_RATE_LIMIT, Some("gemini-2.5-pro"), Reach::Group, models(&[]), NOW + 20_000),
+        (
+            429,
+            &PROJECT_RATE_LIMIT.replace("PerRegion", "PerModel"),
+            Some("gemini-2.5-pro"),
+            Reach::Group,
+            models(&["gemini-2.5-pro"]),
+            NOW + 20_000,
+        ),
         // No details: shared capacity, or this key alone; the requested model only.
         (429, GEMINI_429_BARE, Some("gemini-2.5-pro"), Reach::Key, models(&["gemini-2.5-pro"]), NOW + 60_000),
         (429, GEMINI_429_BARE, None, Reach::Key, models(&[]), NOW + 60_000),
@@ -277,4 +332,30 @@ fn quota_ids_and_model_names_from_answers_are_kept_only_when_sane() {
     assert_eq!(models, &vec!["gemini-2.5-pro".to_owned()], "the requested model stands in for an insane one");
     assert_eq!(quota_id.as_deref(), Some("unnamed quota"));
     assert!(!reason.contains('<') && !reason.contains('\u{1b}'), "{reason}");
+}
+
+/// A connector that cannot tell any request's model: a lockdown of one model would never stop a claim,
+/// so it covers every model of the scope.
+#[test]
+fn without_a_model_rule_a_lockdown_of_one_model_covers_them_all() {
+    let policy = Policy::default();
+    let context = Context {
+        now_ms: NOW,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: false,
+        model: None,
+        names_models: false,
+    };
+    let verdict = classify(429, &HeaderMap::new(), DAY_FOR_PRO, &context);
+    let KeyFate::Lockdown { models, reach, .. } = &verdict.key else { panic!("{verdict:?}") };
+    assert_eq!((models.len(), reach), (0, &Reach::Group));
+}
+
+#[test]
+fn status_and_reason_from_a_body_are_kept_only_when_sane() {
+    let hostile = GEMINI_429_BARE.replace("RESOURCE_EXHAUSTED", "RESOURCE\\u001b[2J");
+    let KeyFate::Lockdown { reason, .. } = judge_for(429, &hostile, Some("m")).key else { panic!() };
+    assert!(!reason.contains('\u{1b}') && !reason.contains("RESOURCE"), "{reason}");
 }

@@ -123,36 +123,50 @@ fn whole_lockdown_end(k: &str, now: u8) -> String {
     )
 }
 
-/// The claim: the first claimable key in `keys_claim_order` (keys free for every model by least recent
-/// use, then keys with lockdowns by their end) that no lockdown keeps from the requested model, locked
-/// with a new lease. One statement, so two processes can never both get a key. The key's new place in
-/// the order is after every lockdown of its scopes, so keys locked down for a model never pile up at
-/// the front where every claim for that model would have to walk past them. `explain_claim` shows
-/// its plan.
+/// How many of the least recently used claimable keys the claim looks at first, in pure LRU order.
+const LRU_WINDOW: u32 = 8;
+
+/// The claim: a claimable key that no lockdown keeps from the requested model, locked with a new lease,
+/// in one statement, so two processes can never both get a key. `explain_claim` shows its plan.
+///
+/// Which key: the least recently used one among the first [`LRU_WINDOW`] claimable keys in
+/// `keys_lru` (so keys locked down for one model still take turns serving the others); when all of
+/// those are locked down for the model, the first free one in `keys_claim_order`, where a key sits
+/// behind the end of the latest lockdown of its scopes (so however many keys are locked down for the
+/// model, that walk stops at the first key it looks at: they were moved behind the keys free for it).
 static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let claimable = "k.connector = ?1
+                 AND k.state IN ('vacant', 'lockdown') AND k.retired_at IS NULL
+                 AND (k.state = 'vacant' OR k.lockdown_until <= ?2)
+                 AND k.key_name NOT IN (SELECT value FROM json_each(?7))";
     format!(
         "UPDATE keys
     SET state = 'locked', lease = lease + 1, holder_host = ?3, holder_boot_id = ?4, holder_pid_namespace = ?9,
         holder_pid = ?5, holder_started = ?6, locked_at = ?2, heartbeat_at = ?2, heartbeat_boot_ms = ?8,
         uses = uses + 1, last_used_at = ?2,
-        queue_at = max(?2, coalesce((SELECT max(q.until) FROM lockdowns q
-                                      WHERE q.connector = keys.connector
-                                        AND q.scope IN (keys.quota_scope, 'key:' || keys.key_name)), 0))
-  WHERE id = (SELECT k.id FROM keys k
-               WHERE k.connector = ?1
-                 AND k.state IN ('vacant', 'lockdown') AND k.retired_at IS NULL
-                 AND (k.state = 'vacant' OR k.lockdown_until <= ?2)
-                 AND k.key_name NOT IN (SELECT value FROM json_each(?7))
-                 AND NOT {}
-               ORDER BY k.queue_at, k.last_used_at
-               LIMIT 1)
+        queue_at = max(?2, {latest})
+  WHERE id = coalesce(
+          (SELECT k.id FROM (SELECT k.id, k.connector, k.quota_scope, k.key_name, k.last_used_at FROM keys k
+                              WHERE {claimable}
+                              ORDER BY k.last_used_at LIMIT {LRU_WINDOW}) k
+            WHERE NOT {locked}
+            ORDER BY k.last_used_at LIMIT 1),
+          (SELECT k.id FROM keys k
+            WHERE {claimable} AND NOT {locked}
+            ORDER BY k.queue_at, k.last_used_at LIMIT 1))
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
                      WHERE q.connector = keys.connector AND q.scope = 'key:' || keys.key_name
                        AND q.model = coalesce(?10, '*')), 0)",
-        locked_down_for("k", 10, 2)
+        locked = locked_down_for("k", 10, 2),
+        latest = LATEST_LOCKDOWN_END
     )
 });
+
+/// The end of the latest lockdown ever recorded on the scopes of the key being updated (0: none): a key's
+/// place in the claim order is never before it.
+const LATEST_LOCKDOWN_END: &str = "coalesce((SELECT max(q.until) FROM lockdowns q
+                   WHERE q.connector = keys.connector AND q.scope IN (keys.quota_scope, 'key:' || keys.key_name)), 0)";
 
 const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
@@ -300,6 +314,7 @@ impl Store {
                 transaction
                     .prepare_cached("UPDATE keys SET project_learned = ?2 WHERE id = ?1")?
                     .execute(params![id, project])?;
+                requeue(transaction, id)?;
             }
             let key_scope: String =
                 transaction.prepare_cached("SELECT quota_scope FROM keys WHERE id = ?1")?.query_row([id], |row| row.get(0))?;
@@ -784,6 +799,14 @@ fn all<T>(
     map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
     statement.query_map(params, map)?.collect()
+}
+
+/// Puts key `id` behind the lockdowns of its (new) scopes in the claim order, after its scope changed.
+fn requeue(transaction: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
+    transaction
+        .prepare_cached(&format!("UPDATE keys SET queue_at = max(queue_at, {LATEST_LOCKDOWN_END}) WHERE id = ?1"))?
+        .execute([id])?;
+    Ok(())
 }
 
 /// Records `lockdown`, set by the answer key `key` (row `id`, scope `key_scope`) got, on its scope, and

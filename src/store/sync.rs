@@ -167,7 +167,7 @@ pub(super) fn apply_sync(
             SET fingerprint = ?3,
                 state = CASE WHEN state IN ('error', 'lockdown') THEN 'vacant' ELSE state END,
                 lockdown_until = CASE WHEN state IN ('error', 'lockdown') THEN NULL ELSE lockdown_until END,
-                lockdown_count = 0
+                lockdown_count = 0, project_learned = NULL
           WHERE connector = ?1 AND key_name = ?2
       RETURNING state, quota_scope",
     )?;
@@ -219,12 +219,14 @@ pub(super) fn apply_sync(
     let file = source.path.display();
     let mut set_group = transaction.prepare_cached(
         "UPDATE keys SET quota_group = ?3 WHERE connector = ?1 AND key_name = ?2
-      RETURNING state, fingerprint, quota_scope",
+      RETURNING id, state, fingerprint, quota_scope",
     )?;
     for (connector, name, old) in regroup {
         let new = group(connector, name);
-        let (state, fingerprint, scope): (String, String, String) =
-            set_group.query_row(params![connector, name, new], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        let (id, state, fingerprint, scope): (i64, String, String, String) = set_group
+            .query_row(params![connector, name, new], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+        // A key joining a group locked down for a model goes behind the keys free for it in the claim order.
+        super::requeue(transaction, id)?;
         let reason = match (old, new) {
             (None, Some(new)) => format!("quota group set to '{new}' (keyring {file})"),
             (Some(old), None) => format!("quota group '{old}' removed (keyring {file})"),
