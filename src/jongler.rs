@@ -392,8 +392,26 @@ impl Jongler {
             return Ok(None);
         }
         if let Some(lease) = slot.take() {
-            // Its trust is checked (and renewed if it can be) by the caller, like a fresh claim's.
-            return Ok(Some(lease));
+            // A key kept across requests may since have been locked down for this request's model (by
+            // its group): give it back and claim one free for the model.
+            let coordinator = self.inner.coordinator.clone();
+            let model = model.map(str::to_owned);
+            let (lease, usable) = short_blocking(move || {
+                let locked = match &model {
+                    Some(model) => coordinator.store().is_locked_down_for(lease.id(), model, coordinator.now_ms())?,
+                    None => false,
+                };
+                if locked {
+                    lease.release()?;
+                    return Ok((None, false));
+                }
+                Ok((Some(lease), true))
+            })
+            .await?;
+            if usable {
+                // Its trust is checked (and renewed if it can be) by the caller, like a fresh claim's.
+                return Ok(lease);
+            }
         }
         let remaining = wait.saturating_sub(started.elapsed());
         // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in

@@ -252,6 +252,11 @@ impl Lease {
         if self.is_valid() { Ok(()) } else { Err(self.lost()) }
     }
 
+    /// The key's row id.
+    pub(crate) fn id(&self) -> i64 {
+        self.claimed.id
+    }
+
     /// The key's consecutive lockdowns for the model it was claimed for, before this lease (for
     /// escalating default lockdowns).
     pub fn lockdown_count(&self) -> i64 {

@@ -331,3 +331,33 @@ fn keys_locked_down_for_one_model_still_rotate_for_the_others() {
     }
     assert_eq!(used.len(), 4, "four claims for n used four keys: {used:?}");
 }
+
+/// A key kept across requests (per connection) whose group was locked down for a model meanwhile is
+/// given back before a request for that model, which goes out on a key free for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_key_locked_down_for_the_model_is_given_back() {
+    use api_jongler::LeaseScope;
+    use api_jongler::store::Fate;
+    let mock = mock(10, HashMap::new()).await;
+    let sandbox = sandbox(3, "key0 = team\nkey1 = team\n", &mock);
+    let jongler = Jongler::builder(GEMINI)
+        .keyring(&sandbox.keyring)
+        .database(&sandbox.db)
+        .connectors_dir(sandbox.connectors_dir())
+        .scope(LeaseScope::PerConnection)
+        .connect()
+        .await
+        .expect("connect");
+    assert_eq!(jongler.locked_keys().await.expect("states"), ["key0"], "claimed at connect");
+    // Another process's 429 on key1 locks pro down for the whole group, key0 included.
+    let other = sandbox.coordinator(sandbox.options());
+    let lease = other.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], Duration::ZERO).expect("key1");
+    assert_eq!(lease.key_name(), "key1");
+    let until = other.now_ms() + 3_600_000;
+    lease.finish(&Fate::Lockdown(lockdown_of_group("gemini-2.5-pro", until, None)), None).expect("lockdown");
+    let response = jongler.request("POST", PRO, "{}").await.expect("pro");
+    assert_eq!((response.status, response.key_name.as_deref(), response.attempts), (200, Some("key2"), 1));
+    let flash = jongler.request("POST", FLASH, "{}").await.expect("flash");
+    assert_eq!(flash.key_name.as_deref(), Some("key2"), "the new key is kept");
+    assert_eq!(seen(&mock, "gemini-2.5-pro").0, 1, "pro never went out on the team's keys");
+}

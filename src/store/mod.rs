@@ -417,6 +417,15 @@ impl Store {
         })
     }
 
+    /// Whether a lockdown in force keeps key `id` from serving `model` (the claim's rule).
+    pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
+        self.read("reading a key's lockdowns", |connection| {
+            connection
+                .prepare_cached(&format!("SELECT {} FROM keys k WHERE k.id = ?1", locked_down_for("k", 2, 3)))?
+                .query_row(params![id, model, now], |row| row.get(0))
+        })
+    }
+
     /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
     /// scope and model.
     pub fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
