@@ -11,6 +11,7 @@ pub mod exit;
 mod history;
 mod output;
 mod request;
+mod serve;
 mod status;
 mod why;
 mod worker;
@@ -173,6 +174,8 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// A local HTTP gateway for SDKs: http://ADDR/{connector}/{upstream path} through the pool.
+    Serve(serve::ServeArgs),
     /// Measure the coordinator and the request layer on this machine.
     Bench(bench::BenchArgs),
     /// One worker process of `bench` and of the multi-process tests (not for direct use).
@@ -201,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut completion_command(), "apijongler", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Serve(serve)) => serve::run(global, &serve),
         Some(Command::Bench(bench)) => bench::run(global, &bench),
         Some(Command::Worker(worker)) => worker::run(global, &worker),
         None => request::run(global, &args.request),

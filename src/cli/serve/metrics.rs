@@ -1,0 +1,200 @@
+//! The gateway's Prometheus metrics (`GET /metrics`, OpenMetrics text by `prometheus-client`).
+//!
+//! - `apijongler_gateway_requests_total{connector, model, outcome}`: requests that reached a
+//!   connector; `outcome` is the upstream's status class (`2xx`, `4xx`, `5xx`) or the gateway's own
+//!   answer (`no_key`: 429, `unreachable`: 502, `unavailable`: 503, `failed`: 500). `model` is empty
+//!   when the request names none.
+//! - `apijongler_gateway_refused_total{reason}`: requests refused at the door (`host`, `token`,
+//!   `route`, `body`).
+//! - `apijongler_keys{connector, state}`: keys by state (vacant, locked, lockdown, error), read from
+//!   the database at each scrape, so every process's use of the pool shows, not only this one's.
+//! - `apijongler_gateway_claim_wait_seconds{connector}` and
+//!   `apijongler_gateway_upstream_seconds{connector}`: histograms of the time spent waiting for keys
+//!   and of the last attempt's upstream latency (for a stream: to its first event).
+//!
+//! No label ever holds a key's secret, a query string or a body.
+
+use std::sync::Mutex;
+
+use api_jongler::{Coordinator, Exchange};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of the text `render` returns.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What a request that reached a connector came to.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// No key within the wait (our 429).
+    NoKey,
+    /// No answer from the upstream (our 502).
+    Unreachable,
+    /// The database or a lease failed us (our 503).
+    Unavailable,
+    /// Anything else (our 500).
+    Failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    connector: String,
+    model: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    connector: String,
+    state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectorLabels {
+    connector: String,
+}
+
+type Histograms = Family<ConnectorLabels, Histogram, fn() -> Histogram>;
+
+/// The registry and the handles to update it.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Locked for a whole scrape, so two scrapes never interleave their key-state updates.
+    registry: tokio::sync::Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    keys: Family<KeyLabels, Gauge>,
+    claim_wait: Histograms,
+    upstream: Histograms,
+    /// The last scrape's failure to read key states, logged once per change.
+    key_state_problem: Mutex<Option<String>>,
+}
+
+fn claim_wait_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0])
+}
+
+fn upstream_histogram() -> Histogram {
+    Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0])
+}
+
+impl Metrics {
+    /// An empty registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
+        let keys = Family::<KeyLabels, Gauge>::default();
+        let claim_wait: Histograms = Family::new_with_constructor(claim_wait_histogram);
+        let upstream: Histograms = Family::new_with_constructor(upstream_histogram);
+        registry.register(
+            "apijongler_gateway_requests",
+            "Requests that reached a connector, by model and outcome (status class or the gateway's own error)",
+            requests.clone(),
+        );
+        registry.register("apijongler_gateway_refused", "Requests refused before any key was claimed", refused.clone());
+        registry.register("apijongler_keys", "Keys by state, read from the database at each scrape", keys.clone());
+        registry.register(
+            "apijongler_gateway_claim_wait_seconds",
+            "Time a request waited for free keys, over all its attempts",
+            claim_wait.clone(),
+        );
+        registry.register(
+            "apijongler_gateway_upstream_seconds",
+            "Upstream latency of a request's last attempt (a stream: to its first event)",
+            upstream.clone(),
+        );
+        Self {
+            registry: tokio::sync::Mutex::new(registry),
+            requests,
+            refused,
+            keys,
+            claim_wait,
+            upstream,
+            key_state_problem: Mutex::new(None),
+        }
+    }
+
+    /// A request answered by the upstream.
+    pub fn answered(&self, connector: &str, exchange: &Exchange) {
+        let outcome = format!("{}xx", exchange.status / 100);
+        self.count(connector, exchange.model.as_deref(), outcome);
+        let labels = ConnectorLabels { connector: connector.to_owned() };
+        self.claim_wait.get_or_create(&labels).observe(exchange.timings.claiming.as_secs_f64());
+        self.upstream.get_or_create(&labels).observe(exchange.timings.upstream.as_secs_f64());
+    }
+
+    /// A request the pool could not answer.
+    pub fn failed(&self, connector: &str, model: Option<&str>, outcome: Outcome) {
+        let outcome = match outcome {
+            Outcome::NoKey => "no_key",
+            Outcome::Unreachable => "unreachable",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Failed => "failed",
+        };
+        self.count(connector, model, outcome.to_owned());
+    }
+
+    /// A request refused at the door.
+    pub fn refused(&self, reason: &str) {
+        self.refused.get_or_create(&RefusedLabels { reason: reason.to_owned() }).inc();
+    }
+
+    fn count(&self, connector: &str, model: Option<&str>, outcome: String) {
+        let labels =
+            RequestLabels { connector: connector.to_owned(), model: model.unwrap_or_default().to_owned(), outcome };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// The text exposition, with the key states of `connectors` read now.
+    pub async fn render(&self, coordinator: &Coordinator, connectors: &[String]) -> String {
+        let registry = self.registry.lock().await;
+        let (coordinator, names) = (coordinator.clone(), connectors.to_vec());
+        let read = tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .map(|name| coordinator.key_states(&name).map(|states| (name, states)))
+                .collect::<api_jongler::Result<Vec<_>>>()
+        })
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
+        let problem = match read {
+            Ok(states) => {
+                for (connector, states) in states {
+                    for (state, keys) in [
+                        ("vacant", &states.vacant),
+                        ("locked", &states.locked),
+                        ("lockdown", &states.lockdown),
+                        ("error", &states.error),
+                    ] {
+                        let labels = KeyLabels { connector: connector.clone(), state: state.to_owned() };
+                        self.keys.get_or_create(&labels).set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
+                    }
+                }
+                None
+            }
+            // The last values stay; the scrape still answers.
+            Err(error) => Some(error.to_string()),
+        };
+        let mut last = self.key_state_problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(problem) = &problem
+            && last.as_ref() != Some(problem)
+        {
+            tracing::warn!(problem = %problem, "metrics: cannot read key states");
+        }
+        *last = problem;
+        drop(last);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String cannot fail");
+        text
+    }
+}
