@@ -595,7 +595,6 @@ impl Jongler {
         tokio::spawn(async move {
             let mut relay = Relay::new(held.committed, dialect);
             let ending = relay.run(held.response, &sender, jongler.inner.timeout).await;
-            drop(sender);
             let context_model = attempt.model.clone();
             let verdict = match &ending {
                 Ending::UpstreamError(data) => {
@@ -640,6 +639,9 @@ impl Jongler {
             if let Err(error) = blocking(move || lease.finish(&fate, Some(&attempt))).await {
                 tracing::warn!(error = %error, "could not settle the key of a finished stream");
             }
+            // Only now does the reader see the end: a caller that sends its next request at once finds
+            // the key free again.
+            drop(sender);
         });
         StreamingBody { chunks }
     }
@@ -766,8 +768,20 @@ impl Relay {
                     }
                     continue;
                 }
+                // The end of a complete answer: what is left (the LF of a last CRLF that came alone)
+                // goes out too.
+                Ok(Ok(None)) if self.complete => {
+                    let rest = Bytes::from(std::mem::take(&mut self.unsent));
+                    if !rest.is_empty() && !Self::forward(sender, rest, idle).await {
+                        return Ending::Cancelled;
+                    }
+                    return Ending::Complete;
+                }
                 _ if self.complete => return Ending::Complete,
                 Ok(Ok(None)) => format!("upstream stream ended after {} events without its last one", self.events),
+                Ok(Err(error)) if error.is_timeout() => {
+                    format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events)
+                }
                 Ok(Err(error)) => {
                     format!(
                         "upstream stream broke after {} events ({})",
@@ -777,7 +791,15 @@ impl Relay {
                 }
                 Err(_) => format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events),
             };
-            let event = self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem);
+            // Line endings left over (the LF of a CRLF) go first, so our event starts on a line of its
+            // own; a half-sent event's bytes never go out.
+            let mut event = if self.unsent.iter().all(|byte| matches!(byte, b'\r' | b'\n')) {
+                std::mem::take(&mut self.unsent)
+            } else {
+                Vec::new()
+            };
+            event.extend_from_slice(&self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem));
+            let event = Bytes::from(event);
             if !Self::forward(sender, event, idle).await {
                 return Ending::Cancelled;
             }
