@@ -365,7 +365,7 @@ async fn no_key_in_time_is_a_429_saying_when_to_come_back() {
     drop(gateway);
 
     // A long --wait is cut to the client's own deadline (X-Server-Timeout 2 s: a wait of 1 s).
-    let gateway = Gateway::start(&sandbox, &["--wait", "10m"], &[]);
+    let gateway = Gateway::start(&sandbox, &["--wait", "90s"], &[]);
     let started = Instant::now();
     let response = http
         .post(gateway.url(&format!("/{C}{GENERATE}")))
@@ -375,7 +375,7 @@ async fn no_key_in_time_is_a_429_saying_when_to_come_back() {
         .await
         .unwrap();
     assert_eq!(response.status(), 429);
-    assert!(started.elapsed() < Duration::from_secs(60), "waited {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(45), "waited {:?}", started.elapsed());
     let message = body_json(response).await["error"]["message"].as_str().unwrap().to_owned();
     assert!(message.contains("after waiting 1."), "{message}");
     lease.release().unwrap();
@@ -427,6 +427,14 @@ async fn a_body_over_the_cap_is_refused_without_reaching_the_upstream() {
         }
         request.extend_from_slice(b"0\r\n\r\n");
         raw_http(addr, &request)
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // A length announced over the cap is refused at once, before a byte of the body is read.
+    let answer = tokio::task::spawn_blocking(move || {
+        let request = format!("POST /{C}{GENERATE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\n{{");
+        raw_http(addr, request.as_bytes())
     })
     .await
     .unwrap();
@@ -629,17 +637,21 @@ async fn sigterm_lets_the_request_in_flight_finish_then_releases_every_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_still_in_flight_after_the_grace_is_cut_off_and_its_key_released() {
+async fn requests_still_in_flight_after_the_grace_are_cut_off_and_their_keys_released() {
     let upstream = Gated::start().await;
-    let sandbox = sandbox(1, upstream.port);
+    let sandbox = sandbox(4, upstream.port);
     let gateway = Gateway::start(&sandbox, &["--grace", "0s"], &[]);
-    let in_flight = tokio::spawn(client().post(gateway.url(&format!("/{C}{GENERATE}"))).body("{}").send());
-    eventually(Duration::from_secs(30), "the request upstream", || upstream.arrived.load(Ordering::SeqCst) == 1).await;
+    let http = client();
+    let in_flight: Vec<_> =
+        (0..4).map(|_| tokio::spawn(http.post(gateway.url(&format!("/{C}{GENERATE}"))).body("{}").send())).collect();
+    eventually(Duration::from_secs(30), "4 requests upstream", || upstream.arrived.load(Ordering::SeqCst) == 4).await;
     gateway.signal(rustix::process::Signal::INT);
     let (status, stderr) = gateway.exit().await;
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("cutting off") && stderr.contains("every key released"), "{stderr}");
-    assert!(in_flight.await.unwrap().is_err(), "the connection was closed");
-    assert_eq!(sandbox.states(), [("key0".to_owned(), "vacant".to_owned())]);
-    assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'cancelled'"), 1);
+    for request in in_flight {
+        assert!(request.await.unwrap().is_err(), "the connection was closed");
+    }
+    assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'cancelled'"), 4);
 }
