@@ -655,3 +655,79 @@ async fn requests_still_in_flight_after_the_grace_are_cut_off_and_their_keys_rel
     assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
     assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'cancelled'"), 4);
 }
+
+const STREAM: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+
+/// A client that goes away mid-stream frees the key at once (long before the upstream's next event or
+/// any timeout), and the attempt is recorded as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_frees_the_key_at_once() {
+    let upstream = mock(MockConfig { stream_delay: Duration::from_secs(60), ..MockConfig::default() }).await;
+    let sandbox = sandbox(1, upstream.port());
+    let gateway = Gateway::start(&sandbox, &[], &[]);
+    let mut response = client()
+        .post(gateway.url(&format!("/{C}{STREAM}")))
+        .header("x-goog-api-key", "placeholder")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&response, "cache-control"), Some("no-cache"));
+    let first = response.chunk().await.unwrap().expect("the first event");
+    assert!(first.starts_with(b"data: {\"candidates\""), "{first:?}");
+    assert_eq!(sandbox.states(), [("key0".to_owned(), "locked".to_owned())], "held while streaming");
+    drop(response);
+    // 60 s before the next event, 10 s before the connector's read timeout: only the disconnect frees it.
+    eventually(Duration::from_secs(8), "the key freed", || sandbox.states()[0].1 == "vacant").await;
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'cancelled'"), 1);
+    assert!(upstream.wait_key_idle(&secret(0), Duration::from_secs(8)).await, "the upstream request was dropped");
+}
+
+/// Through the gateway too: a stream that fails before its first event is retried on another key; one
+/// that breaks after it ends with one error event in its dialect (OpenAI's here: no `[DONE]`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_retried_only_before_their_first_event() {
+    use api_jongler::mock::StreamFault;
+    let config = MockConfig {
+        stream_faults_by_key: [(secret(0), vec![StreamFault::ErrorAsFirstEvent(429)])].into(),
+        ..MockConfig::default()
+    };
+    let upstream = mock(config).await;
+    let sandbox = sandbox(2, upstream.port());
+    let gateway = Gateway::start(&sandbox, &[], &[]);
+    let response = client()
+        .post(gateway.url(&format!("/{C}{STREAM}")))
+        .header("x-goog-api-key", "placeholder")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        (header(&response, "x-apijongler-key"), header(&response, "x-apijongler-attempts")),
+        (Some("key1"), Some("2"))
+    );
+    let text = response.text().await.unwrap();
+    assert_eq!(text.matches("data: ").count(), 3, "one whole stream: {text}");
+    assert!(!text.contains("error"), "{text}");
+
+    upstream.push_stream_fault(StreamFault::BreakMidStream { after_events: 1 });
+    let body = r#"{"model":"gemini-2.5-flash","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let response = client()
+        .post(gateway.url(&format!("/{C}{CHAT}")))
+        .header("authorization", "Bearer placeholder")
+        .header("accept", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((response.status().as_u16(), header(&response, "x-apijongler-attempts")), (200, Some("1")));
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|event| !event.is_empty()).collect();
+    assert_eq!(events.len(), 2, "one good event, then ours: {text}");
+    let error: Value = serde_json::from_str(events[1].strip_prefix("data: ").expect("a data event")).unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().starts_with("apijongler: upstream stream broke"), "{error}");
+    assert!(error["error"]["type"].is_string() && !text.contains("[DONE]"), "{text}");
+}
