@@ -77,7 +77,12 @@ pub struct Metrics {
     upstream: Histograms,
     /// The last scrape's failure to read key states, logged once per change.
     key_state_problem: Mutex<Option<String>>,
+    /// The model names used as labels so far.
+    models: Mutex<std::collections::HashSet<String>>,
 }
+
+/// The most distinct model names the request counter is labelled with.
+const MAX_MODELS: usize = 100;
 
 fn claim_wait_histogram() -> Histogram {
     Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0])
@@ -121,6 +126,7 @@ impl Metrics {
             claim_wait,
             upstream,
             key_state_problem: Mutex::new(None),
+            models: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -150,9 +156,20 @@ impl Metrics {
     }
 
     fn count(&self, connector: &str, model: Option<&str>, outcome: String) {
-        let labels =
-            RequestLabels { connector: connector.to_owned(), model: model.unwrap_or_default().to_owned(), outcome };
+        let model = self.model_label(model.unwrap_or_default());
+        let labels = RequestLabels { connector: connector.to_owned(), model, outcome };
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// The model as a label: clients name models freely, so past [`MAX_MODELS`] distinct names, new
+    /// ones are counted as `other` and the number of series stays bounded.
+    fn model_label(&self, model: &str) -> String {
+        let mut seen = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(model) || seen.len() < MAX_MODELS && seen.insert(model.to_owned()) {
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
     }
 
     /// The text exposition, with the key states of `connectors` read now.
@@ -196,5 +213,20 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_stay_bounded_whatever_clients_name() {
+        let metrics = Metrics::new();
+        for index in 0..MAX_MODELS {
+            assert_eq!(metrics.model_label(&format!("m{index}")), format!("m{index}"));
+        }
+        assert_eq!(metrics.model_label("one-too-many"), "other");
+        assert_eq!(metrics.model_label("m7"), "m7", "names already seen keep their label");
     }
 }
