@@ -187,3 +187,27 @@ fn migration_4_turns_key_lockdowns_into_whole_scope_ones_and_keeps_the_history()
     let key = &store.keys(Some("c")).expect("keys")[0];
     assert_eq!((key.quota_scope.as_str(), key.quota_group.as_deref()), ("key:key0", None));
 }
+
+/// A second store opened on a file this process already uses must not drop this process's SQLite
+/// locks (closing any descriptor of a file drops them all): otherwise another process, closing its own
+/// connection, finds itself the last user, checkpoints and deletes the WAL under this one.
+#[test]
+fn opening_the_database_twice_in_one_process_keeps_its_locks() {
+    let sandbox = Sandbox::new("c", 2);
+    let first = sandbox.coordinator(sandbox.options());
+    let lease = first.claim("c", &[], std::time::Duration::ZERO).expect("claim");
+    let wal = sandbox.db.with_extension("db-wal");
+    assert!(wal.exists(), "a WAL while in use");
+    let second = sandbox.coordinator(sandbox.options());
+    // Another process opens and closes the database, as a user's `sqlite3` would.
+    let output = std::process::Command::new("sqlite3")
+        .arg(&sandbox.db)
+        .arg("SELECT count(*) FROM keys;")
+        .output()
+        .expect("the sqlite3 shell (apt-get install sqlite3)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(wal.exists(), "the WAL of a database this process still uses was checkpointed and deleted");
+    lease.release().expect("release");
+    let states = second.key_states("c").expect("states");
+    assert_eq!(states.vacant.len(), 2, "the release is visible to every store: {states:?}");
+}

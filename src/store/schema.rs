@@ -126,15 +126,23 @@ fn existing_file() -> OpenFlags {
     OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
 }
 
-/// Creates the parent directory and the file (mode 0600: the file says which keys a user has). An
-/// existing file is opened without truncation, so its bytes are never touched here.
+/// Creates the parent directory and, if there is none yet, the file (mode 0600: the file says which
+/// keys a user has).
+///
+/// An existing file is never opened here: closing any descriptor of a file drops every POSIX lock this
+/// process holds on it, SQLite's included, so a second store opened in a process that already uses the
+/// file (the gateway's jonglers beside its coordinator) would let another process checkpoint and delete
+/// the WAL under it.
 fn create_file(path: &Path) -> Result<()> {
     let create_error = |source| Error::DatabaseCreate { path: path.to_owned(), source };
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(create_error)?;
     }
-    OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path).map_err(create_error)?;
-    Ok(())
+    match OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(create_error(error)),
+    }
 }
 
 /// Per-connection settings; `busy_timeout` first so the others already wait politely.
