@@ -416,15 +416,21 @@ impl Jongler {
         let inner = &self.inner;
         let client = self.client();
         let url = format!("{}{}", inner.connector.base_url(), outgoing.path_and_query);
-        let mut request = client.request(outgoing.method.clone(), url).headers(outgoing.headers.clone());
+        // The connector's key header carries the pool key and nothing else: a value the caller left in it
+        // (a client's own credential, under a header the gateway does not know) never goes upstream.
+        let mut headers = outgoing.headers.clone();
+        if let Ok(name) = HeaderName::from_bytes(inner.connector.key_header().0.as_bytes()) {
+            headers.remove(name);
+        }
+        if let Some((name, value)) = self.key_header(lease) {
+            headers.insert(name, value);
+        }
+        let mut request = client.request(outgoing.method.clone(), url).headers(headers);
         if !outgoing.body.is_empty() {
             if !outgoing.headers.contains_key(CONTENT_TYPE) {
                 request = request.header(CONTENT_TYPE, inner.connector.content_type());
             }
             request = request.body(outgoing.body.clone());
-        }
-        if let Some((name, value)) = self.key_header(lease) {
-            request = request.header(name, value);
         }
         if outgoing.stream.is_none() {
             // A whole answer has a total deadline; a stream has per-read ones (a long stream is fine).

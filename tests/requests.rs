@@ -438,3 +438,20 @@ async fn a_key_whose_secret_another_keyring_changed_is_never_sent_with_the_old_o
     assert!(error.to_string().contains("another secret"), "{error}");
     assert!(server.received_requests().await.expect("recorded").is_empty(), "nothing was sent");
 }
+
+/// A value the caller left in the connector's key header never goes upstream: the header carries the
+/// pool key, once.
+#[tokio::test]
+async fn the_key_header_carries_the_pool_key_and_nothing_else() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(json(200, r#"{"candidates":[]}"#)).mount(&server).await;
+    let sandbox = gemini_sandbox(1, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    let mut outgoing = api_jongler::Outgoing::new(reqwest::Method::POST, ENDPOINT, "{}");
+    outgoing.headers.insert("x-goog-api-key", "the-client-s-own-value".parse().expect("value"));
+    assert_eq!(jongler.send(outgoing).await.expect("answer").status, 200);
+    let received = server.received_requests().await.expect("recorded");
+    let values: Vec<&str> =
+        received[0].headers.get_all("x-goog-api-key").iter().map(|value| value.to_str().expect("text")).collect();
+    assert_eq!(values, [secret(0).as_str()]);
+}

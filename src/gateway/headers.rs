@@ -93,7 +93,10 @@ pub fn rewrite_upload_url(value: &str, upstream_base: &str, gateway_base: &str) 
     if !(rest.is_empty() || rest.starts_with('/')) {
         return None;
     }
-    let query = url.query().map(|query| format!("?{query}")).unwrap_or_default();
+    // A key in the upload URL's query (Google puts none there) would hand the pool's secret to the
+    // client: it is dropped, the rest kept byte for byte.
+    let query = url.query().and_then(|query| super::credentials::strip_key_param(query).0);
+    let query = query.map(|query| format!("?{query}")).unwrap_or_default();
     Some(format!("{gateway_base}{rest}{query}"))
 }
 
@@ -241,6 +244,11 @@ mod tests {
                 "https://generativelanguage.googleapis.com/upload/v1/files?b=2&a=1",
                 &format!("{google}/"),
                 Some("http://127.0.0.1:8080/c/upload/v1/files?b=2&a=1"),
+            ),
+            (
+                "https://generativelanguage.googleapis.com/upload/v1/files?upload_id=A&key=POOL-SECRET",
+                google,
+                Some("http://127.0.0.1:8080/c/upload/v1/files?upload_id=A"),
             ),
             ("https://generativelanguage.googleapis.com:8443/upload/v1/files", google, None),
             ("http://generativelanguage.googleapis.com/upload/v1/files", google, None),

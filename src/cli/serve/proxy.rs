@@ -277,6 +277,12 @@ impl Gateway {
                 return error(dialect, StatusCode::BAD_REQUEST, &message, None);
             }
         };
+        // `.` and `..` segments would be resolved on the way upstream, after the model was read from the
+        // path as written: a request could then be counted against another model than it reaches.
+        if has_dot_segment(path) {
+            let message = "the path has `.` or `..` segments; send the path they stand for";
+            return error(dialect, StatusCode::BAD_REQUEST, message, None);
+        }
         let path_and_query = match &query {
             Some(query) => format!("{path}?{query}"),
             None => path.to_owned(),
@@ -478,6 +484,17 @@ enum BodyProblem {
     Broken(String),
 }
 
+/// Whether `path` has a `.` or `..` segment, percent-encoded or not.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let segment = segment.to_ascii_lowercase().replace("%2e", ".");
+        segment == "." || segment == ".."
+    })
+}
+
+/// How long a request body may take to arrive.
+const BODY_READ_LIMIT: Duration = Duration::from_secs(300);
+
 /// The request body, up to `max` bytes: refused from its `Content-Length`, or once the bytes read
 /// pass the cap.
 async fn read_body(body: Incoming, headers: &HeaderMap, max: u64) -> Result<Bytes, BodyProblem> {
@@ -485,7 +502,13 @@ async fn read_body(body: Incoming, headers: &HeaderMap, max: u64) -> Result<Byte
     if declared.is_some_and(|length| length > max) {
         return Err(BodyProblem::TooLarge);
     }
-    match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).collect().await {
+    // A client that never finishes its body would hold its connection forever (no key is claimed
+    // before the body is whole); a slow upload still gets minutes.
+    let collected =
+        tokio::time::timeout(BODY_READ_LIMIT, Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).collect())
+            .await
+            .map_err(|_| BodyProblem::Broken(format!("not whole after {} s", BODY_READ_LIMIT.as_secs())))?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(BodyProblem::TooLarge),
         Err(error) => Err(BodyProblem::Broken(error.to_string())),
@@ -657,5 +680,15 @@ mod tests {
         assert_eq!(retry_wait(&unavailable(Some(1_000_200))), Duration::from_secs(1), "at least a second");
         assert_eq!(retry_wait(&unavailable(Some(900_000))), Duration::from_secs(1), "already over");
         assert_eq!(retry_wait(&unavailable(None)), RETRY_WHEN_HELD);
+    }
+
+    #[test]
+    fn dot_segments_are_found_encoded_or_not() {
+        for path in ["/v1beta/models/a/../b:generateContent", "/./x", "/x/%2E%2e/y", "/x/%2e", "/x/.."] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in ["/v1beta/models/gemini-2.5-flash:generateContent", "/x/...", "/x/.hidden", "/x/a..b"] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
     }
 }
