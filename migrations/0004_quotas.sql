@@ -53,4 +53,3 @@ ALTER TABLE history ADD COLUMN model TEXT;
 ALTER TABLE history ADD COLUMN quota_scope TEXT;
 ALTER TABLE requests ADD COLUMN model TEXT;
 ALTER TABLE requests ADD COLUMN quota_scope TEXT;
-CREATE INDEX requests_by_model ON requests (connector, model, at);
