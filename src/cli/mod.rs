@@ -12,6 +12,7 @@ mod history;
 mod output;
 mod request;
 mod serve;
+mod signals;
 mod status;
 mod why;
 mod worker;

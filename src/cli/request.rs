@@ -9,6 +9,7 @@ use api_jongler::{Bookkeeping, Jongler, Response};
 use serde_json::Value;
 
 use super::exit::{self, Usage};
+use super::signals::{Signal, Signals};
 use super::{Global, output, parse_duration};
 
 #[derive(Debug, clap::Args)]
@@ -108,34 +109,6 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
     code
 }
 
-/// Which signal ended the request.
-#[derive(Debug, Clone, Copy)]
-enum Signal {
-    Interrupt,
-    Terminate,
-}
-
-/// SIGINT and SIGTERM, caught from the moment they are installed.
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
-    }
-
-    /// Resolves when one of them arrives.
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.interrupt.recv() => Signal::Interrupt,
-            _ = self.terminate.recv() => Signal::Terminate,
-        }
-    }
-}
-
 /// The request was dropped by a signal: its key is being given back with the attempt recorded as
 /// cancelled (see `Jongler::request`); wait a little for that write, then exit as the signal asks.
 /// A second signal while it waits ends the process at once (the key is then freed by the next claimer).
@@ -146,10 +119,7 @@ async fn cancelled(jongler: &Jongler, signal: Signal, signals: &mut Signals) -> 
         left = settling => left?,
         _ = signals.next() => 1,
     };
-    let (name, code) = match signal {
-        Signal::Interrupt => ("SIGINT", exit::INTERRUPTED),
-        Signal::Terminate => ("SIGTERM", exit::TERMINATED),
-    };
+    let (name, code) = (signal.name(), signal.exit_code());
     if left == 0 {
         eprintln!("apijongler: {name}: request cancelled, key released");
     } else {
