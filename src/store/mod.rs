@@ -16,6 +16,7 @@
 //!
 //! A second backend (PostgreSQL, for pools shared by several hosts) would implement the same methods.
 
+mod batch;
 mod schema;
 mod sync;
 mod types;
@@ -54,6 +55,8 @@ pub struct Store {
     path: PathBuf,
     identity: schema::FileIdentity,
     lock_wait_floor: Duration,
+    /// Lease ends waiting to be written together (see the `batch` module).
+    ends: std::sync::Arc<batch::EndQueue>,
 }
 
 /// A history row about to be written.
@@ -176,7 +179,13 @@ impl Store {
     /// Opens the database at `path`, creating and migrating it as needed.
     pub fn open(path: &Path) -> Result<Self> {
         let (pool, identity) = schema::open(path)?;
-        Ok(Self { pool, path: path.to_owned(), identity, lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR })
+        Ok(Self {
+            pool,
+            path: path.to_owned(),
+            identity,
+            lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR,
+            ends: std::sync::Arc::default(),
+        })
     }
 
     /// The same store with another floor for lock waits: every operation may wait at least this long
@@ -291,103 +300,26 @@ impl Store {
     /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
     /// attempt's model on the key's scopes once their lockdowns are over.
     pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        self.write("ending a lease", Some(self.holder_deadline()), |transaction| {
-            if let Some(attempt) = attempt {
-                insert_attempt(transaction, attempt)?;
-            }
-            let held = transaction
-                .prepare_cached(
-                    "SELECT connector, key_name, fingerprint FROM keys WHERE id = ?1 AND lease = ?2 AND state = 'locked'",
-                )?
-                .query_row(params![id, lease], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })
-                .optional()?;
-            let Some((connector, key_name, fingerprint)) = held else { return Ok(false) };
-            let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
-            let project = match fate {
-                Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
-                Fate::Error { project, .. } => project.as_deref(),
-                Fate::Release { .. } => None,
-            };
-            if let Some(project) = project {
-                transaction
-                    .prepare_cached("UPDATE keys SET project_learned = ?2 WHERE id = ?1")?
-                    .execute(params![id, project])?;
-                requeue(transaction, id)?;
-            }
-            let key_scope: String =
-                transaction.prepare_cached("SELECT quota_scope FROM keys WHERE id = ?1")?.query_row([id], |row| row.get(0))?;
-            let mut transition = NewTransition {
-                holder_pid: Some(std::process::id()),
-                lease: Some(lease),
-                quota_scope: Some(&key_scope),
-                ..NewTransition::new(key, Some("locked"), "vacant", "released")
-            };
-            let lockdown_scope;
-            let models;
-            match fate {
-                Fate::Lockdown(lockdown) => {
-                    lockdown_scope = set_lockdown(transaction, key, id, &key_scope, lockdown, now)?;
-                    models = lockdown.models.join(",");
-                    transition.reason = &lockdown.reason;
-                    transition.http_status = lockdown.http_status;
-                    transition.lockdown_until = Some(lockdown.until);
-                    transition.model = (!models.is_empty()).then_some(models.as_str());
-                    transition.quota_scope = Some(&lockdown_scope);
-                }
-                Fate::Error { reason, http_status, .. } => {
-                    transition.to_state = "error";
-                    transition.reason = reason;
-                    transition.http_status = *http_status;
-                }
-                Fate::Release { success } => {
-                    let model = attempt.and_then(|attempt| attempt.model.as_deref());
-                    if *success {
-                        transaction
-                            .prepare_cached(
-                                "DELETE FROM lockdowns
-                                  WHERE connector = ?1 AND scope IN (?2, 'key:' || ?3) AND model IN (coalesce(?4, '*'), '*')
-                                    AND until <= ?5",
-                            )?
-                            .execute(params![connector, key_scope, key_name, model, now])?;
-                    }
-                    transition.model = model;
-                }
-            }
-            let (state, until) = transaction
-                .prepare_cached(&format!(
-                    "UPDATE keys
-                        SET state = CASE WHEN ?2 = 'error' THEN 'error'
-                                         WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
-                            lockdown_until = CASE WHEN ?2 = 'error' THEN NULL ELSE {end} END,
-                            reason = coalesce(?4, reason), http_status = CASE WHEN ?4 IS NULL THEN http_status ELSE ?5 END,
-                            lockdown_count = CASE WHEN ?6 THEN lockdown_count + 1 WHEN ?7 THEN 0 ELSE lockdown_count END,
-                            holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
-                            holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
-                      WHERE id = ?1
-                  RETURNING state, lockdown_until",
-                    end = whole_lockdown_end("keys", 3)
-                ))?
-                .query_row(
-                    params![
-                        id,
-                        transition.to_state,
-                        now,
-                        (transition.to_state == "error" || matches!(fate, Fate::Lockdown(_))).then_some(transition.reason),
-                        transition.http_status,
-                        matches!(fate, Fate::Lockdown(_)),
-                        matches!(fate, Fate::Release { success: true })
-                    ],
-                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?)),
-                )?;
-            transition.to_state = &state;
-            if transition.lockdown_until.is_none() {
-                transition.lockdown_until = until;
-            }
-            record(transaction, now, &transition)?;
-            Ok(true)
-        })
+        let end = batch::End::new(id, lease, fate, attempt, now);
+        self.ends.commit(end, |ends| self.end_leases(ends))
+    }
+
+    /// Ends the leases of `ends` in one transaction, each as [`end_lease`](Self::end_lease) would; if
+    /// that transaction fails, each one alone, so that each gets its own answer.
+    fn end_leases(&self, ends: &[std::sync::Arc<batch::End>]) -> Vec<Result<bool>> {
+        let one = |end: &batch::End| {
+            self.write("ending a lease", Some(self.holder_deadline()), |transaction| end_in(transaction, end))
+        };
+        if let [end] = ends {
+            return vec![one(end)];
+        }
+        let all = self.write("ending leases", Some(self.holder_deadline()), |transaction| {
+            ends.iter().map(|end| end_in(transaction, end)).collect::<rusqlite::Result<Vec<bool>>>()
+        });
+        match all {
+            Ok(ended) => ended.into_iter().map(Ok).collect(),
+            Err(_) => ends.iter().map(|end| one(end)).collect(),
+        }
     }
 
     /// Records an attempt made without ending a lease (no key, or the lease is kept).
@@ -808,6 +740,106 @@ fn all<T>(
     map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
     statement.query_map(params, map)?.collect()
+}
+
+/// Ends one lease in `transaction` (see [`Store::end_lease`]): `Ok(false)` when it was already lost.
+fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<bool> {
+    let (id, lease, fate, attempt, now) = (end.id, end.lease, &end.fate, end.attempt.as_ref(), end.now);
+    if let Some(attempt) = attempt {
+        insert_attempt(transaction, attempt)?;
+    }
+    let held = transaction
+        .prepare_cached(
+            "SELECT connector, key_name, fingerprint FROM keys WHERE id = ?1 AND lease = ?2 AND state = 'locked'",
+        )?
+        .query_row(params![id, lease], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+        })
+        .optional()?;
+    let Some((connector, key_name, fingerprint)) = held else { return Ok(false) };
+    let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
+    let project = match fate {
+        Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
+        Fate::Error { project, .. } => project.as_deref(),
+        Fate::Release { .. } => None,
+    };
+    if let Some(project) = project {
+        transaction
+            .prepare_cached("UPDATE keys SET project_learned = ?2 WHERE id = ?1")?
+            .execute(params![id, project])?;
+        requeue(transaction, id)?;
+    }
+    let key_scope: String =
+        transaction.prepare_cached("SELECT quota_scope FROM keys WHERE id = ?1")?.query_row([id], |row| row.get(0))?;
+    let mut transition = NewTransition {
+        holder_pid: Some(std::process::id()),
+        lease: Some(lease),
+        quota_scope: Some(&key_scope),
+        ..NewTransition::new(key, Some("locked"), "vacant", "released")
+    };
+    let lockdown_scope;
+    let models;
+    match fate {
+        Fate::Lockdown(lockdown) => {
+            lockdown_scope = set_lockdown(transaction, key, id, &key_scope, lockdown, now)?;
+            models = lockdown.models.join(",");
+            transition.reason = &lockdown.reason;
+            transition.http_status = lockdown.http_status;
+            transition.lockdown_until = Some(lockdown.until);
+            transition.model = (!models.is_empty()).then_some(models.as_str());
+            transition.quota_scope = Some(&lockdown_scope);
+        }
+        Fate::Error { reason, http_status, .. } => {
+            transition.to_state = "error";
+            transition.reason = reason;
+            transition.http_status = *http_status;
+        }
+        Fate::Release { success } => {
+            let model = attempt.and_then(|attempt| attempt.model.as_deref());
+            if *success {
+                transaction
+                    .prepare_cached(
+                        "DELETE FROM lockdowns
+                              WHERE connector = ?1 AND scope IN (?2, 'key:' || ?3) AND model IN (coalesce(?4, '*'), '*')
+                                AND until <= ?5",
+                    )?
+                    .execute(params![connector, key_scope, key_name, model, now])?;
+            }
+            transition.model = model;
+        }
+    }
+    let (state, until) = transaction
+        .prepare_cached(&format!(
+            "UPDATE keys
+                    SET state = CASE WHEN ?2 = 'error' THEN 'error'
+                                     WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                        lockdown_until = CASE WHEN ?2 = 'error' THEN NULL ELSE {end} END,
+                        reason = coalesce(?4, reason), http_status = CASE WHEN ?4 IS NULL THEN http_status ELSE ?5 END,
+                        lockdown_count = CASE WHEN ?6 THEN lockdown_count + 1 WHEN ?7 THEN 0 ELSE lockdown_count END,
+                        holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
+                        holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
+                  WHERE id = ?1
+              RETURNING state, lockdown_until",
+            end = whole_lockdown_end("keys", 3)
+        ))?
+        .query_row(
+            params![
+                id,
+                transition.to_state,
+                now,
+                (transition.to_state == "error" || matches!(fate, Fate::Lockdown(_))).then_some(transition.reason),
+                transition.http_status,
+                matches!(fate, Fate::Lockdown(_)),
+                matches!(fate, Fate::Release { success: true })
+            ],
+            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?)),
+        )?;
+    transition.to_state = &state;
+    if transition.lockdown_until.is_none() {
+        transition.lockdown_until = until;
+    }
+    record(transaction, now, &transition)?;
+    Ok(true)
 }
 
 /// Puts key `id` behind the lockdowns of its (new) scopes in the claim order, after its scope changed.
