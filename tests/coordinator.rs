@@ -382,3 +382,32 @@ fn a_dropped_lease_gives_its_key_back() {
     drop(coordinator.claim("c", &[], Duration::ZERO).expect("claim"));
     assert_eq!(sandbox.states(), [("key0".to_owned(), "vacant".to_owned())]);
 }
+
+/// Many threads of one process claiming and releasing at once (their claims and ends written in shared
+/// transactions): every claim gets a key no other thread holds, and every key ends vacant.
+#[test]
+fn threads_of_one_process_claiming_at_once_never_share_a_key() {
+    const THREADS: usize = 16;
+    const ROUNDS: usize = 50;
+    let sandbox = Sandbox::new("c", THREADS);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let held = std::sync::Mutex::new(std::collections::HashSet::new());
+    let start = std::sync::Barrier::new(THREADS);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                start.wait();
+                for _ in 0..ROUNDS {
+                    let lease = coordinator.claim("c", &[], Duration::from_secs(30)).expect("a key for each thread");
+                    let name = lease.key_name().to_owned();
+                    assert!(held.lock().expect("held").insert(name.clone()), "{name} handed out twice");
+                    held.lock().expect("held").remove(&name);
+                    lease.release().expect("release");
+                }
+            });
+        }
+    });
+    assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
+    let claims = sandbox.count("SELECT count(*) FROM history WHERE to_state = 'locked'");
+    assert_eq!(claims, i64::try_from(THREADS * ROUNDS).expect("count"));
+}

@@ -1,17 +1,20 @@
-//! Group commit of lease ends: the ends that threads of one process ask for while another end is being
-//! written go into the next transaction together, so that under load a write lock serves many
-//! releases instead of one.
+//! Group commit: the claims (or lease ends) that threads of one process ask for while another batch is
+//! being written go into the next transaction together, so that under load one write lock serves
+//! many of them instead of one.
 //!
-//! Invariants: an end is written exactly once, by whichever caller leads when it is taken from the
-//! queue; every caller gets the answer for its own end; a caller alone writes its end at once (no
-//! waiting for company), so a lone release costs what it cost before.
+//! Invariants: an item is written exactly once, by whichever caller leads when it is taken from the
+//! queue; every caller gets the answer for its own item; a caller alone writes its item at once (no
+//! waiting for company), so a lone claim or release costs what it cost before.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use super::{Attempt, Fate};
-use crate::error::Result;
+use std::time::Instant;
 
-/// One lease to end, and where its answer goes.
+use super::{Attempt, Claimed, Fate};
+use crate::error::Result;
+use crate::holder::Holder;
+
+/// One lease to end.
 #[derive(Debug)]
 pub(super) struct End {
     pub(super) id: i64,
@@ -19,37 +22,75 @@ pub(super) struct End {
     pub(super) fate: Fate,
     pub(super) attempt: Option<Attempt>,
     pub(super) now: i64,
-    answer: Mutex<Option<Result<bool>>>,
 }
 
 impl End {
-    pub(super) fn new(id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Arc<Self> {
-        Arc::new(Self { id, lease, fate: fate.clone(), attempt: attempt.cloned(), now, answer: Mutex::new(None) })
+    pub(super) fn new(id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Self {
+        Self { id, lease, fate: fate.clone(), attempt: attempt.cloned(), now }
     }
 }
 
-/// The ends not yet written, and whether a caller is writing a batch.
-#[derive(Debug, Default)]
-pub(super) struct EndQueue {
-    state: Mutex<State>,
+/// The lease ends of a store.
+pub(super) type EndQueue = Batcher<End, Result<bool>>;
+
+/// One claim to run.
+#[derive(Debug)]
+pub(super) struct Claim {
+    pub(super) connector: String,
+    pub(super) model: Option<String>,
+    /// Key names not to take, as a JSON array.
+    pub(super) tried: String,
+    pub(super) holder: Holder,
+    /// How long it may wait for the write lock.
+    pub(super) deadline: Instant,
+}
+
+/// The claims of a store.
+pub(super) type ClaimQueue = Batcher<Claim, Result<Option<Claimed>>>;
+
+/// A batch of queued claims.
+pub(super) type Claims = [Arc<Queued<Claim, Result<Option<Claimed>>>>];
+
+/// A batch of queued lease ends.
+pub(super) type Ends = [Arc<Queued<End, Result<bool>>>];
+
+/// An item queued with the slot its answer goes to.
+#[derive(Debug)]
+pub(super) struct Queued<T, A> {
+    pub(super) item: T,
+    answer: Mutex<Option<A>>,
+}
+
+/// The items not yet written, and whether a caller is writing a batch.
+#[derive(Debug)]
+pub(super) struct Batcher<T, A> {
+    state: Mutex<State<T, A>>,
     written: Condvar,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    pending: Vec<Arc<End>>,
+#[derive(Debug)]
+struct State<T, A> {
+    pending: Vec<Arc<Queued<T, A>>>,
     leading: bool,
 }
 
-impl EndQueue {
-    /// Queues `end` and returns its answer: written by this caller (with every end queued meanwhile)
-    /// when nobody is writing, else by the caller who is, in its next batch.
-    pub(super) fn commit(&self, end: Arc<End>, write: impl Fn(&[Arc<End>]) -> Vec<Result<bool>>) -> Result<bool> {
+impl<T, A> Default for Batcher<T, A> {
+    fn default() -> Self {
+        Self { state: Mutex::new(State { pending: Vec::new(), leading: false }), written: Condvar::new() }
+    }
+}
+
+impl<T, A> Batcher<T, A> {
+    /// Queues `item` and returns its answer: written by this caller (with every item queued meanwhile)
+    /// when nobody is writing, else by the caller who is, in its next batch. `write` answers each item
+    /// of a batch, in order.
+    pub(super) fn commit(&self, item: T, write: impl Fn(&[Arc<Queued<T, A>>]) -> Vec<A>) -> A {
         let lock = || self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let queued = Arc::new(Queued { item, answer: Mutex::new(None) });
         let mut state = lock();
-        state.pending.push(Arc::clone(&end));
+        state.pending.push(Arc::clone(&queued));
         loop {
-            if let Some(answer) = end.answer.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            if let Some(answer) = queued.answer.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return answer;
             }
             if state.leading {
@@ -65,13 +106,13 @@ impl EndQueue {
             state.leading = false;
             match answers {
                 Ok(answers) => {
-                    for (end, answer) in batch.iter().zip(answers) {
-                        *end.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(answer);
+                    for (queued, answer) in batch.iter().zip(answers) {
+                        *queued.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(answer);
                     }
                 }
                 Err(panic) => {
-                    // The others' ends go back to the queue for the next leader.
-                    state.pending.extend(batch.into_iter().filter(|queued| !Arc::ptr_eq(queued, &end)));
+                    // The others' items go back to the queue for the next leader.
+                    state.pending.extend(batch.into_iter().filter(|other| !Arc::ptr_eq(other, &queued)));
                     self.written.notify_all();
                     drop(state);
                     std::panic::resume_unwind(panic);
@@ -87,7 +128,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn end(id: i64) -> Arc<End> {
+    fn end(id: i64) -> End {
         End::new(id, 1, &Fate::Release { success: true }, None, 0)
     }
 
@@ -97,7 +138,7 @@ mod tests {
         let batches = AtomicUsize::new(0);
         let answer = queue.commit(end(7), |ends| {
             batches.fetch_add(1, Ordering::SeqCst);
-            ends.iter().map(|end| Ok(end.id == 7)).collect()
+            ends.iter().map(|end| Ok(end.item.id == 7)).collect()
         });
         assert!(answer.expect("written"));
         assert_eq!(batches.load(Ordering::SeqCst), 1);
@@ -108,8 +149,8 @@ mod tests {
         let queue = EndQueue::default();
         let batches = Mutex::new(Vec::new());
         let (entered, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
-        let write = |ends: &[Arc<End>]| {
-            let ids: Vec<i64> = ends.iter().map(|end| end.id).collect();
+        let write = |ends: &[Arc<Queued<End, Result<bool>>>]| {
+            let ids: Vec<i64> = ends.iter().map(|end| end.item.id).collect();
             if ids == [0] {
                 entered.wait(); // the first batch holds the write while the others queue
                 release.wait();

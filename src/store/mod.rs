@@ -55,7 +55,8 @@ pub struct Store {
     path: PathBuf,
     identity: schema::FileIdentity,
     lock_wait_floor: Duration,
-    /// Lease ends waiting to be written together (see the `batch` module).
+    /// Claims and lease ends waiting to be written together (see the `batch` module).
+    claims: std::sync::Arc<batch::ClaimQueue>,
     ends: std::sync::Arc<batch::EndQueue>,
 }
 
@@ -184,6 +185,7 @@ impl Store {
             path: path.to_owned(),
             identity,
             lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR,
+            claims: std::sync::Arc::default(),
             ends: std::sync::Arc::default(),
         })
     }
@@ -238,57 +240,34 @@ impl Store {
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Option<Claimed>> {
-        let tried = json_list(tried);
-        self.write("claiming a key", Some(deadline), |transaction| {
-            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
-            let claimed = transaction
-                .prepare_cached(&CLAIM)?
-                .query_row(
-                    params![
-                        connector,
-                        now,
-                        holder.host,
-                        holder.boot_id,
-                        holder.pid,
-                        holder.started,
-                        tried,
-                        boot_ms,
-                        holder.pid_namespace,
-                        model
-                    ],
-                    |row| {
-                        let claimed = Claimed {
-                            id: row.get(0)?,
-                            key_name: row.get(1)?,
-                            fingerprint: row.get(2)?,
-                            lease: row.get(3)?,
-                            lockdown_count: row.get(6)?,
-                            boot_ms,
-                        };
-                        let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
-                        Ok((claimed, out_of_lockdown, row.get::<_, String>(5)?))
-                    },
-                )
-                .optional()?;
-            let Some((claimed, out_of_lockdown, scope)) = claimed else { return Ok(None) };
-            record(
-                transaction,
-                now,
-                &NewTransition {
-                    holder_pid: Some(holder.pid),
-                    lease: Some(claimed.lease),
-                    model,
-                    quota_scope: Some(&scope),
-                    ..NewTransition::new(
-                        (connector, &claimed.key_name, &claimed.fingerprint),
-                        Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
-                        "locked",
-                        "claimed",
-                    )
-                },
-            )?;
-            Ok(Some(claimed))
-        })
+        let item = batch::Claim {
+            connector: connector.to_owned(),
+            model: model.map(str::to_owned),
+            tried: json_list(tried).into_owned(),
+            holder: holder.clone(),
+            deadline,
+        };
+        self.claims.commit(item, |claims| self.claim_all(claims, clock))
+    }
+
+    /// Runs the claims of `claims` in one transaction (waiting for the lock until the earliest of their
+    /// deadlines), each as [`claim`](Self::claim) would; if that transaction fails, each one alone with
+    /// its own deadline, so that each gets its own answer.
+    fn claim_all(&self, claims: &batch::Claims, clock: &dyn Clock) -> Vec<Result<Option<Claimed>>> {
+        let one = |claim: &batch::Claim| {
+            self.write("claiming a key", Some(claim.deadline), |transaction| claim_in(transaction, claim, clock))
+        };
+        if let [claim] = claims {
+            return vec![one(&claim.item)];
+        }
+        let deadline = claims.iter().map(|claim| claim.item.deadline).min();
+        let all = self.write("claiming keys", deadline, |transaction| {
+            claims.iter().map(|claim| claim_in(transaction, &claim.item, clock)).collect::<rusqlite::Result<Vec<_>>>()
+        });
+        match all {
+            Ok(claimed) => claimed.into_iter().map(Ok).collect(),
+            Err(_) => claims.iter().map(|claim| one(&claim.item)).collect(),
+        }
     }
 
     /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
@@ -300,21 +279,20 @@ impl Store {
     /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
     /// attempt's model on the key's scopes once their lockdowns are over.
     pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        let end = batch::End::new(id, lease, fate, attempt, now);
-        self.ends.commit(end, |ends| self.end_leases(ends))
+        self.ends.commit(batch::End::new(id, lease, fate, attempt, now), |ends| self.end_leases(ends))
     }
 
     /// Ends the leases of `ends` in one transaction, each as [`end_lease`](Self::end_lease) would; if
     /// that transaction fails, each one alone, so that each gets its own answer.
-    fn end_leases(&self, ends: &[std::sync::Arc<batch::End>]) -> Vec<Result<bool>> {
-        let one = |end: &batch::End| {
-            self.write("ending a lease", Some(self.holder_deadline()), |transaction| end_in(transaction, end))
+    fn end_leases(&self, ends: &batch::Ends) -> Vec<Result<bool>> {
+        let one = |end: &batch::Queued<batch::End, Result<bool>>| {
+            self.write("ending a lease", Some(self.holder_deadline()), |transaction| end_in(transaction, &end.item))
         };
         if let [end] = ends {
             return vec![one(end)];
         }
         let all = self.write("ending leases", Some(self.holder_deadline()), |transaction| {
-            ends.iter().map(|end| end_in(transaction, end)).collect::<rusqlite::Result<Vec<bool>>>()
+            ends.iter().map(|end| end_in(transaction, &end.item)).collect::<rusqlite::Result<Vec<bool>>>()
         });
         match all {
             Ok(ended) => ended.into_iter().map(Ok).collect(),
@@ -740,6 +718,64 @@ fn all<T>(
     map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
     statement.query_map(params, map)?.collect()
+}
+
+/// Runs one claim in `transaction` (see [`Store::claim`]), with times read from `clock` now.
+fn claim_in(
+    transaction: &Transaction<'_>,
+    claim: &batch::Claim,
+    clock: &dyn Clock,
+) -> rusqlite::Result<Option<Claimed>> {
+    let (connector, model, tried, holder) =
+        (claim.connector.as_str(), claim.model.as_deref(), &claim.tried, &claim.holder);
+    let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
+    let claimed = transaction
+        .prepare_cached(&CLAIM)?
+        .query_row(
+            params![
+                connector,
+                now,
+                holder.host,
+                holder.boot_id,
+                holder.pid,
+                holder.started,
+                tried,
+                boot_ms,
+                holder.pid_namespace,
+                model
+            ],
+            |row| {
+                let claimed = Claimed {
+                    id: row.get(0)?,
+                    key_name: row.get(1)?,
+                    fingerprint: row.get(2)?,
+                    lease: row.get(3)?,
+                    lockdown_count: row.get(6)?,
+                    boot_ms,
+                };
+                let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
+                Ok((claimed, out_of_lockdown, row.get::<_, String>(5)?))
+            },
+        )
+        .optional()?;
+    let Some((claimed, out_of_lockdown, scope)) = claimed else { return Ok(None) };
+    record(
+        transaction,
+        now,
+        &NewTransition {
+            holder_pid: Some(holder.pid),
+            lease: Some(claimed.lease),
+            model,
+            quota_scope: Some(&scope),
+            ..NewTransition::new(
+                (connector, &claimed.key_name, &claimed.fingerprint),
+                Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
+                "locked",
+                "claimed",
+            )
+        },
+    )?;
+    Ok(Some(claimed))
 }
 
 /// Ends one lease in `transaction` (see [`Store::end_lease`]): `Ok(false)` when it was already lost.
