@@ -11,6 +11,9 @@
 //! - A write that meets SQLITE_BUSY is retried until its caller's deadline, never less than the
 //!   store's floor (a few seconds, so a brief lock never fails a request), then fails with
 //!   [`Error::DatabaseLocked`]: no operation ever hangs on another process's lock.
+//! - Claims and lease ends that threads of this process ask for at the same time share one
+//!   transaction (group commit, see the `batch` module); each still runs its own statements and gets
+//!   its own answer.
 //! - Before every operation, the path must still lead to the file this process opened
 //!   ([`Error::DatabaseReplaced`] otherwise): a deleted database must not become two pools.
 //!
