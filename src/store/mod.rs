@@ -233,7 +233,9 @@ impl Store {
     /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
     /// `deadline` at most (and at least the store's floor). The times written are read from `clock`
     /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
-    /// time comes back in [`Claimed::boot_ms`].
+    /// time comes back in [`Claimed::boot_ms`]. Claims made at the same time by threads of this process
+    /// share one transaction, whose times come from the clock of the thread that writes it: callers of
+    /// one store pass one clock (a coordinator's).
     pub fn claim(
         &self,
         connector: &str,
