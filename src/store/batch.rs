@@ -181,6 +181,38 @@ mod tests {
         assert_eq!(second, [1, 2, 3, 4]);
     }
 
+    /// A write that panics takes down its own caller only: the other items of its batch go back to the
+    /// queue and are written by the next leader.
+    #[test]
+    fn a_panicking_write_hands_the_rest_of_its_batch_to_the_next_leader() {
+        let queue = EndQueue::default();
+        let (entered, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let panicked = std::sync::atomic::AtomicBool::new(false);
+        let write = |ends: &[Arc<Queued<End, Result<bool>>>]| {
+            let ids: Vec<i64> = ends.iter().map(|end| end.item.id).collect();
+            if ids == [0] {
+                entered.wait();
+                release.wait();
+            } else if ids.len() > 1 && !panicked.swap(true, Ordering::SeqCst) {
+                panic!("the first batch of several fails");
+            }
+            ids.iter().map(|_| Ok(true)).collect()
+        };
+        let outcomes: Vec<bool> = std::thread::scope(|scope| {
+            let (queue, write) = (&queue, &write);
+            let first = scope.spawn(move || queue.commit(end(0), write));
+            entered.wait();
+            let others: Vec<_> = (1..=4).map(|id| scope.spawn(move || queue.commit(end(id), write))).collect();
+            while lock_len(queue) < 4 {
+                std::thread::yield_now();
+            }
+            release.wait();
+            assert!(first.join().expect("first").expect("answer"));
+            others.into_iter().map(|other| other.join().is_ok()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|answered| **answered).count(), 3, "{outcomes:?}");
+    }
+
     fn lock_len(queue: &EndQueue) -> usize {
         queue.state.lock().expect("state").pending.len()
     }
