@@ -52,6 +52,17 @@ impl Dialect {
     /// hosts (OpenAI-compatible servers mount there, e.g. Hugging Face's router `GET /v1/models`); Plain
     /// otherwise. `openai` elsewhere in a path (a model named `openai/gpt-oss-20b`) means nothing.
     pub fn for_route(upstream_host: &str, path: &str) -> Dialect {
+        Self::for_names(&[upstream_host], path)
+    }
+
+    /// [`for_route`](Self::for_route) for a connector named `name` whose upstream is `host`: Google when
+    /// either is a Google API's host, so a connector file that points a shipped connector's name at
+    /// another host (a corporate proxy, a test double) still speaks that API.
+    pub fn for_connector(name: &str, host: &str, path: &str) -> Dialect {
+        Self::for_names(&[name, host], path)
+    }
+
+    fn for_names(hosts: &[&str], path: &str) -> Dialect {
         let path = path.split('?').next().unwrap_or_default().trim_end_matches('/');
         let mut segments = path.split('/').skip(1);
         let version = segments.next().unwrap_or_default();
@@ -61,8 +72,11 @@ impl Dialect {
         {
             return Dialect::OpenAi;
         }
-        let host = upstream_host.trim_end_matches('.').to_ascii_lowercase();
-        if host == "googleapis.com" || host.ends_with(".googleapis.com") {
+        let is_google = |host: &&str| {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            host == "googleapis.com" || host.ends_with(".googleapis.com")
+        };
+        if hosts.iter().any(is_google) {
             Dialect::Google
         } else if version == "v1" {
             Dialect::OpenAi
@@ -198,6 +212,18 @@ struct OpenAiError<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connector_named_after_a_google_api_speaks_google_wherever_it_points() {
+        let path = "/v1beta/models/m:generateContent";
+        assert_eq!(Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", path), Dialect::Google);
+        assert_eq!(Dialect::for_connector("mine", "generativelanguage.googleapis.com", path), Dialect::Google);
+        assert_eq!(Dialect::for_connector("mine", "127.0.0.1", path), Dialect::Plain);
+        assert_eq!(
+            Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", "/v1beta/openai/chat/completions"),
+            Dialect::OpenAi
+        );
+    }
     use Dialect::{Google, OpenAi, Plain};
 
     #[test]

@@ -166,7 +166,9 @@ impl Gateway {
             _ => None,
         };
         let dialect = match (&route, connector) {
-            (Route::Forward { path, .. }, Some(connector)) => dialect_of(connector, path),
+            (Route::Forward { path, .. }, Some(connector)) => {
+                Dialect::for_connector(&connector.name, &connector.host, path)
+            }
             _ => Dialect::Google,
         };
         if self.settings.check_host
@@ -381,16 +383,6 @@ impl LogLine<'_> {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The dialect of a request to `connector` at `path`: by the connector's host, or Google when its name
-/// is a Google API's host. A connector file that overrides a shipped connector (same name, another
-/// host: a corporate proxy, a test double) still speaks that API.
-fn dialect_of(connector: &Connector, path: &str) -> Dialect {
-    match Dialect::for_route(&connector.name, path) {
-        Dialect::Google => Dialect::Google,
-        _ => Dialect::for_route(&connector.host, path),
-    }
 }
 
 /// The client's answer from the upstream's: its status and end-to-end headers, ours added.
