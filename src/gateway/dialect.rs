@@ -216,9 +216,9 @@ mod tests {
     #[test]
     fn a_connector_named_after_a_google_api_speaks_google_wherever_it_points() {
         let path = "/v1beta/models/m:generateContent";
-        assert_eq!(Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", path), Dialect::Google);
-        assert_eq!(Dialect::for_connector("mine", "generativelanguage.googleapis.com", path), Dialect::Google);
-        assert_eq!(Dialect::for_connector("mine", "127.0.0.1", path), Dialect::Plain);
+        assert_eq!(Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", path), Google);
+        assert_eq!(Dialect::for_connector("mine", "generativelanguage.googleapis.com", path), Google);
+        assert_eq!(Dialect::for_connector("mine", "127.0.0.1", path), Plain);
         assert_eq!(
             Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", "/v1beta/openai/chat/completions"),
             Dialect::OpenAi
