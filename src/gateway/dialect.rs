@@ -212,6 +212,7 @@ struct OpenAiError<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Dialect::{Google, OpenAi, Plain};
 
     #[test]
     fn a_connector_named_after_a_google_api_speaks_google_wherever_it_points() {
@@ -221,10 +222,9 @@ mod tests {
         assert_eq!(Dialect::for_connector("mine", "127.0.0.1", path), Plain);
         assert_eq!(
             Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", "/v1beta/openai/chat/completions"),
-            Dialect::OpenAi
+            OpenAi
         );
     }
-    use Dialect::{Google, OpenAi, Plain};
 
     #[test]
     fn routes() {
