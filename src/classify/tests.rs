@@ -19,17 +19,15 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         .collect()
 }
 
+/// A context at [`NOW`] under `policy`: no earlier lockdowns or retries, no Tor, no model, a connector
+/// that can tell models.
+fn context(policy: &Policy) -> Context<'_> {
+    Context { now_ms: NOW, policy, lockdown_count: 0, retries: 0, via_tor: false, model: None, names_models: true }
+}
+
 fn judge(status: u16, pairs: &[(&'static str, &str)], body: &str) -> Verdict {
     let policy = Policy::default();
-    let context = Context {
-        now_ms: NOW,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 0,
-        via_tor: false,
-        model: None,
-        names_models: true,
-    };
+    let context = context(&policy);
     classify(status, &headers(pairs), body, &context)
 }
 
@@ -106,15 +104,7 @@ fn zero_quota_locks_down_for_a_day() {
 fn no_hint_escalates_from_the_base_to_the_cap_and_absurd_hints_are_clamped() {
     let policy = Policy::default();
     let at = |count| {
-        let context = Context {
-            now_ms: NOW,
-            policy: &policy,
-            lockdown_count: count,
-            retries: 0,
-            via_tor: false,
-            model: None,
-            names_models: true,
-        };
+        let context = Context { lockdown_count: count, ..context(&policy) };
         lockdown_secs(&classify(429, &HeaderMap::new(), GEMINI_429_BARE, &context))
     };
     assert_eq!([at(0), at(1), at(2), at(6), at(30)], [60.0, 120.0, 240.0, 3600.0, 3600.0]);
@@ -154,15 +144,7 @@ fn location_refusals_are_not_the_keys_fault() {
         Verdict { key: released.clone(), next: Next::Return, project: None }
     );
     let policy = Policy::default();
-    let context = Context {
-        now_ms: NOW,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 0,
-        via_tor: true,
-        model: None,
-        names_models: true,
-    };
+    let context = Context { via_tor: true, ..context(&policy) };
     let verdict = classify(400, &HeaderMap::new(), GEMINI_400_LOCATION, &context);
     assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit, project: None });
 }
@@ -188,15 +170,7 @@ fn provider_trouble_releases_the_key_and_backs_off() {
         );
     }
     let policy = Policy::default();
-    let context = Context {
-        now_ms: NOW,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 2,
-        via_tor: false,
-        model: None,
-        names_models: true,
-    };
+    let context = Context { retries: 2, ..context(&policy) };
     assert_eq!(transport_failure(&context).next, Next::Backoff { after: Duration::from_millis(2_000) });
 }
 
@@ -214,15 +188,7 @@ fn other_client_errors_release_and_return_at_once() {
 #[test]
 fn a_connector_may_declare_other_rate_limit_statuses() {
     let policy = Policy { rate_limit_statuses: vec![429, 420], ..Policy::default() };
-    let context = Context {
-        now_ms: NOW,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 0,
-        via_tor: false,
-        model: None,
-        names_models: true,
-    };
+    let context = context(&policy);
     let verdict = classify(420, &HeaderMap::new(), "", &context);
     assert!(matches!(verdict.key, KeyFate::Lockdown { .. }));
 }
@@ -237,15 +203,7 @@ const DISABLED_WITH_CONSUMER: &str = r#"{"error":{"code":403,"message":"Generati
 
 fn judge_for(status: u16, body: &str, model: Option<&str>) -> Verdict {
     let policy = Policy::default();
-    let context = Context {
-        now_ms: NOW,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 0,
-        via_tor: false,
-        model,
-        names_models: true,
-    };
+    let context = Context { model, ..context(&policy) };
     classify(status, &HeaderMap::new(), body, &context)
 }
 
@@ -339,15 +297,7 @@ fn quota_ids_and_model_names_from_answers_are_kept_only_when_sane() {
 #[test]
 fn without_a_model_rule_a_lockdown_of_one_model_covers_them_all() {
     let policy = Policy::default();
-    let context = Context {
-        now_ms: NOW,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 0,
-        via_tor: false,
-        model: None,
-        names_models: false,
-    };
+    let context = Context { names_models: false, ..context(&policy) };
     let verdict = classify(429, &HeaderMap::new(), DAY_FOR_PRO, &context);
     let KeyFate::Lockdown { models, reach, .. } = &verdict.key else { panic!("{verdict:?}") };
     assert_eq!((models.len(), reach), (0, &Reach::Group));
