@@ -410,6 +410,67 @@ impl Jongler {
         }
     }
 
+    /// The key to use for the next attempt: none for keyless connectors, the held one per connection
+    /// while it is valid, else a fresh claim that waits what is left of the caller's wait.
+    async fn lease_for_attempt(
+        &self,
+        slot: &mut Option<Lease>,
+        model: Option<&str>,
+        tried: &[String],
+        started: Instant,
+        wait: Duration,
+    ) -> Result<Option<Lease>> {
+        if self.inner.keyring.is_none() {
+            return Ok(None);
+        }
+        if let Some(lease) = slot.take() {
+            // A key kept across requests may since have been locked down for this request's model (by
+            // its group): give it back and claim one free for the model.
+            let coordinator = self.inner.coordinator.clone();
+            let model = model.map(str::to_owned);
+            let (lease, usable) = short_blocking(move || {
+                let locked = match &model {
+                    Some(model) => coordinator.store().is_locked_down_for(lease.id(), model, coordinator.now_ms())?,
+                    None => false,
+                };
+                if locked {
+                    lease.release()?;
+                    return Ok((None, false));
+                }
+                Ok((Some(lease), true))
+            })
+            .await?;
+            if usable {
+                // Its trust is checked (and renewed if it can be) by the caller, like a fresh claim's.
+                return Ok(lease);
+            }
+        }
+        let remaining = wait.saturating_sub(started.elapsed());
+        // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
+        // lockdown by this request may be tried again once its deadline has passed.
+        let exclude = if wait.is_zero() { tried } else { &[] };
+        self.claim(model, exclude, remaining).await.map(Some)
+    }
+
+    /// The secret this process would send for `lease` is the one the database row was synced with;
+    /// otherwise another keyring synced the database since this process loaded its own, and sending
+    /// would go out without a key or with an old one (and put a good key in error).
+    fn check_secret(&self, lease: Option<&Lease>) -> Result<()> {
+        let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring) else { return Ok(()) };
+        let connector = &self.inner.connector.name;
+        let problem = match keyring.key(connector, lease.key_name()) {
+            Some(key) if key.fingerprint().as_str() == lease.fingerprint() => return Ok(()),
+            Some(_) => "has another secret for it",
+            None => "has no such key",
+        };
+        Err(Error::KeyringDiffers {
+            connector: connector.clone(),
+            key: lease.key_name().to_owned(),
+            path: keyring.path().to_owned(),
+            problem,
+        })
+    }
+
     /// Sends the request with `lease`'s key and reads the answer: whole, or for a streaming request
     /// that got a 2xx, up to its first complete event.
     async fn attempt(&self, outgoing: &Outgoing, lease: Option<&Lease>) -> std::result::Result<Answer, NoAnswer> {

@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;
@@ -378,70 +378,9 @@ impl Jongler {
         }
     }
 
-    /// The key to use for the next attempt: none for keyless connectors, the held one per connection
-    /// while it is valid, else a fresh claim that waits what is left of the caller's wait.
-    pub(crate) async fn lease_for_attempt(
-        &self,
-        slot: &mut Option<Lease>,
-        model: Option<&str>,
-        tried: &[String],
-        started: Instant,
-        wait: Duration,
-    ) -> Result<Option<Lease>> {
-        if self.inner.keyring.is_none() {
-            return Ok(None);
-        }
-        if let Some(lease) = slot.take() {
-            // A key kept across requests may since have been locked down for this request's model (by
-            // its group): give it back and claim one free for the model.
-            let coordinator = self.inner.coordinator.clone();
-            let model = model.map(str::to_owned);
-            let (lease, usable) = short_blocking(move || {
-                let locked = match &model {
-                    Some(model) => coordinator.store().is_locked_down_for(lease.id(), model, coordinator.now_ms())?,
-                    None => false,
-                };
-                if locked {
-                    lease.release()?;
-                    return Ok((None, false));
-                }
-                Ok((Some(lease), true))
-            })
-            .await?;
-            if usable {
-                // Its trust is checked (and renewed if it can be) by the caller, like a fresh claim's.
-                return Ok(lease);
-            }
-        }
-        let remaining = wait.saturating_sub(started.elapsed());
-        // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
-        // lockdown by this request may be tried again once its deadline has passed.
-        let exclude = if wait.is_zero() { tried } else { &[] };
-        self.claim(model, exclude, remaining).await.map(Some)
-    }
-
-    /// The secret this process would send for `lease` is the one the database row was synced with;
-    /// otherwise another keyring synced the database since this process loaded its own, and sending
-    /// would go out without a key or with an old one (and put a good key in error).
-    pub(crate) fn check_secret(&self, lease: Option<&Lease>) -> Result<()> {
-        let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring) else { return Ok(()) };
-        let connector = &self.inner.connector.name;
-        let problem = match keyring.key(connector, lease.key_name()) {
-            Some(key) if key.fingerprint().as_str() == lease.fingerprint() => return Ok(()),
-            Some(_) => "has another secret for it",
-            None => "has no such key",
-        };
-        Err(Error::KeyringDiffers {
-            connector: connector.clone(),
-            key: lease.key_name().to_owned(),
-            path: keyring.path().to_owned(),
-            problem,
-        })
-    }
-
     /// A free key at once if there is one (in place: no hand-off), else a wait on the blocking pool,
     /// where sleeping harms no other task.
-    async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
+    pub(crate) async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
         let (coordinator, connector, tried) =
             (self.inner.coordinator.clone(), self.inner.connector.name.clone(), tried.to_vec());
         let model = model.map(str::to_owned);
