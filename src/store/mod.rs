@@ -200,6 +200,12 @@ impl Store {
         self
     }
 
+    /// The deadline for an operation asked for at `asked` whose caller may wait until `deadline`: that
+    /// deadline, but never less than the store's floor after `asked`.
+    pub fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
+        deadline.max(asked + self.lock_wait_floor)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -231,7 +237,8 @@ impl Store {
 
     /// Claims the first claimable key of `connector` not named in `tried` and not locked down for
     /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
-    /// `deadline` at most (and at least the store's floor). The times written are read from `clock`
+    /// `deadline` exactly (the caller applies the store's floor: see [`Store::lock_deadline`]), then
+    /// fails with [`Error::DatabaseLocked`] saying how long it waited. The times written are read from `clock`
     /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
     /// time comes back in [`Claimed::boot_ms`]. Claims made at the same time by threads of this process
     /// share one transaction, whose times come from the clock of the thread that writes it: callers of
@@ -250,29 +257,27 @@ impl Store {
             model: model.map(str::to_owned),
             tried: json_list(tried).into_owned(),
             holder: holder.clone(),
-            deadline,
         };
-        self.claims.commit(item, |claims| self.claim_all(claims, clock))
+        self.claims.commit(
+            item,
+            deadline,
+            |claims, deadline| self.claim_all(claims, deadline, clock),
+            |claim| Err(self.locked("claiming a key", claim.waited())),
+        )
     }
 
-    /// Runs the claims of `claims` in one transaction (waiting for the lock until the earliest of their
-    /// deadlines), each as [`claim`](Self::claim) would; if that transaction fails, each one alone with
-    /// its own deadline, so that each gets its own answer.
-    fn claim_all(&self, claims: &batch::Claims, clock: &dyn Clock) -> Vec<Result<Option<Claimed>>> {
-        let one = |claim: &batch::Claim| {
-            self.write("claiming a key", Some(claim.deadline), |transaction| claim_in(transaction, claim, clock))
-        };
-        if let [claim] = claims {
-            return vec![one(&claim.item)];
-        }
-        let deadline = claims.iter().map(|claim| claim.item.deadline).min();
-        let all = self.write("claiming keys", deadline, |transaction| {
+    /// Runs the claims of `claims` in one transaction, waiting for the lock until `deadline`, each as
+    /// [`claim`](Self::claim) would.
+    fn claim_all(
+        &self,
+        claims: &batch::Claims,
+        deadline: Instant,
+        clock: &dyn Clock,
+    ) -> batch::Written<Result<Option<Claimed>>> {
+        let all = self.write_by("claiming keys", deadline, |transaction| {
             claims.iter().map(|claim| claim_in(transaction, &claim.item, clock)).collect::<rusqlite::Result<Vec<_>>>()
         });
-        match all {
-            Ok(claimed) => claimed.into_iter().map(Ok).collect(),
-            Err(_) => claims.iter().map(|claim| one(&claim.item)).collect(),
-        }
+        written(all, claims.len())
     }
 
     /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
@@ -284,25 +289,21 @@ impl Store {
     /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
     /// attempt's model on the key's scopes once their lockdowns are over.
     pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        self.ends.commit(batch::End::new(id, lease, fate, attempt, now), |ends| self.end_leases(ends))
+        self.ends.commit(
+            batch::End::new(id, lease, fate, attempt, now),
+            self.holder_deadline(),
+            |ends, deadline| self.end_leases(ends, deadline),
+            |end| Err(self.locked("ending a lease", end.waited())),
+        )
     }
 
-    /// Ends the leases of `ends` in one transaction, each as [`end_lease`](Self::end_lease) would; if
-    /// that transaction fails, each one alone, so that each gets its own answer.
-    fn end_leases(&self, ends: &batch::Ends) -> Vec<Result<bool>> {
-        let one = |end: &batch::Queued<batch::End, Result<bool>>| {
-            self.write("ending a lease", Some(self.holder_deadline()), |transaction| end_in(transaction, &end.item))
-        };
-        if let [end] = ends {
-            return vec![one(end)];
-        }
-        let all = self.write("ending leases", Some(self.holder_deadline()), |transaction| {
+    /// Ends the leases of `ends` in one transaction, waiting for the lock until `deadline`, each as
+    /// [`end_lease`](Self::end_lease) would.
+    fn end_leases(&self, ends: &batch::Ends, deadline: Instant) -> batch::Written<Result<bool>> {
+        let all = self.write_by("ending leases", deadline, |transaction| {
             ends.iter().map(|end| end_in(transaction, &end.item)).collect::<rusqlite::Result<Vec<bool>>>()
         });
-        match all {
-            Ok(ended) => ended.into_iter().map(Ok).collect(),
-            Err(_) => ends.iter().map(|end| one(end)).collect(),
-        }
+        written(all, ends.len())
     }
 
     /// Records an attempt made without ending a lease (no key, or the lease is kept).
@@ -364,6 +365,15 @@ impl Store {
                 })
             })
         })
+    }
+
+    /// A watch on the database that tells when another connection (of any process, this one's
+    /// included) committed a change: SQLite's `data_version`, which costs microseconds to read.
+    pub fn watch_changes(&self) -> Result<ChangeWatch> {
+        let connection = self.connection("watching for changes")?;
+        let mut watch = ChangeWatch { connection, version: None, path: self.path.clone() };
+        watch.changed()?;
+        Ok(watch)
     }
 
     /// Every recorded attempt, oldest first (for the demo's summary and for tests).
@@ -649,16 +659,27 @@ impl Store {
 
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
     /// `deadline` (`None`: now), but never less than the store's floor; then [`Error::DatabaseLocked`].
-    /// The wait is cut in slices so the deadline is kept whatever SQLite's busy handler does.
     fn write<T>(
         &self,
         operation: &'static str,
         deadline: Option<Instant>,
+        f: impl FnMut(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let floor = Instant::now() + self.lock_wait_floor;
+        self.write_by(operation, deadline.map_or(floor, |deadline| deadline.max(floor)), f)
+    }
+
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
+    /// `deadline` exactly; then [`Error::DatabaseLocked`]. The wait is cut in slices so the deadline is
+    /// kept whatever SQLite's busy handler does.
+    fn write_by<T>(
+        &self,
+        operation: &'static str,
+        deadline: Instant,
         mut f: impl FnMut(&Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T> {
         let mut connection = self.connection(operation)?;
         let started = Instant::now();
-        let deadline = deadline.unwrap_or(started).max(started + self.lock_wait_floor);
         let failed = |error| schema::classify(&self.path, operation, error);
         let mut warned = false;
         loop {
@@ -674,7 +695,7 @@ impl Store {
                 Err(error) if schema::is_busy(&error) => {
                     let waited = started.elapsed();
                     if Instant::now() >= deadline {
-                        return Err(Error::DatabaseLocked { path: self.path.clone(), operation, waited });
+                        return Err(self.locked(operation, waited));
                     }
                     if !warned && waited >= Duration::from_secs(1) {
                         warned = true;
@@ -687,6 +708,11 @@ impl Store {
                 Err(error) => return Err(failed(error)),
             }
         }
+    }
+
+    /// The error of an operation that waited `waited` for another process's write lock in vain.
+    fn locked(&self, operation: &'static str, waited: Duration) -> Error {
+        Error::DatabaseLocked { path: self.path.clone(), operation, waited }
     }
 
     /// The deadline of a holder's own bookkeeping writes (see [`HOLDER_PATIENCE`]).
@@ -705,6 +731,42 @@ impl Store {
             hint: "",
             source: Box::new(error),
         })
+    }
+}
+
+/// A connection kept to see other connections' commits (see [`Store::watch_changes`]).
+pub struct ChangeWatch {
+    connection: r2d2::PooledConnection<SqliteConnectionManager>,
+    version: Option<i64>,
+    path: PathBuf,
+}
+
+impl ChangeWatch {
+    /// Whether another connection committed since the last call (true on the first).
+    pub fn changed(&mut self) -> Result<bool> {
+        let version = self
+            .connection
+            .pragma_query_value(None, "data_version", |row| row.get::<_, i64>(0))
+            .map_err(|error| schema::classify(&self.path, "watching for changes", error))?;
+        Ok(self.version.replace(version) != Some(version))
+    }
+}
+
+impl std::fmt::Debug for ChangeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeWatch").field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+/// A batch's answers from its transaction's result: each item's own when it was written; when the
+/// lock never came, [`batch::Written::Busy`]; when it failed otherwise, the one item's error, or for
+/// several [`batch::Written::Failed`] so each is written again alone.
+fn written<A>(all: Result<Vec<A>>, items: usize) -> batch::Written<Result<A>> {
+    match all {
+        Ok(answers) => batch::Written::Answers(answers.into_iter().map(Ok).collect()),
+        Err(Error::DatabaseLocked { .. }) => batch::Written::Busy,
+        Err(error) if items == 1 => batch::Written::Answers(vec![Err(error)]),
+        Err(_) => batch::Written::Failed,
     }
 }
 
