@@ -378,20 +378,10 @@ impl Jongler {
         }
     }
 
-    /// A free key at once if there is one (in place: no hand-off), else a wait on the blocking pool,
-    /// where sleeping harms no other task.
+    /// A free key at once if there is one (in place: no hand-off), else a place in the process's
+    /// queue of waiters, which holds no thread while it waits.
     pub(crate) async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
-        let (coordinator, connector, tried) =
-            (self.inner.coordinator.clone(), self.inner.connector.name.clone(), tried.to_vec());
-        let model = model.map(str::to_owned);
-        let (first, name, excluded, first_model) =
-            (coordinator.clone(), connector.clone(), tried.clone(), model.clone());
-        match short_blocking(move || first.claim_for(&name, first_model.as_deref(), &excluded, Duration::ZERO)).await {
-            Err(Error::NoKeyAvailable(_)) if !wait.is_zero() => {
-                blocking(move || coordinator.claim_for(&connector, model.as_deref(), &tried, wait)).await
-            }
-            claimed => claimed,
-        }
+        self.inner.coordinator.claim_for_async(&self.inner.connector.name, model, tried, wait).await
     }
 
     /// The current HTTP client (a new one after each new Tor circuit).

@@ -343,6 +343,8 @@ impl Lease {
         if !ended {
             return Err(self.lost());
         }
+        // A key this process freed goes to its longest waiter without waiting for the watcher's poll.
+        inner.waiters.poke();
         tracing::info!(
             connector = %self.connector, key = %self.claimed.key_name, fingerprint = %self.claimed.fingerprint,
             lease = self.claimed.lease, fate = ?fate, "lease ended"

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+mod waiting;
+
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::holder::Holder;
@@ -19,10 +21,6 @@ use crate::keyring::Keyring;
 use crate::lease::{self, HeartbeatWaker, Lease, Registry};
 use crate::reaper::{self, Now};
 use crate::store::{self, Availability, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
-
-/// The shortest and longest nap of a waiter between two reads.
-const MIN_NAP: Duration = Duration::from_micros(500);
-const MAX_NAP: Duration = Duration::from_millis(20);
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
@@ -96,6 +94,8 @@ pub(crate) struct Inner {
     last_reap: Mutex<HashMap<String, Instant>>,
     /// Started by the first claim; dropping it (with the coordinator) ends the heartbeat thread.
     heartbeat: OnceLock<HeartbeatWaker>,
+    /// The callers waiting for a key, and their watcher.
+    pub(crate) waiters: waiting::Waiters,
 }
 
 /// A handle on the shared key database for this process; cheap to clone, safe to share between threads.
@@ -122,6 +122,7 @@ impl Coordinator {
             options,
             last_reap: Mutex::new(HashMap::new()),
             heartbeat: OnceLock::new(),
+            waiters: waiting::Waiters::default(),
         });
         Ok(Self { inner })
     }
@@ -169,41 +170,100 @@ impl Coordinator {
     /// model are skipped (they still serve other models), and a waiter wakes when the earliest lockdown
     /// that matters for the model ends.
     pub fn claim_for(&self, connector: &str, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
+        let request = self.request(connector, model, tried, wait);
+        if let Some(lease) = self.try_claim(&request)? {
+            return Ok(lease);
+        }
+        self.wait_on_thread(&request)
+    }
+
+    /// [`claim_for`](Self::claim_for) for async callers: the wait holds no thread (the key comes
+    /// from the process's one watcher), and dropping the future gives up the wait.
+    pub(crate) async fn claim_for_async(
+        &self,
+        connector: &str,
+        model: Option<&str>,
+        tried: &[String],
+        wait: Duration,
+    ) -> Result<Lease> {
+        let request = self.request(connector, model, tried, wait);
+        let first = self.clone();
+        let (name, first_model, excluded, started, deadline) =
+            (connector.to_owned(), model.map(str::to_owned), tried.to_vec(), request.started, request.deadline);
+        let claimed = crate::jongler::short_blocking(move || {
+            let request = waiting::Request {
+                connector: &name,
+                model: first_model.as_deref(),
+                tried: &excluded,
+                started,
+                deadline,
+            };
+            first.try_claim(&request)
+        })
+        .await?;
+        match claimed {
+            Some(lease) => Ok(lease),
+            None => self.wait_as_task(&request).await,
+        }
+    }
+
+    fn request<'a>(
+        &self,
+        connector: &'a str,
+        model: Option<&'a str>,
+        tried: &'a [String],
+        wait: Duration,
+    ) -> waiting::Request<'a> {
         let started = Instant::now();
         // A wait too long to add to an instant is as good as forever.
         let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
-        let mut nap = MIN_NAP;
-        loop {
-            self.reap_if_due(connector)?;
-            let claimed =
-                self.inner.store.claim(connector, model, tried, self.inner.holder, &*self.inner.clock, deadline)?;
-            if let Some(claimed) = claimed {
-                self.ensure_heartbeat();
-                tracing::info!(
-                    connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint, lease = claimed.lease,
-                    "key claimed"
-                );
-                return Ok(Lease::new(self.clone(), connector, claimed));
+        waiting::Request { connector, model, tried, started, deadline }
+    }
+
+    /// One claim, waiting for the write lock as long as the caller may wait (never less than the
+    /// store's floor). `Ok(None)`: no key free now, and one may come before the deadline; the error
+    /// when none can (every key in error, or locked down past the deadline) or the wait is zero.
+    fn try_claim(&self, request: &waiting::Request<'_>) -> Result<Option<Lease>> {
+        let store = &self.inner.store;
+        let lock_deadline = store.lock_deadline(request.started, request.deadline);
+        let waited = |error| match error {
+            // The message says how long the caller waited, not only this last write.
+            Error::DatabaseLocked { path, operation, .. } => {
+                Error::DatabaseLocked { path, operation, waited: request.started.elapsed() }
             }
-            // Nothing claimable: wait with reads only, until a read says a claim could succeed.
-            loop {
-                let now = self.now_ms();
-                let availability = self.inner.store.availability(connector, model, tried, now)?;
-                if availability.claimable > 0 {
-                    break;
-                }
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                if remaining.is_zero() || !availability.may_free_up() {
-                    let waited = started.elapsed();
-                    return Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited, at: now })));
-                }
-                std::thread::sleep(nap_before_next_read(nap, &availability, now, remaining));
-                nap = (nap * 2).min(MAX_NAP);
-                if self.reap_is_due(connector) {
-                    break;
-                }
-            }
+            other => other,
+        };
+        self.reap_if_due(request.connector)?;
+        let claimed = store
+            .claim(
+                request.connector,
+                request.model,
+                request.tried,
+                self.inner.holder,
+                &*self.inner.clock,
+                lock_deadline,
+            )
+            .map_err(waited)?;
+        if let Some(claimed) = claimed {
+            self.ensure_heartbeat();
+            tracing::info!(
+                connector = request.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
+                lease = claimed.lease, "key claimed"
+            );
+            return Ok(Some(Lease::new(self.clone(), request.connector, claimed)));
         }
+        let now = self.now_ms();
+        let availability = store.availability(request.connector, request.model, request.tried, now)?;
+        let lockdown_end = availability
+            .earliest_lockdown_end
+            .map(|end| Instant::now() + Duration::from_millis(u64::try_from(end - now).unwrap_or(0)));
+        if availability.claimable == 0
+            && (Instant::now() >= request.deadline || waiting::hopeless(&availability, lockdown_end, request.deadline))
+        {
+            let waited = request.started.elapsed();
+            return Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited, at: now })));
+        }
+        Ok(None)
     }
 
     /// Frees the locks of dead holders of `connector` (or of all connectors), and of stopped or
@@ -315,11 +375,6 @@ impl Coordinator {
         self.inner.clock.now_ms()
     }
 
-    fn reap_is_due(&self, connector: &str) -> bool {
-        let last = self.inner.last_reap.lock().unwrap_or_else(PoisonError::into_inner);
-        last.get(connector).is_none_or(|at| at.elapsed() >= self.inner.options.reap_interval)
-    }
-
     fn reap_if_due(&self, connector: &str) -> Result<()> {
         {
             let mut last = self.inner.last_reap.lock().unwrap_or_else(PoisonError::into_inner);
@@ -360,17 +415,6 @@ impl Coordinator {
             let _ = waker.send(());
         }
     }
-}
-
-/// How long a waiter sleeps before reading again: a random share of `nap` (so waiters spread out),
-/// but never past the earliest lockdown deadline (so a key coming back is claimed at once) nor past
-/// the end of the wait.
-fn nap_before_next_read(nap: Duration, availability: &Availability, now: i64, remaining: Duration) -> Duration {
-    let mut sleep = Duration::from_micros(fastrand::u64(MIN_NAP.as_micros() as u64..=nap.as_micros() as u64));
-    if let Some(end) = availability.earliest_lockdown_end {
-        sleep = sleep.min(Duration::from_millis(u64::try_from(end - now).unwrap_or(0)));
-    }
-    sleep.min(remaining)
 }
 
 impl fmt::Display for Unavailable {
@@ -469,24 +513,4 @@ fn quota_kind(quota: &str) -> String {
 fn format_delay(ms: i64) -> String {
     let seconds = ms.max(0) as f64 / 1000.0;
     if seconds < 120.0 { format!("{seconds:.1} s") } else { format!("{:.0} min", seconds / 60.0) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_waiter_never_naps_past_the_earliest_deadline_or_its_wait() {
-        let availability = |end| Availability { lockdown: 1, earliest_lockdown_end: end, ..Availability::default() };
-        let long = Duration::from_secs(60);
-        for _ in 0..100 {
-            let nap = nap_before_next_read(MAX_NAP, &availability(Some(1_003)), 1_000, long);
-            assert!(nap <= Duration::from_millis(3), "woke after the deadline: {nap:?}");
-            assert_eq!(nap_before_next_read(MAX_NAP, &availability(Some(900)), 1_000, long), Duration::ZERO);
-            let short = Duration::from_micros(700);
-            assert!(nap_before_next_read(MAX_NAP, &availability(None), 1_000, short) <= short, "past the wait");
-            let free = nap_before_next_read(MAX_NAP, &availability(None), 1_000, long);
-            assert!((MIN_NAP..=MAX_NAP).contains(&free), "{free:?}");
-        }
-    }
 }

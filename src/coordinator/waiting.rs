@@ -1,0 +1,357 @@
+//! The waiters of one process: callers that found no key free and wait for one, first come first
+//! served, watched by one thread however many there are.
+//!
+//! Invariants:
+//! - Waiting costs no thread per waiter: a waiter is an entry in a queue and a channel to answer it
+//!   on (an async caller awaits it without holding a thread). One watcher thread per coordinator runs
+//!   while anyone waits and ends when nobody does.
+//! - The watcher reads SQLite's `data_version` every [`POLL`]: it changes exactly when another
+//!   connection commits (a key freed by this process or another, a reap, a sync). Only then, at a
+//!   deadline that matters to a waiter (its own, the earliest lockdown end of its model), or every
+//!   [`RECHECK`] as a safety net, does it read availability and claim.
+//! - A key that comes free goes to the longest waiter that can use it: waiters of one connector, model
+//!   and exclusion list are served in arrival order, and groups in the order of their oldest waiter.
+//! - Every waiter is answered by its own deadline: the watcher's claims wait for the write lock only
+//!   until the earliest deadline among the waiters, and a wait that cannot succeed (every key in
+//!   error, or locked down for the model past the caller's whole wait) is answered at once.
+//! - A waiter that went away (a cancelled request) is dropped from the queue; a key claimed for it
+//!   just as it went is given back at once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{Coordinator, Inner, Unavailable};
+use crate::error::{Error, Result};
+use crate::lease::Lease;
+use crate::store::Availability;
+
+/// How often the watcher reads `data_version` while anyone waits.
+const POLL: Duration = Duration::from_millis(1);
+
+/// The longest the watcher goes without reading availability while anyone waits (an injected clock
+/// that moves, a lockdown cleared by hand in a way `data_version` would show anyway).
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// Where a waiter's answer goes.
+#[derive(Debug)]
+enum Reply {
+    /// A thread blocked in [`Coordinator::claim_for`].
+    Thread(std::sync::mpsc::SyncSender<Result<Lease>>),
+    /// An async caller, which may go away (its receiver dropped).
+    Task(oneshot::Sender<Result<Lease>>),
+}
+
+/// One caller waiting for a key.
+#[derive(Debug)]
+struct Waiter {
+    connector: String,
+    model: Option<String>,
+    tried: Vec<String>,
+    /// When it asked (its message says how long it waited since).
+    started: Instant,
+    /// When it must have its answer.
+    deadline: Instant,
+    reply: Mutex<Option<Reply>>,
+}
+
+impl Waiter {
+    fn same_request(&self, other: &Waiter) -> bool {
+        self.connector == other.connector && self.model == other.model && self.tried == other.tried
+    }
+
+    /// Whether nobody waits for the answer any more (answered, or its caller went away).
+    fn gone(&self) -> bool {
+        match &*self.reply.lock().unwrap_or_else(PoisonError::into_inner) {
+            None => true,
+            Some(Reply::Task(sender)) => sender.is_closed(),
+            Some(Reply::Thread(_)) => false,
+        }
+    }
+
+    /// Answers the waiter; a lease nobody takes any more is dropped, which gives the key back.
+    fn answer(&self, answer: Result<Lease>) {
+        let reply = self.reply.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match reply {
+            Some(Reply::Thread(sender)) => drop(sender.send(answer)),
+            Some(Reply::Task(sender)) => drop(sender.send(answer)),
+            None => drop(answer),
+        }
+    }
+}
+
+/// The queue of waiters of one coordinator, and whether its watcher runs.
+#[derive(Debug, Default)]
+pub(crate) struct Waiters {
+    state: Mutex<Queue>,
+    /// Wakes the watcher: a new waiter, or a key freed by this process.
+    poked: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: VecDeque<Arc<Waiter>>,
+    watching: bool,
+    poked: bool,
+}
+
+impl Waiters {
+    /// Has the watcher look at once (a key of this process was freed, a waiter arrived).
+    pub(crate) fn poke(&self) {
+        let mut queue = self.queue();
+        if !queue.waiting.is_empty() {
+            queue.poked = true;
+            self.poked.notify_one();
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a claim for one request needs.
+pub(super) struct Request<'a> {
+    pub(super) connector: &'a str,
+    pub(super) model: Option<&'a str>,
+    pub(super) tried: &'a [String],
+    pub(super) started: Instant,
+    pub(super) deadline: Instant,
+}
+
+impl Coordinator {
+    /// Queues a waiter answered on a thread's channel; the caller blocks on the receiver.
+    pub(super) fn wait_on_thread(&self, request: &Request<'_>) -> Result<Lease> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.enqueue(request, Reply::Thread(sender));
+        // The watcher answers by the deadline; a watcher that died (a panic) drops the sender.
+        receiver.recv().unwrap_or_else(|_| Err(self.watcher_gone(request)))
+    }
+
+    /// Queues a waiter answered on a task's channel; no thread is held while it waits. Dropping the
+    /// future takes the waiter out of the queue (or gives back the key claimed for it).
+    pub(super) async fn wait_as_task(&self, request: &Request<'_>) -> Result<Lease> {
+        let (sender, receiver) = oneshot::channel();
+        self.enqueue(request, Reply::Task(sender));
+        receiver.await.unwrap_or_else(|_| Err(self.watcher_gone(request)))
+    }
+
+    fn watcher_gone(&self, request: &Request<'_>) -> Error {
+        Error::InvalidRequest {
+            problem: format!("the thread watching for a free key of '{}' stopped; try again", request.connector),
+        }
+    }
+
+    fn enqueue(&self, request: &Request<'_>, reply: Reply) {
+        let waiter = Arc::new(Waiter {
+            connector: request.connector.to_owned(),
+            model: request.model.map(str::to_owned),
+            tried: request.tried.to_vec(),
+            started: request.started,
+            deadline: request.deadline,
+            reply: Mutex::new(Some(reply)),
+        });
+        let waiters = &self.inner.waiters;
+        let mut queue = waiters.queue();
+        queue.waiting.push_back(waiter);
+        queue.poked = true;
+        waiters.poked.notify_one();
+        if !queue.watching {
+            queue.watching = true;
+            let inner = Arc::downgrade(&self.inner);
+            let spawned = std::thread::Builder::new().name("apijongler-waiters".to_owned()).spawn(move || watch(inner));
+            if let Err(error) = spawned {
+                queue.watching = false;
+                let waiting: Vec<_> = queue.waiting.drain(..).collect();
+                drop(queue);
+                for waiter in waiting {
+                    waiter.answer(Err(Error::InvalidRequest {
+                        problem: format!("cannot start the thread that watches for free keys: {error}"),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// One round of the watcher: answers the waiters it can (a key, or why none will come in time)
+    /// and returns when it must look again at the latest.
+    fn serve_waiters(&self) -> Instant {
+        let now = Instant::now();
+        let waiting: Vec<Arc<Waiter>> = {
+            let mut queue = self.inner.waiters.queue();
+            queue.waiting.retain(|waiter| !waiter.gone());
+            queue.waiting.iter().cloned().collect()
+        };
+        let mut next = now + RECHECK;
+        let Some(earliest) = waiting.iter().map(|waiter| waiter.deadline).min() else { return next };
+        // Claims wait for the lock until the earliest deadline, so nobody is answered late for it.
+        let lock_deadline = earliest.max(now + POLL);
+        let mut locked: Option<Error> = None;
+        let mut served: Vec<bool> = vec![false; waiting.len()];
+        for (first, waiter) in waiting.iter().enumerate() {
+            if served[first] || waiting[..first].iter().any(|earlier| earlier.same_request(waiter)) {
+                continue;
+            }
+            let group: Vec<usize> = (first..waiting.len()).filter(|&i| waiting[i].same_request(waiter)).collect();
+            let outcome = self.serve_group(&waiting, &group, lock_deadline, &mut served);
+            match outcome {
+                Ok(Some(wake)) => next = next.min(wake),
+                Ok(None) => {}
+                Err(error @ Error::DatabaseLocked { .. }) => {
+                    locked = Some(error);
+                    break;
+                }
+                Err(error) => {
+                    let text = error.to_string();
+                    for &i in &group {
+                        if !served[i] {
+                            served[i] = true;
+                            waiting[i].answer(Err(Error::InvalidRequest { problem: text.clone() }));
+                        }
+                    }
+                }
+            }
+        }
+        // Whoever is past its deadline now hears why.
+        let now = Instant::now();
+        for (i, waiter) in waiting.iter().enumerate() {
+            if served[i] {
+                continue;
+            }
+            if waiter.deadline <= now {
+                served[i] = true;
+                let answer = match &locked {
+                    Some(Error::DatabaseLocked { path, operation, .. }) => {
+                        Err(Error::DatabaseLocked { path: path.clone(), operation, waited: waiter.started.elapsed() })
+                    }
+                    _ => self.unavailable(waiter),
+                };
+                waiter.answer(answer);
+            } else {
+                next = next.min(waiter.deadline);
+            }
+        }
+        let mut queue = self.inner.waiters.queue();
+        queue.waiting.retain(|waiter| !waiter.gone());
+        next
+    }
+
+    /// Serves the waiters `group` (indexes into `waiting`, oldest first) of one request: claims keys
+    /// for them while the database says some are claimable, answers at once those whose wait cannot
+    /// succeed, and returns when the earliest lockdown that matters to them ends.
+    fn serve_group(
+        &self,
+        waiting: &[Arc<Waiter>],
+        group: &[usize],
+        lock_deadline: Instant,
+        served: &mut [bool],
+    ) -> Result<Option<Instant>> {
+        let first = &waiting[group[0]];
+        self.reap_if_due(&first.connector)?;
+        let store = &self.inner.store;
+        let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
+        loop {
+            let now_ms = self.now_ms();
+            let availability = store.availability(&first.connector, first.model.as_deref(), &first.tried, now_ms)?;
+            if availability.claimable == 0 {
+                let wake = lockdown_end(&availability, now_ms);
+                for i in pending {
+                    if hopeless(&availability, wake, waiting[i].deadline) {
+                        served[i] = true;
+                        waiting[i].answer(self.unavailable(&waiting[i]));
+                    }
+                }
+                return Ok(wake);
+            }
+            let Some(next) = pending.pop_front() else { return Ok(None) };
+            let waiter = &waiting[next];
+            let claimed = store.claim(
+                &waiter.connector,
+                waiter.model.as_deref(),
+                &waiter.tried,
+                self.inner.holder,
+                &*self.inner.clock,
+                lock_deadline,
+            )?;
+            // Taken by someone else since the read: its commit will wake the watcher again.
+            let Some(claimed) = claimed else { return Ok(None) };
+            served[next] = true;
+            self.ensure_heartbeat();
+            tracing::info!(
+                connector = %waiter.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
+                lease = claimed.lease, waited = ?waiter.started.elapsed(), "key claimed for a waiter"
+            );
+            waiter.answer(Ok(Lease::new(self.clone(), &waiter.connector, claimed)));
+        }
+    }
+
+    /// Why no key came for `waiter`, read now.
+    fn unavailable(&self, waiter: &Waiter) -> Result<Lease> {
+        let at = self.now_ms();
+        let availability =
+            self.inner.store.availability(&waiter.connector, waiter.model.as_deref(), &waiter.tried, at)?;
+        Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited: waiter.started.elapsed(), at })))
+    }
+}
+
+/// When the earliest lockdown that keeps a key from the request ends, as an instant.
+fn lockdown_end(availability: &Availability, now_ms: i64) -> Option<Instant> {
+    let end = availability.earliest_lockdown_end?;
+    Some(Instant::now() + Duration::from_millis(u64::try_from(end - now_ms).unwrap_or(0)))
+}
+
+/// Whether a wait until `deadline` cannot end with a key: nothing held that could come back, and no
+/// lockdown that ends before the deadline (every key in error, retired, or locked down past it).
+pub(super) fn hopeless(availability: &Availability, lockdown_end: Option<Instant>, deadline: Instant) -> bool {
+    if !availability.may_free_up() {
+        return true;
+    }
+    availability.locked == 0 && lockdown_end.is_none_or(|end| end >= deadline)
+}
+
+/// The watcher thread: rounds of [`Coordinator::serve_waiters`] on each change, poke or deadline, until
+/// nobody waits or the coordinator is gone.
+fn watch(inner: Weak<Inner>) {
+    let watch = match inner.upgrade() {
+        Some(inner) => inner.store.watch_changes(),
+        None => return,
+    };
+    let mut changes = match watch {
+        Ok(changes) => Some(changes),
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot watch the database for changes; waiters poll");
+            None
+        }
+    };
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let coordinator = Coordinator { inner: strong };
+        let next = coordinator.serve_waiters();
+        let waiters = &coordinator.inner.waiters;
+        let mut queue = waiters.queue();
+        loop {
+            if queue.waiting.is_empty() {
+                queue.watching = false;
+                return;
+            }
+            if std::mem::take(&mut queue.poked) {
+                break;
+            }
+            let now = Instant::now();
+            if now >= next {
+                break;
+            }
+            queue = waiters.poked.wait_timeout(queue, POLL.min(next - now)).unwrap_or_else(PoisonError::into_inner).0;
+            if queue.poked {
+                continue;
+            }
+            // A commit by any other connection: keys may have come free.
+            let changed = changes.as_mut().is_none_or(|changes| changes.changed().unwrap_or(true));
+            if changed {
+                break;
+            }
+        }
+    }
+}
