@@ -170,11 +170,7 @@ impl Coordinator {
     /// model are skipped (they still serve other models), and a waiter wakes when the earliest lockdown
     /// that matters for the model ends.
     pub fn claim_for(&self, connector: &str, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
-        let request = self.request(connector, model, tried, wait);
-        if let Some(lease) = self.try_claim(&request)? {
-            return Ok(lease);
-        }
-        self.wait_on_thread(&request)
+        self.claim_on_thread(&self.request(connector, model, tried, wait))
     }
 
     /// [`claim_for`](Self::claim_for) for async callers: the wait holds no thread (the key comes
@@ -186,25 +182,7 @@ impl Coordinator {
         tried: &[String],
         wait: Duration,
     ) -> Result<Lease> {
-        let request = self.request(connector, model, tried, wait);
-        let first = self.clone();
-        let (name, first_model, excluded, started, deadline) =
-            (connector.to_owned(), model.map(str::to_owned), tried.to_vec(), request.started, request.deadline);
-        let claimed = crate::jongler::short_blocking(move || {
-            let request = waiting::Request {
-                connector: &name,
-                model: first_model.as_deref(),
-                tried: &excluded,
-                started,
-                deadline,
-            };
-            first.try_claim(&request)
-        })
-        .await?;
-        match claimed {
-            Some(lease) => Ok(lease),
-            None => self.wait_as_task(&request).await,
-        }
+        self.claim_as_task(&self.request(connector, model, tried, wait)).await
     }
 
     fn request<'a>(

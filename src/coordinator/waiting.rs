@@ -52,8 +52,10 @@ struct Waiter {
     tried: Vec<String>,
     /// When it asked (its message says how long it waited since).
     started: Instant,
-    /// When it must have its answer.
+    /// When its wait for a key ends.
     deadline: Instant,
+    /// When its wait for the write lock ends (its deadline, never less than the store's floor).
+    lock_deadline: Instant,
     reply: Mutex<Option<Reply>>,
 }
 
@@ -88,7 +90,13 @@ pub(crate) struct Waiters {
     state: Mutex<Queue>,
     /// Wakes the watcher: a new waiter, or a key freed by this process.
     poked: Condvar,
+    /// Async claims running in place (on a runtime thread that blocks meanwhile).
+    in_place: std::sync::atomic::AtomicUsize,
 }
+
+/// How many async claims may run in place at once; more go to the queue, so a burst of requests does
+/// not turn into a burst of threads.
+const IN_PLACE: usize = 2;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -107,12 +115,19 @@ impl Waiters {
         }
     }
 
+    /// Whether a caller of `connector` may claim in place: nobody of this process waits for its keys
+    /// (a newcomer must not take a key from under the longest waiter).
+    fn nobody_waits(&self, connector: &str) -> bool {
+        !self.queue().waiting.iter().any(|waiter| waiter.connector == connector)
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// What a claim for one request needs.
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Request<'a> {
     pub(super) connector: &'a str,
     pub(super) model: Option<&'a str>,
@@ -121,18 +136,73 @@ pub(super) struct Request<'a> {
     pub(super) deadline: Instant,
 }
 
+/// A [`Request`] that owns its parts, to move to another thread.
+pub(super) struct OwnedRequest {
+    connector: String,
+    model: Option<String>,
+    tried: Vec<String>,
+    started: Instant,
+    deadline: Instant,
+}
+
+impl Request<'_> {
+    fn owned(self) -> OwnedRequest {
+        OwnedRequest {
+            connector: self.connector.to_owned(),
+            model: self.model.map(str::to_owned),
+            tried: self.tried.to_vec(),
+            started: self.started,
+            deadline: self.deadline,
+        }
+    }
+}
+
+impl OwnedRequest {
+    fn as_request(&self) -> Request<'_> {
+        Request {
+            connector: &self.connector,
+            model: self.model.as_deref(),
+            tried: &self.tried,
+            started: self.started,
+            deadline: self.deadline,
+        }
+    }
+}
+
 impl Coordinator {
-    /// Queues a waiter answered on a thread's channel; the caller blocks on the receiver.
-    pub(super) fn wait_on_thread(&self, request: &Request<'_>) -> Result<Lease> {
+    /// A key for `request` on this thread: claimed in place when nobody of this process waits for
+    /// the connector's keys, else (or if none is free) from the queue, the caller blocking on it.
+    pub(super) fn claim_on_thread(&self, request: &Request<'_>) -> Result<Lease> {
+        if request.deadline <= request.started || self.inner.waiters.nobody_waits(request.connector) {
+            if let Some(lease) = self.try_claim(request)? {
+                return Ok(lease);
+            }
+        }
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         self.enqueue(request, Reply::Thread(sender));
         // The watcher answers by the deadline; a watcher that died (a panic) drops the sender.
         receiver.recv().unwrap_or_else(|_| Err(self.watcher_gone(request)))
     }
 
-    /// Queues a waiter answered on a task's channel; no thread is held while it waits. Dropping the
+    /// A key for `request` for an async caller: claimed in place (blocking the runtime thread briefly)
+    /// when nobody of this process waits for the connector's keys and few claims run in place, else
+    /// (or if none is free) from the queue, where no thread is held while it waits. Dropping the
     /// future takes the waiter out of the queue (or gives back the key claimed for it).
-    pub(super) async fn wait_as_task(&self, request: &Request<'_>) -> Result<Lease> {
+    pub(super) async fn claim_as_task(&self, request: &Request<'_>) -> Result<Lease> {
+        let waiters = &self.inner.waiters;
+        let in_place = waiters.in_place.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < IN_PLACE;
+        let first = (in_place && waiters.nobody_waits(request.connector)) || request.deadline <= request.started;
+        let claimed = if first {
+            let coordinator = self.clone();
+            let owned = request.owned();
+            crate::jongler::short_blocking(move || coordinator.try_claim(&owned.as_request())).await
+        } else {
+            Ok(None)
+        };
+        waiters.in_place.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(lease) = claimed? {
+            return Ok(lease);
+        }
         let (sender, receiver) = oneshot::channel();
         self.enqueue(request, Reply::Task(sender));
         receiver.await.unwrap_or_else(|_| Err(self.watcher_gone(request)))
@@ -151,6 +221,7 @@ impl Coordinator {
             tried: request.tried.to_vec(),
             started: request.started,
             deadline: request.deadline,
+            lock_deadline: self.inner.store.lock_deadline(request.started, request.deadline),
             reply: Mutex::new(Some(reply)),
         });
         let waiters = &self.inner.waiters;
@@ -185,7 +256,7 @@ impl Coordinator {
             queue.waiting.iter().cloned().collect()
         };
         let mut next = now + RECHECK;
-        let Some(earliest) = waiting.iter().map(|waiter| waiter.deadline).min() else { return next };
+        let Some(earliest) = waiting.iter().map(|waiter| waiter.lock_deadline).min() else { return next };
         // Claims wait for the lock until the earliest deadline, so nobody is answered late for it.
         let lock_deadline = earliest.max(now + POLL);
         let mut locked: Option<Error> = None;

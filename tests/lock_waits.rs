@@ -1,0 +1,245 @@
+//! Every wait honours its caller: claims and lease ends under another process's write lock (a real
+//! `sqlite3` holding `BEGIN IMMEDIATE`) are each answered by their own deadline, a claim waits for the
+//! lock as long as its caller may (never less than the floor), a wait that cannot succeed fails at
+//! once, and waiters hold no thread.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api_jongler::mock::{MockConfig, MockUpstream};
+use api_jongler::{Coordinator, CoordinatorOptions, Error, Jongler};
+use common::Sandbox;
+
+const CONNECTOR: &str = "generativelanguage.googleapis.com";
+const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+/// A user's `sqlite3` shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
+struct SqliteShell {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl SqliteShell {
+    fn lock(sandbox: &Sandbox) -> Self {
+        let mut child = Command::new("sqlite3")
+            .arg(&sandbox.db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sqlite3 is installed (.ci/run installs it)");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "BEGIN IMMEDIATE;\nSELECT 'locked';").expect("write");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "locked", "sqlite3 holds the write lock");
+        Self { child, stdin }
+    }
+
+    fn release(mut self) {
+        writeln!(self.stdin, "COMMIT;\n.quit").expect("write");
+        drop(self.stdin);
+        self.child.wait().expect("sqlite3 exits");
+    }
+}
+
+/// A coordinator whose floor for lock waits is `floor` (short, so the tests are quick).
+fn coordinator(sandbox: &Sandbox, floor: Duration) -> Coordinator {
+    sandbox.coordinator(CoordinatorOptions { lock_wait_floor: floor, ..sandbox.options() })
+}
+
+/// Item 1: 16 threads of one process claim at once while another process holds the write lock.
+/// Group commit puts them in batches, but each claim gives up at its own deadline (1 s: the floor),
+/// not after the others' waits one by one (16 s before).
+#[test]
+fn claims_under_a_held_lock_are_each_answered_by_their_own_deadline() {
+    let sandbox = Sandbox::new(CONNECTOR, 4);
+    let floor = Duration::from_secs(1);
+    let coordinator = coordinator(&sandbox, floor);
+    let shell = SqliteShell::lock(&sandbox);
+    let started = Instant::now();
+    let answered: Vec<(Duration, String)> = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..16)
+            .map(|_| {
+                let coordinator = coordinator.clone();
+                scope.spawn(move || {
+                    let answer = coordinator.claim(CONNECTOR, &[], Duration::ZERO);
+                    (started.elapsed(), format!("{:?}", answer.map(|lease| lease.key_name().to_owned())))
+                })
+            })
+            .collect();
+        callers.into_iter().map(|caller| caller.join().expect("caller")).collect()
+    });
+    shell.release();
+    for (after, answer) in &answered {
+        assert!(answer.contains("DatabaseLocked"), "{answer}");
+        // The floor, plus a margin for a loaded machine; in sequence the last would answer after 16 s.
+        assert!(*after < floor + Duration::from_secs(4), "answered after {after:?}: {answer}");
+    }
+}
+
+/// Item 1, lease ends: 8 holders end their leases while the lock is held; each end gives up at its
+/// own deadline (three floors) and is retried in the background, instead of one after the other.
+#[test]
+fn lease_ends_under_a_held_lock_are_each_answered_by_their_own_deadline() {
+    let sandbox = Sandbox::new(CONNECTOR, 8);
+    let floor = Duration::from_millis(500);
+    let coordinator = coordinator(&sandbox, floor);
+    let leases: Vec<_> =
+        (0..8).map(|_| coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("a key is free")).collect();
+    let shell = SqliteShell::lock(&sandbox);
+    let started = Instant::now();
+    let answered: Vec<(Duration, bool)> = std::thread::scope(|scope| {
+        let ends: Vec<_> = leases
+            .into_iter()
+            .map(|lease| scope.spawn(move || (lease.release().is_err(), started.elapsed())))
+            .map(|end| end)
+            .collect();
+        ends.into_iter().map(|end| end.join().expect("end")).map(|(failed, after)| (after, failed)).collect()
+    });
+    shell.release();
+    for (after, failed) in &answered {
+        assert!(failed, "the end could not be written under the lock");
+        // Three floors (1.5 s), plus a margin; in sequence the last would answer after 12 s.
+        assert!(*after < Duration::from_millis(1_500) + Duration::from_secs(4), "answered after {after:?}");
+    }
+    // The ends are written once the lock is gone.
+    common::wait_until(Duration::from_secs(30), "the deferred ends land", || {
+        sandbox.states().iter().all(|(_, state)| state == "vacant")
+    });
+}
+
+fn builder(sandbox: &Sandbox, floor: Duration) -> api_jongler::JonglerBuilder {
+    Jongler::builder(CONNECTOR)
+        .keyring(&sandbox.keyring)
+        .database(&sandbox.db)
+        .connectors_dir(sandbox.connectors_dir())
+        .coordinator(CoordinatorOptions { lock_wait_floor: floor, ..sandbox.options() })
+}
+
+fn sandbox_at(mock: &MockUpstream, keys: usize) -> Sandbox {
+    let sandbox = Sandbox::new(CONNECTOR, keys);
+    sandbox.point_connector(CONNECTOR, "127.0.0.1", mock.port(), serde_json::json!({ "backoff_ms": 5 }));
+    sandbox
+}
+
+/// Item 2: a request that may wait 30 s for a key also waits that long for the write lock: a lock of
+/// 3 s (past the 1 s floor) delays it and does not fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_the_lock_as_long_as_its_caller_may() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = sandbox_at(&mock, 1);
+    let jongler =
+        builder(&sandbox, Duration::from_secs(1)).wait(Duration::from_secs(30)).connect().await.expect("jongler");
+    let shell = SqliteShell::lock(&sandbox);
+    let request = tokio::spawn(async move { jongler.request("POST", ENDPOINT, "{}").await });
+    // The lock outlives the floor three times over, then goes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!request.is_finished(), "the request gave up on the lock before its wait");
+    tokio::task::spawn_blocking(move || shell.release()).await.expect("release");
+    let response = request.await.expect("task").expect("the request went through once the lock was gone");
+    assert_eq!(response.status, 200);
+}
+
+/// Item 2: under a lock that never ends, the error says how long the caller really waited (its whole
+/// wait), not the last write's share of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_a_lock_that_never_ends_says_how_long_it_waited() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = sandbox_at(&mock, 1);
+    let wait = Duration::from_secs(2);
+    let jongler = builder(&sandbox, Duration::from_millis(500)).wait(wait).connect().await.expect("jongler");
+    let shell = SqliteShell::lock(&sandbox);
+    let answer = jongler.request("POST", ENDPOINT, "{}").await;
+    tokio::task::spawn_blocking(move || shell.release()).await.expect("release");
+    match answer {
+        Err(Error::DatabaseLocked { waited, .. }) => assert!(waited >= wait, "said {waited:?}, waited {wait:?}"),
+        other => panic!("expected DatabaseLocked, got {other:?}"),
+    }
+}
+
+/// Item 5: when every key is in error, or locked down for the model past the whole wait, a claim that
+/// may wait a minute fails at once, saying why and (for a lockdown) when the earliest key comes back;
+/// a lockdown that ends within the wait is waited for.
+#[test]
+fn a_wait_that_cannot_succeed_fails_at_once() {
+    let sandbox = Sandbox::new(CONNECTOR, 2);
+    let coordinator = coordinator(&sandbox, Duration::from_secs(1));
+    let minute = Duration::from_secs(60);
+    let now = coordinator.now_ms();
+    // Both keys locked down for an hour.
+    for _ in 0..2 {
+        let lease = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("free");
+        lease.lockdown(now + 3_600_000, "per-day quota", Some(429)).expect("lockdown");
+    }
+    let started = Instant::now();
+    let answer = coordinator.claim(CONNECTOR, &[], minute);
+    let took = started.elapsed();
+    let Err(Error::NoKeyAvailable(unavailable)) = answer else { panic!("expected NoKeyAvailable: {answer:?}") };
+    assert!(took < Duration::from_secs(10), "waited {took:?} for a key that comes back in an hour");
+    assert!(unavailable.to_string().contains("comes back at"), "{unavailable}");
+
+    // Both in error: nothing can come back.
+    coordinator.cleanup(Some(CONNECTOR), false).expect("cleanup");
+    for _ in 0..2 {
+        let lease = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("free");
+        lease.mark_error("invalid key", Some(400)).expect("error");
+    }
+    let started = Instant::now();
+    let answer = coordinator.claim(CONNECTOR, &[], minute);
+    assert!(started.elapsed() < Duration::from_secs(10), "waited {:?} with every key in error", started.elapsed());
+    let Err(Error::NoKeyAvailable(unavailable)) = answer else { panic!("expected NoKeyAvailable: {answer:?}") };
+    assert!(unavailable.to_string().contains("2 in error"), "{unavailable}");
+
+    // A lockdown of 1 s inside a wait of a minute is waited for.
+    coordinator.cleanup(Some(CONNECTOR), false).expect("cleanup");
+    let now = coordinator.now_ms();
+    for _ in 0..2 {
+        let lease = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("free");
+        lease.lockdown(now + 1_000, "per-minute quota", Some(429)).expect("lockdown");
+    }
+    coordinator.claim(CONNECTOR, &[], minute).expect("a key comes back within the wait");
+}
+
+/// Item 3: a hundred requests waiting for the one key of their pool hold no thread each: the process
+/// never has more than a few dozen threads (before, each waiter held one of the blocking pool), and
+/// every request gets the key in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_waiters_hold_no_thread_each() {
+    let mock = MockUpstream::start(MockConfig { latency: Duration::from_millis(20), ..MockConfig::default() })
+        .await
+        .expect("mock");
+    let sandbox = sandbox_at(&mock, 1);
+    let jongler =
+        builder(&sandbox, Duration::from_secs(5)).wait(Duration::from_secs(120)).connect().await.expect("jongler");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        tokio::task::spawn_blocking(move || {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            let jongler = jongler.clone();
+            tokio::spawn(async move { jongler.request("POST", ENDPOINT, "{}").await })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.expect("task").expect("request").status, 200);
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let most = sampler.await.expect("sampler");
+    // The test harness, the runtime's workers, the mock, the heartbeat, the watcher and a few blocking
+    // threads; a thread per waiter would be over 100.
+    assert!(most < 50, "{most} threads at once for 100 waiters");
+}
