@@ -274,14 +274,13 @@ impl Coordinator {
                     locked = Some(error);
                     break;
                 }
+                // The oldest waiter hears of it; the others meet it (or its end) in the next rounds.
                 Err(error) => {
-                    let text = error.to_string();
-                    for &i in &group {
-                        if !served[i] {
-                            served[i] = true;
-                            waiting[i].answer(Err(Error::InvalidRequest { problem: text.clone() }));
-                        }
+                    if let Some(&i) = group.iter().find(|&&i| !served[i]) {
+                        served[i] = true;
+                        waiting[i].answer(Err(error));
                     }
+                    next = next.min(Instant::now() + POLL);
                 }
             }
         }
