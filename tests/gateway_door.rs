@@ -354,8 +354,11 @@ async fn half_closed(addr: SocketAddr, request: String) -> String {
         stream.write_all(request.as_bytes()).unwrap();
         stream.shutdown(Shutdown::Write).unwrap();
         let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
-        String::from_utf8_lossy(&answer).into_owned()
+        // Ok only when the gateway closed the connection: no request can follow a half-close.
+        let read = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(read.is_ok(), "the connection stayed open ({read:?}) after {answer:?}");
+        answer
     })
     .await
     .unwrap()
@@ -373,6 +376,7 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     let answer = half_closed(gateway.addr, request).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "after {:?}: {answer:?}", started.elapsed());
     assert!(answer.contains("candidates"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
     let stream = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
     let request = format!("POST /{C}{stream} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{{}}");
     let answer = half_closed(gateway.addr, request).await;

@@ -252,17 +252,22 @@ async fn connection(
     local: SocketAddr,
     mut stopping: watch::Receiver<bool>,
 ) {
+    // A client that shut its sending side after its request is answered, then the connection closes
+    // (no request can follow); one that leaves while being answered ends the connection at once.
+    let (stream, half_closed) = hangup::Hangup::new(stream);
     let service = service_fn(move |request| {
-        let gateway = Arc::clone(&gateway);
-        async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, local).await) }
+        let (gateway, half_closed) = (Arc::clone(&gateway), half_closed.clone());
+        async move {
+            let mut response = gateway.handle(request, local).await;
+            if half_closed.get() {
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     // The timer gives hyper its default header read timeout (30 s) against idle half-open clients.
-    // `half_close` answers a client that shut its sending side after its request; `Hangup` still
-    // ends the connection when a client leaves while being answered (a stream's key is freed at once).
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .half_close(true)
-        .serve_connection(TokioIo::new(hangup::Hangup::new(stream)), service);
+    // hyper's `half_close` stays off: with it hyper would stop noticing clients that leave mid-answer.
+    let connection = http1::Builder::new().timer(TokioTimer::new()).serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let served = tokio::select! {
         served = connection.as_mut() => served,

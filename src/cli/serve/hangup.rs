@@ -1,57 +1,97 @@
 //! A client connection that tells a half-close from a departure.
 //!
 //! A client may shut down its sending side once its request is out (`shutdown(SHUT_WR)`, `nc -N`,
-//! some proxies and scripts) and still read the answer; hyper answers it when `half_close` is on.
-//! But the end of file a read meets is the same whether the client half-closed or went away, and with
-//! `half_close` alone hyper would go on relaying a stream to a client that left, holding its key until
-//! a write fails (the next event may be a minute away). [`Hangup`] tells them apart by when the end of
-//! file comes.
+//! some proxies and scripts) and still read the answer. A read's end of file is the same whether the
+//! client half-closed or went away, and hyper must not miss the second: a stream relayed to a client
+//! that left holds its key until a write fails, and the next event may be a minute away. hyper's own
+//! `half_close` option cannot help, since with it hyper stops watching for an end of file during an
+//! answer altogether. [`Hangup`] tells the two apart by when the end of file comes, and hides a
+//! half-close from hyper (which keeps its default, an end of file during an answer ends the
+//! connection).
 //!
 //! Invariants:
-//! - An end of file before any byte of an answer was written (since the client last sent bytes) is a
-//!   half-close: it reaches hyper as one, and the request is answered.
-//! - An end of file once an answer has begun is a departure: the read fails (`ConnectionAborted`),
-//!   hyper drops the connection and the response body with it, which stops the relay and frees the key
-//!   at once.
+//! - An end of file after the client sent bytes that nothing was written back to yet (a request not
+//!   yet answered) is a half-close: hyper never sees it (the read stays pending), the request is
+//!   answered, and [`HalfClosed`] says so, so that the answer closes the connection.
+//! - Any other end of file (between requests, or once an answer has begun) reaches hyper: it ends the
+//!   connection, dropping a response body in flight, which stops the relay and frees its key at once.
 //! - A client that leaves entirely before its answer begins looks like a half-close (TCP cannot tell
 //!   them apart without writing): its request goes on, and the answer is dropped when written.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A connection stream that turns an end of file after the answer began into an error.
+/// A connection stream that hides a client's half-close from hyper (see the module docs).
 #[derive(Debug)]
 pub struct Hangup<T> {
     inner: T,
-    /// Bytes were written since the client last sent any.
-    answering: bool,
+    state: State,
+    half_closed: HalfClosed,
+}
+
+/// What the connection did last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing yet.
+    Idle,
+    /// Read bytes from the client (a request), nothing written since.
+    Asked,
+    /// Wrote bytes to the client (an answer), nothing read since.
+    Answering,
+    /// The client shut its side after a request: reads stay pending from now on.
+    HalfClosed,
+}
+
+/// Whether the client of a connection half-closed it (shared with the request handler, which then
+/// closes the connection after its answer: no further request can come).
+#[derive(Debug, Clone, Default)]
+pub struct HalfClosed(Arc<AtomicBool>);
+
+impl HalfClosed {
+    /// The client shut down its sending side after a request.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl<T> Hangup<T> {
-    /// Wraps a fresh connection.
-    pub fn new(inner: T) -> Self {
-        Self { inner, answering: false }
+    /// Wraps a fresh connection; the [`HalfClosed`] tells when its client half-closes.
+    pub fn new(inner: T) -> (Self, HalfClosed) {
+        let half_closed = HalfClosed::default();
+        (Self { inner, state: State::Idle, half_closed: half_closed.clone() }, half_closed)
+    }
+
+    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) && self.state != State::HalfClosed {
+            self.state = State::Answering;
+        }
     }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Hangup<T> {
     fn poll_read(self: Pin<&mut Self>, context: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let (before, wanted) = (buf.filled().len(), buf.remaining() > 0);
-        match Pin::new(&mut this.inner).poll_read(context, buf) {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.answering = false;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Ok(())) if wanted && this.answering => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the client closed its connection while being answered",
-            ))),
-            other => other,
+        if this.state == State::HalfClosed {
+            // Nothing more can come; hyper is never woken for reading again on this connection.
+            return Poll::Pending;
         }
+        let (before, wanted) = (buf.filled().len(), buf.remaining() > 0);
+        let read = Pin::new(&mut this.inner).poll_read(context, buf);
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.state = State::Asked,
+            Poll::Ready(Ok(())) if wanted && this.state == State::Asked => {
+                this.state = State::HalfClosed;
+                this.half_closed.0.store(true, Ordering::Relaxed);
+                return Poll::Pending;
+            }
+            _ => {}
+        }
+        read
     }
 }
 
@@ -59,9 +99,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hangup<T> {
     fn poll_write(self: Pin<&mut Self>, context: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write(context, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.answering = true;
-        }
+        this.wrote(&written);
         written
     }
 
@@ -72,9 +110,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hangup<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write_vectored(context, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.answering = true;
-        }
+        this.wrote(&written);
         written
     }
 
@@ -94,34 +130,52 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hangup<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn an_end_of_file_is_a_half_close_until_the_answer_begins() {
-        let (client, server) = tokio::io::duplex(64);
-        let mut server = Hangup::new(server);
-        let (mut client_read, mut client_write) = tokio::io::split(client);
-        client_write.write_all(b"request").await.unwrap();
-        client_write.shutdown().await.unwrap();
-        let mut request = Vec::new();
-        server.read_to_end(&mut request).await.expect("a half-close reads as an end of file");
-        assert_eq!(request, b"request");
-        server.write_all(b"answer").await.unwrap();
-        let mut answer = [0; 6];
-        client_read.read_exact(&mut answer).await.unwrap();
-        let error = server.read(&mut [0; 8]).await.expect_err("once answering, an end of file is a departure");
-        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+    /// One read, without waiting: `None` when it is pending.
+    async fn read_now(stream: &mut Hangup<tokio::io::DuplexStream>) -> Option<io::Result<usize>> {
+        let mut bytes = [0; 64];
+        poll_fn(|context| {
+            let mut buf = ReadBuf::new(&mut bytes);
+            Poll::Ready(match Pin::new(&mut *stream).poll_read(context, &mut buf) {
+                Poll::Ready(read) => Some(read.map(|()| buf.filled().len())),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     #[tokio::test]
-    async fn a_new_request_after_an_answer_resets_it() {
+    async fn an_end_of_file_after_a_request_is_a_half_close() {
+        let (client, server) = tokio::io::duplex(64);
+        let (mut server, half_closed) = Hangup::new(server);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        client_write.write_all(b"request").await.unwrap();
+        client_write.shutdown().await.unwrap();
+        assert_eq!(read_now(&mut server).await.unwrap().unwrap(), 7);
+        assert!(read_now(&mut server).await.is_none(), "hidden from hyper");
+        assert!(half_closed.get());
+        server.write_all(b"answer").await.unwrap();
+        assert!(read_now(&mut server).await.is_none(), "still hidden while answering");
+        let mut answer = [0; 6];
+        client_read.read_exact(&mut answer).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_end_of_file_once_answering_or_between_requests_reaches_hyper() {
         let (mut client, server) = tokio::io::duplex(64);
-        let mut server = Hangup::new(server);
-        server.write_all(b"first answer").await.unwrap();
-        client.write_all(b"second").await.unwrap();
-        let mut request = [0; 6];
-        server.read_exact(&mut request).await.unwrap();
-        client.shutdown().await.unwrap();
-        assert_eq!(server.read(&mut [0; 8]).await.unwrap(), 0, "a half-close again");
+        let (mut server, half_closed) = Hangup::new(server);
+        client.write_all(b"request").await.unwrap();
+        assert_eq!(read_now(&mut server).await.unwrap().unwrap(), 7);
+        server.write_all(b"answer begins").await.unwrap();
+        drop(client);
+        assert_eq!(read_now(&mut server).await.unwrap().unwrap(), 0, "the client left");
+        assert!(!half_closed.get());
+        let (client, server) = tokio::io::duplex(64);
+        let (mut server, half_closed) = Hangup::new(server);
+        drop(client);
+        assert_eq!(read_now(&mut server).await.unwrap().unwrap(), 0, "connected and left without a request");
+        assert!(!half_closed.get());
     }
 }
