@@ -197,7 +197,11 @@ async fn a_page_of_another_site_cannot_spend_the_pool() {
     ] {
         let response = send.body("{}").send().await.unwrap();
         assert_eq!(response.status(), 200);
-        assert!(cors_headers(&response).is_empty(), "the upstream's CORS headers stay out: {:?}", cors_headers(&response));
+        assert!(
+            cors_headers(&response).is_empty(),
+            "the upstream's CORS headers stay out: {:?}",
+            cors_headers(&response)
+        );
     }
     let text = http.get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains(r#"apijongler_gateway_refused_total{reason="origin"} 8"#), "{text}");
@@ -284,7 +288,8 @@ async fn a_path_that_changes_on_its_way_upstream_is_refused() {
         "/door.test/models/a\\..\\..\\..\\secret".to_owned(),
     ];
     for path in &hostile {
-        let request = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
+        let request =
+            format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
         let answer = raw_http(gateway.addr, request.into_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
         let body = raw_body(&answer);
@@ -304,7 +309,8 @@ async fn a_path_that_changes_on_its_way_upstream_is_refused() {
         ("/door.test/models/m:predict".to_owned(), "/base/models/m:predict".to_owned()),
         (format!("/{C}/v1beta/files/a...b"), "/v1beta/files/a...b".to_owned()),
     ] {
-        let request = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
+        let request =
+            format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
         let answer = raw_http(gateway.addr, request.into_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
         let reached = server.received_requests().await.unwrap();
@@ -366,9 +372,8 @@ async fn half_closed(addr: SocketAddr, request: String) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
-    let upstream = MockUpstream::start(MockConfig { latency: Duration::from_millis(200), ..MockConfig::default() })
-        .await
-        .unwrap();
+    let upstream =
+        MockUpstream::start(MockConfig { latency: Duration::from_millis(200), ..MockConfig::default() }).await.unwrap();
     let sandbox = sandbox(1, upstream.port());
     let gateway = Gateway::start(&sandbox, &[]);
     let started = Instant::now();

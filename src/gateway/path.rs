@@ -121,8 +121,16 @@ mod tests {
     fn paths_sent_as_given() {
         let cases: &[(&str, &str, &str)] = &[
             (GOOGLE, "/v1beta/models/gemini-2.5-pro:generateContent", "/v1beta/models/gemini-2.5-pro:generateContent"),
-            (GOOGLE, "/v1beta/models/m:streamGenerateContent?alt=sse", "/v1beta/models/m:streamGenerateContent?alt=sse"),
-            (GOOGLE, "/upload/v1beta/files?upload_id=AB%2Fc&x=%2e%2e", "/upload/v1beta/files?upload_id=AB%2Fc&x=%2e%2e"),
+            (
+                GOOGLE,
+                "/v1beta/models/m:streamGenerateContent?alt=sse",
+                "/v1beta/models/m:streamGenerateContent?alt=sse",
+            ),
+            (
+                GOOGLE,
+                "/upload/v1beta/files?upload_id=AB%2Fc&x=%2e%2e",
+                "/upload/v1beta/files?upload_id=AB%2Fc&x=%2e%2e",
+            ),
             (GOOGLE, "/v1beta/files/a...b", "/v1beta/files/a...b"),
             (GOOGLE, "/x/.hidden/a..b", "/x/.hidden/a..b"),
             (GOOGLE, "/v1/models?pageSize=5&pageToken=a%20b", "/v1/models?pageSize=5&pageToken=a%20b"),
