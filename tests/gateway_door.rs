@@ -393,3 +393,29 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
     assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'success'"), 2);
 }
+
+/// The library's `Jongler::send` (and so `apijongler CONNECTOR METHOD ENDPOINT`) refuses such paths too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_refuses_a_path_that_changes_on_its_way_upstream() {
+    let server = MockServer::start().await;
+    Mock::given(any()).respond_with(ResponseTemplate::new(200).set_body_string("{}")).mount(&server).await;
+    let sandbox = sandbox(1, server.address().port());
+    let jongler = api_jongler::Jongler::builder(C)
+        .keyring(&sandbox.keyring)
+        .database(&sandbox.db)
+        .connectors_dir(sandbox.connectors_dir())
+        .connect()
+        .await
+        .expect("connect");
+    for endpoint in ["/v1beta/models/x\\..\\gemini-2.5-pro:generateContent", "/v1beta/models/x/%2E%2E/y"] {
+        let outgoing = api_jongler::Outgoing::new(reqwest::Method::POST, endpoint, "{}");
+        match jongler.send(outgoing).await {
+            Err(api_jongler::Error::InvalidRequest { problem }) => assert!(problem.contains("refused"), "{problem}"),
+            other => panic!("{endpoint}: {other:?}"),
+        }
+    }
+    assert!(server.received_requests().await.unwrap().is_empty(), "nothing reached the upstream");
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests"), 0, "no key was claimed");
+    let outgoing = api_jongler::Outgoing::new(reqwest::Method::POST, GENERATE, "{}");
+    assert_eq!(jongler.send(outgoing).await.expect("a clean path").status, 200);
+}
