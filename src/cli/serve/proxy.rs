@@ -211,7 +211,8 @@ impl Gateway {
         if is_preflight(&parts.method, &parts.headers) {
             if !matches!(verdict, Verdict::Allowed(_)) {
                 self.metrics.refused("origin");
-                let message = "CORS preflights are answered only for web page origins allowed with --allow-origin                                ORIGIN, and this one names none";
+                let message = "CORS preflights are answered only for web page origins allowed with --allow-origin \
+                               ORIGIN, and this one names none";
                 return error(dialect, StatusCode::FORBIDDEN, message, None);
             }
             let mut response = Response::new(GatewayBody::full(Bytes::new()));
