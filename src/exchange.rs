@@ -253,6 +253,7 @@ impl Jongler {
     pub async fn send(&self, outgoing: Outgoing) -> Result<Exchange> {
         let inner = &self.inner;
         let connector = &inner.connector;
+        crate::gateway::path::upstream_url(&connector.base_url(), &outgoing.path_and_query)?;
         let path = outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned();
         let model = connector.model_of(&outgoing.path_and_query, &outgoing.body);
         let wait = outgoing.wait.unwrap_or(inner.wait);

@@ -6,7 +6,10 @@
 //!
 //! Invariants:
 //! - A listener on a non-loopback address never starts without a gateway token; a loopback one
-//!   checks every request's `Host` (DNS rebinding).
+//!   checks every request's `Host` (DNS rebinding). Web pages of other origins are refused unless
+//!   `--allow-origin` names them, whatever the listener (see `api_jongler::gateway::origin`).
+//! - A client that half-closes after its request gets its answer; one that goes away once its answer
+//!   began is let go at once (see [`hangup`]).
 //! - The token is held only as a digest ([`GatewayToken`]); no message, log line or error shows it.
 //! - SIGTERM or SIGINT stops accepting at once; requests in flight get `--grace` to finish, then are
 //!   cut off. Before exit every coordinator settles, so every key this process held is released in
@@ -14,6 +17,7 @@
 //!   being gone). Exit 0 when every request in flight finished within the grace; 130/143 when some had
 //!   to be cut off (the signal's code).
 
+mod hangup;
 mod metrics;
 mod proxy;
 
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use api_jongler::gateway::credentials::GatewayToken;
+use api_jongler::gateway::origin::AllowedOrigins;
 use api_jongler::{Connectors, Coordinator, CoordinatorOptions, Keyring};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -61,6 +66,10 @@ pub struct ServeArgs {
     /// ignored; the file must not be readable by every user). Default: APIJONGLER_GATEWAY_TOKEN.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// Let web pages of this origin (scheme://host[:port], like https://app.example) use the gateway
+    /// from a browser; repeat for more. Pages of any other origin are refused with 403.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    allow_origin: Vec<String>,
     /// How long a request may wait for a free key (shortened by the client's own deadline, from
     /// X-Server-Timeout or x-stainless-read-timeout); then 429 with Retry-After.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
@@ -84,6 +93,7 @@ pub fn run(global: &Global, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let grace = parse_duration(&args.grace).map_err(|why| Usage(format!("--grace {why}")))?;
     let max_body = parse_size(&args.max_body).map_err(|why| Usage(format!("--max-body {why}")))?;
     let token = load_token(args.token_file.as_deref())?;
+    let origins = AllowedOrigins::parse(&args.allow_origin).map_err(Usage)?;
     let loopback = args.listen.ip().to_canonical().is_loopback();
     if !loopback && token.is_none() {
         return Err(Usage(format!(
@@ -122,6 +132,7 @@ pub fn run(global: &Global, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         root: args.root.clone(),
         token,
         check_host: loopback,
+        origins,
         wait,
         max_body,
         tor: args.tor,
@@ -241,11 +252,21 @@ async fn connection(
     local: SocketAddr,
     mut stopping: watch::Receiver<bool>,
 ) {
+    // A client that shut its sending side after its request is answered, then the connection closes
+    // (no request can follow); one that leaves while being answered ends the connection at once.
+    let (stream, half_closed) = hangup::Hangup::new(stream);
     let service = service_fn(move |request| {
-        let gateway = Arc::clone(&gateway);
-        async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, local).await) }
+        let (gateway, half_closed) = (Arc::clone(&gateway), half_closed.clone());
+        async move {
+            let mut response = gateway.handle(request, local).await;
+            if half_closed.get() {
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     // The timer gives hyper its default header read timeout (30 s) against idle half-open clients.
+    // hyper's `half_close` stays off: with it hyper would stop noticing clients that leave mid-answer.
     let connection = http1::Builder::new().timer(TokioTimer::new()).serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let served = tokio::select! {

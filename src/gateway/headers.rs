@@ -10,6 +10,9 @@
 //!   strips them first to read the client's credential).
 //! - Downstream, `content-length` goes (the body is re-framed) and so does `alt-svc` (it advertises the
 //!   upstream's origin, not the gateway's); `content-encoding` stays, since the gateway never decodes.
+//!   Every `access-control-*` header goes too: the upstream's CORS answer (often `*`) would let any
+//!   web page read what the pool answered; the gateway sets its own for allowed origins only (see
+//!   [`origin`](super::origin)).
 //! - Every other header crosses unchanged: same names, same values, same order, repeated values kept.
 //! - Only an `x-goog-upload-url` that points at the connector's own upstream (same scheme, host, port
 //!   and base path) is rewritten to come back through the gateway; any other URL is left alone.
@@ -34,7 +37,13 @@ pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
 
 /// The headers to send back to the client, from the upstream's response headers.
 pub fn downstream_response_headers(upstream: &HeaderMap) -> HeaderMap {
-    filtered(upstream, &[&CONTENT_LENGTH, &ALT_SVC])
+    let mut kept = filtered(upstream, &[&CONTENT_LENGTH, &ALT_SVC]);
+    let cors: Vec<HeaderName> =
+        kept.keys().filter(|name| name.as_str().starts_with("access-control-")).cloned().collect();
+    for name in cors {
+        kept.remove(name);
+    }
+    kept
 }
 
 fn filtered(source: &HeaderMap, also_drop: &[&HeaderName]) -> HeaderMap {
@@ -212,6 +221,9 @@ mod tests {
             ("x-goog-upload-url", "https://generativelanguage.googleapis.com/upload/v1/files?upload_id=A"),
             ("server-timing", "gfet4t7; dur=812"),
             ("proxy-authenticate", "Basic"),
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("Access-Control-Expose-Headers", "*"),
         ]);
         let expected = owned(&[
             ("content-type", "text/event-stream"),

@@ -9,6 +9,10 @@
 //!   constant time, and the `Host` check against DNS rebinding.
 //! - [`headers`]: which request and response headers cross the gateway, and the rewrite of
 //!   `x-goog-upload-url` so resumable uploads come back through the gateway.
+//! - [`origin`]: which web pages may use the gateway (`Origin`, `Sec-Fetch-Site`, `--allow-origin`),
+//!   CORS preflights answered at the door, and the CORS headers of an allowed page's answers.
+//! - [`path`]: the upstream URL of a request only when it is byte for byte the path and query given
+//!   (no `\`, no dot segments, nothing the URL parser would change); `Jongler::send` checks it too.
 //!
 //! Dependencies run one way: `headers` uses `credentials`, `sse` uses `dialect`; none of them reaches
 //! into the coordinator.
@@ -17,4 +21,6 @@
 pub mod credentials;
 pub mod dialect;
 pub mod headers;
+pub mod origin;
+pub mod path;
 pub mod sse;

@@ -4,8 +4,8 @@
 //!   connector; `outcome` is the upstream's status class (`2xx`, `4xx`, `5xx`) or the gateway's own
 //!   answer (`no_key`: 429, `unreachable`: 502, `unavailable`: 503, `failed`: 500). `model` is empty
 //!   when the request names none.
-//! - `apijongler_gateway_refused_total{reason}`: requests refused at the door (`host`, `token`,
-//!   `route`, `body`).
+//! - `apijongler_gateway_refused_total{reason}`: requests refused at the door (`host`, `origin`,
+//!   `token`, `route`, `path`, `body`).
 //! - `apijongler_keys{connector, state}`: keys by state (vacant, locked, lockdown, error), read from
 //!   the database at each scrape, so every process's use of the pool shows, not only this one's.
 //! - `apijongler_gateway_claim_wait_seconds{connector}` and

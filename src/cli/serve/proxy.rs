@@ -6,8 +6,17 @@
 //!   `Authorization`, `x-api-key`, `?key=`) before anything else reads its headers or query: the pool
 //!   key the jongler injects is the only credential that goes upstream.
 //! - The checks run in one order, each refusing in the route's dialect (Google for a route that names
-//!   no connector): `Host` (421, loopback listeners only), gateway token (401; `/__apijongler/health`
-//!   is exempt), route (404), body size (413). A refused request reaches no upstream and claims no key.
+//!   no connector): `Host` (421, loopback listeners only), web page origin (403 unless
+//!   `--allow-origin` names it), CORS preflight (answered here: 204 for an allowed origin, else 403),
+//!   gateway token (401; `/__apijongler/health` is exempt), route (404), a path or query that would
+//!   change on its way upstream (400), body size (413). A refused request reaches no upstream and
+//!   claims no key.
+//! - The path the model is read from is byte for byte the path sent upstream
+//!   ([`upstream_url`]).
+//! - An allowed origin's answers carry the gateway's CORS headers (that origin, `Vary: Origin`); no
+//!   upstream `access-control-*` header reaches any client.
+//! - `/__apijongler/health` reads the database (off the async threads) at each call: 200
+//!   `{"ok":true,…}` only when that read works, else 503 `{"ok":false,"problem":…}`.
 //! - A body beyond `--max-body` is refused from its `Content-Length`, or as soon as the bytes read
 //!   pass the cap; it is never read whole.
 //! - Responses name the key (`x-apijongler-key`), never its secret; the gateway's errors carry the
@@ -29,6 +38,8 @@ use api_jongler::gateway::dialect::{Dialect, MESSAGE_PREFIX};
 use api_jongler::gateway::headers::{
     downstream_response_headers, gateway_base, rewrite_upload_url_header, upstream_request_headers,
 };
+use api_jongler::gateway::origin::{AllowedOrigins, Verdict, add_cors_headers, is_preflight, preflight_headers};
+use api_jongler::gateway::path::upstream_url;
 use api_jongler::{
     Connector, Connectors, Coordinator, Error, Exchange, ExchangeBody, Jongler, Outgoing, StreamingBody, Unavailable,
 };
@@ -69,6 +80,8 @@ pub struct Settings {
     pub token: Option<GatewayToken>,
     /// Whether to refuse a `Host` that is not loopback (a loopback listener).
     pub check_host: bool,
+    /// The web page origins that may use the gateway (`--allow-origin`).
+    pub origins: AllowedOrigins,
     /// The longest wait for a free key.
     pub wait: Duration,
     /// The largest request body.
@@ -156,8 +169,19 @@ impl Gateway {
         cells.iter().filter_map(|cell| cell.get()).map(|jongler| jongler.coordinator().clone()).collect()
     }
 
-    /// Answers one request; never fails (every failure is an answer in the route's dialect).
+    /// Answers one request; never fails (every failure is an answer in the route's dialect). An
+    /// allowed origin's answer, whatever it is, carries the gateway's CORS headers.
     pub async fn handle(&self, request: Request<Incoming>, local: SocketAddr) -> Response<GatewayBody> {
+        let verdict = self.settings.origins.judge(request.headers());
+        let mut response = self.respond(request, &verdict, local).await;
+        if let Verdict::Allowed(origin) = &verdict {
+            add_cors_headers(response.headers_mut(), origin);
+        }
+        response
+    }
+
+    /// The answer to one request whose origin was judged `verdict`.
+    async fn respond(&self, request: Request<Incoming>, verdict: &Verdict, local: SocketAddr) -> Response<GatewayBody> {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
         let route = route(parts.uri.path(), &self.served, self.settings.root.as_deref());
@@ -179,6 +203,23 @@ impl Gateway {
             let message = message.strip_prefix(MESSAGE_PREFIX).unwrap_or(&message);
             return error(dialect, StatusCode::MISDIRECTED_REQUEST, message, None);
         }
+        if let Verdict::Refused(message) = verdict {
+            self.metrics.refused("origin");
+            return error(dialect, StatusCode::FORBIDDEN, message, None);
+        }
+        // A preflight carries no credential and asks only whether a page may send: the answer is ours.
+        if is_preflight(&parts.method, &parts.headers) {
+            if !matches!(verdict, Verdict::Allowed(_)) {
+                self.metrics.refused("origin");
+                let message = "CORS preflights are answered only for web page origins allowed with --allow-origin \
+                               ORIGIN, and this one names none";
+                return error(dialect, StatusCode::FORBIDDEN, message, None);
+            }
+            let mut response = Response::new(GatewayBody::full(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            *response.headers_mut() = preflight_headers(&parts.headers);
+            return response;
+        }
         let mut headers = parts.headers;
         let stripped = strip_credentials(&mut headers, parts.uri.query());
         if route != Route::Health
@@ -196,10 +237,7 @@ impl Gateway {
                 response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
                 response
             }
-            Route::Health => {
-                let health = serde_json::json!({"ok": true, "connectors": self.served, "root": self.settings.root});
-                full(StatusCode::OK, "application/json", health.to_string().into())
-            }
+            Route::Health => self.health().await,
             Route::Metrics => {
                 let text = self.metrics.render(&self.coordinator, &self.keyed_connectors()).await;
                 full(StatusCode::OK, super::metrics::CONTENT_TYPE, text.into())
@@ -217,6 +255,30 @@ impl Gateway {
                 let Some(connector) = connector else { unreachable!("a served connector is a known one") };
                 let request = Forward { method: parts.method, path, query: stripped.query, headers, dialect };
                 self.forward(connector, request, body, local, started).await
+            }
+        }
+    }
+
+    /// The health answer: a cheap real read of the database (the schema version, which also checks
+    /// that the path still leads to the file this process opened), off the async threads.
+    async fn health(&self) -> Response<GatewayBody> {
+        let coordinator = self.coordinator.clone();
+        let read = tokio::task::spawn_blocking(move || coordinator.store().schema_version()).await;
+        let problem = match read {
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(format!("the database read of the health check did not finish ({error})")),
+        };
+        let (connectors, root) = (&self.served, &self.settings.root);
+        match problem {
+            None => {
+                let health = serde_json::json!({"ok": true, "connectors": connectors, "root": root});
+                full(StatusCode::OK, "application/json", health.to_string().into())
+            }
+            Some(problem) => {
+                let health =
+                    serde_json::json!({"ok": false, "problem": problem, "connectors": connectors, "root": root});
+                full(StatusCode::SERVICE_UNAVAILABLE, "application/json", health.to_string().into())
             }
         }
     }
@@ -260,6 +322,17 @@ impl Gateway {
         started: Instant,
     ) -> Response<GatewayBody> {
         let Forward { method, path, query, headers, dialect } = request;
+        let path_and_query = match &query {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_owned(),
+        };
+        // The model is read from the path as written: it must be what goes upstream (no `\`, no dot
+        // segments, nothing the URL parser would change), or the request could be counted against
+        // another model than it reaches, or leave the connector's base path.
+        if let Err(refused) = upstream_url(&connector.base_url(), &path_and_query) {
+            self.metrics.refused("path");
+            return error(dialect, StatusCode::BAD_REQUEST, &refused.to_string(), None);
+        }
         let body = match read_body(body, &headers, self.settings.max_body).await {
             Ok(body) => body,
             Err(BodyProblem::TooLarge) => {
@@ -278,16 +351,6 @@ impl Gateway {
                 let message = format!("could not read the request body ({problem})");
                 return error(dialect, StatusCode::BAD_REQUEST, &message, None);
             }
-        };
-        // `.` and `..` segments would be resolved on the way upstream, after the model was read from the
-        // path as written: a request could then be counted against another model than it reaches.
-        if has_dot_segment(path) {
-            let message = "the path has `.` or `..` segments; send the path they stand for";
-            return error(dialect, StatusCode::BAD_REQUEST, message, None);
-        }
-        let path_and_query = match &query {
-            Some(query) => format!("{path}?{query}"),
-            None => path.to_owned(),
         };
         let model = connector.model_of(&path_and_query, &body);
         let mut upstream_headers = upstream_request_headers(&headers);
@@ -474,14 +537,6 @@ fn is_upload_chunk(path: &str, query: Option<&str>) -> bool {
 enum BodyProblem {
     TooLarge,
     Broken(String),
-}
-
-/// Whether `path` has a `.` or `..` segment, percent-encoded or not.
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let segment = segment.to_ascii_lowercase().replace("%2e", ".");
-        segment == "." || segment == ".."
-    })
 }
 
 /// How long a request body may take to arrive.
@@ -672,15 +727,5 @@ mod tests {
         assert_eq!(retry_wait(&unavailable(Some(1_000_200))), Duration::from_secs(1), "at least a second");
         assert_eq!(retry_wait(&unavailable(Some(900_000))), Duration::from_secs(1), "already over");
         assert_eq!(retry_wait(&unavailable(None)), RETRY_WHEN_HELD);
-    }
-
-    #[test]
-    fn dot_segments_are_found_encoded_or_not() {
-        for path in ["/v1beta/models/a/../b:generateContent", "/./x", "/x/%2E%2e/y", "/x/%2e", "/x/.."] {
-            assert!(has_dot_segment(path), "{path}");
-        }
-        for path in ["/v1beta/models/gemini-2.5-flash:generateContent", "/x/...", "/x/.hidden", "/x/a..b"] {
-            assert!(!has_dot_segment(path), "{path}");
-        }
     }
 }
