@@ -136,6 +136,15 @@ async fn tunnel(
     Ok(forwarded)
 }
 
+/// `cleanup --force` until it took `key` from its holder: a heartbeat that lands between the
+/// cleanup's read and its write wins, and the holder heartbeats every 100 ms here.
+fn force_cleanup(coordinator: &api_jongler::Coordinator, key: &str) {
+    common::wait_until(Duration::from_secs(10), "cleanup --force to take the key", || {
+        let transitions = coordinator.cleanup(Some(GEMINI), true).expect("cleanup --force");
+        transitions.iter().any(|transition| transition.key_name == key && transition.from_state.as_deref() == Some("locked"))
+    });
+}
+
 /// A holder stuck in connection setup (a paused VM in its TLS handshake) whose lease is lost meanwhile
 /// never sends with it once the connection is up, while the key's new holder is in flight: the
 /// upstream never sees the key twice at once, the stale request is not completed, and the request goes
@@ -182,7 +191,7 @@ async fn a_lease_lost_during_connection_setup_is_never_sent_with() {
         move || {
             let coordinator = api_jongler::Coordinator::open(sandbox_options).expect("open");
             coordinator.sync(&keyring).expect("sync");
-            coordinator.cleanup(Some(GEMINI), true).expect("cleanup --force");
+            force_cleanup(&coordinator, "key0");
             let cleaned = Instant::now();
             let lease = coordinator.claim(GEMINI, &["key1".to_owned()], Duration::ZERO).expect("claim key0 again");
             (coordinator, lease, cleaned)
@@ -270,7 +279,7 @@ async fn a_relayed_stream_ends_once_its_lease_is_lost() {
         move || {
             let coordinator = api_jongler::Coordinator::open(options).expect("open");
             coordinator.sync(&keyring).expect("sync");
-            coordinator.cleanup(Some(GEMINI), true).expect("cleanup --force");
+            force_cleanup(&coordinator, "key0");
             let lease = coordinator.claim(GEMINI, &[], Duration::ZERO).expect("the key is free again");
             (coordinator, lease)
         }
