@@ -235,7 +235,10 @@ enum NoAnswer {
     /// The first event did not come within the deadline, or was too large, or the body ended with none.
     Stream(String),
     /// The lease was no longer trusted once the connection was ready: nothing was sent (`gate`).
-    LeaseLost { key: String, lease: i64 },
+    LeaseLost {
+        key: String,
+        lease: i64,
+    },
 }
 
 impl std::fmt::Display for NoAnswer {
@@ -679,6 +682,8 @@ impl Jongler {
     /// Relays a committed stream from a task that owns its lease: the held bytes first, then each
     /// complete event as it arrives, with an idle timeout per read. The task settles the key when the
     /// stream ends, and stops (freeing the key, the attempt recorded as cancelled) when the reader goes.
+    /// It watches the lease too: once it is lost (or its trust runs out), the stream ends with one
+    /// error event, the upstream connection is closed, and the key is not touched (see `gate`).
     fn relay(
         &self,
         held: Box<HeldStream>,

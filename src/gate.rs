@@ -109,7 +109,11 @@ impl Gate {
     /// `bytes` as a request body whose only frame is released by the trust check, when hyper asks for
     /// it on the established connection. Send it with an explicit `Content-Length`.
     pub(crate) fn body(&self, bytes: Bytes) -> reqwest::Body {
-        reqwest::Body::wrap(GatedBody { bytes: Some(bytes), trust: self.trust.clone(), refused: Arc::clone(&self.refused) })
+        reqwest::Body::wrap(GatedBody {
+            bytes: Some(bytes),
+            trust: self.trust.clone(),
+            refused: Arc::clone(&self.refused),
+        })
     }
 
     /// Whether the check refused the body: nothing of the request was completed upstream.
@@ -176,7 +180,8 @@ mod tests {
 
     fn gated(trust: &Trust) -> (GatedBody, Arc<AtomicBool>) {
         let refused = Arc::new(AtomicBool::new(false));
-        let body = GatedBody { bytes: Some(Bytes::from_static(b"{}")), trust: trust.clone(), refused: Arc::clone(&refused) };
+        let body =
+            GatedBody { bytes: Some(Bytes::from_static(b"{}")), trust: trust.clone(), refused: Arc::clone(&refused) };
         (body, refused)
     }
 

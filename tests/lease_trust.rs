@@ -141,7 +141,9 @@ async fn tunnel(
 fn force_cleanup(coordinator: &api_jongler::Coordinator, key: &str) {
     common::wait_until(Duration::from_secs(10), "cleanup --force to take the key", || {
         let transitions = coordinator.cleanup(Some(GEMINI), true).expect("cleanup --force");
-        transitions.iter().any(|transition| transition.key_name == key && transition.from_state.as_deref() == Some("locked"))
+        transitions
+            .iter()
+            .any(|transition| transition.key_name == key && transition.from_state.as_deref() == Some("locked"))
     });
 }
 
@@ -151,7 +153,8 @@ fn force_cleanup(coordinator: &api_jongler::Coordinator, key: &str) {
 /// to another key instead (nothing was processed upstream, so no key is blamed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_lost_during_connection_setup_is_never_sent_with() {
-    let mock = MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }).await.expect("mock");
+    let mock =
+        MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }).await.expect("mock");
     let sandbox = Sandbox::new(GEMINI, 2);
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 3}));
     let mut proxy = HoldingProxy::start().await;
