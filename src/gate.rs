@@ -15,6 +15,9 @@
 //!   any byte left, the upstream would still hold an incomplete request (its `Content-Length` is
 //!   sent, the body never completes), which no server acts on. The attempt ends as "lease lost, not
 //!   sent": no key is blamed and the request may go to another key. What remains is the write itself.
+//!   This rests on hyper's HTTP/1 client (the only protocol reqwest is built with here: no `http2`
+//!   feature); tests/lease_trust.rs checks that a refused request sends not one byte. A gated body
+//!   cannot be replayed, so a 307/308 redirect of a keyed request is returned, not followed.
 //! - A request without a body (a GET) has nothing to hold back: it is checked right before it is
 //!   handed to the HTTP client, and its window still includes connection setup when no pooled
 //!   connection is ready. Such requests with a key are reads (model lists, file metadata), which
