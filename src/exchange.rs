@@ -499,10 +499,7 @@ impl Jongler {
         }
         // The last trust check, after connection setup: see the `gate` module.
         let gate = lease.map(|lease| crate::gate::Gate::new(lease.trust()));
-        let lease_lost = || {
-            let lease = lease.expect("a gate has a lease");
-            NoAnswer::LeaseLost { key: lease.key_name().to_owned(), lease: lease.token() }
-        };
+        let lease_lost = |lease: &Lease| NoAnswer::LeaseLost { key: lease.key_name().to_owned(), lease: lease.token() };
         let mut request = client.request(outgoing.method.clone(), url).headers(headers);
         if !outgoing.body.is_empty() {
             if !outgoing.headers.contains_key(CONTENT_TYPE) {
@@ -515,8 +512,10 @@ impl Jongler {
                     .body(gate.body(outgoing.body.clone())),
                 None => request.body(outgoing.body.clone()),
             };
-        } else if gate.as_ref().is_some_and(|gate| !gate.is_open()) {
-            return Err(lease_lost());
+        } else if let (Some(gate), Some(lease)) = (&gate, lease)
+            && !gate.is_open()
+        {
+            return Err(lease_lost(lease));
         }
         if outgoing.stream.is_none() {
             // A whole answer has a total deadline; a stream has per-read ones (a long stream is fine).
@@ -525,8 +524,12 @@ impl Jongler {
         let deadline = tokio::time::Instant::now() + inner.timeout;
         let mut response = match request.send().await {
             Ok(response) => response,
-            Err(_) if gate.as_ref().is_some_and(crate::gate::Gate::refused) => return Err(lease_lost()),
-            Err(error) => return Err(NoAnswer::Transport(error)),
+            Err(error) => {
+                return Err(match (&gate, lease) {
+                    (Some(gate), Some(lease)) if gate.refused() => lease_lost(lease),
+                    _ => NoAnswer::Transport(error),
+                });
+            }
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
