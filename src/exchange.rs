@@ -234,6 +234,11 @@ enum NoAnswer {
     Transport(reqwest::Error),
     /// The first event did not come within the deadline, or was too large, or the body ended with none.
     Stream(String),
+    /// The lease was no longer trusted once the connection was ready: nothing was sent (`gate`).
+    LeaseLost {
+        key: String,
+        lease: i64,
+    },
 }
 
 impl std::fmt::Display for NoAnswer {
@@ -241,6 +246,7 @@ impl std::fmt::Display for NoAnswer {
         match self {
             NoAnswer::Transport(error) => write!(f, "{}", crate::jongler::without_url(error)),
             NoAnswer::Stream(problem) => f.write_str(problem),
+            NoAnswer::LeaseLost { key, .. } => write!(f, "the lease of {key} was lost before the request was sent"),
         }
     }
 }
@@ -327,6 +333,8 @@ impl Jongler {
             }
             match self.settle(slot, lease, &verdict, attempt, model.as_deref()).await {
                 Ok(()) => {}
+                // Refused by the gate: the key is someone else's, but nothing was sent with it.
+                Err(Error::LeaseLost { .. }) if matches!(answer, Err(NoAnswer::LeaseLost { .. })) => {}
                 Err(Error::LeaseLost { key, .. }) => bookkeeping = Bookkeeping::LeaseLost { key },
                 // The answer (if one came) is the caller's: the quota is spent. Stop here and hand it over.
                 Err(error) => match answer {
@@ -366,6 +374,9 @@ impl Jongler {
                             attempts: budget.attempts,
                             problem,
                         }),
+                        Err(NoAnswer::LeaseLost { key, lease }) => {
+                            Err(Error::LeaseLost { connector: connector.name.clone(), key, lease })
+                        }
                     };
                 }
             }
@@ -487,19 +498,40 @@ impl Jongler {
         if let Some((name, value)) = self.key_header(lease) {
             headers.insert(name, value);
         }
+        // The last trust check, after connection setup: see the `gate` module.
+        let gate = lease.map(|lease| crate::gate::Gate::new(lease.trust()));
+        let lease_lost = |lease: &Lease| NoAnswer::LeaseLost { key: lease.key_name().to_owned(), lease: lease.token() };
         let mut request = client.request(outgoing.method.clone(), url).headers(headers);
         if !outgoing.body.is_empty() {
             if !outgoing.headers.contains_key(CONTENT_TYPE) {
                 request = request.header(CONTENT_TYPE, inner.connector.content_type());
             }
-            request = request.body(outgoing.body.clone());
+            request = match &gate {
+                // A known length: the upstream acts on the request only once the gate released it all.
+                Some(gate) => request
+                    .header(reqwest::header::CONTENT_LENGTH, outgoing.body.len())
+                    .body(gate.body(outgoing.body.clone())),
+                None => request.body(outgoing.body.clone()),
+            };
+        } else if let (Some(gate), Some(lease)) = (&gate, lease)
+            && !gate.is_open()
+        {
+            return Err(lease_lost(lease));
         }
         if outgoing.stream.is_none() {
             // A whole answer has a total deadline; a stream has per-read ones (a long stream is fine).
             request = request.timeout(inner.timeout);
         }
         let deadline = tokio::time::Instant::now() + inner.timeout;
-        let mut response = request.send().await.map_err(NoAnswer::Transport)?;
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                return Err(match (&gate, lease) {
+                    (Some(gate), Some(lease)) if gate.refused() => lease_lost(lease),
+                    _ => NoAnswer::Transport(error),
+                });
+            }
+        };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let is_event_stream = headers
@@ -569,6 +601,10 @@ impl Jongler {
                 classify::classify(*status, headers, &String::from_utf8_lossy(body), &context)
             }
             Ok(Answer::Stream { status, headers, .. }) => classify::classify(*status, headers, "", &context),
+            // Not the key's fault, and nothing was processed upstream: another key may take it.
+            Err(NoAnswer::LeaseLost { .. }) => {
+                Verdict { key: KeyFate::Release { success: false }, next: Next::OtherKey, project: None }
+            }
             Err(_) => classify::transport_failure(&context),
         }
     }
@@ -650,6 +686,8 @@ impl Jongler {
     /// Relays a committed stream from a task that owns its lease: the held bytes first, then each
     /// complete event as it arrives, with an idle timeout per read. The task settles the key when the
     /// stream ends, and stops (freeing the key, the attempt recorded as cancelled) when the reader goes.
+    /// It watches the lease too: once it is lost (or its trust runs out), the stream ends with one
+    /// error event, the upstream connection is closed, and the key is not touched (see `gate`).
     fn relay(
         &self,
         held: Box<HeldStream>,
@@ -662,7 +700,8 @@ impl Jongler {
         let jongler = self.clone();
         tokio::spawn(async move {
             let mut relay = Relay::new(held.committed, dialect);
-            let ending = relay.run(held.response, &sender, jongler.inner.timeout).await;
+            let trust = lease.as_ref().map(Lease::trust);
+            let ending = relay.run(held.response, &sender, jongler.inner.timeout, trust.as_ref()).await;
             let context_model = attempt.model.clone();
             let verdict = match &ending {
                 Ending::UpstreamError(data) => {
@@ -680,7 +719,7 @@ impl Jongler {
                 Ending::Complete => {
                     Verdict { key: KeyFate::Release { success: true }, next: Next::Return, project: None }
                 }
-                Ending::Broken(_) | Ending::Cancelled => {
+                Ending::Broken(_) | Ending::Cancelled | Ending::LeaseLost => {
                     Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
                 }
             };
@@ -689,6 +728,7 @@ impl Jongler {
                 Ending::UpstreamError(_) => format!("stream error: {}", describe_fate(&verdict)),
                 Ending::Broken(_) => "stream broken".to_owned(),
                 Ending::Cancelled => "cancelled".to_owned(),
+                Ending::LeaseLost => "lease lost".to_owned(),
             };
             if let Ending::Broken(problem) = &ending {
                 tracing::warn!(connector = %attempt.connector, key = ?attempt.key_name, problem = %problem, "stream broke after its first event");
@@ -704,8 +744,11 @@ impl Jongler {
                 _ => attempt.status,
             };
             let fate = fate_of(&verdict, http_status);
-            if let Err(error) = blocking(move || lease.finish(&fate, Some(&attempt))).await {
-                tracing::warn!(error = %error, "could not settle the key of a finished stream");
+            // A lost lease's end is fenced: the attempt is recorded, the key (someone else's) untouched.
+            match blocking(move || lease.finish(&fate, Some(&attempt))).await {
+                Err(Error::LeaseLost { .. }) if matches!(ending, Ending::LeaseLost) => {}
+                Err(error) => tracing::warn!(error = %error, "could not settle the key of a finished stream"),
+                Ok(()) => {}
             }
             // Only now does the reader see the end: a caller that sends its next request at once finds
             // the key free again.
@@ -730,6 +773,9 @@ enum Ending {
     Broken(String),
     /// The reader went away.
     Cancelled,
+    /// The lease was lost, or its trust ran out: the key may be someone else's now (one error event of
+    /// ours was sent, and the upstream stream closed).
+    LeaseLost,
 }
 
 /// The relay's state: the bytes not yet forwarded (at most one incomplete event) and what was seen.
@@ -811,7 +857,13 @@ impl Relay {
     }
 
     /// Forwards the stream until it ends; returns how.
-    async fn run(&mut self, mut response: reqwest::Response, sender: &mpsc::Sender<Bytes>, idle: Duration) -> Ending {
+    async fn run(
+        &mut self,
+        mut response: reqwest::Response,
+        sender: &mpsc::Sender<Bytes>,
+        idle: Duration,
+        trust: Option<&crate::gate::Trust>,
+    ) -> Ending {
         if let Some(bytes) = self.initial.take()
             && !Self::forward(sender, bytes, idle).await
         {
@@ -824,6 +876,11 @@ impl Relay {
             let read = tokio::select! {
                 read = tokio::time::timeout(idle, response.chunk()) => read,
                 () = sender.closed() => return Ending::Cancelled,
+                () = lease_lost(trust) => {
+                    // Stop reading at once: dropping the response closes the upstream stream.
+                    drop(response);
+                    return self.end_for_lost_lease(sender, idle, trust).await;
+                }
             };
             let problem = match read {
                 Ok(Ok(Some(chunk))) => {
@@ -876,6 +933,47 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// Ends a stream whose lease is no longer trusted with one error event of ours (after whole events
+    /// only, as any broken stream).
+    async fn end_for_lost_lease(
+        &mut self,
+        sender: &mpsc::Sender<Bytes>,
+        idle: Duration,
+        trust: Option<&crate::gate::Trust>,
+    ) -> Ending {
+        let why = if trust.is_some_and(crate::gate::Trust::is_known_lost) {
+            "was taken away (reaped or cleaned up)"
+        } else {
+            "could not be confirmed in time"
+        };
+        let problem = format!("the key's lease {why} after {} events; the stream was stopped", self.events);
+        tracing::warn!(problem = %problem, "stream stopped: lease no longer trusted");
+        if self.complete {
+            // The answer is whole already: nothing of ours after it.
+            return Ending::Complete;
+        }
+        let mut event = if self.unsent.iter().all(|byte| matches!(byte, b'\r' | b'\n')) {
+            std::mem::take(&mut self.unsent)
+        } else {
+            Vec::new()
+        };
+        event.extend_from_slice(&self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem));
+        if !Self::forward(sender, Bytes::from(event), idle).await {
+            return Ending::Cancelled;
+        }
+        Ending::LeaseLost
+    }
+}
+
+/// Resolves once the lease behind `trust` is no longer trusted; never without a lease.
+async fn lease_lost(trust: Option<&crate::gate::Trust>) {
+    match trust {
+        Some(trust) => trust.lost().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An in-band error event (`data: {"error": ...}`) in place of a stream's first event, as the whole
 /// answer it stands for: its `error.code` as the status, its JSON as the body.
 fn error_answer(mut headers: HeaderMap, data: String) -> Answer {
@@ -919,6 +1017,7 @@ fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -
         Err(NoAnswer::Transport(error)) if error.is_timeout() => "timeout".to_owned(),
         Err(NoAnswer::Transport(_)) => "connection error".to_owned(),
         Err(NoAnswer::Stream(_)) => "stream failed".to_owned(),
+        Err(NoAnswer::LeaseLost { .. }) => "lease lost, not sent".to_owned(),
         Ok(_) => describe_fate(verdict),
     }
 }

@@ -7,8 +7,12 @@
 //!   the heartbeat's answer was lost (reaped, or taken by `cleanup --force`).
 //! - A lease is trusted for `trust_window` (a margin short of the reaper's `stale_after`) after the
 //!   last write that confirmed it, measured on the boot clock (which counts a SIGSTOP, a suspend, and
-//!   cannot step). Every send checks it first ([`Lease::check`]); the remaining window is the time
-//!   between that check and the request's bytes leaving the process (see the README).
+//!   cannot step). Every send checks it first ([`Lease::check`]), and checks it again as late as it
+//!   can: a request's body is released only on an established connection, right before its bytes are
+//!   written, while the lease is still trusted (the `gate` module). What remains is the write itself;
+//!   for a request without a body, connection setup too (see the README).
+//! - A lease found lost (the heartbeat's answer lacks it, or the database is gone) wakes whoever
+//!   watches it (a relayed stream, which then ends): [`LeaseLiveness::mark_lost`].
 //! - An end (release, lockdown, error) that cannot be written (disk full, a lock held too long) is
 //!   kept, with its attempt row, and retried by the heartbeat thread until it lands, so the key
 //!   comes back without waiting for this process to exit. A lease dropped on an async runtime is
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::coordinator::{Coordinator, Inner};
 use crate::error::{Error, Result};
+use crate::gate::Trust;
 use crate::store::{Attempt, Claimed, Fate, Lockdown};
 
 /// What the heartbeat thread and a [`Lease`] share about one lease.
@@ -32,6 +37,42 @@ pub(crate) struct LeaseLiveness {
     /// Boot-clock ms of the last write that confirmed the lease (its claim, or a heartbeat), as that
     /// write put it in the row: the very time any reaper measures the lease's age from.
     renewed_boot_ms: AtomicI64,
+    /// Woken once the lease is found lost, so that a stream using the key stops at once rather than
+    /// at its next check.
+    found_lost: tokio::sync::Notify,
+}
+
+impl LeaseLiveness {
+    pub(crate) fn new(claimed_boot_ms: i64) -> Self {
+        Self {
+            lost: AtomicBool::new(false),
+            renewed_boot_ms: AtomicI64::new(claimed_boot_ms),
+            found_lost: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Marks the lease lost and wakes its watchers; true the first time.
+    pub(crate) fn mark_lost(&self) -> bool {
+        let first = !self.lost.swap(true, Ordering::SeqCst);
+        self.found_lost.notify_waiters();
+        first
+    }
+
+    /// Whether the lease was found lost.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Boot-clock ms of the last write that confirmed the lease.
+    pub(crate) fn renewed_boot_ms(&self) -> i64 {
+        self.renewed_boot_ms.load(Ordering::SeqCst)
+    }
+
+    /// Resolves at the next [`mark_lost`](Self::mark_lost) after it was enabled (see
+    /// [`tokio::sync::futures::Notified::enable`]).
+    pub(crate) fn found_lost(&self) -> tokio::sync::futures::Notified<'_> {
+        self.found_lost.notified()
+    }
 }
 
 /// A lease end that could not be written yet; retried until it lands or the lease turns out lost.
@@ -60,8 +101,7 @@ pub(crate) struct Registry {
 
 impl Registry {
     fn insert(&self, id: i64, token: i64, claimed_boot_ms: i64) -> Arc<LeaseLiveness> {
-        let liveness =
-            Arc::new(LeaseLiveness { lost: AtomicBool::new(false), renewed_boot_ms: AtomicI64::new(claimed_boot_ms) });
+        let liveness = Arc::new(LeaseLiveness::new(claimed_boot_ms));
         self.held().insert((id, token), Arc::clone(&liveness));
         liveness
     }
@@ -88,7 +128,7 @@ impl Registry {
             let Some(liveness) = leases.get(pair) else { continue };
             if still_held.contains(pair) {
                 liveness.renewed_boot_ms.fetch_max(sent_boot_ms, Ordering::SeqCst);
-            } else if !liveness.lost.swap(true, Ordering::SeqCst) {
+            } else if liveness.mark_lost() {
                 tracing::warn!(lease = token, "lease lost: the key was reaped or cleaned up");
             }
         }
@@ -127,7 +167,7 @@ impl Registry {
         let leases = self.held();
         for pair in asked {
             if let Some(liveness) = leases.get(pair) {
-                liveness.lost.store(true, Ordering::SeqCst);
+                liveness.mark_lost();
             }
         }
     }
@@ -230,10 +270,14 @@ impl Lease {
     /// confirmed it is recent enough on the boot clock that no reaper can have judged it stale yet
     /// (a process stopped longer than that must not trust a key it held before the stop).
     pub fn is_valid(&self) -> bool {
+        self.trust().is_trusted()
+    }
+
+    /// The lease's trust, apart from the lease: what the last check before the bytes leave, and a
+    /// relayed stream, watch.
+    pub(crate) fn trust(&self) -> Trust {
         let inner = &self.coordinator.inner;
-        let age_ms = inner.clock.boot_ms().saturating_sub(self.liveness.renewed_boot_ms.load(Ordering::SeqCst));
-        let trusted_ms = i64::try_from(inner.trust_window.as_millis()).unwrap_or(i64::MAX);
-        !self.liveness.lost.load(Ordering::SeqCst) && age_ms < trusted_ms
+        Trust::new(Arc::clone(&self.liveness), Arc::clone(&inner.clock), inner.trust_window)
     }
 
     /// Confirms the lease now with one conditional write: true (and trusted again) if it is still this

@@ -54,6 +54,7 @@ pub mod connector;
 mod coordinator;
 mod error;
 mod exchange;
+mod gate;
 pub mod gateway;
 pub mod holder;
 mod jongler;
