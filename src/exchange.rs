@@ -59,6 +59,11 @@ pub struct Outgoing {
     pub stream: Option<Dialect>,
     /// How long to wait for a free key (default: the jongler's).
     pub wait: Option<Duration>,
+    /// The caller's own deadline for the whole request, if it has one (the gateway's client sends it
+    /// as `X-Server-Timeout` or `x-stainless-read-timeout`, see [`Outgoing::client_deadline`]): each
+    /// attempt gets what is left of it when that is less than the jongler's timeout, and no attempt or
+    /// retry starts once it has passed.
+    pub deadline: Option<Instant>,
     /// Send with no key and never retry: a resumable upload's chunk, whose `upload_id` is its own
     /// capability and belongs to the key that started the upload.
     pub without_key: bool,
@@ -74,8 +79,22 @@ impl Outgoing {
             body: body.into(),
             stream: None,
             wait: None,
+            deadline: None,
             without_key: false,
         }
+    }
+
+    /// The deadline a client announces in its headers, counted from `received`: `X-Server-Timeout`
+    /// (google-genai) or `x-stainless-read-timeout` (openai), in seconds, the shorter if both; `None`
+    /// without a usable one (not a positive, finite number).
+    pub fn client_deadline(headers: &HeaderMap, received: Instant) -> Option<Instant> {
+        ["x-server-timeout", "x-stainless-read-timeout"]
+            .iter()
+            .filter_map(|name| headers.get(*name)?.to_str().ok()?.trim().parse::<f64>().ok())
+            .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
+            .filter_map(|seconds| Duration::try_from_secs_f64(seconds).ok())
+            .min()
+            .and_then(|timeout| received.checked_add(timeout))
     }
 }
 
