@@ -35,7 +35,7 @@ fn secret(index: usize) -> String {
 }
 
 async fn mock(config: MockConfig) -> MockUpstream {
-    MockUpstream::start(MockConfig { latency: Duration::ZERO, ..config }).await.expect("mock")
+    MockUpstream::start(config).await.expect("mock")
 }
 
 /// A builder for `keys` keys of the mock, with quick backoffs and three retries.
