@@ -157,6 +157,14 @@ pub fn transport_failure(context: &Context<'_>) -> Verdict {
     Verdict { key: KeyFate::Release { success: false }, next: Next::Backoff { after }, project: None }
 }
 
+/// The verdict when the request may have reached the upstream but no usable answer came back (a
+/// timeout after it was sent, a connection broken after it, an answer too large to hold): never the
+/// key's fault (a long generation is not a bad key), and not sent again, since the upstream may have
+/// generated and billed it (the caller decides whether a timeout may be retried, see `exchange`).
+pub fn unanswered() -> Verdict {
+    Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
+}
+
 fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, context: &Context<'_>) -> KeyFate {
     let now = context.now_ms;
     let policy = context.policy;
