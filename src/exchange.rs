@@ -18,6 +18,17 @@
 //! in the stream's dialect; after a terminal event (or an upstream error event) nothing is added.
 //! Bytes are forwarded verbatim, whole events at a time, so an error event never lands in the middle
 //! of a half-sent one.
+//!
+//! What an attempt may cost is bounded:
+//! - Time: each attempt has the jongler's timeout, or what is left of the caller's deadline
+//!   ([`Outgoing::deadline`]) when that is sooner; no attempt or retry starts after that deadline.
+//! - Copies: a non-idempotent request (a POST: a generation) that may have reached the upstream and got
+//!   no answer (a timeout after it was sent, a connection broken after it) is not sent again, since
+//!   the upstream may have generated and billed it, unless the caller allowed it (`retry_timeouts`).
+//!   A connection that could not be made sent nothing, and goes to another key as before.
+//! - Memory: a whole answer is read up to `max_response` bytes and a stream event up to `max_event`
+//!   bytes, the first one before the commit and every later one in the relay. Past them the attempt
+//!   fails (after the commit: one error event), without blaming the key and without another key.
 
 use std::time::{Duration, Instant};
 

@@ -381,10 +381,23 @@ impl Jongler {
     /// Errors: no key free in time, the network failing beyond the retry budget, a lost lease. For
     /// bytes, headers and streams, see [`send`](Self::send).
     pub async fn request(&self, method: &str, endpoint: &str, body: &str) -> Result<Response> {
+        self.request_with_deadline(method, endpoint, body, None).await
+    }
+
+    /// [`request`](Self::request) with the caller's deadline for the whole request, the wait for a key
+    /// included (see [`Outgoing::deadline`](crate::Outgoing::deadline)); `None`: the jongler's timeout
+    /// per attempt only.
+    pub async fn request_with_deadline(
+        &self,
+        method: &str,
+        endpoint: &str,
+        body: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Response> {
         let method = reqwest::Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes())
             .map_err(|_| Error::InvalidRequest { problem: format!("'{method}' is not an HTTP method") })?;
         let endpoint = if endpoint.starts_with('/') { endpoint.to_owned() } else { format!("/{endpoint}") };
-        let exchange = self.send(Outgoing::new(method, endpoint, body.to_owned())).await?;
+        let exchange = self.send(Outgoing { deadline, ..Outgoing::new(method, endpoint, body.to_owned()) }).await?;
         let body = match exchange.body {
             ExchangeBody::Full(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             ExchangeBody::Stream(mut stream) => {
