@@ -72,9 +72,7 @@ fn size_from_env(variable: &'static str) -> Result<Option<usize>> {
     if text.is_empty() {
         return Ok(None);
     }
-    parse_size(&text)
-        .map(Some)
-        .ok_or(Error::InvalidEnv { variable, value: text, expected: SIZE_EXPECTED })
+    parse_size(&text).map(Some).ok_or(Error::InvalidEnv { variable, value: text, expected: SIZE_EXPECTED })
 }
 
 /// `4096`, `512KiB`, `16MiB`, `1GiB` (also `K`, `KB`, `M`, `MB`, `G`, `GB`, as binary units), positive.
@@ -559,4 +557,30 @@ pub(crate) async fn short_blocking<T: Send + 'static>(work: impl FnOnce() -> Res
         return tokio::task::block_in_place(work);
     }
     blocking(work).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_bytes_or_binary_units() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("4096", Some(4096)),
+            ("512KiB", Some(512 << 10)),
+            ("16MiB", Some(16 << 20)),
+            ("16 M", Some(16 << 20)),
+            ("1GiB", Some(1 << 30)),
+            ("2gb", Some(2 << 30)),
+            ("0", None),
+            ("-1", None),
+            ("1.5MiB", None),
+            ("16 furlongs", None),
+            ("MiB", None),
+            ("99999999999999999999", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_size(text), *expected, "{text}");
+        }
+    }
 }

@@ -609,10 +609,9 @@ async fn answer(
     if let Some(fixed) = config.fixed_answer.as_ref().filter(|fixed| fixed.status == status.as_u16()) {
         let mut response = whole(status, body);
         for (name, value) in &fixed.headers {
-            if let (Ok(name), Ok(value)) = (
-                hyper::header::HeaderName::from_bytes(name.as_bytes()),
-                hyper::header::HeaderValue::from_str(value),
-            ) {
+            if let (Ok(name), Ok(value)) =
+                (hyper::header::HeaderName::from_bytes(name.as_bytes()), hyper::header::HeaderValue::from_str(value))
+            {
                 response.headers_mut().insert(name, value);
             }
         }
@@ -620,7 +619,8 @@ async fn answer(
     }
     if config.endless_bodies && stream.is_none() && status == StatusCode::OK {
         let steps = [Step::Data(Bytes::from_static(ENDLESS_PREFIX.as_bytes())), Step::Endless].into();
-        let mut response = Response::new(MockBody::Stream(Box::new(Script { steps, sleep: None, flushed: false, flight })));
+        let mut response =
+            Response::new(MockBody::Stream(Box::new(Script { steps, sleep: None, flushed: false, flight })));
         response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
         return Ok(response);
     }

@@ -153,7 +153,8 @@ impl Gateway {
             while stderr.read(&mut byte).is_ok_and(|n| n == 1) {
                 text.push(byte[0] as char);
                 if let Some(line) = text.strip_suffix('\n') {
-                    if let Some(addr) = line.rsplit("listening on http://").next().filter(|_| line.contains("listening"))
+                    if let Some(addr) =
+                        line.rsplit("listening on http://").next().filter(|_| line.contains("listening"))
                     {
                         let _ = found.send(addr.trim().parse::<SocketAddr>().expect("an address"));
                     }
@@ -210,12 +211,8 @@ async fn the_gateway_ends_an_attempt_at_the_client_s_deadline() {
 async fn an_endless_answer_fails_at_the_response_limit_without_blaming_the_key() {
     let mock = mock(MockConfig { endless_bodies: true, ..MockConfig::default() }).await;
     let sandbox = Sandbox::new(GEMINI, 2);
-    let jongler = builder(&sandbox, &mock)
-        .timeout(Duration::from_secs(5))
-        .max_response(MIB)
-        .connect()
-        .await
-        .expect("connect");
+    let jongler =
+        builder(&sandbox, &mock).timeout(Duration::from_secs(5)).max_response(MIB).connect().await.expect("connect");
     let error = jongler.send(generate()).await.expect_err("too large");
     let text = error.to_string();
     assert!(text.contains(&format!("larger than {MIB} bytes")) && text.contains("APIJONGLER_MAX_RESPONSE"), "{text}");
@@ -223,6 +220,7 @@ async fn an_endless_answer_fails_at_the_response_limit_without_blaming_the_key()
     assert!(all_vacant(&sandbox), "not the key's fault");
     assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
     let sent = mock.endless_bytes();
+    eprintln!("{sent} bytes of the endless answer left the mock");
     assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
 }
 
@@ -233,12 +231,8 @@ async fn an_endless_first_event_fails_at_the_event_limit_without_blaming_the_key
     let faults = [(secret(0), vec![StreamFault::EndlessEvent { after_events: 0 }])].into();
     let mock = mock(MockConfig { stream_faults_by_key: faults, ..MockConfig::default() }).await;
     let sandbox = Sandbox::new(GEMINI, 2);
-    let jongler = builder(&sandbox, &mock)
-        .timeout(Duration::from_secs(5))
-        .max_event(MIB)
-        .connect()
-        .await
-        .expect("connect");
+    let jongler =
+        builder(&sandbox, &mock).timeout(Duration::from_secs(5)).max_event(MIB).connect().await.expect("connect");
     let sent = tokio::time::timeout(Duration::from_secs(20), jongler.send(gemini_stream())).await;
     let error = match sent {
         Ok(Err(error)) => error,
@@ -255,6 +249,7 @@ async fn an_endless_first_event_fails_at_the_event_limit_without_blaming_the_key
     assert!(all_vacant(&sandbox), "not the key's fault");
     assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
     let sent = mock.endless_bytes();
+    eprintln!("{sent} bytes of the endless answer left the mock");
     assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
 }
 
@@ -265,12 +260,8 @@ async fn an_endless_later_event_ends_the_stream_with_an_error_event() {
     let faults = vec![StreamFault::EndlessEvent { after_events: 1 }];
     let mock = mock(MockConfig { stream_faults: faults, ..MockConfig::default() }).await;
     let sandbox = Sandbox::new(GEMINI, 2);
-    let jongler = builder(&sandbox, &mock)
-        .timeout(Duration::from_secs(5))
-        .max_event(MIB)
-        .connect()
-        .await
-        .expect("connect");
+    let jongler =
+        builder(&sandbox, &mock).timeout(Duration::from_secs(5)).max_event(MIB).connect().await.expect("connect");
     let exchange = jongler.send(gemini_stream()).await.expect("committed");
     assert_eq!((exchange.status, exchange.attempts), (200, 1));
     let ExchangeBody::Stream(mut stream) = exchange.body else { panic!("a stream") };
@@ -290,6 +281,7 @@ async fn an_endless_later_event_ends_the_stream_with_an_error_event() {
     assert!(all_vacant(&sandbox), "not the key's fault");
     assert_eq!(mock.stats().0, 1);
     let sent = mock.endless_bytes();
+    eprintln!("{sent} bytes of the endless answer left the mock");
     assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
 }
 
@@ -311,10 +303,57 @@ async fn a_429_with_retry_after_zero_does_not_amplify() {
         let jongler = builder(&sandbox, &mock).wait(wait).connect().await.expect("connect");
         let answer = jongler.send(generate()).await;
         let attempts = mock.stats().0;
+        eprintln!("{name}: {attempts} attempts upstream in a {wait:?} wait");
         // Each key comes back no sooner than a second after its 429: within the 1.5 s wait, at most
         // its first attempt and one more per second, whatever the machine's speed (a slow one makes
         // fewer). Without a floor, the whole budget (18 attempts) went out in half a second.
         assert!((2..=6).contains(&attempts), "{name}: {attempts} attempts upstream ({answer:?})");
         assert!(settled_states(&sandbox).iter().all(|(_, state)| state != "error"), "{name}");
     }
+}
+
+/// A stream whose first event does not come before the deadline was sent: the upstream may be
+/// generating it, so it is not sent to the other key either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_not_sent_again_after_its_first_event_deadline() {
+    let faults = [(secret(0), vec![StreamFault::SilentBeforeFirstEvent(Duration::from_secs(30))])].into();
+    let mock = mock(MockConfig { stream_faults_by_key: faults, ..MockConfig::default() }).await;
+    let sandbox = Sandbox::new(GEMINI, 2);
+    let jongler = builder(&sandbox, &mock).timeout(Duration::from_millis(1500)).connect().await.expect("connect");
+    let error = jongler.send(gemini_stream()).await.expect_err("no first event in time");
+    let text = error.to_string();
+    assert!(text.contains("no first event within 1.5 s") && text.contains("not sent again"), "{text}");
+    let (_, per_key) = mock.stats();
+    assert_eq!(per_key.values().map(|stats| stats.streams_started).sum::<u64>(), 1, "{text}");
+    assert!(all_vacant(&sandbox));
+}
+
+/// The command line's `--timeout` is the request's deadline: a generation longer than it fails there
+/// with the network exit code, sent once; `--retry-timeouts` sends it again on the other key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_s_timeout_ends_the_request_and_sends_it_once() {
+    let mock = mock(MockConfig { latency: Duration::from_secs(4), ..MockConfig::default() }).await;
+    let sandbox = Sandbox::new(GEMINI, 2);
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 1}));
+    let started = Instant::now();
+    let output = tokio::task::block_in_place(|| {
+        let mut command = sandbox.apijongler();
+        command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).args([GEMINI, "POST", GENERATE, "{}"]);
+        command.args(["--timeout", "1s"]).output().expect("run apijongler")
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("not sent again"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(mock.stats().0, 1, "{stderr}");
+    // Allowed to pay twice (0.5 s attempts, one retry), the timed-out POST goes out a second time.
+    let output = tokio::task::block_in_place(|| {
+        let mut command = sandbox.apijongler();
+        command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).args([GEMINI, "POST", GENERATE, "{}"]);
+        command.args(["--timeout", "10s", "--retry-timeouts"]).env("APIJONGLER_TIMEOUT", "0.5");
+        command.output().expect("run apijongler")
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    assert_eq!(mock.stats().0, 3, "one more copy, then one retry: {stderr}");
 }

@@ -122,7 +122,8 @@ fn hints_below_the_floor_lock_down_for_the_floor() {
         )
     };
     let per_minute_zero = GEMINI_429_MINUTE.replace(r#""retryDelay":"26s""#, r#""retryDelay":"0s""#);
-    let retry_in_zero = r#"{"error":{"code":429,"message":"Quota exceeded. Please retry in 0s.","status":"RESOURCE_EXHAUSTED"}}"#;
+    let retry_in_zero =
+        r#"{"error":{"code":429,"message":"Quota exceeded. Please retry in 0s.","status":"RESOURCE_EXHAUSTED"}}"#;
     let floor = MIN_LOCKDOWN.as_secs_f64();
     let cases: [(&str, Headers<'_>, String, f64); 12] = [
         ("Retry-After: 0", &[("retry-after", "0")], GEMINI_429_BARE.to_owned(), floor),
