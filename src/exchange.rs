@@ -431,7 +431,10 @@ impl Jongler {
                             let problem = match &no_answer {
                                 NoAnswer::TooLarge(_) | NoAnswer::Stream(_) => no_answer.to_string(),
                                 _ if replay => no_answer.to_string(),
-                                _ => format!("{no_answer}, after the request was sent; {NOT_SENT_AGAIN}"),
+                                NoAnswer::Transport(error) => {
+                                    format!("{}, after the request was sent; {NOT_SENT_AGAIN}", innermost(error))
+                                }
+                                _ => format!("{no_answer}; {NOT_SENT_AGAIN}"),
                             };
                             Err(Error::Stream {
                                 connector: connector.name.clone(),
@@ -580,7 +583,7 @@ impl Jongler {
         let mut response = if outgoing.stream.is_none() {
             // A whole answer has a total deadline, its body included (reqwest's, so that a timeout is
             // one kind of error); a stream has per-read ones (a long stream is fine) after its first event.
-            request.timeout(timeout).send().await.map_err(NoAnswer::Transport)?
+            request.timeout(timeout).send().await.map_err(|error| self.transport(outgoing, error, late("answer")))?
         } else {
             tokio::time::timeout_at(deadline, request.send())
                 .await
@@ -597,7 +600,10 @@ impl Jongler {
         if outgoing.stream.is_none() || !(200..300).contains(&status) || !is_event_stream {
             // A whole answer's body is under reqwest's deadline; a stream request's other answer, ours.
             let body = if outgoing.stream.is_none() {
-                read_whole(&mut response, limits.max_response).await?
+                read_whole(&mut response, limits.max_response).await.map_err(|no_answer| match no_answer {
+                    NoAnswer::Transport(error) => self.transport(outgoing, error, late("whole answer")),
+                    other => other,
+                })?
             } else {
                 tokio::time::timeout_at(deadline, read_whole(&mut response, limits.max_response))
                     .await
@@ -664,6 +670,13 @@ impl Jongler {
             Err(no_answer) if no_answer.may_have_reached() && !replay => classify::unanswered(),
             Err(_) => classify::transport_failure(&context),
         }
+    }
+
+    /// A transport error as the failure it stands for: reqwest's timeout of a request that may not be
+    /// sent again is `late` (which says what it waited for and how long); anything else stays a
+    /// transport error (a timeout that may be retried is reported as one, as it always was).
+    fn transport(&self, outgoing: &Outgoing, error: reqwest::Error, late: NoAnswer) -> NoAnswer {
+        if error.is_timeout() && !self.may_replay(outgoing) { late } else { NoAnswer::Transport(error) }
     }
 
     /// Whether `outgoing` may be sent again after it may have reached the upstream without an answer:
@@ -869,8 +882,11 @@ struct Relay {
 
 impl Relay {
     fn new(committed: crate::gateway::sse::Committed, dialect: Dialect, limits: Limits) -> Self {
+        let mut framer = committed.framer;
+        // Events are judged from `unsent`: a second copy of each in the framer would double the memory.
+        framer.set_max_event_len(0);
         let mut relay = Relay {
-            framer: committed.framer,
+            framer,
             dialect,
             unsent: committed.held.iter().flat_map(|chunk| chunk.iter().copied()).collect(),
             unsent_from: 0,
@@ -1030,6 +1046,22 @@ async fn read_whole(response: &mut reqwest::Response, max: usize) -> std::result
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+/// A transport error with its innermost cause (`error sending request (connection reset by peer)`), and
+/// no URL.
+fn innermost(error: &reqwest::Error) -> String {
+    let text = crate::jongler::without_url(error);
+    let mut innermost = None;
+    let mut cause = std::error::Error::source(error);
+    while let Some(source) = cause {
+        innermost = Some(source);
+        cause = source.source();
+    }
+    match innermost {
+        Some(cause) => format!("{text} ({cause})"),
+        None => text,
+    }
 }
 
 /// A stream event longer than the limit: the attempt fails (before commit) or the stream ends (after).

@@ -90,6 +90,7 @@ async fn a_timed_out_generation_is_sent_once_and_fails_at_the_timeout() {
     let elapsed = started.elapsed();
     assert_eq!(mock.stats().0, 1, "one copy upstream: {error}");
     let text = error.to_string();
+    eprintln!("{text} ({elapsed:?})");
     assert!(matches!(error, Error::Stream { attempts: 1, .. }), "{error:?}");
     assert!(text.contains("not sent again") && text.contains("retry_timeouts"), "{text}");
     // The attempt ends at its 1 s timeout; the generation would take 4 s.
@@ -215,6 +216,7 @@ async fn an_endless_answer_fails_at_the_response_limit_without_blaming_the_key()
         builder(&sandbox, &mock).timeout(Duration::from_secs(5)).max_response(MIB).connect().await.expect("connect");
     let error = jongler.send(generate()).await.expect_err("too large");
     let text = error.to_string();
+    eprintln!("{text}");
     assert!(text.contains(&format!("larger than {MIB} bytes")) && text.contains("APIJONGLER_MAX_RESPONSE"), "{text}");
     assert_eq!(mock.stats().0, 1, "not sent to the other key: {text}");
     assert!(all_vacant(&sandbox), "not the key's fault");
