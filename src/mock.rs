@@ -27,6 +27,10 @@
 //! stream keeps its key in flight until hyper drops its body, and counts as cancelled when that happens
 //! before its script ended without the terminal event having been handed over (the client went away).
 //! Every request is recorded as a [`SeenRequest`], secrets included: this is the fake upstream.
+//!
+//! For the limits of a client: [`MockConfig::fixed_answer`] gives every request one answer (a 429 with
+//! `Retry-After: 0`), [`MockConfig::endless_bodies`] and [`StreamFault::EndlessEvent`] send a body or an
+//! event that never ends (about 30 MB/s), and [`MockUpstream::endless_bytes`] says how much of it left.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
