@@ -359,3 +359,34 @@ async fn the_command_line_s_timeout_ends_the_request_and_sends_it_once() {
     assert_eq!(output.status.code(), Some(7), "{stderr}");
     assert_eq!(mock.stats().0, 3, "one more copy, then one retry: {stderr}");
 }
+
+/// A connection that broke after the answer began (headers, then an aborted body) may have cost a
+/// generation: not sent again. A connection that could not be made sent nothing: it goes on to the
+/// other key and its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_connection_is_sent_again_only_if_nothing_was_sent() {
+    let faults = [(secret(0), vec![StreamFault::BreakMidStream { after_events: 0 }])].into();
+    let mock = mock(MockConfig { stream_faults_by_key: faults, ..MockConfig::default() }).await;
+    let sandbox = Sandbox::new(GEMINI, 2);
+    let jongler = builder(&sandbox, &mock).timeout(Duration::from_secs(10)).connect().await.expect("connect");
+    let error = jongler.send(gemini_stream()).await.expect_err("broken before the first event");
+    assert!(error.to_string().contains("not sent again"), "{error}");
+    let (_, per_key) = mock.stats();
+    assert_eq!(per_key.values().map(|stats| stats.streams_started).sum::<u64>(), 1, "{error}");
+    assert!(all_vacant(&sandbox));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let sandbox = Sandbox::new(GEMINI, 2);
+    sandbox.point_connector(GEMINI, "127.0.0.1", port, serde_json::json!({"backoff_ms": 5, "retries": 3}));
+    let jongler = Jongler::builder(GEMINI)
+        .keyring(&sandbox.keyring)
+        .database(&sandbox.db)
+        .connectors_dir(sandbox.connectors_dir())
+        .connect()
+        .await
+        .expect("connect");
+    let error = jongler.send(generate()).await.expect_err("refused");
+    assert!(matches!(error, Error::Transport { attempts: 4, .. }), "the first try and three retries: {error:?}");
+}
