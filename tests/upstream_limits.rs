@@ -390,3 +390,30 @@ async fn a_broken_connection_is_sent_again_only_if_nothing_was_sent() {
     let error = jongler.send(generate()).await.expect_err("refused");
     assert!(matches!(error, Error::Transport { attempts: 4, .. }), "the first try and three retries: {error:?}");
 }
+
+/// The limits come from the environment too (`APIJONGLER_MAX_RESPONSE`, `APIJONGLER_MAX_EVENT`), in
+/// bytes or binary units; a value that is no size is refused, naming the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_come_from_the_environment() {
+    let mock = mock(MockConfig { endless_bodies: true, ..MockConfig::default() }).await;
+    let sandbox = Sandbox::new(GEMINI, 2);
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5}));
+    let run = |variable: &str, value: &str| {
+        let mut command = sandbox.apijongler();
+        command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).env(variable, value);
+        command.args([GEMINI, "POST", GENERATE, "{}"]).env("APIJONGLER_TIMEOUT", "20");
+        let output = tokio::task::block_in_place(|| command.output().expect("run apijongler"));
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, stderr) = run("APIJONGLER_MAX_RESPONSE", "1MiB");
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(stderr.contains(&format!("larger than {MIB} bytes")), "{stderr}");
+    assert_eq!(mock.stats().0, 1, "{stderr}");
+    assert!(all_vacant(&sandbox));
+    for variable in ["APIJONGLER_MAX_RESPONSE", "APIJONGLER_MAX_EVENT"] {
+        let (code, stderr) = run(variable, "lots");
+        assert_ne!(code, Some(0), "{stderr}");
+        assert!(stderr.contains(&format!("{variable}=\"lots\" is not valid")), "{stderr}");
+    }
+    assert_eq!(mock.stats().0, 1, "a refused setting sends nothing");
+}
