@@ -11,6 +11,9 @@
 //! name too, when it was an alias), a quota per project without a model locks the whole group, Hugging
 //! Face's 402 (credits) locks the whole group, and a 429 without details (shared capacity) locks only
 //! the requested model of that key.
+//!
+//! Every lockdown lasts at least [`MIN_LOCKDOWN`] and at most two days, whatever the hint says: a
+//! "retry now" must not turn one request into a burst of attempts.
 
 use std::time::Duration;
 
@@ -28,6 +31,13 @@ const ZERO_QUOTA: &str = "quota is 0: the model is not available on this key's t
 /// The longest delay an answer may impose through `Retry-After` and friends: longer is taken as absurd
 /// and clamped.
 const MAX_HINT: Duration = Duration::from_secs(48 * 3600);
+
+/// The shortest lockdown, whatever the answer's hint says (`Retry-After: 0`, `retryDelay: "0s"`, a date
+/// in the past). A key that comes back at once is claimed again at once: one request with a wait then
+/// spends its whole retry budget on a few keys in a fraction of a second, and every waiting worker
+/// joins in. A second bounds that to one attempt per key per second, while a provider that really frees
+/// the key in under a second loses at most that second of one key.
+pub const MIN_LOCKDOWN: Duration = Duration::from_secs(1);
 
 /// What happens to the key that was used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +157,14 @@ pub fn transport_failure(context: &Context<'_>) -> Verdict {
     Verdict { key: KeyFate::Release { success: false }, next: Next::Backoff { after }, project: None }
 }
 
+/// The verdict when the request may have reached the upstream but no usable answer came back (a
+/// timeout after it was sent, a connection broken after it, an answer too large to hold): never the
+/// key's fault (a long generation is not a bad key), and not sent again, since the upstream may have
+/// generated and billed it (the caller decides whether a timeout may be retried, see `exchange`).
+pub fn unanswered() -> Verdict {
+    Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
+}
+
 fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, context: &Context<'_>) -> KeyFate {
     let now = context.now_ms;
     let policy = context.policy;
@@ -161,8 +179,8 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
         .into_iter()
         .flatten()
         .max_by_key(|(delay, _)| *delay)
-        .map(|(delay, source)| (delay.min(MAX_HINT), source));
-    let default_wait = Duration::from_secs(policy.default_lockdown_secs);
+        .map(|(delay, source)| (delay.clamp(MIN_LOCKDOWN, MAX_HINT), source));
+    let default_wait = Duration::from_secs(policy.default_lockdown_secs).max(MIN_LOCKDOWN);
 
     let zero_wait = Duration::from_secs(policy.zero_quota_lockdown_secs);
     if error.violations.is_empty() && error.zero_quota {

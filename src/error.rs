@@ -221,9 +221,10 @@ pub enum Error {
         source: Cause,
     },
 
-    /// A streaming answer never reached its first event within the retry budget (it timed out, was
-    /// too large, or ended before any event).
-    #[error("no first event from '{connector}' for {endpoint} after {attempts} attempts: {problem}")]
+    /// No usable answer within the retry budget or the caller's deadline: a stream's first event never
+    /// came (it timed out or ended before any event), an answer or event was larger than its limit, or
+    /// a request that may have reached the upstream timed out and was not sent again.
+    #[error("no usable answer from '{connector}' for {endpoint} after {attempts} attempts: {problem}")]
     Stream {
         /// The connector.
         connector: String,

@@ -18,6 +18,17 @@
 //! in the stream's dialect; after a terminal event (or an upstream error event) nothing is added.
 //! Bytes are forwarded verbatim, whole events at a time, so an error event never lands in the middle
 //! of a half-sent one.
+//!
+//! What an attempt may cost is bounded:
+//! - Time: each attempt has the jongler's timeout, or what is left of the caller's deadline
+//!   ([`Outgoing::deadline`]) when that is sooner; no attempt or retry starts after that deadline.
+//! - Copies: a non-idempotent request (a POST: a generation) that may have reached the upstream and got
+//!   no answer (a timeout after it was sent, a connection broken after it) is not sent again, since
+//!   the upstream may have generated and billed it, unless the caller allowed it (`retry_timeouts`).
+//!   A connection that could not be made sent nothing, and goes to another key as before.
+//! - Memory: a whole answer is read up to `max_response` bytes and a stream event up to `max_event`
+//!   bytes, the first one before the commit and every later one in the relay. Past them the attempt
+//!   fails (after the commit: one error event), without blaming the key and without another key.
 
 use std::time::{Duration, Instant};
 
@@ -29,8 +40,8 @@ use tokio::sync::mpsc;
 use crate::classify::{self, Context, KeyFate, Next, Verdict};
 use crate::error::{Error, Result};
 use crate::gateway::dialect::Dialect;
-use crate::gateway::sse::{DEFAULT_FIRST_EVENT_LIMIT, Event, FirstEventHold, Framer};
-use crate::jongler::{Bookkeeping, Jongler, LeaseScope, blocking, short_blocking};
+use crate::gateway::sse::{Event, FirstEventHold, Framer};
+use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits, blocking, short_blocking};
 use crate::lease::Lease;
 use crate::store::{Attempt, Fate, Lockdown};
 
@@ -59,6 +70,11 @@ pub struct Outgoing {
     pub stream: Option<Dialect>,
     /// How long to wait for a free key (default: the jongler's).
     pub wait: Option<Duration>,
+    /// The caller's own deadline for the whole request, if it has one (the gateway's client sends it
+    /// as `X-Server-Timeout` or `x-stainless-read-timeout`, see [`Outgoing::client_deadline`]): each
+    /// attempt gets what is left of it when that is less than the jongler's timeout, and no attempt or
+    /// retry starts once it has passed.
+    pub deadline: Option<Instant>,
     /// Send with no key and never retry: a resumable upload's chunk, whose `upload_id` is its own
     /// capability and belongs to the key that started the upload.
     pub without_key: bool,
@@ -74,8 +90,22 @@ impl Outgoing {
             body: body.into(),
             stream: None,
             wait: None,
+            deadline: None,
             without_key: false,
         }
+    }
+
+    /// The deadline a client announces in its headers, counted from `received`: `X-Server-Timeout`
+    /// (google-genai) or `x-stainless-read-timeout` (openai), in seconds, the shorter if both; `None`
+    /// without a usable one (not a positive, finite number).
+    pub fn client_deadline(headers: &HeaderMap, received: Instant) -> Option<Instant> {
+        ["x-server-timeout", "x-stainless-read-timeout"]
+            .iter()
+            .filter_map(|name| headers.get(*name)?.to_str().ok()?.trim().parse::<f64>().ok())
+            .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
+            .filter_map(|seconds| Duration::try_from_secs_f64(seconds).ok())
+            .min()
+            .and_then(|timeout| received.checked_add(timeout))
     }
 }
 
@@ -232,24 +262,44 @@ impl Answer {
 #[derive(Debug)]
 enum NoAnswer {
     Transport(reqwest::Error),
-    /// The first event did not come within the deadline, or was too large, or the body ended with none.
+    /// No answer (or no first event) within the attempt's time, after the request went out.
+    Late(String),
+    /// The stream ended before its first event.
     Stream(String),
     /// The lease was no longer trusted once the connection was ready: nothing was sent (`gate`).
     LeaseLost {
         key: String,
         lease: i64,
     },
+    /// The answer, or one event of it, is larger than its limit.
+    TooLarge(String),
+}
+
+impl NoAnswer {
+    /// Whether the request may have reached the upstream, which may then have generated (and billed)
+    /// it: anything but a connection that could not be made, or an empty stream the upstream ended.
+    fn may_have_reached(&self) -> bool {
+        match self {
+            NoAnswer::Transport(error) => !error.is_connect(),
+            NoAnswer::Late(_) | NoAnswer::TooLarge(_) => true,
+            NoAnswer::Stream(_) | NoAnswer::LeaseLost { .. } => false,
+        }
+    }
 }
 
 impl std::fmt::Display for NoAnswer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NoAnswer::Transport(error) => write!(f, "{}", crate::jongler::without_url(error)),
-            NoAnswer::Stream(problem) => f.write_str(problem),
+            NoAnswer::Late(problem) | NoAnswer::Stream(problem) | NoAnswer::TooLarge(problem) => f.write_str(problem),
             NoAnswer::LeaseLost { key, .. } => write!(f, "the lease of {key} was lost before the request was sent"),
         }
     }
 }
+
+/// What the caller hears when a request that may have reached the upstream is not sent again.
+const NOT_SENT_AGAIN: &str = "not sent again, since the upstream may have generated (and billed) it; allow that \
+                              with retry_timeouts (--retry-timeouts), which may pay twice";
 
 impl Jongler {
     /// Sends `outgoing` through a free key, retrying on other keys and after provider trouble as the
@@ -262,8 +312,12 @@ impl Jongler {
         crate::gateway::path::upstream_url(&connector.base_url(), &outgoing.path_and_query)?;
         let path = outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned();
         let model = connector.model_of(&outgoing.path_and_query, &outgoing.body);
-        let wait = outgoing.wait.unwrap_or(inner.wait);
         let started = Instant::now();
+        let deadline = outgoing.deadline;
+        // A caller's deadline also bounds the wait for a key.
+        let wait = outgoing.wait.unwrap_or(inner.wait);
+        let wait = deadline.map_or(wait, |deadline| wait.min(deadline.saturating_duration_since(started)));
+        let replay = self.may_replay(&outgoing);
         let mut connection_slot =
             if inner.scope == LeaseScope::PerConnection { Some(inner.held.lock().await) } else { None };
         let mut request_slot = None;
@@ -277,6 +331,14 @@ impl Jongler {
         let mut bookkeeping = Bookkeeping::Recorded;
         let mut timings = Timings::default();
         loop {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(Error::Stream {
+                    connector: connector.name.clone(),
+                    endpoint: path,
+                    attempts: budget.attempts,
+                    problem: "the caller's deadline passed before an attempt could start".to_owned(),
+                });
+            }
             let claiming = Instant::now();
             let lease = if outgoing.without_key {
                 None
@@ -303,7 +365,7 @@ impl Jongler {
             let answer = self.attempt(&outgoing, in_flight.lease.as_ref()).await;
             timings.upstream = sent.elapsed();
             let lease = in_flight.landed();
-            let verdict = self.judge(&answer, model.as_deref(), lease.as_ref(), budget.backoffs());
+            let verdict = self.judge(&answer, model.as_deref(), lease.as_ref(), budget.backoffs(), replay);
             let attempt = Attempt {
                 status: answer.as_ref().ok().map(Answer::status),
                 latency_ms: millis(sent.elapsed()),
@@ -351,6 +413,12 @@ impl Jongler {
             } else {
                 budget.follow(&verdict.next, inner.tor.is_some(), inner.timeout)
             };
+            // No retry that would start after the caller's deadline: the last answer is returned instead.
+            let retry = match retry {
+                Retry::After(pause) if deadline.is_some_and(|deadline| Instant::now() + pause >= deadline) => Retry::No,
+                Retry::NewCircuit if deadline.is_some_and(|deadline| Instant::now() >= deadline) => Retry::No,
+                retry => retry,
+            };
             if verdict.next == Next::OtherKey {
                 tried.extend(key_name.clone());
             }
@@ -362,20 +430,30 @@ impl Jongler {
                         Ok(answer) => {
                             Ok(self.exchange(answer, (key_name, budget.attempts, model, timings, bookkeeping)).await)
                         }
-                        Err(NoAnswer::Transport(error)) => Err(Error::Transport {
+                        Err(NoAnswer::Transport(error)) if replay || error.is_connect() => Err(Error::Transport {
                             connector: connector.name.clone(),
                             endpoint: path,
                             attempts: budget.attempts,
                             source: Box::new(error.without_url()),
                         }),
-                        Err(NoAnswer::Stream(problem)) => Err(Error::Stream {
-                            connector: connector.name.clone(),
-                            endpoint: path,
-                            attempts: budget.attempts,
-                            problem,
-                        }),
                         Err(NoAnswer::LeaseLost { key, lease }) => {
                             Err(Error::LeaseLost { connector: connector.name.clone(), key, lease })
+                        }
+                        Err(no_answer) => {
+                            let problem = match &no_answer {
+                                NoAnswer::TooLarge(_) | NoAnswer::Stream(_) => no_answer.to_string(),
+                                _ if replay => no_answer.to_string(),
+                                NoAnswer::Transport(error) => {
+                                    format!("{}, after the request was sent; {NOT_SENT_AGAIN}", innermost(error))
+                                }
+                                _ => format!("{no_answer}; {NOT_SENT_AGAIN}"),
+                            };
+                            Err(Error::Stream {
+                                connector: connector.name.clone(),
+                                endpoint: path,
+                                attempts: budget.attempts,
+                                problem,
+                            })
                         }
                     };
                 }
@@ -518,17 +596,32 @@ impl Jongler {
         {
             return Err(lease_lost(lease));
         }
-        if outgoing.stream.is_none() {
-            // A whole answer has a total deadline; a stream has per-read ones (a long stream is fine).
-            request = request.timeout(inner.timeout);
-        }
-        let deadline = tokio::time::Instant::now() + inner.timeout;
-        let mut response = match request.send().await {
+        // The jongler's timeout, or what is left of the caller's deadline when that is sooner.
+        let (timeout, whose) = match outgoing.deadline {
+            Some(deadline) if deadline.saturating_duration_since(Instant::now()) < inner.timeout => {
+                (deadline.saturating_duration_since(Instant::now()), "the caller's deadline")
+            }
+            _ => (inner.timeout, "the attempt's timeout"),
+        };
+        let late = |what: &str| NoAnswer::Late(format!("no {what} within {:.1} s ({whose})", timeout.as_secs_f64()));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = if outgoing.stream.is_none() {
+            // A whole answer has a total deadline, its body included (reqwest's, so that a timeout is
+            // one kind of error); a stream has per-read ones (a long stream is fine) after its first event.
+            request.timeout(timeout).send().await.map_err(|error| self.transport(outgoing, error, late("answer")))
+        } else {
+            match tokio::time::timeout_at(deadline, request.send()).await {
+                Ok(sent) => sent.map_err(NoAnswer::Transport),
+                Err(_) => Err(late("answer")),
+            }
+        };
+        let mut response = match sent {
             Ok(response) => response,
-            Err(error) => {
+            Err(no_answer) => {
                 return Err(match (&gate, lease) {
+                    // The gate held the body back: nothing was sent.
                     (Some(gate), Some(lease)) if gate.refused() => lease_lost(lease),
-                    _ => NoAnswer::Transport(error),
+                    _ => no_answer,
                 });
             }
         };
@@ -538,25 +631,30 @@ impl Jongler {
             .get(CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
             .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+        let limits = inner.limits;
         if outgoing.stream.is_none() || !(200..300).contains(&status) || !is_event_stream {
-            let body = tokio::time::timeout_at(deadline, response.bytes())
-                .await
-                .map_err(|_| NoAnswer::Stream("the answer's body did not come in time".to_owned()))?
-                .map_err(NoAnswer::Transport)?;
+            // A whole answer's body is under reqwest's deadline; a stream request's other answer, ours.
+            let body = if outgoing.stream.is_none() {
+                read_whole(&mut response, limits.max_response).await.map_err(|no_answer| match no_answer {
+                    NoAnswer::Transport(error) => self.transport(outgoing, error, late("whole answer")),
+                    other => other,
+                })?
+            } else {
+                tokio::time::timeout_at(deadline, read_whole(&mut response, limits.max_response))
+                    .await
+                    .map_err(|_| late("whole answer"))??
+            };
             return Ok(Answer::Whole { status, headers, body });
         }
-        let mut hold = FirstEventHold::new(DEFAULT_FIRST_EVENT_LIMIT);
+        let mut hold = FirstEventHold::new(limits.max_event);
         loop {
-            let chunk = tokio::time::timeout_at(deadline, response.chunk())
-                .await
-                .map_err(|_| NoAnswer::Stream(format!("no first event within {:.0} s", inner.timeout.as_secs_f64())))?;
+            let chunk = tokio::time::timeout_at(deadline, response.chunk()).await.map_err(|_| late("first event"))?;
             match chunk.map_err(NoAnswer::Transport)? {
                 Some(chunk) => {
                     let first_data = match hold.push(chunk) {
                         Ok(None) => continue,
                         Ok(Some(first)) => first.data().unwrap_or_default(),
-                        // Too large to judge, and errors are small: a real answer (an inline image).
-                        Err(_) => String::new(),
+                        Err(_) => return Err(event_too_large(limits)),
                     };
                     // A first event that is an upstream error is that error's answer, as a whole one.
                     if crate::gateway::sse::is_error_event(&first_data) {
@@ -586,6 +684,7 @@ impl Jongler {
         model: Option<&str>,
         lease: Option<&Lease>,
         backoffs: u32,
+        replay: bool,
     ) -> Verdict {
         let context = Context {
             now_ms: self.inner.coordinator.now_ms(),
@@ -605,8 +704,28 @@ impl Jongler {
             Err(NoAnswer::LeaseLost { .. }) => {
                 Verdict { key: KeyFate::Release { success: false }, next: Next::OtherKey, project: None }
             }
+            // The same answer would be as large from any key.
+            Err(NoAnswer::TooLarge(_)) => classify::unanswered(),
+            Err(no_answer) if no_answer.may_have_reached() && !replay => classify::unanswered(),
             Err(_) => classify::transport_failure(&context),
         }
+    }
+
+    /// A transport error as the failure it stands for: reqwest's timeout of a request that may not be
+    /// sent again is `late` (which says what it waited for and how long); anything else stays a
+    /// transport error (a timeout that may be retried is reported as one, as it always was).
+    fn transport(&self, outgoing: &Outgoing, error: reqwest::Error, late: NoAnswer) -> NoAnswer {
+        if error.is_timeout() && !self.may_replay(outgoing) { late } else { NoAnswer::Transport(error) }
+    }
+
+    /// Whether `outgoing` may be sent again after it may have reached the upstream without an answer:
+    /// an idempotent method (sending it twice does what sending it once does), or the caller allowed it
+    /// ([`JonglerBuilder::retry_timeouts`](crate::JonglerBuilder::retry_timeouts)).
+    fn may_replay(&self, outgoing: &Outgoing) -> bool {
+        use reqwest::Method;
+        self.inner.retry_timeouts
+            || [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE]
+                .contains(&outgoing.method)
     }
 
     /// Applies the verdict to the key and records the attempt (in one transaction when the lease ends).
@@ -664,6 +783,9 @@ impl Jongler {
                 let mut response = held.response;
                 let deadline = tokio::time::Instant::now() + self.inner.timeout;
                 while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await {
+                    if bytes.len() + chunk.len() > self.inner.limits.max_response {
+                        break;
+                    }
                     bytes.extend_from_slice(&chunk);
                 }
                 (status, headers, Bytes::from(bytes))
@@ -699,7 +821,7 @@ impl Jongler {
         let (sender, chunks) = mpsc::channel(RELAY_CHUNKS);
         let jongler = self.clone();
         tokio::spawn(async move {
-            let mut relay = Relay::new(held.committed, dialect);
+            let mut relay = Relay::new(held.committed, dialect, jongler.inner.limits);
             let trust = lease.as_ref().map(Lease::trust);
             let ending = relay.run(held.response, &sender, jongler.inner.timeout, trust.as_ref()).await;
             let context_model = attempt.model.clone();
@@ -719,7 +841,7 @@ impl Jongler {
                 Ending::Complete => {
                     Verdict { key: KeyFate::Release { success: true }, next: Next::Return, project: None }
                 }
-                Ending::Broken(_) | Ending::Cancelled | Ending::LeaseLost => {
+                Ending::Broken(_) | Ending::TooLarge(_) | Ending::Cancelled | Ending::LeaseLost => {
                     Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
                 }
             };
@@ -727,10 +849,11 @@ impl Jongler {
                 Ending::Complete => "success".to_owned(),
                 Ending::UpstreamError(_) => format!("stream error: {}", describe_fate(&verdict)),
                 Ending::Broken(_) => "stream broken".to_owned(),
+                Ending::TooLarge(_) => "too large".to_owned(),
                 Ending::Cancelled => "cancelled".to_owned(),
                 Ending::LeaseLost => "lease lost".to_owned(),
             };
-            if let Ending::Broken(problem) = &ending {
+            if let Ending::Broken(problem) | Ending::TooLarge(problem) = &ending {
                 tracing::warn!(connector = %attempt.connector, key = ?attempt.key_name, problem = %problem, "stream broke after its first event");
             }
             let attempt = Attempt { latency_ms: millis(sent.elapsed()), outcome, ..attempt };
@@ -771,6 +894,8 @@ enum Ending {
     /// Without a terminal event: the upstream failed, went idle or ended early (one error event of
     /// ours was sent).
     Broken(String),
+    /// An event grew past the event limit (one error event of ours was sent).
+    TooLarge(String),
     /// The reader went away.
     Cancelled,
     /// The lease was lost, or its trust ran out: the key may be someone else's now (one error event of
@@ -799,12 +924,18 @@ struct Relay {
     upstream_error: Option<String>,
     /// What the committed hold allows to forward at once.
     initial: Option<Bytes>,
+    /// `unsent` never holds more than `limits.max_event` bytes plus one chunk: an event still
+    /// incomplete past it ends the stream.
+    limits: Limits,
 }
 
 impl Relay {
-    fn new(committed: crate::gateway::sse::Committed, dialect: Dialect) -> Self {
+    fn new(committed: crate::gateway::sse::Committed, dialect: Dialect, limits: Limits) -> Self {
+        let mut framer = committed.framer;
+        // Events are judged from `unsent`: a second copy of each in the framer would double the memory.
+        framer.set_max_event_len(0);
         let mut relay = Relay {
-            framer: committed.framer,
+            framer,
             dialect,
             unsent: committed.held.iter().flat_map(|chunk| chunk.iter().copied()).collect(),
             unsent_from: 0,
@@ -812,6 +943,7 @@ impl Relay {
             complete: false,
             upstream_error: None,
             initial: None,
+            limits,
         };
         relay.initial = relay.see(&committed.events);
         relay
@@ -891,6 +1023,15 @@ impl Relay {
                     {
                         return Ending::Cancelled;
                     }
+                    if self.unsent.len() > self.limits.max_event && !self.complete {
+                        let problem = event_too_large(self.limits).to_string();
+                        return self.end_with_error(sender, idle, http::StatusCode::BAD_GATEWAY, &problem, true).await;
+                    }
+                    if self.unsent.len() > self.limits.max_event {
+                        // After a complete answer nothing of ours is added: the rest is dropped.
+                        tracing::warn!("an oversized upstream event after a complete stream; not forwarded");
+                        return Ending::Complete;
+                    }
                     continue;
                 }
                 // The end of a complete answer: what is left (the LF of a last CRLF that came alone)
@@ -916,21 +1057,80 @@ impl Relay {
                 }
                 Err(_) => format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events),
             };
-            // Line endings left over (the LF of a CRLF) go first, so our event starts on a line of its
-            // own; a half-sent event's bytes never go out.
-            let mut event = if self.unsent.iter().all(|byte| matches!(byte, b'\r' | b'\n')) {
-                std::mem::take(&mut self.unsent)
-            } else {
-                Vec::new()
-            };
-            event.extend_from_slice(&self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem));
-            let event = Bytes::from(event);
-            if !Self::forward(sender, event, idle).await {
-                return Ending::Cancelled;
-            }
-            return Ending::Broken(problem);
+            return self.end_with_error(sender, idle, http::StatusCode::SERVICE_UNAVAILABLE, &problem, false).await;
         }
     }
+
+    /// Ends the stream with one error event of ours; returns the ending it stands for.
+    async fn end_with_error(
+        &mut self,
+        sender: &mpsc::Sender<Bytes>,
+        idle: Duration,
+        status: http::StatusCode,
+        problem: &str,
+        too_large: bool,
+    ) -> Ending {
+        // Line endings left over (the LF of a CRLF) go first, so our event starts on a line of its
+        // own; a half-sent event's bytes never go out.
+        let mut event = if self.unsent.iter().all(|byte| matches!(byte, b'\r' | b'\n')) {
+            std::mem::take(&mut self.unsent)
+        } else {
+            self.unsent = Vec::new();
+            Vec::new()
+        };
+        event.extend_from_slice(&self.dialect.stream_error_event(status, problem));
+        if !Self::forward(sender, Bytes::from(event), idle).await {
+            return Ending::Cancelled;
+        }
+        if too_large { Ending::TooLarge(problem.to_owned()) } else { Ending::Broken(problem.to_owned()) }
+    }
+}
+
+/// A whole answer's body, refused as soon as it is known to pass `max` bytes (from its
+/// `Content-Length`, or from the bytes read): never more than `max` plus one chunk is held.
+async fn read_whole(response: &mut reqwest::Response, max: usize) -> std::result::Result<Bytes, NoAnswer> {
+    let too_large = || {
+        NoAnswer::TooLarge(format!(
+            "the upstream's answer is larger than {max} bytes; raise the limit (APIJONGLER_MAX_RESPONSE, or \
+             max_response) if such an answer is legitimate"
+        ))
+    };
+    if response.content_length().is_some_and(|length| length > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(NoAnswer::Transport)? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// A transport error with its innermost cause (`error sending request (connection reset by peer)`), and
+/// no URL.
+fn innermost(error: &reqwest::Error) -> String {
+    let text = crate::jongler::without_url(error);
+    let mut innermost = None;
+    let mut cause = std::error::Error::source(error);
+    while let Some(source) = cause {
+        innermost = Some(source);
+        cause = source.source();
+    }
+    match innermost {
+        Some(cause) => format!("{text} ({cause})"),
+        None => text,
+    }
+}
+
+/// A stream event longer than the limit: the attempt fails (before commit) or the stream ends (after).
+fn event_too_large(limits: Limits) -> NoAnswer {
+    NoAnswer::TooLarge(format!(
+        "an upstream event is larger than {} bytes; raise the limit (APIJONGLER_MAX_EVENT, or max_event) if such \
+         an event is legitimate",
+        limits.max_event
+    ))
 }
 
 impl Relay {
@@ -1016,8 +1216,10 @@ fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -
     match answer {
         Err(NoAnswer::Transport(error)) if error.is_timeout() => "timeout".to_owned(),
         Err(NoAnswer::Transport(_)) => "connection error".to_owned(),
+        Err(NoAnswer::Late(_)) => "timeout".to_owned(),
         Err(NoAnswer::Stream(_)) => "stream failed".to_owned(),
         Err(NoAnswer::LeaseLost { .. }) => "lease lost, not sent".to_owned(),
+        Err(NoAnswer::TooLarge(_)) => "too large".to_owned(),
         Ok(_) => describe_fate(verdict),
     }
 }

@@ -38,6 +38,58 @@ pub const TOR_PROXY_ENV: &str = "APIJONGLER_TOR_PROXY";
 /// Tor's usual SOCKS port; `socks5h` so that host names are resolved through Tor too.
 pub const DEFAULT_TOR_PROXY: &str = "socks5h://127.0.0.1:9050";
 
+/// The environment variable setting the largest stream event held whole, in bytes.
+pub const MAX_EVENT_ENV: &str = "APIJONGLER_MAX_EVENT";
+
+/// The environment variable setting the largest whole answer read, in bytes.
+pub const MAX_RESPONSE_ENV: &str = "APIJONGLER_MAX_RESPONSE";
+
+/// The default largest stream event: 32 MiB. Gemini sends a generated image inline, base64, in one
+/// event (a 4K PNG can pass 20 MiB that way); nothing legitimate comes near this otherwise, and a
+/// gateway with a few dozen streams stays well inside a small machine's memory.
+pub const DEFAULT_MAX_EVENT: usize = 32 * 1024 * 1024;
+
+/// The default largest whole answer: 256 MiB, far above any generation or listing (a batch's inline
+/// results, a file's metadata), still a bound a small machine survives a few of at once.
+pub const DEFAULT_MAX_RESPONSE: usize = 256 * 1024 * 1024;
+
+const SIZE_EXPECTED: &str = "write a positive number of bytes, optionally with a unit: 4096, 512KiB, 16MiB, 1GiB";
+
+/// The size limits of one jongler's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// The largest stream event held whole.
+    pub(crate) max_event: usize,
+    /// The largest whole answer read.
+    pub(crate) max_response: usize,
+}
+
+/// A size variable (`APIJONGLER_MAX_EVENT`, `APIJONGLER_MAX_RESPONSE`): `None` when unset or empty, an
+/// error naming the variable when it is not a positive size.
+fn size_from_env(variable: &'static str) -> Result<Option<usize>> {
+    let Some(value) = std::env::var_os(variable) else { return Ok(None) };
+    let text = value.to_string_lossy().trim().to_owned();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_size(&text).map(Some).ok_or(Error::InvalidEnv { variable, value: text, expected: SIZE_EXPECTED })
+}
+
+/// `4096`, `512KiB`, `16MiB`, `1GiB` (also `K`, `KB`, `M`, `MB`, `G`, `GB`, as binary units), positive.
+fn parse_size(text: &str) -> Option<usize> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    let number = number.parse::<usize>().ok().filter(|number| *number > 0)?;
+    number.checked_mul(1 << shift)
+}
+
 /// How long a key is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LeaseScope {
@@ -104,6 +156,9 @@ pub struct JonglerBuilder {
     wait: Duration,
     scope: LeaseScope,
     timeout: Option<Duration>,
+    retry_timeouts: bool,
+    max_event: Option<usize>,
+    max_response: Option<usize>,
 }
 
 impl JonglerBuilder {
@@ -163,6 +218,31 @@ impl JonglerBuilder {
         self
     }
 
+    /// Whether a non-idempotent request (a POST: a generation) that may have reached the upstream but got
+    /// no answer (a timeout after it was sent, a connection broken after it) is sent again, on this or
+    /// another key (default: no). The upstream may have generated and billed the first one: allowing
+    /// this may pay twice for one answer. A connection that failed before anything was sent is always
+    /// retried.
+    pub fn retry_timeouts(mut self, allowed: bool) -> Self {
+        self.retry_timeouts = allowed;
+        self
+    }
+
+    /// The largest stream event held whole, in bytes (default: `APIJONGLER_MAX_EVENT`, else
+    /// [`DEFAULT_MAX_EVENT`]). A first event beyond it fails the attempt; a later one ends the stream
+    /// with an error event. Neither blames the key.
+    pub fn max_event(mut self, bytes: usize) -> Self {
+        self.max_event = Some(bytes);
+        self
+    }
+
+    /// The largest whole answer read, in bytes (default: `APIJONGLER_MAX_RESPONSE`, else
+    /// [`DEFAULT_MAX_RESPONSE`]). A larger answer fails the attempt without blaming the key.
+    pub fn max_response(mut self, bytes: usize) -> Self {
+        self.max_response = Some(bytes);
+        self
+    }
+
     /// Loads the connector and keyring, opens and syncs the database, and (per connection) claims a key.
     pub async fn connect(self) -> Result<Jongler> {
         let connectors = match &self.connectors_dir {
@@ -200,6 +280,16 @@ impl JonglerBuilder {
             Some(timeout) => timeout,
             None => connector.policy.try_timeout()?,
         };
+        let limits = Limits {
+            max_event: match self.max_event {
+                Some(bytes) => bytes,
+                None => size_from_env(MAX_EVENT_ENV)?.unwrap_or(DEFAULT_MAX_EVENT),
+            },
+            max_response: match self.max_response {
+                Some(bytes) => bytes,
+                None => size_from_env(MAX_RESPONSE_ENV)?.unwrap_or(DEFAULT_MAX_RESPONSE),
+            },
+        };
         let client = build_client(tor.as_deref(), timeout)?;
         let jongler = Jongler {
             inner: Arc::new(Inner {
@@ -209,6 +299,8 @@ impl JonglerBuilder {
                 client: Mutex::new(client),
                 tor,
                 timeout,
+                retry_timeouts: self.retry_timeouts,
+                limits,
                 wait: self.wait,
                 scope: self.scope,
                 held: tokio::sync::Mutex::new(None),
@@ -239,6 +331,9 @@ pub(crate) struct Inner {
     pub(crate) client: Mutex<reqwest::Client>,
     pub(crate) tor: Option<String>,
     pub(crate) timeout: Duration,
+    /// A POST that may have reached the upstream is sent again after a timeout.
+    pub(crate) retry_timeouts: bool,
+    pub(crate) limits: Limits,
     pub(crate) wait: Duration,
     pub(crate) scope: LeaseScope,
     /// The key held across requests (per connection); its lock also makes those requests take turns.
@@ -258,6 +353,9 @@ impl Jongler {
             wait: Duration::ZERO,
             scope: LeaseScope::default(),
             timeout: None,
+            retry_timeouts: false,
+            max_event: None,
+            max_response: None,
         }
     }
 
@@ -281,10 +379,23 @@ impl Jongler {
     /// Errors: no key free in time, the network failing beyond the retry budget, a lost lease. For
     /// bytes, headers and streams, see [`send`](Self::send).
     pub async fn request(&self, method: &str, endpoint: &str, body: &str) -> Result<Response> {
+        self.request_with_deadline(method, endpoint, body, None).await
+    }
+
+    /// [`request`](Self::request) with the caller's deadline for the whole request, the wait for a key
+    /// included (see [`Outgoing::deadline`](crate::Outgoing::deadline)); `None`: the jongler's timeout
+    /// per attempt only.
+    pub async fn request_with_deadline(
+        &self,
+        method: &str,
+        endpoint: &str,
+        body: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Response> {
         let method = reqwest::Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes())
             .map_err(|_| Error::InvalidRequest { problem: format!("'{method}' is not an HTTP method") })?;
         let endpoint = if endpoint.starts_with('/') { endpoint.to_owned() } else { format!("/{endpoint}") };
-        let exchange = self.send(Outgoing::new(method, endpoint, body.to_owned())).await?;
+        let exchange = self.send(Outgoing { deadline, ..Outgoing::new(method, endpoint, body.to_owned()) }).await?;
         let body = match exchange.body {
             ExchangeBody::Full(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             ExchangeBody::Stream(mut stream) => {
@@ -436,4 +547,30 @@ pub(crate) async fn short_blocking<T: Send + 'static>(work: impl FnOnce() -> Res
         return tokio::task::block_in_place(work);
     }
     blocking(work).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_bytes_or_binary_units() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("4096", Some(4096)),
+            ("512KiB", Some(512 << 10)),
+            ("16MiB", Some(16 << 20)),
+            ("16 M", Some(16 << 20)),
+            ("1GiB", Some(1 << 30)),
+            ("2gb", Some(2 << 30)),
+            ("0", None),
+            ("-1", None),
+            ("1.5MiB", None),
+            ("16 furlongs", None),
+            ("MiB", None),
+            ("99999999999999999999", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_size(text), *expected, "{text}");
+        }
+    }
 }

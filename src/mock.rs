@@ -27,6 +27,10 @@
 //! stream keeps its key in flight until hyper drops its body, and counts as cancelled when that happens
 //! before its script ended without the terminal event having been handed over (the client went away).
 //! Every request is recorded as a [`SeenRequest`], secrets included: this is the fake upstream.
+//!
+//! For the limits of a client: [`MockConfig::fixed_answer`] gives every request one answer (a 429 with
+//! `Retry-After: 0`), [`MockConfig::endless_bodies`] and [`StreamFault::EndlessEvent`] send a body or an
+//! event that never ends (about 30 MB/s), and [`MockUpstream::endless_bytes`] says how much of it left.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -101,7 +105,26 @@ pub struct MockConfig {
     pub stream_faults: Vec<StreamFault>,
     /// Faults per secret, taken in order by that key's streaming requests, before `stream_faults`.
     pub stream_faults_by_key: HashMap<String, Vec<StreamFault>>,
+    /// Every request with a valid key gets this answer (after `latency`), whatever its quotas.
+    pub fixed_answer: Option<FixedAnswer>,
+    /// Every non-streaming request with a valid key gets a 200 JSON body that never ends (see
+    /// [`MockUpstream::endless_bytes`]).
+    pub endless_bodies: bool,
 }
+
+/// One answer given to every request: status, extra headers and a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedAnswer {
+    /// The HTTP status.
+    pub status: u16,
+    /// Headers besides `content-type: application/json`, e.g. `("retry-after", "0")`.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+/// The size of each frame of an endless body or event.
+pub const ENDLESS_FRAME: usize = 64 * 1024;
 
 /// A way for one streaming request to fail, instead of judging and streaming it normally: the request
 /// bypasses every quota and `overload_every`, and counts in [`KeyStats::faults`]. "`after_events: n`"
@@ -148,6 +171,13 @@ pub enum StreamFault {
     /// The good stream's bytes, each event in several frames: after `data`, in the middle, and between
     /// every two bytes of its closing blank line (so between the CR and the LF of Gemini's CRLF CRLF).
     SplitFrames,
+    /// `after_events` good events, then an event that never ends: `data: ` and a JSON text sent one
+    /// [`ENDLESS_FRAME`] after another, without a line ending (see [`MockUpstream::endless_bytes`]).
+    /// With 0, the first event never ends.
+    EndlessEvent {
+        /// Good events before the endless one.
+        after_events: usize,
+    },
 }
 
 impl StreamFault {
@@ -286,6 +316,8 @@ impl Default for MockConfig {
             stream_delay: Duration::ZERO,
             stream_faults: Vec::new(),
             stream_faults_by_key: HashMap::new(),
+            fixed_answer: None,
+            endless_bodies: false,
         }
     }
 }
@@ -367,6 +399,8 @@ struct State {
     seen: Vec<SeenRequest>,
     faults: VecDeque<StreamFault>,
     faults_by_key: HashMap<String, VecDeque<StreamFault>>,
+    /// Bytes of endless bodies and events handed to hyper to write.
+    endless_bytes: u64,
 }
 
 impl State {
@@ -441,6 +475,13 @@ impl MockUpstream {
     /// Every request it received so far, in order of arrival.
     pub fn seen_requests(&self) -> Vec<SeenRequest> {
         State::lock(&self.state).seen.clone()
+    }
+
+    /// The bytes of endless bodies and events ([`MockConfig::endless_bodies`],
+    /// [`StreamFault::EndlessEvent`]) handed to hyper so far. hyper asks for the next frame only once
+    /// it wrote the last one, so this is what the client read plus the socket buffers in between.
+    pub fn endless_bytes(&self) -> u64 {
+        State::lock(&self.state).endless_bytes
     }
 
     /// Queues a fault for the next streaming requests, after those already queued.
@@ -550,6 +591,11 @@ async fn answer(
         if fault.is_some() {
             stats.faults += 1;
             (StatusCode::OK, String::new(), fault)
+        } else if let Some(fixed) = config.fixed_answer.as_ref().filter(|_| valid) {
+            if fixed.status == 429 {
+                stats.rate_limited += 1;
+            }
+            (StatusCode::from_u16(fixed.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), fixed.body.clone(), None)
         } else {
             let (status, body) = judge(&config, stats, models, &key, model.as_deref(), arrived, overload);
             (status, body, None)
@@ -564,6 +610,24 @@ async fn answer(
         tokio::time::sleep(latency).await;
     }
     let model = model.as_deref().unwrap_or("gemini-2.5-flash");
+    if let Some(fixed) = config.fixed_answer.as_ref().filter(|fixed| fixed.status == status.as_u16()) {
+        let mut response = whole(status, body);
+        for (name, value) in &fixed.headers {
+            if let (Ok(name), Ok(value)) =
+                (hyper::header::HeaderName::from_bytes(name.as_bytes()), hyper::header::HeaderValue::from_str(value))
+            {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        return Ok(response);
+    }
+    if config.endless_bodies && stream.is_none() && status == StatusCode::OK {
+        let steps = [Step::Data(Bytes::from_static(ENDLESS_PREFIX.as_bytes())), Step::Endless].into();
+        let mut response =
+            Response::new(MockBody::Stream(Box::new(Script { steps, sleep: None, flushed: false, flight })));
+        response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+        return Ok(response);
+    }
     let script = match (stream, fault) {
         (Some(_), Some(StreamFault::StatusBeforeStream(code, body))) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -646,6 +710,10 @@ fn script(dialect: StreamDialect, model: &str, config: &MockConfig, fault: Optio
             let rest = good[n..].iter().flatten().cloned();
             until(n).chain([Step::Pause(pause)]).chain(rest).collect()
         }
+        StreamFault::EndlessEvent { after_events } => {
+            let start = Step::Data(Bytes::from(format!("data: {ENDLESS_PREFIX}")));
+            until(after_events).chain([start, Step::Endless]).collect()
+        }
         StreamFault::TrailingErrorAfterTerminal => good.into_iter().flatten().chain([error(503)]).collect(),
         StreamFault::SplitFrames => good
             .into_iter()
@@ -709,7 +777,18 @@ enum Step {
     Pause(Duration),
     /// The body fails, so hyper aborts the connection.
     Abort,
+    /// [`ENDLESS_FRAME`] bytes of text, again and again: the last step, never taken off the script.
+    Endless,
 }
+
+/// How an endless body or event starts: a JSON answer whose text never ends.
+const ENDLESS_PREFIX: &str = r#"{"candidates":[{"content":{"parts":[{"text":""#;
+
+/// The text of an endless body or event, one frame of it.
+static ENDLESS_TEXT: [u8; ENDLESS_FRAME] = [b'a'; ENDLESS_FRAME];
+
+/// The pause after each frame of an endless body or event.
+const ENDLESS_PAUSE: Duration = Duration::from_millis(2);
 
 /// The mock's response body: a whole JSON answer, or a scripted event stream.
 enum MockBody {
@@ -781,6 +860,13 @@ impl Body for MockBody {
                     return Poll::Pending;
                 }
                 Some(_) => script.flushed = false,
+            }
+            if let Some(Step::Endless) = script.steps.front() {
+                State::lock(&script.flight.state).endless_bytes += ENDLESS_FRAME as u64;
+                // A pause between frames keeps an endless body to about 30 MB/s: a client without a cap
+                // fills its memory in seconds, not in an instant.
+                script.sleep = Some(Box::pin(tokio::time::sleep(ENDLESS_PAUSE)));
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&ENDLESS_TEXT)))));
             }
             return Poll::Ready(match script.steps.pop_front() {
                 Some(Step::Data(bytes)) => Some(Ok(Frame::data(bytes))),

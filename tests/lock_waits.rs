@@ -96,10 +96,14 @@ fn lease_ends_under_a_held_lock_are_each_answered_by_their_own_deadline() {
     let answered: Vec<(Duration, bool)> = std::thread::scope(|scope| {
         let ends: Vec<_> = leases
             .into_iter()
-            .map(|lease| scope.spawn(move || (lease.release().is_err(), started.elapsed())))
-            .map(|end| end)
+            .map(|lease| {
+                scope.spawn(move || {
+                    let failed = lease.release().is_err();
+                    (started.elapsed(), failed)
+                })
+            })
             .collect();
-        ends.into_iter().map(|end| end.join().expect("end")).map(|(failed, after)| (after, failed)).collect()
+        ends.into_iter().map(|end| end.join().expect("end")).collect()
     });
     shell.release();
     for (after, failed) in &answered {

@@ -178,7 +178,9 @@ async fn timeouts_and_refused_connections_blame_no_key() {
     let server = MockServer::start().await;
     Mock::given(method("POST")).respond_with(json(200, "{}").set_delay(Duration::from_secs(5))).mount(&server).await;
     let sandbox = gemini_sandbox(2, "127.0.0.1", port(&server));
-    let jongler = builder(&sandbox).timeout(Duration::from_millis(200)).connect().await.expect("connect");
+    // Allowed to send a timed-out POST again (see tests/upstream_limits.rs for the default: once).
+    let jongler =
+        builder(&sandbox).timeout(Duration::from_millis(200)).retry_timeouts(true).connect().await.expect("connect");
     let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("times out");
     assert!(matches!(error, Error::Transport { attempts: 3, .. }), "{error:?}");
     assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"));

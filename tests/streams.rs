@@ -115,7 +115,6 @@ async fn failures_before_the_first_event_are_retried_on_another_key() {
         ("503 before the stream", StreamFault::overloaded_503(), false),
         ("no event at all", StreamFault::EndBeforeFirstEvent, false),
         ("an unterminated first event", StreamFault::PartialFirstEvent, false),
-        ("silence past the first-event deadline", StreamFault::SilentBeforeFirstEvent(Duration::from_secs(30)), false),
     ];
     for (name, fault, locks_key0) in cases {
         let config = MockConfig { stream_faults_by_key: [(secret(0), vec![fault])].into(), ..MockConfig::default() };

@@ -112,6 +112,42 @@ fn no_hint_escalates_from_the_base_to_the_cap_and_absurd_hints_are_clamped() {
     assert!((lockdown_secs(&absurd) - 48.0 * 3600.0).abs() < 0.01);
 }
 
+/// A hint of "now" (or of the past, or of less than the floor) still locks the key down for the floor:
+/// a key that comes back at once would be hammered by every request's retries (hardening item 10).
+#[test]
+fn hints_below_the_floor_lock_down_for_the_floor() {
+    let retry_delay = |delay: &str| {
+        format!(
+            r#"{{"error":{{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay}"}}]}}}}"#
+        )
+    };
+    let per_minute_zero = GEMINI_429_MINUTE.replace(r#""retryDelay":"26s""#, r#""retryDelay":"0s""#);
+    let retry_in_zero =
+        r#"{"error":{"code":429,"message":"Quota exceeded. Please retry in 0s.","status":"RESOURCE_EXHAUSTED"}}"#;
+    let floor = MIN_LOCKDOWN.as_secs_f64();
+    let cases: [(&str, Headers<'_>, String, f64); 12] = [
+        ("Retry-After: 0", &[("retry-after", "0")], GEMINI_429_BARE.to_owned(), floor),
+        ("Retry-After: 0.2", &[("retry-after", "0.2")], GEMINI_429_BARE.to_owned(), floor),
+        ("Retry-After in the past", &[("retry-after", "Sun, 22 Nov 2026 11:00:00 GMT")], HF_429.to_owned(), floor),
+        ("ratelimit t=0", &[("ratelimit", "\"api\";r=0;t=0")], HF_429.to_owned(), floor),
+        ("retryDelay 0s", &[], retry_delay("0s"), floor),
+        ("retryDelay 0.001s", &[], retry_delay("0.001s"), floor),
+        ("per-minute quota with retryDelay 0s", &[], per_minute_zero, floor),
+        ("Please retry in 0s", &[], retry_in_zero.to_owned(), floor),
+        // Not a delay at all: no hint, so the default lockdown.
+        ("Retry-After: -5", &[("retry-after", "-5")], GEMINI_429_BARE.to_owned(), 60.0),
+        ("Retry-After: NaN", &[("retry-after", "NaN")], GEMINI_429_BARE.to_owned(), 60.0),
+        ("retryDelay -3s", &[], retry_delay("-3s"), 60.0),
+        ("Retry-After: 1.5", &[("retry-after", "1.5")], GEMINI_429_BARE.to_owned(), 1.5),
+    ];
+    for (name, pairs, body, expected) in cases {
+        let verdict = judge(429, pairs, &body);
+        assert_eq!(verdict.next, Next::OtherKey, "{name}");
+        let secs = lockdown_secs(&verdict);
+        assert!((secs - expected).abs() < 0.01, "{name}: {secs} s, expected {expected} s");
+    }
+}
+
 #[test]
 fn bad_keys_go_to_error_and_the_caller_tries_another() {
     for (status, body) in [

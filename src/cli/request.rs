@@ -32,6 +32,14 @@ pub struct RequestArgs {
     /// How long to wait for a key when all are held or in lockdown (30s, 2m, 0 = fail at once; 1y at most).
     #[arg(long, env = "APIJONGLER_WAIT", default_value = "5m", value_name = "DURATION")]
     wait: String,
+    /// The whole request's deadline, the wait for a key included (30s, 2m): each attempt gets what is
+    /// left of it when that is less than its own timeout (APIJONGLER_TIMEOUT). Default: none.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Send a POST that timed out (or whose connection broke) after it was sent again, on another key.
+    /// The upstream may have generated and billed the first one: this may pay twice for one answer.
+    #[arg(long)]
+    retry_timeouts: bool,
 }
 
 pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
@@ -45,11 +53,13 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         .into());
     };
     let wait = parse_wait(&args.wait)?;
+    let timeout = args.timeout.as_deref().map(parse_timeout).transpose()?;
     let body = read_body(args.body.as_deref())?;
     let body = body.as_str();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let code = runtime.block_on(async {
-        let mut builder = Jongler::builder(connector.as_str()).wait(wait).tor(args.tor);
+        let mut builder =
+            Jongler::builder(connector.as_str()).wait(wait).tor(args.tor).retry_timeouts(args.retry_timeouts);
         if let Some(path) = &global.config {
             builder = builder.keyring(path);
         }
@@ -70,7 +80,10 @@ pub fn run(global: &Global, args: &RequestArgs) -> anyhow::Result<ExitCode> {
         // Installed before the request starts, so no signal in between kills the process outright.
         let mut signals = Signals::install()?;
         let model = jongler.connector().model_of(endpoint, body.as_bytes());
-        let request = with_waiting_line(&jongler, model.as_deref(), wait, jongler.request(method, endpoint, body));
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        let wait = timeout.map_or(wait, |timeout| wait.min(timeout));
+        let request = jongler.request_with_deadline(method, endpoint, body, deadline);
+        let request = with_waiting_line(&jongler, model.as_deref(), wait, request);
         let response = tokio::select! {
             response = request => response,
             signal = signals.next() => return cancelled(&jongler, signal, &mut signals).await,
@@ -145,6 +158,15 @@ fn parse_wait(text: &str) -> Result<Duration, Usage> {
         )));
     }
     Ok(wait)
+}
+
+/// `--timeout`: a positive duration, at most [`MAX_WAIT`].
+fn parse_timeout(text: &str) -> Result<Duration, Usage> {
+    let timeout = parse_duration(text).map_err(|why| Usage(format!("--timeout {why}")))?;
+    if timeout.is_zero() || timeout > MAX_WAIT {
+        return Err(Usage(format!("--timeout '{text}' must be longer than 0 and at most 1y")));
+    }
+    Ok(timeout)
 }
 
 /// BODY as curl reads `--data`: `-` is standard input, `@FILE` the contents of FILE, anything else the

@@ -173,10 +173,10 @@ impl Coordinator {
     /// A key for `request` on this thread: claimed in place when nobody of this process waits for
     /// the connector's keys, else (or if none is free) from the queue, the caller blocking on it.
     pub(super) fn claim_on_thread(&self, request: &Request<'_>) -> Result<Lease> {
-        if request.deadline <= request.started || self.inner.waiters.nobody_waits(request.connector) {
-            if let Some(lease) = self.try_claim(request)? {
-                return Ok(lease);
-            }
+        if (request.deadline <= request.started || self.inner.waiters.nobody_waits(request.connector))
+            && let Some(lease) = self.try_claim(request)?
+        {
+            return Ok(lease);
         }
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         self.enqueue(request, Reply::Thread(sender));

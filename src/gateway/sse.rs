@@ -18,7 +18,8 @@
 //!   always has at least one non-empty line (a field or a comment).
 //! - Memory is bounded: an event longer than the framer's limit is still delimited exactly, but its
 //!   bytes are not kept ([`Event::raw`] is `None`), so it can be neither an error nor a terminal event
-//!   to this module. [`FirstEventHold`] refuses a first event longer than its limit.
+//!   to this module. [`FirstEventHold`] refuses a first event longer than its limit. The limit is the
+//!   jongler's event limit (`APIJONGLER_MAX_EVENT`), which the relay after the commit keeps too.
 
 use std::ops::Range;
 
@@ -26,9 +27,6 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::dialect::Dialect;
-
-/// The default cap on the bytes held before the first event is complete.
-pub const DEFAULT_FIRST_EVENT_LIMIT: usize = 1024 * 1024;
 
 /// Finds event boundaries in a byte stream pushed in chunks of any size.
 #[derive(Debug, Clone)]

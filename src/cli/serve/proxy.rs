@@ -359,6 +359,7 @@ impl Gateway {
             method: method.clone(),
             stream: is_streaming(path, &body).then_some(dialect),
             wait: Some(wait_budget(self.settings.wait, &headers)),
+            deadline: Outgoing::client_deadline(&headers, started),
             without_key: is_upload_chunk(path, query.as_deref()),
             path_and_query,
             headers: upstream_headers,
