@@ -335,25 +335,30 @@ impl Coordinator {
                 }
                 return Ok(wake);
             }
-            let Some(next) = pending.pop_front() else { return Ok(None) };
-            let waiter = &waiting[next];
-            let claimed = store.claim(
-                &waiter.connector,
-                waiter.model.as_deref(),
-                &waiter.tried,
-                self.inner.holder,
-                &*self.inner.clock,
-                lock_deadline,
-            )?;
+            if pending.is_empty() {
+                return Ok(None);
+            }
+            let count = pending.len().min(usize::try_from(availability.claimable).unwrap_or(0));
+            let request = (first.connector.as_str(), first.model.as_deref(), first.tried.as_slice());
+            let claimed = store.claim_several(request, count, self.inner.holder, &*self.inner.clock, lock_deadline)?;
+            let short = claimed.len() < count;
+            if !claimed.is_empty() {
+                self.ensure_heartbeat();
+            }
+            for claimed in claimed {
+                let Some(next) = pending.pop_front() else { break };
+                served[next] = true;
+                let waiter = &waiting[next];
+                tracing::info!(
+                    connector = %waiter.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
+                    lease = claimed.lease, waited = ?waiter.started.elapsed(), "key claimed for a waiter"
+                );
+                waiter.answer(Ok(Lease::new(self.clone(), &waiter.connector, claimed)));
+            }
             // Taken by someone else since the read: its commit will wake the watcher again.
-            let Some(claimed) = claimed else { return Ok(None) };
-            served[next] = true;
-            self.ensure_heartbeat();
-            tracing::info!(
-                connector = %waiter.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
-                lease = claimed.lease, waited = ?waiter.started.elapsed(), "key claimed for a waiter"
-            );
-            waiter.answer(Ok(Lease::new(self.clone(), &waiter.connector, claimed)));
+            if short {
+                return Ok(None);
+            }
         }
     }
 

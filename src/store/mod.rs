@@ -266,6 +266,34 @@ impl Store {
         )
     }
 
+    /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
+    /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
+    pub fn claim_several(
+        &self,
+        (connector, model, tried): (&str, Option<&str>, &[String]),
+        count: usize,
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Vec<Claimed>> {
+        let claim = batch::Claim {
+            connector: connector.to_owned(),
+            model: model.map(str::to_owned),
+            tried: json_list(tried).into_owned(),
+            holder: holder.clone(),
+        };
+        self.write_by("claiming keys", deadline, |transaction| {
+            let mut claimed = Vec::with_capacity(count);
+            while claimed.len() < count {
+                match claim_in(transaction, &claim, clock)? {
+                    Some(one) => claimed.push(one),
+                    None => break,
+                }
+            }
+            Ok(claimed)
+        })
+    }
+
     /// Runs the claims of `claims` in one transaction, waiting for the lock until `deadline`, each as
     /// [`claim`](Self::claim) would.
     fn claim_all(
