@@ -6,14 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
 use api_jongler::{Clock, CoordinatorOptions, Error, SystemClock};
-use common::{Sandbox, wait_until};
+use common::{Sandbox, SqliteShell, wait_until};
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
@@ -125,36 +125,6 @@ fn signal(pid: u32, signal: rustix::process::Signal) {
 async fn eventually(what: &str, condition: impl FnMut() -> bool + Send + 'static) {
     let what = what.to_owned();
     tokio::task::spawn_blocking(move || wait_until(LIMIT, &what, condition)).await.expect("join");
-}
-
-/// A user's `sqlite3` shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
-struct SqliteShell {
-    child: Child,
-    stdin: ChildStdin,
-}
-
-impl SqliteShell {
-    fn lock(sandbox: &Sandbox) -> Self {
-        let mut child = Command::new("sqlite3")
-            .arg(&sandbox.db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("sqlite3 is installed (.ci/run installs it)");
-        let mut stdin = child.stdin.take().expect("stdin");
-        writeln!(stdin, "BEGIN IMMEDIATE;\nSELECT 'locked';").expect("write");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-        assert_eq!(line.trim(), "locked", "sqlite3 holds the write lock");
-        Self { child, stdin }
-    }
-
-    fn release(mut self) {
-        writeln!(self.stdin, "COMMIT;\n.quit").expect("write");
-        drop(self.stdin);
-        self.child.wait().expect("sqlite3 exits");
-    }
 }
 
 /// The lines a child writes on stderr, as they come.

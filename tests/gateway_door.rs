@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
 use common::Sandbox;
+use common::gateway::{Gateway, body_json, client};
 use serde_json::Value;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -28,73 +27,6 @@ fn sandbox(keys: usize, port: u16) -> Sandbox {
     let sandbox = Sandbox::new(C, keys);
     sandbox.point_connector(C, "127.0.0.1", port, serde_json::json!({ "backoff_ms": 5, "timeout_secs": 10.0 }));
     sandbox
-}
-
-/// A running `apijongler serve`; killed if a test ends without it.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Gateway {
-    /// Starts `apijongler serve --listen 127.0.0.1:0 ARGS` and waits for its address.
-    fn start(sandbox: &Sandbox, args: &[&str]) -> Gateway {
-        let mut command = sandbox.apijongler();
-        command
-            .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
-            .env("APIJONGLER_LOG", "info")
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("start apijongler serve");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (found, address) = std::sync::mpsc::channel();
-        let pipe = child.stderr.take().expect("stderr");
-        let shared = Arc::clone(&stderr);
-        // Reads stderr to its end, so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("apijongler serve: listening on http://") {
-                    let _ = found.send(addr.parse::<SocketAddr>().expect("an address"));
-                }
-                let mut text = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        let addr = address.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let status = child.try_wait();
-            panic!("no address from apijongler serve ({status:?}): {}", stderr.lock().unwrap())
-        });
-        Gateway { child, addr, stderr }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-async fn body_json(response: reqwest::Response) -> Value {
-    let bytes = response.bytes().await.unwrap();
-    serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
 }
 
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
@@ -147,7 +79,7 @@ fn raw_body(answer: &str) -> Value {
 async fn a_page_of_another_site_cannot_spend_the_pool() {
     let server = permissive_upstream().await;
     let sandbox = sandbox(1, server.address().port());
-    let gateway = Gateway::start(&sandbox, &[]);
+    let gateway = Gateway::start(&sandbox, &[], &[]);
     let http = client();
     let google = gateway.url(&format!("/{C}{GENERATE}"));
     let openai = gateway.url(&format!("/{C}{CHAT}"));
@@ -209,7 +141,7 @@ async fn a_page_of_another_site_cannot_spend_the_pool() {
 
     // An allowed origin gets its preflight answered by the gateway and its answers readable.
     let app = "https://app.example";
-    let gateway = Gateway::start(&sandbox, &["--allow-origin", app, "--allow-origin", "http://localhost:5173"]);
+    let gateway = Gateway::start(&sandbox, &["--allow-origin", app, "--allow-origin", "http://localhost:5173"], &[]);
     let google = gateway.url(&format!("/{C}{GENERATE}"));
     let response = http
         .request(reqwest::Method::OPTIONS, &google)
@@ -271,7 +203,7 @@ async fn a_path_that_changes_on_its_way_upstream_is_refused() {
     ));
     sandbox.point_connector(C, "127.0.0.1", port, serde_json::json!({ "backoff_ms": 5 }));
     point_connector_under(&sandbox, "door.test", port, "/base");
-    let gateway = Gateway::start(&sandbox, &[]);
+    let gateway = Gateway::start(&sandbox, &[], &[]);
     let pro = "gemini-2.5-pro:generateContent";
     let hostile = [
         format!("/{C}/v1beta/models/x\\..\\{pro}"),
@@ -328,7 +260,7 @@ async fn a_path_that_changes_on_its_way_upstream_is_refused() {
 async fn health_says_when_the_database_is_gone() {
     let upstream = MockUpstream::start(MockConfig::default()).await.unwrap();
     let sandbox = sandbox(1, upstream.port());
-    let gateway = Gateway::start(&sandbox, &[]);
+    let gateway = Gateway::start(&sandbox, &[], &[]);
     let http = client();
     let health = gateway.url("/__apijongler/health");
     let response = http.get(&health).send().await.unwrap();
@@ -375,7 +307,7 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     let upstream =
         MockUpstream::start(MockConfig { latency: Duration::from_millis(200), ..MockConfig::default() }).await.unwrap();
     let sandbox = sandbox(1, upstream.port());
-    let gateway = Gateway::start(&sandbox, &[]);
+    let gateway = Gateway::start(&sandbox, &[], &[]);
     let started = Instant::now();
     let request = format!("POST /{C}{GENERATE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{{}}");
     let answer = half_closed(gateway.addr, request).await;

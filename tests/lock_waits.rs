@@ -5,47 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
 use api_jongler::{Coordinator, CoordinatorOptions, Error, Jongler};
-use common::Sandbox;
+use common::{Sandbox, SqliteShell};
 
 const CONNECTOR: &str = "generativelanguage.googleapis.com";
 const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
-
-/// A user's `sqlite3` shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
-struct SqliteShell {
-    child: Child,
-    stdin: ChildStdin,
-}
-
-impl SqliteShell {
-    fn lock(sandbox: &Sandbox) -> Self {
-        let mut child = Command::new("sqlite3")
-            .arg(&sandbox.db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("sqlite3 is installed (.ci/run installs it)");
-        let mut stdin = child.stdin.take().expect("stdin");
-        writeln!(stdin, "BEGIN IMMEDIATE;\nSELECT 'locked';").expect("write");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-        assert_eq!(line.trim(), "locked", "sqlite3 holds the write lock");
-        Self { child, stdin }
-    }
-
-    fn release(mut self) {
-        writeln!(self.stdin, "COMMIT;\n.quit").expect("write");
-        drop(self.stdin);
-        self.child.wait().expect("sqlite3 exits");
-    }
-}
 
 /// A coordinator whose floor for lock waits is `floor` (short, so the tests are quick).
 fn coordinator(sandbox: &Sandbox, floor: Duration) -> Coordinator {
@@ -246,4 +214,37 @@ async fn a_hundred_waiters_hold_no_thread_each() {
     // The test harness, the runtime's workers, the mock, the heartbeat, the watcher and a few blocking
     // threads; a thread per waiter would be over 100.
     assert!(most < 50, "{most} threads at once for 100 waiters");
+}
+
+/// Item 1 through the gateway: 16 clients of `serve --wait 2s` while a user's `sqlite3` holds the write
+/// lock. Each gets its 503 once the floor (5 s) is over, all at about the same time (before, one by one:
+/// the last after 85 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_clients_under_a_held_lock_are_each_answered_by_their_own_deadline() {
+    let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
+    let sandbox = sandbox_at(&mock, 4);
+    // The gateway syncs the keyring before the lock is taken.
+    let gateway = common::gateway::Gateway::start(&sandbox, &["--wait", "2s"], &[]);
+    let client = common::gateway::client();
+    let ready = client.get(gateway.url("/__apijongler/health")).send().await.expect("health");
+    assert_eq!(ready.status(), 200);
+    let shell = SqliteShell::lock(&sandbox);
+    let started = Instant::now();
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            let request = client.post(gateway.url(&format!("/{CONNECTOR}{ENDPOINT}"))).body("{}").send();
+            tokio::spawn(async move { (request.await.map(|response| response.status().as_u16()), started.elapsed()) })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.expect("task"));
+    }
+    tokio::task::spawn_blocking(move || shell.release()).await.expect("release");
+    for (status, after) in answers {
+        assert_eq!(status.expect("an answer"), 503, "the database stayed locked");
+        // The 5 s floor, plus a margin for a loaded machine.
+        assert!(after < Duration::from_secs(10), "answered after {after:?}");
+    }
+    assert_eq!(mock.stats().0, 0, "nothing was sent");
 }

@@ -3,8 +3,11 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod gateway;
+
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
@@ -185,7 +188,7 @@ pub fn check_leases(history: &[HistoryRow]) -> usize {
 }
 
 /// Waits for a worker and returns its stdout; a failure shows its stdout and stderr.
-pub fn wait_success(child: std::process::Child) -> String {
+pub fn wait_success(child: Child) -> String {
     let output = child.wait_with_output().expect("wait for worker");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
@@ -211,4 +214,34 @@ pub fn assert_integrity(db: &Path) {
     let connection = rusqlite::Connection::open(db).expect("open");
     let verdict: String = connection.query_row("PRAGMA integrity_check", [], |row| row.get(0)).expect("check");
     assert_eq!(verdict, "ok");
+}
+
+/// A user's `sqlite3` shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
+pub struct SqliteShell {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl SqliteShell {
+    pub fn lock(sandbox: &Sandbox) -> Self {
+        let mut child = Command::new("sqlite3")
+            .arg(&sandbox.db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sqlite3 is installed (.ci/run installs it)");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "BEGIN IMMEDIATE;\nSELECT 'locked';").expect("write");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "locked", "sqlite3 holds the write lock");
+        Self { child, stdin }
+    }
+
+    pub fn release(mut self) {
+        writeln!(self.stdin, "COMMIT;\n.quit").expect("write");
+        drop(self.stdin);
+        self.child.wait().expect("sqlite3 exits");
+    }
 }
