@@ -41,8 +41,9 @@ use crate::classify::{self, Context, KeyFate, Next, Verdict};
 use crate::error::{Error, Result};
 use crate::gateway::dialect::Dialect;
 use crate::gateway::sse::{Event, FirstEventHold, Framer};
-use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits, blocking, short_blocking};
+use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits};
 use crate::lease::Lease;
+use crate::offload::{blocking, short_blocking};
 use crate::store::{Attempt, Fate, Lockdown};
 
 /// How many times in a row one request may find a freshly claimed lease untrusted before giving up

@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::exchange::{ExchangeBody, Outgoing};
 use crate::keyring::Keyring;
 use crate::lease::Lease;
+use crate::offload::blocking;
 use crate::store::Transition;
 
 /// The environment variable overriding the Tor SOCKS proxy.
@@ -532,21 +533,6 @@ pub(crate) fn without_url(error: &reqwest::Error) -> String {
         text = text.replace(&format!(" ({url})"), "").replace(url.as_str(), "");
     }
     text
-}
-
-/// Runs blocking coordinator work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
-}
-
-/// Runs short database work that never waits for another request of ours (it may wait for another
-/// process's write lock, which never waits for us): in place on a multi-threaded runtime, sparing the
-/// hand-off to the blocking pool and back; on a current-thread runtime, which cannot, on that pool.
-pub(crate) async fn short_blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-        return tokio::task::block_in_place(work);
-    }
-    blocking(work).await
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ pub mod holder;
 mod jongler;
 pub mod keyring;
 mod lease;
+mod offload;
 // Test and demo support, not API: the loopback Gemini of `apijongler demo`, `apijongler bench` and the
 // tests in tests/ (which drive the binary, so they build with `cli` as well). Hidden from the docs and
 // built only with the `cli` feature, so a library user neither sees it nor builds a hyper server.

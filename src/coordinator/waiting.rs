@@ -195,7 +195,7 @@ impl Coordinator {
         let claimed = if first {
             let coordinator = self.clone();
             let owned = request.owned();
-            crate::jongler::short_blocking(move || coordinator.try_claim(&owned.as_request())).await
+            crate::offload::short_blocking(move || coordinator.try_claim(&owned.as_request())).await
         } else {
             Ok(None)
         };
