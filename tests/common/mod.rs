@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod gateway;
+pub mod socks;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
