@@ -325,13 +325,7 @@ async fn the_library_refuses_a_path_that_changes_on_its_way_upstream() {
     let server = MockServer::start().await;
     Mock::given(any()).respond_with(ResponseTemplate::new(200).set_body_string("{}")).mount(&server).await;
     let sandbox = sandbox(1, server.address().port());
-    let jongler = api_jongler::Jongler::builder(C)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
-        .connect()
-        .await
-        .expect("connect");
+    let jongler = sandbox.jongler(C).connect().await.expect("connect");
     for endpoint in ["/v1beta/models/x\\..\\gemini-2.5-pro:generateContent", "/v1beta/models/x/%2E%2E/y"] {
         let outgoing = api_jongler::Outgoing::new(reqwest::Method::POST, endpoint, "{}");
         match jongler.send(outgoing).await {

@@ -55,10 +55,8 @@ async fn a_lease_lost_during_connection_setup_is_never_sent_with() {
         ..sandbox.options()
     };
     let trust_window = Duration::from_millis(900);
-    let holder = Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
+    let holder = sandbox
+        .jongler(GEMINI)
         .coordinator(options.clone())
         .tor_proxy(proxy.url())
         .timeout(Duration::from_secs(30))
@@ -152,15 +150,8 @@ async fn a_relayed_stream_ends_once_its_lease_is_lost() {
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 3}));
     let heartbeat = Duration::from_millis(100);
     let options = CoordinatorOptions { heartbeat_interval: heartbeat, ..sandbox.options() };
-    let jongler = Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
-        .coordinator(options)
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .expect("connect");
+    let jongler =
+        sandbox.jongler(GEMINI).coordinator(options).timeout(Duration::from_secs(30)).connect().await.expect("connect");
     let outgoing = Outgoing { stream: Some(Dialect::Google), ..Outgoing::new(reqwest::Method::POST, STREAM, "{}") };
     let exchange = jongler.send(outgoing).await.expect("committed");
     let ExchangeBody::Stream(mut stream) = exchange.body else { panic!("a stream") };
@@ -180,15 +171,9 @@ async fn a_relayed_stream_ends_once_its_lease_is_lost() {
     .expect("cleanup");
 
     // A few heartbeats find the lease lost; 10 s (100 heartbeats) is the margin of a loaded machine.
-    let mut after = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(chunk) = stream.chunk().await {
-            after.extend_from_slice(&chunk);
-        }
-    })
-    .await;
+    let (after, ended) = common::drain(&mut stream, Duration::from_secs(10)).await;
     let text = String::from_utf8_lossy(&after).into_owned();
-    assert!(ended.is_ok(), "the stream ended after the lease was lost; got {} bytes since", after.len());
+    assert!(ended, "the stream ended after the lease was lost; got {} bytes since", after.len());
     let ours = text.matches("data: {\"error\":").count();
     assert_eq!(ours, 1, "exactly one error event: {text}");
     let error_event = &text[text.find("data: {\"error\":").expect("an error event")..];

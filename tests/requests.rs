@@ -35,7 +35,7 @@ fn gemini_sandbox(keys: usize, host: &str, port: u16) -> Sandbox {
 }
 
 fn builder(sandbox: &Sandbox) -> JonglerBuilder {
-    Jongler::builder(GEMINI).keyring(&sandbox.keyring).database(&sandbox.db).connectors_dir(sandbox.connectors_dir())
+    sandbox.jongler(GEMINI)
 }
 
 fn port(server: &MockServer) -> u16 {

@@ -41,7 +41,7 @@ async fn mock(config: MockConfig) -> MockUpstream {
 /// A builder for `keys` keys of the mock, with quick backoffs and three retries.
 fn builder(sandbox: &Sandbox, mock: &MockUpstream) -> JonglerBuilder {
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 3}));
-    Jongler::builder(GEMINI).keyring(&sandbox.keyring).database(&sandbox.db).connectors_dir(sandbox.connectors_dir())
+    sandbox.jongler(GEMINI)
 }
 
 fn generate() -> Outgoing {
@@ -76,6 +76,21 @@ fn settled_states(sandbox: &Sandbox) -> Vec<(String, String)> {
 
 fn all_vacant(sandbox: &Sandbox) -> bool {
     settled_states(sandbox).iter().all(|(_, state)| state == "vacant")
+}
+
+/// The endless answer was cut off at a 1 MiB cap: no more than [`IN_TRANSIT`] beyond it left the mock.
+fn assert_capped(mock: &MockUpstream) {
+    let sent = mock.endless_bytes();
+    eprintln!("{sent} bytes of the endless answer left the mock");
+    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+}
+
+/// A size limit failed the attempt: no key is blamed, the upstream connection was dropped, and the
+/// bytes read stayed near the cap.
+async fn assert_cut_off_blameless(sandbox: &Sandbox, mock: &MockUpstream) {
+    assert!(all_vacant(sandbox), "not the key's fault");
+    assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
+    assert_capped(mock);
 }
 
 /// A POST whose generation takes longer than the attempt's timeout reached the upstream: it is not
@@ -219,11 +234,7 @@ async fn an_endless_answer_fails_at_the_response_limit_without_blaming_the_key()
     eprintln!("{text}");
     assert!(text.contains(&format!("larger than {MIB} bytes")) && text.contains("APIJONGLER_MAX_RESPONSE"), "{text}");
     assert_eq!(mock.stats().0, 1, "not sent to the other key: {text}");
-    assert!(all_vacant(&sandbox), "not the key's fault");
-    assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
-    let sent = mock.endless_bytes();
-    eprintln!("{sent} bytes of the endless answer left the mock");
-    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+    assert_cut_off_blameless(&sandbox, &mock).await;
 }
 
 /// A first event that never ends fails at the event limit, before anything was committed: an error to
@@ -248,11 +259,7 @@ async fn an_endless_first_event_fails_at_the_event_limit_without_blaming_the_key
     assert!(text.contains(&format!("larger than {MIB} bytes")) && text.contains("APIJONGLER_MAX_EVENT"), "{text}");
     let (_, per_key) = mock.stats();
     assert_eq!(per_key.values().map(|stats| stats.streams_started).sum::<u64>(), 1, "no other key: {text}");
-    assert!(all_vacant(&sandbox), "not the key's fault");
-    assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
-    let sent = mock.endless_bytes();
-    eprintln!("{sent} bytes of the endless answer left the mock");
-    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+    assert_cut_off_blameless(&sandbox, &mock).await;
 }
 
 /// An event that never ends after the first one ends the committed stream with one error event in the
@@ -267,24 +274,16 @@ async fn an_endless_later_event_ends_the_stream_with_an_error_event() {
     let exchange = jongler.send(gemini_stream()).await.expect("committed");
     assert_eq!((exchange.status, exchange.attempts), (200, 1));
     let ExchangeBody::Stream(mut stream) = exchange.body else { panic!("a stream") };
-    let mut bytes = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(chunk) = stream.chunk().await {
-            bytes.extend_from_slice(&chunk);
-        }
-    })
-    .await;
+    let (bytes, ended) = common::drain(&mut stream, Duration::from_secs(20)).await;
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    assert!(read.is_ok(), "the stream did not end in 20 s ({} bytes)", bytes.len());
+    assert!(ended, "the stream did not end in 20 s ({} bytes)", bytes.len());
     let first = String::from_utf8_lossy(&good_stream(StreamDialect::Gemini, MODEL, 3)[0]).into_owned();
     let rest = text.strip_prefix(&first).unwrap_or_else(|| panic!("the first event, whole: {text:.300}"));
     assert!(rest.starts_with("data: {\"error\":") && rest.ends_with("}}\r\n\r\n"), "{rest:.300}");
     assert!(rest.contains(&format!("larger than {MIB} bytes")), "{rest:.300}");
     assert!(all_vacant(&sandbox), "not the key's fault");
     assert_eq!(mock.stats().0, 1);
-    let sent = mock.endless_bytes();
-    eprintln!("{sent} bytes of the endless answer left the mock");
-    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+    assert_capped(&mock);
 }
 
 /// A 429 that says "at once" still locks its key down for the floor: one request on two keys makes a
@@ -380,13 +379,7 @@ async fn a_broken_connection_is_sent_again_only_if_nothing_was_sent() {
     drop(closed);
     let sandbox = Sandbox::new(GEMINI, 2);
     sandbox.point_connector(GEMINI, "127.0.0.1", port, serde_json::json!({"backoff_ms": 5, "retries": 3}));
-    let jongler = Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
-        .connect()
-        .await
-        .expect("connect");
+    let jongler = sandbox.jongler(GEMINI).connect().await.expect("connect");
     let error = jongler.send(generate()).await.expect_err("refused");
     assert!(matches!(error, Error::Transport { attempts: 4, .. }), "the first try and three retries: {error:?}");
 }
