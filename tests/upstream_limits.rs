@@ -10,14 +10,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{BARE_429, FixedAnswer, MockConfig, MockUpstream, StreamDialect, StreamFault, good_stream};
 use api_jongler::{Error, Exchange, ExchangeBody, Jongler, JonglerBuilder, Outgoing};
 use common::Sandbox;
+use common::gateway::Gateway;
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 const MODEL: &str = "gemini-2.5-flash";
@@ -144,52 +143,6 @@ async fn the_caller_s_deadline_bounds_the_attempt() {
     assert!(all_vacant(&sandbox));
 }
 
-/// A running `apijongler serve` (killed when dropped).
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    fn start(sandbox: &Sandbox) -> Gateway {
-        let mut child = sandbox
-            .apijongler()
-            .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start apijongler serve");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let (found, address) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let mut byte = [0u8; 1];
-            while stderr.read(&mut byte).is_ok_and(|n| n == 1) {
-                text.push(byte[0] as char);
-                if let Some(line) = text.strip_suffix('\n') {
-                    if let Some(addr) =
-                        line.rsplit("listening on http://").next().filter(|_| line.contains("listening"))
-                    {
-                        let _ = found.send(addr.trim().parse::<SocketAddr>().expect("an address"));
-                    }
-                    text.clear();
-                }
-            }
-        });
-        let addr = address.recv_timeout(Duration::from_secs(60)).expect("the gateway's address");
-        Gateway { child, addr }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The gateway takes the client's deadline from `X-Server-Timeout` (google-genai): a generation longer
 /// than it fails at it, sent once, instead of holding the client for the connector's 30 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +150,7 @@ async fn the_gateway_ends_an_attempt_at_the_client_s_deadline() {
     let mock = mock(MockConfig { latency: Duration::from_secs(4), ..MockConfig::default() }).await;
     let sandbox = Sandbox::new(GEMINI, 2);
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "timeout_secs": 30}));
-    let gateway = Gateway::start(&sandbox);
+    let gateway = Gateway::start(&sandbox, &[], &[]);
     let started = Instant::now();
     let answer = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(gateway.addr).expect("connect");
