@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
-use api_jongler::{Bookkeeping, CoordinatorOptions, ExchangeBody, Jongler, Outgoing};
+use api_jongler::{Bookkeeping, CoordinatorOptions, ExchangeBody, Outgoing};
 use common::Sandbox;
 use common::socks::Socks5;
 

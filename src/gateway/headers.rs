@@ -205,7 +205,7 @@ mod tests {
             ),
         ];
         for (name, incoming, expected) in cases {
-            assert_eq!(pairs(&upstream_request_headers(&map(incoming))), owned(expected), "{name}");
+            assert_eq!(pairs(&upstream_request_headers(&header_map(incoming))), owned(expected), "{name}");
         }
     }
 

@@ -229,7 +229,7 @@ mod tests {
             ("another scheme", &[("origin", "http://app.example")], Some(false)),
         ];
         for (name, headers, expected) in cases {
-            let verdict = allowed.judge(&map(headers));
+            let verdict = allowed.judge(&header_map(headers));
             match expected {
                 None => assert_eq!(verdict, Verdict::NotCrossOrigin, "{name}"),
                 Some(true) => assert_eq!(verdict, Verdict::Allowed(app.clone()), "{name}"),
@@ -239,7 +239,7 @@ mod tests {
                 },
             }
             if *expected == Some(true) {
-                assert!(matches!(none.judge(&map(headers)), Verdict::Refused(_)), "{name}, nothing allowed");
+                assert!(matches!(none.judge(&header_map(headers)), Verdict::Refused(_)), "{name}, nothing allowed");
             }
         }
     }
