@@ -13,27 +13,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
-use common::Sandbox;
-use common::gateway::{Gateway, body_json, client, eventually};
+use common::gateway::{GEMINI, Gateway, body_json, client, eventually, sandbox};
 use serde_json::Value;
 use wiremock::matchers::{any, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// The connector every test serves (Gemini's name, pointed at a loopback upstream).
-const C: &str = "generativelanguage.googleapis.com";
+const C: &str = GEMINI;
 const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
 const CHAT: &str = "/v1beta/openai/chat/completions";
 const CLIENT_TOKEN: &str = "client-credential-7f3a";
 
 fn secret(index: usize) -> String {
     format!("fake-secret-{C}-{index}-do-not-use")
-}
-
-/// A sandbox with `keys` keys for connector [`C`], which points at `127.0.0.1:port`.
-fn sandbox(keys: usize, port: u16) -> Sandbox {
-    let sandbox = Sandbox::new(C, keys);
-    sandbox.point_connector(C, "127.0.0.1", port, serde_json::json!({ "backoff_ms": 5, "timeout_secs": 10.0 }));
-    sandbox
 }
 
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {

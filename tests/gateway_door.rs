@@ -12,22 +12,15 @@ use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
 use common::Sandbox;
-use common::gateway::{Gateway, body_json, client};
+use common::gateway::{GEMINI, Gateway, body_json, client, sandbox};
 use serde_json::Value;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// The connector every test serves (Gemini's name, pointed at a loopback upstream).
-const C: &str = "generativelanguage.googleapis.com";
+const C: &str = GEMINI;
 const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
 const CHAT: &str = "/v1beta/openai/chat/completions";
-
-/// A sandbox with `keys` keys for connector [`C`], which points at `127.0.0.1:port`.
-fn sandbox(keys: usize, port: u16) -> Sandbox {
-    let sandbox = Sandbox::new(C, keys);
-    sandbox.point_connector(C, "127.0.0.1", port, serde_json::json!({ "backoff_ms": 5, "timeout_secs": 10.0 }));
-    sandbox
-}
 
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     response.headers().get(name).map(|value| value.to_str().unwrap())
@@ -332,13 +325,7 @@ async fn the_library_refuses_a_path_that_changes_on_its_way_upstream() {
     let server = MockServer::start().await;
     Mock::given(any()).respond_with(ResponseTemplate::new(200).set_body_string("{}")).mount(&server).await;
     let sandbox = sandbox(1, server.address().port());
-    let jongler = api_jongler::Jongler::builder(C)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
-        .connect()
-        .await
-        .expect("connect");
+    let jongler = sandbox.jongler(C).connect().await.expect("connect");
     for endpoint in ["/v1beta/models/x\\..\\gemini-2.5-pro:generateContent", "/v1beta/models/x/%2E%2E/y"] {
         let outgoing = api_jongler::Outgoing::new(reqwest::Method::POST, endpoint, "{}");
         match jongler.send(outgoing).await {

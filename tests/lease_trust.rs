@@ -9,16 +9,13 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
-use api_jongler::{Bookkeeping, CoordinatorOptions, ExchangeBody, Jongler, Outgoing};
+use api_jongler::{Bookkeeping, CoordinatorOptions, ExchangeBody, Outgoing};
 use common::Sandbox;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use common::socks::Socks5;
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 const GENERATE: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
@@ -26,114 +23,6 @@ const STREAM: &str = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=
 
 fn secret(index: usize) -> String {
     format!("fake-secret-{GEMINI}-{index}-do-not-use")
-}
-
-/// A SOCKS5 proxy on loopback whose handshakes wait, after the CONNECT request came, until the test
-/// opens the gate; each held handshake is announced on `held`.
-struct HoldingProxy {
-    port: u16,
-    gate: watch::Sender<bool>,
-    held: mpsc::UnboundedReceiver<()>,
-    /// Per connection, in the order they came: the bytes forwarded from the client to the upstream,
-    /// once the client closed its side.
-    forwarded: Arc<Mutex<Vec<Option<usize>>>>,
-}
-
-impl HoldingProxy {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let (gate, opened) = watch::channel(false);
-        let (announce, held) = mpsc::unbounded_channel();
-        let forwarded = Arc::new(Mutex::new(Vec::new()));
-        let counted = Arc::clone(&forwarded);
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (opened, announce, counted) = (opened.clone(), announce.clone(), Arc::clone(&counted));
-                let index = {
-                    let mut counted = counted.lock().expect("counts");
-                    counted.push(None);
-                    counted.len() - 1
-                };
-                tokio::spawn(async move {
-                    let forwarded = tunnel(client, opened, announce).await.unwrap_or(0);
-                    counted.lock().expect("counts")[index] = Some(forwarded);
-                });
-            }
-        });
-        Self { port, gate, held, forwarded }
-    }
-
-    fn url(&self) -> String {
-        format!("socks5h://127.0.0.1:{}", self.port)
-    }
-
-    fn open(&self) {
-        self.gate.send_replace(true);
-    }
-
-    /// The bytes connection `index` forwarded to the upstream, once it is closed.
-    fn forwarded(&self, index: usize) -> Option<usize> {
-        self.forwarded.lock().expect("counts").get(index).copied().flatten()
-    }
-}
-
-/// One SOCKS5 connection (RFC 1928, with RFC 1929 user/password as Tor isolation sends it): the
-/// handshake, a wait at the gate, then bytes both ways; returns how many went to the upstream.
-async fn tunnel(
-    mut client: TcpStream,
-    mut opened: watch::Receiver<bool>,
-    announce: mpsc::UnboundedSender<()>,
-) -> std::io::Result<usize> {
-    let mut head = [0u8; 2];
-    client.read_exact(&mut head).await?;
-    let mut methods = vec![0u8; usize::from(head[1])];
-    client.read_exact(&mut methods).await?;
-    if methods.contains(&2) {
-        client.write_all(&[5, 2]).await?;
-        let mut version_and_length = [0u8; 2];
-        client.read_exact(&mut version_and_length).await?;
-        let mut user = vec![0u8; usize::from(version_and_length[1])];
-        client.read_exact(&mut user).await?;
-        let mut password = vec![0u8; usize::from(client.read_u8().await?)];
-        client.read_exact(&mut password).await?;
-        client.write_all(&[1, 0]).await?;
-    } else {
-        client.write_all(&[5, 0]).await?;
-    }
-    let mut request = [0u8; 4];
-    client.read_exact(&mut request).await?;
-    let host = match request[3] {
-        1 => {
-            let mut ip = [0u8; 4];
-            client.read_exact(&mut ip).await?;
-            std::net::Ipv4Addr::from(ip).to_string()
-        }
-        3 => {
-            let mut name = vec![0u8; usize::from(client.read_u8().await?)];
-            client.read_exact(&mut name).await?;
-            String::from_utf8_lossy(&name).into_owned()
-        }
-        other => panic!("the test proxy speaks IPv4 and names only, not address type {other}"),
-    };
-    let port = client.read_u16().await?;
-    let _ = announce.send(());
-    let _ = opened.wait_for(|open| *open).await;
-    let upstream = TcpStream::connect((host.as_str(), port)).await?;
-    client.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut upstream_read, mut upstream_write) = upstream.into_split();
-    tokio::spawn(async move { tokio::io::copy(&mut upstream_read, &mut client_write).await });
-    let (mut buffer, mut forwarded) = (vec![0u8; 16 * 1024], 0);
-    // Counted by hand: a connection reset still tells how much had gone through.
-    while let Ok(read @ 1..) = client_read.read(&mut buffer).await {
-        forwarded += read;
-        if upstream_write.write_all(&buffer[..read]).await.is_err() {
-            break;
-        }
-    }
-    let _ = upstream_write.shutdown().await;
-    Ok(forwarded)
 }
 
 /// `cleanup --force` until it took `key` from its holder: a heartbeat that lands between the
@@ -157,7 +46,7 @@ async fn a_lease_lost_during_connection_setup_is_never_sent_with() {
         MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }).await.expect("mock");
     let sandbox = Sandbox::new(GEMINI, 2);
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 3}));
-    let mut proxy = HoldingProxy::start().await;
+    let mut proxy = Socks5::holding().await;
     // A trust window of 900 ms (stale_after less one heartbeat): waiting that long after the cleanup
     // makes the lease untrusted whether or not the holder's heartbeat has run since.
     let options = CoordinatorOptions {
@@ -166,10 +55,8 @@ async fn a_lease_lost_during_connection_setup_is_never_sent_with() {
         ..sandbox.options()
     };
     let trust_window = Duration::from_millis(900);
-    let holder = Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
+    let holder = sandbox
+        .jongler(GEMINI)
         .coordinator(options.clone())
         .tor_proxy(proxy.url())
         .timeout(Duration::from_secs(30))
@@ -263,15 +150,8 @@ async fn a_relayed_stream_ends_once_its_lease_is_lost() {
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 3}));
     let heartbeat = Duration::from_millis(100);
     let options = CoordinatorOptions { heartbeat_interval: heartbeat, ..sandbox.options() };
-    let jongler = Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
-        .coordinator(options)
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .expect("connect");
+    let jongler =
+        sandbox.jongler(GEMINI).coordinator(options).timeout(Duration::from_secs(30)).connect().await.expect("connect");
     let outgoing = Outgoing { stream: Some(Dialect::Google), ..Outgoing::new(reqwest::Method::POST, STREAM, "{}") };
     let exchange = jongler.send(outgoing).await.expect("committed");
     let ExchangeBody::Stream(mut stream) = exchange.body else { panic!("a stream") };
@@ -291,15 +171,9 @@ async fn a_relayed_stream_ends_once_its_lease_is_lost() {
     .expect("cleanup");
 
     // A few heartbeats find the lease lost; 10 s (100 heartbeats) is the margin of a loaded machine.
-    let mut after = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(chunk) = stream.chunk().await {
-            after.extend_from_slice(&chunk);
-        }
-    })
-    .await;
+    let (after, ended) = common::drain(&mut stream, Duration::from_secs(10)).await;
     let text = String::from_utf8_lossy(&after).into_owned();
-    assert!(ended.is_ok(), "the stream ended after the lease was lost; got {} bytes since", after.len());
+    assert!(ended, "the stream ended after the lease was lost; got {} bytes since", after.len());
     let ours = text.matches("data: {\"error\":").count();
     assert_eq!(ours, 1, "exactly one error event: {text}");
     let error_event = &text[text.find("data: {\"error\":").expect("an error event")..];

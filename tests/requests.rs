@@ -8,15 +8,13 @@ mod fixtures {
     include!("fixtures/upstream_bodies.rs");
 }
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api_jongler::{Error, Jongler, JonglerBuilder, LeaseScope};
 use common::Sandbox;
+use common::socks::Socks5;
 use fixtures::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use wiremock::matchers::{header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -37,7 +35,7 @@ fn gemini_sandbox(keys: usize, host: &str, port: u16) -> Sandbox {
 }
 
 fn builder(sandbox: &Sandbox) -> JonglerBuilder {
-    Jongler::builder(GEMINI).keyring(&sandbox.keyring).database(&sandbox.db).connectors_dir(sandbox.connectors_dir())
+    sandbox.jongler(GEMINI)
 }
 
 fn port(server: &MockServer) -> u16 {
@@ -307,71 +305,6 @@ fn sandbox_at(server: &MockServer) -> Sandbox {
     gemini_sandbox(1, "127.0.0.1", port(server))
 }
 
-/// A SOCKS5 server (RFC 1928, with RFC 1929 username/password) that sends every connection to
-/// `upstream`, whatever host was asked for, and remembers (username, requested host) of each.
-async fn socks_server(upstream: SocketAddr) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind socks");
-    let port = listener.local_addr().expect("addr").port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let log = Arc::clone(&log);
-            tokio::spawn(async move {
-                let Ok((user, host)) = socks_handshake(&mut client).await else { return };
-                log.lock().expect("log").push((user, host));
-                let Ok(mut target) = TcpStream::connect(upstream).await else { return };
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut target).await;
-            });
-        }
-    });
-    (port, seen)
-}
-
-async fn socks_handshake(client: &mut TcpStream) -> std::io::Result<(String, String)> {
-    let mut head = [0u8; 2];
-    client.read_exact(&mut head).await?;
-    let mut methods = vec![0u8; usize::from(head[1])];
-    client.read_exact(&mut methods).await?;
-    let mut user = String::new();
-    if methods.contains(&2) {
-        client.write_all(&[5, 2]).await?;
-        let mut version_and_len = [0u8; 2];
-        client.read_exact(&mut version_and_len).await?;
-        let mut name = vec![0u8; usize::from(version_and_len[1])];
-        client.read_exact(&mut name).await?;
-        let mut password_len = [0u8; 1];
-        client.read_exact(&mut password_len).await?;
-        let mut password = vec![0u8; usize::from(password_len[0])];
-        client.read_exact(&mut password).await?;
-        user = String::from_utf8_lossy(&name).into_owned();
-        client.write_all(&[1, 0]).await?;
-    } else {
-        client.write_all(&[5, 0]).await?;
-    }
-    let mut request = [0u8; 4];
-    client.read_exact(&mut request).await?;
-    let host = match request[3] {
-        3 => {
-            let mut len = [0u8; 1];
-            client.read_exact(&mut len).await?;
-            let mut name = vec![0u8; usize::from(len[0])];
-            client.read_exact(&mut name).await?;
-            String::from_utf8_lossy(&name).into_owned()
-        }
-        1 => {
-            let mut ip = [0u8; 4];
-            client.read_exact(&mut ip).await?;
-            std::net::Ipv4Addr::from(ip).to_string()
-        }
-        _ => return Err(std::io::Error::other("unsupported address type")),
-    };
-    let mut port = [0u8; 2];
-    client.read_exact(&mut port).await?;
-    client.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0, 0]).await?;
-    Ok((user, host))
-}
-
 #[tokio::test]
 async fn tor_sends_everything_through_socks_and_a_location_refusal_gets_a_new_circuit() {
     let server = MockServer::start().await;
@@ -382,14 +315,13 @@ async fn tor_sends_everything_through_socks_and_a_location_refusal_gets_a_new_ci
         .mount(&server)
         .await;
     Mock::given(method("POST")).respond_with(json(200, "{}")).mount(&server).await;
-    let (socks_port, seen) = socks_server(*server.address()).await;
+    let socks = Socks5::redirecting_to(*server.address()).await;
     // A host name that only the proxy can resolve: the request works only if DNS went through it too.
     let sandbox = gemini_sandbox(1, "gemini.through-tor.invalid", 80);
-    let jongler =
-        builder(&sandbox).tor_proxy(format!("socks5h://127.0.0.1:{socks_port}")).connect().await.expect("connect");
+    let jongler = builder(&sandbox).tor_proxy(socks.url()).connect().await.expect("connect");
     let response = jongler.request("POST", ENDPOINT, "{}").await.expect("answer");
     assert_eq!((response.status, response.attempts), (200, 2), "retried after the location refusal");
-    let seen = seen.lock().expect("log").clone();
+    let seen = socks.requests();
     assert_eq!(seen.len(), 2, "both attempts went through the SOCKS server: {seen:?}");
     assert!(seen.iter().all(|(_, host)| host == "gemini.through-tor.invalid"), "{seen:?}");
     assert_ne!(seen[0].0, seen[1].0, "the retry used new credentials, so a new circuit");

@@ -10,14 +10,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{BARE_429, FixedAnswer, MockConfig, MockUpstream, StreamDialect, StreamFault, good_stream};
-use api_jongler::{Error, Exchange, ExchangeBody, Jongler, JonglerBuilder, Outgoing};
+use api_jongler::{Error, Exchange, ExchangeBody, JonglerBuilder, Outgoing};
 use common::Sandbox;
+use common::gateway::Gateway;
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 const MODEL: &str = "gemini-2.5-flash";
@@ -41,7 +40,7 @@ async fn mock(config: MockConfig) -> MockUpstream {
 /// A builder for `keys` keys of the mock, with quick backoffs and three retries.
 fn builder(sandbox: &Sandbox, mock: &MockUpstream) -> JonglerBuilder {
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 3}));
-    Jongler::builder(GEMINI).keyring(&sandbox.keyring).database(&sandbox.db).connectors_dir(sandbox.connectors_dir())
+    sandbox.jongler(GEMINI)
 }
 
 fn generate() -> Outgoing {
@@ -76,6 +75,21 @@ fn settled_states(sandbox: &Sandbox) -> Vec<(String, String)> {
 
 fn all_vacant(sandbox: &Sandbox) -> bool {
     settled_states(sandbox).iter().all(|(_, state)| state == "vacant")
+}
+
+/// The endless answer was cut off at a 1 MiB cap: no more than [`IN_TRANSIT`] beyond it left the mock.
+fn assert_capped(mock: &MockUpstream) {
+    let sent = mock.endless_bytes();
+    eprintln!("{sent} bytes of the endless answer left the mock");
+    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+}
+
+/// A size limit failed the attempt: no key is blamed, the upstream connection was dropped, and the
+/// bytes read stayed near the cap.
+async fn assert_cut_off_blameless(sandbox: &Sandbox, mock: &MockUpstream) {
+    assert!(all_vacant(sandbox), "not the key's fault");
+    assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
+    assert_capped(mock);
 }
 
 /// A POST whose generation takes longer than the attempt's timeout reached the upstream: it is not
@@ -129,52 +143,6 @@ async fn the_caller_s_deadline_bounds_the_attempt() {
     assert!(all_vacant(&sandbox));
 }
 
-/// A running `apijongler serve` (killed when dropped).
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    fn start(sandbox: &Sandbox) -> Gateway {
-        let mut child = sandbox
-            .apijongler()
-            .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start apijongler serve");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let (found, address) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let mut byte = [0u8; 1];
-            while stderr.read(&mut byte).is_ok_and(|n| n == 1) {
-                text.push(byte[0] as char);
-                if let Some(line) = text.strip_suffix('\n') {
-                    if let Some(addr) =
-                        line.rsplit("listening on http://").next().filter(|_| line.contains("listening"))
-                    {
-                        let _ = found.send(addr.trim().parse::<SocketAddr>().expect("an address"));
-                    }
-                    text.clear();
-                }
-            }
-        });
-        let addr = address.recv_timeout(Duration::from_secs(60)).expect("the gateway's address");
-        Gateway { child, addr }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The gateway takes the client's deadline from `X-Server-Timeout` (google-genai): a generation longer
 /// than it fails at it, sent once, instead of holding the client for the connector's 30 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +150,7 @@ async fn the_gateway_ends_an_attempt_at_the_client_s_deadline() {
     let mock = mock(MockConfig { latency: Duration::from_secs(4), ..MockConfig::default() }).await;
     let sandbox = Sandbox::new(GEMINI, 2);
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "timeout_secs": 30}));
-    let gateway = Gateway::start(&sandbox);
+    let gateway = Gateway::start(&sandbox, &[], &[]);
     let started = Instant::now();
     let answer = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(gateway.addr).expect("connect");
@@ -219,11 +187,7 @@ async fn an_endless_answer_fails_at_the_response_limit_without_blaming_the_key()
     eprintln!("{text}");
     assert!(text.contains(&format!("larger than {MIB} bytes")) && text.contains("APIJONGLER_MAX_RESPONSE"), "{text}");
     assert_eq!(mock.stats().0, 1, "not sent to the other key: {text}");
-    assert!(all_vacant(&sandbox), "not the key's fault");
-    assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
-    let sent = mock.endless_bytes();
-    eprintln!("{sent} bytes of the endless answer left the mock");
-    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+    assert_cut_off_blameless(&sandbox, &mock).await;
 }
 
 /// A first event that never ends fails at the event limit, before anything was committed: an error to
@@ -248,11 +212,7 @@ async fn an_endless_first_event_fails_at_the_event_limit_without_blaming_the_key
     assert!(text.contains(&format!("larger than {MIB} bytes")) && text.contains("APIJONGLER_MAX_EVENT"), "{text}");
     let (_, per_key) = mock.stats();
     assert_eq!(per_key.values().map(|stats| stats.streams_started).sum::<u64>(), 1, "no other key: {text}");
-    assert!(all_vacant(&sandbox), "not the key's fault");
-    assert!(mock.wait_idle(Duration::from_secs(10)).await, "the upstream connection was dropped");
-    let sent = mock.endless_bytes();
-    eprintln!("{sent} bytes of the endless answer left the mock");
-    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+    assert_cut_off_blameless(&sandbox, &mock).await;
 }
 
 /// An event that never ends after the first one ends the committed stream with one error event in the
@@ -267,24 +227,16 @@ async fn an_endless_later_event_ends_the_stream_with_an_error_event() {
     let exchange = jongler.send(gemini_stream()).await.expect("committed");
     assert_eq!((exchange.status, exchange.attempts), (200, 1));
     let ExchangeBody::Stream(mut stream) = exchange.body else { panic!("a stream") };
-    let mut bytes = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(chunk) = stream.chunk().await {
-            bytes.extend_from_slice(&chunk);
-        }
-    })
-    .await;
+    let (bytes, ended) = common::drain(&mut stream, Duration::from_secs(20)).await;
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    assert!(read.is_ok(), "the stream did not end in 20 s ({} bytes)", bytes.len());
+    assert!(ended, "the stream did not end in 20 s ({} bytes)", bytes.len());
     let first = String::from_utf8_lossy(&good_stream(StreamDialect::Gemini, MODEL, 3)[0]).into_owned();
     let rest = text.strip_prefix(&first).unwrap_or_else(|| panic!("the first event, whole: {text:.300}"));
     assert!(rest.starts_with("data: {\"error\":") && rest.ends_with("}}\r\n\r\n"), "{rest:.300}");
     assert!(rest.contains(&format!("larger than {MIB} bytes")), "{rest:.300}");
     assert!(all_vacant(&sandbox), "not the key's fault");
     assert_eq!(mock.stats().0, 1);
-    let sent = mock.endless_bytes();
-    eprintln!("{sent} bytes of the endless answer left the mock");
-    assert!(sent <= MIB as u64 + IN_TRANSIT, "{sent} bytes left the mock for a 1 MiB cap");
+    assert_capped(&mock);
 }
 
 /// A 429 that says "at once" still locks its key down for the floor: one request on two keys makes a
@@ -380,13 +332,7 @@ async fn a_broken_connection_is_sent_again_only_if_nothing_was_sent() {
     drop(closed);
     let sandbox = Sandbox::new(GEMINI, 2);
     sandbox.point_connector(GEMINI, "127.0.0.1", port, serde_json::json!({"backoff_ms": 5, "retries": 3}));
-    let jongler = Jongler::builder(GEMINI)
-        .keyring(&sandbox.keyring)
-        .database(&sandbox.db)
-        .connectors_dir(sandbox.connectors_dir())
-        .connect()
-        .await
-        .expect("connect");
+    let jongler = sandbox.jongler(GEMINI).connect().await.expect("connect");
     let error = jongler.send(generate()).await.expect_err("refused");
     assert!(matches!(error, Error::Transport { attempts: 4, .. }), "the first try and three retries: {error:?}");
 }

@@ -127,17 +127,19 @@ pub fn rewrite_upload_url_header(headers: &mut HeaderMap, upstream_base: &str, g
     }
 }
 
+/// A header map of `pairs`, in their order (a repeated name appends), for the gateway's unit tests.
+#[cfg(test)]
+pub(crate) fn header_map(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+    }
+    map
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
-        }
-        map
-    }
 
     fn pairs(map: &HeaderMap) -> Vec<(String, String)> {
         map.iter().map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned())).collect()
@@ -203,13 +205,13 @@ mod tests {
             ),
         ];
         for (name, incoming, expected) in cases {
-            assert_eq!(pairs(&upstream_request_headers(&map(incoming))), owned(expected), "{name}");
+            assert_eq!(pairs(&upstream_request_headers(&header_map(incoming))), owned(expected), "{name}");
         }
     }
 
     #[test]
     fn response_headers() {
-        let upstream = map(&[
+        let upstream = header_map(&[
             ("content-type", "text/event-stream"),
             ("content-encoding", "gzip"),
             ("content-length", "1000"),
@@ -289,7 +291,7 @@ mod tests {
         let base = gateway_base(listen, "generativelanguage.googleapis.com");
         assert_eq!(base, "http://[::1]:9000/generativelanguage.googleapis.com");
         assert_eq!(gateway_base("127.0.0.1:80".parse().unwrap(), "c"), "http://127.0.0.1:80/c");
-        let mut headers = map(&[
+        let mut headers = header_map(&[
             ("x-goog-upload-url", "https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id=Z"),
             ("x-goog-upload-status", "active"),
             ("x-goog-upload-url", "https://elsewhere.example/upload?upload_id=Z"),

@@ -179,14 +179,7 @@ pub fn add_cors_headers(headers: &mut HeaderMap, origin: &HeaderValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
-        }
-        map
-    }
+    use crate::gateway::headers::header_map;
 
     #[test]
     fn allowed_origins_parse_as_browsers_send_them() {
@@ -236,7 +229,7 @@ mod tests {
             ("another scheme", &[("origin", "http://app.example")], Some(false)),
         ];
         for (name, headers, expected) in cases {
-            let verdict = allowed.judge(&map(headers));
+            let verdict = allowed.judge(&header_map(headers));
             match expected {
                 None => assert_eq!(verdict, Verdict::NotCrossOrigin, "{name}"),
                 Some(true) => assert_eq!(verdict, Verdict::Allowed(app.clone()), "{name}"),
@@ -246,17 +239,17 @@ mod tests {
                 },
             }
             if *expected == Some(true) {
-                assert!(matches!(none.judge(&map(headers)), Verdict::Refused(_)), "{name}, nothing allowed");
+                assert!(matches!(none.judge(&header_map(headers)), Verdict::Refused(_)), "{name}, nothing allowed");
             }
         }
     }
 
     #[test]
     fn preflights_and_answers() {
-        assert!(is_preflight(&Method::OPTIONS, &map(&[("access-control-request-method", "POST")])));
-        assert!(!is_preflight(&Method::OPTIONS, &map(&[])));
-        assert!(!is_preflight(&Method::POST, &map(&[("access-control-request-method", "POST")])));
-        let asked = map(&[
+        assert!(is_preflight(&Method::OPTIONS, &header_map(&[("access-control-request-method", "POST")])));
+        assert!(!is_preflight(&Method::OPTIONS, &header_map(&[])));
+        assert!(!is_preflight(&Method::POST, &header_map(&[("access-control-request-method", "POST")])));
+        let asked = header_map(&[
             ("access-control-request-method", "POST"),
             ("access-control-request-headers", "content-type, x-goog-api-key"),
             ("access-control-request-private-network", "true"),
@@ -268,10 +261,10 @@ mod tests {
         assert_eq!(headers["access-control-allow-private-network"], "true");
         assert!(headers["access-control-allow-methods"].to_str().unwrap().contains("POST"));
         assert!(headers.get("access-control-allow-credentials").is_none());
-        let mut answer = map(&[("vary", "Accept-Encoding, origin")]);
+        let mut answer = header_map(&[("vary", "Accept-Encoding, origin")]);
         add_cors_headers(&mut answer, &HeaderValue::from_static("https://app.example"));
         assert_eq!(answer.get_all("vary").iter().count(), 1, "Origin already varies");
-        let mut answer = map(&[("vary", "X-Origin")]);
+        let mut answer = header_map(&[("vary", "X-Origin")]);
         add_cors_headers(&mut answer, &HeaderValue::from_static("https://app.example"));
         assert_eq!(answer.get_all("vary").iter().collect::<Vec<_>>(), ["X-Origin", "Origin"]);
     }

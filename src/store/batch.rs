@@ -228,6 +228,49 @@ mod tests {
         Ok(false)
     }
 
+    /// Keeps the first batch (end 0 alone) inside its write until ends 1 to 4 queued behind it.
+    struct HeldWrite {
+        entered: std::sync::Barrier,
+        release: std::sync::Barrier,
+    }
+
+    impl HeldWrite {
+        fn new() -> Self {
+            Self { entered: std::sync::Barrier::new(2), release: std::sync::Barrier::new(2) }
+        }
+
+        /// Called by a write with its batch's ids: holds the first batch; true for it alone.
+        fn hold(&self, ids: &[i64]) -> bool {
+            if ids != [0] {
+                return false;
+            }
+            self.entered.wait();
+            self.release.wait();
+            true
+        }
+
+        /// Commits end 0, and ends 1 to 4 while its write is held; lets the write go once all four are
+        /// queued behind it. End 0 is answered `Ok(true)`; returns each other end's id and thread result.
+        fn commit_behind<W>(&self, queue: &EndQueue, write: &W) -> Vec<(i64, std::thread::Result<Answer>)>
+        where
+            W: Fn(&[Arc<Queued<End, Answer>>], Instant) -> Written<Answer> + Sync,
+        {
+            std::thread::scope(|scope| {
+                let first = scope.spawn(move || queue.commit(end(0), far(), write, expired));
+                self.entered.wait();
+                let others: Vec<_> =
+                    (1..=4).map(|id| (id, scope.spawn(move || queue.commit(end(id), far(), write, expired)))).collect();
+                // Wait until all four are queued behind the first write.
+                while lock_len(queue) < 4 {
+                    std::thread::yield_now();
+                }
+                self.release.wait();
+                assert!(first.join().expect("first").expect("answer"));
+                others.into_iter().map(|(id, other)| (id, other.join())).collect()
+            })
+        }
+    }
+
     #[test]
     fn a_lone_end_is_written_at_once_by_its_caller() {
         let queue = EndQueue::default();
@@ -244,33 +287,16 @@ mod tests {
     fn ends_asked_for_during_a_write_go_together_and_each_gets_its_own_answer() {
         let queue = EndQueue::default();
         let batches = Mutex::new(Vec::new());
-        let (entered, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let held = HeldWrite::new();
         let write = |ends: &[Arc<Queued<End, Answer>>], _| {
             let ids: Vec<i64> = ends.iter().map(|end| end.item.id).collect();
-            if ids == [0] {
-                entered.wait(); // the first batch holds the write while the others queue
-                release.wait();
-            }
+            held.hold(&ids); // the first batch holds the write while the others queue
             batches.lock().expect("batches").push(ids.clone());
             Written::Answers(ids.iter().map(|id| Ok(id % 2 == 0)).collect())
         };
-        std::thread::scope(|scope| {
-            let (queue, write) = (&queue, &write);
-            let first = scope.spawn(move || queue.commit(end(0), far(), write, expired));
-            entered.wait();
-            let others: Vec<_> =
-                (1..=4).map(|id| scope.spawn(move || (id, queue.commit(end(id), far(), write, expired)))).collect();
-            // Wait until all four are queued behind the first write.
-            while lock_len(queue) < 4 {
-                std::thread::yield_now();
-            }
-            release.wait();
-            assert!(first.join().expect("first").expect("answer"));
-            for other in others {
-                let (id, answer) = other.join().expect("other");
-                assert_eq!(answer.expect("answer"), id % 2 == 0, "end {id} got its own answer");
-            }
-        });
+        for (id, answer) in held.commit_behind(&queue, &write) {
+            assert_eq!(answer.expect("other").expect("answer"), id % 2 == 0, "end {id} got its own answer");
+        }
         let batches = batches.into_inner().expect("batches");
         assert_eq!(batches.len(), 2, "the four queued ends went in one batch: {batches:?}");
         let mut second = batches[1].clone();
@@ -316,16 +342,13 @@ mod tests {
     #[test]
     fn a_failed_batch_is_written_again_one_by_one() {
         let queue = EndQueue::default();
-        let (entered, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let held = HeldWrite::new();
         let sizes = Mutex::new(Vec::new());
         let write =
             |ends: &[Arc<Queued<End, Answer>>], _| {
                 let ids: Vec<i64> = ends.iter().map(|end| end.item.id).collect();
                 sizes.lock().expect("sizes").push(ids.len());
-                if ids == [0] {
-                    entered.wait();
-                    release.wait();
-                }
+                held.hold(&ids);
                 if ids.contains(&3) && ids.len() > 1 {
                     return Written::Failed;
                 }
@@ -341,22 +364,10 @@ mod tests {
                         .collect(),
                 )
             };
-        std::thread::scope(|scope| {
-            let (queue, write) = (&queue, &write);
-            let first = scope.spawn(move || queue.commit(end(0), far(), write, expired));
-            entered.wait();
-            let others: Vec<_> =
-                (1..=4).map(|id| scope.spawn(move || (id, queue.commit(end(id), far(), write, expired)))).collect();
-            while lock_len(queue) < 4 {
-                std::thread::yield_now();
-            }
-            release.wait();
-            assert!(first.join().expect("first").expect("answer"));
-            for other in others {
-                let (id, answer) = other.join().expect("other");
-                assert_eq!(answer.is_err(), id == 3, "end {id}: {answer:?}");
-            }
-        });
+        for (id, answer) in held.commit_behind(&queue, &write) {
+            let answer = answer.expect("other");
+            assert_eq!(answer.is_err(), id == 3, "end {id}: {answer:?}");
+        }
         assert_eq!(sizes.into_inner().expect("sizes"), [1, 4, 1, 1, 1, 1]);
     }
 
@@ -365,31 +376,17 @@ mod tests {
     #[test]
     fn a_panicking_write_hands_the_rest_of_its_batch_to_the_next_leader() {
         let queue = EndQueue::default();
-        let (entered, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let held = HeldWrite::new();
         let panicked = AtomicBool::new(false);
         let write = |ends: &[Arc<Queued<End, Answer>>], _| {
             let ids: Vec<i64> = ends.iter().map(|end| end.item.id).collect();
-            if ids == [0] {
-                entered.wait();
-                release.wait();
-            } else if ids.len() > 1 && !panicked.swap(true, Ordering::SeqCst) {
+            if !held.hold(&ids) && ids.len() > 1 && !panicked.swap(true, Ordering::SeqCst) {
                 panic!("the first batch of several fails");
             }
             Written::Answers(ids.iter().map(|_| Ok(true)).collect())
         };
-        let outcomes: Vec<bool> = std::thread::scope(|scope| {
-            let (queue, write) = (&queue, &write);
-            let first = scope.spawn(move || queue.commit(end(0), far(), write, expired));
-            entered.wait();
-            let others: Vec<_> =
-                (1..=4).map(|id| scope.spawn(move || queue.commit(end(id), far(), write, expired))).collect();
-            while lock_len(queue) < 4 {
-                std::thread::yield_now();
-            }
-            release.wait();
-            assert!(first.join().expect("first").expect("answer"));
-            others.into_iter().map(|other| other.join().is_ok()).collect()
-        });
+        let outcomes: Vec<bool> =
+            held.commit_behind(&queue, &write).into_iter().map(|(_, other)| other.is_ok()).collect();
         assert_eq!(outcomes.iter().filter(|answered| **answered).count(), 3, "{outcomes:?}");
     }
 

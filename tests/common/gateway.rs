@@ -10,6 +10,16 @@ use serde_json::Value;
 
 use super::Sandbox;
 
+/// Gemini's connector name, the one the gateway tests serve (pointed at a loopback upstream).
+pub const GEMINI: &str = "generativelanguage.googleapis.com";
+
+/// A sandbox with `keys` keys for connector [`GEMINI`], which points at `127.0.0.1:port`.
+pub fn sandbox(keys: usize, port: u16) -> Sandbox {
+    let sandbox = Sandbox::new(GEMINI, keys);
+    sandbox.point_connector(GEMINI, "127.0.0.1", port, serde_json::json!({ "backoff_ms": 5, "timeout_secs": 10.0 }));
+    sandbox
+}
+
 /// A running `apijongler serve`; killed if a test ends without stopping it.
 pub struct Gateway {
     pub child: Child,

@@ -4,13 +4,14 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod gateway;
+pub mod socks;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
+use api_jongler::{Coordinator, CoordinatorOptions, Jongler, JonglerBuilder, Keyring, StreamingBody};
 use tempfile::TempDir;
 
 /// A temporary directory with a keyring and a database path in it.
@@ -55,6 +56,11 @@ impl Sandbox {
             "model": {"path_markers": ["models", "tunedModels"], "path_segments": 1, "body_field": "model"}
         });
         std::fs::write(dir.join(format!("{name}.json")), connector.to_string()).expect("write connector");
+    }
+
+    /// A library builder for `connector` on this sandbox's keyring, database and connector files.
+    pub fn jongler(&self, connector: &str) -> JonglerBuilder {
+        Jongler::builder(connector).keyring(&self.keyring).database(&self.db).connectors_dir(self.connectors_dir())
     }
 
     pub fn options(&self) -> CoordinatorOptions {
@@ -207,6 +213,18 @@ pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bo
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Reads `stream` to its end for at most `limit`: the bytes read, and whether it ended in time.
+pub async fn drain(stream: &mut StreamingBody, limit: Duration) -> (Vec<u8>, bool) {
+    let mut bytes = Vec::new();
+    let ended = tokio::time::timeout(limit, async {
+        while let Some(chunk) = stream.chunk().await {
+            bytes.extend_from_slice(&chunk);
+        }
+    })
+    .await;
+    (bytes, ended.is_ok())
 }
 
 /// `PRAGMA integrity_check` says ok.
