@@ -11,10 +11,11 @@
 //! never silently re-created empty by a later connection; [`FileIdentity`] tells when the path no
 //! longer leads to the file this process opened.
 
+use std::cell::Cell;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
@@ -145,9 +146,9 @@ fn create_file(path: &Path) -> Result<()> {
     }
 }
 
-/// Per-connection settings; `busy_timeout` first so the others already wait politely.
+/// Per-connection settings; the lock wait first so the others already wait politely.
 fn configure(connection: &Connection) -> rusqlite::Result<()> {
-    connection.busy_timeout(BUSY_TIMEOUT)?;
+    wait_for_lock(connection, Instant::now() + BUSY_TIMEOUT)?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
     connection.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
@@ -159,7 +160,7 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
 /// processes switching a fresh file at once can see "database is locked" despite the busy timeout;
 /// a retry bounded like every other lock wait (by the store's default floor) absorbs that.
 fn switch_to_wal(connection: &Connection) -> rusqlite::Result<()> {
-    let deadline = std::time::Instant::now() + super::DEFAULT_LOCK_WAIT_FLOOR;
+    let deadline = Instant::now() + super::DEFAULT_LOCK_WAIT_FLOOR;
     loop {
         let result: rusqlite::Result<String> =
             connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0));
@@ -171,7 +172,7 @@ fn switch_to_wal(connection: &Connection) -> rusqlite::Result<()> {
                     Some(format!("the file system refused WAL mode (journal mode stays '{mode}')")),
                 ));
             }
-            Err(error) if is_busy(&error) && std::time::Instant::now() < deadline => {
+            Err(error) if is_busy(&error) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5 + fastrand::u64(0..20)));
             }
             Err(error) => return Err(error),
@@ -227,6 +228,47 @@ fn refuse_foreign_or_newer(connection: &Connection, path: &Path) -> Result<i64> 
 /// The schema version whose migration stamps `application_id`.
 const APPLICATION_ID_SINCE: i64 = 3;
 
+thread_local! {
+    /// The deadline of the statements this thread runs, for [`retry_until_deadline`], which SQLite
+    /// calls as a plain `fn` without context. A pooled connection runs on the thread that checked it
+    /// out, right after [`wait_for_lock`] set this.
+    static LOCK_DEADLINE: Cell<Instant> = Cell::new(Instant::now());
+}
+
+/// The first sleep of a lock wait, and the longest: the write lock is mostly held for a fraction of a
+/// millisecond, so a waiter that sleeps SQLite's 1..100 ms steps finds it free long before it looks
+/// again, and loses it to a newcomer (at 16 processes: a p99.9 of half a second per claim).
+const FIRST_PAUSE: Duration = Duration::from_micros(100);
+const LONGEST_PAUSE: Duration = Duration::from_millis(1);
+
+/// Makes `connection`'s next statements on this thread wait for another connection's lock until
+/// `deadline`, then fail with SQLITE_BUSY; replaces SQLite's busy timeout (see [`retry_until_deadline`]).
+pub(super) fn wait_for_lock(connection: &Connection, deadline: Instant) -> rusqlite::Result<()> {
+    LOCK_DEADLINE.set(deadline);
+    connection.busy_handler(Some(retry_until_deadline))
+}
+
+/// SQLite's busy handler, `attempt` being the retries of this lock wait so far: true to try again.
+/// The first retry only yields the CPU (the holder may be about to commit); then sleeps doubling from
+/// [`FIRST_PAUSE`] to [`LONGEST_PAUSE`], with jitter so waiters do not retry in step, and never past the
+/// deadline. Measured at 16 processes on 64 keys: p99.9 of a claim+release 80 to 95 ms instead of 530
+/// to 800 (SQLite's steps), for about 50 % more CPU spent in the workers.
+fn retry_until_deadline(attempt: i32) -> bool {
+    let left = LOCK_DEADLINE.get().saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    if attempt == 0 {
+        std::thread::yield_now();
+        return true;
+    }
+    let doublings = u32::try_from(attempt - 1).unwrap_or(0).min(10);
+    let step = FIRST_PAUSE.saturating_mul(1 << doublings).min(LONGEST_PAUSE);
+    let pause = step / 2 + step.mul_f64(fastrand::f64() / 2.0);
+    std::thread::sleep(pause.min(left));
+    true
+}
+
 /// True for the two answers that mean "another connection holds the lock, try again".
 pub(super) fn is_busy(error: &rusqlite::Error) -> bool {
     matches!(error.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
@@ -236,6 +278,8 @@ pub(super) fn is_busy(error: &rusqlite::Error) -> bool {
 /// failures that come from the file system (full, read-only, I/O), whose hint differs.
 pub(super) fn classify(path: &Path, operation: &'static str, error: rusqlite::Error) -> Error {
     let hint = match error.sqlite_error_code() {
+        // Both are what reading the log through another process's stale index looks like.
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) if shm_deleted_in_use(path) => SHM_DELETED,
         Some(ErrorCode::NotADatabase) => return Error::NotADatabase { path: path.to_owned() },
         Some(ErrorCode::DiskFull) => "the disk is full: free space on it",
         Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied | ErrorCode::CannotOpen) => {
@@ -255,6 +299,34 @@ pub(super) fn classify(path: &Path, operation: &'static str, error: rusqlite::Er
         error => Box::new(error),
     };
     Error::Database { path: path.to_owned(), operation, hint, source }
+}
+
+/// The hint for a database whose `-shm` file was deleted while processes had it open.
+const SHM_DELETED: &str = "the database's shared-memory index (the file ending in -shm) was deleted while processes \
+     were using it, so they no longer see each other's writes; nothing is lost: stop the processes using the \
+     database (`fuser` on the file finds them), then run the command again (SQLite rebuilds the index from the file \
+     and its -wal); do not move the database away";
+
+/// True when some process (this one included) still maps `path`'s `-shm` file although it was deleted:
+/// then processes that opened the database since use a new, empty index beside the old one, and read
+/// the write-ahead log through the wrong one, which SQLite reports as a malformed database although the
+/// file is sound. Linux shows such a mapping in `/proc/PID/maps` as `PATH-shm (deleted)`; processes of
+/// other users are not readable there and are not seen.
+fn shm_deleted_in_use(path: &Path) -> bool {
+    let Some(db) = path.parent().and_then(|dir| dir.canonicalize().ok()).zip(path.file_name()) else {
+        return false;
+    };
+    let mut shm = db.0.join(db.1).into_os_string();
+    shm.push("-shm (deleted)");
+    let Some(shm) = shm.to_str() else { return false };
+    let Ok(processes) = std::fs::read_dir("/proc") else { return false };
+    processes
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_str().is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit())))
+        .any(|entry| {
+            std::fs::read_to_string(entry.path().join("maps"))
+                .is_ok_and(|maps| maps.lines().any(|line| line.ends_with(shm)))
+        })
 }
 
 #[cfg(test)]
