@@ -392,6 +392,24 @@ mod tests {
         assert!(!plain.contains("NFS") && !plain.contains('('), "{plain}");
     }
 
+    /// The busy handler keeps the caller's deadline: it gives up at it (not 100 ms later, as SQLite's
+    /// steps could), and retries until then.
+    #[test]
+    fn a_lock_wait_ends_at_its_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lock.db");
+        let holder = Connection::open(&path).expect("open");
+        holder.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); BEGIN IMMEDIATE;").expect("lock");
+        let waiter = Connection::open(&path).expect("open");
+        let started = Instant::now();
+        wait_for_lock(&waiter, started + Duration::from_millis(300)).expect("handler");
+        let error = waiter.execute_batch("BEGIN IMMEDIATE").expect_err("still locked");
+        let waited = started.elapsed();
+        assert!(is_busy(&error), "{error}");
+        // A generous upper bound: a loaded machine may deschedule the waiter, but not for seconds.
+        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
+    }
+
     #[test]
     fn no_message_quotes_sql() {
         let error = rusqlite::Error::SqlInputError {
