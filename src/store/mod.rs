@@ -681,7 +681,7 @@ impl Store {
     ) -> Result<T> {
         let connection = self.connection(operation)?;
         let failed = |error| schema::classify(&self.path, operation, error);
-        connection.busy_timeout(self.lock_wait_floor).map_err(failed)?;
+        schema::wait_for_lock(&connection, Instant::now() + self.lock_wait_floor).map_err(failed)?;
         f(&connection).map_err(failed)
     }
 
@@ -712,7 +712,7 @@ impl Store {
         let mut warned = false;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            connection.busy_timeout(remaining.min(BUSY_SLICE)).map_err(failed)?;
+            schema::wait_for_lock(&connection, Instant::now() + remaining.min(BUSY_SLICE)).map_err(failed)?;
             let result = connection.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|transaction| {
                 let value = f(&transaction)?;
                 transaction.commit()?;
