@@ -1,0 +1,96 @@
+//! Repros found by review of the hardening changes (issue 13). Each test states the promise it
+//! checks; a failing test here is a defect in the code under test.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api_jongler::{Coordinator, CoordinatorOptions};
+use common::Sandbox;
+
+const CONNECTOR: &str = "generativelanguage.googleapis.com";
+
+/// A user's `sqlite3` shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
+struct SqliteShell {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl SqliteShell {
+    fn lock(sandbox: &Sandbox) -> Self {
+        let mut child = Command::new("sqlite3")
+            .arg(&sandbox.db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sqlite3 is installed");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "BEGIN IMMEDIATE;\nSELECT 'locked';").expect("write");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "locked", "sqlite3 holds the write lock");
+        Self { child, stdin }
+    }
+
+    fn release(mut self) {
+        writeln!(self.stdin, "COMMIT;\n.quit").expect("write");
+        drop(self.stdin);
+        self.child.wait().expect("sqlite3 exits");
+    }
+}
+
+fn coordinator(sandbox: &Sandbox, floor: Duration) -> Coordinator {
+    sandbox.coordinator(CoordinatorOptions { lock_wait_floor: floor, ..sandbox.options() })
+}
+
+/// "Every waiter is answered by its own deadline": the watcher's claim waits for the write lock until
+/// the earliest lock deadline among the waiters *it saw when the round began*. A waiter that arrives
+/// while that claim is blocked, with a shorter deadline, is answered only when the claim returns (the
+/// older waiter's whole wait, or when the lock ends), not by its own deadline (plus the floor).
+///
+/// Setup: one key in lockdown for 3 s; waiter A (wait 60 s) queues for it; an external `sqlite3`
+/// takes the write lock; the lockdown ends, so the watcher starts a claim that may wait 60 s for the
+/// lock. Then waiter B (wait 1 s, floor 1 s) queues behind A. B must hear back within a few seconds.
+#[test]
+fn a_newcomer_with_a_short_wait_is_not_held_by_an_older_waiters_lock_wait() {
+    let sandbox = Sandbox::new(CONNECTOR, 1);
+    let floor = Duration::from_secs(1);
+    let coordinator = coordinator(&sandbox, floor);
+    let lease = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("the key is free");
+    let lockdown = Duration::from_secs(3);
+    let lockdown_ends = Instant::now() + lockdown;
+    lease.lockdown(coordinator.now_ms() + 3_000, "per-minute quota", Some(429)).expect("lockdown");
+
+    std::thread::scope(|scope| {
+        let older = {
+            let coordinator = coordinator.clone();
+            scope.spawn(move || coordinator.claim(CONNECTOR, &[], Duration::from_secs(60)).map(drop))
+        };
+        // A has made its in-place attempt (no key: lockdown) and queued well before the lockdown ends.
+        std::thread::sleep(Duration::from_millis(1_000));
+        let shell = SqliteShell::lock(&sandbox);
+        // The lockdown ends under the lock: the watcher sees a claimable key and blocks in its claim.
+        std::thread::sleep(lockdown_ends.saturating_duration_since(Instant::now()) + Duration::from_millis(500));
+        let asked = Instant::now();
+        let newcomer = {
+            let coordinator = coordinator.clone();
+            scope.spawn(move || {
+                let answer = coordinator.claim(CONNECTOR, &[], Duration::from_secs(1)).map(drop);
+                (asked.elapsed(), answer)
+            })
+        };
+        // Keep the lock for 20 s at most (or until the newcomer is answered).
+        let limit = Instant::now() + Duration::from_secs(20);
+        while !newcomer.is_finished() && Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        shell.release();
+        let (took, answer) = newcomer.join().expect("newcomer");
+        drop(older.join().expect("older"));
+        // Its own deadline is 1 s (the floor is 1 s); 5 s is a generous margin for a loaded machine.
+        assert!(took < Duration::from_secs(5), "a 1 s wait was answered after {took:?}: {answer:?}");
+    });
+}
