@@ -94,3 +94,49 @@ fn a_newcomer_with_a_short_wait_is_not_held_by_an_older_waiters_lock_wait() {
         assert!(took < Duration::from_secs(5), "a 1 s wait was answered after {took:?}: {answer:?}");
     });
 }
+
+/// A clock that panics when read on the waiters' watcher thread: stands for any panic there (a bug,
+/// a user's clock).
+#[derive(Debug)]
+struct PanicsOnWatcher;
+
+impl api_jongler::Clock for PanicsOnWatcher {
+    fn now_ms(&self) -> i64 {
+        if std::thread::current().name() == Some("apijongler-waiters") {
+            panic!("a panic on the watcher thread");
+        }
+        api_jongler::SystemClock.now_ms()
+    }
+
+    fn boot_ms(&self) -> i64 {
+        api_jongler::SystemClock.boot_ms()
+    }
+}
+
+/// waiting.rs says "a watcher that died (a panic) drops the sender", so a blocked caller hears of it.
+/// It does not: the waiters (and their senders) live in the shared queue, not in the watcher, and
+/// `watching` stays true, so no later waiter starts a new watcher either. A panic on the watcher
+/// thread leaves every thread waiter of the process blocked forever, past its deadline.
+#[test]
+fn a_panicking_watcher_does_not_leave_waiters_blocked_forever() {
+    let sandbox = Sandbox::new(CONNECTOR, 1);
+    let options = CoordinatorOptions {
+        lock_wait_floor: Duration::from_secs(1),
+        clock: std::sync::Arc::new(PanicsOnWatcher),
+        ..sandbox.options()
+    };
+    let coordinator = sandbox.coordinator(options);
+    let _held = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("the key is free");
+    let waiter = {
+        let coordinator = coordinator.clone();
+        std::thread::spawn(move || coordinator.claim(CONNECTOR, &[], Duration::from_secs(1)).map(drop))
+    };
+    // Its deadline is 1 s; 15 s is far past it.
+    let limit = Instant::now() + Duration::from_secs(15);
+    while !waiter.is_finished() && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(waiter.is_finished(), "a waiter with a 1 s wait is still blocked after 15 s (the watcher panicked)");
+    let answer = waiter.join().expect("waiter");
+    assert!(answer.is_err(), "{answer:?}");
+}
