@@ -140,3 +140,87 @@ fn a_panicking_watcher_does_not_leave_waiters_blocked_forever() {
     let answer = waiter.join().expect("waiter");
     assert!(answer.is_err(), "{answer:?}");
 }
+
+/// A running `apijongler serve --wait 60s` for connector [`CONNECTOR`] at a loopback upstream.
+struct Serve {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Serve {
+    fn start(sandbox: &Sandbox) -> Serve {
+        let mut child = sandbox
+            .apijongler()
+            .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
+            .args(["serve", "--listen", "127.0.0.1:0", "--wait", "60s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start apijongler serve");
+        let pipe = child.stderr.take().expect("stderr");
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("apijongler serve: listening on http://") {
+                    let _ = found.send(addr.parse::<std::net::SocketAddr>().expect("an address"));
+                }
+            }
+        });
+        let addr = address.recv_timeout(Duration::from_secs(60)).expect("serve's address");
+        Serve { child, addr }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that goes away (closes its socket) while its request waits for a key must not have that
+/// request sent upstream later with a pool key: nobody will read the answer, and the generation is
+/// paid for. `Hangup` (serve/hangup.rs) treats every end of file after a request as a half-close and
+/// hides it from hyper, so since the item-14 change the request (and its wait) goes on; before it,
+/// hyper's default ended the connection and dropped the request, which took it out of the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_left_while_waiting_for_a_key_is_not_sent_upstream() {
+    use api_jongler::mock::{MockConfig, MockUpstream};
+    let mock = MockUpstream::start(MockConfig { latency: Duration::from_secs(2), ..MockConfig::default() })
+        .await
+        .expect("mock");
+    let sandbox = Sandbox::new(CONNECTOR, 1);
+    sandbox.point_connector(CONNECTOR, "127.0.0.1", mock.port(), serde_json::json!({ "backoff_ms": 5 }));
+    let serve = Serve::start(&sandbox);
+    let addr = serve.addr;
+    let path = format!("/{CONNECTOR}/v1beta/models/gemini-2.5-flash:generateContent");
+    let holder = {
+        let url = format!("http://{addr}{path}");
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder().no_proxy().build().expect("client");
+            client.post(url).body("{}").send().await.expect("send").status()
+        })
+    };
+    // The one key is in use upstream.
+    let busy = mock.wait_for(Duration::from_secs(30), |keys| keys.values().any(|stats| stats.in_flight() > 0)).await;
+    assert!(busy, "the holder's request is upstream");
+    // A client sends its request, waits a little (it is queued for the key), and leaves.
+    tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        stream.write_all(request.as_bytes()).expect("write");
+        std::thread::sleep(Duration::from_millis(500));
+        drop(stream);
+    })
+    .await
+    .expect("leaver");
+    assert_eq!(holder.await.expect("holder").as_u16(), 200);
+    // Had the leaver's request still been queued, it would go upstream right after the holder's.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let seen = mock.seen_requests().len();
+    drop(serve);
+    assert_eq!(seen, 1, "the upstream got {seen} requests: the one of a client that had left was sent too");
+}
