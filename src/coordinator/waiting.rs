@@ -258,7 +258,7 @@ impl Coordinator {
         let mut next = now + RECHECK;
         let Some(earliest) = waiting.iter().map(|waiter| waiter.lock_deadline).min() else { return next };
         // Claims wait for the lock until the earliest deadline, so nobody is answered late for it.
-        let lock_deadline = earliest.max(now + POLL);
+        let lock_deadline = earliest.min(now + RECHECK).max(now + POLL);
         let mut locked: Option<Error> = None;
         let mut served: Vec<bool> = vec![false; waiting.len()];
         for (first, waiter) in waiting.iter().enumerate() {
@@ -290,7 +290,8 @@ impl Coordinator {
             if served[i] {
                 continue;
             }
-            if waiter.deadline <= now {
+            let due = if locked.is_some() { waiter.lock_deadline } else { waiter.deadline };
+            if due <= now {
                 served[i] = true;
                 let answer = match &locked {
                     Some(Error::DatabaseLocked { path, operation, .. }) => {
@@ -300,7 +301,7 @@ impl Coordinator {
                 };
                 waiter.answer(answer);
             } else {
-                next = next.min(waiter.deadline);
+                next = next.min(due);
             }
         }
         let mut queue = self.inner.waiters.queue();
