@@ -390,6 +390,7 @@ pub(super) fn hopeless(availability: &Availability, lockdown_end: Option<Instant
 /// The watcher thread: rounds of [`Coordinator::serve_waiters`] on each change, poke or deadline, until
 /// nobody waits or the coordinator is gone.
 fn watch(inner: Weak<Inner>) {
+    let _unwinding = Unwinding(inner.clone());
     let watch = match inner.upgrade() {
         Some(inner) => inner.store.watch_changes(),
         None => return,
@@ -428,6 +429,29 @@ fn watch(inner: Weak<Inner>) {
             if changed {
                 break;
             }
+        }
+    }
+}
+
+/// Held by the watcher thread: if it panics, the waiters hear of it (their senders live in the queue,
+/// not in the thread) and the next waiter starts a new watcher.
+struct Unwinding(Weak<Inner>);
+
+impl Drop for Unwinding {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(inner) = self.0.upgrade() else { return };
+        let waiting: Vec<Arc<Waiter>> = {
+            let mut queue = inner.waiters.queue();
+            queue.watching = false;
+            queue.waiting.drain(..).collect()
+        };
+        for waiter in waiting {
+            waiter.answer(Err(Error::InvalidRequest {
+                problem: format!("the thread watching for a free key of '{}' stopped; try again", waiter.connector),
+            }));
         }
     }
 }
