@@ -191,6 +191,9 @@ impl Coordinator {
     pub(super) async fn claim_as_task(&self, request: &Request<'_>) -> Result<Lease> {
         let waiters = &self.inner.waiters;
         let in_place = waiters.in_place.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < IN_PLACE;
+        // Counted out however this future ends: dropped while its claim runs on the blocking pool
+        // (a current-thread runtime), the count would otherwise stay up for good.
+        let counted = InPlace(&waiters.in_place);
         let first = (in_place && waiters.nobody_waits(request.connector)) || request.deadline <= request.started;
         let claimed = if first {
             let coordinator = self.clone();
@@ -199,7 +202,7 @@ impl Coordinator {
         } else {
             Ok(None)
         };
-        waiters.in_place.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        drop(counted);
         if let Some(lease) = claimed? {
             return Ok(lease);
         }
@@ -453,5 +456,14 @@ impl Drop for Unwinding {
                 problem: format!("the thread watching for a free key of '{}' stopped; try again", waiter.connector),
             }));
         }
+    }
+}
+
+/// One async claim counted in [`Waiters::in_place`] until dropped.
+struct InPlace<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InPlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
