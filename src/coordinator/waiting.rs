@@ -191,6 +191,9 @@ impl Coordinator {
     pub(super) async fn claim_as_task(&self, request: &Request<'_>) -> Result<Lease> {
         let waiters = &self.inner.waiters;
         let in_place = waiters.in_place.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < IN_PLACE;
+        // Counted out however this future ends: dropped while its claim runs on the blocking pool
+        // (a current-thread runtime), the count would otherwise stay up for good.
+        let counted = InPlace(&waiters.in_place);
         let first = (in_place && waiters.nobody_waits(request.connector)) || request.deadline <= request.started;
         let claimed = if first {
             let coordinator = self.clone();
@@ -199,7 +202,7 @@ impl Coordinator {
         } else {
             Ok(None)
         };
-        waiters.in_place.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        drop(counted);
         if let Some(lease) = claimed? {
             return Ok(lease);
         }
@@ -258,7 +261,7 @@ impl Coordinator {
         let mut next = now + RECHECK;
         let Some(earliest) = waiting.iter().map(|waiter| waiter.lock_deadline).min() else { return next };
         // Claims wait for the lock until the earliest deadline, so nobody is answered late for it.
-        let lock_deadline = earliest.max(now + POLL);
+        let lock_deadline = earliest.min(now + RECHECK).max(now + POLL);
         let mut locked: Option<Error> = None;
         let mut served: Vec<bool> = vec![false; waiting.len()];
         for (first, waiter) in waiting.iter().enumerate() {
@@ -290,7 +293,8 @@ impl Coordinator {
             if served[i] {
                 continue;
             }
-            if waiter.deadline <= now {
+            let due = if locked.is_some() { waiter.lock_deadline } else { waiter.deadline };
+            if due <= now {
                 served[i] = true;
                 let answer = match &locked {
                     Some(Error::DatabaseLocked { path, operation, .. }) => {
@@ -300,7 +304,7 @@ impl Coordinator {
                 };
                 waiter.answer(answer);
             } else {
-                next = next.min(waiter.deadline);
+                next = next.min(due);
             }
         }
         let mut queue = self.inner.waiters.queue();
@@ -389,6 +393,7 @@ pub(super) fn hopeless(availability: &Availability, lockdown_end: Option<Instant
 /// The watcher thread: rounds of [`Coordinator::serve_waiters`] on each change, poke or deadline, until
 /// nobody waits or the coordinator is gone.
 fn watch(inner: Weak<Inner>) {
+    let _unwinding = Unwinding(inner.clone());
     let watch = match inner.upgrade() {
         Some(inner) => inner.store.watch_changes(),
         None => return,
@@ -428,5 +433,37 @@ fn watch(inner: Weak<Inner>) {
                 break;
             }
         }
+    }
+}
+
+/// Held by the watcher thread: if it panics, the waiters hear of it (their senders live in the queue,
+/// not in the thread) and the next waiter starts a new watcher.
+struct Unwinding(Weak<Inner>);
+
+impl Drop for Unwinding {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(inner) = self.0.upgrade() else { return };
+        let waiting: Vec<Arc<Waiter>> = {
+            let mut queue = inner.waiters.queue();
+            queue.watching = false;
+            queue.waiting.drain(..).collect()
+        };
+        for waiter in waiting {
+            waiter.answer(Err(Error::InvalidRequest {
+                problem: format!("the thread watching for a free key of '{}' stopped; try again", waiter.connector),
+            }));
+        }
+    }
+}
+
+/// One async claim counted in [`Waiters::in_place`] until dropped.
+struct InPlace<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InPlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
