@@ -338,3 +338,40 @@ async fn the_library_refuses_a_path_that_changes_on_its_way_upstream() {
     let outgoing = api_jongler::Outgoing::new(reqwest::Method::POST, GENERATE, "{}");
     assert_eq!(jongler.send(outgoing).await.expect("a clean path").status, 200);
 }
+
+/// A client that goes away (closes its socket) while its request waits for a key must not have that
+/// request sent upstream later with a pool key: nobody would read the answer, the generation would be
+/// paid for, and live clients would wait behind it. One key, busy upstream for 2 s; a client sends its
+/// request and leaves; a live client asks after it. Waiters are served first come, first served, so
+/// had the leaver's request stayed queued it would reach the upstream before the live one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_left_while_waiting_for_a_key_is_not_sent_upstream() {
+    let mock = MockUpstream::start(MockConfig { latency: Duration::from_secs(2), ..MockConfig::default() })
+        .await
+        .expect("mock");
+    let sandbox = sandbox(1, mock.port());
+    let gateway = Gateway::start(&sandbox, &["--wait", "60s"], &[]);
+    let url = gateway.url(&format!("/{C}{GENERATE}"));
+    let holder = tokio::spawn(client().post(url.clone()).body("{}").send());
+    let busy = mock.wait_for(Duration::from_secs(30), |keys| keys.values().any(|stats| stats.in_flight() > 0)).await;
+    assert!(busy, "the holder's request is upstream");
+    // A client sends its request and leaves while it is queued for the key.
+    let addr = gateway.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        let request = format!(
+            "POST /{C}{GENERATE} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        stream.write_all(request.as_bytes()).expect("write");
+        // Long enough for the gateway to read it and queue it for the key (a few ms): were it not
+        // queued yet, the test could only pass, never fail wrongly.
+        std::thread::sleep(Duration::from_millis(500));
+    })
+    .await
+    .expect("leaver");
+    let live = client().post(url).body("{}").send().await.expect("live request");
+    assert_eq!(live.status(), 200);
+    assert_eq!(holder.await.expect("holder").expect("holder's answer").status(), 200);
+    let seen = mock.seen_requests().len();
+    assert_eq!(seen, 2, "the upstream got {seen} requests: the one of a client that had left was sent too");
+}

@@ -248,3 +248,98 @@ async fn gateway_clients_under_a_held_lock_are_each_answered_by_their_own_deadli
     }
     assert_eq!(mock.stats().0, 0, "nothing was sent");
 }
+
+/// "Every waiter is answered by its own deadline": the watcher's claim waits for the write lock until
+/// the earliest lock deadline among the waiters *it saw when the round began*. A waiter that arrives
+/// while that claim is blocked, with a shorter deadline, is answered only when the claim returns (the
+/// older waiter's whole wait, or when the lock ends), not by its own deadline (plus the floor).
+///
+/// Setup: one key in lockdown for 3 s; waiter A (wait 60 s) queues for it; an external `sqlite3`
+/// takes the write lock; the lockdown ends, so the watcher starts a claim that may wait 60 s for the
+/// lock. Then waiter B (wait 1 s, floor 1 s) queues behind A. B must hear back within a few seconds.
+#[test]
+fn a_newcomer_with_a_short_wait_is_not_held_by_an_older_waiters_lock_wait() {
+    let sandbox = Sandbox::new(CONNECTOR, 1);
+    let floor = Duration::from_secs(1);
+    let coordinator = coordinator(&sandbox, floor);
+    let lease = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("the key is free");
+    let lockdown = Duration::from_secs(3);
+    let lockdown_ends = Instant::now() + lockdown;
+    lease.lockdown(coordinator.now_ms() + 3_000, "per-minute quota", Some(429)).expect("lockdown");
+
+    std::thread::scope(|scope| {
+        let older = {
+            let coordinator = coordinator.clone();
+            scope.spawn(move || coordinator.claim(CONNECTOR, &[], Duration::from_secs(60)).map(drop))
+        };
+        // A has made its in-place attempt (no key: lockdown) and queued well before the lockdown ends.
+        std::thread::sleep(Duration::from_millis(1_000));
+        let shell = SqliteShell::lock(&sandbox);
+        // The lockdown ends under the lock: the watcher sees a claimable key and blocks in its claim.
+        std::thread::sleep(lockdown_ends.saturating_duration_since(Instant::now()) + Duration::from_millis(500));
+        let asked = Instant::now();
+        let newcomer = {
+            let coordinator = coordinator.clone();
+            scope.spawn(move || {
+                let answer = coordinator.claim(CONNECTOR, &[], Duration::from_secs(1)).map(drop);
+                (asked.elapsed(), answer)
+            })
+        };
+        // Keep the lock for 20 s at most (or until the newcomer is answered).
+        let limit = Instant::now() + Duration::from_secs(20);
+        while !newcomer.is_finished() && Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        shell.release();
+        let (took, answer) = newcomer.join().expect("newcomer");
+        drop(older.join().expect("older"));
+        // Its own deadline is 1 s (the floor is 1 s); 5 s is a generous margin for a loaded machine.
+        assert!(took < Duration::from_secs(5), "a 1 s wait was answered after {took:?}: {answer:?}");
+    });
+}
+
+/// A clock that panics when read on the waiters' watcher thread: stands for any panic there (a bug,
+/// a user's clock).
+#[derive(Debug)]
+struct PanicsOnWatcher;
+
+impl api_jongler::Clock for PanicsOnWatcher {
+    fn now_ms(&self) -> i64 {
+        if std::thread::current().name() == Some("apijongler-waiters") {
+            panic!("a panic on the watcher thread");
+        }
+        api_jongler::SystemClock.now_ms()
+    }
+
+    fn boot_ms(&self) -> i64 {
+        api_jongler::SystemClock.boot_ms()
+    }
+}
+
+/// waiting.rs says "a watcher that died (a panic) drops the sender", so a blocked caller hears of it.
+/// It does not: the waiters (and their senders) live in the shared queue, not in the watcher, and
+/// `watching` stays true, so no later waiter starts a new watcher either. A panic on the watcher
+/// thread leaves every thread waiter of the process blocked forever, past its deadline.
+#[test]
+fn a_panicking_watcher_does_not_leave_waiters_blocked_forever() {
+    let sandbox = Sandbox::new(CONNECTOR, 1);
+    let options = CoordinatorOptions {
+        lock_wait_floor: Duration::from_secs(1),
+        clock: Arc::new(PanicsOnWatcher),
+        ..sandbox.options()
+    };
+    let coordinator = sandbox.coordinator(options);
+    let _held = coordinator.claim(CONNECTOR, &[], Duration::ZERO).expect("the key is free");
+    let waiter = {
+        let coordinator = coordinator.clone();
+        std::thread::spawn(move || coordinator.claim(CONNECTOR, &[], Duration::from_secs(1)).map(drop))
+    };
+    // Its deadline is 1 s; 15 s is far past it.
+    let limit = Instant::now() + Duration::from_secs(15);
+    while !waiter.is_finished() && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(waiter.is_finished(), "a waiter with a 1 s wait is still blocked after 15 s (the watcher panicked)");
+    let answer = waiter.join().expect("waiter");
+    assert!(answer.is_err(), "{answer:?}");
+}

@@ -254,7 +254,8 @@ async fn connection(
 ) {
     // A client that shut its sending side after its request is answered, then the connection closes
     // (no request can follow); one that leaves while being answered ends the connection at once.
-    let (stream, half_closed) = hangup::Hangup::new(stream);
+    let ends = stream.peer_addr().ok().zip(stream.local_addr().ok());
+    let (stream, half_closed) = hangup::Hangup::new(stream, ends);
     let service = service_fn(move |request| {
         let (gateway, half_closed) = (Arc::clone(&gateway), half_closed.clone());
         async move {

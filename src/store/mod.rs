@@ -48,9 +48,6 @@ pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
 /// lose the lock for seconds in a row.
 const HOLDER_PATIENCE: u32 = 3;
 
-/// The longest single wait inside SQLite's busy handler, so a deadline is checked at least this often.
-const BUSY_SLICE: Duration = Duration::from_millis(250);
-
 /// The database: one file shared by every process of a user.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -698,8 +695,7 @@ impl Store {
     }
 
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
-    /// `deadline` exactly; then [`Error::DatabaseLocked`]. The wait is cut in slices so the deadline is
-    /// kept whatever SQLite's busy handler does.
+    /// `deadline` exactly (the busy handler stops there); then [`Error::DatabaseLocked`].
     fn write_by<T>(
         &self,
         operation: &'static str,
@@ -711,8 +707,7 @@ impl Store {
         let failed = |error| schema::classify(&self.path, operation, error);
         let mut warned = false;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            schema::wait_for_lock(&connection, Instant::now() + remaining.min(BUSY_SLICE)).map_err(failed)?;
+            schema::wait_for_lock(&connection, deadline).map_err(failed)?;
             let result = connection.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|transaction| {
                 let value = f(&transaction)?;
                 transaction.commit()?;
