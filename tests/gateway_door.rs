@@ -276,6 +276,26 @@ async fn health_says_when_the_database_is_gone() {
     assert_eq!(response.status(), 503);
 }
 
+/// With a gateway token, health is the one endpoint anyone may read: it says the database cannot be
+/// read without naming the file (which may name the user); the log names it.
+#[tokio::test]
+async fn health_behind_a_token_does_not_name_the_database() {
+    let upstream = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let sandbox = sandbox(1, upstream.port());
+    let gateway = Gateway::start(&sandbox, &[], &[("APIJONGLER_GATEWAY_TOKEN", "fake-gateway-token-1")]);
+    let health = gateway.url("/__apijongler/health");
+    assert_eq!(client().get(&health).send().await.unwrap().status(), 200);
+    std::fs::remove_file(&sandbox.db).unwrap();
+    let response = client().get(&health).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body = body_json(response).await;
+    let problem = body["problem"].as_str().unwrap_or_else(|| panic!("{body}"));
+    let db = sandbox.db.display().to_string();
+    assert!(!problem.contains(&db) && problem.contains("log"), "{problem}");
+    common::gateway::eventually(Duration::from_secs(10), "the log names the file", || gateway.stderr().contains(&db))
+        .await;
+}
+
 /// Writes `request`, shuts the write side down (as `curl --no-buffer` or a script piping into `nc -N`
 /// do), and reads the whole answer.
 async fn half_closed(addr: SocketAddr, request: String) -> String {

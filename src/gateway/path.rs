@@ -59,6 +59,12 @@ pub fn upstream_url(base_url: &str, path_and_query: &str) -> Result<Url, PathRef
             encoded.to_ascii_uppercase()
         ));
     }
+    if given_path.contains("//") {
+        return refused(format!(
+            "the path `{given_path}` has an empty segment (`//`), which an upstream may merge away: the path the \
+             model is read from changes on the way; it is refused: send it with single slashes"
+        ));
+    }
     let base = match Url::parse(base_url) {
         Ok(base) => base,
         Err(error) => return refused(format!("the connector's base URL `{base_url}` is not a URL ({error})")),
@@ -170,6 +176,8 @@ mod tests {
             (GOOGLE, format!("/v1beta/models/x/.%2E/{pro}"), "%2E"),
             (GOOGLE, format!("/v1beta/models/x%5c..%5c{pro}"), "%5C"),
             (GOOGLE, format!("/v1beta/models/x%2F..%2F{pro}"), "%2F"),
+            (GOOGLE, format!("/v1beta/models//{pro}"), "empty segment"),
+            (GOOGLE, "//v1beta/models".to_owned(), "empty segment"),
             (GOOGLE, "/v1beta/models/gemini 2.5:generateContent".to_owned(), "would be sent as"),
             (GOOGLE, "/v1beta/models/{m}:x".to_owned(), "would be sent as"),
             (GOOGLE, "/v1beta/models/\"m\":x".to_owned(), "would be sent as"),

@@ -266,6 +266,12 @@ impl Gateway {
         let read = tokio::task::spawn_blocking(move || coordinator.store().schema_version()).await;
         let problem = match read {
             Ok(Ok(_)) => None,
+            // The store's error names the database file (and so maybe the user): with a token, health is
+            // the one endpoint a stranger may read, so it only says where to look.
+            Ok(Err(error)) if self.settings.token.is_some() => {
+                tracing::warn!(error = %error, "health check: the database cannot be read");
+                Some("the database cannot be read: see the gateway's log for the file and what to do".to_owned())
+            }
             Ok(Err(error)) => Some(error.to_string()),
             Err(error) => Some(format!("the database read of the health check did not finish ({error})")),
         };
