@@ -42,6 +42,9 @@ pub use types::*;
 /// How long any operation may wait for another process's write lock, at least (see [`Store::write`]).
 pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
 
+/// The longest single lock wait inside SQLite's busy handler, so the write loop can say that it waits.
+const WAIT_SLICE: Duration = Duration::from_millis(250);
+
 /// How many floors a holder's own bookkeeping (ending a lease, recording an attempt, a heartbeat) may
 /// wait: giving up on it costs more than the wait (a key held until the retry lands, an answer reported
 /// as not recorded), and SQLite's busy handler is not fair, so under heavy contention one writer can
@@ -695,7 +698,8 @@ impl Store {
     }
 
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
-    /// `deadline` exactly (the busy handler stops there); then [`Error::DatabaseLocked`].
+    /// `deadline` exactly (the busy handler stops there); then [`Error::DatabaseLocked`]. A wait of
+    /// over a second is logged once, while it lasts.
     fn write_by<T>(
         &self,
         operation: &'static str,
@@ -707,7 +711,8 @@ impl Store {
         let failed = |error| schema::classify(&self.path, operation, error);
         let mut warned = false;
         loop {
-            schema::wait_for_lock(&connection, deadline).map_err(failed)?;
+            // In slices, so a long wait is said in the log while it lasts.
+            schema::wait_for_lock(&connection, deadline.min(Instant::now() + WAIT_SLICE)).map_err(failed)?;
             let result = connection.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|transaction| {
                 let value = f(&transaction)?;
                 transaction.commit()?;
