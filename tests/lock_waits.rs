@@ -343,3 +343,37 @@ fn a_panicking_watcher_does_not_leave_waiters_blocked_forever() {
     let answer = waiter.join().expect("waiter");
     assert!(answer.is_err(), "{answer:?}");
 }
+
+/// Waiters for different models are served apart: a key freed while it is locked down for one model
+/// goes to the waiter of the other model, and the waiter of the locked-down model hears at once that
+/// its wait cannot succeed (rather than the two being judged by the first one's model).
+#[test]
+fn waiters_for_different_models_are_served_apart() {
+    use api_jongler::store::{Fate, Lockdown};
+    let sandbox = Sandbox::new(CONNECTOR, 1);
+    let coordinator = coordinator(&sandbox, Duration::from_secs(1));
+    let pro = coordinator.claim_for(CONNECTOR, Some("pro"), &[], Duration::ZERO).expect("free");
+    let hour = coordinator.now_ms() + 3_600_000;
+    let lockdown = Lockdown { models: vec!["pro".to_owned()], ..Lockdown::whole_key(hour, "daily quota", Some(429)) };
+    pro.finish(&Fate::Lockdown(lockdown), None).expect("locked down for pro");
+    let held = coordinator.claim_for(CONNECTOR, Some("flash"), &[], Duration::ZERO).expect("free for flash");
+    std::thread::scope(|scope| {
+        let waiter = |model: &'static str| {
+            let coordinator = coordinator.clone();
+            scope.spawn(move || coordinator.claim_for(CONNECTOR, Some(model), &[], Duration::from_secs(20)))
+        };
+        let pro_waiter = waiter("pro");
+        // The pro waiter queues first (were it not queued yet, the flash one would be served first
+        // and the test could only pass).
+        std::thread::sleep(Duration::from_millis(300));
+        let flash_waiter = waiter("flash");
+        std::thread::sleep(Duration::from_millis(300));
+        held.release().expect("release");
+        let flash = flash_waiter.join().expect("flash waiter");
+        assert_eq!(flash.expect("the freed key serves flash").key_name(), "key0");
+        let started = Instant::now();
+        let pro = pro_waiter.join().expect("pro waiter");
+        assert!(matches!(pro, Err(Error::NoKeyAvailable(_))), "{pro:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "the pro waiter waited out its wait");
+    });
+}
