@@ -263,7 +263,9 @@ impl Coordinator {
                 })
             })
             .collect();
-        let freed = self.inner.store.evict(&evictions, now.wall_ms)?;
+        // The history's time is read after the verdicts: a holder seen dead was dead by then (a time read
+        // before its /proc check could precede its death).
+        let freed = self.inner.store.evict(&evictions, self.now_ms())?;
         log_transitions(&freed);
         Ok(freed)
     }
