@@ -49,6 +49,18 @@ pub(super) struct Claim {
     pub(super) holder: Holder,
 }
 
+impl Claim {
+    /// A claim for a request of `connector` for `model`, taking none of `tried`, for `holder`.
+    pub(super) fn new(connector: &str, model: Option<&str>, tried: &[String], holder: &Holder) -> Self {
+        Self {
+            connector: connector.to_owned(),
+            model: model.map(str::to_owned),
+            tried: super::json_list(tried).into_owned(),
+            holder: holder.clone(),
+        }
+    }
+}
+
 /// The claims of a store.
 pub(super) type ClaimQueue = Batcher<Claim, Result<Option<Claimed>>>;
 

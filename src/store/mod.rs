@@ -252,14 +252,8 @@ impl Store {
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Option<Claimed>> {
-        let item = batch::Claim {
-            connector: connector.to_owned(),
-            model: model.map(str::to_owned),
-            tried: json_list(tried).into_owned(),
-            holder: holder.clone(),
-        };
         self.claims.commit(
-            item,
+            batch::Claim::new(connector, model, tried, holder),
             deadline,
             |claims, deadline| self.claim_all(claims, deadline, clock),
             |claim| Err(self.locked("claiming a key", claim.waited())),
@@ -276,12 +270,7 @@ impl Store {
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Vec<Claimed>> {
-        let claim = batch::Claim {
-            connector: connector.to_owned(),
-            model: model.map(str::to_owned),
-            tried: json_list(tried).into_owned(),
-            holder: holder.clone(),
-        };
+        let claim = batch::Claim::new(connector, model, tried, holder);
         self.write_by("claiming keys", deadline, |transaction| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
