@@ -232,9 +232,7 @@ impl Coordinator {
         }
         let now = self.now_ms();
         let availability = store.availability(request.connector, request.model, request.tried, now)?;
-        let lockdown_end = availability
-            .earliest_lockdown_end
-            .map(|end| Instant::now() + Duration::from_millis(u64::try_from(end - now).unwrap_or(0)));
+        let lockdown_end = waiting::lockdown_end(&availability, now);
         if availability.claimable == 0
             && (Instant::now() >= request.deadline || waiting::hopeless(&availability, lockdown_end, request.deadline))
         {

@@ -180,8 +180,8 @@ impl Coordinator {
         }
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         self.enqueue(request, Reply::Thread(sender));
-        // The watcher answers by the deadline; a watcher that died (a panic) drops the sender.
-        receiver.recv().unwrap_or_else(|_| Err(self.watcher_gone(request)))
+        // The watcher answers by the deadline (a watcher that panics answers every waiter first).
+        receiver.recv().unwrap_or_else(|_| Err(watcher_gone(request.connector)))
     }
 
     /// A key for `request` for an async caller: claimed in place (blocking the runtime thread briefly)
@@ -208,13 +208,7 @@ impl Coordinator {
         }
         let (sender, receiver) = oneshot::channel();
         self.enqueue(request, Reply::Task(sender));
-        receiver.await.unwrap_or_else(|_| Err(self.watcher_gone(request)))
-    }
-
-    fn watcher_gone(&self, request: &Request<'_>) -> Error {
-        Error::InvalidRequest {
-            problem: format!("the thread watching for a free key of '{}' stopped; try again", request.connector),
-        }
+        receiver.await.unwrap_or_else(|_| Err(watcher_gone(request.connector)))
     }
 
     fn enqueue(&self, request: &Request<'_>, reply: Reply) {
@@ -375,8 +369,13 @@ impl Coordinator {
     }
 }
 
+/// The error of a waiter whose watcher stopped (a panic) before it could answer.
+fn watcher_gone(connector: &str) -> Error {
+    Error::InvalidRequest { problem: format!("the thread watching for a free key of '{connector}' stopped; try again") }
+}
+
 /// When the earliest lockdown that keeps a key from the request ends, as an instant.
-fn lockdown_end(availability: &Availability, now_ms: i64) -> Option<Instant> {
+pub(super) fn lockdown_end(availability: &Availability, now_ms: i64) -> Option<Instant> {
     let end = availability.earliest_lockdown_end?;
     Some(Instant::now() + Duration::from_millis(u64::try_from(end - now_ms).unwrap_or(0)))
 }
@@ -452,9 +451,7 @@ impl Drop for Unwinding {
             queue.waiting.drain(..).collect()
         };
         for waiter in waiting {
-            waiter.answer(Err(Error::InvalidRequest {
-                problem: format!("the thread watching for a free key of '{}' stopped; try again", waiter.connector),
-            }));
+            waiter.answer(Err(watcher_gone(&waiter.connector)));
         }
     }
 }
