@@ -68,6 +68,7 @@ mod offload;
 #[doc(hidden)]
 pub mod mock;
 pub mod model;
+pub mod pool;
 mod reaper;
 pub mod store;
 

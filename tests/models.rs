@@ -212,7 +212,10 @@ async fn hintless_lockdowns_escalate_per_model() {
     let lockdown_of = |model: &str| {
         let store = jongler.coordinator().store();
         let lockdowns = store.lockdowns(Some(GEMINI)).expect("lockdowns");
-        let found = lockdowns.into_iter().find(|l| l.model == model && l.scope == "key:key0").expect("lockdown");
+        let found = lockdowns
+            .into_iter()
+            .find(|l| l.model.to_string() == model && l.scope.to_string() == "key:key0")
+            .expect("lockdown");
         ((found.until - clock.now_ms()) / 1000, found.strikes)
     };
     for (round, expected) in [(1, 60), (2, 120), (3, 240)] {
@@ -253,8 +256,13 @@ fn a_new_secret_lifts_the_lockdowns_of_the_old_key_alone() {
         format!("[{GEMINI}]\nkey0 = fake-new-secret-0\nkey1 = fake-new-secret-1\n[{GEMINI} groups]\nkey1 = team\n");
     std::fs::write(&sandbox.keyring, renewed).expect("write keyring");
     coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
-    let scopes: Vec<String> =
-        coordinator.store().lockdowns(Some(GEMINI)).expect("lockdowns").into_iter().map(|l| l.scope).collect();
+    let scopes: Vec<String> = coordinator
+        .store()
+        .lockdowns(Some(GEMINI))
+        .expect("lockdowns")
+        .into_iter()
+        .map(|l| l.scope.to_string())
+        .collect();
     assert_eq!(scopes, ["group:team"], "the group's lockdown stays");
     let lease = coordinator.claim_for(GEMINI, Some("gemini-2.5-pro"), &[], Duration::ZERO).expect("key0 is new");
     assert_eq!(lease.key_name(), "key0");

@@ -173,19 +173,20 @@ fn migration_4_turns_key_lockdowns_into_whole_scope_ones_and_keeps_the_history()
             .expect("a schema-3 pool with a key in lockdown");
     }
     let coordinator = open(&sandbox.db).expect("migrated");
+    use api_jongler::pool::{ModelScope, Scope};
     let store = coordinator.store();
     let lockdowns = store.lockdowns(Some("c")).expect("lockdowns");
     assert_eq!(lockdowns.len(), 1, "{lockdowns:?}");
     let lockdown = &lockdowns[0];
     assert_eq!(
-        (lockdown.scope.as_str(), lockdown.model.as_str(), lockdown.until, lockdown.strikes),
-        ("key:key0", "*", until, 2)
+        (&lockdown.scope, &lockdown.model, lockdown.until, lockdown.strikes),
+        (&Scope::Key("key0".into()), &ModelScope::Every, until, 2)
     );
     assert_eq!(lockdown.reason, "429 daily quota");
     let history = store.history(&api_jongler::store::HistoryQuery::default()).expect("history");
     assert_eq!(history.len(), 1, "kept: {history:?}");
     let key = &store.keys(Some("c")).expect("keys")[0];
-    assert_eq!((key.quota_scope.as_str(), key.quota_group.as_deref()), ("key:key0", None));
+    assert_eq!((&key.quota_scope, key.quota_group.as_deref()), (&Scope::Key("key0".into()), None));
 }
 
 /// A second store opened on a file this process already uses must not drop this process's SQLite

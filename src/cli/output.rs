@@ -1,6 +1,6 @@
 //! How times and tables look on the terminal.
 
-use api_jongler::store::LockdownRecord;
+use api_jongler::pool::{LockdownRecord, ModelScope, Scope};
 use chrono::{DateTime, Local, Timelike};
 use chrono_tz::America::Los_Angeles;
 use comfy_table::{ContentArrangement, Table, presets};
@@ -40,18 +40,20 @@ pub fn moment(at: i64, now: i64) -> String {
 }
 
 /// A quota scope as a phrase: `group my-project`, `project #411082643095 (learned)`, `key key1 alone`.
-pub fn scope(scope: &str) -> String {
-    match scope.split_once(':') {
-        Some(("group", name)) => format!("group {name}"),
-        Some(("project", number)) => format!("project #{number} (learned)"),
-        Some(("key", name)) => format!("key {name} alone"),
-        _ => scope.to_owned(),
+pub fn scope(scope: &Scope) -> String {
+    match scope {
+        Scope::Group(name) => format!("group {name}"),
+        Scope::Project(number) => format!("project #{number} (learned)"),
+        Scope::Key(name) => format!("key {name} alone"),
     }
 }
 
 /// A lockdown's model as a phrase: the model's name, or `every model`.
 pub fn model(lockdown: &LockdownRecord) -> &str {
-    if lockdown.is_every_model() { "every model" } else { &lockdown.model }
+    match &lockdown.model {
+        ModelScope::Every => "every model",
+        ModelScope::One(model) => model,
+    }
 }
 
 /// Why a lockdown was set: its reason, with the provider's quota when the reason does not name it.

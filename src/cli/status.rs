@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::process::ExitCode;
 
-use api_jongler::store::{KeyRecord, LockdownRecord};
+use api_jongler::pool::{KeyRecord, LockdownRecord, rule};
 use api_jongler::{KeyState, Keyring, holder::Liveness};
 use serde_json::json;
 
@@ -186,11 +186,7 @@ fn lines<'a>(keys: &'a [KeyRecord], keyring: Option<&'a Keyring>, only: Option<&
 /// The lockdowns in force on `key`: those of its quota scope and those of the key alone (the rows a
 /// claim checks), every-model ones first, then by model.
 pub(super) fn in_force_on<'a>(key: &KeyRecord, lockdowns: &'a [LockdownRecord], now: i64) -> Vec<&'a LockdownRecord> {
-    let alone = format!("key:{}", key.key_name);
-    let mut mine: Vec<&LockdownRecord> = lockdowns
-        .iter()
-        .filter(|l| l.connector == key.connector && (l.scope == key.quota_scope || l.scope == alone) && l.until > now)
-        .collect();
+    let mut mine: Vec<&LockdownRecord> = lockdowns.iter().filter(|l| rule::in_force_on(l, key, now)).collect();
     mine.sort_by(|a, b| (!a.is_every_model(), &a.model, &a.scope).cmp(&(!b.is_every_model(), &b.model, &b.scope)));
     mine
 }

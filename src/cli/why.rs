@@ -149,8 +149,7 @@ fn verdict(key: &KeyRecord, mine: &[&LockdownRecord], model: Option<&str>, now: 
         KeyState::Vacant | KeyState::Lockdown => {}
     }
     // The claim's rule: a lockdown in force on the key's scopes, of this model or of every model.
-    let blocking: Vec<&&LockdownRecord> =
-        mine.iter().filter(|l| l.is_every_model() || model.is_some_and(|model| l.model == model)).collect();
+    let blocking: Vec<&&LockdownRecord> = mine.iter().filter(|l| l.is_every_model() || l.model.covers(model)).collect();
     let whole = key.lockdown_until.filter(|until| key.state == KeyState::Lockdown && *until > now);
     let until = blocking.iter().map(|l| l.until).chain(whole).max();
     let Some(until) = until else {
@@ -209,7 +208,7 @@ fn locked_down(lockdown: &LockdownRecord, now: i64) -> String {
 
 /// Whom a lockdown of the key's scopes stops: `group my-project`, `this key alone`.
 fn scope_of(lockdown: &LockdownRecord) -> String {
-    if lockdown.scope.starts_with("key:") { "this key alone".to_owned() } else { output::scope(&lockdown.scope) }
+    if lockdown.scope.is_key() { "this key alone".to_owned() } else { output::scope(&lockdown.scope) }
 }
 
 /// The sentence.

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::keyring::Keyring;
 use crate::lease::{self, HeartbeatWaker, Lease, Registry};
+use crate::pool;
 use crate::reaper::{self, Now};
 use crate::store::{self, Availability, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
 
@@ -308,30 +309,13 @@ impl Coordinator {
     /// is locked down for that model counts as in lockdown, as the claim would skip it.
     pub fn key_states_for(&self, connector: &str, model: Option<&str>) -> Result<KeyStates> {
         let now = self.now_ms();
-        let in_force: BTreeSet<(String, String)> = self
-            .inner
-            .store
-            .lockdowns(Some(connector))?
-            .into_iter()
-            .filter(|lockdown| lockdown.until > now)
-            .map(|lockdown| (lockdown.scope, lockdown.model))
-            .collect();
+        let lockdowns = self.inner.store.lockdowns(Some(connector))?;
         let mut states = KeyStates::default();
         for key in self.inner.store.keys(Some(connector))? {
             if key.retired_at.is_some() {
                 continue;
             }
-            let own_scope = format!("key:{}", key.key_name);
-            let locked_down = [&key.quota_scope, &own_scope].into_iter().any(|scope| {
-                [Some(store::EVERY_MODEL), model]
-                    .into_iter()
-                    .flatten()
-                    .any(|model| in_force.contains(&(scope.clone(), model.to_owned())))
-            });
-            let state = match key.effective_state(now) {
-                KeyState::Vacant if locked_down => KeyState::Lockdown,
-                state => state,
-            };
+            let state = pool::rule::state_for(&key, &lockdowns, model, now);
             let set = match state {
                 KeyState::Vacant => &mut states.vacant,
                 KeyState::Locked => &mut states.locked,

@@ -22,7 +22,6 @@
 mod batch;
 mod schema;
 mod sync;
-mod types;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,9 +34,9 @@ use crate::error::{Error, Result};
 use crate::holder::Holder;
 use sync::{apply_sync, plan_sync};
 
+pub use crate::pool::*;
 pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
 pub use sync::SyncSource;
-pub use types::*;
 
 /// How long any operation may wait for another process's write lock, at least (see [`Store::write`]).
 pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
@@ -370,8 +369,8 @@ impl Store {
             all(&mut statement, params![connector], |row| {
                 Ok(LockdownRecord {
                     connector: row.get(0)?,
-                    scope: row.get(1)?,
-                    model: row.get(2)?,
+                    scope: word(row, 1)?,
+                    model: word(row, 2)?,
                     until: row.get(3)?,
                     quota_id: row.get(4)?,
                     reason: row.get(5)?,
@@ -986,7 +985,7 @@ fn set_lockdown(
         Reach::Key => format!("key:{key_name}"),
         Reach::Group => key_scope.to_owned(),
     };
-    let every_model = [EVERY_MODEL.to_owned()];
+    let every_model = [ModelScope::EVERY.to_owned()];
     let models = if lockdown.models.is_empty() { &every_model[..] } else { &lockdown.models[..] };
     let mut upsert = transaction.prepare_cached(
         "INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
@@ -1134,7 +1133,7 @@ fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         connector: row.get(0)?,
         key_name: row.get(1)?,
         fingerprint: row.get(2)?,
-        state: KeyState::parse(&row.get::<_, String>(3)?),
+        state: word(row, 3)?,
         retired_at: row.get(4)?,
         lease: row.get(5)?,
         holder: holder_at(row, 6)?,
@@ -1148,7 +1147,7 @@ fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         last_used_at: row.get(18)?,
         quota_group: row.get(19)?,
         project_learned: row.get(20)?,
-        quota_scope: row.get(21)?,
+        quota_scope: word(row, 21)?,
     })
 }
 
@@ -1169,4 +1168,14 @@ fn transition(row: &Row<'_>) -> rusqlite::Result<Transition> {
         model: row.get(12)?,
         quota_scope: row.get(13)?,
     })
+}
+
+/// A word of the pool's vocabulary read from column `index`; text it does not know fails the read.
+fn word<T>(row: &Row<'_>, index: usize) -> rusqlite::Result<T>
+where
+    T: std::str::FromStr<Err = UnknownWord>,
+{
+    let text: String = row.get(index)?;
+    text.parse()
+        .map_err(|error| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(error)))
 }

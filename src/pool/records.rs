@@ -1,49 +1,10 @@
-//! The values the store takes and gives: plain Rust types, no SQLite in sight, so that another
-//! backend can produce the same.
+//! The records the store takes and gives: plain Rust types, no SQL in sight, so that every backend
+//! produces the same.
 
+use super::{KeyState, ModelScope, Scope};
 use crate::holder::Holder;
 
-/// The state of a key, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum KeyState {
-    /// Free to be claimed.
-    Vacant,
-    /// Held by a live process.
-    Locked,
-    /// Rate-limited until a deadline.
-    Lockdown,
-    /// Permanently bad until cleaned up or its secret changes.
-    Error,
-}
-
-impl KeyState {
-    /// The name stored in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Vacant => "vacant",
-            Self::Locked => "locked",
-            Self::Lockdown => "lockdown",
-            Self::Error => "error",
-        }
-    }
-
-    pub(super) fn parse(text: &str) -> Self {
-        match text {
-            "locked" => Self::Locked,
-            "lockdown" => Self::Lockdown,
-            "error" => Self::Error,
-            _ => Self::Vacant,
-        }
-    }
-}
-
-impl std::fmt::Display for KeyState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A key as the keyring describes it, for [`Store::sync_keys`].
+/// A key as the keyring describes it, for a keyring sync.
 #[derive(Debug, Clone, Copy)]
 pub struct KeySpec<'a> {
     /// Connector (INI section).
@@ -300,8 +261,8 @@ pub struct KeyRecord {
     pub quota_group: Option<String>,
     /// The Google Cloud project number an answer revealed, if any.
     pub project_learned: Option<String>,
-    /// The scope its quota lockdowns are recorded under: `group:NAME`, `project:NUMBER` or `key:NAME`.
-    pub quota_scope: String,
+    /// The scope its quota lockdowns are recorded under: its group, its learned project, or itself.
+    pub quota_scope: Scope,
 }
 
 impl KeyRecord {
@@ -353,10 +314,10 @@ pub struct Transition {
 pub struct LockdownRecord {
     /// Connector.
     pub connector: String,
-    /// `group:NAME`, `project:NUMBER` or `key:NAME`.
-    pub scope: String,
-    /// A model name, or `*` for every model.
-    pub model: String,
+    /// Whose quota: a group, a project or one key.
+    pub scope: Scope,
+    /// One model, or every model.
+    pub model: ModelScope,
     /// Deadline, unix ms.
     pub until: i64,
     /// The provider's quota, if it named one.
@@ -376,12 +337,9 @@ pub struct LockdownRecord {
 impl LockdownRecord {
     /// Whether it covers every model.
     pub fn is_every_model(&self) -> bool {
-        self.model == EVERY_MODEL
+        self.model == ModelScope::Every
     }
 }
-
-/// The `model` of a lockdown that covers every model.
-pub const EVERY_MODEL: &str = "*";
 
 /// Which history rows to read, newest first.
 #[derive(Debug, Clone, Default)]

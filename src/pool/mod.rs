@@ -1,0 +1,24 @@
+//! The pool's vocabulary and rules: what a key's state, a lockdown's scope, a lease's fate, a history
+//! event and a request's outcome are, as types every other module (the store backends, the
+//! coordinator, the CLI, the gateway) speaks, and each rule about them written once.
+//!
+//! Invariants:
+//! - Every word that is stored or printed has one `Display` and one `FromStr`, and `FromStr` refuses
+//!   text it does not know ([`UnknownWord`]) rather than guessing: a row written by a newer version
+//!   is an error to report, not a vacant key.
+//! - This module depends on nothing of the crate but [`crate::holder`]: it is the bottom of the pool,
+//!   so that the store below the coordinator and the error type can both use it.
+
+pub mod event;
+pub mod outcome;
+mod records;
+pub mod rule;
+mod scope;
+mod state;
+pub mod view;
+mod word;
+
+pub use records::*;
+pub use scope::{ModelScope, Scope};
+pub use state::KeyState;
+pub use word::UnknownWord;
