@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::coordinator::Unavailable;
+use crate::pool::Unavailable;
 
 /// A boxed cause from below the library (SQLite, the pool), kept opaque so the public API names no
 /// backend type.

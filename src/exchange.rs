@@ -995,7 +995,7 @@ impl Relay {
         mut response: reqwest::Response,
         sender: &mpsc::Sender<Bytes>,
         idle: Duration,
-        trust: Option<&crate::gate::Trust>,
+        trust: Option<&crate::trust::Trust>,
     ) -> Ending {
         if let Some(bytes) = self.initial.take()
             && !Self::forward(sender, bytes, idle).await
@@ -1141,9 +1141,9 @@ impl Relay {
         &mut self,
         sender: &mpsc::Sender<Bytes>,
         idle: Duration,
-        trust: Option<&crate::gate::Trust>,
+        trust: Option<&crate::trust::Trust>,
     ) -> Ending {
-        let why = if trust.is_some_and(crate::gate::Trust::is_known_lost) {
+        let why = if trust.is_some_and(crate::trust::Trust::is_known_lost) {
             "was taken away (reaped or cleaned up)"
         } else {
             "could not be confirmed in time"
@@ -1168,7 +1168,7 @@ impl Relay {
 }
 
 /// Resolves once the lease behind `trust` is no longer trusted; never without a lease.
-async fn lease_lost(trust: Option<&crate::gate::Trust>) {
+async fn lease_lost(trust: Option<&crate::trust::Trust>) {
     match trust {
         Some(trust) => trust.lost().await,
         None => std::future::pending().await,

@@ -29,67 +29,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
-use crate::clock::Clock;
-use crate::lease::LeaseLiveness;
-
-/// How often [`Trust::lost`] looks at the boot clock at least: tokio's timers do not count a
-/// suspend, the boot clock does.
-const RECHECK: Duration = Duration::from_secs(1);
-
-/// A lease's trust, shared with the heartbeat thread that renews it, apart from the lease itself.
-#[derive(Debug, Clone)]
-pub(crate) struct Trust {
-    liveness: Arc<LeaseLiveness>,
-    clock: Arc<dyn Clock>,
-    window: Duration,
-}
-
-impl Trust {
-    pub(crate) fn new(liveness: Arc<LeaseLiveness>, clock: Arc<dyn Clock>, window: Duration) -> Self {
-        Self { liveness, clock, window }
-    }
-
-    /// Whether the key may be used now.
-    pub(crate) fn is_trusted(&self) -> bool {
-        self.left().is_some()
-    }
-
-    /// Whether the heartbeat found the lease lost (rather than its trust merely running out).
-    pub(crate) fn is_known_lost(&self) -> bool {
-        self.liveness.is_lost()
-    }
-
-    /// How long the lease stays trusted without another renewal; `None` once it is not.
-    fn left(&self) -> Option<Duration> {
-        if self.liveness.is_lost() {
-            return None;
-        }
-        let age_ms = self.clock.boot_ms().saturating_sub(self.liveness.renewed_boot_ms());
-        let window_ms = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
-        let left_ms = window_ms.checked_sub(age_ms).filter(|left| *left > 0)?;
-        Some(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)))
-    }
-
-    /// Resolves once the lease is no longer trusted: found lost, or not renewed within its window.
-    pub(crate) async fn lost(&self) {
-        loop {
-            // Enabled before the check, so that a loss between the check and the wait still wakes it.
-            let found_lost = self.liveness.found_lost();
-            tokio::pin!(found_lost);
-            found_lost.as_mut().enable();
-            let Some(left) = self.left() else { return };
-            tokio::select! {
-                () = found_lost => {}
-                () = tokio::time::sleep(left.min(RECHECK)) => {}
-            }
-        }
-    }
-}
+use crate::trust::Trust;
 
 /// The trust check of one attempt's body: releases the body only while the lease is trusted, and
 /// remembers a refusal so that the attempt can tell it from a transport failure.
@@ -166,8 +110,11 @@ impl http_body::Body for GatedBody {
 mod tests {
     use http_body::Body as _;
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
+    use crate::trust::{LeaseLiveness, RECHECK};
 
     fn trust(clock: &Arc<ManualClock>, liveness: &Arc<LeaseLiveness>) -> Trust {
         Trust::new(Arc::clone(liveness), Arc::clone(clock) as Arc<dyn Clock>, Duration::from_secs(10))

@@ -19,60 +19,31 @@
 //!   ended the same way, off the runtime's threads.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::coordinator::{Coordinator, Inner};
+use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::gate::Trust;
-use crate::store::{Attempt, Claimed, Fate, Lockdown};
+use crate::store::{Attempt, Claimed, Fate, Lockdown, Store};
+use crate::trust::{LeaseLiveness, Trust};
 
-/// What the heartbeat thread and a [`Lease`] share about one lease.
-#[derive(Debug)]
-pub(crate) struct LeaseLiveness {
-    lost: AtomicBool,
-    /// Boot-clock ms of the last write that confirmed the lease (its claim, or a heartbeat), as that
-    /// write put it in the row: the very time any reaper measures the lease's age from.
-    renewed_boot_ms: AtomicI64,
-    /// Woken once the lease is found lost, so that a stream using the key stops at once rather than
-    /// at its next check.
-    found_lost: tokio::sync::Notify,
-}
-
-impl LeaseLiveness {
-    pub(crate) fn new(claimed_boot_ms: i64) -> Self {
-        Self {
-            lost: AtomicBool::new(false),
-            renewed_boot_ms: AtomicI64::new(claimed_boot_ms),
-            found_lost: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Marks the lease lost and wakes its watchers; true the first time.
-    pub(crate) fn mark_lost(&self) -> bool {
-        let first = !self.lost.swap(true, Ordering::SeqCst);
-        self.found_lost.notify_waiters();
-        first
-    }
-
-    /// Whether the lease was found lost.
-    pub(crate) fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
-    }
-
-    /// Boot-clock ms of the last write that confirmed the lease.
-    pub(crate) fn renewed_boot_ms(&self) -> i64 {
-        self.renewed_boot_ms.load(Ordering::SeqCst)
-    }
-
-    /// Resolves at the next [`mark_lost`](Self::mark_lost) after it was enabled (see
-    /// [`tokio::sync::futures::Notified::enable`]).
-    pub(crate) fn found_lost(&self) -> tokio::sync::futures::Notified<'_> {
-        self.found_lost.notified()
-    }
+/// What a lease needs from the coordinator that made it: the coordinator implements it, so that this
+/// module never reaches up into the coordinator (the dependency points one way).
+pub(crate) trait LeaseOwner: Send + Sync + std::fmt::Debug {
+    /// The database the lease lives in.
+    fn store(&self) -> &Store;
+    /// The clock every write of the lease is stamped with.
+    fn clock(&self) -> &Arc<dyn Clock>;
+    /// The leases of this process, and the ends still to be written.
+    fn leases(&self) -> &Registry;
+    /// How long a lease is trusted after its last renewal.
+    fn trust_window(&self) -> Duration;
+    /// A key of this process was freed: its waiters look at once rather than at their next poll.
+    fn key_freed(&self);
+    /// Ends wait to be written: the heartbeat thread (started if need be) writes them now.
+    fn wake_heartbeat(self: Arc<Self>);
 }
 
 /// A lease end that could not be written yet; retried until it lands or the lease turns out lost.
@@ -80,7 +51,7 @@ impl LeaseLiveness {
 struct Unsettled {
     /// Keeps the coordinator (its store and heartbeat thread) alive until the end lands, even when the
     /// lease outlived every other handle on it.
-    _keep_alive: Coordinator,
+    _keep_alive: Arc<dyn LeaseOwner>,
     id: i64,
     lease: i64,
     key_name: String,
@@ -127,7 +98,7 @@ impl Registry {
         for pair @ (_, token) in asked {
             let Some(liveness) = leases.get(pair) else { continue };
             if still_held.contains(pair) {
-                liveness.renewed_boot_ms.fetch_max(sent_boot_ms, Ordering::SeqCst);
+                liveness.renewed_at(sent_boot_ms);
             } else if liveness.mark_lost() {
                 tracing::warn!(lease = token, "lease lost: the key was reaped or cleaned up");
             }
@@ -139,12 +110,12 @@ impl Registry {
     }
 
     /// Writes every deferred end it can; the ones that still fail stay for the next try.
-    fn settle(&self, inner: &Inner) -> usize {
+    fn settle(&self, store: &Store, clock: &dyn Clock) -> usize {
         let _pass = self.settling.lock().unwrap_or_else(PoisonError::into_inner);
         let pending = std::mem::take(&mut *self.unsettled());
         let mut failed = Vec::new();
         for end in pending {
-            match inner.store.end_lease(end.id, end.lease, &end.fate, end.attempt.as_ref(), inner.clock.now_ms()) {
+            match store.end_lease(end.id, end.lease, &end.fate, end.attempt.as_ref(), clock.now_ms()) {
                 Ok(true) => {
                     tracing::info!(key = %end.key_name, lease = end.lease, fate = ?end.fate, "deferred lease end written")
                 }
@@ -186,7 +157,7 @@ impl Registry {
 pub(crate) type HeartbeatWaker = mpsc::Sender<()>;
 
 /// Starts the heartbeat thread of a coordinator.
-pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> HeartbeatWaker {
+pub(crate) fn start_heartbeat(owner: Weak<dyn LeaseOwner>, interval: Duration) -> HeartbeatWaker {
     let (waker, woken) = mpsc::channel::<()>();
     let spawned = thread::Builder::new().name("apijongler-heartbeat".into()).spawn(move || {
         loop {
@@ -194,21 +165,22 @@ pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> Heartbe
                 Ok(()) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            let Some(inner) = inner.upgrade() else { return };
-            if inner.leases.is_idle() {
+            let Some(owner) = owner.upgrade() else { return };
+            let (store, clock, leases) = (owner.store(), owner.clock(), owner.leases());
+            if leases.is_idle() {
                 continue;
             }
             // Renew first: a deferred end that waits for a lock must not delay the leases in use.
-            let asked = inner.leases.to_renew();
-            match inner.store.heartbeat(&asked, &*inner.clock) {
-                Ok((still_held, written_boot_ms)) => inner.leases.renew(&asked, &still_held, written_boot_ms),
+            let asked = leases.to_renew();
+            match store.heartbeat(&asked, &**clock) {
+                Ok((still_held, written_boot_ms)) => leases.renew(&asked, &still_held, written_boot_ms),
                 Err(error @ Error::DatabaseReplaced { .. }) => {
                     tracing::error!(error = %error, "the database is gone: no held key may be used any more");
-                    inner.leases.lose(&asked);
+                    leases.lose(&asked);
                 }
                 Err(error) => tracing::warn!(error = %error, "heartbeat failed; will retry"),
             }
-            inner.leases.settle(&inner);
+            leases.settle(store, &**clock);
         }
     });
     if let Err(error) = spawned {
@@ -217,11 +189,11 @@ pub(crate) fn start_heartbeat(inner: Weak<Inner>, interval: Duration) -> Heartbe
     waker
 }
 
-/// Writes the deferred lease ends of `inner` now, in the calling thread, until none is left or
+/// Writes the deferred lease ends of `owner` now, in the calling thread, until none is left or
 /// `deadline` passes; returns how many are left.
-pub(crate) fn settle_deferred(inner: &Inner, deadline: Instant) -> usize {
+pub(crate) fn settle_deferred(owner: &dyn LeaseOwner, deadline: Instant) -> usize {
     loop {
-        let left = inner.leases.settle(inner);
+        let left = owner.leases().settle(owner.store(), &**owner.clock());
         if left == 0 || Instant::now() >= deadline {
             return left;
         }
@@ -233,7 +205,7 @@ pub(crate) fn settle_deferred(inner: &Inner, deadline: Instant) -> usize {
 /// or [`mark_error`](Lease::mark_error); dropping it releases the key.
 #[derive(Debug)]
 pub struct Lease {
-    coordinator: Coordinator,
+    owner: Arc<dyn LeaseOwner>,
     connector: String,
     claimed: Claimed,
     liveness: Arc<LeaseLiveness>,
@@ -241,9 +213,9 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(coordinator: Coordinator, connector: &str, claimed: Claimed) -> Self {
-        let liveness = coordinator.inner.leases.insert(claimed.id, claimed.lease, claimed.boot_ms);
-        Self { coordinator, connector: connector.to_owned(), claimed, liveness, ended: false }
+    pub(crate) fn new(owner: Arc<dyn LeaseOwner>, connector: &str, claimed: Claimed) -> Self {
+        let liveness = owner.leases().insert(claimed.id, claimed.lease, claimed.boot_ms);
+        Self { owner, connector: connector.to_owned(), claimed, liveness, ended: false }
     }
 
     /// The connector.
@@ -276,18 +248,16 @@ impl Lease {
     /// The lease's trust, apart from the lease: what the last check before the bytes leave, and a
     /// relayed stream, watch.
     pub(crate) fn trust(&self) -> Trust {
-        let inner = &self.coordinator.inner;
-        Trust::new(Arc::clone(&self.liveness), Arc::clone(&inner.clock), inner.trust_window)
+        Trust::new(Arc::clone(&self.liveness), Arc::clone(self.owner.clock()), self.owner.trust_window())
     }
 
     /// Confirms the lease now with one conditional write: true (and trusted again) if it is still this
     /// process's, false if it was lost. For a lease whose trust ran out while this process could not
     /// heartbeat (stopped, or the database locked): if nobody took the key, there is no need to give it up.
     pub fn renew(&self) -> Result<bool> {
-        let inner = &self.coordinator.inner;
         let pair = (self.claimed.id, self.claimed.lease);
-        let (still_held, written_boot_ms) = inner.store.heartbeat(&[pair], &*inner.clock)?;
-        inner.leases.renew(&[pair], &still_held, written_boot_ms);
+        let (still_held, written_boot_ms) = self.owner.store().heartbeat(&[pair], &**self.owner.clock())?;
+        self.owner.leases().renew(&[pair], &still_held, written_boot_ms);
         Ok(still_held.contains(&pair) && self.is_valid())
     }
 
@@ -313,8 +283,8 @@ impl Lease {
         if self.claimed.lockdown_count == 0 {
             return Ok(());
         }
-        let now = self.coordinator.now_ms();
-        if !self.coordinator.inner.store.reset_escalation(self.claimed.id, self.claimed.lease, model, now)? {
+        let now = self.owner.clock().now_ms();
+        if !self.owner.store().reset_escalation(self.claimed.id, self.claimed.lease, model, now)? {
             return Err(self.lost());
         }
         self.claimed.lockdown_count = 0;
@@ -351,29 +321,27 @@ impl Lease {
     /// Hands the end to the heartbeat thread, which writes it (and retries it) off this thread.
     fn defer_end(&mut self, fate: Fate, attempt: Option<Attempt>) {
         self.ended = true;
-        let inner = &self.coordinator.inner;
-        inner.leases.remove(self.claimed.id, self.claimed.lease);
-        inner.leases.defer(Unsettled {
-            _keep_alive: self.coordinator.clone(),
+        self.owner.leases().remove(self.claimed.id, self.claimed.lease);
+        self.owner.leases().defer(Unsettled {
+            _keep_alive: Arc::clone(&self.owner),
             id: self.claimed.id,
             lease: self.claimed.lease,
             key_name: self.claimed.key_name.clone(),
             fate,
             attempt,
         });
-        self.coordinator.wake_heartbeat();
+        Arc::clone(&self.owner).wake_heartbeat();
     }
 
     fn end(&mut self, fate: &Fate, attempt: Option<&Attempt>) -> Result<()> {
         self.ended = true;
-        let inner = &self.coordinator.inner;
-        inner.leases.remove(self.claimed.id, self.claimed.lease);
-        let ended = match inner.store.end_lease(
+        self.owner.leases().remove(self.claimed.id, self.claimed.lease);
+        let ended = match self.owner.store().end_lease(
             self.claimed.id,
             self.claimed.lease,
             fate,
             attempt,
-            inner.clock.now_ms(),
+            self.owner.clock().now_ms(),
         ) {
             Ok(ended) => ended,
             Err(error) => {
@@ -388,7 +356,7 @@ impl Lease {
             return Err(self.lost());
         }
         // A key this process freed goes to its longest waiter without waiting for the watcher's poll.
-        inner.waiters.poke();
+        self.owner.key_freed();
         tracing::info!(
             connector = %self.connector, key = %self.claimed.key_name, fingerprint = %self.claimed.fingerprint,
             lease = self.claimed.lease, fate = ?fate, "lease ended"
@@ -429,9 +397,9 @@ mod tests {
         let registry = Registry::default();
         let claimed_after = registry.insert(7, 3, 1_000);
         registry.renew(&[], &[], 2_000);
-        assert!(!claimed_after.lost.load(Ordering::SeqCst), "not asked about: registered after the heartbeat was sent");
+        assert!(!claimed_after.is_lost(), "not asked about: registered after the heartbeat was sent");
         registry.renew(&[(7, 3)], &[], 3_000);
-        assert!(claimed_after.lost.load(Ordering::SeqCst), "asked about and missing from the answer");
+        assert!(claimed_after.is_lost(), "asked about and missing from the answer");
     }
 
     #[test]
@@ -439,14 +407,14 @@ mod tests {
         let registry = Registry::default();
         let liveness = registry.insert(1, 5, 1_000);
         registry.renew(&[(1, 5)], &[(1, 5)], 4_000);
-        assert!(!liveness.lost.load(Ordering::SeqCst));
-        assert_eq!(liveness.renewed_boot_ms.load(Ordering::SeqCst), 4_000);
+        assert!(!liveness.is_lost());
+        assert_eq!(liveness.renewed_boot_ms(), 4_000);
         registry.renew(&[(1, 5)], &[(1, 5)], 2_000);
-        assert_eq!(liveness.renewed_boot_ms.load(Ordering::SeqCst), 4_000, "an older answer never moves it back");
+        assert_eq!(liveness.renewed_boot_ms(), 4_000, "an older answer never moves it back");
         let replaced = registry.insert(1, 6, 5_000);
         registry.renew(&[(1, 5)], &[], 6_000);
-        assert!(!replaced.lost.load(Ordering::SeqCst), "an answer about token 5 says nothing of token 6");
-        assert!(liveness.lost.load(Ordering::SeqCst), "while token 5, still registered, is lost");
+        assert!(!replaced.is_lost(), "an answer about token 5 says nothing of token 6");
+        assert!(liveness.is_lost(), "while token 5, still registered, is lost");
     }
 
     #[test]

@@ -71,14 +71,16 @@ pub mod model;
 pub mod pool;
 mod reaper;
 pub mod store;
+mod trust;
 
 pub use blocking::BlockingJongler;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{Connector, Connectors};
-pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates, Unavailable};
+pub use coordinator::{Coordinator, CoordinatorOptions, KeyStates};
 pub use error::{Cause, Error, Result};
 pub use exchange::{Exchange, ExchangeBody, Outgoing, StreamingBody, Timings};
 pub use jongler::{Bookkeeping, Jongler, JonglerBuilder, LeaseScope, Response};
 pub use keyring::{ApiKey, Keyring, KeyringProblem};
 pub use lease::Lease;
+pub use pool::Unavailable;
 pub use store::{Availability, KeyState, Store};

@@ -7,7 +7,6 @@
 //! process, so a dead holder's key comes back within about that interval while anyone is claiming.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -18,10 +17,10 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::keyring::Keyring;
-use crate::lease::{self, HeartbeatWaker, Lease, Registry};
-use crate::pool;
+use crate::lease::{self, HeartbeatWaker, Lease, LeaseOwner, Registry};
+use crate::pool::{self, Unavailable};
 use crate::reaper::{self, Now};
-use crate::store::{self, Availability, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
+use crate::store::{self, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
@@ -69,17 +68,6 @@ pub struct KeyStates {
     pub lockdown: BTreeSet<String>,
     /// Permanently bad until cleanup.
     pub error: BTreeSet<String>,
-}
-
-/// Why no key could be claimed: the counts, and what to do about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unavailable {
-    /// The counts read when giving up.
-    pub availability: Availability,
-    /// How long the caller waited.
-    pub waited: Duration,
-    /// When, unix ms.
-    pub at: i64,
 }
 
 /// Shared by all clones of a [`Coordinator`] and by its heartbeat thread.
@@ -229,7 +217,7 @@ impl Coordinator {
                 connector = request.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
                 lease = claimed.lease, "key claimed"
             );
-            return Ok(Some(Lease::new(self.clone(), request.connector, claimed)));
+            return Ok(Some(self.lease(request.connector, claimed)));
         }
         let now = self.now_ms();
         let availability = store.availability(request.connector, request.model, request.tried, now)?;
@@ -360,88 +348,53 @@ impl Coordinator {
     /// cancelled request, ends that failed) before `deadline`, and returns how many are left. Call it
     /// before exiting: what is left is freed by the next claimer once this process is gone.
     pub fn settle(&self, deadline: Instant) -> usize {
-        lease::settle_deferred(&self.inner, deadline)
+        lease::settle_deferred(&*self.inner, deadline)
     }
 
     fn ensure_heartbeat(&self) {
-        self.inner
-            .heartbeat
-            .get_or_init(|| lease::start_heartbeat(Arc::downgrade(&self.inner), self.inner.options.heartbeat_interval));
+        self.inner.ensure_heartbeat();
     }
 
-    /// Has the heartbeat thread write deferred lease ends now rather than at its next beat.
-    pub(crate) fn wake_heartbeat(&self) {
-        self.ensure_heartbeat();
-        if let Some(waker) = self.inner.heartbeat.get() {
-            // A closed channel means the thread is gone with the coordinator; nothing to wake.
-            let _ = waker.send(());
-        }
+    /// A lease of `claimed`, a key of `connector` this coordinator just claimed.
+    pub(super) fn lease(&self, connector: &str, claimed: store::Claimed) -> Lease {
+        Lease::new(Arc::clone(&self.inner) as Arc<dyn LeaseOwner>, connector, claimed)
     }
 }
 
-impl fmt::Display for Unavailable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let a = &self.availability;
-        if a.total() == 0 && a.retired > 0 {
-            let how = match (&a.last_retired_reason, a.last_retired_at) {
-                (Some(reason), Some(at)) => format!(" ({reason} at {})", format_time(at)),
-                (None, Some(at)) => format!(" (at {})", format_time(at)),
-                _ => String::new(),
-            };
-            return write!(
-                f,
-                "all {} keys of '{}' were retired{how}: a keyring whose [{}] section lacks them synced this \
-                 database. Put them back in that keyring, or give each keyring its own database (APIJONGLER_DB)",
-                a.retired, a.connector, a.connector
-            );
+impl Inner {
+    fn ensure_heartbeat(self: &Arc<Self>) {
+        let owner: std::sync::Weak<dyn LeaseOwner> = Arc::downgrade(self) as _;
+        self.heartbeat.get_or_init(|| lease::start_heartbeat(owner, self.options.heartbeat_interval));
+    }
+}
+
+impl LeaseOwner for Inner {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    fn leases(&self) -> &Registry {
+        &self.leases
+    }
+
+    fn trust_window(&self) -> Duration {
+        self.trust_window
+    }
+
+    fn key_freed(&self) {
+        self.waiters.poke();
+    }
+
+    fn wake_heartbeat(self: Arc<Self>) {
+        self.ensure_heartbeat();
+        if let Some(waker) = self.heartbeat.get() {
+            // A closed channel means the thread is gone with the coordinator; nothing to wake.
+            let _ = waker.send(());
         }
-        if a.total() == 0 {
-            return write!(
-                f,
-                "connector '{}' has no keys in the database: add a [{}] section with keys to the keyring",
-                a.connector, a.connector
-            );
-        }
-        if let (Some(model), true) = (&a.model, a.model_lockdown > 0) {
-            write!(
-                f,
-                "0 of {} keys of '{}' free for {model} after waiting {:.1} s: {} locked down for it",
-                a.total(),
-                a.connector,
-                self.waited.as_secs_f64(),
-                a.model_lockdown
-            )?;
-            if let Some(end) = a.earliest_model_lockdown_end {
-                write!(f, " until {} (in {}", format_time(end), format_delay(end - self.at))?;
-                match a.model_lockdown_quota.as_deref().map(quota_kind) {
-                    Some(kind) => write!(f, ", {kind})")?,
-                    None => write!(f, ")")?,
-                }
-            }
-            write!(f, ", {} locked, {} in lockdown for every model", a.locked, a.lockdown)?;
-        } else {
-            write!(
-                f,
-                "no key of '{}' is free after waiting {:.1} s: {} locked, {} in lockdown",
-                a.connector,
-                self.waited.as_secs_f64(),
-                a.locked,
-                a.lockdown
-            )?;
-        }
-        if let Some(end) = a.earliest_lockdown_end.filter(|_| a.lockdown > 0) {
-            write!(f, " (the earliest key comes back at {}, in {})", format_time(end), format_delay(end - self.at))?;
-        }
-        write!(f, ", {} in error", a.error)?;
-        if a.tried > 0 {
-            write!(f, ", {} already tried by this request", a.tried)?;
-        }
-        let wait = if a.may_free_up() { ", or wait longer" } else { "" };
-        write!(
-            f,
-            ". Add keys to the keyring, run `apijongler cleanup {}` to clear lockdowns and errors{wait}",
-            a.connector
-        )
     }
 }
 
@@ -453,26 +406,4 @@ pub(crate) fn log_transitions(transitions: &[Transition]) {
             from = t.from_state.as_deref().unwrap_or("-"), to = %t.to_state, reason = %t.reason, "key state changed"
         );
     }
-}
-
-/// A unix-ms time as RFC 3339 UTC, to the second.
-pub(crate) fn format_time(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map_or_else(|| ms.to_string(), |time| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-}
-
-/// A quota id in words: `GenerateRequestsPerDayPerProjectPerModel-FreeTier` is a daily quota.
-fn quota_kind(quota: &str) -> String {
-    if quota.contains("PerDay") || quota.contains("Daily") {
-        format!("daily quota {quota}")
-    } else if quota.contains("PerMinute") {
-        format!("per-minute quota {quota}")
-    } else {
-        quota.to_owned()
-    }
-}
-
-fn format_delay(ms: i64) -> String {
-    let seconds = ms.max(0) as f64 / 1000.0;
-    if seconds < 120.0 { format!("{seconds:.1} s") } else { format!("{:.0} min", seconds / 60.0) }
 }

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Coordinator, Inner, Unavailable};
+use super::{Coordinator, Inner};
 use crate::error::{Error, Result};
 use crate::lease::Lease;
+use crate::pool::Unavailable;
 use crate::store::Availability;
 
 /// How often the watcher reads `data_version` while anyone waits.
@@ -351,7 +352,7 @@ impl Coordinator {
                     connector = %waiter.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
                     lease = claimed.lease, waited = ?waiter.started.elapsed(), "key claimed for a waiter"
                 );
-                waiter.answer(Ok(Lease::new(self.clone(), &waiter.connector, claimed)));
+                waiter.answer(Ok(self.lease(&waiter.connector, claimed)));
             }
             // Taken by someone else since the read: its commit will wake the watcher again.
             if short {

@@ -15,10 +15,12 @@ mod records;
 pub mod rule;
 mod scope;
 mod state;
+mod unavailable;
 pub mod view;
 mod word;
 
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;
+pub use unavailable::Unavailable;
 pub use word::UnknownWord;
