@@ -20,6 +20,7 @@
 //! A second backend (PostgreSQL, for pools shared by several hosts) would implement the same methods.
 
 mod batch;
+mod rule_sql;
 mod schema;
 mod sync;
 
@@ -32,6 +33,7 @@ use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params}
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::holder::Holder;
+use rule_sql::KeyCols;
 use sync::{apply_sync, plan_sync};
 
 pub use crate::pool::*;
@@ -108,27 +110,6 @@ const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, 
      holder_pid_namespace, holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status,
      lockdown_count, uses, last_used_at, quota_group, project_learned, quota_scope";
 
-/// Whether a lockdown in force keeps key `k` from serving model `?{model}` (NULL: a request that names
-/// no model, which only a lockdown of every model stops): the one rule of "locked down for a model",
-/// written once for the claim and the availability count. A key's lockdowns are those of its quota
-/// scope and those of the key alone.
-fn locked_down_for(k: &str, model: u8, now: u8) -> String {
-    format!(
-        "EXISTS (SELECT 1 FROM lockdowns q
-                  WHERE q.connector = {k}.connector AND q.scope IN ({k}.quota_scope, 'key:' || {k}.key_name)
-                    AND q.model IN (coalesce(?{model}, '*'), '*') AND q.until > ?{now})"
-    )
-}
-
-/// The latest deadline among the lockdowns of every model in force on key `k`'s scopes (NULL: none).
-fn whole_lockdown_end(k: &str, now: u8) -> String {
-    format!(
-        "(SELECT max(q.until) FROM lockdowns q
-           WHERE q.connector = {k}.connector AND q.scope IN ({k}.quota_scope, 'key:' || {k}.key_name)
-             AND q.model = '*' AND q.until > ?{now})"
-    )
-}
-
 /// How many of the least recently used claimable keys the claim looks at first, in pure LRU order.
 const LRU_WINDOW: u32 = 8;
 
@@ -141,10 +122,10 @@ const LRU_WINDOW: u32 = 8;
 /// behind the end of the latest lockdown of its scopes (so however many keys are locked down for the
 /// model, that walk stops at the first key it looks at: they were moved behind the keys free for it).
 static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let claimable = "k.connector = ?1
-                 AND k.state IN ('vacant', 'lockdown') AND k.retired_at IS NULL
-                 AND (k.state = 'vacant' OR k.lockdown_until <= ?2)
-                 AND k.key_name NOT IN (SELECT value FROM json_each(?7))";
+    let claimable = format!(
+        "k.connector = ?1 AND {} AND k.key_name NOT IN (SELECT value FROM json_each(?7))",
+        rule_sql::claimable_state("k", "?2")
+    );
     format!(
         "UPDATE keys
     SET state = 'locked', lease = lease + 1, holder_host = ?3, holder_boot_id = ?4, holder_pid_namespace = ?9,
@@ -162,17 +143,13 @@ static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             ORDER BY k.queue_at, k.last_used_at LIMIT 1))
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
-                     WHERE q.connector = keys.connector AND q.scope = 'key:' || keys.key_name
-                       AND q.model = coalesce(?10, '*')), 0)",
-        locked = locked_down_for("k", 10, 2),
-        latest = LATEST_LOCKDOWN_END
+                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce(?10, '{every}')), 0)",
+        locked = rule_sql::locked_down_for(&KeyCols::row("k"), "?10", "?2"),
+        latest = rule_sql::latest_lockdown_end(&KeyCols::row("keys")),
+        own = rule_sql::own_scope("keys.key_name"),
+        every = ModelScope::EVERY,
     )
 });
-
-/// The end of the latest lockdown ever recorded on the scopes of the key being updated (0: none): a key's
-/// place in the claim order is never before it.
-const LATEST_LOCKDOWN_END: &str = "coalesce((SELECT max(q.until) FROM lockdowns q
-                   WHERE q.connector = keys.connector AND q.scope IN (keys.quota_scope, 'key:' || keys.key_name)), 0)";
 
 const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
@@ -334,18 +311,24 @@ impl Store {
     /// was lost.
     pub fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
         self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |transaction| {
-            let changed = transaction
-                .prepare_cached("UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'")?
-                .execute(params![id, lease])?;
-            transaction
+            let held = transaction
                 .prepare_cached(
-                    "DELETE FROM lockdowns
-                      WHERE (connector, scope) IN (SELECT connector, quota_scope FROM keys WHERE id = ?1
-                                                   UNION ALL SELECT connector, 'key:' || key_name FROM keys WHERE id = ?1)
-                        AND model IN (coalesce(?2, '*'), '*') AND until <= ?3 AND ?4",
+                    "UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'
+                     RETURNING connector, quota_scope, key_name",
                 )?
-                .execute(params![id, model, now, changed == 1])?;
-            Ok(changed == 1)
+                .query_row(params![id, lease], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                })
+                .optional()?;
+            let Some((connector, quota_scope, key_name)) = held else { return Ok(false) };
+            transaction.prepare_cached(&expired_lockdowns_of_key())?.execute(params![
+                connector,
+                quota_scope,
+                key_name,
+                model,
+                now
+            ])?;
+            Ok(true)
         })
     }
 
@@ -353,7 +336,10 @@ impl Store {
     pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
         self.read("reading a key's lockdowns", |connection| {
             connection
-                .prepare_cached(&format!("SELECT {} FROM keys k WHERE k.id = ?1", locked_down_for("k", 2, 3)))?
+                .prepare_cached(&format!(
+                    "SELECT {} FROM keys k WHERE k.id = ?1",
+                    rule_sql::locked_down_for(&KeyCols::row("k"), "?2", "?3")
+                ))?
                 .query_row(params![id, model, now], |row| row.get(0))
         })
     }
@@ -481,7 +467,7 @@ impl Store {
                           WHERE id = ?1 AND lease = ?2 AND state = 'locked'
                             AND heartbeat_at IS ?4 AND heartbeat_boot_ms IS ?5
                       RETURNING connector, key_name, fingerprint, state, lockdown_until",
-                        end = whole_lockdown_end("keys", 3)
+                        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "?3")
                     ))?
                     .query_row(
                         params![eviction.id, eviction.lease, now, eviction.heartbeat_at, eviction.heartbeat_boot_ms],
@@ -567,20 +553,18 @@ impl Store {
                         coalesce(sum(NOT live), 0), max(retired_at),
                         coalesce(sum(live AND free AND whole_until IS NULL AND model_until IS NOT NULL), 0),
                         min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
-                   FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried,
-                                live AND free AND whole_until IS NULL AND model_until IS NULL AS usable
-                           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live,
+                   FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried, usable
+                           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live, {usable} AS usable,
                                         k.state IN ('vacant', 'lockdown') AS free,
                                         nullif(max(CASE WHEN k.state = 'lockdown' AND k.lockdown_until > ?2
                                                         THEN k.lockdown_until ELSE 0 END,
                                                    coalesce({whole}, 0)), 0) AS whole_until,
-                                        (SELECT max(q.until) FROM lockdowns q
-                                          WHERE q.connector = k.connector
-                                            AND q.scope IN (k.quota_scope, 'key:' || k.key_name)
-                                            AND q.model = ?4 AND q.until > ?2) AS model_until,
+                                        {model_until} AS model_until,
                                         k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
                                    FROM keys k WHERE k.connector = ?1))",
-                    whole = whole_lockdown_end("k", 2)
+                    whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "?2"),
+                    model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "?4", "?2"),
+                    usable = rule_sql::free_for("k", "?4", "?2"),
                 ))?
                 .query_row(params![connector, now, tried, model], |row| {
                     Ok(Availability {
@@ -616,10 +600,11 @@ impl Store {
                     }
                     if availability.claimable == 0 && availability.model_lockdown > 0 {
                         availability.model_lockdown_quota = connection
-                            .prepare_cached(
+                            .prepare_cached(&format!(
                                 "SELECT coalesce(quota_id, reason) FROM lockdowns
-                                  WHERE connector = ?1 AND model = ?2 AND until > ?3 ORDER BY until LIMIT 1",
-                            )?
+                                  WHERE connector = ?1 AND model = ?2 AND {} ORDER BY until LIMIT 1",
+                                rule_sql::in_force("lockdowns", "?3")
+                            ))?
                             .query_row(params![connector, model, now], |row| row.get(0))
                             .optional()?;
                     }
@@ -861,6 +846,18 @@ fn claim_in(
     Ok(Some(claimed))
 }
 
+/// Deletes the lockdowns of key `(?1 connector, ?2 quota scope, ?3 name)` covering model `?4` whose
+/// deadline passed at `?5`: after a success for that model, its strikes start again at 0.
+fn expired_lockdowns_of_key() -> String {
+    let lockdowns = "lockdowns";
+    format!(
+        "DELETE FROM lockdowns WHERE {scopes} AND {covers} AND NOT {in_force}",
+        scopes = rule_sql::on_scopes_of(lockdowns, &KeyCols::given("?1", "?2", "?3")),
+        covers = rule_sql::covers(lockdowns, "?4"),
+        in_force = rule_sql::in_force(lockdowns, "?5")
+    )
+}
+
 /// Ends one lease in `transaction` (see [`Store::end_lease`]): `Ok(false)` when it was already lost.
 fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<bool> {
     let (id, lease, fate, attempt, now) = (end.id, end.lease, &end.fate, end.attempt.as_ref(), end.now);
@@ -917,11 +914,7 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
             let model = attempt.and_then(|attempt| attempt.model.as_deref());
             if *success {
                 transaction
-                    .prepare_cached(
-                        "DELETE FROM lockdowns
-                              WHERE connector = ?1 AND scope IN (?2, 'key:' || ?3) AND model IN (coalesce(?4, '*'), '*')
-                                AND until <= ?5",
-                    )?
+                    .prepare_cached(&expired_lockdowns_of_key())?
                     .execute(params![connector, key_scope, key_name, model, now])?;
             }
             transition.model = model;
@@ -939,7 +932,7 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
                         holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
                   WHERE id = ?1
               RETURNING state, lockdown_until",
-            end = whole_lockdown_end("keys", 3)
+            end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "?3")
         ))?
         .query_row(
             params![
@@ -964,7 +957,10 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
 /// Puts key `id` behind the lockdowns of its (new) scopes in the claim order, after its scope changed.
 fn requeue(transaction: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
     transaction
-        .prepare_cached(&format!("UPDATE keys SET queue_at = max(queue_at, {LATEST_LOCKDOWN_END}) WHERE id = ?1"))?
+        .prepare_cached(&format!(
+            "UPDATE keys SET queue_at = max(queue_at, {}) WHERE id = ?1",
+            rule_sql::latest_lockdown_end(&KeyCols::row("keys"))
+        ))?
         .execute([id])?;
     Ok(())
 }
