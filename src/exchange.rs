@@ -740,7 +740,7 @@ impl Jongler {
     ) -> Result<()> {
         let Some(mut lease) = lease else {
             let coordinator = self.inner.coordinator.clone();
-            return short_blocking(move || coordinator.store().record_attempt(&attempt)).await;
+            return short_blocking(move || coordinator.backend().record_attempt(&attempt)).await;
         };
         let fate = fate_of(verdict, attempt.status);
         let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
@@ -748,7 +748,7 @@ impl Jongler {
         let model = model.map(str::to_owned);
         let settled = short_blocking(move || {
             if keep {
-                coordinator.store().record_attempt(&attempt)?;
+                coordinator.backend().record_attempt(&attempt)?;
                 if matches!(fate, Fate::Release { success: true }) {
                     lease.reset_escalation(model.as_deref())?;
                 }
@@ -860,7 +860,7 @@ impl Jongler {
             let attempt = Attempt { latency_ms: millis(sent.elapsed()), outcome, ..attempt };
             let Some(lease) = lease else {
                 let coordinator = jongler.inner.coordinator.clone();
-                let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
+                let _ = blocking(move || coordinator.backend().record_attempt(&attempt)).await;
                 return;
             };
             let http_status = match &ending {

@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::store::{Attempt, Claimed, Fate, Lockdown, Store};
+use crate::store::{Attempt, Backend, Claimed, Fate, Lockdown};
 use crate::trust::{LeaseLiveness, Trust};
 
 /// What a lease needs from the coordinator that made it: the coordinator implements it, so that this
 /// module never reaches up into the coordinator (the dependency points one way).
 pub(crate) trait LeaseOwner: Send + Sync + std::fmt::Debug {
     /// The database the lease lives in.
-    fn store(&self) -> &Store;
+    fn store(&self) -> &dyn Backend;
     /// The clock every write of the lease is stamped with.
     fn clock(&self) -> &Arc<dyn Clock>;
     /// The leases of this process, and the ends still to be written.
@@ -110,7 +110,7 @@ impl Registry {
     }
 
     /// Writes every deferred end it can; the ones that still fail stay for the next try.
-    fn settle(&self, store: &Store, clock: &dyn Clock) -> usize {
+    fn settle(&self, store: &dyn Backend, clock: &dyn Clock) -> usize {
         let _pass = self.settling.lock().unwrap_or_else(PoisonError::into_inner);
         let pending = std::mem::take(&mut *self.unsettled());
         let mut failed = Vec::new();

@@ -20,7 +20,7 @@ use crate::keyring::Keyring;
 use crate::lease::{self, HeartbeatWaker, Lease, LeaseOwner, Registry};
 use crate::pool::{self, Unavailable};
 use crate::reaper::{self, Now};
-use crate::store::{self, Eviction, KeySpec, KeyState, Store, SyncReport, Transition};
+use crate::store::{self, Backend, Eviction, KeySpec, KeyState, Sqlite, Store, SyncReport, Transition};
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
@@ -73,7 +73,10 @@ pub struct KeyStates {
 /// Shared by all clones of a [`Coordinator`] and by its heartbeat thread.
 #[derive(Debug)]
 pub(crate) struct Inner {
-    pub(crate) store: Store,
+    /// The database, for every read and write of this process.
+    pub(crate) backend: Arc<dyn Backend>,
+    /// The same, read-only, for the public API.
+    store: Store,
     pub(crate) holder: &'static Holder,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) leases: Registry,
@@ -100,10 +103,16 @@ impl Coordinator {
             Some(path) => path.clone(),
             None => store::default_path()?,
         };
-        let store = Store::open(&path)?.with_lock_wait_floor(options.lock_wait_floor);
+        let backend: Arc<dyn Backend> = Arc::new(Sqlite::open(&path)?.with_lock_wait_floor(options.lock_wait_floor));
+        Ok(Self::with_backend(backend, options))
+    }
+
+    /// A coordinator of the pool in `backend`.
+    pub(crate) fn with_backend(backend: Arc<dyn Backend>, options: CoordinatorOptions) -> Self {
         let trust_window = options.stale_after.saturating_sub(options.heartbeat_interval).max(options.stale_after / 2);
         let inner = Arc::new(Inner {
-            store,
+            store: Store::new(Arc::clone(&backend)),
+            backend,
             holder: Holder::current(),
             clock: Arc::clone(&options.clock),
             leases: Registry::default(),
@@ -113,7 +122,7 @@ impl Coordinator {
             heartbeat: OnceLock::new(),
             waiters: waiting::Waiters::default(),
         });
-        Ok(Self { inner })
+        Self { inner }
     }
 
     /// The database file.
@@ -121,9 +130,15 @@ impl Coordinator {
         self.inner.store.path()
     }
 
-    /// The underlying store, for reads the coordinator does not wrap (history, full key rows).
+    /// The pool's database, read-only, for what the coordinator does not wrap (history, full key rows).
+    /// Writes go through the coordinator and its leases.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The database, for the crate's own writes (an attempt's row).
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
     }
 
     /// Makes the database's keys of the connectors `keyring` has a section for match it (see
@@ -142,7 +157,7 @@ impl Coordinator {
         let connectors: Vec<&str> = keyring.connectors().collect();
         let path = std::path::absolute(keyring.path()).unwrap_or_else(|_| keyring.path().to_owned());
         let source = store::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
-        let report = self.inner.store.sync_keys(&source, self.now_ms())?;
+        let report = self.inner.backend.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
         Ok(report)
     }
@@ -191,7 +206,7 @@ impl Coordinator {
     /// store's floor). `Ok(None)`: no key free now, and one may come before the deadline; the error
     /// when none can (every key in error, or locked down past the deadline) or the wait is zero.
     fn try_claim(&self, request: &waiting::Request<'_>) -> Result<Option<Lease>> {
-        let store = &self.inner.store;
+        let store = &self.inner.backend;
         let lock_deadline = store.lock_deadline(request.started, request.deadline);
         let waited = |error| match error {
             // The message says how long the caller waited, not only this last write.
@@ -234,7 +249,7 @@ impl Coordinator {
     /// Frees the locks of dead holders of `connector` (or of all connectors), and of stopped or
     /// invisible ones whose heartbeat is stale (see the `reaper` module).
     pub fn reap(&self, connector: Option<&str>) -> Result<Vec<Transition>> {
-        let held = self.inner.store.held_keys(connector)?;
+        let held = self.inner.backend.held_keys(connector)?;
         // Read the clocks after the read: a heartbeat read is never judged against an earlier time.
         let now = Now { wall_ms: self.now_ms(), boot_ms: self.inner.clock.boot_ms() };
         let evictions: Vec<Eviction> = held
@@ -252,7 +267,7 @@ impl Coordinator {
             .collect();
         // The history's time is read after the verdicts: a holder seen dead was dead by then (a time read
         // before its /proc check could precede its death).
-        let freed = self.inner.store.evict(&evictions, self.now_ms())?;
+        let freed = self.inner.backend.evict(&evictions, self.now_ms())?;
         log_transitions(&freed);
         Ok(freed)
     }
@@ -277,11 +292,11 @@ impl Coordinator {
                     reason: format!("cleanup --force took it from live holder pid {}", held.holder.pid),
                 })
                 .collect();
-            let evicted = self.inner.store.evict(&evictions, now)?;
+            let evicted = self.inner.backend.evict(&evictions, now)?;
             log_transitions(&evicted);
             done.extend(evicted);
         }
-        let cleared = self.inner.store.clear_lockdowns_and_errors(connector, now)?;
+        let cleared = self.inner.backend.clear_lockdowns_and_errors(connector, now)?;
         log_transitions(&cleared);
         done.extend(cleared);
         Ok(done)
@@ -297,9 +312,9 @@ impl Coordinator {
     /// is locked down for that model counts as in lockdown, as the claim would skip it.
     pub fn key_states_for(&self, connector: &str, model: Option<&str>) -> Result<KeyStates> {
         let now = self.now_ms();
-        let lockdowns = self.inner.store.lockdowns(Some(connector))?;
+        let lockdowns = self.inner.backend.lockdowns(Some(connector))?;
         let mut states = KeyStates::default();
-        for key in self.inner.store.keys(Some(connector))? {
+        for key in self.inner.backend.keys(Some(connector))? {
             if key.retired_at.is_some() {
                 continue;
             }
@@ -369,8 +384,8 @@ impl Inner {
 }
 
 impl LeaseOwner for Inner {
-    fn store(&self) -> &Store {
-        &self.store
+    fn store(&self) -> &dyn Backend {
+        &*self.backend
     }
 
     fn clock(&self) -> &Arc<dyn Clock> {

@@ -219,7 +219,7 @@ impl Coordinator {
             tried: request.tried.to_vec(),
             started: request.started,
             deadline: request.deadline,
-            lock_deadline: self.inner.store.lock_deadline(request.started, request.deadline),
+            lock_deadline: self.inner.backend.lock_deadline(request.started, request.deadline),
             reply: Mutex::new(Some(reply)),
         });
         let waiters = &self.inner.waiters;
@@ -319,7 +319,7 @@ impl Coordinator {
     ) -> Result<Option<Instant>> {
         let first = &waiting[group[0]];
         self.reap_if_due(&first.connector)?;
-        let store = &self.inner.store;
+        let store = &self.inner.backend;
         let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
         loop {
             let now_ms = self.now_ms();
@@ -365,7 +365,7 @@ impl Coordinator {
     fn unavailable(&self, waiter: &Waiter) -> Result<Lease> {
         let at = self.now_ms();
         let availability =
-            self.inner.store.availability(&waiter.connector, waiter.model.as_deref(), &waiter.tried, at)?;
+            self.inner.backend.availability(&waiter.connector, waiter.model.as_deref(), &waiter.tried, at)?;
         Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited: waiter.started.elapsed(), at })))
     }
 }
@@ -395,7 +395,7 @@ pub(super) fn hopeless(availability: &Availability, lockdown_end: Option<Instant
 fn watch(inner: Weak<Inner>) {
     let _unwinding = Unwinding(inner.clone());
     let watch = match inner.upgrade() {
-        Some(inner) => inner.store.watch_changes(),
+        Some(inner) => inner.backend.watch_changes(),
         None => return,
     };
     let mut changes = match watch {

@@ -19,6 +19,7 @@
 //!
 //! A second backend (PostgreSQL, for pools shared by several hosts) would implement the same methods.
 
+mod backend;
 mod batch;
 mod rule_sql;
 mod schema;
@@ -37,6 +38,8 @@ use rule_sql::KeyCols;
 use sync::{apply_sync, plan_sync};
 
 pub use crate::pool::*;
+pub use backend::Store;
+pub(crate) use backend::{Backend, ChangeWatch};
 pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
 pub use sync::SyncSource;
 
@@ -52,9 +55,9 @@ const WAIT_SLICE: Duration = Duration::from_millis(250);
 /// lose the lock for seconds in a row.
 const HOLDER_PATIENCE: u32 = 3;
 
-/// The database: one file shared by every process of a user.
+/// The SQLite backend: one WAL-mode file shared by every process of a user.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(crate) struct Sqlite {
     pool: r2d2::Pool<SqliteConnectionManager>,
     path: PathBuf,
     identity: schema::FileIdentity,
@@ -155,7 +158,7 @@ const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
      lease, lockdown_until, model, quota_scope";
 
-impl Store {
+impl Sqlite {
     /// Opens the database at `path`, creating and migrating it as needed.
     pub fn open(path: &Path) -> Result<Self> {
         let (pool, identity) = schema::open(path)?;
@@ -176,89 +179,6 @@ impl Store {
         self
     }
 
-    /// The deadline for an operation asked for at `asked` whose caller may wait until `deadline`: that
-    /// deadline, but never less than the store's floor after `asked`.
-    pub fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
-        deadline.max(asked + self.lock_wait_floor)
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The schema version recorded in the file.
-    pub fn schema_version(&self) -> Result<i64> {
-        self.read("reading the schema version", |connection| {
-            connection.pragma_query_value(None, "user_version", |row| row.get(0))
-        })
-    }
-
-    /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
-    /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
-    /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
-    /// when everything already matches.
-    pub fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
-        let pending = self.read("reading the keys", |connection| plan_sync(connection, source))?;
-        if pending.is_empty() {
-            return Ok(pending);
-        }
-        self.write("syncing the keyring", None, |transaction| {
-            // Plan again under the write lock: another process may have synced in between.
-            let mut plan = plan_sync(transaction, source)?;
-            plan.transitions = apply_sync(transaction, source, &plan, now)?;
-            Ok(plan)
-        })
-    }
-
-    /// Claims the first claimable key of `connector` not named in `tried` and not locked down for
-    /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
-    /// `deadline` exactly (the caller applies the store's floor: see [`Store::lock_deadline`]), then
-    /// fails with [`Error::DatabaseLocked`] saying how long it waited. The times written are read from `clock`
-    /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
-    /// time comes back in [`Claimed::boot_ms`]. Claims made at the same time by threads of this process
-    /// share one transaction, whose times come from the clock of the thread that writes it: callers of
-    /// one store pass one clock (a coordinator's).
-    pub fn claim(
-        &self,
-        connector: &str,
-        model: Option<&str>,
-        tried: &[String],
-        holder: &Holder,
-        clock: &dyn Clock,
-        deadline: Instant,
-    ) -> Result<Option<Claimed>> {
-        self.claims.commit(
-            batch::Claim::new(connector, model, tried, holder),
-            deadline,
-            |claims, deadline| self.claim_all(claims, deadline, clock),
-            |claim| Err(self.locked("claiming a key", claim.waited())),
-        )
-    }
-
-    /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
-    /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
-    pub fn claim_several(
-        &self,
-        (connector, model, tried): (&str, Option<&str>, &[String]),
-        count: usize,
-        holder: &Holder,
-        clock: &dyn Clock,
-        deadline: Instant,
-    ) -> Result<Vec<Claimed>> {
-        let claim = batch::Claim::new(connector, model, tried, holder);
-        self.write_by("claiming keys", deadline, |transaction| {
-            let mut claimed = Vec::with_capacity(count);
-            while claimed.len() < count {
-                match claim_in(transaction, &claim, clock)? {
-                    Some(one) => claimed.push(one),
-                    None => break,
-                }
-            }
-            Ok(claimed)
-        })
-    }
-
     /// Runs the claims of `claims` in one transaction, waiting for the lock until `deadline`, each as
     /// [`claim`](Self::claim) would.
     fn claim_all(
@@ -273,23 +193,6 @@ impl Store {
         written(all, claims.len())
     }
 
-    /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
-    /// key now belongs to someone else (or to nobody) and was not touched.
-    /// `attempt`, if given, is recorded in the same transaction.
-    ///
-    /// A lockdown is recorded on its scope (the key alone, or its quota group) for its models; one of
-    /// every model also puts the group's free keys in lockdown. The key goes back to vacant, or to
-    /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
-    /// attempt's model on the key's scopes once their lockdowns are over.
-    pub fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        self.ends.commit(
-            batch::End::new(id, lease, fate, attempt, now),
-            self.holder_deadline(),
-            |ends, deadline| self.end_leases(ends, deadline),
-            |end| Err(self.locked("ending a lease", end.waited())),
-        )
-    }
-
     /// Ends the leases of `ends` in one transaction, waiting for the lock until `deadline`, each as
     /// [`end_lease`](Self::end_lease) would.
     fn end_leases(&self, ends: &batch::Ends, deadline: Instant) -> batch::Written<Result<bool>> {
@@ -297,352 +200,6 @@ impl Store {
             ends.iter().map(|end| end_in(transaction, &end.item)).collect::<rusqlite::Result<Vec<bool>>>()
         });
         written(all, ends.len())
-    }
-
-    /// Records an attempt made without ending a lease (no key, or the lease is kept).
-    pub fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
-        self.write("recording a request", Some(self.holder_deadline()), |transaction| {
-            insert_attempt(transaction, attempt)
-        })
-    }
-
-    /// After a success for `model` on a key that is kept (per-connection leases), the strikes of that
-    /// model on the key's scopes start again at 0 (their lockdowns being over). `Ok(false)`: the lease
-    /// was lost.
-    pub fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
-        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |transaction| {
-            let held = transaction
-                .prepare_cached(
-                    "UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                     RETURNING connector, quota_scope, key_name",
-                )?
-                .query_row(params![id, lease], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })
-                .optional()?;
-            let Some((connector, quota_scope, key_name)) = held else { return Ok(false) };
-            transaction.prepare_cached(&expired_lockdowns_of_key())?.execute(params![
-                connector,
-                quota_scope,
-                key_name,
-                model,
-                now
-            ])?;
-            Ok(true)
-        })
-    }
-
-    /// Whether a lockdown in force keeps key `id` from serving `model` (the claim's rule).
-    pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
-        self.read("reading a key's lockdowns", |connection| {
-            connection
-                .prepare_cached(&format!(
-                    "SELECT {} FROM keys k WHERE k.id = ?1",
-                    rule_sql::locked_down_for(&KeyCols::row("k"), "?2", "?3")
-                ))?
-                .query_row(params![id, model, now], |row| row.get(0))
-        })
-    }
-
-    /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
-    /// scope and model.
-    pub fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
-        self.read("reading lockdowns", |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes
-                   FROM lockdowns WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, scope, model",
-            )?;
-            all(&mut statement, params![connector], |row| {
-                Ok(LockdownRecord {
-                    connector: row.get(0)?,
-                    scope: word(row, 1)?,
-                    model: word(row, 2)?,
-                    until: row.get(3)?,
-                    quota_id: row.get(4)?,
-                    reason: row.get(5)?,
-                    http_status: row.get(6)?,
-                    set_by_key: row.get(7)?,
-                    set_at: row.get(8)?,
-                    strikes: row.get(9)?,
-                })
-            })
-        })
-    }
-
-    /// A watch on the database that tells when another connection (of any process, this one's
-    /// included) committed a change: SQLite's `data_version`, which costs microseconds to read.
-    pub fn watch_changes(&self) -> Result<ChangeWatch> {
-        let connection = self.connection("watching for changes")?;
-        let mut watch = ChangeWatch { connection, version: None, path: self.path.clone() };
-        watch.changed()?;
-        Ok(watch)
-    }
-
-    /// Every recorded attempt, oldest first (for the demo's summary and for tests).
-    pub fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
-        self.read("reading requests", |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model
-                   FROM requests WHERE ?1 IS NULL OR connector = ?1 ORDER BY id",
-            )?;
-            all(&mut statement, params![connector], |row| {
-                Ok(Attempt {
-                    at: row.get(0)?,
-                    connector: row.get(1)?,
-                    key_name: row.get(2)?,
-                    method: row.get(3)?,
-                    endpoint: row.get(4)?,
-                    status: row.get(5)?,
-                    latency_ms: row.get(6)?,
-                    outcome: row.get(7)?,
-                    model: row.get(8)?,
-                })
-            })
-        })
-    }
-
-    /// Refreshes the heartbeat of exactly the given leases (`(key id, lease token)`), with times read
-    /// from `clock` once the lock is held, and returns those still held (a lease missing from the
-    /// answer was lost) and the boot-clock time written. Keys this process holds under no listed lease
-    /// are not touched.
-    pub fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)> {
-        if leases.is_empty() {
-            return Ok((Vec::new(), clock.boot_ms()));
-        }
-        let leases = serde_json::to_string(leases).unwrap_or_else(|_| "[]".to_owned());
-        self.write("refreshing heartbeats", Some(self.holder_deadline()), |transaction| {
-            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
-            let mut statement = transaction.prepare_cached(
-                "UPDATE keys SET heartbeat_at = ?1, heartbeat_boot_ms = ?2
-                  WHERE state = 'locked'
-                    AND (id, lease) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?3))
-              RETURNING id, lease",
-            )?;
-            let held = all(&mut statement, params![now, boot_ms, leases], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            Ok((held, boot_ms))
-        })
-    }
-
-    /// The held keys of `connector` (or of all connectors), for the reaper.
-    pub fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
-        self.read("reading held keys", |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT id, connector, key_name, lease, holder_host, holder_boot_id, holder_pid_namespace, holder_pid,
-                        holder_started, heartbeat_at, heartbeat_boot_ms
-                   FROM keys WHERE state = 'locked' AND (?1 IS NULL OR connector = ?1)",
-            )?;
-            all(&mut statement, params![connector], |row| {
-                Ok(HeldKey {
-                    id: row.get(0)?,
-                    connector: row.get(1)?,
-                    key_name: row.get(2)?,
-                    lease: row.get(3)?,
-                    // A locked row always names its holder; an empty one is judged by heartbeat alone.
-                    holder: holder_at(row, 4)?.unwrap_or_default(),
-                    heartbeat_at: row.get(9)?,
-                    heartbeat_boot_ms: row.get(10)?,
-                })
-            })
-        })
-    }
-
-    /// Frees the given locks, each only if its lease and heartbeat are still the ones the caller read
-    /// (a heartbeat that landed first wins): back to vacant, or to lockdown if the key's deadline is
-    /// still ahead. Returns the transitions written.
-    pub fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>> {
-        if evictions.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.write("freeing locks", None, |transaction| {
-            let mut written = Vec::new();
-            for eviction in evictions {
-                let freed = transaction
-                    .prepare_cached(&format!(
-                        "UPDATE keys
-                            SET state = CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
-                                lockdown_until = {end},
-                                holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL,
-                                holder_pid = NULL, holder_started = NULL, locked_at = NULL, heartbeat_at = NULL,
-                                heartbeat_boot_ms = NULL
-                          WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                            AND heartbeat_at IS ?4 AND heartbeat_boot_ms IS ?5
-                      RETURNING connector, key_name, fingerprint, state, lockdown_until",
-                        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "?3")
-                    ))?
-                    .query_row(
-                        params![eviction.id, eviction.lease, now, eviction.heartbeat_at, eviction.heartbeat_boot_ms],
-                        |row| {
-                            let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
-                            Ok((key, row.get::<_, String>(3)?, row.get(4)?))
-                        },
-                    )
-                    .optional()?;
-                if let Some(((connector, key_name, fingerprint), state, until)) = freed {
-                    written.push(record(
-                        transaction,
-                        now,
-                        &NewTransition {
-                            lease: Some(eviction.lease),
-                            lockdown_until: until,
-                            ..NewTransition::new(
-                                (&connector, &key_name, &fingerprint),
-                                Some("locked"),
-                                &state,
-                                &eviction.reason,
-                            )
-                        },
-                    )?);
-                }
-            }
-            Ok(written)
-        })
-    }
-
-    /// Puts every key in lockdown or error of `connector` (or of all connectors) back to vacant.
-    /// Locks are not touched here: the reaper frees dead ones, and a forced cleanup evicts the rest.
-    pub fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
-        self.write("cleaning up keys", None, |transaction| {
-            let mut statement = transaction.prepare_cached(
-                "UPDATE keys SET state = 'vacant', lockdown_until = NULL, lockdown_count = 0 WHERE id = ?1",
-            )?;
-            let targets = transaction
-                .prepare_cached(
-                    "SELECT id, connector, key_name, fingerprint, state FROM keys
-                      WHERE state IN ('lockdown', 'error') AND (?1 IS NULL OR connector = ?1)",
-                )?
-                .query_map(params![connector], |row| {
-                    let key: (String, String, String) = (row.get(1)?, row.get(2)?, row.get(3)?);
-                    Ok((row.get::<_, i64>(0)?, key, row.get::<_, String>(4)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            transaction
-                .prepare_cached("DELETE FROM lockdowns WHERE ?1 IS NULL OR connector = ?1")?
-                .execute(params![connector])?;
-            let mut written = Vec::new();
-            for (id, (key_connector, key_name, fingerprint), state) in targets {
-                statement.execute(params![id])?;
-                written.push(record(
-                    transaction,
-                    now,
-                    &NewTransition::new((&key_connector, &key_name, &fingerprint), Some(&state), "vacant", "cleanup"),
-                )?);
-            }
-            Ok(written)
-        })
-    }
-
-    /// How many keys of `connector` are claimable for `model`, held, in lockdown (for every model or for
-    /// `model`) or in error, from a read (no write lock), so waiters can poll without slowing the
-    /// writers.
-    pub fn availability(
-        &self,
-        connector: &str,
-        model: Option<&str>,
-        tried: &[String],
-        now: i64,
-    ) -> Result<Availability> {
-        let tried = json_list(tried);
-        self.read("reading key availability", |connection| {
-            connection
-                .prepare_cached(&format!(
-                    "SELECT coalesce(sum(usable AND NOT was_tried), 0), coalesce(sum(live AND state = 'locked'), 0),
-                        coalesce(sum(live AND free AND whole_until IS NOT NULL), 0),
-                        coalesce(sum(live AND state = 'error'), 0), coalesce(sum(usable AND was_tried), 0),
-                        min(CASE WHEN live AND free AND NOT usable
-                                 THEN max(coalesce(whole_until, 0), coalesce(model_until, 0)) END),
-                        coalesce(sum(NOT live), 0), max(retired_at),
-                        coalesce(sum(live AND free AND whole_until IS NULL AND model_until IS NOT NULL), 0),
-                        min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
-                   FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried, usable
-                           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live, {usable} AS usable,
-                                        k.state IN ('vacant', 'lockdown') AS free,
-                                        nullif(max(CASE WHEN k.state = 'lockdown' AND k.lockdown_until > ?2
-                                                        THEN k.lockdown_until ELSE 0 END,
-                                                   coalesce({whole}, 0)), 0) AS whole_until,
-                                        {model_until} AS model_until,
-                                        k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
-                                   FROM keys k WHERE k.connector = ?1))",
-                    whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "?2"),
-                    model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "?4", "?2"),
-                    usable = rule_sql::free_for("k", "?4", "?2"),
-                ))?
-                .query_row(params![connector, now, tried, model], |row| {
-                    Ok(Availability {
-                        connector: connector.to_owned(),
-                        claimable: row.get(0)?,
-                        locked: row.get(1)?,
-                        lockdown: row.get(2)?,
-                        error: row.get(3)?,
-                        tried: row.get(4)?,
-                        earliest_lockdown_end: row.get(5)?,
-                        retired: row.get(6)?,
-                        last_retired_at: row.get(7)?,
-                        last_retired_reason: None,
-                        model: model.map(str::to_owned),
-                        model_lockdown: row.get(8)?,
-                        earliest_model_lockdown_end: row.get(9)?,
-                        model_lockdown_quota: None,
-                    })
-                })
-                .and_then(|mut availability| {
-                    // Only when no key is left: say what emptied the pool (the waiters' polls skip this).
-                    if availability.total() == 0 && availability.retired > 0 {
-                        availability.last_retired_reason = connection
-                            .prepare_cached(
-                                "SELECT reason FROM history
-                                  WHERE connector = ?1 AND to_state = 'retired'
-                                    AND key_name = (SELECT key_name FROM keys WHERE connector = ?1
-                                                     ORDER BY retired_at DESC LIMIT 1)
-                                  ORDER BY at DESC, id DESC LIMIT 1",
-                            )?
-                            .query_row(params![connector], |row| row.get(0))
-                            .optional()?;
-                    }
-                    if availability.claimable == 0 && availability.model_lockdown > 0 {
-                        availability.model_lockdown_quota = connection
-                            .prepare_cached(&format!(
-                                "SELECT coalesce(quota_id, reason) FROM lockdowns
-                                  WHERE connector = ?1 AND model = ?2 AND {} ORDER BY until LIMIT 1",
-                                rule_sql::in_force("lockdowns", "?3")
-                            ))?
-                            .query_row(params![connector, model, now], |row| row.get(0))
-                            .optional()?;
-                    }
-                    Ok(availability)
-                })
-        })
-    }
-
-    /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
-    pub fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
-        self.read("reading keys", |connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {KEY_COLUMNS} FROM keys WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, key_name"
-            ))?;
-            all(&mut statement, params![connector], key_record)
-        })
-    }
-
-    /// History rows matching `query`, newest first.
-    pub fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>> {
-        let limit = query.limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
-        self.read("reading the history", |connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {HISTORY_COLUMNS} FROM history
-                  WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR key_name = ?2) AND (?3 IS NULL OR at >= ?3)
-                  ORDER BY id DESC LIMIT ?4"
-            ))?;
-            all(&mut statement, params![query.connector, query.key_name, query.since, limit], transition)
-        })
-    }
-
-    /// The plan SQLite chooses for the very statement [`claim`](Self::claim) runs, one line per step
-    /// (for tests and docs).
-    pub fn explain_claim(&self) -> Result<Vec<String>> {
-        self.read("explaining the claim", |connection| {
-            let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {}", *CLAIM))?;
-            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n", "m"], |row| row.get::<_, String>(3))
-        })
     }
 
     /// Runs `f` on a connection; reads run beside the writer in WAL mode and wait (up to the floor)
@@ -735,16 +292,404 @@ impl Store {
     }
 }
 
-/// A connection kept to see other connections' commits (see [`Store::watch_changes`]).
-pub struct ChangeWatch {
+impl Backend for Sqlite {
+    fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
+        deadline.max(asked + self.lock_wait_floor)
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        self.read("reading the schema version", |connection| {
+            connection.pragma_query_value(None, "user_version", |row| row.get(0))
+        })
+    }
+
+    fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
+        let pending = self.read("reading the keys", |connection| plan_sync(connection, source))?;
+        if pending.is_empty() {
+            return Ok(pending);
+        }
+        self.write("syncing the keyring", None, |transaction| {
+            // Plan again under the write lock: another process may have synced in between.
+            let mut plan = plan_sync(transaction, source)?;
+            plan.transitions = apply_sync(transaction, source, &plan, now)?;
+            Ok(plan)
+        })
+    }
+
+    fn claim(
+        &self,
+        connector: &str,
+        model: Option<&str>,
+        tried: &[String],
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Option<Claimed>> {
+        self.claims.commit(
+            batch::Claim::new(connector, model, tried, holder),
+            deadline,
+            |claims, deadline| self.claim_all(claims, deadline, clock),
+            |claim| Err(self.locked("claiming a key", claim.waited())),
+        )
+    }
+
+    fn claim_several(
+        &self,
+        (connector, model, tried): (&str, Option<&str>, &[String]),
+        count: usize,
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Vec<Claimed>> {
+        let claim = batch::Claim::new(connector, model, tried, holder);
+        self.write_by("claiming keys", deadline, |transaction| {
+            let mut claimed = Vec::with_capacity(count);
+            while claimed.len() < count {
+                match claim_in(transaction, &claim, clock)? {
+                    Some(one) => claimed.push(one),
+                    None => break,
+                }
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
+        self.ends.commit(
+            batch::End::new(id, lease, fate, attempt, now),
+            self.holder_deadline(),
+            |ends, deadline| self.end_leases(ends, deadline),
+            |end| Err(self.locked("ending a lease", end.waited())),
+        )
+    }
+
+    fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
+        self.write("recording a request", Some(self.holder_deadline()), |transaction| {
+            insert_attempt(transaction, attempt)
+        })
+    }
+
+    fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
+        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |transaction| {
+            let held = transaction
+                .prepare_cached(
+                    "UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'
+                     RETURNING connector, quota_scope, key_name",
+                )?
+                .query_row(params![id, lease], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                })
+                .optional()?;
+            let Some((connector, quota_scope, key_name)) = held else { return Ok(false) };
+            transaction.prepare_cached(&expired_lockdowns_of_key())?.execute(params![
+                connector,
+                quota_scope,
+                key_name,
+                model,
+                now
+            ])?;
+            Ok(true)
+        })
+    }
+
+    fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
+        self.read("reading a key's lockdowns", |connection| {
+            connection
+                .prepare_cached(&format!(
+                    "SELECT {} FROM keys k WHERE k.id = ?1",
+                    rule_sql::locked_down_for(&KeyCols::row("k"), "?2", "?3")
+                ))?
+                .query_row(params![id, model, now], |row| row.get(0))
+        })
+    }
+
+    fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
+        self.read("reading lockdowns", |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes
+                   FROM lockdowns WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, scope, model",
+            )?;
+            all(&mut statement, params![connector], |row| {
+                Ok(LockdownRecord {
+                    connector: row.get(0)?,
+                    scope: word(row, 1)?,
+                    model: word(row, 2)?,
+                    until: row.get(3)?,
+                    quota_id: row.get(4)?,
+                    reason: row.get(5)?,
+                    http_status: row.get(6)?,
+                    set_by_key: row.get(7)?,
+                    set_at: row.get(8)?,
+                    strikes: row.get(9)?,
+                })
+            })
+        })
+    }
+
+    fn watch_changes(&self) -> Result<Box<dyn ChangeWatch>> {
+        let connection = self.connection("watching for changes")?;
+        let mut watch = DataVersionWatch { connection, version: None, path: self.path.clone() };
+        watch.changed()?;
+        Ok(Box::new(watch))
+    }
+
+    fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
+        self.read("reading requests", |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model
+                   FROM requests WHERE ?1 IS NULL OR connector = ?1 ORDER BY id",
+            )?;
+            all(&mut statement, params![connector], |row| {
+                Ok(Attempt {
+                    at: row.get(0)?,
+                    connector: row.get(1)?,
+                    key_name: row.get(2)?,
+                    method: row.get(3)?,
+                    endpoint: row.get(4)?,
+                    status: row.get(5)?,
+                    latency_ms: row.get(6)?,
+                    outcome: row.get(7)?,
+                    model: row.get(8)?,
+                })
+            })
+        })
+    }
+
+    fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)> {
+        if leases.is_empty() {
+            return Ok((Vec::new(), clock.boot_ms()));
+        }
+        let leases = serde_json::to_string(leases).unwrap_or_else(|_| "[]".to_owned());
+        self.write("refreshing heartbeats", Some(self.holder_deadline()), |transaction| {
+            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
+            let mut statement = transaction.prepare_cached(
+                "UPDATE keys SET heartbeat_at = ?1, heartbeat_boot_ms = ?2
+                  WHERE state = 'locked'
+                    AND (id, lease) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?3))
+              RETURNING id, lease",
+            )?;
+            let held = all(&mut statement, params![now, boot_ms, leases], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok((held, boot_ms))
+        })
+    }
+
+    fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
+        self.read("reading held keys", |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, connector, key_name, lease, holder_host, holder_boot_id, holder_pid_namespace, holder_pid,
+                        holder_started, heartbeat_at, heartbeat_boot_ms
+                   FROM keys WHERE state = 'locked' AND (?1 IS NULL OR connector = ?1)",
+            )?;
+            all(&mut statement, params![connector], |row| {
+                Ok(HeldKey {
+                    id: row.get(0)?,
+                    connector: row.get(1)?,
+                    key_name: row.get(2)?,
+                    lease: row.get(3)?,
+                    // A locked row always names its holder; an empty one is judged by heartbeat alone.
+                    holder: holder_at(row, 4)?.unwrap_or_default(),
+                    heartbeat_at: row.get(9)?,
+                    heartbeat_boot_ms: row.get(10)?,
+                })
+            })
+        })
+    }
+
+    fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>> {
+        if evictions.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write("freeing locks", None, |transaction| {
+            let mut written = Vec::new();
+            for eviction in evictions {
+                let freed = transaction
+                    .prepare_cached(&format!(
+                        "UPDATE keys
+                            SET state = CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                                lockdown_until = {end},
+                                holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL,
+                                holder_pid = NULL, holder_started = NULL, locked_at = NULL, heartbeat_at = NULL,
+                                heartbeat_boot_ms = NULL
+                          WHERE id = ?1 AND lease = ?2 AND state = 'locked'
+                            AND heartbeat_at IS ?4 AND heartbeat_boot_ms IS ?5
+                      RETURNING connector, key_name, fingerprint, state, lockdown_until",
+                        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "?3")
+                    ))?
+                    .query_row(
+                        params![eviction.id, eviction.lease, now, eviction.heartbeat_at, eviction.heartbeat_boot_ms],
+                        |row| {
+                            let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                            Ok((key, row.get::<_, String>(3)?, row.get(4)?))
+                        },
+                    )
+                    .optional()?;
+                if let Some(((connector, key_name, fingerprint), state, until)) = freed {
+                    written.push(record(
+                        transaction,
+                        now,
+                        &NewTransition {
+                            lease: Some(eviction.lease),
+                            lockdown_until: until,
+                            ..NewTransition::new(
+                                (&connector, &key_name, &fingerprint),
+                                Some("locked"),
+                                &state,
+                                &eviction.reason,
+                            )
+                        },
+                    )?);
+                }
+            }
+            Ok(written)
+        })
+    }
+
+    fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
+        self.write("cleaning up keys", None, |transaction| {
+            let mut statement = transaction.prepare_cached(
+                "UPDATE keys SET state = 'vacant', lockdown_until = NULL, lockdown_count = 0 WHERE id = ?1",
+            )?;
+            let targets = transaction
+                .prepare_cached(
+                    "SELECT id, connector, key_name, fingerprint, state FROM keys
+                      WHERE state IN ('lockdown', 'error') AND (?1 IS NULL OR connector = ?1)",
+                )?
+                .query_map(params![connector], |row| {
+                    let key: (String, String, String) = (row.get(1)?, row.get(2)?, row.get(3)?);
+                    Ok((row.get::<_, i64>(0)?, key, row.get::<_, String>(4)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            transaction
+                .prepare_cached("DELETE FROM lockdowns WHERE ?1 IS NULL OR connector = ?1")?
+                .execute(params![connector])?;
+            let mut written = Vec::new();
+            for (id, (key_connector, key_name, fingerprint), state) in targets {
+                statement.execute(params![id])?;
+                written.push(record(
+                    transaction,
+                    now,
+                    &NewTransition::new((&key_connector, &key_name, &fingerprint), Some(&state), "vacant", "cleanup"),
+                )?);
+            }
+            Ok(written)
+        })
+    }
+
+    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability> {
+        let tried = json_list(tried);
+        self.read("reading key availability", |connection| {
+            connection
+                .prepare_cached(&format!(
+                    "SELECT coalesce(sum(usable AND NOT was_tried), 0), coalesce(sum(live AND state = 'locked'), 0),
+                        coalesce(sum(live AND free AND whole_until IS NOT NULL), 0),
+                        coalesce(sum(live AND state = 'error'), 0), coalesce(sum(usable AND was_tried), 0),
+                        min(CASE WHEN live AND free AND NOT usable
+                                 THEN max(coalesce(whole_until, 0), coalesce(model_until, 0)) END),
+                        coalesce(sum(NOT live), 0), max(retired_at),
+                        coalesce(sum(live AND free AND whole_until IS NULL AND model_until IS NOT NULL), 0),
+                        min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
+                   FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried, usable
+                           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live, {usable} AS usable,
+                                        k.state IN ('vacant', 'lockdown') AS free,
+                                        nullif(max(CASE WHEN k.state = 'lockdown' AND k.lockdown_until > ?2
+                                                        THEN k.lockdown_until ELSE 0 END,
+                                                   coalesce({whole}, 0)), 0) AS whole_until,
+                                        {model_until} AS model_until,
+                                        k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
+                                   FROM keys k WHERE k.connector = ?1))",
+                    whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "?2"),
+                    model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "?4", "?2"),
+                    usable = rule_sql::free_for("k", "?4", "?2"),
+                ))?
+                .query_row(params![connector, now, tried, model], |row| {
+                    Ok(Availability {
+                        connector: connector.to_owned(),
+                        claimable: row.get(0)?,
+                        locked: row.get(1)?,
+                        lockdown: row.get(2)?,
+                        error: row.get(3)?,
+                        tried: row.get(4)?,
+                        earliest_lockdown_end: row.get(5)?,
+                        retired: row.get(6)?,
+                        last_retired_at: row.get(7)?,
+                        last_retired_reason: None,
+                        model: model.map(str::to_owned),
+                        model_lockdown: row.get(8)?,
+                        earliest_model_lockdown_end: row.get(9)?,
+                        model_lockdown_quota: None,
+                    })
+                })
+                .and_then(|mut availability| {
+                    // Only when no key is left: say what emptied the pool (the waiters' polls skip this).
+                    if availability.total() == 0 && availability.retired > 0 {
+                        availability.last_retired_reason = connection
+                            .prepare_cached(
+                                "SELECT reason FROM history
+                                  WHERE connector = ?1 AND to_state = 'retired'
+                                    AND key_name = (SELECT key_name FROM keys WHERE connector = ?1
+                                                     ORDER BY retired_at DESC LIMIT 1)
+                                  ORDER BY at DESC, id DESC LIMIT 1",
+                            )?
+                            .query_row(params![connector], |row| row.get(0))
+                            .optional()?;
+                    }
+                    if availability.claimable == 0 && availability.model_lockdown > 0 {
+                        availability.model_lockdown_quota = connection
+                            .prepare_cached(&format!(
+                                "SELECT coalesce(quota_id, reason) FROM lockdowns
+                                  WHERE connector = ?1 AND model = ?2 AND {} ORDER BY until LIMIT 1",
+                                rule_sql::in_force("lockdowns", "?3")
+                            ))?
+                            .query_row(params![connector, model, now], |row| row.get(0))
+                            .optional()?;
+                    }
+                    Ok(availability)
+                })
+        })
+    }
+
+    fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
+        self.read("reading keys", |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, key_name"
+            ))?;
+            all(&mut statement, params![connector], key_record)
+        })
+    }
+
+    fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>> {
+        let limit = query.limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+        self.read("reading the history", |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {HISTORY_COLUMNS} FROM history
+                  WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR key_name = ?2) AND (?3 IS NULL OR at >= ?3)
+                  ORDER BY id DESC LIMIT ?4"
+            ))?;
+            all(&mut statement, params![query.connector, query.key_name, query.since, limit], transition)
+        })
+    }
+
+    fn explain_claim(&self) -> Result<Vec<String>> {
+        self.read("explaining the claim", |connection| {
+            let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {}", *CLAIM))?;
+            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n", "m"], |row| row.get::<_, String>(3))
+        })
+    }
+}
+
+/// A connection kept to see other connections' commits, by SQLite's `data_version`.
+struct DataVersionWatch {
     connection: r2d2::PooledConnection<SqliteConnectionManager>,
     version: Option<i64>,
     path: PathBuf,
 }
 
-impl ChangeWatch {
-    /// Whether another connection committed since the last call (true on the first).
-    pub fn changed(&mut self) -> Result<bool> {
+impl ChangeWatch for DataVersionWatch {
+    fn changed(&mut self) -> Result<bool> {
         let version = self
             .connection
             .pragma_query_value(None, "data_version", |row| row.get::<_, i64>(0))
@@ -753,9 +698,9 @@ impl ChangeWatch {
     }
 }
 
-impl std::fmt::Debug for ChangeWatch {
+impl std::fmt::Debug for DataVersionWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChangeWatch").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("DataVersionWatch").field("version", &self.version).finish_non_exhaustive()
     }
 }
 

@@ -1,0 +1,217 @@
+//! The seam between the pool and its database: [`Backend`], what every backend implements (SQLite, the
+//! default, in this module's parent; PostgreSQL for pools shared by several hosts next), and
+//! [`Store`], the read-only handle on it that the public API gives out.
+//!
+//! Invariants every backend keeps (the SQLite one documents how):
+//! - A claim is one atomic statement: two processes never both get a key, and it increments the key's
+//!   lease; every later write by the holder is fenced by that lease and changes nothing once it is lost.
+//! - Every state change writes its history row in the same transaction.
+//! - No operation waits for another writer past its caller's deadline (never less than the backend's
+//!   floor): it fails with `Error::DatabaseLocked` instead.
+//! - The rule of which lockdowns bind a key (`crate::pool::rule`) is the one its statements apply.
+//!
+//! Writes are crate-private: users read the pool through [`Store`]; they change it only through a
+//! `Coordinator` and its leases, which keep the invariants above.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::SyncSource;
+use crate::clock::Clock;
+use crate::error::Result;
+use crate::holder::Holder;
+use crate::pool::{
+    Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LockdownRecord, SyncReport,
+    Transition,
+};
+
+/// What a database must do for the pool. Object-safe, so a coordinator holds any backend (and a test
+/// a fake one) behind one `Arc<dyn Backend>`.
+pub(crate) trait Backend: Send + Sync + fmt::Debug {
+    /// The deadline for an operation asked for at `asked` whose caller may wait until `deadline`: that
+    /// deadline, but never less than the store's floor after `asked`.
+    fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant;
+
+    /// The database file.
+    fn path(&self) -> &Path;
+
+    /// The schema version recorded in the file.
+    fn schema_version(&self) -> Result<i64>;
+
+    /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
+    /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
+    /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
+    /// when everything already matches.
+    fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport>;
+
+    /// Claims the first claimable key of `connector` not named in `tried` and not locked down for
+    /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
+    /// `deadline` exactly (the caller applies the store's floor: see [`Backend::lock_deadline`]), then
+    /// fails with [`Error::DatabaseLocked`] saying how long it waited. The times written are read from `clock`
+    /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
+    /// time comes back in [`Claimed::boot_ms`]. Claims made at the same time by threads of this process
+    /// share one transaction, whose times come from the clock of the thread that writes it: callers of
+    /// one store pass one clock (a coordinator's).
+    fn claim(
+        &self,
+        connector: &str,
+        model: Option<&str>,
+        tried: &[String],
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Option<Claimed>>;
+
+    /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
+    /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
+    fn claim_several(
+        &self,
+        request: (&str, Option<&str>, &[String]),
+        count: usize,
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Vec<Claimed>>;
+
+    /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
+    /// key now belongs to someone else (or to nobody) and was not touched.
+    /// `attempt`, if given, is recorded in the same transaction.
+    ///
+    /// A lockdown is recorded on its scope (the key alone, or its quota group) for its models; one of
+    /// every model also puts the group's free keys in lockdown. The key goes back to vacant, or to
+    /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
+    /// attempt's model on the key's scopes once their lockdowns are over.
+    fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool>;
+
+    /// Records an attempt made without ending a lease (no key, or the lease is kept).
+    fn record_attempt(&self, attempt: &Attempt) -> Result<()>;
+
+    /// After a success for `model` on a key that is kept (per-connection leases), the strikes of that
+    /// model on the key's scopes start again at 0 (their lockdowns being over). `Ok(false)`: the lease
+    /// was lost.
+    fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool>;
+
+    /// Whether a lockdown in force keeps key `id` from serving `model` (the claim's rule).
+    fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool>;
+
+    /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
+    /// scope and model.
+    fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>>;
+
+    /// A watch on the database that tells when another connection (of any process, this one's
+    /// included) committed a change: SQLite's `data_version`, which costs microseconds to read.
+    fn watch_changes(&self) -> Result<Box<dyn ChangeWatch>>;
+
+    /// Every recorded attempt, oldest first (for the demo's summary and for tests).
+    fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>>;
+
+    /// Refreshes the heartbeat of exactly the given leases (`(key id, lease token)`), with times read
+    /// from `clock` once the lock is held, and returns those still held (a lease missing from the
+    /// answer was lost) and the boot-clock time written. Keys this process holds under no listed lease
+    /// are not touched.
+    fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)>;
+
+    /// The held keys of `connector` (or of all connectors), for the reaper.
+    fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>>;
+
+    /// Frees the given locks, each only if its lease and heartbeat are still the ones the caller read
+    /// (a heartbeat that landed first wins): back to vacant, or to lockdown if the key's deadline is
+    /// still ahead. Returns the transitions written.
+    fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>>;
+
+    /// Puts every key in lockdown or error of `connector` (or of all connectors) back to vacant.
+    /// Locks are not touched here: the reaper frees dead ones, and a forced cleanup evicts the rest.
+    fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>>;
+
+    /// How many keys of `connector` are claimable for `model`, held, in lockdown (for every model or for
+    /// `model`) or in error, from a read (no write lock), so waiters can poll without slowing the
+    /// writers.
+    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability>;
+
+    /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
+    fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>>;
+
+    /// History rows matching `query`, newest first.
+    fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>>;
+
+    /// The plan SQLite chooses for the very statement [`claim`](Self::claim) runs, one line per step
+    /// (for tests and docs).
+    fn explain_claim(&self) -> Result<Vec<String>>;
+}
+
+/// Sees other connections' (and processes') commits, so waiters look again only when something changed.
+pub(crate) trait ChangeWatch: Send {
+    /// Whether anything was committed since the last call (true on the first).
+    fn changed(&mut self) -> Result<bool>;
+}
+
+/// A read-only handle on the pool's database: the keys, lockdowns, history and attempts as `status`,
+/// `why` and the user's own tools see them. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    pub(crate) fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        self.backend.path()
+    }
+
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<i64> {
+        self.backend.schema_version()
+    }
+
+    /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
+    pub fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
+        self.backend.keys(connector)
+    }
+
+    /// The lockdowns recorded for `connector` (or for all connectors), in force or not.
+    pub fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
+        self.backend.lockdowns(connector)
+    }
+
+    /// History rows, newest first.
+    pub fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>> {
+        self.backend.history(query)
+    }
+
+    /// The upstream attempts recorded for `connector` (or for all connectors), oldest first.
+    pub fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
+        self.backend.attempts(connector)
+    }
+
+    /// The keys held by some process, with their holders and heartbeats.
+    pub fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
+        self.backend.held_keys(connector)
+    }
+
+    /// How many keys of `connector` could serve `model` now, and why the others cannot.
+    pub fn availability(
+        &self,
+        connector: &str,
+        model: Option<&str>,
+        tried: &[String],
+        now: i64,
+    ) -> Result<Availability> {
+        self.backend.availability(connector, model, tried, now)
+    }
+
+    /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).
+    pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
+        self.backend.is_locked_down_for(id, model, now)
+    }
+
+    /// The claim statement's query plan, one line per step.
+    pub fn explain_claim(&self) -> Result<Vec<String>> {
+        self.backend.explain_claim()
+    }
+}
