@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+mod guard_tests;
 mod waiting;
 
 use crate::clock::{Clock, SystemClock};
