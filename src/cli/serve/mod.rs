@@ -7,7 +7,7 @@
 //! Invariants:
 //! - A listener on a non-loopback address never starts without a gateway token; a loopback one
 //!   checks every request's `Host` (DNS rebinding). Web pages of other origins are refused unless
-//!   `--allow-origin` names them, whatever the listener (see `api_jongler::gateway::origin`).
+//!   `--allow-origin` names them, whatever the listener (see [`origin`]).
 //! - A client that half-closes after its request gets its answer; one that goes away once its answer
 //!   began is let go at once (see [`hangup`]).
 //! - The token is held only as a digest ([`GatewayToken`]); no message, log line or error shows it.
@@ -17,8 +17,11 @@
 //!   being gone). Exit 0 when every request in flight finished within the grace; 130/143 when some had
 //!   to be cut off (the signal's code).
 
+mod credentials;
 mod hangup;
+mod headers;
 mod metrics;
+mod origin;
 mod proxy;
 
 use std::net::SocketAddr;
@@ -28,8 +31,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use api_jongler::gateway::credentials::GatewayToken;
-use api_jongler::gateway::origin::AllowedOrigins;
 use api_jongler::{Connectors, Coordinator, CoordinatorOptions, Keyring};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -42,6 +43,8 @@ use tokio::task::JoinSet;
 use super::exit::Usage;
 use super::signals::Signals;
 use super::{Global, parse_duration};
+use credentials::GatewayToken;
+use origin::AllowedOrigins;
 use proxy::{Gateway, Settings};
 
 /// The variable holding the gateway token (`--token-file` wins over it).
@@ -365,10 +368,7 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             path
         };
-        let presented = |value: &str| api_jongler::gateway::credentials::Presented {
-            slot: api_jongler::gateway::credentials::Slot::Bearer,
-            secret: value.into(),
-        };
+        let presented = |value: &str| credentials::Presented { slot: credentials::Slot::Bearer, secret: value.into() };
         for (text, accepted) in [("tok\n", "tok"), ("tok\r\n", "tok"), ("tok", "tok"), (" tok \n\n", " tok \n")] {
             let token = load_token(Some(&write("t", text, 0o600))).unwrap().unwrap();
             assert!(token.accepts(Some(&presented(accepted))), "{text:?}");
