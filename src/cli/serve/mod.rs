@@ -4,6 +4,15 @@
 //! [`proxy`] for what each request goes through). This module owns the process: the flags, the
 //! gateway token, the listener, and the shutdown.
 //!
+//! The door checks are pure (no sockets, no database, no clock), each table-tested on its own:
+//! [`credentials`] (the client's credential taken out of all four slots, the gateway token checked in
+//! constant time, the `Host` check against DNS rebinding), [`headers`] (which headers cross the
+//! gateway, and the `x-goog-upload-url` rewrite that brings resumable uploads back through it) and
+//! [`origin`] (which web pages may use the gateway, CORS preflights answered at the door). Dependencies
+//! run one way: `proxy` uses them, `headers` uses `credentials`, none reaches into the pool. What the
+//! library's send path needs as well (the stream framer, the error dialects, the path check) lives in
+//! the library: `api_jongler::stream` and `api_jongler::upstream_url`.
+//!
 //! Invariants:
 //! - A listener on a non-loopback address never starts without a gateway token; a loopback one
 //!   checks every request's `Host` (DNS rebinding). Web pages of other origins are refused unless
@@ -45,7 +54,7 @@ use super::signals::Signals;
 use super::{Global, parse_duration};
 use credentials::GatewayToken;
 use origin::AllowedOrigins;
-use proxy::{Gateway, Settings};
+use proxy::{Gateway, GlobalPaths, Settings};
 
 /// The variable holding the gateway token (`--token-file` wins over it).
 pub const TOKEN_ENV: &str = "APIJONGLER_GATEWAY_TOKEN";
@@ -157,17 +166,6 @@ pub fn run(global: &Global, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("apijongler serve: stopped; every key released");
     }
     Ok(code)
-}
-
-/// Where the per-connector jonglers find their keyring, database and connector files.
-#[derive(Debug, Clone)]
-pub struct GlobalPaths {
-    /// The keyring file.
-    pub config: PathBuf,
-    /// The database (`None`: the default location).
-    pub db: Option<PathBuf>,
-    /// A directory of connector files.
-    pub connectors: Option<PathBuf>,
 }
 
 /// Serves until a signal; returns the exit code and every coordinator to settle before exit.

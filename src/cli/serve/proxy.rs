@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -45,7 +46,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::GlobalPaths;
 use super::credentials::{GatewayToken, check_host, strip_credentials};
 use super::headers::{downstream_response_headers, gateway_base, rewrite_upload_url_header, upstream_request_headers};
 use super::metrics::{Metrics, Outcome};
@@ -87,6 +87,17 @@ pub struct Settings {
     pub max_body: u64,
     /// Send upstream through Tor.
     pub tor: bool,
+}
+
+/// Where the per-connector jonglers find their keyring, database and connector files.
+#[derive(Debug, Clone)]
+pub struct GlobalPaths {
+    /// The keyring file.
+    pub config: PathBuf,
+    /// The database (`None`: the default location).
+    pub db: Option<PathBuf>,
+    /// A directory of connector files.
+    pub connectors: Option<PathBuf>,
 }
 
 /// The server's shared state.
