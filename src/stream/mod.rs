@@ -15,3 +15,27 @@ pub mod dialect;
 pub(crate) mod sse;
 
 pub use dialect::{Dialect, MESSAGE_PREFIX};
+
+/// The gateway's door checks belong to `apijongler serve` (the binary's `cli::serve`), not to the
+/// library: a library user cannot reach them, so they can change with the gateway.
+///
+/// ```compile_fail
+/// use api_jongler::gateway::credentials::GatewayToken;
+/// ```
+/// ```compile_fail
+/// use api_jongler::gateway::origin::AllowedOrigins;
+/// ```
+/// ```compile_fail
+/// use api_jongler::gateway::headers::upstream_request_headers;
+/// ```
+/// What the send path needs is library API: the dialect of a stream, and the path check.
+/// ```
+/// use api_jongler::upstream_url::upstream_url;
+/// use api_jongler::{Dialect, stream::MESSAGE_PREFIX};
+/// let event = Dialect::Google.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, "no key");
+/// assert!(String::from_utf8_lossy(&event).contains(MESSAGE_PREFIX));
+/// assert!(upstream_url("https://example.test/v1", "/models/m:generate").is_ok());
+/// assert!(upstream_url("https://example.test/v1", "/models/x/../m:generate").is_err());
+/// ```
+#[cfg(doctest)]
+pub struct DoorChecksAreNotLibraryApi;
