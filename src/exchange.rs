@@ -39,12 +39,12 @@ use tokio::sync::mpsc;
 
 use crate::classify::{self, Context, KeyFate, Next, Verdict};
 use crate::error::{Error, Result};
-use crate::gateway::dialect::Dialect;
-use crate::gateway::sse::{Event, FirstEventHold, Framer};
 use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits};
 use crate::lease::Lease;
 use crate::offload::{blocking, short_blocking};
 use crate::store::{Attempt, Fate, Lockdown};
+use crate::stream::Dialect;
+use crate::stream::sse::{Event, FirstEventHold, Framer};
 
 /// How many times in a row one request may find a freshly claimed lease untrusted before giving up
 /// (each time means this process was stopped between claim and send).
@@ -247,7 +247,7 @@ enum Answer {
 
 /// A stream held up to its first event.
 struct HeldStream {
-    committed: crate::gateway::sse::Committed,
+    committed: crate::stream::sse::Committed,
     response: reqwest::Response,
 }
 
@@ -310,7 +310,7 @@ impl Jongler {
     pub async fn send(&self, outgoing: Outgoing) -> Result<Exchange> {
         let inner = &self.inner;
         let connector = &inner.connector;
-        crate::gateway::path::upstream_url(&connector.base_url(), &outgoing.path_and_query)?;
+        crate::upstream_url::upstream_url(&connector.base_url(), &outgoing.path_and_query)?;
         let path = outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned();
         let model = connector.model_of(&outgoing.path_and_query, &outgoing.body);
         let started = Instant::now();
@@ -658,7 +658,7 @@ impl Jongler {
                         Err(_) => return Err(event_too_large(limits)),
                     };
                     // A first event that is an upstream error is that error's answer, as a whole one.
-                    if crate::gateway::sse::is_error_event(&first_data) {
+                    if crate::stream::sse::is_error_event(&first_data) {
                         return Ok(error_answer(headers, first_data));
                     }
                     let held = Box::new(HeldStream { committed: hold.commit(), response });
@@ -669,7 +669,7 @@ impl Jongler {
                     // error written without its blank line), or as no answer at all.
                     let (_, last) = hold.finish();
                     let data = last.and_then(|event| event.data());
-                    if let Some(data) = data.filter(|data| crate::gateway::sse::is_error_event(data)) {
+                    if let Some(data) = data.filter(|data| crate::stream::sse::is_error_event(data)) {
                         return Ok(error_answer(headers, data));
                     }
                     return Err(NoAnswer::Stream("the stream ended before its first event".to_owned()));
@@ -931,7 +931,7 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(committed: crate::gateway::sse::Committed, dialect: Dialect, limits: Limits) -> Self {
+    fn new(committed: crate::stream::sse::Committed, dialect: Dialect, limits: Limits) -> Self {
         let mut framer = committed.framer;
         // Events are judged from `unsent`: a second copy of each in the framer would double the memory.
         framer.set_max_event_len(0);
@@ -964,14 +964,14 @@ impl Relay {
             if self.upstream_error.is_some() {
                 break;
             }
-            let data = crate::gateway::sse::event_data(bytes);
-            if let Some(data) = data.as_deref().filter(|data| crate::gateway::sse::is_error_event(data)) {
+            let data = crate::stream::sse::event_data(bytes);
+            if let Some(data) = data.as_deref().filter(|data| crate::stream::sse::is_error_event(data)) {
                 if self.complete {
                     tracing::warn!("upstream error event after a complete stream; not forwarded");
                     continue;
                 }
                 self.upstream_error = Some(data.to_owned());
-            } else if data.is_some_and(|data| crate::gateway::sse::is_terminal(self.dialect, &data)) {
+            } else if data.is_some_and(|data| crate::stream::sse::is_terminal(self.dialect, &data)) {
                 self.complete = true;
             }
             self.events += 1;

@@ -11,9 +11,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
-use api_jongler::{Bookkeeping, CoordinatorOptions, ExchangeBody, Outgoing};
+use api_jongler::{Bookkeeping, CoordinatorOptions, Dialect, ExchangeBody, Outgoing};
 use common::Sandbox;
 use common::socks::Socks5;
 

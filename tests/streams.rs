@@ -8,9 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{MockConfig, MockUpstream, StreamDialect, StreamFault, good_stream};
-use api_jongler::{Exchange, ExchangeBody, Jongler, Outgoing};
+use api_jongler::{Dialect, Exchange, ExchangeBody, Jongler, Outgoing};
 use bytes::Bytes;
 use common::Sandbox;
 

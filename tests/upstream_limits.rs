@@ -12,9 +12,8 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use api_jongler::gateway::dialect::Dialect;
 use api_jongler::mock::{BARE_429, FixedAnswer, MockConfig, MockUpstream, StreamDialect, StreamFault, good_stream};
-use api_jongler::{Error, Exchange, ExchangeBody, JonglerBuilder, Outgoing};
+use api_jongler::{Dialect, Error, Exchange, ExchangeBody, JonglerBuilder, Outgoing};
 use common::Sandbox;
 use common::gateway::Gateway;
 

@@ -28,20 +28,17 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use api_jongler::gateway::credentials::{GatewayToken, check_host, strip_credentials};
-use api_jongler::gateway::dialect::{Dialect, MESSAGE_PREFIX};
-use api_jongler::gateway::headers::{
-    downstream_response_headers, gateway_base, rewrite_upload_url_header, upstream_request_headers,
-};
-use api_jongler::gateway::origin::{AllowedOrigins, Verdict, add_cors_headers, is_preflight, preflight_headers};
-use api_jongler::gateway::path::upstream_url;
+use api_jongler::stream::MESSAGE_PREFIX;
+use api_jongler::upstream_url::upstream_url;
 use api_jongler::{
-    Connector, Connectors, Coordinator, Error, Exchange, ExchangeBody, Jongler, Outgoing, StreamingBody, Unavailable,
+    Connector, Connectors, Coordinator, Dialect, Error, Exchange, ExchangeBody, Jongler, Outgoing, StreamingBody,
+    Unavailable,
 };
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -49,8 +46,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::GlobalPaths;
+use super::credentials::{GatewayToken, check_host, strip_credentials};
+use super::headers::{downstream_response_headers, gateway_base, rewrite_upload_url_header, upstream_request_headers};
 use super::metrics::{Metrics, Outcome};
+use super::origin::{AllowedOrigins, Verdict, add_cors_headers, is_preflight, preflight_headers};
 
 /// The gateway's health endpoint (never forwarded, never behind the token).
 pub const HEALTH_PATH: &str = "/__apijongler/health";
@@ -88,6 +87,17 @@ pub struct Settings {
     pub max_body: u64,
     /// Send upstream through Tor.
     pub tor: bool,
+}
+
+/// Where the per-connector jonglers find their keyring, database and connector files.
+#[derive(Debug, Clone)]
+pub struct GlobalPaths {
+    /// The keyring file.
+    pub config: PathBuf,
+    /// The database (`None`: the default location).
+    pub db: Option<PathBuf>,
+    /// A directory of connector files.
+    pub connectors: Option<PathBuf>,
 }
 
 /// The server's shared state.

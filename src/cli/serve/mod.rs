@@ -4,10 +4,19 @@
 //! [`proxy`] for what each request goes through). This module owns the process: the flags, the
 //! gateway token, the listener, and the shutdown.
 //!
+//! The door checks are pure (no sockets, no database, no clock), each table-tested on its own:
+//! [`credentials`] (the client's credential taken out of all four slots, the gateway token checked in
+//! constant time, the `Host` check against DNS rebinding), [`headers`] (which headers cross the
+//! gateway, and the `x-goog-upload-url` rewrite that brings resumable uploads back through it) and
+//! [`origin`] (which web pages may use the gateway, CORS preflights answered at the door). Dependencies
+//! run one way: `proxy` uses them, `headers` uses `credentials`, none reaches into the pool. What the
+//! library's send path needs as well (the stream framer, the error dialects, the path check) lives in
+//! the library: `api_jongler::stream` and `api_jongler::upstream_url`.
+//!
 //! Invariants:
 //! - A listener on a non-loopback address never starts without a gateway token; a loopback one
 //!   checks every request's `Host` (DNS rebinding). Web pages of other origins are refused unless
-//!   `--allow-origin` names them, whatever the listener (see `api_jongler::gateway::origin`).
+//!   `--allow-origin` names them, whatever the listener (see [`origin`]).
 //! - A client that half-closes after its request gets its answer; one that goes away once its answer
 //!   began is let go at once (see [`hangup`]).
 //! - The token is held only as a digest ([`GatewayToken`]); no message, log line or error shows it.
@@ -17,8 +26,11 @@
 //!   being gone). Exit 0 when every request in flight finished within the grace; 130/143 when some had
 //!   to be cut off (the signal's code).
 
+mod credentials;
 mod hangup;
+mod headers;
 mod metrics;
+mod origin;
 mod proxy;
 
 use std::net::SocketAddr;
@@ -28,8 +40,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use api_jongler::gateway::credentials::GatewayToken;
-use api_jongler::gateway::origin::AllowedOrigins;
 use api_jongler::{Connectors, Coordinator, CoordinatorOptions, Keyring};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -42,7 +52,9 @@ use tokio::task::JoinSet;
 use super::exit::Usage;
 use super::signals::Signals;
 use super::{Global, parse_duration};
-use proxy::{Gateway, Settings};
+use credentials::GatewayToken;
+use origin::AllowedOrigins;
+use proxy::{Gateway, GlobalPaths, Settings};
 
 /// The variable holding the gateway token (`--token-file` wins over it).
 pub const TOKEN_ENV: &str = "APIJONGLER_GATEWAY_TOKEN";
@@ -154,17 +166,6 @@ pub fn run(global: &Global, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("apijongler serve: stopped; every key released");
     }
     Ok(code)
-}
-
-/// Where the per-connector jonglers find their keyring, database and connector files.
-#[derive(Debug, Clone)]
-pub struct GlobalPaths {
-    /// The keyring file.
-    pub config: PathBuf,
-    /// The database (`None`: the default location).
-    pub db: Option<PathBuf>,
-    /// A directory of connector files.
-    pub connectors: Option<PathBuf>,
 }
 
 /// Serves until a signal; returns the exit code and every coordinator to settle before exit.
@@ -365,10 +366,7 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             path
         };
-        let presented = |value: &str| api_jongler::gateway::credentials::Presented {
-            slot: api_jongler::gateway::credentials::Slot::Bearer,
-            secret: value.into(),
-        };
+        let presented = |value: &str| credentials::Presented { slot: credentials::Slot::Bearer, secret: value.into() };
         for (text, accepted) in [("tok\n", "tok"), ("tok\r\n", "tok"), ("tok", "tok"), (" tok \n\n", " tok \n")] {
             let token = load_token(Some(&write("t", text, 0o600))).unwrap().unwrap();
             assert!(token.accepts(Some(&presented(accepted))), "{text:?}");

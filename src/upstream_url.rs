@@ -23,6 +23,8 @@ use std::fmt;
 
 use reqwest::Url;
 
+use crate::error::Error;
+
 /// Why a request's path cannot be sent as given. Its message names what was refused and what to send
 /// instead; it never holds the query string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +40,9 @@ impl fmt::Display for PathRefused {
 
 impl std::error::Error for PathRefused {}
 
-impl From<PathRefused> for crate::Error {
+impl From<PathRefused> for Error {
     fn from(refused: PathRefused) -> Self {
-        crate::Error::InvalidRequest { problem: refused.problem }
+        Error::InvalidRequest { problem: refused.problem }
     }
 }
 

@@ -41,6 +41,10 @@ pub enum Slot {
 #[derive(Debug)]
 pub struct Presented {
     /// Where it was.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "shown by Debug and checked by the tests; the token check needs only the secret")
+    )]
     pub slot: Slot,
     /// The value, without `Bearer ` and, for the query, percent-decoded.
     pub secret: SecretString,

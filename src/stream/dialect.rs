@@ -1,7 +1,8 @@
 //! The error shape a route's clients understand, and the gateway's own errors in that shape.
 //!
-//! The gateway answers some requests itself (no key free, bad `Host`, wrong token, a stream that broke
-//! after the first byte). Each SDK raises a typed, readable error only for the body shape it expects,
+//! apijongler answers some requests itself: the gateway (no key free, bad `Host`, wrong token) and the
+//! send path (a stream that broke after the first byte, in [`Outgoing::stream`](crate::Outgoing::stream)'s
+//! dialect). Each SDK raises a typed, readable error only for the body shape it expects,
 //! so the gateway speaks the dialect of the route, decided once per request by [`Dialect::for_route`].
 //!
 //! Invariants:

@@ -178,8 +178,8 @@ pub fn add_cors_headers(headers: &mut HeaderMap, origin: &HeaderValue) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::headers::header_map;
     use super::*;
-    use crate::gateway::headers::header_map;
 
     #[test]
     fn allowed_origins_parse_as_browsers_send_them() {

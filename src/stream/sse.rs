@@ -1,7 +1,8 @@
 //! Server-sent events found in the upstream's bytes as they arrive, without ever rewriting them.
 //!
-//! The gateway forwards the upstream's bytes verbatim (re-serialising events split frames and broke
-//! SDKs at other gateways), so this module only says where events end and what they mean.
+//! The send path (and so the gateway) forwards the upstream's bytes verbatim (re-serialising events
+//! split frames and broke SDKs at other gateways), so this module only says where events end and what
+//! they mean.
 //!
 //! Invariants:
 //! - [`Framer`] never changes, drops or adds a byte: it reports ranges of the stream. The ranges of the
@@ -17,7 +18,7 @@
 //! - Blank lines with nothing before them end nothing: they join the next event's range, so an event
 //!   always has at least one non-empty line (a field or a comment).
 //! - Memory is bounded: an event longer than the framer's limit is still delimited exactly, but its
-//!   bytes are not kept ([`Event::raw`] is `None`), so it can be neither an error nor a terminal event
+//!   bytes are not kept (its [`Event::data`] is `None`), so it can be neither an error nor a terminal event
 //!   to this module. [`FirstEventHold`] refuses a first event longer than its limit. The limit is the
 //!   jongler's event limit (`APIJONGLER_MAX_EVENT`), which the relay after the commit keeps too.
 
@@ -112,7 +113,9 @@ impl Framer {
         events
     }
 
-    /// The bytes pushed since the last complete event.
+    /// The bytes pushed since the last complete event (the send path never needs it: the tests check the
+    /// ranges-cover-every-byte invariant with it).
+    #[cfg(test)]
     pub fn pending_len(&self) -> u64 {
         self.offset - self.start
     }
@@ -154,6 +157,9 @@ impl Event {
     }
 
     /// The event's bytes exactly as received, or `None` when it was longer than the framer's limit.
+    /// This and the two views below serve the tests: the send path reads [`event_data`] of the bytes
+    /// it relays.
+    #[cfg(test)]
     pub fn raw(&self) -> Option<&Bytes> {
         self.raw.as_ref()
     }
@@ -164,11 +170,13 @@ impl Event {
     }
 
     /// Whether the event carries an error (see [`is_error_event`]).
+    #[cfg(test)]
     pub fn is_error(&self) -> bool {
         self.data().is_some_and(|data| is_error_event(&data))
     }
 
     /// Whether the event ends the answer in `dialect` (see [`is_terminal`]).
+    #[cfg(test)]
     pub fn is_terminal(&self, dialect: Dialect) -> bool {
         self.data().is_some_and(|data| is_terminal(dialect, &data))
     }
@@ -257,7 +265,7 @@ pub struct FirstEventTooLarge {
 }
 
 /// Holds an upstream stream's chunks until its first event with data is complete: the point where the
-/// gateway decides between forwarding (commit) and retrying on another key.
+/// send path decides between forwarding (commit) and retrying on another key.
 ///
 /// Invariants: the held chunks are the upstream's bytes, unchanged and in order; events without data
 /// (comments) do not end the hold; the first data event must end within `limit` bytes of the stream's
