@@ -53,11 +53,17 @@ pub fn free_at(key: &KeyRecord, lockdowns: &[LockdownRecord], model: Option<&str
         return None;
     }
     let own = match (key.effective_state(now), key.lockdown_until) {
-        (KeyState::Lockdown, Some(until)) => Some(until),
+        (KeyState::Lockdown, Some(_)) => own_lockdown_end(key, now),
         (KeyState::Vacant, _) => None,
         _ => return None,
     };
     own.into_iter().chain(binding(lockdowns, key, model, now).map(|lockdown| lockdown.until)).max()
+}
+
+/// The deadline of the key's own lockdown of every model (its row's `lockdown_until`), while it is in
+/// force at `now`: the lockdown a database from before per-model lockdowns records on the key alone.
+pub fn own_lockdown_end(key: &KeyRecord, now: i64) -> Option<i64> {
+    key.lockdown_until.filter(|until| key.effective_state(now) == KeyState::Lockdown && *until > now)
 }
 
 #[cfg(test)]
