@@ -16,8 +16,13 @@ pub fn binds(lockdown: &LockdownRecord, key: &KeyRecord, model: Option<&str>, no
 /// whatever models it covers.
 pub fn in_force_on(lockdown: &LockdownRecord, key: &KeyRecord, now: i64) -> bool {
     lockdown.connector == key.connector
-        && lockdown.until > now
+        && in_force(lockdown, now)
         && (lockdown.scope == key.quota_scope || lockdown.scope == Scope::Key(key.key_name.clone()))
+}
+
+/// Whether `lockdown` is in force at `now`: its deadline is ahead (at the deadline it is over).
+pub fn in_force(lockdown: &LockdownRecord, now: i64) -> bool {
+    lockdown.until > now
 }
 
 /// The lockdowns among `lockdowns` that keep `key` from serving `model` at `now`.
