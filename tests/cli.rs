@@ -623,7 +623,8 @@ async fn status_and_why_print_one_json_shape_of_a_key() {
         let name = row["key"].as_str().expect("key");
         let output = run(&sandbox, &["why", GEMINI, name, "--json"]).await;
         assert_exit(&output, 0);
-        let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+        let after =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
         let mut why = json(&output);
         let object = why.as_object_mut().expect("object");
         for around in ["verdict", "explanation"] {

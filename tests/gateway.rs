@@ -658,7 +658,8 @@ async fn metrics_count_the_key_states_status_json_shows() {
     let status = sandbox.apijongler().args(["status", C, "--json"]).output().unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let rows: Value = serde_json::from_slice(&status.stdout).unwrap();
-    let state_of = |name: &str| rows.as_array().unwrap().iter().find(|row| row["key"] == name).unwrap()["state"].clone();
+    let state_of =
+        |name: &str| rows.as_array().unwrap().iter().find(|row| row["key"] == name).unwrap()["state"].clone();
     assert_eq!(state_of(&free[2]), "lockdown", "{rows:#}");
     assert_eq!(state_of(&free[1]), "retired");
     for state in ["vacant", "locked", "lockdown", "error"] {

@@ -10,6 +10,10 @@
 //! Keys in the keyring and not yet in the database are shown in state `new`; a key whose secret
 //! changed, that left the keyring or came back to it carries that note. The next command that uses
 //! the keyring (a request, `cleanup`) applies it.
+//!
+//! Everything shown comes from one view of the pool ([`api_jongler::pool::view`]): `--json` prints its
+//! keys as they are (the one JSON shape of a key, which `why --json` and `/metrics` share), and the
+//! table formats them.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -17,7 +21,7 @@ use std::process::ExitCode;
 
 use api_jongler::holder::Holder;
 use api_jongler::pool::view::{self, HolderLiveness, KeyView, KeyringKeys, PoolView, Sources};
-use api_jongler::pool::{KeySpec, KeyRecord, LockdownRecord, rule};
+use api_jongler::pool::{KeyRecord, KeySpec, LockdownRecord, rule};
 use api_jongler::{KeyState, Keyring};
 
 use super::{Global, keyring_to_compare, open, output};
@@ -188,7 +192,8 @@ fn state_label(key: &KeyRecord, now: i64) -> String {
 fn holder(key: &KeyView, now: i64) -> String {
     let Some(holder) = key.holder.as_ref() else { return String::new() };
     let Some(locked_at) = holder.locked_at else { return String::new() };
-    let heartbeat = holder.heartbeat_at.map(|at| output::humanize((now - at).max(0).unsigned_abs())).unwrap_or_default();
+    let heartbeat =
+        holder.heartbeat_at.map(|at| output::humanize((now - at).max(0).unsigned_abs())).unwrap_or_default();
     let dead = if holder.liveness == HolderLiveness::Dead { ", dead" } else { "" };
     format!("pid {} since {}, heartbeat {heartbeat} ago{dead}", holder.pid, output::clock_time(locked_at))
 }

@@ -1,17 +1,21 @@
 //! `apijongler why CONNECTOR KEY [--model MODEL]`: one key's state explained in a sentence, from its
 //! row, the lockdowns in force on its quota scopes and its last transitions.
 //!
-//! Whether a claim would take the key follows the claim's rule: the key is vacant (or its lockdown is
-//! over), and no lockdown in force on its scopes covers the model asked for or every model (`*`). A
-//! request that names no model is stopped only by lockdowns of every model. The order among the free
-//! keys (least recently used first, keys with lockdowns last) is not the key's to explain.
+//! Whether a claim would take the key, and from when, is the claim's rule as `pool::rule` writes it
+//! (the key is vacant, or its lockdown is over, and no lockdown in force on its scopes covers the model
+//! asked for or every model); this module only puts it in words. A request that names no model is
+//! stopped only by lockdowns of every model. The order among the free keys (least recently used first,
+//! keys with lockdowns last) is not the key's to explain.
+//!
+//! `--json` prints the key's view (`pool::view::KeyView`, the object `status --json` prints for it) with
+//! the `explanation` and `verdict` sentences after it.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use api_jongler::holder::Liveness;
-use api_jongler::pool::view::{self, KeyView};
 use api_jongler::pool::rule;
+use api_jongler::pool::view::{self, KeyView};
 use api_jongler::store::{HistoryQuery, KeyRecord, LockdownRecord};
 use api_jongler::{Coordinator, KeyState};
 use serde::Serialize;

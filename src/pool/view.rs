@@ -267,7 +267,8 @@ pub struct Sources<'a> {
 /// [`Holder::liveness`]).
 pub fn pool(sources: &Sources<'_>, liveness: &dyn Fn(&Holder) -> Liveness) -> PoolView {
     let wanted = |connector: &str| sources.connector.is_none_or(|only| only == connector);
-    let defined: HashSet<&str> = sources.keyring.map(|keyring| keyring.connectors.iter().copied().collect()).unwrap_or_default();
+    let defined: HashSet<&str> =
+        sources.keyring.map(|keyring| keyring.connectors.iter().copied().collect()).unwrap_or_default();
     let mut listed: HashMap<(&str, &str), &str> = sources
         .keyring
         .map(|keyring| {
@@ -288,9 +289,11 @@ pub fn pool(sources: &Sources<'_>, liveness: &dyn Fn(&Holder) -> Liveness) -> Po
             key(record, sources.lockdowns, sources.model, sources.now, liveness, note)
         })
         .collect();
-    keys.extend(listed.into_iter().map(|((connector, name), fingerprint)| {
-        new_key(&KeySpec { connector, name, fingerprint }, sources.model)
-    }));
+    keys.extend(
+        listed
+            .into_iter()
+            .map(|((connector, name), fingerprint)| new_key(&KeySpec { connector, name, fingerprint }, sources.model)),
+    );
     keys.sort_by(|a, b| (&a.connector, &a.key).cmp(&(&b.connector, &b.key)));
     PoolView {
         at: sources.now,
@@ -539,11 +542,21 @@ mod tests {
         let mut retired = record("k2", Scope::Key("k2".into()));
         retired.retired_at = Some(NOW - 5);
         let dead = |_: &Holder| Liveness::Dead("holder pid 42 has exited".into());
-        let sources = Sources { keys: &[held, errored, retired], lockdowns: &[], keyring: None, connector: None, model: None, now: NOW };
+        let sources = Sources {
+            keys: &[held, errored, retired],
+            lockdowns: &[],
+            keyring: None,
+            connector: None,
+            model: None,
+            now: NOW,
+        };
         let shown = pool(&sources, &dead);
         let states: Vec<(String, bool, Option<i64>)> =
             shown.keys.iter().map(|k| (k.state.to_string(), k.claimable_now, k.claimable_at)).collect();
-        assert_eq!(states, [("locked".into(), false, None), ("error".into(), false, None), ("retired".into(), false, None)]);
+        assert_eq!(
+            states,
+            [("locked".into(), false, None), ("error".into(), false, None), ("retired".into(), false, None)]
+        );
         let holder = shown.keys[0].holder.as_ref().expect("holder");
         assert_eq!((holder.pid, holder.liveness), (42, HolderLiveness::Dead));
         assert_eq!(holder.dead_because.as_deref(), Some("holder pid 42 has exited"));
@@ -556,7 +569,8 @@ mod tests {
         changed.fingerprint = "old".into();
         let mut back = record("back", Scope::Key("back".into()));
         back.retired_at = Some(1);
-        let keys = [record("same", Scope::Key("same".into())), record("gone", Scope::Key("gone".into())), changed, back];
+        let keys =
+            [record("same", Scope::Key("same".into())), record("gone", Scope::Key("gone".into())), changed, back];
         let mut elsewhere = record("other", Scope::Key("other".into()));
         elsewhere.connector = "d".into();
         let keys: Vec<KeyRecord> = keys.into_iter().chain([elsewhere]).collect();
@@ -569,7 +583,8 @@ mod tests {
                 KeySpec { connector: "c", name: "fresh", fingerprint: "fp-fresh" },
             ],
         };
-        let sources = Sources { keys: &keys, lockdowns: &[], keyring: Some(&keyring), connector: None, model: None, now: NOW };
+        let sources =
+            Sources { keys: &keys, lockdowns: &[], keyring: Some(&keyring), connector: None, model: None, now: NOW };
         let shown = pool(&sources, &alive);
         let notes: Vec<(&str, Option<KeyringNote>)> = shown.keys.iter().map(|k| (k.key.as_str(), k.keyring)).collect();
         assert_eq!(
@@ -592,15 +607,22 @@ mod tests {
 
     #[test]
     fn every_key_has_every_field_in_json() {
-        let keyring = KeyringKeys { connectors: vec!["c"], keys: vec![KeySpec { connector: "c", name: "fresh", fingerprint: "f" }] };
+        let keyring = KeyringKeys {
+            connectors: vec!["c"],
+            keys: vec![KeySpec { connector: "c", name: "fresh", fingerprint: "f" }],
+        };
         let keys = [record("k0", Scope::Group("g".into()))];
-        let sources = Sources { keys: &keys, lockdowns: &[], keyring: Some(&keyring), connector: None, model: None, now: NOW };
+        let sources =
+            Sources { keys: &keys, lockdowns: &[], keyring: Some(&keyring), connector: None, model: None, now: NOW };
         let shown = serde_json::to_value(pool(&sources, &alive)).expect("json");
         let fields = |index: usize| -> Vec<String> {
             shown["keys"][index].as_object().expect("object").keys().cloned().collect()
         };
         assert_eq!(fields(0), fields(1), "one shape for a key of the database and one of the keyring");
-        assert_eq!((shown["keys"][0]["key"].as_str(), shown["keys"][0]["state"].as_str()), (Some("fresh"), Some("new")));
+        assert_eq!(
+            (shown["keys"][0]["key"].as_str(), shown["keys"][0]["state"].as_str()),
+            (Some("fresh"), Some("new"))
+        );
         assert_eq!(shown["keys"][0]["keyring"], "in the keyring, not yet in the database");
         assert_eq!(shown["keys"][1]["quota_scope"], "group:g");
     }

@@ -7,7 +7,9 @@
 //! - `apijongler_gateway_refused_total{reason}`: requests refused at the door (`host`, `origin`,
 //!   `token`, `route`, `path`, `body`).
 //! - `apijongler_keys{connector, state}`: keys by state (vacant, locked, lockdown, error), read from
-//!   the database at each scrape, so every process's use of the pool shows, not only this one's.
+//!   the database at each scrape, so every process's use of the pool shows, not only this one's. They
+//!   count the pool view `status --json` prints (`pool::view`), a key's state as a request that names
+//!   no model sees it; retired keys are in no state.
 //! - `apijongler_gateway_claim_wait_seconds{connector}` and
 //!   `apijongler_gateway_upstream_seconds{connector}`: histograms of the time spent waiting for keys
 //!   and of the last attempt's upstream latency (for a stream: to its first event).
@@ -219,8 +221,14 @@ impl Metrics {
 fn key_view(coordinator: &Coordinator, connector: &str) -> api_jongler::Result<PoolView> {
     let keys = coordinator.store().keys(Some(connector))?;
     let lockdowns = coordinator.store().lockdowns(Some(connector))?;
-    let sources =
-        Sources { keys: &keys, lockdowns: &lockdowns, keyring: None, connector: Some(connector), model: None, now: coordinator.now_ms() };
+    let sources = Sources {
+        keys: &keys,
+        lockdowns: &lockdowns,
+        keyring: None,
+        connector: Some(connector),
+        model: None,
+        now: coordinator.now_ms(),
+    };
     Ok(view::pool(&sources, &Holder::liveness))
 }
 
