@@ -142,6 +142,9 @@ mod tests {
         k.state = KeyState::Lockdown;
         k.lockdown_until = Some(200);
         assert_eq!(free_at(&k, &all, Some("pro"), 50), Some(200));
+        assert_eq!(own_lockdown_end(&k, 199), Some(200));
+        assert_eq!(own_lockdown_end(&k, 200), None, "over at its deadline");
+        assert!(in_force(&all[0], 99) && !in_force(&all[0], 100));
         assert!(claimable(&k, &all, Some("pro"), 200));
         k.retired_at = Some(1);
         assert!(!claimable(&k, &all, Some("pro"), 300));
