@@ -579,3 +579,77 @@ async fn lockdowns_by_model_and_group_in_status_why_history_and_db() {
         assert!(readme.contains(&format!("-- {title}\n{sql}")), "README lacks the recipe '{title}'");
     }
 }
+
+/// Issue 14: one JSON shape of a key. `why --json` prints the very object `status --json` prints for
+/// the same key (same fields, same values), with only its `verdict` and `explanation` around it: for
+/// a held key, a key in error, keys under a group's lockdown of one model and a key's own lockdown of
+/// every model, a key whose secret the keyring changed, and a retired key the keyring lists again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_why_print_one_json_shape_of_a_key() {
+    let sandbox = Sandbox::new(GEMINI, 5);
+    // No heartbeat lands between the two commands, so the held key reads the same in both.
+    let hour = std::time::Duration::from_secs(3600);
+    let options =
+        api_jongler::CoordinatorOptions { heartbeat_interval: hour, stale_after: 3 * hour, ..sandbox.options() };
+    let coordinator = sandbox.coordinator(options);
+    let held = coordinator.claim(GEMINI, &[], std::time::Duration::ZERO).expect("claim");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let connection = sandbox.sql();
+    let others = format!("key_name <> '{}'", held.key_name());
+    connection
+        .execute_batch(&format!(
+            "UPDATE keys SET quota_group = 'g', uses = 7, last_used_at = {now} WHERE {others};
+             UPDATE keys SET state = 'error', reason = '400 invalid API key', http_status = 400
+               WHERE {others} AND key_name = (SELECT min(key_name) FROM keys WHERE {others});
+             UPDATE keys SET fingerprint = '00000000' WHERE key_name = 'key3' AND {others};
+             UPDATE keys SET retired_at = {now} WHERE key_name = 'key4' AND {others};
+             INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
+             VALUES ('{GEMINI}', 'group:g', 'gemini-2.5-pro', {}, 'daily', '429 daily', 429, 'key2', {now}),
+                    ('{GEMINI}', 'key:key2', '*', {}, NULL, '429 shared', 429, 'key2', {now});",
+            now + 3_600_000,
+            now + 600_000
+        ))
+        .expect("set up the keys");
+    drop(connection);
+
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let status = run(&sandbox, &["status", GEMINI, "--json"]).await;
+    assert_exit(&status, 0);
+    let rows = json(&status);
+    let rows = rows.as_array().expect("array");
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    let mut states = Vec::new();
+    for row in rows {
+        let name = row["key"].as_str().expect("key");
+        let output = run(&sandbox, &["why", GEMINI, name, "--json"]).await;
+        assert_exit(&output, 0);
+        let after =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+        let mut why = json(&output);
+        let object = why.as_object_mut().expect("object");
+        for around in ["verdict", "explanation"] {
+            assert!(object.remove(around).is_some_and(|text| text.is_string()), "why --json has a {around}: {row}");
+        }
+        // A key claimable now is claimable "now", read by each command at its own moment.
+        let mut row = row.clone();
+        for answer in [&mut row, &mut why] {
+            if answer["claimable_now"] == true {
+                let at = answer["claimable_at"].as_i64().expect("claimable_at");
+                assert!((before..=after).contains(&at), "claimable_at is the moment of reading: {answer}");
+                answer["claimable_at"] = Value::Null;
+            }
+        }
+        assert_eq!(why, row, "why --json and status --json differ for {name}");
+        states.push((name.to_owned(), row["state"].as_str().unwrap_or_default().to_owned(), row["keyring"].clone()));
+    }
+    // The cases above are all there.
+    let held_row = rows.iter().find(|row| row["key"] == held.key_name()).expect("held");
+    assert_eq!((held_row["state"].as_str(), held_row["holder"]["liveness"].as_str()), (Some("locked"), Some("alive")));
+    assert!(states.iter().any(|(_, state, _)| state == "error"), "{states:?}");
+    let key2 = rows.iter().find(|row| row["key"] == "key2").expect("key2");
+    assert_eq!(key2["lockdowns"].as_array().map(Vec::len), Some(2), "{key2}");
+    assert_eq!((key2["state"].as_str(), key2["claimable_at"].as_i64()), (Some("lockdown"), Some(now + 600_000)));
+    let key4 = rows.iter().find(|row| row["key"] == "key4").expect("key4");
+    assert_eq!((key4["state"].as_str(), key4["keyring"].as_str()), (Some("retired"), Some("back in the keyring")));
+    held.release().expect("release");
+}

@@ -626,3 +626,46 @@ async fn streams_are_retried_only_before_their_first_event() {
     assert!(error["error"]["message"].as_str().unwrap().starts_with("apijongler: upstream stream broke"), "{error}");
     assert!(error["error"]["type"].is_string() && !text.contains("[DONE]"), "{text}");
 }
+
+/// Issue 14: `/metrics` counts keys from the view `status --json` prints, so the two agree on every
+/// key's state: a key locked down for every model by a row of its scope (its own row still says
+/// vacant) is in lockdown for both, a held key locked, a bad key in error, a retired key in none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_key_states_status_json_shows() {
+    let upstream = mock(MockConfig::default()).await;
+    let sandbox = sandbox(5, upstream.port());
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let held = coordinator.claim(C, &[], Duration::ZERO).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // The gateway syncs the keyring as it starts: the rows are changed after that.
+    let gateway = Gateway::start(&sandbox, &[], &[]);
+    let free: Vec<String> = (0..5).map(|i| format!("key{i}")).filter(|name| name != held.key_name()).collect();
+    sandbox
+        .sql()
+        .execute_batch(&format!(
+            "UPDATE keys SET state = 'error', reason = 'test' WHERE key_name = '{}';
+             UPDATE keys SET retired_at = {now} WHERE key_name = '{}';
+             INSERT INTO lockdowns (connector, scope, model, until, reason, set_by_key, set_at)
+             VALUES ('{C}', 'key:{}', '*', {}, 'test lockdown of every model', '{}', {now});",
+            free[0],
+            free[1],
+            free[2],
+            now + 3_600_000,
+            free[2]
+        ))
+        .unwrap();
+    let text = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let status = sandbox.apijongler().args(["status", C, "--json"]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let rows: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let state_of =
+        |name: &str| rows.as_array().unwrap().iter().find(|row| row["key"] == name).unwrap()["state"].clone();
+    assert_eq!(state_of(&free[2]), "lockdown", "{rows:#}");
+    assert_eq!(state_of(&free[1]), "retired");
+    for state in ["vacant", "locked", "lockdown", "error"] {
+        let shown = rows.as_array().unwrap().iter().filter(|row| row["state"] == state).count();
+        let line = format!(r#"apijongler_keys{{connector="{C}",state="{state}"}} {shown}"#);
+        assert!(text.lines().any(|got| got == line), "status --json shows {shown} {state}; missing {line} in\n{text}");
+    }
+    held.release().unwrap();
+}

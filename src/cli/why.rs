@@ -1,21 +1,27 @@
 //! `apijongler why CONNECTOR KEY [--model MODEL]`: one key's state explained in a sentence, from its
 //! row, the lockdowns in force on its quota scopes and its last transitions.
 //!
-//! Whether a claim would take the key follows the claim's rule: the key is vacant (or its lockdown is
-//! over), and no lockdown in force on its scopes covers the model asked for or every model (`*`). A
-//! request that names no model is stopped only by lockdowns of every model. The order among the free
-//! keys (least recently used first, keys with lockdowns last) is not the key's to explain.
+//! Whether a claim would take the key, and from when, is the claim's rule as `pool::rule` writes it
+//! (the key is vacant, or its lockdown is over, and no lockdown in force on its scopes covers the model
+//! asked for or every model); this module only puts it in words. A request that names no model is
+//! stopped only by lockdowns of every model. The order among the free keys (least recently used first,
+//! keys with lockdowns last) is not the key's to explain.
+//!
+//! `--json` prints the key's view (`pool::view::KeyView`, the object `status --json` prints for it) with
+//! the `explanation` and `verdict` sentences after it.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use api_jongler::holder::Liveness;
+use api_jongler::pool::rule;
+use api_jongler::pool::view::{self, KeyView};
 use api_jongler::store::{HistoryQuery, KeyRecord, LockdownRecord};
 use api_jongler::{Coordinator, KeyState};
-use serde_json::json;
+use serde::Serialize;
 
 use super::exit::Usage;
-use super::status::{in_force_on, lockdown_json};
+use super::status::pool_view;
 use super::{Global, keyring_to_compare, open, output};
 
 #[derive(Debug, clap::Args)]
@@ -66,25 +72,16 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     };
     let now = coordinator.now_ms();
     let lockdowns = coordinator.store().lockdowns(Some(&args.connector))?;
-    let mine = in_force_on(key, &lockdowns, now);
+    let mine = view::in_force(key, &lockdowns, now);
     let model = args.model.as_deref();
-    let (claimable_at, verdict) = verdict(key, &mine, model, now);
+    let verdict = verdict(key, &lockdowns, &mine, model, now);
     let mut stdout = std::io::stdout().lock();
     if global.json {
-        let state = if key.retired_at.is_some() { "retired".to_owned() } else { key.effective_state(now).to_string() };
-        let at = match claimable_at {
-            Some(Claimable::Now) => Some(now),
-            Some(Claimable::At(at)) => Some(at),
-            None => None,
-        };
-        let lockdowns: Vec<_> = mine.iter().map(|l| lockdown_json(l)).collect();
-        let answer = json!({
-            "connector": key.connector, "key": key.key_name, "fingerprint": key.fingerprint, "state": state,
-            "quota_group": key.quota_group, "project_learned": key.project_learned, "quota_scope": key.quota_scope,
-            "lockdowns": lockdowns, "model": model, "claimable_now": claimable_at == Some(Claimable::Now),
-            "claimable_at": at,
-            "explanation": explain(&coordinator, key, &mine), "verdict": verdict,
-        });
+        // The key as `status --json` shows it (for the model asked), with the verdict around it.
+        let keyring = keyring_to_compare(global);
+        let pool = pool_view(&keys, &lockdowns, keyring.as_ref(), Some(&args.connector), model, now);
+        let key_view = pool.key(&args.connector, &args.key).expect("the view has every key of the database");
+        let answer = Answer { key: key_view, explanation: explain(&coordinator, key, &mine), verdict };
         writeln!(stdout, "{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -121,52 +118,60 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// When a claim (for the model asked, or for a request that names no model) takes the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Claimable {
-    /// Now, if it is the first free key in the claim order.
-    Now,
-    /// Not before this deadline, unix ms.
-    At(i64),
+/// `why --json`: the key's one JSON shape, then the two sentences about it.
+#[derive(Serialize)]
+struct Answer<'a> {
+    #[serde(flatten)]
+    key: &'a KeyView,
+    explanation: String,
+    verdict: String,
 }
 
-/// Whether a claim for `model` takes `key` now, or from when, and that said in a sentence; `None`: not
-/// by the passing of time (held, in error, retired).
-fn verdict(key: &KeyRecord, mine: &[&LockdownRecord], model: Option<&str>, now: i64) -> (Option<Claimable>, String) {
+/// Whether a claim for `model` takes `key` now, or from when, said in a sentence; `mine` are the
+/// lockdowns in force on its scopes, in the order they are listed.
+fn verdict(
+    key: &KeyRecord,
+    lockdowns: &[LockdownRecord],
+    mine: &[&LockdownRecord],
+    model: Option<&str>,
+    now: i64,
+) -> String {
     let what = match model {
         Some(model) => format!("A request for {model}"),
         None => "A request that names no model".to_owned(),
     };
     let name = &key.key_name;
     if key.retired_at.is_some() {
-        return (None, format!("{what} never takes {name}: it is retired."));
+        return format!("{what} never takes {name}: it is retired.");
     }
     match key.state {
         KeyState::Error => {
-            return (None, format!("{what} does not take {name} before `apijongler cleanup {}`.", key.connector));
+            return format!("{what} does not take {name} before `apijongler cleanup {}`.", key.connector);
         }
-        KeyState::Locked => return (None, format!("{what} cannot take {name} while it is held.")),
+        KeyState::Locked => return format!("{what} cannot take {name} while it is held."),
         KeyState::Vacant | KeyState::Lockdown => {}
     }
-    // The claim's rule: a lockdown in force on the key's scopes, of this model or of every model.
-    let blocking: Vec<&&LockdownRecord> = mine.iter().filter(|l| l.is_every_model() || l.model.covers(model)).collect();
-    let whole = key.lockdown_until.filter(|until| key.state == KeyState::Lockdown && *until > now);
-    let until = blocking.iter().map(|l| l.until).chain(whole).max();
-    let Some(until) = until else {
+    if rule::claimable(key, lockdowns, model, now) {
         let others = if model.is_none() && !mine.is_empty() {
             ", and so does a request for a model not listed above"
         } else {
             ""
         };
-        return (
-            Some(Claimable::Now),
-            format!("{what} takes {name} now when it is the first free key in the claim order{others}."),
+        return format!("{what} takes {name} now when it is the first free key in the claim order{others}.");
+    }
+    let Some(until) = rule::free_at(key, lockdowns, model, now) else {
+        return format!(
+            "{what} does not take {name}: it is in lockdown with no deadline, until `apijongler cleanup {}`.",
+            key.connector
         );
     };
-    let by: Vec<String> =
-        blocking.iter().map(|l| format!("{} is locked down for {}", output::model(l), scope_of(l))).collect();
+    let by: Vec<String> = mine
+        .iter()
+        .filter(|l| rule::binds(l, key, model, now))
+        .map(|l| format!("{} is locked down for {}", output::model(l), scope_of(l)))
+        .collect();
     let by = if by.is_empty() { "the key is in lockdown".to_owned() } else { by.join("; ") };
-    (Some(Claimable::At(until)), format!("{what} does not take {name} before {} ({by}).", output::deadline(until, now)))
+    format!("{what} does not take {name} before {} ({by}).", output::deadline(until, now))
 }
 
 /// Which quota group the key is in, and what that means for its lockdowns.

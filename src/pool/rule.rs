@@ -16,8 +16,13 @@ pub fn binds(lockdown: &LockdownRecord, key: &KeyRecord, model: Option<&str>, no
 /// whatever models it covers.
 pub fn in_force_on(lockdown: &LockdownRecord, key: &KeyRecord, now: i64) -> bool {
     lockdown.connector == key.connector
-        && lockdown.until > now
+        && in_force(lockdown, now)
         && (lockdown.scope == key.quota_scope || lockdown.scope == Scope::Key(key.key_name.clone()))
+}
+
+/// Whether `lockdown` is in force at `now`: its deadline is ahead (at the deadline it is over).
+pub fn in_force(lockdown: &LockdownRecord, now: i64) -> bool {
+    lockdown.until > now
 }
 
 /// The lockdowns among `lockdowns` that keep `key` from serving `model` at `now`.
@@ -53,11 +58,17 @@ pub fn free_at(key: &KeyRecord, lockdowns: &[LockdownRecord], model: Option<&str
         return None;
     }
     let own = match (key.effective_state(now), key.lockdown_until) {
-        (KeyState::Lockdown, Some(until)) => Some(until),
+        (KeyState::Lockdown, Some(_)) => own_lockdown_end(key, now),
         (KeyState::Vacant, _) => None,
         _ => return None,
     };
     own.into_iter().chain(binding(lockdowns, key, model, now).map(|lockdown| lockdown.until)).max()
+}
+
+/// The deadline of the key's own lockdown of every model (its row's `lockdown_until`), while it is in
+/// force at `now`: the lockdown a database from before per-model lockdowns records on the key alone.
+pub fn own_lockdown_end(key: &KeyRecord, now: i64) -> Option<i64> {
+    key.lockdown_until.filter(|until| key.effective_state(now) == KeyState::Lockdown && *until > now)
 }
 
 #[cfg(test)]
@@ -131,6 +142,9 @@ mod tests {
         k.state = KeyState::Lockdown;
         k.lockdown_until = Some(200);
         assert_eq!(free_at(&k, &all, Some("pro"), 50), Some(200));
+        assert_eq!(own_lockdown_end(&k, 199), Some(200));
+        assert_eq!(own_lockdown_end(&k, 200), None, "over at its deadline");
+        assert!(in_force(&all[0], 99) && !in_force(&all[0], 100));
         assert!(claimable(&k, &all, Some("pro"), 200));
         k.retired_at = Some(1);
         assert!(!claimable(&k, &all, Some("pro"), 300));

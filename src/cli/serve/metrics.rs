@@ -7,7 +7,9 @@
 //! - `apijongler_gateway_refused_total{reason}`: requests refused at the door (`host`, `origin`,
 //!   `token`, `route`, `path`, `body`).
 //! - `apijongler_keys{connector, state}`: keys by state (vacant, locked, lockdown, error), read from
-//!   the database at each scrape, so every process's use of the pool shows, not only this one's.
+//!   the database at each scrape, so every process's use of the pool shows, not only this one's. They
+//!   count the pool view `status --json` prints (`pool::view`), a key's state as a request that names
+//!   no model sees it; retired keys are in no state.
 //! - `apijongler_gateway_claim_wait_seconds{connector}` and
 //!   `apijongler_gateway_upstream_seconds{connector}`: histograms of the time spent waiting for keys
 //!   and of the last attempt's upstream latency (for a stream: to its first event).
@@ -16,7 +18,9 @@
 
 use std::sync::Mutex;
 
-use api_jongler::{Coordinator, Exchange};
+use api_jongler::holder::Holder;
+use api_jongler::pool::view::{self, PoolView, Sources};
+use api_jongler::{Coordinator, Exchange, KeyState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -179,22 +183,18 @@ impl Metrics {
         let read = tokio::task::spawn_blocking(move || {
             names
                 .into_iter()
-                .map(|name| coordinator.key_states(&name).map(|states| (name, states)))
+                .map(|name| key_view(&coordinator, &name).map(|view| (name, view)))
                 .collect::<api_jongler::Result<Vec<_>>>()
         })
         .await
         .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
         let problem = match read {
-            Ok(states) => {
-                for (connector, states) in states {
-                    for (state, keys) in [
-                        ("vacant", &states.vacant),
-                        ("locked", &states.locked),
-                        ("lockdown", &states.lockdown),
-                        ("error", &states.error),
-                    ] {
-                        let labels = KeyLabels { connector: connector.clone(), state: state.to_owned() };
-                        self.keys.get_or_create(&labels).set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
+            Ok(views) => {
+                for (connector, view) in views {
+                    for state in KeyState::ALL {
+                        let labels = KeyLabels { connector: connector.clone(), state: state.to_string() };
+                        let keys = view.count(&connector, state);
+                        self.keys.get_or_create(&labels).set(i64::try_from(keys).unwrap_or(i64::MAX));
                     }
                 }
                 None
@@ -214,6 +214,22 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String cannot fail");
         text
     }
+}
+
+/// The pool of `connector` as a request that names no model sees it now: the view `status --json`
+/// prints, which the key gauges count by state (retired keys in none).
+fn key_view(coordinator: &Coordinator, connector: &str) -> api_jongler::Result<PoolView> {
+    let keys = coordinator.store().keys(Some(connector))?;
+    let lockdowns = coordinator.store().lockdowns(Some(connector))?;
+    let sources = Sources {
+        keys: &keys,
+        lockdowns: &lockdowns,
+        keyring: None,
+        connector: Some(connector),
+        model: None,
+        now: coordinator.now_ms(),
+    };
+    Ok(view::pool(&sources, &Holder::liveness))
 }
 
 #[cfg(test)]
