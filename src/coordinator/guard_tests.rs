@@ -22,6 +22,9 @@ use crate::store::{Backend, ChangeWatch, Sqlite, SyncSource};
 struct Disagreeing(Sqlite);
 
 impl Backend for Disagreeing {
+    fn example_queries(&self) -> String {
+        self.0.example_queries()
+    }
     fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
         self.0.lock_deadline(asked, deadline)
     }

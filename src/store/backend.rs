@@ -30,6 +30,9 @@ use crate::pool::{
 /// What a database must do for the pool. Object-safe, so a coordinator holds any backend (and a test
 /// a fake one) behind one `Arc<dyn Backend>`.
 pub(crate) trait Backend: Send + Sync + fmt::Debug {
+    /// Queries for the user's own database shell (`sqlite3`, `psql`), in its dialect.
+    fn example_queries(&self) -> String;
+
     /// The deadline for an operation asked for at `asked` whose caller may wait until `deadline`: that
     /// deadline, but never less than the store's floor after `asked`.
     fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant;
@@ -208,6 +211,11 @@ impl Store {
     /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).
     pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
         self.backend.is_locked_down_for(id, model, now)
+    }
+
+    /// Queries worth keeping at hand in the user's own database shell, with a comment line above each.
+    pub fn example_queries(&self) -> String {
+        self.backend.example_queries()
     }
 
     /// The claim statement's query plan, one line per step.

@@ -21,6 +21,7 @@
 
 mod backend;
 mod batch;
+mod examples;
 mod rule_sql;
 mod schema;
 mod sync;
@@ -293,6 +294,10 @@ impl Sqlite {
 }
 
 impl Backend for Sqlite {
+    fn example_queries(&self) -> String {
+        examples::example_queries()
+    }
+
     fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
         deadline.max(asked + self.lock_wait_floor)
     }
