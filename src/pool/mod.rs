@@ -18,6 +18,7 @@ mod state;
 pub mod view;
 mod word;
 
+pub use event::HistoryEvent;
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;
