@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api_jongler::pool::HistoryEvent;
 use api_jongler::store::HistoryQuery;
 use api_jongler::{Clock, CoordinatorOptions, Error, ManualClock, SystemClock};
 use common::{Sandbox, check_leases, wait_until};
@@ -48,8 +49,12 @@ fn lockdown_holds_until_its_deadline_by_the_injected_clock() {
 
     let history = coordinator.store().history(&HistoryQuery::default()).expect("history");
     let claimed_again = &history[1];
-    assert_eq!((claimed_again.from_state.as_deref(), claimed_again.to_state.as_str()), (Some("lockdown"), "locked"));
+    assert_eq!(
+        (claimed_again.event, claimed_again.from_state.as_deref(), claimed_again.to_state.as_str()),
+        (HistoryEvent::Claimed, Some("lockdown"), "locked")
+    );
     let locked_down = &history[2];
+    assert_eq!(locked_down.event, HistoryEvent::LockedDown);
     assert_eq!(locked_down.lockdown_until, Some(T0 + 60_000));
     assert_eq!(locked_down.http_status, Some(429));
     let record = &coordinator.store().keys(Some("c")).expect("keys")[0];
@@ -114,8 +119,9 @@ fn keys_removed_from_the_keyring_are_retired_and_come_back() {
     let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
     assert_eq!(report.restored, [("c".to_owned(), "gone".to_owned())]);
     assert!(coordinator.key_states("c").expect("states").vacant.contains("gone"));
-    let reasons: Vec<String> = sandbox.history().into_iter().map(|row| row.reason).collect();
-    assert!(reasons.iter().any(|reason| reason.starts_with("removed from the keyring ")), "{reasons:?}");
+    let gone: Vec<HistoryEvent> =
+        sandbox.history().into_iter().filter(|row| row.key == "gone").map(|row| row.event).collect();
+    assert_eq!(gone, [HistoryEvent::Added, HistoryEvent::Retired, HistoryEvent::Restored]);
 }
 
 #[test]
@@ -147,14 +153,17 @@ fn cleanup_stays_inside_its_connector_and_spares_live_holders() {
 
     let done = coordinator.cleanup(Some("foo"), false).expect("cleanup");
     assert_eq!(done.len(), 1, "{done:?}");
-    assert_eq!((done[0].key_name.as_str(), done[0].to_state.as_str()), (a_name.as_str(), "vacant"));
+    assert_eq!(
+        (done[0].key_name.as_str(), done[0].event, done[0].to_state.as_str()),
+        (a_name.as_str(), HistoryEvent::CleanedUp, "vacant")
+    );
     assert_eq!(coordinator.key_states("foo_bar").expect("states").lockdown.len(), 1, "foo_bar untouched");
     assert!(held.is_valid(), "a live holder keeps its key");
     assert_eq!(coordinator.key_states("foo").expect("states").locked.len(), 1);
 
     let forced = coordinator.cleanup(Some("foo"), true).expect("forced cleanup");
     assert_eq!(forced.len(), 1);
-    assert!(forced[0].reason.contains("--force"), "{}", forced[0].reason);
+    assert_eq!(forced[0].event, HistoryEvent::ForceEvicted, "{:?}", forced[0]);
     let error = held.release().expect_err("the lease is gone");
     assert!(matches!(error, Error::LeaseLost { .. }), "{error:?}");
     assert!(error.to_string().contains("must not be used"), "{error}");
@@ -211,7 +220,8 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
     stranger.kill().expect("kill sleep");
     stranger.wait().expect("wait sleep");
     assert_eq!(reaped.len(), 1, "{reaped:?}");
-    assert_eq!(reaped[0].key_name, first.key_name());
+    assert_eq!((reaped[0].key_name.as_str(), reaped[0].event), (first.key_name(), HistoryEvent::ReapedDead));
+    // Which proof of death: the event says dead, the reason says how.
     assert!(reaped[0].reason.contains("reused"), "{}", reaped[0].reason);
     let states = coordinator.key_states("c").expect("states");
     assert!(states.locked.contains(second.key_name()), "the live holder keeps its key");
@@ -219,6 +229,7 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
     // Now the stranger is gone: its lock is freed at once, whatever its heartbeat says.
     let reaped = coordinator.reap(Some("c")).expect("reap");
     assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event, HistoryEvent::ReapedDead);
     assert!(reaped[0].reason.contains("has exited"), "{}", reaped[0].reason);
 }
 
@@ -408,6 +419,6 @@ fn threads_of_one_process_claiming_at_once_never_share_a_key() {
         }
     });
     assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
-    let claims = sandbox.count("SELECT count(*) FROM history WHERE to_state = 'locked'");
+    let claims = sandbox.count("SELECT count(*) FROM history WHERE event = 'claimed'");
     assert_eq!(claims, i64::try_from(THREADS * ROUNDS).expect("count"));
 }
