@@ -197,8 +197,10 @@ fn migration_5_gives_old_history_rows_their_events() {
     use api_jongler::pool::HistoryEvent::{self, *};
     let sandbox = Sandbox::new("c", 1);
     std::fs::create_dir_all(sandbox.db.parent().expect("parent")).expect("mkdir");
-    // (from, to, reason, lockdown_until, model): one row of each kind schema 4 wrote, and two it never did.
-    let rows: [(Option<&str>, &str, &str, Option<i64>, Option<&str>, HistoryEvent); 19] = [
+    /// (from, to, reason, lockdown_until, model) as written, and the event the migration must give it.
+    type OldRow = (Option<&'static str>, &'static str, &'static str, Option<i64>, Option<&'static str>, HistoryEvent);
+    // Each kind of row schema 4 wrote (with both proofs of a reaped holder's death), and one it never did.
+    let rows: [OldRow; 19] = [
         (None, "vacant", "added to the keyring", None, None, Added),
         (Some("vacant"), "locked", "claimed", None, Some("gemini-2.5-pro"), Claimed),
         (Some("lockdown"), "locked", "claimed", Some(1), None, Claimed),
