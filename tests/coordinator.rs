@@ -422,3 +422,111 @@ fn threads_of_one_process_claiming_at_once_never_share_a_key() {
     let claims = sandbox.count("SELECT count(*) FROM history WHERE event = 'claimed'");
     assert_eq!(claims, i64::try_from(THREADS * ROUNDS).expect("count"));
 }
+
+/// Every kind of write names its own event, with the states it moves between: a sync's additions,
+/// claims, a group's lockdown of every model (the answering key and its free sibling), a lockdown of one
+/// model, an error, a cleanup, a forced eviction, and a keyring's new secret, regrouping, removal and
+/// return. Reaps are checked where a holder really dies (`a_dead_holder_is_reaped...` above, `processes`).
+#[test]
+fn every_write_names_its_event() {
+    use HistoryEvent::*;
+    use api_jongler::store::{Fate, Lockdown, Reach};
+    let sandbox = Sandbox::with_keyring(
+        "[c]\nkey0 = fake-0\nkey1 = fake-1\nsolo = fake-solo\n[c groups]\nkey0 = team\nkey1 = team\n",
+    );
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let mut seen = 0;
+    // The rows written since the last call, oldest first: (key, event, from, to).
+    let mut rows_since = || {
+        let mut rows = coordinator.store().history(&HistoryQuery::default()).expect("history");
+        rows.retain(|row| row.id > seen);
+        rows.reverse();
+        seen = rows.last().map_or(seen, |row| row.id);
+        rows.into_iter().map(|row| (row.key_name, row.event, row.from_state, row.to_state)).collect::<Vec<_>>()
+    };
+    let row = |key: &str, event, from: Option<&str>, to: &str| {
+        (key.to_owned(), event, from.map(str::to_owned), to.to_owned())
+    };
+    let mut added = rows_since();
+    added.sort();
+    assert_eq!(
+        added,
+        [row("key0", Added, None, "vacant"), row("key1", Added, None, "vacant"), row("solo", Added, None, "vacant")]
+    );
+
+    let until = SystemClock.now_ms() + 3_600_000;
+    let every_model = Lockdown { reach: Reach::Group, ..Lockdown::whole_key(until, "429 project quota", Some(429)) };
+    let member = coordinator.claim("c", &["solo".to_owned()], Duration::ZERO).expect("a member of the team");
+    let (member_name, sibling) = match member.key_name() {
+        "key0" => ("key0", "key1"),
+        _ => ("key1", "key0"),
+    };
+    member.finish(&Fate::Lockdown(every_model), None).expect("lockdown of the team");
+    assert_eq!(
+        rows_since(),
+        [
+            row(member_name, Claimed, Some("vacant"), "locked"),
+            row(sibling, ScopeLockedDown, Some("vacant"), "lockdown"),
+            row(member_name, LockedDown, Some("locked"), "lockdown"),
+        ]
+    );
+
+    let one_model =
+        Lockdown { models: vec!["m".to_owned()], ..Lockdown::whole_key(until, "429 model quota", Some(429)) };
+    let solo = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("solo is the free one");
+    assert_eq!(solo.key_name(), "solo");
+    solo.finish(&Fate::Lockdown(one_model), None).expect("lockdown of m");
+    coordinator
+        .claim("c", &[], Duration::ZERO)
+        .expect("solo still serves other models")
+        .mark_error("bad", Some(401))
+        .expect("error");
+    assert_eq!(
+        rows_since(),
+        [
+            row("solo", Claimed, Some("vacant"), "locked"),
+            row("solo", LockedDown, Some("locked"), "vacant"),
+            row("solo", Claimed, Some("vacant"), "locked"),
+            row("solo", Errored, Some("locked"), "error"),
+        ]
+    );
+
+    coordinator.cleanup(Some("c"), false).expect("cleanup");
+    let mut cleaned = rows_since();
+    cleaned.sort();
+    assert_eq!(
+        cleaned,
+        [
+            row("key0", CleanedUp, Some("lockdown"), "vacant"),
+            row("key1", CleanedUp, Some("lockdown"), "vacant"),
+            row("solo", CleanedUp, Some("error"), "vacant"),
+        ]
+    );
+
+    let held = coordinator.claim("c", &["key1".to_owned(), "solo".to_owned()], Duration::ZERO).expect("key0");
+    coordinator.cleanup(Some("c"), true).expect("cleanup --force");
+    assert_eq!(
+        rows_since(),
+        [row("key0", Claimed, Some("vacant"), "locked"), row("key0", ForceEvicted, Some("locked"), "vacant")]
+    );
+    drop(held);
+
+    std::fs::write(&sandbox.keyring, "[c]\nkey0 = fake-new-0\nkey1 = fake-1\n[c groups]\nkey0 = team\n")
+        .expect("rewrite");
+    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    std::fs::write(
+        &sandbox.keyring,
+        "[c]\nkey0 = fake-new-0\nkey1 = fake-1\nsolo = fake-solo\n[c groups]\nkey0 = team\n",
+    )
+    .expect("rewrite");
+    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert_eq!(
+        rows_since(),
+        [
+            row("key0", SecretChanged, Some("vacant"), "vacant"),
+            row("solo", Retired, Some("vacant"), "retired"),
+            row("key1", GroupChanged, Some("vacant"), "vacant"),
+            row("solo", Restored, Some("retired"), "vacant"),
+        ]
+    );
+}
