@@ -2,7 +2,7 @@
 //! nothing, from the age of the holder's heartbeat.
 //!
 //! Pure apart from reading `/proc`: takes a held key as read from the database and the time, returns
-//! the reason to free it (or nothing).
+//! the event and reason to free it (or nothing).
 //! - A dead holder is freed at once, whatever its heartbeat says.
 //! - A running holder on this host, boot and pid namespace keeps its key however old its heartbeat is:
 //!   the heartbeat may be late because another connection held the write lock, and a stepped wall
@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use crate::holder::{Holder, Liveness};
+use crate::pool::HistoryEvent;
 use crate::store::HeldKey;
 
 /// The time on both clocks, read once per reaping pass.
@@ -28,27 +29,30 @@ pub struct Now {
     pub boot_ms: i64,
 }
 
-/// Why the lock on `held` should be freed at `now`, or `None` to leave it.
-pub fn verdict(held: &HeldKey, now: Now, stale_after: Duration) -> Option<String> {
+/// Why the lock on `held` should be freed at `now` ([`HistoryEvent::ReapedDead`] or
+/// [`HistoryEvent::ReapedStale`], and the reason), or `None` to leave it.
+pub fn verdict(held: &HeldKey, now: Now, stale_after: Duration) -> Option<(HistoryEvent, String)> {
     let pid = held.holder.pid;
     let stale = || heartbeat_age(held, now).filter(|age| *age > stale_after);
     match held.holder.liveness() {
-        Liveness::Dead(why) => Some(format!("reaped: {why}")),
+        Liveness::Dead(why) => Some((HistoryEvent::ReapedDead, format!("reaped: {why}"))),
         Liveness::Alive => None,
         Liveness::Stopped => stale().map(|age| {
-            format!(
+            let reason = format!(
                 "reaped: holder pid {pid} is stopped and its last heartbeat is {:.1} s old (stale after {:.1} s)",
                 age.as_secs_f64(),
                 stale_after.as_secs_f64()
-            )
+            );
+            (HistoryEvent::ReapedStale, reason)
         }),
         Liveness::Unknown => stale().map(|age| {
-            format!(
+            let reason = format!(
                 "reaped: heartbeat of holder pid {pid} on {} (not visible from this process) is {:.1} s old (stale after {:.1} s)",
                 if held.holder.host.is_empty() { "an unknown host" } else { &held.holder.host },
                 age.as_secs_f64(),
                 stale_after.as_secs_f64()
-            )
+            );
+            (HistoryEvent::ReapedStale, reason)
         }),
     }
 }
@@ -98,7 +102,8 @@ mod tests {
     #[test]
     fn a_dead_holder_is_freed_with_a_fresh_heartbeat() {
         let gone = Holder { pid: u32::MAX - 1, ..Holder::current().clone() };
-        let reason = verdict(&held(gone, 10_000, 10_000), at(10_001, 10_001), STALE).expect("dead");
+        let (event, reason) = verdict(&held(gone, 10_000, 10_000), at(10_001, 10_001), STALE).expect("dead");
+        assert_eq!(event, HistoryEvent::ReapedDead);
         assert!(reason.contains("has exited"), "{reason}");
     }
 
@@ -108,7 +113,8 @@ mod tests {
         let fresh = held(other_container, 100_000, 100_000);
         assert_eq!(verdict(&fresh, at(110_000, 100_000 + 3_600_000), STALE), None, "the wall clock stepped an hour");
         assert_eq!(verdict(&fresh, at(110_000, 100_000 - 3_600_000), STALE), None, "the wall clock stepped back");
-        let reason = verdict(&fresh, at(131_000, 100_000), STALE).expect("stale on the boot clock");
+        let (event, reason) = verdict(&fresh, at(131_000, 100_000), STALE).expect("stale on the boot clock");
+        assert_eq!(event, HistoryEvent::ReapedStale);
         assert!(reason.contains("31.0 s old") && reason.contains("not visible"), "{reason}");
         assert_eq!(verdict(&fresh, at(130_000, 100_000), STALE), None, "exactly stale_after is not yet stale");
     }
@@ -118,7 +124,8 @@ mod tests {
         let remote =
             Holder { host: "elsewhere.invalid".into(), boot_id: "other-boot".into(), ..Holder::current().clone() };
         assert_eq!(verdict(&held(remote.clone(), 999_999_999, 10_000), at(0, 20_000), STALE), None);
-        assert!(verdict(&held(remote, 0, 10_000), at(0, 50_000), STALE).is_some());
+        let (event, _) = verdict(&held(remote, 0, 10_000), at(0, 50_000), STALE).expect("stale on the wall clock");
+        assert_eq!(event, HistoryEvent::ReapedStale);
     }
 
     #[test]
@@ -137,7 +144,8 @@ mod tests {
         }
         let key = held(holder, 100_000, 100_000);
         assert_eq!(verdict(&key, at(129_000, 100_000), STALE), None, "stopped, but its heartbeat is fresh");
-        let reason = verdict(&key, at(131_000, 100_000), STALE).expect("stopped and stale");
+        let (event, reason) = verdict(&key, at(131_000, 100_000), STALE).expect("stopped and stale");
+        assert_eq!(event, HistoryEvent::ReapedStale);
         assert!(reason.contains("is stopped"), "{reason}");
         child.kill().expect("kill");
         child.wait().expect("reap");

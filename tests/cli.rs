@@ -167,10 +167,13 @@ async fn status_history_and_why_explain_the_keys() {
     assert_exit(&output, 0);
     let history = json(&output);
     let history = history.as_array().expect("array");
-    assert_eq!(history[0]["to"], "error", "newest first");
-    assert_eq!(history.last().expect("oldest")["reason"], "added to the keyring");
+    assert_eq!((history[0]["event"].as_str(), history[0]["to"].as_str()), (Some("errored"), Some("error")), "newest");
+    assert_eq!(history.last().expect("oldest")["event"], "added");
     let limited = json(&run(&sandbox, &["history", "--limit", "2", "--json"]).await);
     assert_eq!(limited.as_array().map(Vec::len), Some(2));
+    // The table shows the event too: `errored` is no state and no reason, only an event.
+    let table = text(&run(&sandbox, &["history", "--key", "key1"]).await.stdout);
+    assert!(table.contains("event") && table.contains("errored"), "{table}");
 
     let output = run(&sandbox, &["why", GEMINI, "key1"]).await;
     assert_exit(&output, 0);
@@ -530,7 +533,7 @@ async fn lockdowns_by_model_and_group_in_status_why_history_and_db() {
     let history = json(&output);
     let history = history.as_array().expect("array");
     assert!(history.iter().all(|row| row.get("model").is_some() && row.get("quota_scope").is_some()), "{history:?}");
-    let claims: Vec<&Value> = history.iter().filter(|row| row["to"] == "locked").collect();
+    let claims: Vec<&Value> = history.iter().filter(|row| row["event"] == "claimed").collect();
     assert!(claims.len() >= 3 && claims.iter().all(|row| row["model"] == "gemini-2.5-flash"), "{claims:?}");
     assert_eq!(claims[0]["quota_scope"], "group:my-project", "the claim through the group");
     let table = text(&run(&sandbox, &["history"]).await.stdout);

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api_jongler::pool::HistoryEvent;
 use api_jongler::store::HistoryQuery;
 use api_jongler::{Clock, CoordinatorOptions, Error, ManualClock, SystemClock};
 use common::{Sandbox, check_leases, wait_until};
@@ -48,8 +49,12 @@ fn lockdown_holds_until_its_deadline_by_the_injected_clock() {
 
     let history = coordinator.store().history(&HistoryQuery::default()).expect("history");
     let claimed_again = &history[1];
-    assert_eq!((claimed_again.from_state.as_deref(), claimed_again.to_state.as_str()), (Some("lockdown"), "locked"));
+    assert_eq!(
+        (claimed_again.event, claimed_again.from_state.as_deref(), claimed_again.to_state.as_str()),
+        (HistoryEvent::Claimed, Some("lockdown"), "locked")
+    );
     let locked_down = &history[2];
+    assert_eq!(locked_down.event, HistoryEvent::LockedDown);
     assert_eq!(locked_down.lockdown_until, Some(T0 + 60_000));
     assert_eq!(locked_down.http_status, Some(429));
     let record = &coordinator.store().keys(Some("c")).expect("keys")[0];
@@ -114,8 +119,9 @@ fn keys_removed_from_the_keyring_are_retired_and_come_back() {
     let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
     assert_eq!(report.restored, [("c".to_owned(), "gone".to_owned())]);
     assert!(coordinator.key_states("c").expect("states").vacant.contains("gone"));
-    let reasons: Vec<String> = sandbox.history().into_iter().map(|row| row.reason).collect();
-    assert!(reasons.iter().any(|reason| reason.starts_with("removed from the keyring ")), "{reasons:?}");
+    let gone: Vec<HistoryEvent> =
+        sandbox.history().into_iter().filter(|row| row.key == "gone").map(|row| row.event).collect();
+    assert_eq!(gone, [HistoryEvent::Added, HistoryEvent::Retired, HistoryEvent::Restored]);
 }
 
 #[test]
@@ -147,14 +153,17 @@ fn cleanup_stays_inside_its_connector_and_spares_live_holders() {
 
     let done = coordinator.cleanup(Some("foo"), false).expect("cleanup");
     assert_eq!(done.len(), 1, "{done:?}");
-    assert_eq!((done[0].key_name.as_str(), done[0].to_state.as_str()), (a_name.as_str(), "vacant"));
+    assert_eq!(
+        (done[0].key_name.as_str(), done[0].event, done[0].to_state.as_str()),
+        (a_name.as_str(), HistoryEvent::CleanedUp, "vacant")
+    );
     assert_eq!(coordinator.key_states("foo_bar").expect("states").lockdown.len(), 1, "foo_bar untouched");
     assert!(held.is_valid(), "a live holder keeps its key");
     assert_eq!(coordinator.key_states("foo").expect("states").locked.len(), 1);
 
     let forced = coordinator.cleanup(Some("foo"), true).expect("forced cleanup");
     assert_eq!(forced.len(), 1);
-    assert!(forced[0].reason.contains("--force"), "{}", forced[0].reason);
+    assert_eq!(forced[0].event, HistoryEvent::ForceEvicted, "{:?}", forced[0]);
     let error = held.release().expect_err("the lease is gone");
     assert!(matches!(error, Error::LeaseLost { .. }), "{error:?}");
     assert!(error.to_string().contains("must not be used"), "{error}");
@@ -211,7 +220,8 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
     stranger.kill().expect("kill sleep");
     stranger.wait().expect("wait sleep");
     assert_eq!(reaped.len(), 1, "{reaped:?}");
-    assert_eq!(reaped[0].key_name, first.key_name());
+    assert_eq!((reaped[0].key_name.as_str(), reaped[0].event), (first.key_name(), HistoryEvent::ReapedDead));
+    // Which proof of death: the event says dead, the reason says how.
     assert!(reaped[0].reason.contains("reused"), "{}", reaped[0].reason);
     let states = coordinator.key_states("c").expect("states");
     assert!(states.locked.contains(second.key_name()), "the live holder keeps its key");
@@ -219,6 +229,7 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
     // Now the stranger is gone: its lock is freed at once, whatever its heartbeat says.
     let reaped = coordinator.reap(Some("c")).expect("reap");
     assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].event, HistoryEvent::ReapedDead);
     assert!(reaped[0].reason.contains("has exited"), "{}", reaped[0].reason);
 }
 
@@ -408,6 +419,114 @@ fn threads_of_one_process_claiming_at_once_never_share_a_key() {
         }
     });
     assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"), "{:?}", sandbox.states());
-    let claims = sandbox.count("SELECT count(*) FROM history WHERE to_state = 'locked'");
+    let claims = sandbox.count("SELECT count(*) FROM history WHERE event = 'claimed'");
     assert_eq!(claims, i64::try_from(THREADS * ROUNDS).expect("count"));
+}
+
+/// Every kind of write names its own event, with the states it moves between: a sync's additions,
+/// claims, a group's lockdown of every model (the answering key and its free sibling), a lockdown of one
+/// model, an error, a cleanup, a forced eviction, and a keyring's new secret, regrouping, removal and
+/// return. Reaps are checked where a holder really dies (`a_dead_holder_is_reaped...` above, `processes`).
+#[test]
+fn every_write_names_its_event() {
+    use HistoryEvent::*;
+    use api_jongler::store::{Fate, Lockdown, Reach};
+    let sandbox = Sandbox::with_keyring(
+        "[c]\nkey0 = fake-0\nkey1 = fake-1\nsolo = fake-solo\n[c groups]\nkey0 = team\nkey1 = team\n",
+    );
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let mut seen = 0;
+    // The rows written since the last call, oldest first: (key, event, from, to).
+    let mut rows_since = || {
+        let mut rows = coordinator.store().history(&HistoryQuery::default()).expect("history");
+        rows.retain(|row| row.id > seen);
+        rows.reverse();
+        seen = rows.last().map_or(seen, |row| row.id);
+        rows.into_iter().map(|row| (row.key_name, row.event, row.from_state, row.to_state)).collect::<Vec<_>>()
+    };
+    let row = |key: &str, event, from: Option<&str>, to: &str| {
+        (key.to_owned(), event, from.map(str::to_owned), to.to_owned())
+    };
+    let mut added = rows_since();
+    added.sort();
+    assert_eq!(
+        added,
+        [row("key0", Added, None, "vacant"), row("key1", Added, None, "vacant"), row("solo", Added, None, "vacant")]
+    );
+
+    let until = SystemClock.now_ms() + 3_600_000;
+    let every_model = Lockdown { reach: Reach::Group, ..Lockdown::whole_key(until, "429 project quota", Some(429)) };
+    let member = coordinator.claim("c", &["solo".to_owned()], Duration::ZERO).expect("a member of the team");
+    let (member_name, sibling) = match member.key_name() {
+        "key0" => ("key0", "key1"),
+        _ => ("key1", "key0"),
+    };
+    member.finish(&Fate::Lockdown(every_model), None).expect("lockdown of the team");
+    assert_eq!(
+        rows_since(),
+        [
+            row(member_name, Claimed, Some("vacant"), "locked"),
+            row(sibling, ScopeLockedDown, Some("vacant"), "lockdown"),
+            row(member_name, LockedDown, Some("locked"), "lockdown"),
+        ]
+    );
+
+    let one_model =
+        Lockdown { models: vec!["m".to_owned()], ..Lockdown::whole_key(until, "429 model quota", Some(429)) };
+    let solo = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("solo is the free one");
+    assert_eq!(solo.key_name(), "solo");
+    solo.finish(&Fate::Lockdown(one_model), None).expect("lockdown of m");
+    coordinator
+        .claim("c", &[], Duration::ZERO)
+        .expect("solo still serves other models")
+        .mark_error("bad", Some(401))
+        .expect("error");
+    assert_eq!(
+        rows_since(),
+        [
+            row("solo", Claimed, Some("vacant"), "locked"),
+            row("solo", LockedDown, Some("locked"), "vacant"),
+            row("solo", Claimed, Some("vacant"), "locked"),
+            row("solo", Errored, Some("locked"), "error"),
+        ]
+    );
+
+    coordinator.cleanup(Some("c"), false).expect("cleanup");
+    let mut cleaned = rows_since();
+    cleaned.sort();
+    assert_eq!(
+        cleaned,
+        [
+            row("key0", CleanedUp, Some("lockdown"), "vacant"),
+            row("key1", CleanedUp, Some("lockdown"), "vacant"),
+            row("solo", CleanedUp, Some("error"), "vacant"),
+        ]
+    );
+
+    let held = coordinator.claim("c", &["key1".to_owned(), "solo".to_owned()], Duration::ZERO).expect("key0");
+    coordinator.cleanup(Some("c"), true).expect("cleanup --force");
+    assert_eq!(
+        rows_since(),
+        [row("key0", Claimed, Some("vacant"), "locked"), row("key0", ForceEvicted, Some("locked"), "vacant")]
+    );
+    drop(held);
+
+    std::fs::write(&sandbox.keyring, "[c]\nkey0 = fake-new-0\nkey1 = fake-1\n[c groups]\nkey0 = team\n")
+        .expect("rewrite");
+    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    std::fs::write(
+        &sandbox.keyring,
+        "[c]\nkey0 = fake-new-0\nkey1 = fake-1\nsolo = fake-solo\n[c groups]\nkey0 = team\n",
+    )
+    .expect("rewrite");
+    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    assert_eq!(
+        rows_since(),
+        [
+            row("key0", SecretChanged, Some("vacant"), "vacant"),
+            row("solo", Retired, Some("vacant"), "retired"),
+            row("key1", GroupChanged, Some("vacant"), "vacant"),
+            row("solo", Restored, Some("retired"), "vacant"),
+        ]
+    );
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
+use api_jongler::pool::HistoryEvent::{self, ReapedDead, ReapedStale};
 use api_jongler::{Clock, CoordinatorOptions, Error, SystemClock};
 use common::{Sandbox, SqliteShell, wait_until};
 
@@ -155,8 +156,10 @@ fn delete_database(sandbox: &Sandbox) {
     }
 }
 
-fn reaped(sandbox: &Sandbox) -> Vec<String> {
-    sandbox.history().into_iter().filter(|row| row.reason.starts_with("reaped")).map(|row| row.reason).collect()
+/// The reaper's evictions (dead holders and stale heartbeats): event and reason.
+fn reaped(sandbox: &Sandbox) -> Vec<(HistoryEvent, String)> {
+    let reaps = sandbox.history().into_iter().filter(|row| matches!(row.event, ReapedDead | ReapedStale));
+    reaps.map(|row| (row.event, row.reason)).collect()
 }
 
 /// Item 1: A claims, is stopped (SIGSTOP, by itself, right after the claim commits) for longer than
@@ -181,7 +184,10 @@ async fn a_holder_stopped_after_its_claim_never_sends_once_its_key_was_taken() {
     assert_eq!(most_at_once_on_one_key(&mock), 1, "the upstream saw the key twice at once");
     assert_eq!(mock.stats().1.values().map(|stats| stats.ok).sum::<u64>(), 2, "both requests went through");
     let reaped = reaped(&sandbox);
-    assert!(reaped.iter().any(|reason| reason.contains(&format!("pid {a_pid} is stopped"))), "{reaped:?}");
+    let stale = |(event, reason): &(HistoryEvent, String)| {
+        *event == ReapedStale && reason.contains(&format!("pid {a_pid} is stopped"))
+    };
+    assert!(reaped.iter().any(stale), "{reaped:?}");
 }
 
 /// Item 2: a user's `sqlite3` holds the write lock for several stale thresholds while A's request is in
@@ -215,7 +221,7 @@ async fn a_long_external_write_lock_never_makes_a_live_holder_lose_its_key() {
     b.stderr = None;
     succeeded(b).await;
     assert_eq!(most_at_once_on_one_key(&mock), 1, "the upstream saw the key twice at once");
-    assert_eq!(reaped(&sandbox), Vec::<String>::new(), "nobody was evicted");
+    assert_eq!(reaped(&sandbox), [], "nobody was evicted");
 }
 
 /// Item 3: a process whose wall clock is two minutes ahead (an NTP step), or two minutes behind, sees
@@ -231,7 +237,7 @@ async fn a_stepped_wall_clock_never_evicts_a_live_holder() {
         succeeded(a).await;
         succeeded(b).await;
         assert_eq!(most_at_once_on_one_key(&mock), 1, "A at {a_offset} ms, B at {b_offset} ms: key used twice at once");
-        assert_eq!(reaped(&sandbox), Vec::<String>::new(), "A at {a_offset} ms, B at {b_offset} ms");
+        assert_eq!(reaped(&sandbox), [], "A at {a_offset} ms, B at {b_offset} ms");
     }
 }
 
@@ -352,6 +358,6 @@ async fn an_interrupted_request_gives_its_key_back_at_once() {
             "released, not left to the reaper"
         );
         assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'cancelled'"), 1);
-        assert_eq!(reaped(&sandbox), Vec::<String>::new());
+        assert_eq!(reaped(&sandbox), []);
     }
 }

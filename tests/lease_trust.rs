@@ -29,9 +29,7 @@ fn secret(index: usize) -> String {
 fn force_cleanup(coordinator: &api_jongler::Coordinator, key: &str) {
     common::wait_until(Duration::from_secs(10), "cleanup --force to take the key", || {
         let transitions = coordinator.cleanup(Some(GEMINI), true).expect("cleanup --force");
-        transitions
-            .iter()
-            .any(|transition| transition.key_name == key && transition.from_state.as_deref() == Some("locked"))
+        transitions.iter().any(|transition| transition.key_name == key && transition.event.is_eviction())
     });
 }
 

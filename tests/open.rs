@@ -189,6 +189,126 @@ fn migration_4_turns_key_lockdowns_into_whole_scope_ones_and_keeps_the_history()
     assert_eq!((&key.quota_scope, key.quota_group.as_deref()), (&Scope::Key("key0".into()), None));
 }
 
+/// Migration 5 gives every history row written before it a typed event, read from its states and reason
+/// (the prose every earlier version wrote), and `unclassified` to a row it cannot read; the rows are
+/// otherwise kept as written, and a new row names its event.
+#[test]
+fn migration_5_gives_old_history_rows_their_events() {
+    use api_jongler::pool::HistoryEvent::{self, *};
+    let sandbox = Sandbox::new("c", 1);
+    std::fs::create_dir_all(sandbox.db.parent().expect("parent")).expect("mkdir");
+    /// (from, to, reason, lockdown_until, model) as written, and the event the migration must give it.
+    type OldRow = (Option<&'static str>, &'static str, &'static str, Option<i64>, Option<&'static str>, HistoryEvent);
+    // Each kind of row schema 4 wrote (with both proofs of a reaped holder's death), and one it never did.
+    let rows: [OldRow; 19] = [
+        (None, "vacant", "added to the keyring", None, None, Added),
+        (Some("vacant"), "locked", "claimed", None, Some("gemini-2.5-pro"), Claimed),
+        (Some("lockdown"), "locked", "claimed", Some(1), None, Claimed),
+        (Some("locked"), "vacant", "released", None, None, Released),
+        (Some("locked"), "lockdown", "released", Some(9), None, Released),
+        (Some("locked"), "lockdown", "429 rate limit, Retry-After 30.0 s", Some(9), None, LockedDown),
+        (
+            Some("locked"),
+            "vacant",
+            "429 daily quota (GenerateRequestsPerDay)",
+            Some(9),
+            Some("gemini-2.5-pro"),
+            LockedDown,
+        ),
+        (
+            Some("vacant"),
+            "lockdown",
+            "group:team locked down for every model by key1's answer: 429 project rate limit",
+            Some(9),
+            None,
+            ScopeLockedDown,
+        ),
+        (Some("locked"), "error", "401 invalid credentials", None, None, Errored),
+        (Some("locked"), "vacant", "reaped: holder pid 41 has exited", None, None, ReapedDead),
+        (Some("locked"), "lockdown", "reaped: holder pid 41 was reused by another process", Some(9), None, ReapedDead),
+        (
+            Some("locked"),
+            "vacant",
+            "reaped: holder pid 41 is stopped and its last heartbeat is 31.0 s old (stale after 30.0 s)",
+            None,
+            None,
+            ReapedStale,
+        ),
+        (Some("locked"), "vacant", "cleanup --force took it from live holder pid 41", None, None, ForceEvicted),
+        (Some("error"), "vacant", "cleanup", None, None, CleanedUp),
+        (Some("lockdown"), "vacant", "secret changed in the keyring", None, None, SecretChanged),
+        (Some("vacant"), "vacant", "quota group set to 'team' (keyring /k.ini)", None, None, GroupChanged),
+        (Some("vacant"), "retired", "removed from the keyring /k.ini", None, None, Retired),
+        (Some("retired"), "vacant", "back in the keyring /k.ini", None, None, Restored),
+        // The bench's raw reference wrote rows no version of the library writes.
+        (Some("locked"), "vacant", "reference", None, None, Unclassified),
+    ];
+    {
+        let connection = rusqlite::Connection::open(&sandbox.db).expect("create");
+        for migration in [
+            include_str!("../migrations/0001_initial.sql"),
+            include_str!("../migrations/0002_requests.sql"),
+            include_str!("../migrations/0003_liveness.sql"),
+            include_str!("../migrations/0004_quotas.sql"),
+        ] {
+            connection.execute_batch(migration).expect("migration");
+        }
+        connection.execute_batch("PRAGMA user_version = 4;").expect("version");
+        connection
+            .execute(
+                "INSERT INTO keys (connector, key_name, fingerprint, created_at) VALUES ('c', 'key0', 'fp', 1)",
+                [],
+            )
+            .expect("a key");
+        for (at, (from, to, reason, until, model, _)) in rows.iter().enumerate() {
+            connection
+                .execute(
+                    "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason,
+                                          lockdown_until, model)
+                     VALUES (?1, 'c', 'key0', 'fp', ?2, ?3, ?4, ?5, ?6)",
+                    rusqlite::params![at as i64, from, to, reason, until, model],
+                )
+                .expect("a schema-4 history row");
+        }
+    }
+    let coordinator = open(&sandbox.db).expect("migrated");
+    let store = coordinator.store();
+    assert_eq!(store.schema_version().expect("version"), api_jongler::store::SCHEMA_VERSION);
+    let mut history = store.history(&api_jongler::store::HistoryQuery::default()).expect("history");
+    history.reverse();
+    assert_eq!(history.len(), rows.len(), "every row kept: {history:?}");
+    for (row, (from, to, reason, until, model, event)) in history.iter().zip(&rows) {
+        assert_eq!(
+            (row.from_state.as_deref(), row.to_state.as_str(), row.reason.as_str(), row.lockdown_until),
+            (*from, *to, *reason, *until),
+            "kept as written"
+        );
+        assert_eq!(row.model.as_deref(), *model);
+        assert_eq!(row.event, *event, "{row:?}");
+    }
+
+    // Rows written from now on name their event.
+    coordinator.claim("c", &[], std::time::Duration::ZERO).expect("claim").release().expect("release");
+    let newest = store.history(&api_jongler::store::HistoryQuery { limit: Some(2), ..Default::default() });
+    let events: Vec<_> = newest.expect("history").iter().map(|row| row.event).collect();
+    assert_eq!(events, [Released, Claimed]);
+}
+
+/// A new file is made at schema 5, whose history has the event column (an older build, knowing schema 4
+/// at most, refuses it: see `newer_schema_is_refused_untouched`).
+#[test]
+fn a_new_file_has_schema_5_and_history_events() {
+    let sandbox = Sandbox::new("c", 1);
+    drop(open(&sandbox.db).expect("created"));
+    let connection = rusqlite::Connection::open(&sandbox.db).expect("reopen");
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
+    assert_eq!(version, 5);
+    let event: String = connection
+        .query_row("SELECT type FROM pragma_table_info('history') WHERE name = 'event'", [], |row| row.get(0))
+        .expect("the history has an event column");
+    assert_eq!(event, "TEXT");
+}
+
 /// A second store opened on a file this process already uses must not drop this process's SQLite
 /// locks (closing any descriptor of a file drops them all): otherwise another process, closing its own
 /// connection, finds itself the last user, checkpoints and deletes the WAL under this one.

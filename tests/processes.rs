@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use api_jongler::pool::HistoryEvent;
 use api_jongler::{Clock, SystemClock};
 use common::{Sandbox, assert_integrity, check_leases, wait_success, wait_until};
 use rustix::process::{Pid, Signal, kill_process};
@@ -113,7 +114,7 @@ fn killed_holders_keys_come_back_without_cleanup() {
     let mut replacement = spawn(&mut lives, &[]);
     for round in 0..KILLS {
         let claims_by =
-            format!("SELECT count(*) FROM history WHERE to_state = 'locked' AND holder_pid = {}", replacement.0.id());
+            format!("SELECT count(*) FROM history WHERE event = 'claimed' AND holder_pid = {}", replacement.0.id());
         wait_until(Duration::from_secs(60), "the replacement's first claim", || sandbox.count(&claims_by) > 0);
         // The chaos cadence: the workers run between kills. Nothing here waits for a state.
         std::thread::sleep(Duration::from_millis(fastrand::u64(0..=100)));
@@ -149,18 +150,18 @@ fn killed_holders_keys_come_back_without_cleanup() {
     let mut reaps = Vec::new();
     for (position, row) in history.iter().enumerate() {
         let (Some(lease), key) = (row.lease, row.key.as_str()) else { continue };
-        if row.to == "locked" {
+        if row.event == HistoryEvent::Claimed {
             let life = life_of(row.holder_pid.expect("a claim names its holder"), row.at);
             owner.insert((key, lease), life);
             claims[life].push(position);
-        } else if row.from.as_deref() == Some("locked") {
+        } else if row.event.ends_lease() {
             let life = owner[&(key, lease)];
-            if row.reason.starts_with("reaped") {
+            if matches!(row.event, HistoryEvent::ReapedDead | HistoryEvent::ReapedStale) {
                 let killed = lives[life].killed_ms.unwrap_or_else(|| panic!("a live holder's key was reaped: {row:?}"));
                 assert!(row.at >= killed, "reaped before its holder was killed: {row:?}");
                 reaps.push((position, life));
             } else {
-                assert_eq!((row.reason.as_str(), row.holder_pid), ("released", Some(lives[life].pid)), "{row:?}");
+                assert_eq!((row.event, row.holder_pid), (HistoryEvent::Released, Some(lives[life].pid)), "{row:?}");
             }
         }
     }
@@ -252,8 +253,8 @@ fn a_stopped_holder_is_reaped_and_its_late_writes_change_nothing() {
     assert!(rest.contains("lost key0 1"), "the holder learns it lost the lease: {rest}");
     assert_eq!(status.code(), Some(8), "lease-lost exit code");
     assert_eq!((sandbox.states(), sandbox.history().len()), before, "the late release changed nothing");
-    let reap = sandbox.history().into_iter().find(|row| row.reason.starts_with("reaped")).expect("a reap row");
-    assert!(reap.reason.contains("heartbeat"), "{}", reap.reason);
+    let reap = sandbox.history().into_iter().find(|row| row.event.is_eviction()).expect("a reap row");
+    assert_eq!(reap.event, HistoryEvent::ReapedStale, "{reap:?}");
 }
 
 #[test]
@@ -279,7 +280,7 @@ fn sixteen_processes_open_a_fresh_database_at_once() {
     let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).expect("mode");
     assert_eq!(mode, "wal");
     assert_eq!(sandbox.states().len(), 4);
-    let added = sandbox.history().iter().filter(|row| row.reason == "added to the keyring").count();
+    let added = sandbox.history().iter().filter(|row| row.event == HistoryEvent::Added).count();
     assert_eq!(added, 4, "each key was added once, by one of the sixteen");
     assert_integrity(&sandbox.db);
 }

@@ -8,6 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
+use api_jongler::pool::HistoryEvent;
 use common::{Sandbox, wait_until};
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
@@ -125,7 +126,8 @@ async fn a_worker_killed_mid_request_leaves_its_key_to_the_others() {
 
     let survivor = request_worker(&sandbox, 2, &[]);
     wait_success(survivor).await;
-    let reaped = sandbox.history().into_iter().find(|row| row.reason.starts_with("reaped")).expect("a reap");
+    let reaped = sandbox.history().into_iter().find(|row| row.event.is_eviction()).expect("a reap");
+    assert_eq!(reaped.event, HistoryEvent::ReapedDead, "{reaped:?}");
     assert!(reaped.reason.contains("has exited"), "{}", reaped.reason);
     assert_eq!(sandbox.states(), [("key0".into(), "vacant".into())]);
 }

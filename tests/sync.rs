@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{MockConfig, MockUpstream};
+use api_jongler::pool::HistoryEvent;
 use api_jongler::{Coordinator, Error, Keyring};
 use common::Sandbox;
 
@@ -57,7 +58,8 @@ fn snapshot(sandbox: &Sandbox) -> String {
 }
 
 fn retired_rows(sandbox: &Sandbox) -> Vec<(String, String)> {
-    sandbox.history().into_iter().filter(|row| row.to == "retired").map(|row| (row.key, row.reason)).collect()
+    let retired = sandbox.history().into_iter().filter(|row| row.event == HistoryEvent::Retired);
+    retired.map(|row| (row.key, row.reason)).collect()
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `apijongler history [--connector C] [--key K] [--since 1h] [--limit N] [--json]`: transitions,
-//! newest first, each with the model it was about (a claim for a model, a lockdown of some models) and
-//! the quota scope it counted against.
+//! newest first, each with its event (the kind of change, a word of [`HistoryEvent`]), the model it was
+//! about (a claim for a model, a lockdown of some models) and the quota scope it counted against.
+//!
+//! [`HistoryEvent`]: api_jongler::pool::HistoryEvent
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -45,8 +47,8 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|t| {
                 serde_json::json!({
-                    "id": t.id, "at": t.at, "connector": t.connector, "key": t.key_name, "fingerprint": t.fingerprint,
-                    "from": t.from_state, "to": t.to_state, "reason": t.reason, "http_status": t.http_status,
+                    "id": t.id, "at": t.at, "event": t.event, "connector": t.connector, "key": t.key_name,
+                    "fingerprint": t.fingerprint, "from": t.from_state, "to": t.to_state, "reason": t.reason, "http_status": t.http_status,
                     "holder_pid": t.holder_pid, "lease": t.lease, "lockdown_until": t.lockdown_until,
                     "model": t.model, "quota_scope": t.quota_scope,
                 })
@@ -57,6 +59,7 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
     }
     let mut table = output::table(&[
         "time",
+        "event",
         "connector",
         "key",
         "from",
@@ -71,6 +74,7 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
     for t in &rows {
         table.add_row(vec![
             output::local_time(t.at),
+            t.event.to_string(),
             t.connector.clone(),
             t.key_name.clone(),
             t.from_state.clone().unwrap_or_else(|| "-".to_owned()),

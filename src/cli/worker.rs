@@ -253,7 +253,7 @@ fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut cycles = 0u64;
     while Instant::now() < end {
         let (id, connector, key_name, fingerprint) = &keys[fastrand::usize(..keys.len())];
-        for (from, to) in [("vacant", "locked"), ("locked", "vacant")] {
+        for (from, to, event) in [("vacant", "locked", "claimed"), ("locked", "vacant", "released")] {
             let asked = Instant::now();
             let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let lease: i64 = transaction
@@ -262,10 +262,20 @@ fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
             transaction
                 .prepare_cached(
                     "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, holder_pid,
-                                         lease)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reference', ?7, ?8)",
+                                         lease, event)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reference', ?7, ?8, ?9)",
                 )?
-                .execute(rusqlite::params![SystemClock.now_ms(), connector, key_name, fingerprint, from, to, pid, lease])?;
+                .execute(rusqlite::params![
+                    SystemClock.now_ms(),
+                    connector,
+                    key_name,
+                    fingerprint,
+                    from,
+                    to,
+                    pid,
+                    lease,
+                    event
+                ])?;
             transaction.commit()?;
             if to == "locked" && args.latencies {
                 latencies.push(asked.elapsed().as_micros());

@@ -257,12 +257,13 @@ impl Coordinator {
         let evictions: Vec<Eviction> = held
             .into_iter()
             .filter_map(|held| {
-                let reason = reaper::verdict(&held, now, self.inner.options.stale_after)?;
+                let (event, reason) = reaper::verdict(&held, now, self.inner.options.stale_after)?;
                 Some(Eviction {
                     id: held.id,
                     lease: held.lease,
                     heartbeat_at: held.heartbeat_at,
                     heartbeat_boot_ms: held.heartbeat_boot_ms,
+                    event,
                     reason,
                 })
             })
@@ -291,6 +292,7 @@ impl Coordinator {
                     lease: held.lease,
                     heartbeat_at: held.heartbeat_at,
                     heartbeat_boot_ms: held.heartbeat_boot_ms,
+                    event: pool::HistoryEvent::ForceEvicted,
                     reason: format!("cleanup --force took it from live holder pid {}", held.holder.pid),
                 })
                 .collect();

@@ -19,6 +19,7 @@ mod unavailable;
 pub mod view;
 mod word;
 
+pub use event::HistoryEvent;
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;

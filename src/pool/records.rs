@@ -1,7 +1,7 @@
 //! The records the store takes and gives: plain Rust types, no SQL in sight, so that every backend
 //! produces the same.
 
-use super::{KeyState, ModelScope, Scope};
+use super::{HistoryEvent, KeyState, ModelScope, Scope};
 use crate::holder::Holder;
 
 /// A key as the keyring describes it, for a keyring sync.
@@ -174,6 +174,8 @@ pub struct Eviction {
     pub heartbeat_at: Option<i64>,
     /// The same, on the boot clock.
     pub heartbeat_boot_ms: Option<i64>,
+    /// Which eviction: a dead holder, a stale heartbeat, or `cleanup --force`.
+    pub event: HistoryEvent,
     /// Why, for the history.
     pub reason: String,
 }
@@ -280,6 +282,8 @@ impl KeyRecord {
 pub struct Transition {
     /// Row id: the order in which transitions were committed.
     pub id: i64,
+    /// What kind of change it was: read this, not the reason's prose.
+    pub event: HistoryEvent,
     /// When, unix ms.
     pub at: i64,
     /// Connector.

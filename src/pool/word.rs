@@ -30,4 +30,4 @@ macro_rules! serialize_as_text {
     )*};
 }
 
-serialize_as_text!(super::KeyState, super::Scope, super::ModelScope);
+serialize_as_text!(super::KeyState, super::Scope, super::ModelScope, super::HistoryEvent);

@@ -39,6 +39,10 @@ SELECT connector, key_name, datetime(lockdown_until / 1000, 'unixepoch', 'localt
 SELECT datetime(at / 1000, 'unixepoch', 'localtime') AS at, connector, key_name, reason, http_status
   FROM history WHERE to_state = 'error' ORDER BY id DESC LIMIT 10;
 
+-- What happened to the keys in the last hour, by event
+SELECT connector, event, count(*) AS times FROM history
+ WHERE at >= (strftime('%s', 'now') - 3600) * 1000 GROUP BY connector, event ORDER BY connector, times DESC;
+
 -- Who holds what
 SELECT connector, key_name, holder_pid, datetime(locked_at / 1000, 'unixepoch', 'localtime') AS since
   FROM keys WHERE state = 'locked';

@@ -70,6 +70,7 @@ pub(crate) struct Sqlite {
 
 /// A history row about to be written.
 struct NewTransition<'a> {
+    event: HistoryEvent,
     connector: &'a str,
     key_name: &'a str,
     fingerprint: &'a str,
@@ -86,14 +87,16 @@ struct NewTransition<'a> {
 
 impl<'a> NewTransition<'a> {
     /// A transition with no status, holder, lease or deadline; set those with struct update syntax.
-    /// `key` is (connector, key name, fingerprint).
+    /// `key` is (connector, key name, fingerprint). The event is required: no row is written without one.
     fn new(
+        event: HistoryEvent,
         (connector, key_name, fingerprint): (&'a str, &'a str, &'a str),
         from_state: Option<&'a str>,
         to_state: &'a str,
         reason: &'a str,
     ) -> Self {
         Self {
+            event,
             connector,
             key_name,
             fingerprint,
@@ -157,7 +160,7 @@ RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
 
 const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
-     lease, lockdown_until, model, quota_scope";
+     lease, lockdown_until, model, quota_scope, event";
 
 impl Sqlite {
     /// Opens the database at `path`, creating and migrating it as needed.
@@ -540,6 +543,7 @@ impl Backend for Sqlite {
                             lease: Some(eviction.lease),
                             lockdown_until: until,
                             ..NewTransition::new(
+                                eviction.event,
                                 (&connector, &key_name, &fingerprint),
                                 Some("locked"),
                                 &state,
@@ -577,7 +581,13 @@ impl Backend for Sqlite {
                 written.push(record(
                     transaction,
                     now,
-                    &NewTransition::new((&key_connector, &key_name, &fingerprint), Some(&state), "vacant", "cleanup"),
+                    &NewTransition::new(
+                        HistoryEvent::CleanedUp,
+                        (&key_connector, &key_name, &fingerprint),
+                        Some(&state),
+                        "vacant",
+                        "cleanup",
+                    ),
                 )?);
             }
             Ok(written)
@@ -786,6 +796,7 @@ fn claim_in(
             model,
             quota_scope: Some(&scope),
             ..NewTransition::new(
+                HistoryEvent::Claimed,
                 (connector, &claimed.key_name, &claimed.fingerprint),
                 Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
                 "locked",
@@ -841,7 +852,7 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
         holder_pid: Some(std::process::id()),
         lease: Some(lease),
         quota_scope: Some(&key_scope),
-        ..NewTransition::new(key, Some("locked"), "vacant", "released")
+        ..NewTransition::new(HistoryEvent::ending(fate), key, Some("locked"), "vacant", "released")
     };
     let lockdown_scope;
     let models;
@@ -992,7 +1003,13 @@ fn set_lockdown(
                 http_status: lockdown.http_status,
                 lockdown_until: Some(lockdown.until),
                 quota_scope: Some(&scope),
-                ..NewTransition::new((connector, &name, &fingerprint), Some(&state), "lockdown", &reason)
+                ..NewTransition::new(
+                    HistoryEvent::ScopeLockedDown,
+                    (connector, &name, &fingerprint),
+                    Some(&state),
+                    "lockdown",
+                    &reason,
+                )
             },
         )?;
     }
@@ -1025,8 +1042,8 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
     transaction
         .prepare_cached(
             "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, http_status,
-                                  holder_pid, lease, lockdown_until, model, quota_scope)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                  holder_pid, lease, lockdown_until, model, quota_scope, event)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?
         .execute(params![
             at,
@@ -1041,10 +1058,12 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
             new.lease,
             new.lockdown_until,
             new.model,
-            new.quota_scope
+            new.quota_scope,
+            new.event.as_str()
         ])?;
     Ok(Transition {
         id: transaction.last_insert_rowid(),
+        event: new.event,
         at,
         connector: new.connector.to_owned(),
         key_name: new.key_name.to_owned(),
@@ -1113,6 +1132,7 @@ fn transition(row: &Row<'_>) -> rusqlite::Result<Transition> {
         lockdown_until: row.get(11)?,
         model: row.get(12)?,
         quota_scope: row.get(13)?,
+        event: word(row, 14)?,
     })
 }
 

@@ -24,7 +24,7 @@ use rusqlite::Error::FromSqlConversionFailure;
 use rusqlite::types::{FromSqlError, Type};
 use rusqlite::{Connection, Row, Transaction, params};
 
-use super::{KeySpec, NewTransition, SyncReport, Transition, record};
+use super::{HistoryEvent, KeySpec, NewTransition, SyncReport, Transition, record};
 
 /// A keyring, as a sync reads it.
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +149,7 @@ pub(super) fn apply_sync(
         let key = (connector.as_str(), name.as_str(), fingerprint(id));
         note(NewTransition {
             quota_scope: Some(&scope),
-            ..NewTransition::new(key, None, "vacant", "added to the keyring")
+            ..NewTransition::new(HistoryEvent::Added, key, None, "vacant", "added to the keyring")
         })?;
     }
 
@@ -188,7 +188,13 @@ pub(super) fn apply_sync(
             .prepare_cached("DELETE FROM lockdowns WHERE connector = ?1 AND scope = 'key:' || ?2")?
             .execute(params![connector, name])?;
         let key = (connector.as_str(), name.as_str(), fingerprint(id));
-        let transition = NewTransition::new(key, Some(&before), &after, "secret changed in the keyring");
+        let transition = NewTransition::new(
+            HistoryEvent::SecretChanged,
+            key,
+            Some(&before),
+            &after,
+            "secret changed in the keyring",
+        );
         note(NewTransition { quota_scope: Some(&scope), ..transition })?;
     }
 
@@ -200,7 +206,13 @@ pub(super) fn apply_sync(
     for (connector, name) in &plan.retired {
         let (state, fingerprint, scope): (String, String, String) =
             retire.query_row(params![connector, name, now], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-        let transition = NewTransition::new((connector, name, &fingerprint), Some(&state), "retired", &removed);
+        let transition = NewTransition::new(
+            HistoryEvent::Retired,
+            (connector, name, &fingerprint),
+            Some(&state),
+            "retired",
+            &removed,
+        );
         note(NewTransition { quota_scope: Some(&scope), ..transition })?;
     }
 
@@ -212,7 +224,8 @@ pub(super) fn apply_sync(
     for (connector, name) in &plan.restored {
         let (state, fingerprint, scope): (String, String, String) =
             restore.query_row(params![connector, name], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-        let transition = NewTransition::new((connector, name, &fingerprint), Some("retired"), &state, &back);
+        let transition =
+            NewTransition::new(HistoryEvent::Restored, (connector, name, &fingerprint), Some("retired"), &state, &back);
         note(NewTransition { quota_scope: Some(&scope), ..transition })?;
     }
 
@@ -233,7 +246,13 @@ pub(super) fn apply_sync(
             (Some(old), Some(new)) => format!("quota group changed from '{old}' to '{new}' (keyring {file})"),
             (None, None) => continue,
         };
-        let transition = NewTransition::new((connector, name, &fingerprint), Some(&state), &state, &reason);
+        let transition = NewTransition::new(
+            HistoryEvent::GroupChanged,
+            (connector, name, &fingerprint),
+            Some(&state),
+            &state,
+            &reason,
+        );
         note(NewTransition { quota_scope: Some(&scope), ..transition })?;
     }
     Ok(written)

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use api_jongler::pool::HistoryEvent;
 use api_jongler::{Coordinator, CoordinatorOptions, Jongler, JonglerBuilder, Keyring, StreamingBody};
 use tempfile::TempDir;
 
@@ -104,12 +105,14 @@ impl Sandbox {
         self.sql().query_row(sql, [], |row| row.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Every history row, oldest first: (id, key_name, from, to, lease, reason, at).
+    /// Every history row, oldest first, as a user's SQL reads it (an event the library does not know fails
+    /// the test).
     pub fn history(&self) -> Vec<HistoryRow> {
         let connection = self.sql();
         let mut statement = connection
             .prepare(
-                "SELECT id, key_name, from_state, to_state, lease, reason, at, holder_pid FROM history ORDER BY id",
+                "SELECT id, key_name, from_state, to_state, lease, reason, at, holder_pid, event
+                   FROM history ORDER BY id",
             )
             .expect("prepare");
         statement
@@ -122,6 +125,7 @@ impl Sandbox {
                     reason: row.get(5)?,
                     at: row.get(6)?,
                     holder_pid: row.get(7)?,
+                    event: row.get::<_, String>(8)?.parse().expect("a known history event"),
                 })
             })
             .expect("query")
@@ -159,11 +163,13 @@ pub struct HistoryRow {
     pub reason: String,
     pub at: i64,
     pub holder_pid: Option<u32>,
+    pub event: HistoryEvent,
 }
 
 /// Checks the history's lease discipline and returns the number of completed claim/release cycles:
 /// per key, every claim has a lease one above the last, and the key is never claimed again before
-/// the lease that holds it has ended (released, locked down, errored or reaped).
+/// the lease that holds it has ended (released, locked down, errored or reaped). A claim's event is
+/// `claimed` and it ends in `locked`; every row that leaves `locked` is an event that ends a lease.
 pub fn check_leases(history: &[HistoryRow]) -> usize {
     use std::collections::HashMap;
     let mut holder: HashMap<&str, i64> = HashMap::new();
@@ -171,7 +177,10 @@ pub fn check_leases(history: &[HistoryRow]) -> usize {
     let mut released = 0;
     for row in history {
         let key = row.key.as_str();
-        if row.to == "locked" {
+        let (from_locked, to_locked) = (row.from.as_deref() == Some("locked"), row.to == "locked");
+        assert_eq!(row.event == HistoryEvent::Claimed, to_locked && !from_locked, "{row:?}");
+        assert_eq!(row.event.ends_lease(), from_locked && !to_locked, "{row:?}");
+        if row.event == HistoryEvent::Claimed {
             let lease = row.lease.expect("claim has a lease");
             assert!(
                 !holder.contains_key(key),
@@ -182,10 +191,10 @@ pub fn check_leases(history: &[HistoryRow]) -> usize {
             assert!(lease > previous, "lease of {key} went from {previous} to {lease}");
             holder.insert(key, lease);
             last_lease.insert(key, lease);
-        } else if row.from.as_deref() == Some("locked") {
+        } else if row.event.ends_lease() {
             let lease = row.lease.expect("end of a lease names it");
             assert_eq!(holder.remove(key), Some(lease), "key {key}: lease {lease} ended but was not the holder");
-            if row.reason == "released" {
+            if row.event == HistoryEvent::Released {
                 released += 1;
             }
         }
