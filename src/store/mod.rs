@@ -939,7 +939,7 @@ fn set_lockdown(
 ) -> rusqlite::Result<String> {
     let (connector, key_name, _) = key;
     let scope = match lockdown.reach {
-        Reach::Key => format!("key:{key_name}"),
+        Reach::Key => Scope::Key(key_name.to_owned()).to_string(),
         Reach::Group => key_scope.to_owned(),
     };
     let every_model = [ModelScope::EVERY.to_owned()];
