@@ -37,14 +37,14 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
 
-use crate::classify::{self, Context, KeyFate, Next, Verdict};
+use crate::classify::{self, Context, Next, Verdict};
 use crate::error::{Error, Result};
 use crate::gateway::dialect::Dialect;
 use crate::gateway::sse::{Event, FirstEventHold, Framer};
 use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits};
 use crate::lease::Lease;
 use crate::offload::{blocking, short_blocking};
-use crate::store::{Attempt, Fate, Lockdown};
+use crate::store::{Attempt, Fate};
 
 /// How many times in a row one request may find a freshly claimed lease untrusted before giving up
 /// (each time means this process was stopped between claim and send).
@@ -379,7 +379,7 @@ impl Jongler {
                 "upstream attempt"
             );
             // A stream whose first event is good is committed: its lease goes to the relay.
-            if let (Ok(Answer::Stream { .. }), KeyFate::Release { success: true }) = (&answer, &verdict.key) {
+            if let (Ok(Answer::Stream { .. }), Fate::Release { success: true }) = (&answer, &verdict.key) {
                 let Ok(Answer::Stream { status, headers, held }) = answer else { unreachable!("matched above") };
                 let dialect = outgoing.stream.unwrap_or(Dialect::Google);
                 let body = self.relay(held, dialect, lease, attempt, sent);
@@ -702,9 +702,7 @@ impl Jongler {
             }
             Ok(Answer::Stream { status, headers, .. }) => classify::classify(*status, headers, "", &context),
             // Not the key's fault, and nothing was processed upstream: another key may take it.
-            Err(NoAnswer::LeaseLost { .. }) => {
-                Verdict { key: KeyFate::Release { success: false }, next: Next::OtherKey, project: None }
-            }
+            Err(NoAnswer::LeaseLost { .. }) => Verdict { key: Fate::Release { success: false }, next: Next::OtherKey },
             // The same answer would be as large from any key.
             Err(NoAnswer::TooLarge(_)) => classify::unanswered(),
             Err(no_answer) if no_answer.may_have_reached() && !replay => classify::unanswered(),
@@ -742,7 +740,7 @@ impl Jongler {
             let coordinator = self.inner.coordinator.clone();
             return short_blocking(move || coordinator.store().record_attempt(&attempt)).await;
         };
-        let fate = fate_of(verdict, attempt.status);
+        let fate = verdict.key.clone();
         let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
         let coordinator = self.inner.coordinator.clone();
         let model = model.map(str::to_owned);
@@ -839,11 +837,9 @@ impl Jongler {
                     };
                     classify::classify(error_code(data), &HeaderMap::new(), data, &context)
                 }
-                Ending::Complete => {
-                    Verdict { key: KeyFate::Release { success: true }, next: Next::Return, project: None }
-                }
+                Ending::Complete => Verdict { key: Fate::Release { success: true }, next: Next::Return },
                 Ending::Broken(_) | Ending::TooLarge(_) | Ending::Cancelled | Ending::LeaseLost => {
-                    Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
+                    Verdict { key: Fate::Release { success: false }, next: Next::Return }
                 }
             };
             let outcome = match &ending {
@@ -863,11 +859,7 @@ impl Jongler {
                 let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
                 return;
             };
-            let http_status = match &ending {
-                Ending::UpstreamError(data) => Some(error_code(data)),
-                _ => attempt.status,
-            };
-            let fate = fate_of(&verdict, http_status);
+            let fate = verdict.key;
             // A lost lease's end is fenced: the attempt is recorded, the key (someone else's) untouched.
             match blocking(move || lease.finish(&fate, Some(&attempt))).await {
                 Err(Error::LeaseLost { .. }) if matches!(ending, Ending::LeaseLost) => {}
@@ -1193,25 +1185,6 @@ fn error_code(data: &str) -> u16 {
         .unwrap_or(500)
 }
 
-/// The key's fate from a verdict, for the store.
-fn fate_of(verdict: &Verdict, http_status: Option<u16>) -> Fate {
-    match &verdict.key {
-        KeyFate::Release { success } => Fate::Release { success: *success },
-        KeyFate::Lockdown { until_ms, reason, reach, models, quota_id } => Fate::Lockdown(Lockdown {
-            until: *until_ms,
-            reason: reason.clone(),
-            http_status,
-            reach: *reach,
-            models: models.clone(),
-            quota_id: quota_id.clone(),
-            project: verdict.project.clone(),
-        }),
-        KeyFate::Error { reason } => {
-            Fate::Error { reason: reason.clone(), http_status, project: verdict.project.clone() }
-        }
-    }
-}
-
 /// One word or two for the `requests` table's `outcome`.
 fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -> String {
     match answer {
@@ -1227,10 +1200,10 @@ fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -
 
 fn describe_fate(verdict: &Verdict) -> String {
     match &verdict.key {
-        KeyFate::Release { success: true } => "success".to_owned(),
-        KeyFate::Lockdown { .. } => "rate limited".to_owned(),
-        KeyFate::Error { .. } => "bad key".to_owned(),
-        KeyFate::Release { success: false } => match verdict.next {
+        Fate::Release { success: true } => "success".to_owned(),
+        Fate::Lockdown { .. } => "rate limited".to_owned(),
+        Fate::Error { .. } => "bad key".to_owned(),
+        Fate::Release { success: false } => match verdict.next {
             Next::Backoff { .. } => "provider error".to_owned(),
             Next::NewCircuit => "location refused".to_owned(),
             _ => "client error".to_owned(),
