@@ -44,7 +44,8 @@ use crate::gateway::sse::{Event, FirstEventHold, Framer};
 use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits};
 use crate::lease::Lease;
 use crate::offload::{blocking, short_blocking};
-use crate::store::{Attempt, Fate};
+use crate::pool::outcome::{Judged, Outcome};
+use crate::pool::{Attempt, Fate};
 
 /// How many times in a row one request may find a freshly claimed lease untrusted before giving up
 /// (each time means this process was stopped between claim and send).
@@ -358,7 +359,7 @@ impl Jongler {
                 endpoint: path.clone(),
                 status: None,
                 latency_ms: 0,
-                outcome: "cancelled".to_owned(),
+                outcome: Outcome::Cancelled,
                 model: model.clone(),
             };
             let sent = Instant::now();
@@ -843,12 +844,12 @@ impl Jongler {
                 }
             };
             let outcome = match &ending {
-                Ending::Complete => "success".to_owned(),
-                Ending::UpstreamError(_) => format!("stream error: {}", describe_fate(&verdict)),
-                Ending::Broken(_) => "stream broken".to_owned(),
-                Ending::TooLarge(_) => "too large".to_owned(),
-                Ending::Cancelled => "cancelled".to_owned(),
-                Ending::LeaseLost => "lease lost".to_owned(),
+                Ending::Complete => Outcome::SUCCESS,
+                Ending::UpstreamError(_) => Outcome::StreamError(judged(&verdict)),
+                Ending::Broken(_) => Outcome::StreamBroken,
+                Ending::TooLarge(_) => Outcome::TooLarge,
+                Ending::Cancelled => Outcome::Cancelled,
+                Ending::LeaseLost => Outcome::LeaseLost,
             };
             if let Ending::Broken(problem) | Ending::TooLarge(problem) = &ending {
                 tracing::warn!(connector = %attempt.connector, key = ?attempt.key_name, problem = %problem, "stream broke after its first event");
@@ -1185,28 +1186,29 @@ fn error_code(data: &str) -> u16 {
         .unwrap_or(500)
 }
 
-/// One word or two for the `requests` table's `outcome`.
-fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -> String {
+/// What an attempt came to, for the `requests` table.
+fn describe(verdict: &Verdict, answer: &std::result::Result<Answer, NoAnswer>) -> Outcome {
     match answer {
-        Err(NoAnswer::Transport(error)) if error.is_timeout() => "timeout".to_owned(),
-        Err(NoAnswer::Transport(_)) => "connection error".to_owned(),
-        Err(NoAnswer::Late(_)) => "timeout".to_owned(),
-        Err(NoAnswer::Stream(_)) => "stream failed".to_owned(),
-        Err(NoAnswer::LeaseLost { .. }) => "lease lost, not sent".to_owned(),
-        Err(NoAnswer::TooLarge(_)) => "too large".to_owned(),
-        Ok(_) => describe_fate(verdict),
+        Err(NoAnswer::Transport(error)) if error.is_timeout() => Outcome::Timeout,
+        Err(NoAnswer::Transport(_)) => Outcome::ConnectionError,
+        Err(NoAnswer::Late(_)) => Outcome::Timeout,
+        Err(NoAnswer::Stream(_)) => Outcome::StreamFailed,
+        Err(NoAnswer::LeaseLost { .. }) => Outcome::NotSent,
+        Err(NoAnswer::TooLarge(_)) => Outcome::TooLarge,
+        Ok(_) => Outcome::Answered(judged(verdict)),
     }
 }
 
-fn describe_fate(verdict: &Verdict) -> String {
+/// What an answer that came was judged to be.
+fn judged(verdict: &Verdict) -> Judged {
     match &verdict.key {
-        Fate::Release { success: true } => "success".to_owned(),
-        Fate::Lockdown { .. } => "rate limited".to_owned(),
-        Fate::Error { .. } => "bad key".to_owned(),
+        Fate::Release { success: true } => Judged::Success,
+        Fate::Lockdown(_) => Judged::RateLimited,
+        Fate::Error { .. } => Judged::BadKey,
         Fate::Release { success: false } => match verdict.next {
-            Next::Backoff { .. } => "provider error".to_owned(),
-            Next::NewCircuit => "location refused".to_owned(),
-            _ => "client error".to_owned(),
+            Next::Backoff { .. } => Judged::ProviderError,
+            Next::NewCircuit => Judged::LocationRefused,
+            _ => Judged::ClientError,
         },
     }
 }

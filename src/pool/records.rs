@@ -1,6 +1,7 @@
 //! The records the store takes and gives: plain Rust types, no SQL in sight, so that every backend
 //! produces the same.
 
+use super::outcome::Outcome;
 use super::{KeyState, ModelScope, Scope};
 use crate::holder::Holder;
 
@@ -72,8 +73,8 @@ pub struct Attempt {
     pub status: Option<u16>,
     /// How long it took, ms.
     pub latency_ms: i64,
-    /// What the answer meant (success, rate limited, bad key, ...).
-    pub outcome: String,
+    /// What the attempt came to (success, rate limited, bad key, ...).
+    pub outcome: Outcome,
     /// The model the request named, if any.
     pub model: Option<String>,
 }
