@@ -1,6 +1,6 @@
 //! Sending one request through the pool: the path the library, the CLI and the gateway share.
 //!
-//! [`Jongler::send`] is a composition of named steps, each owning one decision:
+//! `Jongler::send` is a composition of named steps, each owning one decision:
 //! - [`RetryBudget`] owns the counters: attempts, backoff retries, Tor circuits, untrusted claims.
 //! - `next_lease` claims a key for the request's model (or keeps the one held per connection), and
 //!   confirms a lease whose trust ran out before it is used.
@@ -30,6 +30,7 @@
 //!   bytes, the first one before the commit and every later one in the relay. Past them the attempt
 //!   fails (after the commit: one error event), without blaming the key and without another key.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,10 +39,12 @@ use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
 
 use crate::classify::{self, Context, Next, Verdict};
+use crate::connector::Connector;
+use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
 use crate::gateway::dialect::Dialect;
 use crate::gateway::sse::{Event, FirstEventHold, Framer};
-use crate::jongler::{Bookkeeping, Jongler, LeaseScope, Limits};
+use crate::keyring::Keyring;
 use crate::lease::Lease;
 use crate::offload::{blocking, short_blocking};
 use crate::pool::outcome::{Judged, Outcome};
@@ -53,6 +56,90 @@ const MAX_UNTRUSTED_CLAIMS: u32 = 3;
 
 /// How many chunks a relayed stream may run ahead of its reader.
 const RELAY_CHUNKS: usize = 16;
+
+/// The environment variable overriding the Tor SOCKS proxy.
+pub const TOR_PROXY_ENV: &str = "APIJONGLER_TOR_PROXY";
+
+/// The size limits of one jongler's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// The largest stream event held whole.
+    pub(crate) max_event: usize,
+    /// The largest whole answer read.
+    pub(crate) max_response: usize,
+}
+
+/// How long a key is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaseScope {
+    /// Claimed for one request, released after it (default).
+    #[default]
+    PerRequest,
+    /// Claimed at connect and kept until it goes to lockdown or error, or until disconnect.
+    PerConnection,
+}
+
+/// Whether the database recorded what followed from an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Bookkeeping {
+    /// The attempt and the key's new state were written.
+    #[default]
+    Recorded,
+    /// A key's lease was taken away during the request (reaped after this process was stopped, or
+    /// `cleanup --force`): another process may have used the key at the same time.
+    LeaseLost {
+        /// The key.
+        key: String,
+    },
+    /// The answer came, but the attempt or the key's new state could not be written (disk full, the
+    /// database locked too long); the key is released in the background or by the reaper.
+    NotRecorded {
+        /// What failed.
+        problem: String,
+    },
+}
+
+/// One API reached through the pool's keys: what every attempt of every request of one jongler
+/// shares (its connector, keyring, coordinator, HTTP client and limits).
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) connector: Connector,
+    /// `None` for connectors that need no key.
+    pub(crate) keyring: Option<Keyring>,
+    pub(crate) coordinator: Coordinator,
+    /// Replaced by a new one (new SOCKS credentials, so a new Tor circuit) after a location refusal.
+    pub(crate) client: Mutex<reqwest::Client>,
+    pub(crate) tor: Option<String>,
+    pub(crate) timeout: Duration,
+    /// A POST that may have reached the upstream is sent again after a timeout.
+    pub(crate) retry_timeouts: bool,
+    pub(crate) limits: Limits,
+    pub(crate) wait: Duration,
+    pub(crate) scope: LeaseScope,
+    /// The key held across requests (per connection); its lock also makes those requests take turns.
+    pub(crate) held: tokio::sync::Mutex<Option<Lease>>,
+}
+
+impl Upstream {
+    /// A free key at once if there is one (in place: no hand-off), else a place in the process's
+    /// queue of waiters, which holds no thread while it waits.
+    pub(crate) async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
+        self.coordinator.claim_for_async(&self.connector.name, model, tried, wait).await
+    }
+
+    /// The current HTTP client (a new one after each new Tor circuit).
+    pub(crate) fn client(&self) -> reqwest::Client {
+        self.client.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Fresh SOCKS credentials: Tor isolates streams by credentials, so this is a new circuit (and exit).
+    pub(crate) fn new_circuit(&self) -> Result<()> {
+        let client = build_client(self.tor.as_deref(), self.timeout)?;
+        *self.client.lock().unwrap_or_else(PoisonError::into_inner) = client;
+        tracing::info!(connector = %self.connector.name, "new Tor circuit");
+        Ok(())
+    }
+}
 
 /// A request to send through the pool: bytes and headers, never strings.
 #[derive(Debug, Clone)]
@@ -292,7 +379,7 @@ impl NoAnswer {
 impl std::fmt::Display for NoAnswer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NoAnswer::Transport(error) => write!(f, "{}", crate::jongler::without_url(error)),
+            NoAnswer::Transport(error) => write!(f, "{}", without_url(error)),
             NoAnswer::Late(problem) | NoAnswer::Stream(problem) | NoAnswer::TooLarge(problem) => f.write_str(problem),
             NoAnswer::LeaseLost { key, .. } => write!(f, "the lease of {key} was lost before the request was sent"),
         }
@@ -303,13 +390,10 @@ impl std::fmt::Display for NoAnswer {
 const NOT_SENT_AGAIN: &str = "not sent again, since the upstream may have generated (and billed) it; allow that \
                               with retry_timeouts (--retry-timeouts), which may pay twice";
 
-impl Jongler {
-    /// Sends `outgoing` through a free key, retrying on other keys and after provider trouble as the
-    /// policy says, and returns the final answer whatever its status (see the module docs for
-    /// streams). Errors: no key free in time, the network failing beyond the retry budget, a lost
-    /// lease, a keyring that no longer matches the database.
-    pub async fn send(&self, outgoing: Outgoing) -> Result<Exchange> {
-        let inner = &self.inner;
+impl Upstream {
+    /// Sends `outgoing` (see `Jongler::send`).
+    pub(crate) async fn send(self: &Arc<Self>, outgoing: Outgoing) -> Result<Exchange> {
+        let inner = self;
         let connector = &inner.connector;
         crate::gateway::path::upstream_url(&connector.base_url(), &outgoing.path_and_query)?;
         let path = outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned();
@@ -494,7 +578,7 @@ impl Jongler {
             tracing::warn!(key = %lease.key_name(), "lease no longer trusted before sending; claiming again");
             if !budget.untrusted_claim() {
                 return Err(Error::LeaseLost {
-                    connector: self.inner.connector.name.clone(),
+                    connector: self.connector.name.clone(),
                     key: lease.key_name().to_owned(),
                     lease: lease.token(),
                 });
@@ -512,13 +596,13 @@ impl Jongler {
         started: Instant,
         wait: Duration,
     ) -> Result<Option<Lease>> {
-        if self.inner.keyring.is_none() {
+        if self.keyring.is_none() {
             return Ok(None);
         }
         if let Some(lease) = slot.take() {
             // A key kept across requests may since have been locked down for this request's model (by
             // its group): give it back and claim one free for the model.
-            let coordinator = self.inner.coordinator.clone();
+            let coordinator = self.coordinator.clone();
             let model = model.map(str::to_owned);
             let (lease, usable) = short_blocking(move || {
                 let locked = match &model {
@@ -548,8 +632,8 @@ impl Jongler {
     /// otherwise another keyring synced the database since this process loaded its own, and sending
     /// would go out without a key or with an old one (and put a good key in error).
     fn check_secret(&self, lease: Option<&Lease>) -> Result<()> {
-        let (Some(lease), Some(keyring)) = (lease, &self.inner.keyring) else { return Ok(()) };
-        let connector = &self.inner.connector.name;
+        let (Some(lease), Some(keyring)) = (lease, &self.keyring) else { return Ok(()) };
+        let connector = &self.connector.name;
         let problem = match keyring.key(connector, lease.key_name()) {
             Some(key) if key.fingerprint().as_str() == lease.fingerprint() => return Ok(()),
             Some(_) => "has another secret for it",
@@ -566,7 +650,7 @@ impl Jongler {
     /// Sends the request with `lease`'s key and reads the answer: whole, or for a streaming request
     /// that got a 2xx, up to its first complete event.
     async fn attempt(&self, outgoing: &Outgoing, lease: Option<&Lease>) -> std::result::Result<Answer, NoAnswer> {
-        let inner = &self.inner;
+        let inner = self;
         let client = self.client();
         let url = format!("{}{}", inner.connector.base_url(), outgoing.path_and_query);
         // The connector's key header carries the pool key and nothing else: a value the caller left in it
@@ -689,13 +773,13 @@ impl Jongler {
         replay: bool,
     ) -> Verdict {
         let context = Context {
-            now_ms: self.inner.coordinator.now_ms(),
-            policy: &self.inner.connector.policy,
+            now_ms: self.coordinator.now_ms(),
+            policy: &self.connector.policy,
             lockdown_count: lease.map_or(0, Lease::lockdown_count),
             retries: backoffs,
-            via_tor: self.inner.tor.is_some(),
+            via_tor: self.tor.is_some(),
             model,
-            names_models: self.inner.connector.names_models(),
+            names_models: self.connector.names_models(),
         };
         match answer {
             Ok(Answer::Whole { status, headers, body }) => {
@@ -720,10 +804,10 @@ impl Jongler {
 
     /// Whether `outgoing` may be sent again after it may have reached the upstream without an answer:
     /// an idempotent method (sending it twice does what sending it once does), or the caller allowed it
-    /// ([`JonglerBuilder::retry_timeouts`](crate::JonglerBuilder::retry_timeouts)).
+    /// (`JonglerBuilder::retry_timeouts`).
     fn may_replay(&self, outgoing: &Outgoing) -> bool {
         use reqwest::Method;
-        self.inner.retry_timeouts
+        self.retry_timeouts
             || [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE]
                 .contains(&outgoing.method)
     }
@@ -738,12 +822,12 @@ impl Jongler {
         model: Option<&str>,
     ) -> Result<()> {
         let Some(mut lease) = lease else {
-            let coordinator = self.inner.coordinator.clone();
+            let coordinator = self.coordinator.clone();
             return short_blocking(move || coordinator.store().record_attempt(&attempt)).await;
         };
         let fate = verdict.key.clone();
-        let keep = self.inner.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
-        let coordinator = self.inner.coordinator.clone();
+        let keep = self.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
+        let coordinator = self.coordinator.clone();
         let model = model.map(str::to_owned);
         let settled = short_blocking(move || {
             if keep {
@@ -781,9 +865,9 @@ impl Jongler {
             Answer::Stream { status, headers, held } => {
                 let mut bytes: Vec<u8> = held.committed.held.iter().flat_map(|chunk| chunk.iter().copied()).collect();
                 let mut response = held.response;
-                let deadline = tokio::time::Instant::now() + self.inner.timeout;
+                let deadline = tokio::time::Instant::now() + self.timeout;
                 while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await {
-                    if bytes.len() + chunk.len() > self.inner.limits.max_response {
+                    if bytes.len() + chunk.len() > self.limits.max_response {
                         break;
                     }
                     bytes.extend_from_slice(&chunk);
@@ -796,9 +880,9 @@ impl Jongler {
 
     /// The connector's key header with `lease`'s secret, marked sensitive.
     fn key_header(&self, lease: Option<&Lease>) -> Option<(HeaderName, HeaderValue)> {
-        let (lease, keyring) = (lease?, self.inner.keyring.as_ref()?);
-        let key = keyring.key(&self.inner.connector.name, lease.key_name())?;
-        let (header, prefix) = self.inner.connector.key_header();
+        let (lease, keyring) = (lease?, self.keyring.as_ref()?);
+        let key = keyring.key(&self.connector.name, lease.key_name())?;
+        let (header, prefix) = self.connector.key_header();
         let name = HeaderName::from_bytes(header.as_bytes()).ok()?;
         let mut value = HeaderValue::from_str(&format!("{prefix}{}", key.secret().expose_secret())).ok()?;
         value.set_sensitive(true);
@@ -811,7 +895,7 @@ impl Jongler {
     /// It watches the lease too: once it is lost (or its trust runs out), the stream ends with one
     /// error event, the upstream connection is closed, and the key is not touched (see `gate`).
     fn relay(
-        &self,
+        self: &Arc<Self>,
         held: Box<HeldStream>,
         dialect: Dialect,
         lease: Option<Lease>,
@@ -821,20 +905,20 @@ impl Jongler {
         let (sender, chunks) = mpsc::channel(RELAY_CHUNKS);
         let jongler = self.clone();
         tokio::spawn(async move {
-            let mut relay = Relay::new(held.committed, dialect, jongler.inner.limits);
+            let mut relay = Relay::new(held.committed, dialect, jongler.limits);
             let trust = lease.as_ref().map(Lease::trust);
-            let ending = relay.run(held.response, &sender, jongler.inner.timeout, trust.as_ref()).await;
+            let ending = relay.run(held.response, &sender, jongler.timeout, trust.as_ref()).await;
             let context_model = attempt.model.clone();
             let verdict = match &ending {
                 Ending::UpstreamError(data) => {
                     let context = Context {
-                        now_ms: jongler.inner.coordinator.now_ms(),
-                        policy: &jongler.inner.connector.policy,
+                        now_ms: jongler.coordinator.now_ms(),
+                        policy: &jongler.connector.policy,
                         lockdown_count: lease.as_ref().map_or(0, Lease::lockdown_count),
                         retries: 0,
-                        via_tor: jongler.inner.tor.is_some(),
+                        via_tor: jongler.tor.is_some(),
                         model: context_model.as_deref(),
-                        names_models: jongler.inner.connector.names_models(),
+                        names_models: jongler.connector.names_models(),
                     };
                     classify::classify(error_code(data), &HeaderMap::new(), data, &context)
                 }
@@ -856,7 +940,7 @@ impl Jongler {
             }
             let attempt = Attempt { latency_ms: millis(sent.elapsed()), outcome, ..attempt };
             let Some(lease) = lease else {
-                let coordinator = jongler.inner.coordinator.clone();
+                let coordinator = jongler.coordinator.clone();
                 let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
                 return;
             };
@@ -1043,11 +1127,7 @@ impl Relay {
                     format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events)
                 }
                 Ok(Err(error)) => {
-                    format!(
-                        "upstream stream broke after {} events ({})",
-                        self.events,
-                        crate::jongler::without_url(&error)
-                    )
+                    format!("upstream stream broke after {} events ({})", self.events, without_url(&error))
                 }
                 Err(_) => format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events),
             };
@@ -1105,7 +1185,7 @@ async fn read_whole(response: &mut reqwest::Response, max: usize) -> std::result
 /// A transport error with its innermost cause (`error sending request (connection reset by peer)`), and
 /// no URL.
 fn innermost(error: &reqwest::Error) -> String {
-    let text = crate::jongler::without_url(error);
+    let text = without_url(error);
     let mut innermost = None;
     let mut cause = std::error::Error::source(error);
     while let Some(source) = cause {
@@ -1242,4 +1322,29 @@ impl Drop for InFlight {
             lease.end_later(Fate::Release { success: false }, Some(attempt));
         }
     }
+}
+
+/// An HTTP client, through `tor_proxy` with fresh random credentials if given.
+pub(crate) fn build_client(tor_proxy: Option<&str>, timeout: Duration) -> Result<reqwest::Client> {
+    // No total timeout: a stream may last long. Each whole answer gets its own (see `exchange`); reads
+    // of a stream get this one each.
+    let mut builder = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).no_proxy();
+    if let Some(proxy) = tor_proxy {
+        let isolated = proxy.replacen("://", &format!("://apijongler-{:016x}:circuit@", fastrand::u64(..)), 1);
+        let proxy = reqwest::Proxy::all(&isolated).map_err(|_| Error::InvalidRequest {
+            problem: format!("'{proxy}' is not a proxy URL (check {TOR_PROXY_ENV})"),
+        })?;
+        builder = builder.proxy(proxy);
+    }
+    builder.build().map_err(|error| Error::InvalidRequest { problem: format!("cannot build the HTTP client: {error}") })
+}
+
+/// A transport error's text without its URL (which names the upstream host, never a secret, but is
+/// noise in a one-line message).
+fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(&format!(" ({url})"), "").replace(url.as_str(), "");
+    }
+    text
 }
