@@ -18,7 +18,7 @@ use super::in_flight::millis;
 use super::limits::{Limits, event_too_large};
 use super::verdict::judged;
 use super::{StreamingBody, Upstream};
-use crate::classify::{self, Context, Next, Verdict};
+use crate::classify::{self, Next, Verdict};
 use crate::error::Error;
 use crate::gateway::dialect::Dialect;
 use crate::gateway::sse::{Event, Framer};
@@ -45,59 +45,54 @@ impl Upstream {
         sent: Instant,
     ) -> StreamingBody {
         let (sender, chunks) = mpsc::channel(RELAY_CHUNKS);
-        let jongler = self.clone();
+        let upstream = self.clone();
         tokio::spawn(async move {
-            let mut relay = Relay::new(held.committed, dialect, jongler.limits);
+            let mut relay = Relay::new(held.committed, dialect, upstream.limits);
             let trust = lease.as_ref().map(Lease::trust);
-            let ending = relay.run(held.response, &sender, jongler.timeout, trust.as_ref()).await;
-            let context_model = attempt.model.clone();
-            let verdict = match &ending {
-                Ending::UpstreamError(data) => {
-                    let context = Context {
-                        now_ms: jongler.coordinator.now_ms(),
-                        policy: &jongler.connector.policy,
-                        lockdown_count: lease.as_ref().map_or(0, Lease::lockdown_count),
-                        retries: 0,
-                        via_tor: jongler.tor.is_some(),
-                        model: context_model.as_deref(),
-                        names_models: jongler.connector.names_models(),
-                    };
-                    classify::classify(error_code(data), &HeaderMap::new(), data, &context)
-                }
-                Ending::Complete => Verdict { key: Fate::Release { success: true }, next: Next::Return },
-                Ending::Broken(_) | Ending::TooLarge(_) | Ending::Cancelled | Ending::LeaseLost => {
-                    Verdict { key: Fate::Release { success: false }, next: Next::Return }
-                }
-            };
-            let outcome = match &ending {
-                Ending::Complete => Outcome::SUCCESS,
-                Ending::UpstreamError(_) => Outcome::StreamError(judged(&verdict)),
-                Ending::Broken(_) => Outcome::StreamBroken,
-                Ending::TooLarge(_) => Outcome::TooLarge,
-                Ending::Cancelled => Outcome::Cancelled,
-                Ending::LeaseLost => Outcome::LeaseLost,
-            };
-            if let Ending::Broken(problem) | Ending::TooLarge(problem) = &ending {
-                tracing::warn!(connector = %attempt.connector, key = ?attempt.key_name, problem = %problem, "stream broke after its first event");
-            }
-            let attempt = Attempt { latency_ms: millis(sent.elapsed()), outcome, ..attempt };
-            let Some(lease) = lease else {
-                let coordinator = jongler.coordinator.clone();
-                let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
-                return;
-            };
-            let fate = verdict.key;
-            // A lost lease's end is fenced: the attempt is recorded, the key (someone else's) untouched.
-            match blocking(move || lease.finish(&fate, Some(&attempt))).await {
-                Err(Error::LeaseLost { .. }) if matches!(ending, Ending::LeaseLost) => {}
-                Err(error) => tracing::warn!(error = %error, "could not settle the key of a finished stream"),
-                Ok(()) => {}
-            }
+            let ending = relay.run(held.response, &sender, upstream.timeout, trust.as_ref()).await;
+            upstream.settle_stream(&ending, lease, attempt, sent).await;
             // Only now does the reader see the end: a caller that sends its next request at once finds
             // the key free again.
             drop(sender);
         });
         StreamingBody { chunks }
+    }
+
+    /// Settles the key of a stream that ended so, and records its attempt. A lost lease's end is
+    /// fenced: the attempt is recorded, the key (someone else's) untouched.
+    async fn settle_stream(&self, ending: &Ending, lease: Option<Lease>, attempt: Attempt, sent: Instant) {
+        let verdict = self.judge_ending(ending, attempt.model.as_deref(), lease.as_ref());
+        if let Ending::Broken(problem) | Ending::TooLarge(problem) = ending {
+            tracing::warn!(connector = %attempt.connector, key = ?attempt.key_name, problem = %problem, "stream broke after its first event");
+        }
+        let outcome = ending.outcome(&verdict);
+        let attempt = Attempt { latency_ms: millis(sent.elapsed()), outcome, ..attempt };
+        let Some(lease) = lease else {
+            let coordinator = self.coordinator.clone();
+            let _ = blocking(move || coordinator.store().record_attempt(&attempt)).await;
+            return;
+        };
+        let fate = verdict.key;
+        match blocking(move || lease.finish(&fate, Some(&attempt))).await {
+            Err(Error::LeaseLost { .. }) if matches!(ending, Ending::LeaseLost) => {}
+            Err(error) => tracing::warn!(error = %error, "could not settle the key of a finished stream"),
+            Ok(()) => {}
+        }
+    }
+
+    /// The verdict on how a stream ended: an upstream error event is judged like the answer it stands
+    /// for; any other ending blames no key.
+    fn judge_ending(&self, ending: &Ending, model: Option<&str>, lease: Option<&Lease>) -> Verdict {
+        match ending {
+            Ending::UpstreamError(data) => {
+                let context = self.context(model, lease, 0);
+                classify::classify(error_code(data), &HeaderMap::new(), data, &context)
+            }
+            Ending::Complete => Verdict { key: Fate::Release { success: true }, next: Next::Return },
+            Ending::Broken(_) | Ending::TooLarge(_) | Ending::Cancelled | Ending::LeaseLost => {
+                Verdict { key: Fate::Release { success: false }, next: Next::Return }
+            }
+        }
     }
 }
 
@@ -118,6 +113,20 @@ enum Ending {
     /// The lease was lost, or its trust ran out: the key may be someone else's now (one error event of
     /// ours was sent, and the upstream stream closed).
     LeaseLost,
+}
+
+impl Ending {
+    /// The stream's outcome for the `requests` table.
+    fn outcome(&self, verdict: &Verdict) -> Outcome {
+        match self {
+            Ending::Complete => Outcome::SUCCESS,
+            Ending::UpstreamError(_) => Outcome::StreamError(judged(verdict)),
+            Ending::Broken(_) => Outcome::StreamBroken,
+            Ending::TooLarge(_) => Outcome::TooLarge,
+            Ending::Cancelled => Outcome::Cancelled,
+            Ending::LeaseLost => Outcome::LeaseLost,
+        }
+    }
 }
 
 /// The relay's state: the bytes not yet forwarded (at most one incomplete event) and what was seen.

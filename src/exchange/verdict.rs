@@ -12,6 +12,20 @@ use crate::pool::outcome::{Judged, Outcome};
 use crate::pool::{Attempt, Fate};
 
 impl Upstream {
+    /// What `classify` knows around an answer to a request for `model` with `lease`'s key, after
+    /// `retries` backoff retries.
+    pub(super) fn context<'a>(&'a self, model: Option<&'a str>, lease: Option<&Lease>, retries: u32) -> Context<'a> {
+        Context {
+            now_ms: self.coordinator.now_ms(),
+            policy: &self.connector.policy,
+            lockdown_count: lease.map_or(0, Lease::lockdown_count),
+            retries,
+            via_tor: self.tor.is_some(),
+            model,
+            names_models: self.connector.names_models(),
+        }
+    }
+
     /// The verdict on an answer (or on its absence).
     pub(super) fn judge(
         &self,
@@ -21,15 +35,7 @@ impl Upstream {
         backoffs: u32,
         replay: bool,
     ) -> Verdict {
-        let context = Context {
-            now_ms: self.coordinator.now_ms(),
-            policy: &self.connector.policy,
-            lockdown_count: lease.map_or(0, Lease::lockdown_count),
-            retries: backoffs,
-            via_tor: self.tor.is_some(),
-            model,
-            names_models: self.connector.names_models(),
-        };
+        let context = self.context(model, lease, backoffs);
         match answer {
             Ok(Answer::Whole { status, headers, body }) => {
                 classify::classify(*status, headers, &String::from_utf8_lossy(body), &context)
