@@ -189,7 +189,7 @@ impl JonglerBuilder {
     }
 
     /// The largest stream event held whole, in bytes (default: `APIJONGLER_MAX_EVENT`, else
-    /// [`DEFAULT_MAX_EVENT`]). A first event beyond it fails the attempt; a later one ends the stream
+    /// `DEFAULT_MAX_EVENT`, 32 MiB). A first event beyond it fails the attempt; a later one ends the stream
     /// with an error event. Neither blames the key.
     pub fn max_event(mut self, bytes: usize) -> Self {
         self.max_event = Some(bytes);
@@ -197,7 +197,7 @@ impl JonglerBuilder {
     }
 
     /// The largest whole answer read, in bytes (default: `APIJONGLER_MAX_RESPONSE`, else
-    /// [`DEFAULT_MAX_RESPONSE`]). A larger answer fails the attempt without blaming the key.
+    /// `DEFAULT_MAX_RESPONSE`, 256 MiB). A larger answer fails the attempt without blaming the key.
     pub fn max_response(mut self, bytes: usize) -> Self {
         self.max_response = Some(bytes);
         self

@@ -16,7 +16,7 @@ pub struct Timings {
     pub upstream: Duration,
 }
 
-/// The answer to an [`Outgoing`] request.
+/// The answer to an [`Outgoing`](super::Outgoing) request.
 #[derive(Debug)]
 pub struct Exchange {
     /// HTTP status.
