@@ -27,12 +27,12 @@ use serde_json::Value;
 use crate::connector::{Connector, Connectors};
 use crate::coordinator::{Coordinator, CoordinatorOptions, KeyStates};
 use crate::error::{Error, Result};
-use crate::exchange::{Bookkeeping, Exchange, ExchangeBody, LeaseScope, Limits, Outgoing, Upstream, build_client};
+use crate::exchange::{
+    Bookkeeping, Exchange, ExchangeBody, LeaseScope, Limits, Outgoing, TOR_PROXY_ENV, Upstream, build_client,
+};
 use crate::keyring::Keyring;
 use crate::offload::blocking;
 use crate::store::Transition;
-
-use crate::exchange::TOR_PROXY_ENV;
 
 /// Tor's usual SOCKS port; `socks5h` so that host names are resolved through Tor too.
 pub const DEFAULT_TOR_PROXY: &str = "socks5h://127.0.0.1:9050";
