@@ -23,7 +23,7 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::connector::Policy;
-use crate::store::Reach;
+use crate::pool::{Fate, Lockdown, Reach};
 
 /// What a lockdown for a quota of 0 says.
 const ZERO_QUOTA: &str = "quota is 0: the model is not available on this key's tier";
@@ -38,34 +38,6 @@ const MAX_HINT: Duration = Duration::from_secs(48 * 3600);
 /// joins in. A second bounds that to one attempt per key per second, while a provider that really frees
 /// the key in under a second loses at most that second of one key.
 pub const MIN_LOCKDOWN: Duration = Duration::from_secs(1);
-
-/// What happens to the key that was used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyFate {
-    /// Back to vacant; `success` resets the key's escalating lockdown.
-    Release {
-        /// The answer was a success.
-        success: bool,
-    },
-    /// Rate-limited until `until_ms`, for `models` (empty: every model) of the key or its group.
-    Lockdown {
-        /// Deadline, unix ms.
-        until_ms: i64,
-        /// Why, for the history.
-        reason: String,
-        /// The key alone, or its whole quota group.
-        reach: Reach,
-        /// The models locked down; empty: every model.
-        models: Vec<String>,
-        /// The provider's quota that ran out, if it named one.
-        quota_id: Option<String>,
-    },
-    /// Permanently bad.
-    Error {
-        /// Why, for the history.
-        reason: String,
-    },
-}
 
 /// What the caller does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,12 +58,11 @@ pub enum Next {
 /// The key's fate and the caller's next step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    /// What happens to the key.
-    pub key: KeyFate,
+    /// What happens to the key, as the store takes it: a lockdown or an error carries the answer's
+    /// status and the Google Cloud project the answer revealed (`consumer: projects/NNN`).
+    pub key: Fate,
     /// What the caller does next.
     pub next: Next,
-    /// The Google Cloud project number the answer revealed (`consumer: projects/NNN`), if any.
-    pub project: Option<String>,
 }
 
 /// What is known around an answer.
@@ -118,28 +89,28 @@ pub struct Context<'a> {
 pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<'_>) -> Verdict {
     let error = UpstreamError::parse(body);
     let policy = context.policy;
-    let release = KeyFate::Release { success: false };
-    let project = error.consumer_project.clone();
-    let verdict = |key, next| Verdict { key, next, project: project.clone() };
+    let release = Fate::Release { success: false };
+    // Every fate that blames the key carries the answer's status and the project it revealed.
+    let (http_status, project) = (Some(status), error.consumer_project.clone());
+    let bad_key = |summary: &str| Fate::Error { reason: error.reason(summary), http_status, project: project.clone() };
+    let lockdown = |lockdown: Lockdown| Fate::Lockdown(Lockdown { http_status, project: project.clone(), ..lockdown });
+    let verdict = |key, next| Verdict { key, next };
 
     if (200..300).contains(&status) {
-        return verdict(KeyFate::Release { success: true }, Next::Return);
+        return verdict(Fate::Release { success: true }, Next::Return);
     }
     if policy.rate_limit_statuses.contains(&status) {
-        return verdict(rate_limit_lockdown(status, headers, &error, context), Next::OtherKey);
+        return verdict(lockdown(rate_limit_lockdown(status, headers, &error, context)), Next::OtherKey);
     }
     match status {
-        401 => verdict(KeyFate::Error { reason: error.reason("401 invalid credentials") }, Next::OtherKey),
-        403 => verdict(KeyFate::Error { reason: error.reason("403 permission denied") }, Next::OtherKey),
-        400 if error.is_bad_key() => {
-            verdict(KeyFate::Error { reason: error.reason("400 invalid API key") }, Next::OtherKey)
-        }
+        401 => verdict(bad_key("401 invalid credentials"), Next::OtherKey),
+        403 => verdict(bad_key("403 permission denied"), Next::OtherKey),
+        400 if error.is_bad_key() => verdict(bad_key("400 invalid API key"), Next::OtherKey),
         400 if error.is_location() => verdict(release, if context.via_tor { Next::NewCircuit } else { Next::Return }),
         402 => {
             let until_ms = context.now_ms + millis(Duration::from_secs(policy.credits_lockdown_secs));
             let reason = error.reason("402 credits used up");
-            let key = KeyFate::Lockdown { until_ms, reason, reach: Reach::Group, models: Vec::new(), quota_id: None };
-            verdict(key, Next::OtherKey)
+            verdict(lockdown(lockdown_of(until_ms, reason, Reach::Group, Vec::new(), None)), Next::OtherKey)
         }
         500 | 502 | 503 | 504 => {
             let doubling = Duration::from_millis(policy.backoff_ms).saturating_mul(1 << context.retries.min(16));
@@ -154,7 +125,7 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
 /// The verdict when no answer came: a timeout or a connection error is never the key's fault.
 pub fn transport_failure(context: &Context<'_>) -> Verdict {
     let after = Duration::from_millis(context.policy.backoff_ms).saturating_mul(1 << context.retries.min(16));
-    Verdict { key: KeyFate::Release { success: false }, next: Next::Backoff { after }, project: None }
+    Verdict { key: Fate::Release { success: false }, next: Next::Backoff { after } }
 }
 
 /// The verdict when the request may have reached the upstream but no usable answer came back (a
@@ -162,10 +133,11 @@ pub fn transport_failure(context: &Context<'_>) -> Verdict {
 /// key's fault (a long generation is not a bad key), and not sent again, since the upstream may have
 /// generated and billed it (the caller decides whether a timeout may be retried, see `exchange`).
 pub fn unanswered() -> Verdict {
-    Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None }
+    Verdict { key: Fate::Release { success: false }, next: Next::Return }
 }
 
-fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, context: &Context<'_>) -> KeyFate {
+/// The lockdown a rate limit calls for (its status and project are the caller's to add).
+fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, context: &Context<'_>) -> Lockdown {
     let now = context.now_ms;
     let policy = context.policy;
     let requested: Vec<String> = context.model.map(str::to_owned).into_iter().collect();
@@ -252,8 +224,8 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
     lockdown_of(now + millis(escalated), reason, Reach::Key, requested, None)
 }
 
-fn lockdown_of(until_ms: i64, reason: String, reach: Reach, models: Vec<String>, quota_id: Option<String>) -> KeyFate {
-    KeyFate::Lockdown { until_ms, reason, reach, models, quota_id }
+fn lockdown_of(until: i64, reason: String, reach: Reach, models: Vec<String>, quota_id: Option<String>) -> Lockdown {
+    Lockdown { until, reason, http_status: None, reach, models, quota_id, project: None }
 }
 
 /// The next midnight in America/Los_Angeles after `now_ms`, as unix ms (daylight saving included:

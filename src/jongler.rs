@@ -18,7 +18,7 @@
 //! database could not record what followed from it ([`Response::bookkeeping`]).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
@@ -27,14 +27,12 @@ use serde_json::Value;
 use crate::connector::{Connector, Connectors};
 use crate::coordinator::{Coordinator, CoordinatorOptions, KeyStates};
 use crate::error::{Error, Result};
-use crate::exchange::{ExchangeBody, Outgoing};
+use crate::exchange::{
+    Bookkeeping, Exchange, ExchangeBody, LeaseScope, Limits, Outgoing, TOR_PROXY_ENV, Upstream, build_client,
+};
 use crate::keyring::Keyring;
-use crate::lease::Lease;
 use crate::offload::blocking;
 use crate::store::Transition;
-
-/// The environment variable overriding the Tor SOCKS proxy.
-pub const TOR_PROXY_ENV: &str = "APIJONGLER_TOR_PROXY";
 
 /// Tor's usual SOCKS port; `socks5h` so that host names are resolved through Tor too.
 pub const DEFAULT_TOR_PROXY: &str = "socks5h://127.0.0.1:9050";
@@ -55,15 +53,6 @@ pub const DEFAULT_MAX_EVENT: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE: usize = 256 * 1024 * 1024;
 
 const SIZE_EXPECTED: &str = "write a positive number of bytes, optionally with a unit: 4096, 512KiB, 16MiB, 1GiB";
-
-/// The size limits of one jongler's answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Limits {
-    /// The largest stream event held whole.
-    pub(crate) max_event: usize,
-    /// The largest whole answer read.
-    pub(crate) max_response: usize,
-}
 
 /// A size variable (`APIJONGLER_MAX_EVENT`, `APIJONGLER_MAX_RESPONSE`): `None` when unset or empty, an
 /// error naming the variable when it is not a positive size.
@@ -89,36 +78,6 @@ fn parse_size(text: &str) -> Option<usize> {
     };
     let number = number.parse::<usize>().ok().filter(|number| *number > 0)?;
     number.checked_mul(1 << shift)
-}
-
-/// How long a key is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LeaseScope {
-    /// Claimed for one request, released after it (default).
-    #[default]
-    PerRequest,
-    /// Claimed at connect and kept until it goes to lockdown or error, or until disconnect.
-    PerConnection,
-}
-
-/// Whether the database recorded what followed from an answer.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Bookkeeping {
-    /// The attempt and the key's new state were written.
-    #[default]
-    Recorded,
-    /// A key's lease was taken away during the request (reaped after this process was stopped, or
-    /// `cleanup --force`): another process may have used the key at the same time.
-    LeaseLost {
-        /// The key.
-        key: String,
-    },
-    /// The answer came, but the attempt or the key's new state could not be written (disk full, the
-    /// database locked too long); the key is released in the background or by the reaper.
-    NotRecorded {
-        /// What failed.
-        problem: String,
-    },
 }
 
 /// An upstream answer.
@@ -230,7 +189,7 @@ impl JonglerBuilder {
     }
 
     /// The largest stream event held whole, in bytes (default: `APIJONGLER_MAX_EVENT`, else
-    /// [`DEFAULT_MAX_EVENT`]). A first event beyond it fails the attempt; a later one ends the stream
+    /// `DEFAULT_MAX_EVENT`, 32 MiB). A first event beyond it fails the attempt; a later one ends the stream
     /// with an error event. Neither blames the key.
     pub fn max_event(mut self, bytes: usize) -> Self {
         self.max_event = Some(bytes);
@@ -238,7 +197,7 @@ impl JonglerBuilder {
     }
 
     /// The largest whole answer read, in bytes (default: `APIJONGLER_MAX_RESPONSE`, else
-    /// [`DEFAULT_MAX_RESPONSE`]). A larger answer fails the attempt without blaming the key.
+    /// `DEFAULT_MAX_RESPONSE`, 256 MiB). A larger answer fails the attempt without blaming the key.
     pub fn max_response(mut self, bytes: usize) -> Self {
         self.max_response = Some(bytes);
         self
@@ -293,7 +252,7 @@ impl JonglerBuilder {
         };
         let client = build_client(tor.as_deref(), timeout)?;
         let jongler = Jongler {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Upstream {
                 connector,
                 keyring,
                 coordinator,
@@ -308,7 +267,7 @@ impl JonglerBuilder {
             }),
         };
         if jongler.inner.scope == LeaseScope::PerConnection && jongler.inner.keyring.is_some() {
-            let lease = jongler.claim(None, &[], jongler.inner.wait).await?;
+            let lease = jongler.inner.claim(None, &[], jongler.inner.wait).await?;
             *jongler.inner.held.lock().await = Some(lease);
         }
         tracing::info!(connector = %jongler.inner.connector.name, scope = ?jongler.inner.scope, "connected");
@@ -319,26 +278,7 @@ impl JonglerBuilder {
 /// A connection to one API through the shared key pool. Cheap to clone; safe to share between tasks.
 #[derive(Debug, Clone)]
 pub struct Jongler {
-    pub(crate) inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Inner {
-    pub(crate) connector: Connector,
-    /// `None` for connectors that need no key.
-    pub(crate) keyring: Option<Keyring>,
-    pub(crate) coordinator: Coordinator,
-    /// Replaced by a new one (new SOCKS credentials, so a new Tor circuit) after a location refusal.
-    pub(crate) client: Mutex<reqwest::Client>,
-    pub(crate) tor: Option<String>,
-    pub(crate) timeout: Duration,
-    /// A POST that may have reached the upstream is sent again after a timeout.
-    pub(crate) retry_timeouts: bool,
-    pub(crate) limits: Limits,
-    pub(crate) wait: Duration,
-    pub(crate) scope: LeaseScope,
-    /// The key held across requests (per connection); its lock also makes those requests take turns.
-    pub(crate) held: tokio::sync::Mutex<Option<Lease>>,
+    inner: Arc<Upstream>,
 }
 
 impl Jongler {
@@ -373,6 +313,14 @@ impl Jongler {
     /// The coordinator underneath (for monitoring and the history).
     pub fn coordinator(&self) -> &Coordinator {
         &self.inner.coordinator
+    }
+
+    /// Sends `outgoing` through a free key, retrying on other keys and after provider trouble as the
+    /// policy says, and returns the final answer whatever its status (see the `exchange` module docs
+    /// for streams). Errors: no key free in time, the network failing beyond the retry budget, a lost
+    /// lease, a keyring that no longer matches the database.
+    pub async fn send(&self, outgoing: Outgoing) -> Result<Exchange> {
+        self.inner.send(outgoing).await
     }
 
     /// Sends `body` (empty: none) to `endpoint` with `method` through a free key, retrying on other keys
@@ -489,50 +437,6 @@ impl Jongler {
             None => Ok(()),
         }
     }
-
-    /// A free key at once if there is one (in place: no hand-off), else a place in the process's
-    /// queue of waiters, which holds no thread while it waits.
-    pub(crate) async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
-        self.inner.coordinator.claim_for_async(&self.inner.connector.name, model, tried, wait).await
-    }
-
-    /// The current HTTP client (a new one after each new Tor circuit).
-    pub(crate) fn client(&self) -> reqwest::Client {
-        self.inner.client.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// Fresh SOCKS credentials: Tor isolates streams by credentials, so this is a new circuit (and exit).
-    pub(crate) fn new_circuit(&self) -> Result<()> {
-        let client = build_client(self.inner.tor.as_deref(), self.inner.timeout)?;
-        *self.inner.client.lock().unwrap_or_else(PoisonError::into_inner) = client;
-        tracing::info!(connector = %self.inner.connector.name, "new Tor circuit");
-        Ok(())
-    }
-}
-
-/// An HTTP client, through `tor_proxy` with fresh random credentials if given.
-fn build_client(tor_proxy: Option<&str>, timeout: Duration) -> Result<reqwest::Client> {
-    // No total timeout: a stream may last long. Each whole answer gets its own (see `exchange`); reads
-    // of a stream get this one each.
-    let mut builder = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).no_proxy();
-    if let Some(proxy) = tor_proxy {
-        let isolated = proxy.replacen("://", &format!("://apijongler-{:016x}:circuit@", fastrand::u64(..)), 1);
-        let proxy = reqwest::Proxy::all(&isolated).map_err(|_| Error::InvalidRequest {
-            problem: format!("'{proxy}' is not a proxy URL (check {TOR_PROXY_ENV})"),
-        })?;
-        builder = builder.proxy(proxy);
-    }
-    builder.build().map_err(|error| Error::InvalidRequest { problem: format!("cannot build the HTTP client: {error}") })
-}
-
-/// A transport error's text without its URL (which names the upstream host, never a secret, but is
-/// noise in a one-line message).
-pub(crate) fn without_url(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(&format!(" ({url})"), "").replace(url.as_str(), "");
-    }
-    text
 }
 
 #[cfg(test)]

@@ -369,3 +369,46 @@ async fn a_kept_key_locked_down_for_the_model_is_given_back() {
     assert_eq!(flash.key_name.as_deref(), Some("key2"), "the new key is kept");
     assert_eq!(seen(&mock, "gemini-2.5-pro").0, 1, "pro never went out on the team's keys");
 }
+
+/// The project an upstream answer reveals (`consumer: projects/NNN`) reaches the key's row, from a
+/// rate limit (a lockdown) and from a disabled service (an error): `classify` reads it from the body,
+/// and nothing between the verdict and the store may drop it (a conversion that did passed every
+/// other test, since the classify table stops at the verdict and the store tests start at the fate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_project_an_answer_reveals_is_learned_by_the_key() {
+    // A rate limit of the whole project: the key is locked down, and learns its project.
+    let config = MockConfig {
+        project_rate_limited: ["alpha".to_owned()].into(),
+        projects: [(secret(0), "alpha".to_owned())].into(),
+        latency: Duration::ZERO,
+        ..MockConfig::default()
+    };
+    let mock = MockUpstream::start(config).await.expect("mock");
+    let rate_limited = sandbox(1, "", &mock);
+    let jongler = connect(&rate_limited, None).await;
+    let error = jongler.request("POST", PRO, "{}").await.expect_err("the only key is locked down");
+    assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
+    let number = api_jongler::mock::project_number("alpha").to_string();
+    let learned: Option<String> =
+        rate_limited.sql().query_row("SELECT project_learned FROM keys", [], |row| row.get(0)).expect("key row");
+    assert_eq!(learned.as_deref(), Some(number.as_str()), "the lockdown's project reached the key");
+
+    // A service disabled for the key's project: the key goes to error, and learns its project.
+    let disabled = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 411082643095 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED","metadata":{"consumer":"projects/411082643095","service":"generativelanguage.googleapis.com"}}]}}"#;
+    let answer = api_jongler::mock::FixedAnswer { status: 403, headers: Vec::new(), body: disabled.to_owned() };
+    let config = MockConfig { fixed_answer: Some(answer), latency: Duration::ZERO, ..MockConfig::default() };
+    let mock = MockUpstream::start(config).await.expect("mock");
+    let sandbox = sandbox(1, "", &mock);
+    let jongler = connect(&sandbox, None).await;
+    let error = jongler.request("POST", PRO, "{}").await.expect_err("the only key is in error");
+    assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
+    let (state, learned): (String, Option<String>) = sandbox
+        .sql()
+        .query_row("SELECT state, project_learned FROM keys", [], |row| Ok((row.get(0)?, row.get(1)?)))
+        .expect("key row");
+    assert_eq!(
+        (state.as_str(), learned.as_deref()),
+        ("error", Some("411082643095")),
+        "the error's project reached the key"
+    );
+}

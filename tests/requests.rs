@@ -389,3 +389,27 @@ async fn the_key_header_carries_the_pool_key_and_nothing_else() {
         received[0].headers.get_all("x-goog-api-key").iter().map(|value| value.to_str().expect("text")).collect();
     assert_eq!(values, [secret(0).as_str()]);
 }
+
+/// The `requests` table's outcome is one word of the pool's vocabulary: it reads back as the word it
+/// was written as, and a word the pool does not know (a typo, a newer version's) fails the read
+/// instead of passing through as text.
+#[tokio::test]
+async fn stored_outcomes_read_back_and_unknown_words_are_refused() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(json(200, "{}")).mount(&server).await;
+    let sandbox = gemini_sandbox(1, "127.0.0.1", port(&server));
+    let jongler = builder(&sandbox).connect().await.expect("connect");
+    assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("request").status, 200);
+    let attempts = jongler.coordinator().store().attempts(None).expect("attempts");
+    let outcomes: Vec<String> = attempts.iter().map(|attempt| attempt.outcome.to_string()).collect();
+    assert_eq!(outcomes, ["success"]);
+    sandbox.sql().execute("UPDATE requests SET outcome = 'sucess'", []).expect("update");
+    let error = jongler.coordinator().store().attempts(None).expect_err("an unknown outcome is refused");
+    let mut chain = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        chain = format!("{chain}: {inner}");
+        cause = inner.source();
+    }
+    assert!(chain.contains("unknown request outcome \"sucess\""), "{chain}");
+}

@@ -33,17 +33,14 @@ fn judge(status: u16, pairs: &[(&'static str, &str)], body: &str) -> Verdict {
 
 fn lockdown_secs(verdict: &Verdict) -> f64 {
     match &verdict.key {
-        KeyFate::Lockdown { until_ms, .. } => (until_ms - NOW) as f64 / 1000.0,
+        Fate::Lockdown(Lockdown { until, .. }) => (until - NOW) as f64 / 1000.0,
         other => panic!("expected a lockdown, got {other:?}"),
     }
 }
 
 #[test]
 fn success_releases_and_returns() {
-    assert_eq!(
-        judge(200, &[], "{}"),
-        Verdict { key: KeyFate::Release { success: true }, next: Next::Return, project: None }
-    );
+    assert_eq!(judge(200, &[], "{}"), Verdict { key: Fate::Release { success: true }, next: Next::Return });
 }
 
 #[test]
@@ -68,10 +65,10 @@ fn rate_limits_lock_down_exactly_as_long_as_asked() {
 #[test]
 fn a_daily_quota_locks_down_until_midnight_pacific_whatever_retry_delay_says() {
     let verdict = judge(429, &[], GEMINI_429_DAY);
-    let KeyFate::Lockdown { until_ms, reason, .. } = &verdict.key else { panic!("{verdict:?}") };
+    let Fate::Lockdown(Lockdown { until, reason, .. }) = &verdict.key else { panic!("{verdict:?}") };
     // 2026-11-23 00:00 PST = 08:00 UTC.
     let midnight = NaiveDate::from_ymd_opt(2026, 11, 23).and_then(|d| d.and_hms_opt(8, 0, 0)).expect("date");
-    assert_eq!(*until_ms, midnight.and_utc().timestamp_millis());
+    assert_eq!(*until, midnight.and_utc().timestamp_millis());
     assert!(reason.contains("GenerateRequestsPerDayPerProjectPerModel-FreeTier"), "{reason}");
     assert_eq!(verdict.next, Next::OtherKey);
 }
@@ -158,10 +155,10 @@ fn bad_keys_go_to_error_and_the_caller_tries_another() {
         (401, HF_401),
     ] {
         let verdict = judge(status, &[], body);
-        assert!(matches!(verdict.key, KeyFate::Error { .. }), "{status} {body}: {verdict:?}");
+        assert!(matches!(verdict.key, Fate::Error { .. }), "{status} {body}: {verdict:?}");
         assert_eq!(verdict.next, Next::OtherKey);
     }
-    let KeyFate::Error { reason } = judge(403, &[], GEMINI_403_DISABLED).key else { panic!() };
+    let Fate::Error { reason, .. } = judge(403, &[], GEMINI_403_DISABLED).key else { panic!() };
     assert!(reason.contains("SERVICE_DISABLED"), "{reason}");
 }
 
@@ -174,15 +171,12 @@ fn used_up_credits_lock_down_for_a_day() {
 
 #[test]
 fn location_refusals_are_not_the_keys_fault() {
-    let released = KeyFate::Release { success: false };
-    assert_eq!(
-        judge(400, &[], GEMINI_400_LOCATION),
-        Verdict { key: released.clone(), next: Next::Return, project: None }
-    );
+    let released = Fate::Release { success: false };
+    assert_eq!(judge(400, &[], GEMINI_400_LOCATION), Verdict { key: released.clone(), next: Next::Return });
     let policy = Policy::default();
     let context = Context { via_tor: true, ..context(&policy) };
     let verdict = classify(400, &HeaderMap::new(), GEMINI_400_LOCATION, &context);
-    assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit, project: None });
+    assert_eq!(verdict, Verdict { key: released, next: Next::NewCircuit });
 }
 
 #[test]
@@ -198,9 +192,8 @@ fn provider_trouble_releases_the_key_and_backs_off() {
         assert_eq!(
             verdict,
             Verdict {
-                key: KeyFate::Release { success: false },
+                key: Fate::Release { success: false },
                 next: Next::Backoff { after: Duration::from_millis(after_ms) },
-                project: None,
             },
             "{status} {body}"
         );
@@ -215,7 +208,7 @@ fn other_client_errors_release_and_return_at_once() {
     for (status, body) in [(400, GEMINI_400_BAD_REQUEST), (404, GEMINI_404), (410, HF_410), (422, "not json")] {
         assert_eq!(
             judge(status, &[], body),
-            Verdict { key: KeyFate::Release { success: false }, next: Next::Return, project: None },
+            Verdict { key: Fate::Release { success: false }, next: Next::Return },
             "{status}"
         );
     }
@@ -226,7 +219,7 @@ fn a_connector_may_declare_other_rate_limit_statuses() {
     let policy = Policy { rate_limit_statuses: vec![429, 420], ..Policy::default() };
     let context = context(&policy);
     let verdict = classify(420, &HeaderMap::new(), "", &context);
-    assert!(matches!(verdict.key, KeyFate::Lockdown { .. }));
+    assert!(matches!(verdict.key, Fate::Lockdown(_)));
 }
 
 /// A per-day 429 that names its model, as the free tier sends it.
@@ -296,24 +289,39 @@ fn a_lockdown_is_as_wide_as_the_quota_that_ran_out() {
     ];
     for (status, body, model, reach, expected_models, until) in cases {
         let verdict = judge_for(status, body, model);
-        let KeyFate::Lockdown { until_ms, reach: got_reach, models: got_models, .. } = &verdict.key else {
+        let Fate::Lockdown(Lockdown { until: got_until, reach: got_reach, models: got_models, .. }) = &verdict.key
+        else {
             panic!("{status} {body} for {model:?}: {verdict:?}")
         };
         assert_eq!(
-            (got_reach, got_models, *until_ms),
+            (got_reach, got_models, *got_until),
             (&reach, &expected_models, until),
             "{status} {body} for {model:?}"
         );
     }
 }
 
+/// The project an answer reveals travels in the key's fate, the one the store applies, with the
+/// answer's status: nothing between this verdict and the key's row can drop it.
 #[test]
-fn the_project_an_answer_reveals_is_learned() {
-    assert_eq!(judge_for(429, PROJECT_RATE_LIMIT, None).project.as_deref(), Some("696498078762"));
-    assert_eq!(judge_for(403, DISABLED_WITH_CONSUMER, None).project.as_deref(), Some("411082643095"));
-    assert_eq!(judge_for(403, GEMINI_403_DISABLED, None).project.as_deref(), Some("1"), "from the message alone");
-    assert_eq!(judge_for(429, DAY_FOR_PRO, None).project, None);
-    assert_eq!(judge_for(403, GEMINI_403_LEAKED, None).project, None);
+fn the_project_an_answer_reveals_is_in_the_keys_fate() {
+    let cases: [(u16, &str, Option<&str>); 5] = [
+        (429, PROJECT_RATE_LIMIT, Some("696498078762")),
+        (403, DISABLED_WITH_CONSUMER, Some("411082643095")),
+        // From the message alone.
+        (403, GEMINI_403_DISABLED, Some("1")),
+        (429, DAY_FOR_PRO, None),
+        (403, GEMINI_403_LEAKED, None),
+    ];
+    for (status, body, project) in cases {
+        let fate = judge_for(status, body, None).key;
+        let http_status = match &fate {
+            Fate::Lockdown(lockdown) => lockdown.http_status,
+            Fate::Error { http_status, .. } => *http_status,
+            Fate::Release { .. } => panic!("{status} {body}: the key is blamed, got {fate:?}"),
+        };
+        assert_eq!((fate.project(), http_status), (project, Some(status)), "{status} {body}");
+    }
 }
 
 #[test]
@@ -322,7 +330,7 @@ fn quota_ids_and_model_names_from_answers_are_kept_only_when_sane() {
         .replace("gemini-2.5-pro", "gemini\\u001b[31m pro")
         .replace("GenerateRequestsPerDayPerProjectPerModel-FreeTier", "GenerateRequestsPerDay <script>");
     let verdict = judge_for(429, &hostile, Some("gemini-2.5-pro"));
-    let KeyFate::Lockdown { models, quota_id, reason, .. } = &verdict.key else { panic!("{verdict:?}") };
+    let Fate::Lockdown(Lockdown { models, quota_id, reason, .. }) = &verdict.key else { panic!("{verdict:?}") };
     assert_eq!(models, &vec!["gemini-2.5-pro".to_owned()], "the requested model stands in for an insane one");
     assert_eq!(quota_id.as_deref(), Some("unnamed quota"));
     assert!(!reason.contains('<') && !reason.contains('\u{1b}'), "{reason}");
@@ -335,13 +343,13 @@ fn without_a_model_rule_a_lockdown_of_one_model_covers_them_all() {
     let policy = Policy::default();
     let context = Context { names_models: false, ..context(&policy) };
     let verdict = classify(429, &HeaderMap::new(), DAY_FOR_PRO, &context);
-    let KeyFate::Lockdown { models, reach, .. } = &verdict.key else { panic!("{verdict:?}") };
+    let Fate::Lockdown(Lockdown { models, reach, .. }) = &verdict.key else { panic!("{verdict:?}") };
     assert_eq!((models.len(), reach), (0, &Reach::Group));
 }
 
 #[test]
 fn status_and_reason_from_a_body_are_kept_only_when_sane() {
     let hostile = GEMINI_429_BARE.replace("RESOURCE_EXHAUSTED", "RESOURCE\\u001b[2J");
-    let KeyFate::Lockdown { reason, .. } = judge_for(429, &hostile, Some("m")).key else { panic!() };
+    let Fate::Lockdown(Lockdown { reason, .. }) = judge_for(429, &hostile, Some("m")).key else { panic!() };
     assert!(!reason.contains('\u{1b}') && !reason.contains("RESOURCE"), "{reason}");
 }

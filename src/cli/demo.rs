@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
+use api_jongler::pool::outcome::{Judged, Outcome};
 use api_jongler::{Jongler, Store};
 use serde_json::json;
 
@@ -174,7 +175,7 @@ fn summarize(
 ) -> anyhow::Result<serde_json::Value> {
     let attempts = store.attempts(Some(CONNECTOR))?;
     let history = store.history(&api_jongler::store::HistoryQuery::default())?;
-    let count = |outcome: &str| attempts.iter().filter(|a| a.outcome == outcome).count();
+    let count = |outcome: Outcome| attempts.iter().filter(|a| a.outcome == outcome).count();
     let lockdowns: Vec<_> = history.iter().filter(|t| t.to_state == "lockdown").collect();
     let errors: Vec<_> = history.iter().filter(|t| t.to_state == "error").map(|t| t.key_name.clone()).collect();
     let (_, per_key) = mock.stats();
@@ -185,14 +186,14 @@ fn summarize(
         .count();
     Ok(json!({
         "requests": total,
-        "succeeded": count("success"),
+        "succeeded": count(Outcome::SUCCESS),
         "attempts": attempts.len(),
-        "rate_limited": count("rate limited"),
+        "rate_limited": count(Outcome::Answered(Judged::RateLimited)),
         "lockdowns": lockdowns.len(),
         "requests_before_deadline": early,
         "bad_keys": errors,
-        "bad_key_attempts": count("bad key"),
-        "overloads": count("provider error"),
+        "bad_key_attempts": count(Outcome::Answered(Judged::BadKey)),
+        "overloads": count(Outcome::Answered(Judged::ProviderError)),
         "keys_blamed_for_overloads": blamed_for_overload,
         "seconds": elapsed.as_secs_f64(),
         "database": db.display().to_string(),

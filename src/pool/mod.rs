@@ -10,6 +10,7 @@
 //!   so that the store below the coordinator and the error type can both use it.
 
 pub mod event;
+mod fate;
 pub mod outcome;
 mod records;
 pub mod rule;
@@ -20,6 +21,7 @@ pub mod view;
 mod word;
 
 pub use event::HistoryEvent;
+pub use fate::{Fate, Lockdown, Reach};
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;

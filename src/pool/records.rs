@@ -1,6 +1,7 @@
 //! The records the store takes and gives: plain Rust types, no SQL in sight, so that every backend
 //! produces the same.
 
+use super::outcome::Outcome;
 use super::{HistoryEvent, KeyState, ModelScope, Scope};
 use crate::holder::Holder;
 
@@ -55,71 +56,6 @@ pub struct Claimed {
     pub boot_ms: i64,
 }
 
-/// How a lease ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fate {
-    /// Back to vacant (or to lockdown, while a lockdown of every model covers the key's scope); after a
-    /// success the strikes of the attempt's model start again at 0.
-    Release {
-        /// The key's last answer was a success.
-        success: bool,
-    },
-    /// Rate-limited: one model or every model, of the key alone or of its whole quota group.
-    Lockdown(Lockdown),
-    /// Permanently bad until cleanup or a new secret.
-    Error {
-        /// Why.
-        reason: String,
-        /// The upstream status behind it.
-        http_status: Option<u16>,
-        /// The Google Cloud project number the answer revealed (`consumer: projects/NNN`), if any.
-        project: Option<String>,
-    },
-}
-
-/// Whose quota a lockdown is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reach {
-    /// The key alone (shared capacity, a hint-less 429): scope `key:NAME`.
-    Key,
-    /// Every key of the key's quota group (a quota metered per project or account).
-    Group,
-}
-
-/// A lockdown to record: what it covers, until when, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lockdown {
-    /// Deadline, unix ms.
-    pub until: i64,
-    /// Why, for `status`, `why` and the history.
-    pub reason: String,
-    /// The upstream status behind it.
-    pub http_status: Option<u16>,
-    /// The key alone, or its whole quota group.
-    pub reach: Reach,
-    /// The models it covers; empty: every model.
-    pub models: Vec<String>,
-    /// The provider's quota, e.g. `GenerateRequestsPerDayPerProjectPerModel-FreeTier`.
-    pub quota_id: Option<String>,
-    /// The Google Cloud project number the answer revealed, if any (learned for ungrouped keys).
-    pub project: Option<String>,
-}
-
-impl Lockdown {
-    /// A lockdown of every model of this key alone (the seed's lockdown).
-    pub fn whole_key(until: i64, reason: impl Into<String>, http_status: Option<u16>) -> Self {
-        Self {
-            until,
-            reason: reason.into(),
-            http_status,
-            reach: Reach::Key,
-            models: Vec::new(),
-            quota_id: None,
-            project: None,
-        }
-    }
-}
-
 /// One upstream attempt, for the `requests` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
@@ -137,8 +73,8 @@ pub struct Attempt {
     pub status: Option<u16>,
     /// How long it took, ms.
     pub latency_ms: i64,
-    /// What the answer meant (success, rate limited, bad key, ...).
-    pub outcome: String,
+    /// What the attempt came to (success, rate limited, bad key, ...).
+    pub outcome: Outcome,
     /// The model the request named, if any.
     pub model: Option<String>,
 }

@@ -31,3 +31,4 @@ macro_rules! serialize_as_text {
 }
 
 serialize_as_text!(super::KeyState, super::Scope, super::ModelScope, super::HistoryEvent);
+serialize_as_text!(super::outcome::Outcome, super::outcome::Unanswered);

@@ -460,7 +460,7 @@ impl Backend for Sqlite {
                     endpoint: row.get(4)?,
                     status: row.get(5)?,
                     latency_ms: row.get(6)?,
-                    outcome: row.get(7)?,
+                    outcome: word(row, 7)?,
                     model: row.get(8)?,
                 })
             })
@@ -1032,7 +1032,7 @@ fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite:
             attempt.endpoint,
             attempt.status,
             attempt.latency_ms,
-            attempt.outcome,
+            attempt.outcome.to_string(),
             attempt.model
         ])?;
     Ok(())

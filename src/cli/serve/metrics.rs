@@ -31,18 +31,8 @@ use prometheus_client::registry::Registry;
 /// The content type of the text `render` returns.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What a request that reached a connector came to.
-#[derive(Debug, Clone, Copy)]
-pub enum Outcome {
-    /// No key within the wait (our 429).
-    NoKey,
-    /// No answer from the upstream (our 502).
-    Unreachable,
-    /// The database or a lease failed us (our 503).
-    Unavailable,
-    /// Anything else (our 500).
-    Failed,
-}
+/// What a request the pool could not answer came to: the pool's word for it (its label).
+pub use api_jongler::pool::outcome::Unanswered as Outcome;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -145,13 +135,7 @@ impl Metrics {
 
     /// A request the pool could not answer.
     pub fn failed(&self, connector: &str, model: Option<&str>, outcome: Outcome) {
-        let outcome = match outcome {
-            Outcome::NoKey => "no_key",
-            Outcome::Unreachable => "unreachable",
-            Outcome::Unavailable => "unavailable",
-            Outcome::Failed => "failed",
-        };
-        self.count(connector, model, outcome.to_owned());
+        self.count(connector, model, outcome.to_string());
     }
 
     /// A request refused at the door.
