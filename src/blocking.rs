@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::coordinator::KeyStates;
 use crate::error::{Error, Result};
 use crate::jongler::{Jongler, JonglerBuilder, Response};
-use crate::store::Transition;
+use crate::pool::Transition;
 
 /// A blocking [`Jongler`]. Do not use it from inside an async runtime (use [`Jongler`] there).
 #[derive(Debug)]

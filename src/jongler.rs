@@ -32,7 +32,7 @@ use crate::exchange::{
 };
 use crate::keyring::Keyring;
 use crate::offload::blocking;
-use crate::store::Transition;
+use crate::pool::Transition;
 
 /// Tor's usual SOCKS port; `socks5h` so that host names are resolved through Tor too.
 pub const DEFAULT_TOR_PROXY: &str = "socks5h://127.0.0.1:9050";

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::store::{Attempt, Backend, Claimed, Fate, Lockdown};
+use crate::pool::{Attempt, Claimed, Fate, Lockdown};
+use crate::store::Backend;
 use crate::trust::{LeaseLiveness, Trust};
 
 /// What a lease needs from the coordinator that made it: the coordinator implements it, so that this

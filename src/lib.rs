@@ -84,5 +84,6 @@ pub use jongler::{Jongler, JonglerBuilder, Response};
 pub use keyring::{ApiKey, Keyring, KeyringProblem};
 pub use lease::Lease;
 pub use pool::Unavailable;
-pub use store::{Availability, KeyState, Store};
+pub use pool::{Availability, KeyState};
+pub use store::Store;
 pub use stream::Dialect;

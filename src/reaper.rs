@@ -17,8 +17,8 @@
 use std::time::Duration;
 
 use crate::holder::{Holder, Liveness};
+use crate::pool::HeldKey;
 use crate::pool::HistoryEvent;
-use crate::store::HeldKey;
 
 /// The time on both clocks, read once per reaping pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api_jongler::pool::HistoryEvent;
-use api_jongler::store::HistoryQuery;
+use api_jongler::pool::HistoryQuery;
 use api_jongler::{Clock, CoordinatorOptions, Error, ManualClock, SystemClock};
 use common::{Sandbox, check_leases, wait_until};
 
@@ -430,7 +430,7 @@ fn threads_of_one_process_claiming_at_once_never_share_a_key() {
 #[test]
 fn every_write_names_its_event() {
     use HistoryEvent::*;
-    use api_jongler::store::{Fate, Lockdown, Reach};
+    use api_jongler::pool::{Fate, Lockdown, Reach};
     let sandbox = Sandbox::with_keyring(
         "[c]\nkey0 = fake-0\nkey1 = fake-1\nsolo = fake-solo\n[c groups]\nkey0 = team\nkey1 = team\n",
     );

@@ -349,7 +349,7 @@ fn a_panicking_watcher_does_not_leave_waiters_blocked_forever() {
 /// its wait cannot succeed (rather than the two being judged by the first one's model).
 #[test]
 fn waiters_for_different_models_are_served_apart() {
-    use api_jongler::store::{Fate, Lockdown};
+    use api_jongler::pool::{Fate, Lockdown};
     let sandbox = Sandbox::new(CONNECTOR, 1);
     let coordinator = coordinator(&sandbox, Duration::from_secs(1));
     let pro = coordinator.claim_for(CONNECTOR, Some("pro"), &[], Duration::ZERO).expect("free");

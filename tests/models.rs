@@ -232,7 +232,7 @@ async fn hintless_lockdowns_escalate_per_model() {
 /// A new secret is a new key: the lockdowns of the old key alone are lifted, its group's stay.
 #[test]
 fn a_new_secret_lifts_the_lockdowns_of_the_old_key_alone() {
-    use api_jongler::store::{Fate, Lockdown, Reach};
+    use api_jongler::pool::{Fate, Lockdown, Reach};
     let sandbox = Sandbox::with_keyring(&format!(
         "[{GEMINI}]\nkey0 = {}\nkey1 = {}\n[{GEMINI} groups]\nkey1 = team\n",
         secret(0),
@@ -268,12 +268,12 @@ fn a_new_secret_lifts_the_lockdowns_of_the_old_key_alone() {
     assert_eq!(lease.key_name(), "key0");
 }
 
-fn lockdown_of_group(model: &str, until: i64, project: Option<&str>) -> api_jongler::store::Lockdown {
-    api_jongler::store::Lockdown {
-        reach: api_jongler::store::Reach::Group,
+fn lockdown_of_group(model: &str, until: i64, project: Option<&str>) -> api_jongler::pool::Lockdown {
+    api_jongler::pool::Lockdown {
+        reach: api_jongler::pool::Reach::Group,
         models: vec![model.to_owned()],
         project: project.map(str::to_owned),
-        ..api_jongler::store::Lockdown::whole_key(until, "429 daily quota", Some(429))
+        ..api_jongler::pool::Lockdown::whole_key(until, "429 daily quota", Some(429))
     }
 }
 
@@ -281,7 +281,7 @@ fn lockdown_of_group(model: &str, until: i64, project: Option<&str>) -> api_jong
 /// and with it that project's lockdowns.
 #[test]
 fn a_new_secret_forgets_the_project_the_old_one_revealed() {
-    use api_jongler::store::Fate;
+    use api_jongler::pool::Fate;
     let sandbox = Sandbox::with_keyring(&format!("[{GEMINI}]\nkey0 = {}\n", secret(0)));
     let coordinator = sandbox.coordinator(sandbox.options());
     let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
@@ -298,7 +298,7 @@ fn a_new_secret_forgets_the_project_the_old_one_revealed() {
 /// so a claim for that model still stops at the first key it looks at.
 #[test]
 fn keys_joining_a_locked_group_move_behind_the_free_ones() {
-    use api_jongler::store::Fate;
+    use api_jongler::pool::Fate;
     let mut ini = format!("[{GEMINI}]\n");
     for index in 0..6 {
         ini.push_str(&format!("key{index} = {}\n", secret(index)));
@@ -322,7 +322,7 @@ fn keys_joining_a_locked_group_move_behind_the_free_ones() {
 /// Keys locked down for one model still take turns serving the others, least recently used first.
 #[test]
 fn keys_locked_down_for_one_model_still_rotate_for_the_others() {
-    use api_jongler::store::Fate;
+    use api_jongler::pool::Fate;
     let sandbox = Sandbox::new(GEMINI, 4);
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
     let coordinator = sandbox.coordinator(CoordinatorOptions { clock: clock.clone(), ..sandbox.options() });
@@ -345,7 +345,7 @@ fn keys_locked_down_for_one_model_still_rotate_for_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_key_locked_down_for_the_model_is_given_back() {
     use api_jongler::LeaseScope;
-    use api_jongler::store::Fate;
+    use api_jongler::pool::Fate;
     let mock = mock(10, HashMap::new()).await;
     let sandbox = sandbox(3, "key0 = team\nkey1 = team\n", &mock);
     let jongler = Jongler::builder(GEMINI)

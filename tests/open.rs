@@ -183,7 +183,7 @@ fn migration_4_turns_key_lockdowns_into_whole_scope_ones_and_keeps_the_history()
         (&Scope::Key("key0".into()), &ModelScope::Every, until, 2)
     );
     assert_eq!(lockdown.reason, "429 daily quota");
-    let history = store.history(&api_jongler::store::HistoryQuery::default()).expect("history");
+    let history = store.history(&api_jongler::pool::HistoryQuery::default()).expect("history");
     assert_eq!(history.len(), 1, "kept: {history:?}");
     let key = &store.keys(Some("c")).expect("keys")[0];
     assert_eq!((&key.quota_scope, key.quota_group.as_deref()), (&Scope::Key("key0".into()), None));
@@ -274,7 +274,7 @@ fn migration_5_gives_old_history_rows_their_events() {
     let coordinator = open(&sandbox.db).expect("migrated");
     let store = coordinator.store();
     assert_eq!(store.schema_version().expect("version"), api_jongler::store::SCHEMA_VERSION);
-    let mut history = store.history(&api_jongler::store::HistoryQuery::default()).expect("history");
+    let mut history = store.history(&api_jongler::pool::HistoryQuery::default()).expect("history");
     history.reverse();
     assert_eq!(history.len(), rows.len(), "every row kept: {history:?}");
     for (row, (from, to, reason, until, model, event)) in history.iter().zip(&rows) {
@@ -289,7 +289,7 @@ fn migration_5_gives_old_history_rows_their_events() {
 
     // Rows written from now on name their event.
     coordinator.claim("c", &[], std::time::Duration::ZERO).expect("claim").release().expect("release");
-    let newest = store.history(&api_jongler::store::HistoryQuery { limit: Some(2), ..Default::default() });
+    let newest = store.history(&api_jongler::pool::HistoryQuery { limit: Some(2), ..Default::default() });
     let events: Vec<_> = newest.expect("history").iter().map(|row| row.event).collect();
     assert_eq!(events, [Released, Claimed]);
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use api_jongler::store::Transition;
+use api_jongler::pool::Transition;
 
 use super::exit::Usage;
 use super::{Global, open_synced};

@@ -174,7 +174,7 @@ fn summarize(
     elapsed: Duration,
 ) -> anyhow::Result<serde_json::Value> {
     let attempts = store.attempts(Some(CONNECTOR))?;
-    let history = store.history(&api_jongler::store::HistoryQuery::default())?;
+    let history = store.history(&api_jongler::pool::HistoryQuery::default())?;
     let count = |outcome: Outcome| attempts.iter().filter(|a| a.outcome == outcome).count();
     let lockdowns: Vec<_> = history.iter().filter(|t| t.to_state == "lockdown").collect();
     let errors: Vec<_> = history.iter().filter(|t| t.to_state == "error").map(|t| t.key_name.clone()).collect();

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use api_jongler::store::HistoryQuery;
+use api_jongler::pool::HistoryQuery;
 
 use super::exit::Usage;
 use super::{Global, open, output, parse_duration};

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use api_jongler::holder::Liveness;
 use api_jongler::pool::rule;
 use api_jongler::pool::view::{self, KeyView};
-use api_jongler::store::{HistoryQuery, KeyRecord, LockdownRecord};
+use api_jongler::pool::{HistoryQuery, KeyRecord, LockdownRecord};
 use api_jongler::{Coordinator, KeyState};
 use serde::Serialize;
 

@@ -11,11 +11,12 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::holder::Holder;
 use crate::keyring::Keyring;
+use crate::pool::SyncSource;
 use crate::pool::{
     Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LockdownRecord, SyncReport,
     Transition,
 };
-use crate::store::{Backend, ChangeWatch, Sqlite, SyncSource};
+use crate::store::{Backend, ChangeWatch, Sqlite};
 
 /// A real SQLite pool whose claims never find a key, though its availability counts one.
 #[derive(Debug)]

@@ -21,8 +21,9 @@ use crate::holder::Holder;
 use crate::keyring::Keyring;
 use crate::lease::{self, HeartbeatWaker, Lease, LeaseOwner, Registry};
 use crate::pool::{self, Unavailable};
+use crate::pool::{Eviction, KeySpec, KeyState, SyncReport, Transition};
 use crate::reaper::{self, Now};
-use crate::store::{self, Backend, Eviction, KeySpec, KeyState, Sqlite, Store, SyncReport, Transition};
+use crate::store::{self, Backend, Sqlite, Store};
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
@@ -158,7 +159,7 @@ impl Coordinator {
             .collect();
         let connectors: Vec<&str> = keyring.connectors().collect();
         let path = std::path::absolute(keyring.path()).unwrap_or_else(|_| keyring.path().to_owned());
-        let source = store::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
+        let source = pool::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
         let report = self.inner.backend.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
         Ok(report)
@@ -375,7 +376,7 @@ impl Coordinator {
     }
 
     /// A lease of `claimed`, a key of `connector` this coordinator just claimed.
-    pub(super) fn lease(&self, connector: &str, claimed: store::Claimed) -> Lease {
+    pub(super) fn lease(&self, connector: &str, claimed: pool::Claimed) -> Lease {
         Lease::new(Arc::clone(&self.inner) as Arc<dyn LeaseOwner>, connector, claimed)
     }
 }

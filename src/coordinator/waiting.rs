@@ -26,8 +26,8 @@ use tokio::sync::oneshot;
 use super::{Coordinator, Inner};
 use crate::error::{Error, Result};
 use crate::lease::Lease;
+use crate::pool::Availability;
 use crate::pool::Unavailable;
-use crate::store::Availability;
 
 /// How often the watcher reads `data_version` while anyone waits.
 const POLL: Duration = Duration::from_millis(1);

@@ -3,6 +3,8 @@
 
 use super::outcome::Outcome;
 use super::{HistoryEvent, KeyState, ModelScope, Scope};
+use std::path::Path;
+
 use crate::holder::Holder;
 
 /// A key as the keyring describes it, for a keyring sync.
@@ -14,6 +16,33 @@ pub struct KeySpec<'a> {
     pub name: &'a str,
     /// Fingerprint of the secret.
     pub fingerprint: &'a str,
+}
+
+/// A keyring, as a sync reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncSource<'a> {
+    /// The keyring file, named in the history rows of the keys it retires or restores.
+    pub path: &'a Path,
+    /// The connectors the keyring has a section for, even an empty one: only their keys are synced.
+    /// A connector of one of `keys` counts as defined even if missing here.
+    pub connectors: &'a [&'a str],
+    /// Every key of those connectors.
+    pub keys: &'a [KeySpec<'a>],
+    /// `(connector, key name, quota group)` of the keys of `keys` that the keyring puts in a quota group;
+    /// any other key is a group of its own.
+    pub groups: &'a [(&'a str, &'a str, &'a str)],
+}
+
+impl SyncSource<'_> {
+    /// The connectors this sync may touch: those with a section, and those of its keys.
+    pub fn defined_connectors(&self) -> std::collections::BTreeSet<&str> {
+        self.connectors.iter().copied().chain(self.keys.iter().map(|key| key.connector)).collect()
+    }
+
+    /// The quota group of each key in a group, by (connector, key name).
+    pub fn groups_by_key(&self) -> std::collections::HashMap<(&str, &str), &str> {
+        self.groups.iter().map(|&(connector, name, group)| ((connector, name), group)).collect()
+    }
 }
 
 /// What a keyring sync changed, as `(connector, key name)` pairs.

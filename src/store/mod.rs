@@ -1,333 +1,66 @@
-//! Every SQL statement of apijongler, behind a narrow API that names no SQLite type.
+//! The seam between the pool and its database: [`Backend`], what every backend implements (SQLite, the
+//! default, in `sqlite`; PostgreSQL for pools shared by several hosts next), and [`Store`], the
+//! read-only handle on it that the public API gives out.
 //!
-//! Invariants the statements keep:
-//! - Every write is one `BEGIN IMMEDIATE` transaction (never a read that later upgrades to a write,
-//!   which SQLite fails at once with SQLITE_BUSY whatever the busy timeout), and every state change
-//!   writes its history row in that same transaction.
-//! - A claim increments the key's lease; every later write by the holder is fenced by
-//!   `state = 'locked' AND lease = ?`, so a holder that lost its lease changes nothing.
-//! - A vacant key has no `lockdown_until`. A key claimed out of an expired lockdown keeps that past
-//!   deadline until it is released, which is how the claim's history row knows where the key came from.
-//! - A write that meets SQLITE_BUSY is retried until its caller's deadline, never less than the
-//!   store's floor (a few seconds, so a brief lock never fails a request), then fails with
-//!   [`Error::DatabaseLocked`]: no operation ever hangs on another process's lock.
-//! - Claims and lease ends that threads of this process ask for at the same time share one
-//!   transaction (group commit, see the `batch` module); each still runs its own statements and gets
-//!   its own answer.
-//! - Before every operation, the path must still lead to the file this process opened
-//!   ([`Error::DatabaseReplaced`] otherwise): a deleted database must not become two pools.
+//! Invariants every backend keeps (the SQLite one documents how):
+//! - A claim is one atomic statement: two processes never both get a key, and it increments the key's
+//!   lease; every later write by the holder is fenced by that lease and changes nothing once it is lost.
+//! - Every state change writes its history row in the same transaction.
+//! - No operation waits for another writer past its caller's deadline (never less than the backend's
+//!   floor): it fails with `Error::DatabaseLocked` instead.
+//! - The rule of which lockdowns bind a key (`crate::pool::rule`) is the one its statements apply.
 //!
-//! A second backend (PostgreSQL, for pools shared by several hosts) would implement the same methods.
+//! Writes are crate-private: users read the pool through [`Store`]; they change it only through a
+//! `Coordinator` and its leases, which keep the invariants above.
 
-mod backend;
-mod batch;
-mod examples;
-mod rule_sql;
-mod schema;
-mod sync;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
+mod sqlite;
 
 use crate::clock::Clock;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::holder::Holder;
-use rule_sql::KeyCols;
-use sync::{apply_sync, plan_sync};
+use crate::pool::{
+    Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LockdownRecord, SyncReport,
+    SyncSource, Transition,
+};
 
-pub use crate::pool::*;
-pub use backend::Store;
-pub(crate) use backend::{Backend, ChangeWatch};
-pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
-pub use sync::SyncSource;
+pub(crate) use sqlite::Sqlite;
+pub use sqlite::{APPLICATION_ID, DB_ENV, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION, default_path};
 
-/// How long any operation may wait for another process's write lock, at least (see [`Store::write`]).
-pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
+/// What a database must do for the pool. Object-safe, so a coordinator holds any backend (and a test
+/// a fake one) behind one `Arc<dyn Backend>`.
+pub(crate) trait Backend: Send + Sync + fmt::Debug {
+    /// Queries for the user's own database shell (`sqlite3`, `psql`), in its dialect.
+    fn example_queries(&self) -> String;
 
-/// The longest single lock wait inside SQLite's busy handler, so the write loop can say that it waits.
-const WAIT_SLICE: Duration = Duration::from_millis(250);
+    /// The deadline for an operation asked for at `asked` whose caller may wait until `deadline`: that
+    /// deadline, but never less than the store's floor after `asked`.
+    fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant;
 
-/// How many floors a holder's own bookkeeping (ending a lease, recording an attempt, a heartbeat) may
-/// wait: giving up on it costs more than the wait (a key held until the retry lands, an answer reported
-/// as not recorded), and SQLite's busy handler is not fair, so under heavy contention one writer can
-/// lose the lock for seconds in a row.
-const HOLDER_PATIENCE: u32 = 3;
+    /// The database file.
+    fn path(&self) -> &Path;
 
-/// The SQLite backend: one WAL-mode file shared by every process of a user.
-#[derive(Debug, Clone)]
-pub(crate) struct Sqlite {
-    pool: r2d2::Pool<SqliteConnectionManager>,
-    path: PathBuf,
-    identity: schema::FileIdentity,
-    lock_wait_floor: Duration,
-    /// Claims and lease ends waiting to be written together (see the `batch` module).
-    claims: std::sync::Arc<batch::ClaimQueue>,
-    ends: std::sync::Arc<batch::EndQueue>,
-}
+    /// The schema version recorded in the file.
+    fn schema_version(&self) -> Result<i64>;
 
-/// A history row about to be written.
-struct NewTransition<'a> {
-    event: HistoryEvent,
-    connector: &'a str,
-    key_name: &'a str,
-    fingerprint: &'a str,
-    from_state: Option<&'a str>,
-    to_state: &'a str,
-    reason: &'a str,
-    http_status: Option<u16>,
-    holder_pid: Option<u32>,
-    lease: Option<i64>,
-    lockdown_until: Option<i64>,
-    model: Option<&'a str>,
-    quota_scope: Option<&'a str>,
-}
+    /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
+    /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
+    /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
+    /// when everything already matches.
+    fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport>;
 
-impl<'a> NewTransition<'a> {
-    /// A transition with no status, holder, lease or deadline; set those with struct update syntax.
-    /// `key` is (connector, key name, fingerprint). The event is required: no row is written without one.
-    fn new(
-        event: HistoryEvent,
-        (connector, key_name, fingerprint): (&'a str, &'a str, &'a str),
-        from_state: Option<&'a str>,
-        to_state: &'a str,
-        reason: &'a str,
-    ) -> Self {
-        Self {
-            event,
-            connector,
-            key_name,
-            fingerprint,
-            from_state,
-            to_state,
-            reason,
-            http_status: None,
-            holder_pid: None,
-            lease: None,
-            lockdown_until: None,
-            model: None,
-            quota_scope: None,
-        }
-    }
-}
-
-const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
-     holder_pid_namespace, holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status,
-     lockdown_count, uses, last_used_at, quota_group, project_learned, quota_scope";
-
-/// How many of the least recently used claimable keys the claim looks at first, in pure LRU order.
-const LRU_WINDOW: u32 = 8;
-
-/// The claim: a claimable key that no lockdown keeps from the requested model, locked with a new lease,
-/// in one statement, so two processes can never both get a key. `explain_claim` shows its plan.
-///
-/// Which key: the least recently used one among the first [`LRU_WINDOW`] claimable keys in
-/// `keys_lru` (so keys locked down for one model still take turns serving the others); when all of
-/// those are locked down for the model, the first free one in `keys_claim_order`, where a key sits
-/// behind the end of the latest lockdown of its scopes (so however many keys are locked down for the
-/// model, that walk stops at the first key it looks at: they were moved behind the keys free for it).
-static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let claimable = format!(
-        "k.connector = ?1 AND {} AND k.key_name NOT IN (SELECT value FROM json_each(?7))",
-        rule_sql::claimable_state("k", "?2")
-    );
-    format!(
-        "UPDATE keys
-    SET state = 'locked', lease = lease + 1, holder_host = ?3, holder_boot_id = ?4, holder_pid_namespace = ?9,
-        holder_pid = ?5, holder_started = ?6, locked_at = ?2, heartbeat_at = ?2, heartbeat_boot_ms = ?8,
-        uses = uses + 1, last_used_at = ?2,
-        queue_at = max(?2, {latest})
-  WHERE id = coalesce(
-          (SELECT k.id FROM (SELECT k.id, k.connector, k.quota_scope, k.key_name, k.last_used_at FROM keys k
-                              WHERE {claimable}
-                              ORDER BY k.last_used_at LIMIT {LRU_WINDOW}) k
-            WHERE NOT {locked}
-            ORDER BY k.last_used_at LIMIT 1),
-          (SELECT k.id FROM keys k
-            WHERE {claimable} AND NOT {locked}
-            ORDER BY k.queue_at, k.last_used_at LIMIT 1))
-RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
-          coalesce((SELECT q.strikes FROM lockdowns q
-                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce(?10, '{every}')), 0)",
-        locked = rule_sql::locked_down_for(&KeyCols::row("k"), "?10", "?2"),
-        latest = rule_sql::latest_lockdown_end(&KeyCols::row("keys")),
-        own = rule_sql::own_scope("keys.key_name"),
-        every = ModelScope::EVERY,
-    )
-});
-
-const HISTORY_COLUMNS: &str =
-    "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
-     lease, lockdown_until, model, quota_scope, event";
-
-impl Sqlite {
-    /// Opens the database at `path`, creating and migrating it as needed.
-    pub fn open(path: &Path) -> Result<Self> {
-        let (pool, identity) = schema::open(path)?;
-        Ok(Self {
-            pool,
-            path: path.to_owned(),
-            identity,
-            lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR,
-            claims: std::sync::Arc::default(),
-            ends: std::sync::Arc::default(),
-        })
-    }
-
-    /// The same store with another floor for lock waits: every operation may wait at least this long
-    /// for another process's write lock (default [`DEFAULT_LOCK_WAIT_FLOOR`]).
-    pub fn with_lock_wait_floor(mut self, floor: Duration) -> Self {
-        self.lock_wait_floor = floor;
-        self
-    }
-
-    /// Runs the claims of `claims` in one transaction, waiting for the lock until `deadline`, each as
-    /// [`claim`](Self::claim) would.
-    fn claim_all(
-        &self,
-        claims: &batch::Claims,
-        deadline: Instant,
-        clock: &dyn Clock,
-    ) -> batch::Written<Result<Option<Claimed>>> {
-        let all = self.write_by("claiming keys", deadline, |transaction| {
-            claims.iter().map(|claim| claim_in(transaction, &claim.item, clock)).collect::<rusqlite::Result<Vec<_>>>()
-        });
-        written(all, claims.len())
-    }
-
-    /// Ends the leases of `ends` in one transaction, waiting for the lock until `deadline`, each as
-    /// [`end_lease`](Self::end_lease) would.
-    fn end_leases(&self, ends: &batch::Ends, deadline: Instant) -> batch::Written<Result<bool>> {
-        let all = self.write_by("ending leases", deadline, |transaction| {
-            ends.iter().map(|end| end_in(transaction, &end.item)).collect::<rusqlite::Result<Vec<bool>>>()
-        });
-        written(all, ends.len())
-    }
-
-    /// Runs `f` on a connection; reads run beside the writer in WAL mode and wait (up to the floor)
-    /// only while a checkpoint or recovery briefly locks the file.
-    fn read<T>(
-        &self,
-        operation: &'static str,
-        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
-    ) -> Result<T> {
-        let connection = self.connection(operation)?;
-        let failed = |error| schema::classify(&self.path, operation, error);
-        schema::wait_for_lock(&connection, Instant::now() + self.lock_wait_floor).map_err(failed)?;
-        f(&connection).map_err(failed)
-    }
-
-    /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
-    /// `deadline` (`None`: now), but never less than the store's floor; then [`Error::DatabaseLocked`].
-    fn write<T>(
-        &self,
-        operation: &'static str,
-        deadline: Option<Instant>,
-        f: impl FnMut(&Transaction<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T> {
-        let floor = Instant::now() + self.lock_wait_floor;
-        self.write_by(operation, deadline.map_or(floor, |deadline| deadline.max(floor)), f)
-    }
-
-    /// Runs `f` in a `BEGIN IMMEDIATE` transaction, waiting for another process's write lock until
-    /// `deadline` exactly (the busy handler stops there); then [`Error::DatabaseLocked`]. A wait of
-    /// over a second is logged once, while it lasts.
-    fn write_by<T>(
-        &self,
-        operation: &'static str,
-        deadline: Instant,
-        mut f: impl FnMut(&Transaction<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T> {
-        let mut connection = self.connection(operation)?;
-        let started = Instant::now();
-        let failed = |error| schema::classify(&self.path, operation, error);
-        let mut warned = false;
-        loop {
-            // In slices, so a long wait is said in the log while it lasts.
-            schema::wait_for_lock(&connection, deadline.min(Instant::now() + WAIT_SLICE)).map_err(failed)?;
-            let result = connection.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|transaction| {
-                let value = f(&transaction)?;
-                transaction.commit()?;
-                Ok(value)
-            });
-            match result {
-                Ok(value) => return Ok(value),
-                Err(error) if schema::is_busy(&error) => {
-                    let waited = started.elapsed();
-                    if Instant::now() >= deadline {
-                        return Err(self.locked(operation, waited));
-                    }
-                    if !warned && waited >= Duration::from_secs(1) {
-                        warned = true;
-                        tracing::warn!(
-                            path = %self.path.display(), operation, waited = ?waited,
-                            "database stays locked by another process; waiting (find it with `fuser`)"
-                        );
-                    }
-                }
-                Err(error) => return Err(failed(error)),
-            }
-        }
-    }
-
-    /// The error of an operation that waited `waited` for another process's write lock in vain.
-    fn locked(&self, operation: &'static str, waited: Duration) -> Error {
-        Error::DatabaseLocked { path: self.path.clone(), operation, waited }
-    }
-
-    /// The deadline of a holder's own bookkeeping writes (see [`HOLDER_PATIENCE`]).
-    fn holder_deadline(&self) -> Instant {
-        Instant::now() + self.lock_wait_floor.saturating_mul(HOLDER_PATIENCE)
-    }
-
-    /// A pooled connection, once the path is known to still lead to the file this process opened.
-    fn connection(&self, operation: &'static str) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
-        if let Some(what) = self.identity.lost_at(&self.path) {
-            return Err(Error::DatabaseReplaced { path: self.path.clone(), what });
-        }
-        self.pool.get().map_err(|error| Error::Database {
-            path: self.path.clone(),
-            operation,
-            hint: "",
-            source: Box::new(error),
-        })
-    }
-}
-
-impl Backend for Sqlite {
-    fn example_queries(&self) -> String {
-        examples::example_queries()
-    }
-
-    fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
-        deadline.max(asked + self.lock_wait_floor)
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn schema_version(&self) -> Result<i64> {
-        self.read("reading the schema version", |connection| {
-            connection.pragma_query_value(None, "user_version", |row| row.get(0))
-        })
-    }
-
-    fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
-        let pending = self.read("reading the keys", |connection| plan_sync(connection, source))?;
-        if pending.is_empty() {
-            return Ok(pending);
-        }
-        self.write("syncing the keyring", None, |transaction| {
-            // Plan again under the write lock: another process may have synced in between.
-            let mut plan = plan_sync(transaction, source)?;
-            plan.transitions = apply_sync(transaction, source, &plan, now)?;
-            Ok(plan)
-        })
-    }
-
+    /// Claims the first claimable key of `connector` not named in `tried` and not locked down for
+    /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
+    /// `deadline` exactly (the caller applies the store's floor: see [`Backend::lock_deadline`]), then
+    /// fails with [`Error::DatabaseLocked`] saying how long it waited. The times written are read from `clock`
+    /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
+    /// time comes back in [`Claimed::boot_ms`]. Claims made at the same time by threads of this process
+    /// share one transaction, whose times come from the clock of the thread that writes it: callers of
+    /// one store pass one clock (a coordinator's).
     fn claim(
         &self,
         connector: &str,
@@ -336,812 +69,161 @@ impl Backend for Sqlite {
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
-    ) -> Result<Option<Claimed>> {
-        self.claims.commit(
-            batch::Claim::new(connector, model, tried, holder),
-            deadline,
-            |claims, deadline| self.claim_all(claims, deadline, clock),
-            |claim| Err(self.locked("claiming a key", claim.waited())),
-        )
-    }
+    ) -> Result<Option<Claimed>>;
 
+    /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
+    /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
     fn claim_several(
         &self,
-        (connector, model, tried): (&str, Option<&str>, &[String]),
+        request: (&str, Option<&str>, &[String]),
         count: usize,
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
-    ) -> Result<Vec<Claimed>> {
-        let claim = batch::Claim::new(connector, model, tried, holder);
-        self.write_by("claiming keys", deadline, |transaction| {
-            let mut claimed = Vec::with_capacity(count);
-            while claimed.len() < count {
-                match claim_in(transaction, &claim, clock)? {
-                    Some(one) => claimed.push(one),
-                    None => break,
-                }
-            }
-            Ok(claimed)
-        })
-    }
+    ) -> Result<Vec<Claimed>>;
 
-    fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        self.ends.commit(
-            batch::End::new(id, lease, fate, attempt, now),
-            self.holder_deadline(),
-            |ends, deadline| self.end_leases(ends, deadline),
-            |end| Err(self.locked("ending a lease", end.waited())),
-        )
-    }
+    /// Ends lease `lease` on key `id` with `fate`. `Ok(false)` means the lease was already lost: the
+    /// key now belongs to someone else (or to nobody) and was not touched.
+    /// `attempt`, if given, is recorded in the same transaction.
+    ///
+    /// A lockdown is recorded on its scope (the key alone, or its quota group) for its models; one of
+    /// every model also puts the group's free keys in lockdown. The key goes back to vacant, or to
+    /// lockdown while a lockdown of every model covers its scope. A success clears the strikes of the
+    /// attempt's model on the key's scopes once their lockdowns are over.
+    fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool>;
 
-    fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
-        self.write("recording a request", Some(self.holder_deadline()), |transaction| {
-            insert_attempt(transaction, attempt)
-        })
-    }
+    /// Records an attempt made without ending a lease (no key, or the lease is kept).
+    fn record_attempt(&self, attempt: &Attempt) -> Result<()>;
 
-    fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
-        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |transaction| {
-            let held = transaction
-                .prepare_cached(
-                    "UPDATE keys SET lockdown_count = 0 WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                     RETURNING connector, quota_scope, key_name",
-                )?
-                .query_row(params![id, lease], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })
-                .optional()?;
-            let Some((connector, quota_scope, key_name)) = held else { return Ok(false) };
-            transaction.prepare_cached(&expired_lockdowns_of_key())?.execute(params![
-                connector,
-                quota_scope,
-                key_name,
-                model,
-                now
-            ])?;
-            Ok(true)
-        })
-    }
+    /// After a success for `model` on a key that is kept (per-connection leases), the strikes of that
+    /// model on the key's scopes start again at 0 (their lockdowns being over). `Ok(false)`: the lease
+    /// was lost.
+    fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool>;
 
-    fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
-        self.read("reading a key's lockdowns", |connection| {
-            connection
-                .prepare_cached(&format!(
-                    "SELECT {} FROM keys k WHERE k.id = ?1",
-                    rule_sql::locked_down_for(&KeyCols::row("k"), "?2", "?3")
-                ))?
-                .query_row(params![id, model, now], |row| row.get(0))
-        })
-    }
+    /// Whether a lockdown in force keeps key `id` from serving `model` (the claim's rule).
+    fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool>;
 
-    fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
-        self.read("reading lockdowns", |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes
-                   FROM lockdowns WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, scope, model",
-            )?;
-            all(&mut statement, params![connector], |row| {
-                Ok(LockdownRecord {
-                    connector: row.get(0)?,
-                    scope: word(row, 1)?,
-                    model: word(row, 2)?,
-                    until: row.get(3)?,
-                    quota_id: row.get(4)?,
-                    reason: row.get(5)?,
-                    http_status: row.get(6)?,
-                    set_by_key: row.get(7)?,
-                    set_at: row.get(8)?,
-                    strikes: row.get(9)?,
-                })
-            })
-        })
-    }
+    /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
+    /// scope and model.
+    fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>>;
 
-    fn watch_changes(&self) -> Result<Box<dyn ChangeWatch>> {
-        let connection = self.connection("watching for changes")?;
-        let mut watch = DataVersionWatch { connection, version: None, path: self.path.clone() };
-        watch.changed()?;
-        Ok(Box::new(watch))
-    }
+    /// A watch on the database that tells when another connection (of any process, this one's
+    /// included) committed a change: SQLite's `data_version`, which costs microseconds to read.
+    fn watch_changes(&self) -> Result<Box<dyn ChangeWatch>>;
 
-    fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
-        self.read("reading requests", |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model
-                   FROM requests WHERE ?1 IS NULL OR connector = ?1 ORDER BY id",
-            )?;
-            all(&mut statement, params![connector], |row| {
-                Ok(Attempt {
-                    at: row.get(0)?,
-                    connector: row.get(1)?,
-                    key_name: row.get(2)?,
-                    method: row.get(3)?,
-                    endpoint: row.get(4)?,
-                    status: row.get(5)?,
-                    latency_ms: row.get(6)?,
-                    outcome: word(row, 7)?,
-                    model: row.get(8)?,
-                })
-            })
-        })
-    }
+    /// Every recorded attempt, oldest first (for the demo's summary and for tests).
+    fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>>;
 
-    fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)> {
-        if leases.is_empty() {
-            return Ok((Vec::new(), clock.boot_ms()));
-        }
-        let leases = serde_json::to_string(leases).unwrap_or_else(|_| "[]".to_owned());
-        self.write("refreshing heartbeats", Some(self.holder_deadline()), |transaction| {
-            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
-            let mut statement = transaction.prepare_cached(
-                "UPDATE keys SET heartbeat_at = ?1, heartbeat_boot_ms = ?2
-                  WHERE state = 'locked'
-                    AND (id, lease) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?3))
-              RETURNING id, lease",
-            )?;
-            let held = all(&mut statement, params![now, boot_ms, leases], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            Ok((held, boot_ms))
-        })
-    }
+    /// Refreshes the heartbeat of exactly the given leases (`(key id, lease token)`), with times read
+    /// from `clock` once the lock is held, and returns those still held (a lease missing from the
+    /// answer was lost) and the boot-clock time written. Keys this process holds under no listed lease
+    /// are not touched.
+    fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)>;
 
-    fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
-        self.read("reading held keys", |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT id, connector, key_name, lease, holder_host, holder_boot_id, holder_pid_namespace, holder_pid,
-                        holder_started, heartbeat_at, heartbeat_boot_ms
-                   FROM keys WHERE state = 'locked' AND (?1 IS NULL OR connector = ?1)",
-            )?;
-            all(&mut statement, params![connector], |row| {
-                Ok(HeldKey {
-                    id: row.get(0)?,
-                    connector: row.get(1)?,
-                    key_name: row.get(2)?,
-                    lease: row.get(3)?,
-                    // A locked row always names its holder; an empty one is judged by heartbeat alone.
-                    holder: holder_at(row, 4)?.unwrap_or_default(),
-                    heartbeat_at: row.get(9)?,
-                    heartbeat_boot_ms: row.get(10)?,
-                })
-            })
-        })
-    }
+    /// The held keys of `connector` (or of all connectors), for the reaper.
+    fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>>;
 
-    fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>> {
-        if evictions.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.write("freeing locks", None, |transaction| {
-            let mut written = Vec::new();
-            for eviction in evictions {
-                let freed = transaction
-                    .prepare_cached(&format!(
-                        "UPDATE keys
-                            SET state = CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
-                                lockdown_until = {end},
-                                holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL,
-                                holder_pid = NULL, holder_started = NULL, locked_at = NULL, heartbeat_at = NULL,
-                                heartbeat_boot_ms = NULL
-                          WHERE id = ?1 AND lease = ?2 AND state = 'locked'
-                            AND heartbeat_at IS ?4 AND heartbeat_boot_ms IS ?5
-                      RETURNING connector, key_name, fingerprint, state, lockdown_until",
-                        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "?3")
-                    ))?
-                    .query_row(
-                        params![eviction.id, eviction.lease, now, eviction.heartbeat_at, eviction.heartbeat_boot_ms],
-                        |row| {
-                            let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
-                            Ok((key, row.get::<_, String>(3)?, row.get(4)?))
-                        },
-                    )
-                    .optional()?;
-                if let Some(((connector, key_name, fingerprint), state, until)) = freed {
-                    written.push(record(
-                        transaction,
-                        now,
-                        &NewTransition {
-                            lease: Some(eviction.lease),
-                            lockdown_until: until,
-                            ..NewTransition::new(
-                                eviction.event,
-                                (&connector, &key_name, &fingerprint),
-                                Some("locked"),
-                                &state,
-                                &eviction.reason,
-                            )
-                        },
-                    )?);
-                }
-            }
-            Ok(written)
-        })
-    }
+    /// Frees the given locks, each only if its lease and heartbeat are still the ones the caller read
+    /// (a heartbeat that landed first wins): back to vacant, or to lockdown if the key's deadline is
+    /// still ahead. Returns the transitions written.
+    fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>>;
 
-    fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
-        self.write("cleaning up keys", None, |transaction| {
-            let mut statement = transaction.prepare_cached(
-                "UPDATE keys SET state = 'vacant', lockdown_until = NULL, lockdown_count = 0 WHERE id = ?1",
-            )?;
-            let targets = transaction
-                .prepare_cached(
-                    "SELECT id, connector, key_name, fingerprint, state FROM keys
-                      WHERE state IN ('lockdown', 'error') AND (?1 IS NULL OR connector = ?1)",
-                )?
-                .query_map(params![connector], |row| {
-                    let key: (String, String, String) = (row.get(1)?, row.get(2)?, row.get(3)?);
-                    Ok((row.get::<_, i64>(0)?, key, row.get::<_, String>(4)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            transaction
-                .prepare_cached("DELETE FROM lockdowns WHERE ?1 IS NULL OR connector = ?1")?
-                .execute(params![connector])?;
-            let mut written = Vec::new();
-            for (id, (key_connector, key_name, fingerprint), state) in targets {
-                statement.execute(params![id])?;
-                written.push(record(
-                    transaction,
-                    now,
-                    &NewTransition::new(
-                        HistoryEvent::CleanedUp,
-                        (&key_connector, &key_name, &fingerprint),
-                        Some(&state),
-                        "vacant",
-                        "cleanup",
-                    ),
-                )?);
-            }
-            Ok(written)
-        })
-    }
+    /// Puts every key in lockdown or error of `connector` (or of all connectors) back to vacant.
+    /// Locks are not touched here: the reaper frees dead ones, and a forced cleanup evicts the rest.
+    fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>>;
 
-    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability> {
-        let tried = json_list(tried);
-        self.read("reading key availability", |connection| {
-            connection
-                .prepare_cached(&format!(
-                    "SELECT coalesce(sum(usable AND NOT was_tried), 0), coalesce(sum(live AND state = 'locked'), 0),
-                        coalesce(sum(live AND free AND whole_until IS NOT NULL), 0),
-                        coalesce(sum(live AND state = 'error'), 0), coalesce(sum(usable AND was_tried), 0),
-                        min(CASE WHEN live AND free AND NOT usable
-                                 THEN max(coalesce(whole_until, 0), coalesce(model_until, 0)) END),
-                        coalesce(sum(NOT live), 0), max(retired_at),
-                        coalesce(sum(live AND free AND whole_until IS NULL AND model_until IS NOT NULL), 0),
-                        min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
-                   FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried, usable
-                           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live, {usable} AS usable,
-                                        k.state IN ('vacant', 'lockdown') AS free,
-                                        nullif(max(CASE WHEN k.state = 'lockdown' AND k.lockdown_until > ?2
-                                                        THEN k.lockdown_until ELSE 0 END,
-                                                   coalesce({whole}, 0)), 0) AS whole_until,
-                                        {model_until} AS model_until,
-                                        k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
-                                   FROM keys k WHERE k.connector = ?1))",
-                    whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "?2"),
-                    model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "?4", "?2"),
-                    usable = rule_sql::free_for("k", "?4", "?2"),
-                ))?
-                .query_row(params![connector, now, tried, model], |row| {
-                    Ok(Availability {
-                        connector: connector.to_owned(),
-                        claimable: row.get(0)?,
-                        locked: row.get(1)?,
-                        lockdown: row.get(2)?,
-                        error: row.get(3)?,
-                        tried: row.get(4)?,
-                        earliest_lockdown_end: row.get(5)?,
-                        retired: row.get(6)?,
-                        last_retired_at: row.get(7)?,
-                        last_retired_reason: None,
-                        model: model.map(str::to_owned),
-                        model_lockdown: row.get(8)?,
-                        earliest_model_lockdown_end: row.get(9)?,
-                        model_lockdown_quota: None,
-                    })
-                })
-                .and_then(|mut availability| {
-                    // Only when no key is left: say what emptied the pool (the waiters' polls skip this).
-                    if availability.total() == 0 && availability.retired > 0 {
-                        availability.last_retired_reason = connection
-                            .prepare_cached(
-                                "SELECT reason FROM history
-                                  WHERE connector = ?1 AND to_state = 'retired'
-                                    AND key_name = (SELECT key_name FROM keys WHERE connector = ?1
-                                                     ORDER BY retired_at DESC LIMIT 1)
-                                  ORDER BY at DESC, id DESC LIMIT 1",
-                            )?
-                            .query_row(params![connector], |row| row.get(0))
-                            .optional()?;
-                    }
-                    if availability.claimable == 0 && availability.model_lockdown > 0 {
-                        availability.model_lockdown_quota = connection
-                            .prepare_cached(&format!(
-                                "SELECT coalesce(quota_id, reason) FROM lockdowns
-                                  WHERE connector = ?1 AND model = ?2 AND {} ORDER BY until LIMIT 1",
-                                rule_sql::in_force("lockdowns", "?3")
-                            ))?
-                            .query_row(params![connector, model, now], |row| row.get(0))
-                            .optional()?;
-                    }
-                    Ok(availability)
-                })
-        })
-    }
+    /// How many keys of `connector` are claimable for `model`, held, in lockdown (for every model or for
+    /// `model`) or in error, from a read (no write lock), so waiters can poll without slowing the
+    /// writers.
+    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability>;
 
-    fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
-        self.read("reading keys", |connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {KEY_COLUMNS} FROM keys WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, key_name"
-            ))?;
-            all(&mut statement, params![connector], key_record)
-        })
-    }
+    /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
+    fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>>;
 
-    fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>> {
-        let limit = query.limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
-        self.read("reading the history", |connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {HISTORY_COLUMNS} FROM history
-                  WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR key_name = ?2) AND (?3 IS NULL OR at >= ?3)
-                  ORDER BY id DESC LIMIT ?4"
-            ))?;
-            all(&mut statement, params![query.connector, query.key_name, query.since, limit], transition)
-        })
-    }
+    /// History rows matching `query`, newest first.
+    fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>>;
 
-    fn explain_claim(&self) -> Result<Vec<String>> {
-        self.read("explaining the claim", |connection| {
-            let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {}", *CLAIM))?;
-            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n", "m"], |row| row.get::<_, String>(3))
-        })
-    }
+    /// The plan SQLite chooses for the very statement [`claim`](Self::claim) runs, one line per step
+    /// (for tests and docs).
+    fn explain_claim(&self) -> Result<Vec<String>>;
 }
 
-/// A connection kept to see other connections' commits, by SQLite's `data_version`.
-struct DataVersionWatch {
-    connection: r2d2::PooledConnection<SqliteConnectionManager>,
-    version: Option<i64>,
-    path: PathBuf,
+/// Sees other connections' (and processes') commits, so waiters look again only when something changed.
+pub(crate) trait ChangeWatch: Send {
+    /// Whether anything was committed since the last call (true on the first).
+    fn changed(&mut self) -> Result<bool>;
 }
 
-impl ChangeWatch for DataVersionWatch {
-    fn changed(&mut self) -> Result<bool> {
-        let version = self
-            .connection
-            .pragma_query_value(None, "data_version", |row| row.get::<_, i64>(0))
-            .map_err(|error| schema::classify(&self.path, "watching for changes", error))?;
-        Ok(self.version.replace(version) != Some(version))
+/// A read-only handle on the pool's database: the keys, lockdowns, history and attempts as `status`,
+/// `why` and the user's own tools see them. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    pub(crate) fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
     }
-}
 
-impl std::fmt::Debug for DataVersionWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataVersionWatch").field("version", &self.version).finish_non_exhaustive()
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        self.backend.path()
     }
-}
 
-/// A batch's answers from its transaction's result: each item's own when it was written; when the
-/// lock never came, [`batch::Written::Busy`]; when it failed otherwise, the one item's error, or for
-/// several [`batch::Written::Failed`] so each is written again alone.
-fn written<A>(all: Result<Vec<A>>, items: usize) -> batch::Written<Result<A>> {
-    match all {
-        Ok(answers) => batch::Written::Answers(answers.into_iter().map(Ok).collect()),
-        Err(Error::DatabaseLocked { .. }) => batch::Written::Busy,
-        Err(error) if items == 1 => batch::Written::Answers(vec![Err(error)]),
-        Err(_) => batch::Written::Failed,
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<i64> {
+        self.backend.schema_version()
     }
-}
 
-/// Key names as a JSON array, for `json_each` (the claim's hot path mostly has none).
-fn json_list(names: &[String]) -> std::borrow::Cow<'static, str> {
-    if names.is_empty() {
-        return "[]".into();
+    /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
+    pub fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
+        self.backend.keys(connector)
     }
-    serde_json::to_string(names).unwrap_or_else(|_| "[]".to_owned()).into()
-}
 
-/// Every row a statement returns, mapped by `map`.
-fn all<T>(
-    statement: &mut rusqlite::Statement<'_>,
-    params: impl rusqlite::Params,
-    map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<Vec<T>> {
-    statement.query_map(params, map)?.collect()
-}
-
-/// Runs one claim in `transaction` (see [`Store::claim`]), with times read from `clock` now.
-fn claim_in(
-    transaction: &Transaction<'_>,
-    claim: &batch::Claim,
-    clock: &dyn Clock,
-) -> rusqlite::Result<Option<Claimed>> {
-    let (connector, model, tried, holder) =
-        (claim.connector.as_str(), claim.model.as_deref(), &claim.tried, &claim.holder);
-    let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
-    let claimed = transaction
-        .prepare_cached(&CLAIM)?
-        .query_row(
-            params![
-                connector,
-                now,
-                holder.host,
-                holder.boot_id,
-                holder.pid,
-                holder.started,
-                tried,
-                boot_ms,
-                holder.pid_namespace,
-                model
-            ],
-            |row| {
-                let claimed = Claimed {
-                    id: row.get(0)?,
-                    key_name: row.get(1)?,
-                    fingerprint: row.get(2)?,
-                    lease: row.get(3)?,
-                    lockdown_count: row.get(6)?,
-                    boot_ms,
-                };
-                let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
-                Ok((claimed, out_of_lockdown, row.get::<_, String>(5)?))
-            },
-        )
-        .optional()?;
-    let Some((claimed, out_of_lockdown, scope)) = claimed else { return Ok(None) };
-    record(
-        transaction,
-        now,
-        &NewTransition {
-            holder_pid: Some(holder.pid),
-            lease: Some(claimed.lease),
-            model,
-            quota_scope: Some(&scope),
-            ..NewTransition::new(
-                HistoryEvent::Claimed,
-                (connector, &claimed.key_name, &claimed.fingerprint),
-                Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
-                "locked",
-                "claimed",
-            )
-        },
-    )?;
-    Ok(Some(claimed))
-}
-
-/// Deletes the lockdowns of key `(?1 connector, ?2 quota scope, ?3 name)` covering model `?4` whose
-/// deadline passed at `?5`: after a success for that model, its strikes start again at 0.
-fn expired_lockdowns_of_key() -> String {
-    let lockdowns = "lockdowns";
-    format!(
-        "DELETE FROM lockdowns WHERE {scopes} AND {covers} AND NOT {in_force}",
-        scopes = rule_sql::on_scopes_of(lockdowns, &KeyCols::given("?1", "?2", "?3")),
-        covers = rule_sql::covers(lockdowns, "?4"),
-        in_force = rule_sql::in_force(lockdowns, "?5")
-    )
-}
-
-/// Ends one lease in `transaction` (see [`Store::end_lease`]): `Ok(false)` when it was already lost.
-fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<bool> {
-    let (id, lease, fate, attempt, now) = (end.id, end.lease, &end.fate, end.attempt.as_ref(), end.now);
-    if let Some(attempt) = attempt {
-        insert_attempt(transaction, attempt)?;
+    /// The lockdowns recorded for `connector` (or for all connectors), in force or not.
+    pub fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
+        self.backend.lockdowns(connector)
     }
-    let held = transaction
-        .prepare_cached(
-            "SELECT connector, key_name, fingerprint FROM keys WHERE id = ?1 AND lease = ?2 AND state = 'locked'",
-        )?
-        .query_row(params![id, lease], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-        })
-        .optional()?;
-    let Some((connector, key_name, fingerprint)) = held else { return Ok(false) };
-    let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
-    let project = match fate {
-        Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
-        Fate::Error { project, .. } => project.as_deref(),
-        Fate::Release { .. } => None,
-    };
-    if let Some(project) = project {
-        transaction
-            .prepare_cached("UPDATE keys SET project_learned = ?2 WHERE id = ?1")?
-            .execute(params![id, project])?;
-        requeue(transaction, id)?;
+
+    /// History rows, newest first.
+    pub fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>> {
+        self.backend.history(query)
     }
-    let key_scope: String =
-        transaction.prepare_cached("SELECT quota_scope FROM keys WHERE id = ?1")?.query_row([id], |row| row.get(0))?;
-    let mut transition = NewTransition {
-        holder_pid: Some(std::process::id()),
-        lease: Some(lease),
-        quota_scope: Some(&key_scope),
-        ..NewTransition::new(HistoryEvent::ending(fate), key, Some("locked"), "vacant", "released")
-    };
-    let lockdown_scope;
-    let models;
-    match fate {
-        Fate::Lockdown(lockdown) => {
-            lockdown_scope = set_lockdown(transaction, key, id, &key_scope, lockdown, now)?;
-            models = lockdown.models.join(",");
-            transition.reason = &lockdown.reason;
-            transition.http_status = lockdown.http_status;
-            transition.lockdown_until = Some(lockdown.until);
-            transition.model = (!models.is_empty()).then_some(models.as_str());
-            transition.quota_scope = Some(&lockdown_scope);
-        }
-        Fate::Error { reason, http_status, .. } => {
-            transition.to_state = "error";
-            transition.reason = reason;
-            transition.http_status = *http_status;
-        }
-        Fate::Release { success } => {
-            let model = attempt.and_then(|attempt| attempt.model.as_deref());
-            if *success {
-                transaction
-                    .prepare_cached(&expired_lockdowns_of_key())?
-                    .execute(params![connector, key_scope, key_name, model, now])?;
-            }
-            transition.model = model;
-        }
+
+    /// The upstream attempts recorded for `connector` (or for all connectors), oldest first.
+    pub fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
+        self.backend.attempts(connector)
     }
-    let (state, until) = transaction
-        .prepare_cached(&format!(
-            "UPDATE keys
-                    SET state = CASE WHEN ?2 = 'error' THEN 'error'
-                                     WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
-                        lockdown_until = CASE WHEN ?2 = 'error' THEN NULL ELSE {end} END,
-                        reason = coalesce(?4, reason), http_status = CASE WHEN ?4 IS NULL THEN http_status ELSE ?5 END,
-                        lockdown_count = CASE WHEN ?6 THEN lockdown_count + 1 WHEN ?7 THEN 0 ELSE lockdown_count END,
-                        holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
-                        holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL
-                  WHERE id = ?1
-              RETURNING state, lockdown_until",
-            end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "?3")
-        ))?
-        .query_row(
-            params![
-                id,
-                transition.to_state,
-                now,
-                (transition.to_state == "error" || matches!(fate, Fate::Lockdown(_))).then_some(transition.reason),
-                transition.http_status,
-                matches!(fate, Fate::Lockdown(_)),
-                matches!(fate, Fate::Release { success: true })
-            ],
-            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?)),
-        )?;
-    transition.to_state = &state;
-    if transition.lockdown_until.is_none() {
-        transition.lockdown_until = until;
+
+    /// The keys held by some process, with their holders and heartbeats.
+    pub fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
+        self.backend.held_keys(connector)
     }
-    record(transaction, now, &transition)?;
-    Ok(true)
-}
 
-/// Puts key `id` behind the lockdowns of its (new) scopes in the claim order, after its scope changed.
-fn requeue(transaction: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
-    transaction
-        .prepare_cached(&format!(
-            "UPDATE keys SET queue_at = max(queue_at, {}) WHERE id = ?1",
-            rule_sql::latest_lockdown_end(&KeyCols::row("keys"))
-        ))?
-        .execute([id])?;
-    Ok(())
-}
-
-/// Records `lockdown`, set by the answer key `key` (row `id`, scope `key_scope`) got, on its scope, and
-/// pushes the keys of that scope back in the claim order until it ends. A lockdown of every model of a
-/// group also puts the group's other free keys in lockdown, each with a history row. Returns the scope.
-fn set_lockdown(
-    transaction: &Transaction<'_>,
-    key: (&str, &str, &str),
-    id: i64,
-    key_scope: &str,
-    lockdown: &Lockdown,
-    now: i64,
-) -> rusqlite::Result<String> {
-    let (connector, key_name, _) = key;
-    let scope = match lockdown.reach {
-        Reach::Key => Scope::Key(key_name.to_owned()).to_string(),
-        Reach::Group => key_scope.to_owned(),
-    };
-    let every_model = [ModelScope::EVERY.to_owned()];
-    let models = if lockdown.models.is_empty() { &every_model[..] } else { &lockdown.models[..] };
-    let mut upsert = transaction.prepare_cached(
-        "INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (connector, scope, model) DO UPDATE SET
-             strikes = strikes + 1,
-             quota_id = CASE WHEN excluded.until >= until THEN excluded.quota_id ELSE quota_id END,
-             reason = CASE WHEN excluded.until >= until THEN excluded.reason ELSE reason END,
-             http_status = CASE WHEN excluded.until >= until THEN excluded.http_status ELSE http_status END,
-             set_by_key = CASE WHEN excluded.until >= until THEN excluded.set_by_key ELSE set_by_key END,
-             set_at = CASE WHEN excluded.until >= until THEN excluded.set_at ELSE set_at END,
-             until = max(until, excluded.until)",
-    )?;
-    for model in models {
-        upsert.execute(params![
-            connector,
-            scope,
-            model,
-            lockdown.until,
-            lockdown.quota_id,
-            lockdown.reason,
-            lockdown.http_status,
-            key_name,
-            now
-        ])?;
+    /// How many keys of `connector` could serve `model` now, and why the others cannot.
+    pub fn availability(
+        &self,
+        connector: &str,
+        model: Option<&str>,
+        tried: &[String],
+        now: i64,
+    ) -> Result<Availability> {
+        self.backend.availability(connector, model, tried, now)
     }
-    if lockdown.reach == Reach::Key || scope != key_scope {
-        transaction
-            .prepare_cached("UPDATE keys SET queue_at = max(queue_at, ?2) WHERE id = ?1")?
-            .execute(params![id, lockdown.until])?;
-        return Ok(scope);
+
+    /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).
+    pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
+        self.backend.is_locked_down_for(id, model, now)
     }
-    transaction
-        .prepare_cached("UPDATE keys SET queue_at = max(queue_at, ?3) WHERE connector = ?1 AND quota_scope = ?2")?
-        .execute(params![connector, scope, lockdown.until])?;
-    if !lockdown.models.is_empty() {
-        return Ok(scope);
+
+    /// Queries worth keeping at hand in the user's own database shell, with a comment line above each.
+    pub fn example_queries(&self) -> String {
+        self.backend.example_queries()
     }
-    let siblings = transaction
-        .prepare_cached(
-            "SELECT id, key_name, fingerprint, state FROM keys
-              WHERE connector = ?1 AND quota_scope = ?2 AND id != ?3 AND retired_at IS NULL
-                AND state IN ('vacant', 'lockdown') AND coalesce(lockdown_until, 0) < ?4",
-        )?
-        .query_map(params![connector, scope, id, lockdown.until], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let reason = format!("{scope} locked down for every model by {key_name}'s answer: {}", lockdown.reason);
-    for (sibling, name, fingerprint, state) in siblings {
-        transaction
-            .prepare_cached("UPDATE keys SET state = 'lockdown', lockdown_until = ?2 WHERE id = ?1")?
-            .execute(params![sibling, lockdown.until])?;
-        record(
-            transaction,
-            now,
-            &NewTransition {
-                http_status: lockdown.http_status,
-                lockdown_until: Some(lockdown.until),
-                quota_scope: Some(&scope),
-                ..NewTransition::new(
-                    HistoryEvent::ScopeLockedDown,
-                    (connector, &name, &fingerprint),
-                    Some(&state),
-                    "lockdown",
-                    &reason,
-                )
-            },
-        )?;
+
+    /// The claim statement's query plan, one line per step.
+    pub fn explain_claim(&self) -> Result<Vec<String>> {
+        self.backend.explain_claim()
     }
-    Ok(scope)
-}
-
-fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite::Result<()> {
-    transaction
-        .prepare_cached(
-            "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
-                                   quota_scope)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
-                     (SELECT quota_scope FROM keys WHERE connector = ?2 AND key_name = ?3))",
-        )?
-        .execute(params![
-            attempt.at,
-            attempt.connector,
-            attempt.key_name,
-            attempt.method,
-            attempt.endpoint,
-            attempt.status,
-            attempt.latency_ms,
-            attempt.outcome.to_string(),
-            attempt.model
-        ])?;
-    Ok(())
-}
-
-fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> rusqlite::Result<Transition> {
-    transaction
-        .prepare_cached(
-            "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, http_status,
-                                  holder_pid, lease, lockdown_until, model, quota_scope, event)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        )?
-        .execute(params![
-            at,
-            new.connector,
-            new.key_name,
-            new.fingerprint,
-            new.from_state,
-            new.to_state,
-            new.reason,
-            new.http_status,
-            new.holder_pid,
-            new.lease,
-            new.lockdown_until,
-            new.model,
-            new.quota_scope,
-            new.event.as_str()
-        ])?;
-    Ok(Transition {
-        id: transaction.last_insert_rowid(),
-        event: new.event,
-        at,
-        connector: new.connector.to_owned(),
-        key_name: new.key_name.to_owned(),
-        fingerprint: new.fingerprint.to_owned(),
-        from_state: new.from_state.map(str::to_owned),
-        to_state: new.to_state.to_owned(),
-        reason: new.reason.to_owned(),
-        http_status: new.http_status,
-        holder_pid: new.holder_pid,
-        lease: new.lease,
-        lockdown_until: new.lockdown_until,
-        model: new.model.map(str::to_owned),
-        quota_scope: new.quota_scope.map(str::to_owned),
-    })
-}
-
-/// The holder recorded in columns `first..first + 5` (host, boot id, pid namespace, pid, start time),
-/// or `None` when no pid is recorded.
-fn holder_at(row: &Row<'_>, first: usize) -> rusqlite::Result<Option<Holder>> {
-    let Some(pid) = row.get::<_, Option<u32>>(first + 3)? else { return Ok(None) };
-    Ok(Some(Holder {
-        host: row.get::<_, Option<String>>(first)?.unwrap_or_default(),
-        boot_id: row.get::<_, Option<String>>(first + 1)?.unwrap_or_default(),
-        pid_namespace: row.get::<_, Option<String>>(first + 2)?.unwrap_or_default(),
-        pid,
-        started: row.get::<_, Option<i64>>(first + 4)?.unwrap_or_default(),
-    }))
-}
-
-fn key_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
-    Ok(KeyRecord {
-        connector: row.get(0)?,
-        key_name: row.get(1)?,
-        fingerprint: row.get(2)?,
-        state: word(row, 3)?,
-        retired_at: row.get(4)?,
-        lease: row.get(5)?,
-        holder: holder_at(row, 6)?,
-        locked_at: row.get(11)?,
-        heartbeat_at: row.get(12)?,
-        lockdown_until: row.get(13)?,
-        reason: row.get(14)?,
-        http_status: row.get(15)?,
-        lockdown_count: row.get(16)?,
-        uses: row.get(17)?,
-        last_used_at: row.get(18)?,
-        quota_group: row.get(19)?,
-        project_learned: row.get(20)?,
-        quota_scope: word(row, 21)?,
-    })
-}
-
-fn transition(row: &Row<'_>) -> rusqlite::Result<Transition> {
-    Ok(Transition {
-        id: row.get(0)?,
-        at: row.get(1)?,
-        connector: row.get(2)?,
-        key_name: row.get(3)?,
-        fingerprint: row.get(4)?,
-        from_state: row.get(5)?,
-        to_state: row.get(6)?,
-        reason: row.get(7)?,
-        http_status: row.get(8)?,
-        holder_pid: row.get(9)?,
-        lease: row.get(10)?,
-        lockdown_until: row.get(11)?,
-        model: row.get(12)?,
-        quota_scope: row.get(13)?,
-        event: word(row, 14)?,
-    })
-}
-
-/// A word of the pool's vocabulary read from column `index`; text it does not know fails the read.
-fn word<T>(row: &Row<'_>, index: usize) -> rusqlite::Result<T>
-where
-    T: std::str::FromStr<Err = UnknownWord>,
-{
-    let text: String = row.get(index)?;
-    text.parse()
-        .map_err(|error| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(error)))
 }

@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use api_jongler::store::{Fate, Lockdown};
+use api_jongler::pool::{Fate, Lockdown};
 use api_jongler::{Clock, Coordinator, CoordinatorOptions, Keyring, SystemClock};
 
 use super::percentile;

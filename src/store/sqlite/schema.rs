@@ -29,11 +29,11 @@ pub const DB_ENV: &str = "APIJONGLER_DB";
 
 /// The embedded migrations, in order; migration `n` (1-based) brings the schema to version `n`.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../../migrations/0001_initial.sql"),
-    include_str!("../../migrations/0002_requests.sql"),
-    include_str!("../../migrations/0003_liveness.sql"),
-    include_str!("../../migrations/0004_quotas.sql"),
-    include_str!("../../migrations/0005_history_events.sql"),
+    include_str!("../../../migrations/0001_initial.sql"),
+    include_str!("../../../migrations/0002_requests.sql"),
+    include_str!("../../../migrations/0003_liveness.sql"),
+    include_str!("../../../migrations/0004_quotas.sql"),
+    include_str!("../../../migrations/0005_history_events.sql"),
 ];
 
 /// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.

@@ -17,49 +17,25 @@
 //!   them, a key whose group alone changed is reported in `changed` (its secret is left alone), so that
 //!   a sync that changes only groups is not taken for a no-op.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 
 use rusqlite::Error::FromSqlConversionFailure;
 use rusqlite::types::{FromSqlError, Type};
 use rusqlite::{Connection, Row, Transaction, params};
 
-use super::{HistoryEvent, KeySpec, NewTransition, SyncReport, Transition, record};
+use super::{NewTransition, record};
+use crate::pool::{HistoryEvent, SyncReport, SyncSource, Transition};
 
-/// A keyring, as a sync reads it.
-#[derive(Debug, Clone, Copy)]
-pub struct SyncSource<'a> {
-    /// The keyring file, named in the history rows of the keys it retires or restores.
-    pub path: &'a Path,
-    /// The connectors the keyring has a section for, even an empty one: only their keys are synced.
-    /// A connector of one of `keys` counts as defined even if missing here.
-    pub connectors: &'a [&'a str],
-    /// Every key of those connectors.
-    pub keys: &'a [KeySpec<'a>],
-    /// `(connector, key name, quota group)` of the keys of `keys` that the keyring puts in a quota group;
-    /// any other key is a group of its own.
-    pub groups: &'a [(&'a str, &'a str, &'a str)],
-}
-
-impl SyncSource<'_> {
-    /// The connectors this sync may touch, as a JSON array for `json_each`.
-    fn connectors_json(&self) -> String {
-        let connectors: BTreeSet<&str> =
-            self.connectors.iter().copied().chain(self.keys.iter().map(|key| key.connector)).collect();
-        serde_json::to_string(&connectors).unwrap_or_else(|_| "[]".to_owned())
-    }
-
-    /// The quota group of each key in a group, by (connector, key name).
-    fn groups(&self) -> HashMap<(&str, &str), &str> {
-        self.groups.iter().map(|&(connector, name, group)| ((connector, name), group)).collect()
-    }
+/// The connectors syncing `source` may touch, as a JSON array for `json_each`.
+fn connectors_json(source: &SyncSource<'_>) -> String {
+    serde_json::to_string(&source.defined_connectors()).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// What syncing `source` would change, compared with the rows as they are. The keyring's keys are put
 /// in a hash map once; each row is then looked up in it as read, without being copied, so a sync that
 /// changes nothing allocates nothing per key.
 pub(super) fn plan_sync(connection: &Connection, source: &SyncSource<'_>) -> rusqlite::Result<SyncReport> {
-    let groups = source.groups();
+    let groups = source.groups_by_key();
     let wanted: HashMap<(&str, &str), (&str, Option<&str>, usize)> = source
         .keys
         .iter()
@@ -75,7 +51,7 @@ pub(super) fn plan_sync(connection: &Connection, source: &SyncSource<'_>) -> rus
         "SELECT connector, key_name, fingerprint, retired_at IS NOT NULL, quota_group FROM keys
           WHERE connector IN (SELECT value FROM json_each(?1))",
     )?;
-    let mut rows = statement.query(params![source.connectors_json()])?;
+    let mut rows = statement.query(params![connectors_json(source)])?;
     while let Some(row) = rows.next()? {
         let (connector, name, fingerprint) = (text(row, 0)?, text(row, 1)?, text(row, 2)?);
         let retired: bool = row.get(3)?;
@@ -130,7 +106,7 @@ pub(super) fn apply_sync(
     let fingerprint = |(connector, name): &(String, String)| {
         fingerprints.get(&(connector.as_str(), name.as_str())).copied().unwrap_or_default()
     };
-    let groups = source.groups();
+    let groups = source.groups_by_key();
     let group = |connector: &str, name: &str| groups.get(&(connector, name)).copied();
     let mut written =
         Vec::with_capacity(plan.added.len() + plan.changed.len() + plan.retired.len() + plan.restored.len());
