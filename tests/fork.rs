@@ -74,9 +74,7 @@ fn in_child(
     let me = std::process::id();
     let parent = std::os::unix::process::parent_id();
     let refused = |what: &str, result: Result<(), Error>| match result {
-        Err(Error::ForkedChild { created_by, this_process }) if created_by == parent && this_process == me => {
-            Ok(())
-        }
+        Err(Error::ForkedChild { created_by, this_process }) if created_by == parent && this_process == me => Ok(()),
         Err(error) => Err(format!("{what} in the child: expected Error::ForkedChild, got: {error}")),
         Ok(()) => Err(format!("{what} in the child succeeded with the parent's instance")),
     };
@@ -113,7 +111,8 @@ fn in_child(
         return Err(format!("Holder::current() in the child is pid {}, not {me}", Holder::current().pid));
     }
     let fresh = Coordinator::open(options.clone()).map_err(|error| format!("opening in the child: {error}"))?;
-    let lease = fresh.claim("gemini", &[], Duration::ZERO).map_err(|error| format!("claiming in the child: {error}"))?;
+    let lease =
+        fresh.claim("gemini", &[], Duration::ZERO).map_err(|error| format!("claiming in the child: {error}"))?;
     match holder_of(sandbox, lease.key_name()) {
         Some((pid, token)) if pid == me && token == lease.token() => {}
         other => return Err(format!("the child's key is held by {other:?}, not by the child (pid {me})")),
