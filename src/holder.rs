@@ -9,6 +9,9 @@
 //!   is freed once its heartbeat is older than the stale threshold;
 //! - anything else is alive and keeps its keys however old its heartbeat is.
 //!
+//! [`Holder::current`] is this process's identity, read once per process: a child forked after the
+//! parent asked gets its own, never the parent's pid.
+//!
 //! A holder the OS cannot see (another host, boot or pid namespace; an unreadable /proc) is "unknown":
 //! only its heartbeat's age can free its locks.
 

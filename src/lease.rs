@@ -265,7 +265,8 @@ impl Lease {
         Ok(still_held.contains(&pair) && self.is_valid())
     }
 
-    /// Ok while the key may still be used; [`Error::LeaseLost`] once it must not be.
+    /// Ok while the key may still be used; [`Error::LeaseLost`] once it must not be;
+    /// [`Error::ForkedChild`] in a child forked after the claim (the key is the parent's).
     pub fn check(&self) -> Result<()> {
         self.owner.alive_here()?;
         if self.is_valid() { Ok(()) } else { Err(self.lost()) }
