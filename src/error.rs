@@ -269,9 +269,8 @@ pub enum Error {
         lease: i64,
     },
 
-    /// An instance (a [`Coordinator`](crate::Coordinator), a [`Jongler`](crate::Jongler)) created before a
-    /// `fork()` was used in the child: its threads and database connections stayed in the parent, and
-    /// the keys it holds are the parent's.
+    /// An instance (a `Coordinator`, a `Jongler`) created before a `fork()` was used in the child: its
+    /// threads and database connections stayed in the parent, and the keys it holds are the parent's.
     #[error(
         "this apijongler instance was created by process {created_by}, and process {this_process} is a child forked from it: its heartbeat and database connections stayed in the parent, and the keys it holds are the parent's. Create a new Coordinator or Jongler in the child, after the fork (for a process pool: in the worker, not before starting the pool)"
     )]
