@@ -269,6 +269,18 @@ pub enum Error {
         lease: i64,
     },
 
+    /// An instance (a `Coordinator`, a `Jongler`) created before a `fork()` was used in the child: its
+    /// threads and database connections stayed in the parent, and the keys it holds are the parent's.
+    #[error(
+        "this apijongler instance was created by process {created_by}, and process {this_process} is a child forked from it: its heartbeat and database connections stayed in the parent, and the keys it holds are the parent's. Create a new Coordinator or Jongler in the child, after the fork (for a process pool: in the worker, not before starting the pool)"
+    )]
+    ForkedChild {
+        /// The process that created the instance.
+        created_by: u32,
+        /// This process.
+        this_process: u32,
+    },
+
     /// A line of the keyring that apijongler cannot use. The message names the file, the line, the
     /// section and (only when it is a valid name) the key, never the line's text: it may be a secret.
     #[error("{path}:{line}: {problem}")]

@@ -9,6 +9,9 @@
 //!   is freed once its heartbeat is older than the stale threshold;
 //! - anything else is alive and keeps its keys however old its heartbeat is.
 //!
+//! [`Holder::current`] is this process's identity, read once per process: a child forked after the
+//! parent asked gets its own, never the parent's pid.
+//!
 //! A holder the OS cannot see (another host, boot or pid namespace; an unreadable /proc) is "unknown":
 //! only its heartbeat's age can free its locks.
 
@@ -46,19 +49,20 @@ pub enum Liveness {
 }
 
 impl Holder {
-    /// This process.
+    /// This process. Read once per process: a child forked after the parent asked gets its own
+    /// identity, never the parent's (the cached pid is compared with `getpid()` on every call).
     pub fn current() -> &'static Holder {
-        static CURRENT: OnceLock<Holder> = OnceLock::new();
-        CURRENT.get_or_init(|| {
-            let pid = std::process::id();
-            Holder {
-                host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
-                boot_id: boot_id(),
-                pid_namespace: pid_namespace(),
-                pid,
-                started: read_stat(pid).ok().flatten().map_or(0, |stat| stat.started),
-            }
-        })
+        let pid = std::process::id();
+        let mut last = IDENTITIES.get_or_init(|| Identity::of(pid));
+        while let Some(next) = last.next.get() {
+            last = next;
+        }
+        if last.holder.pid == pid {
+            return &last.holder;
+        }
+        // A forked child: its identity goes after its parent's (or its nearest ancestor's that asked),
+        // which stays in place for the threads that read it, so nothing is ever freed or locked.
+        &last.next.get_or_init(|| Identity::of(pid)).holder
     }
 
     /// Whether `self` (a holder recorded in the database) is still running, judged from this process.
@@ -94,6 +98,31 @@ impl Holder {
             Ok(Some(_)) => Liveness::Alive,
             Err(_) => Liveness::Unknown,
         }
+    }
+}
+
+/// The identities of this process and of the ancestors it was forked from (those that asked for
+/// theirs), oldest first: the current process's is always the last, since a process only ever adds its
+/// own. Each is leaked once per process; a chain is as long as a process's fork ancestry.
+static IDENTITIES: OnceLock<&'static Identity> = OnceLock::new();
+
+/// One link of [`IDENTITIES`].
+#[derive(Debug)]
+struct Identity {
+    holder: Holder,
+    next: OnceLock<&'static Identity>,
+}
+
+impl Identity {
+    fn of(pid: u32) -> &'static Identity {
+        let holder = Holder {
+            host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            boot_id: boot_id(),
+            pid_namespace: pid_namespace(),
+            pid,
+            started: read_stat(pid).ok().flatten().map_or(0, |stat| stat.started),
+        };
+        Box::leak(Box::new(Identity { holder, next: OnceLock::new() }))
     }
 }
 

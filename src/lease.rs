@@ -45,6 +45,9 @@ pub(crate) trait LeaseOwner: Send + Sync + std::fmt::Debug {
     fn key_freed(&self);
     /// Ends wait to be written: the heartbeat thread (started if need be) writes them now.
     fn wake_heartbeat(self: Arc<Self>);
+    /// Ok in the process that created the owner; [`Error::ForkedChild`] in a child forked from it,
+    /// where the owner's threads and connections do not exist and its leases are the parent's.
+    fn alive_here(&self) -> Result<()>;
 }
 
 /// A lease end that could not be written yet; retried until it lands or the lease turns out lost.
@@ -243,7 +246,7 @@ impl Lease {
     /// confirmed it is recent enough on the boot clock that no reaper can have judged it stale yet
     /// (a process stopped longer than that must not trust a key it held before the stop).
     pub fn is_valid(&self) -> bool {
-        self.trust().is_trusted()
+        self.owner.alive_here().is_ok() && self.trust().is_trusted()
     }
 
     /// The lease's trust, apart from the lease: what the last check before the bytes leave, and a
@@ -256,14 +259,17 @@ impl Lease {
     /// process's, false if it was lost. For a lease whose trust ran out while this process could not
     /// heartbeat (stopped, or the database locked): if nobody took the key, there is no need to give it up.
     pub fn renew(&self) -> Result<bool> {
+        self.owner.alive_here()?;
         let pair = (self.claimed.id, self.claimed.lease);
         let (still_held, written_boot_ms) = self.owner.store().heartbeat(&[pair], &**self.owner.clock())?;
         self.owner.leases().renew(&[pair], &still_held, written_boot_ms);
         Ok(still_held.contains(&pair) && self.is_valid())
     }
 
-    /// Ok while the key may still be used; [`Error::LeaseLost`] once it must not be.
+    /// Ok while the key may still be used; [`Error::LeaseLost`] once it must not be;
+    /// [`Error::ForkedChild`] in a child forked after the claim (the key is the parent's).
     pub fn check(&self) -> Result<()> {
+        self.owner.alive_here()?;
         if self.is_valid() { Ok(()) } else { Err(self.lost()) }
     }
 
@@ -281,6 +287,7 @@ impl Lease {
     /// After a success for `model` on a key that is kept: its consecutive-lockdown count for that model
     /// starts again at 0.
     pub fn reset_escalation(&mut self, model: Option<&str>) -> Result<()> {
+        self.owner.alive_here()?;
         if self.claimed.lockdown_count == 0 {
             return Ok(());
         }
@@ -336,6 +343,7 @@ impl Lease {
 
     fn end(&mut self, fate: &Fate, attempt: Option<&Attempt>) -> Result<()> {
         self.ended = true;
+        self.owner.alive_here()?;
         self.owner.leases().remove(self.claimed.id, self.claimed.lease);
         let ended = match self.owner.store().end_lease(
             self.claimed.id,
@@ -379,6 +387,12 @@ impl Drop for Lease {
     /// drop ever blocks a runtime.
     fn drop(&mut self) {
         if self.ended {
+            return;
+        }
+        if self.owner.alive_here().is_err() {
+            // In a forked child the lease is the parent's: it stays held, by the parent, and the owner's
+            // connections are never closed from here (nor by any other drop in the child).
+            std::mem::forget(Arc::clone(&self.owner));
             return;
         }
         if tokio::runtime::Handle::try_current().is_ok() {

@@ -93,10 +93,34 @@ pub(crate) struct Inner {
     pub(crate) waiters: waiting::Waiters,
 }
 
+impl Inner {
+    /// Ok in the process that created the coordinator; [`Error::ForkedChild`] in a child forked from
+    /// it, where its threads and connections do not exist and its leases are the parent's. Called by
+    /// every entry point that would touch them.
+    pub(crate) fn alive_here(&self) -> Result<()> {
+        let here = std::process::id();
+        if self.holder.pid == here {
+            return Ok(());
+        }
+        Err(Error::ForkedChild { created_by: self.holder.pid, this_process: here })
+    }
+}
+
 /// A handle on the shared key database for this process; cheap to clone, safe to share between threads.
+/// A child forked from the process gets [`Error::ForkedChild`] from it: open another in the child.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     pub(crate) inner: Arc<Inner>,
+}
+
+impl Drop for Coordinator {
+    /// In a forked child, the shared state is never dropped: closing the parent's connections or
+    /// waking its threads from here would act on the parent's behalf.
+    fn drop(&mut self) {
+        if self.inner.alive_here().is_err() {
+            std::mem::forget(Arc::clone(&self.inner));
+        }
+    }
 }
 
 impl Coordinator {
@@ -149,6 +173,7 @@ impl Coordinator {
     /// sections can share a database. Keys it retires name the keyring file in their history row; each
     /// key gets the quota group the keyring declares for it.
     pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {
+        self.inner.alive_here()?;
         let specs: Vec<KeySpec<'_>> = keyring
             .all_keys()
             .map(|(connector, key)| KeySpec { connector, name: key.name(), fingerprint: key.fingerprint().as_str() })
@@ -177,6 +202,7 @@ impl Coordinator {
     /// model are skipped (they still serve other models), and a waiter wakes when the earliest lockdown
     /// that matters for the model ends.
     pub fn claim_for(&self, connector: &str, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
+        self.inner.alive_here()?;
         self.claim_on_thread(&self.request(connector, model, tried, wait))
     }
 
@@ -189,6 +215,7 @@ impl Coordinator {
         tried: &[String],
         wait: Duration,
     ) -> Result<Lease> {
+        self.inner.alive_here()?;
         self.claim_as_task(&self.request(connector, model, tried, wait)).await
     }
 
@@ -252,6 +279,7 @@ impl Coordinator {
     /// Frees the locks of dead holders of `connector` (or of all connectors), and of stopped or
     /// invisible ones whose heartbeat is stale (see the `reaper` module).
     pub fn reap(&self, connector: Option<&str>) -> Result<Vec<Transition>> {
+        self.inner.alive_here()?;
         let held = self.inner.backend.held_keys(connector)?;
         // Read the clocks after the read: a heartbeat read is never judged against an earlier time.
         let now = Now { wall_ms: self.now_ms(), boot_ms: self.inner.clock.boot_ms() };
@@ -316,6 +344,7 @@ impl Coordinator {
     /// Key names of `connector` by state as a request for `model` sees them: a key whose quota scope
     /// is locked down for that model counts as in lockdown, as the claim would skip it.
     pub fn key_states_for(&self, connector: &str, model: Option<&str>) -> Result<KeyStates> {
+        self.inner.alive_here()?;
         let now = self.now_ms();
         let lockdowns = self.inner.backend.lockdowns(Some(connector))?;
         let mut states = KeyStates::default();
@@ -368,6 +397,9 @@ impl Coordinator {
     /// cancelled request, ends that failed) before `deadline`, and returns how many are left. Call it
     /// before exiting: what is left is freed by the next claimer once this process is gone.
     pub fn settle(&self, deadline: Instant) -> usize {
+        if self.inner.alive_here().is_err() {
+            return 0; // The ends left are the parent's to write.
+        }
         lease::settle_deferred(&*self.inner, deadline)
     }
 
@@ -407,6 +439,10 @@ impl LeaseOwner for Inner {
 
     fn key_freed(&self) {
         self.waiters.poke();
+    }
+
+    fn alive_here(&self) -> Result<()> {
+        Inner::alive_here(self)
     }
 
     fn wake_heartbeat(self: Arc<Self>) {
