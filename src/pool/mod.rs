@@ -9,6 +9,17 @@
 //! - This module depends on nothing of the crate but [`crate::holder`]: it is the bottom of the pool,
 //!   so that the store below the coordinator and the error type can both use it.
 
+/// Serialises a word of the vocabulary as its `Display` text, the same text the database stores.
+macro_rules! serialize_as_text {
+    ($($word:ty),*) => {$(
+        impl serde::Serialize for $word {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+    )*};
+}
+
 pub mod event;
 mod fate;
 pub mod outcome;
@@ -27,3 +38,6 @@ pub use scope::{ModelScope, Scope};
 pub use state::KeyState;
 pub use unavailable::Unavailable;
 pub use word::UnknownWord;
+
+// Here, not next to the macro, so that `word` (which every word's module uses) uses none of them.
+serialize_as_text!(KeyState, Scope, ModelScope, HistoryEvent, outcome::Outcome, outcome::Unanswered);

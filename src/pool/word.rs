@@ -18,17 +18,3 @@ impl UnknownWord {
         Self { what, text: text.chars().take(64).collect(), expected }
     }
 }
-
-/// Serialises a word of the vocabulary as its `Display` text, the same text the database stores.
-macro_rules! serialize_as_text {
-    ($($word:ty),*) => {$(
-        impl serde::Serialize for $word {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_str(self)
-            }
-        }
-    )*};
-}
-
-serialize_as_text!(super::KeyState, super::Scope, super::ModelScope, super::HistoryEvent);
-serialize_as_text!(super::outcome::Outcome, super::outcome::Unanswered);
