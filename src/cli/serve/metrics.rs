@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What a request the pool could not answer came to: the pool's word for it (its label).
-pub use api_jongler::pool::outcome::Unanswered as Outcome;
+use api_jongler::pool::outcome::Unanswered;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -134,7 +134,7 @@ impl Metrics {
     }
 
     /// A request the pool could not answer.
-    pub fn failed(&self, connector: &str, model: Option<&str>, outcome: Outcome) {
+    pub fn failed(&self, connector: &str, model: Option<&str>, outcome: Unanswered) {
         self.count(connector, model, outcome.to_string());
     }
 

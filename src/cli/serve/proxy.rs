@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use api_jongler::pool::outcome::Unanswered;
 use api_jongler::stream::MESSAGE_PREFIX;
 use api_jongler::upstream_url::upstream_url;
 use api_jongler::{
@@ -48,7 +49,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::credentials::{GatewayToken, check_host, strip_credentials};
 use super::headers::{downstream_response_headers, gateway_base, rewrite_upload_url_header, upstream_request_headers};
-use super::metrics::{Metrics, Outcome};
+use super::metrics::Metrics;
 use super::origin::{AllowedOrigins, Verdict, add_cors_headers, is_preflight, preflight_headers};
 
 /// The gateway's health endpoint (never forwarded, never behind the token).
@@ -488,18 +489,18 @@ fn answer(exchange: Exchange, connector: &Connector, local: SocketAddr) -> Respo
 }
 
 /// The status, `Retry-After` and metrics outcome of a request the pool could not answer.
-fn judge_failure(error: &Error) -> (StatusCode, Option<Duration>, Outcome) {
+fn judge_failure(error: &Error) -> (StatusCode, Option<Duration>, Unanswered) {
     match error {
         Error::NoKeyAvailable(unavailable) => {
-            (StatusCode::TOO_MANY_REQUESTS, Some(retry_wait(unavailable)), Outcome::NoKey)
+            (StatusCode::TOO_MANY_REQUESTS, Some(retry_wait(unavailable)), Unanswered::NoKey)
         }
-        Error::Transport { .. } | Error::Stream { .. } => (StatusCode::BAD_GATEWAY, None, Outcome::Unreachable),
+        Error::Transport { .. } | Error::Stream { .. } => (StatusCode::BAD_GATEWAY, None, Unanswered::Unreachable),
         Error::DatabaseLocked { .. }
         | Error::Database { .. }
         | Error::DatabaseReplaced { .. }
         | Error::LeaseLost { .. }
-        | Error::KeyringDiffers { .. } => (StatusCode::SERVICE_UNAVAILABLE, None, Outcome::Unavailable),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, None, Outcome::Failed),
+        | Error::KeyringDiffers { .. } => (StatusCode::SERVICE_UNAVAILABLE, None, Unanswered::Unavailable),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, None, Unanswered::Failed),
     }
 }
 
