@@ -7,6 +7,10 @@
 //! - A key is vacant, locked (held by a live process), in lockdown (rate-limited until a deadline) or
 //!   in error (bad until cleaned up). Every transition appends a row to the `history` table in the
 //!   same transaction.
+//! - The pool's words (key states, quota scopes, fates, history events, outcomes) and its rules are
+//!   types and functions of [`pool`], written once; every backend of the store (SQLite here, behind
+//!   the store's seam) applies the same rules. [`Store`] reads the pool; only a [`Coordinator`] and
+//!   its [`Lease`]s write it.
 //! - [`Coordinator::claim`] takes the least recently used claimable key with one
 //!   `UPDATE ... RETURNING` in a `BEGIN IMMEDIATE` transaction, incrementing the key's lease token.
 //!   Every later write by the holder is fenced by that token: if it changed nothing, the lease was lost

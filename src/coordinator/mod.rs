@@ -169,7 +169,7 @@ impl Coordinator {
     }
 
     /// Makes the database's keys of the connectors `keyring` has a section for match it (see
-    /// [`Store::sync_keys`]); keys of other connectors are left alone, so keyrings with different
+    /// `Backend::sync_keys`); keys of other connectors are left alone, so keyrings with different
     /// sections can share a database. Keys it retires name the keyring file in their history row; each
     /// key gets the quota group the keyring declares for it.
     pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {

@@ -1,4 +1,4 @@
-//! The seam between the pool and its database: [`Backend`], what every backend implements (SQLite, the
+//! The seam between the pool and its database: `Backend`, what every backend implements (SQLite, the
 //! default, in `sqlite`; PostgreSQL for pools shared by several hosts next), and [`Store`], the
 //! read-only handle on it that the public API gives out.
 //!

@@ -1,5 +1,5 @@
 //! The SQLite backend: every SQL statement of the embedded pool, behind the store's seam
-//! ([`Backend`]); no SQLite type shows outside this module.
+//! (`Backend`); no SQLite type shows outside this module.
 //!
 //! Invariants the statements keep:
 //! - Every write is one `BEGIN IMMEDIATE` transaction (never a read that later upgrades to a write,
@@ -745,7 +745,7 @@ fn all<T>(
     statement.query_map(params, map)?.collect()
 }
 
-/// Runs one claim in `transaction` (see [`Store::claim`]), with times read from `clock` now.
+/// Runs one claim in `transaction` (see `Backend::claim`), with times read from `clock` now.
 fn claim_in(
     transaction: &Transaction<'_>,
     claim: &batch::Claim,
@@ -816,7 +816,7 @@ fn expired_lockdowns_of_key() -> String {
     )
 }
 
-/// Ends one lease in `transaction` (see [`Store::end_lease`]): `Ok(false)` when it was already lost.
+/// Ends one lease in `transaction` (see `Backend::end_lease`): `Ok(false)` when it was already lost.
 fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<bool> {
     let (id, lease, fate, attempt, now) = (end.id, end.lease, &end.fate, end.attempt.as_ref(), end.now);
     if let Some(attempt) = attempt {
