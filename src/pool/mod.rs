@@ -22,6 +22,8 @@ macro_rules! serialize_as_text {
 
 pub mod event;
 mod fate;
+#[cfg(test)]
+mod fixtures;
 pub mod outcome;
 mod records;
 pub mod rule;

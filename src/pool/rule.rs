@@ -75,44 +75,7 @@ pub fn own_lockdown_end(key: &KeyRecord, now: i64) -> Option<i64> {
 mod tests {
     use super::*;
     use crate::pool::ModelScope;
-
-    fn key(name: &str, scope: Scope) -> KeyRecord {
-        KeyRecord {
-            connector: "c".into(),
-            key_name: name.into(),
-            fingerprint: "fp".into(),
-            state: KeyState::Vacant,
-            retired_at: None,
-            lease: 0,
-            holder: None,
-            locked_at: None,
-            heartbeat_at: None,
-            lockdown_until: None,
-            reason: None,
-            http_status: None,
-            lockdown_count: 0,
-            uses: 0,
-            last_used_at: 0,
-            quota_group: None,
-            project_learned: None,
-            quota_scope: scope,
-        }
-    }
-
-    fn lockdown(scope: Scope, model: ModelScope, until: i64) -> LockdownRecord {
-        LockdownRecord {
-            connector: "c".into(),
-            scope,
-            model,
-            until,
-            quota_id: None,
-            reason: "r".into(),
-            http_status: Some(429),
-            set_by_key: "k1".into(),
-            set_at: 0,
-            strikes: 1,
-        }
-    }
+    use crate::pool::fixtures::{lockdown, record as key};
 
     #[test]
     fn a_lockdown_binds_its_scopes_models_while_in_force() {

@@ -440,46 +440,7 @@ fn group_warnings<'a>(keys: impl Iterator<Item = &'a KeyRecord>) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const NOW: i64 = 1_000_000;
-
-    fn record(name: &str, scope: Scope) -> KeyRecord {
-        KeyRecord {
-            connector: "c".into(),
-            key_name: name.into(),
-            fingerprint: format!("fp-{name}"),
-            state: KeyState::Vacant,
-            retired_at: None,
-            lease: 3,
-            holder: None,
-            locked_at: None,
-            heartbeat_at: None,
-            lockdown_until: None,
-            reason: None,
-            http_status: None,
-            lockdown_count: 0,
-            uses: 0,
-            last_used_at: 0,
-            quota_group: None,
-            project_learned: None,
-            quota_scope: scope,
-        }
-    }
-
-    fn lockdown(scope: Scope, model: ModelScope, until: i64) -> LockdownRecord {
-        LockdownRecord {
-            connector: "c".into(),
-            scope,
-            model,
-            until,
-            quota_id: None,
-            reason: "429".into(),
-            http_status: Some(429),
-            set_by_key: "k0".into(),
-            set_at: NOW - 1,
-            strikes: 1,
-        }
-    }
+    use crate::pool::fixtures::{NOW, lockdown, record};
 
     fn alive(_: &Holder) -> Liveness {
         Liveness::Alive
