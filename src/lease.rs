@@ -342,8 +342,9 @@ impl Lease {
     }
 
     fn end(&mut self, fate: &Fate, attempt: Option<&Attempt>) -> Result<()> {
-        self.ended = true;
+        // Checked first: in a forked child the lease stays unended, so its drop leaves the parent's state be.
         self.owner.alive_here()?;
+        self.ended = true;
         self.owner.leases().remove(self.claimed.id, self.claimed.lease);
         let ended = match self.owner.store().end_lease(
             self.claimed.id,

@@ -28,7 +28,9 @@ fn main() -> ExitCode {
     // child cannot inherit a lock taken halfway by one of them.
     let options = CoordinatorOptions { heartbeat_interval: Duration::from_secs(3600), ..sandbox.options() };
     let parent = sandbox.coordinator(options.clone());
-    let lease = parent.claim("gemini", &[], Duration::ZERO).expect("the parent claims a key");
+    // Claimed through an instance dropped at once: the lease alone keeps that instance's state alive.
+    let lease =
+        sandbox.coordinator(options.clone()).claim("gemini", &[], Duration::ZERO).expect("the parent claims a key");
     let blocking = BlockingJongler::connect(sandbox.jongler("gemini")).expect("the parent connects a jongler");
     let parent_pid = std::process::id();
     assert_eq!(holder_of(&sandbox, lease.key_name()), Some((parent_pid, lease.token())));
@@ -101,10 +103,19 @@ fn in_child(
     if started.elapsed() > Duration::from_secs(20) {
         return Err(format!("the refusals took {:?}", started.elapsed()));
     }
-    // Dropping the parent's lease and instances in the child writes nothing and joins no thread.
-    drop(parent_lease);
+    // Dropping the parent's instances in the child, and then releasing its lease (the last thing that
+    // holds the inherited instance's state), writes nothing, joins no thread and closes none of the
+    // parent's database connections.
+    let open_before = database_files_open(options);
     drop(inherited);
     drop(blocking);
+    refused("the parent's lease release", parent_lease.release())?;
+    let open_after = database_files_open(options);
+    if open_after != open_before {
+        return Err(format!(
+            "the child closed the parent's database files: {open_before} open before, {open_after} after"
+        ));
+    }
 
     // (b) A coordinator opened after the fork works, under the child's own identity.
     if Holder::current().pid != me {
@@ -124,6 +135,16 @@ fn in_child(
     }
     lease.release().map_err(|error| format!("releasing in the child: {error}"))?;
     Ok(())
+}
+
+/// How many files of the pool's database (the database, its WAL and shared memory) this process has open.
+fn database_files_open(options: &CoordinatorOptions) -> usize {
+    let db = options.db_path.as_ref().expect("the sandbox names its database").to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with(&db))
+        .count()
 }
 
 /// The holder pid and lease token of a locked key; `None` when it is not locked.
