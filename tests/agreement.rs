@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use api_jongler::pool::rule;
+use api_jongler::pool::{KeyRecord, rule};
 use api_jongler::{Coordinator, Error};
 use common::Sandbox;
 
@@ -138,4 +138,45 @@ fn the_rule_the_count_the_claim_and_why_agree_on_every_key_and_model() {
     }
     // Both answers occur often enough for the comparison to mean something.
     assert!(checked[0] >= 20 && checked[1] >= 20, "claimable / not: {checked:?}");
+}
+
+#[test]
+fn the_counts_and_the_earliest_end_of_availability_follow_the_rule() {
+    let mut kept = 0;
+    for seed in 0..16 {
+        let (_sandbox, coordinator) = random_pool(seed);
+        let store = coordinator.store();
+        let now = coordinator.now_ms();
+        let keys = store.keys(Some(CONNECTOR)).expect("keys");
+        let lockdowns = store.lockdowns(Some(CONNECTOR)).expect("lockdowns");
+        for model in MODELS {
+            let availability = store.availability(CONNECTOR, model, &[], now).expect("availability");
+            // A key kept from every request (model None) is in a lockdown of every model; one kept only
+            // from this model's requests is in a lockdown of the model.
+            let free_at = |key: &KeyRecord, model: Option<&str>| rule::free_at(key, &lockdowns, model, now);
+            let count = |kept: &dyn Fn(&KeyRecord) -> bool| {
+                u32::try_from(keys.iter().filter(|key| kept(key)).count()).expect("few keys")
+            };
+            let expected = (
+                count(&|key| rule::claimable(key, &lockdowns, model, now)),
+                count(&|key| free_at(key, None).is_some()),
+                count(&|key| free_at(key, None).is_none() && free_at(key, model).is_some()),
+                keys.iter().filter_map(|key| free_at(key, model)).min(),
+            );
+            let counted = (
+                availability.claimable,
+                availability.lockdown,
+                availability.model_lockdown,
+                availability.earliest_lockdown_end,
+            );
+            assert_eq!(
+                counted, expected,
+                "seed {seed}, model {model:?}: availability (claimable, lockdown, model lockdown, earliest end) \
+                 against the rule\nkeys: {keys:#?}\nlockdowns: {lockdowns:#?}"
+            );
+            kept += usize::from(expected.3.is_some());
+        }
+    }
+    // Pools with keys kept by lockdowns occur often enough for the comparison to mean something.
+    assert!(kept >= 10, "pools with a lockdown in force: {kept}");
 }

@@ -271,11 +271,12 @@ async fn the_demo_runs_and_its_summary_matches_the_history_it_wrote() {
         summary["succeeded"].as_i64().expect("ok")
     );
     assert_eq!(
-        count("SELECT count(*) FROM history WHERE to_state = 'lockdown'"),
+        count("SELECT count(*) FROM history WHERE event = 'locked_down'"),
         summary["lockdowns"].as_i64().expect("n")
     );
     assert_eq!(count("SELECT count(*) FROM requests WHERE status = 429"), summary["rate_limited"].as_i64().expect("n"));
     assert!(summary["rate_limited"].as_i64().expect("n") > 0, "the quota was reached");
+    assert!(summary["lockdowns"].as_i64().expect("n") > 0, "each 429 locked a model down");
     assert_eq!(count("SELECT count(*) FROM requests WHERE key_name = 'key2'"), 1, "the bad key was used once");
     assert_eq!(count("SELECT count(*) FROM keys WHERE state = 'error'"), 1);
     assert!(summary["overloads"].as_i64().expect("n") > 0, "some 503s happened");

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use api_jongler::mock::{KEY_HEADER, MockConfig, MockUpstream};
+use api_jongler::pool::HistoryEvent;
 use api_jongler::pool::outcome::{Judged, Outcome};
 use api_jongler::{Jongler, Store};
 use serde_json::json;
@@ -176,13 +177,18 @@ fn summarize(
     let attempts = store.attempts(Some(CONNECTOR))?;
     let history = store.history(&api_jongler::pool::HistoryQuery::default())?;
     let count = |outcome: Outcome| attempts.iter().filter(|a| a.outcome == outcome).count();
-    let lockdowns: Vec<_> = history.iter().filter(|t| t.to_state == "lockdown").collect();
-    let errors: Vec<_> = history.iter().filter(|t| t.to_state == "error").map(|t| t.key_name.clone()).collect();
+    // Per event, not per state: a lockdown of one model leaves its key vacant.
+    let lockdowns: Vec<_> = history.iter().filter(|t| t.event == HistoryEvent::LockedDown).collect();
+    let errors: Vec<_> =
+        history.iter().filter(|t| t.event == HistoryEvent::Errored).map(|t| t.key_name.clone()).collect();
     let (_, per_key) = mock.stats();
     let early: u64 = per_key.values().map(|stats| stats.before_deadline).sum();
     let blamed_for_overload = history
         .iter()
-        .filter(|t| t.http_status == Some(503) && (t.to_state == "lockdown" || t.to_state == "error"))
+        .filter(|t| {
+            t.http_status == Some(503)
+                && matches!(t.event, HistoryEvent::LockedDown | HistoryEvent::ScopeLockedDown | HistoryEvent::Errored)
+        })
         .count();
     Ok(json!({
         "requests": total,

@@ -13,7 +13,9 @@
 //!
 //! Everything shown comes from one view of the pool ([`api_jongler::pool::view`]): `--json` prints its
 //! keys as they are (the one JSON shape of a key, which `why --json` and `/metrics` share), and the
-//! table formats them.
+//! table formats them. The table's state column is the key's own state as stored, for no model in
+//! particular (a lockdown past its deadline reads `vacant (lockdown over)`); the lockdowns column says
+//! which models are kept from it. `--json` gives both the stored state and the state for a request.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

@@ -9,6 +9,8 @@
 //!   (a release may end in `lockdown` while a lockdown of every model covers the key's scope).
 //! - [`HistoryEvent::Unclassified`] is written by nobody: it marks rows written before schema 5 whose
 //!   states and reason matched no event (see `migrations/0005_history_events.sql`).
+//! - A new word comes with a migration (a schema version bump), even one that changes no table: an
+//!   older binary refuses a newer schema at open, rather than failing on a history row it cannot read.
 
 use std::fmt;
 use std::str::FromStr;

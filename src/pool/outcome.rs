@@ -133,9 +133,9 @@ impl FromStr for Outcome {
             UnknownWord::new(
                 "request outcome",
                 text,
-                "success, rate limited, bad key, provider error, location refused, client error, timeout, connection \
-                 error, stream failed, lease lost, not sent, too large, cancelled, stream broken, lease lost, or \
-                 stream error: followed by one of the first six",
+                "one of 'success', 'rate limited', 'bad key', 'provider error', 'location refused', 'client error', \
+                 'timeout', 'connection error', 'stream failed', 'lease lost, not sent', 'too large', 'cancelled', \
+                 'stream broken', 'lease lost', or 'stream error: ' followed by one of the first six",
             )
         })
     }

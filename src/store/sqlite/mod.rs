@@ -606,13 +606,13 @@ impl Backend for Sqlite {
                         min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
                    FROM (SELECT state, retired_at, live, free, whole_until, model_until, was_tried, usable
                            FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live, {usable} AS usable,
-                                        k.state IN ('vacant', 'lockdown') AS free,
-                                        nullif(max(CASE WHEN k.state = 'lockdown' AND k.lockdown_until > ?2
-                                                        THEN k.lockdown_until ELSE 0 END,
-                                                   coalesce({whole}, 0)), 0) AS whole_until,
+                                        {unheld} AS free,
+                                        nullif(max(coalesce({own}, 0), coalesce({whole}, 0)), 0) AS whole_until,
                                         {model_until} AS model_until,
                                         k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
                                    FROM keys k WHERE k.connector = ?1))",
+                    unheld = rule_sql::unheld("k"),
+                    own = rule_sql::own_lockdown_end("k", "?2"),
                     whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "?2"),
                     model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "?4", "?2"),
                     usable = rule_sql::free_for("k", "?4", "?2"),
@@ -979,11 +979,12 @@ fn set_lockdown(
         return Ok(scope);
     }
     let siblings = transaction
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT id, key_name, fingerprint, state FROM keys
               WHERE connector = ?1 AND quota_scope = ?2 AND id != ?3 AND retired_at IS NULL
-                AND state IN ('vacant', 'lockdown') AND coalesce(lockdown_until, 0) < ?4",
-        )?
+                AND {unheld} AND coalesce(lockdown_until, 0) < ?4",
+            unheld = rule_sql::unheld("keys")
+        ))?
         .query_map(params![connector, scope, id, lockdown.until], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
         })?

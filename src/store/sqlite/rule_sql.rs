@@ -100,13 +100,25 @@ pub(super) fn latest_lockdown_end(key: &KeyCols) -> String {
     format!("coalesce((SELECT max(q.until) FROM lockdowns q WHERE {}), 0)", on_scopes_of("q", key))
 }
 
+/// The key row `k` holds no lease and is not in error: vacant, or in a lockdown of its own (the
+/// condition of the claim's partial indexes, written as they are, so the planner uses them).
+pub(super) fn unheld(k: &str) -> String {
+    format!("{k}.state IN ('{}', '{}')", KeyState::Vacant, KeyState::Lockdown)
+}
+
+/// The deadline of the key row `k`'s own lockdown of every model, while it is in force at `now` (NULL:
+/// none) (`crate::pool::rule::own_lockdown_end`).
+pub(super) fn own_lockdown_end(k: &str, now: &str) -> String {
+    format!("CASE WHEN {k}.state = '{}' AND {k}.lockdown_until > {now} THEN {k}.lockdown_until END", KeyState::Lockdown)
+}
+
 /// The key row `k` could be claimed at `now` as far as its own state goes: in the keyring, and vacant or
 /// in a whole-key lockdown whose deadline passed (`KeyRecord::effective_state`).
 pub(super) fn claimable_state(k: &str, now: &str) -> String {
-    let (vacant, lockdown) = (KeyState::Vacant, KeyState::Lockdown);
     format!(
-        "{k}.state IN ('{vacant}', '{lockdown}') AND {k}.retired_at IS NULL
-         AND ({k}.state = '{vacant}' OR {k}.lockdown_until <= {now})"
+        "{unheld} AND {k}.retired_at IS NULL AND ({k}.state = '{vacant}' OR {k}.lockdown_until <= {now})",
+        unheld = unheld(k),
+        vacant = KeyState::Vacant
     )
 }
 

@@ -23,7 +23,7 @@ use rusqlite::Error::FromSqlConversionFailure;
 use rusqlite::types::{FromSqlError, Type};
 use rusqlite::{Connection, Row, Transaction, params};
 
-use super::{NewTransition, record};
+use super::{NewTransition, record, rule_sql};
 use crate::pool::{HistoryEvent, SyncReport, SyncSource, Transition};
 
 /// The connectors syncing `source` may touch, as a JSON array for `json_each`.
@@ -161,7 +161,10 @@ pub(super) fn apply_sync(
             change.query_row(params![connector, name, fingerprint(id)], |row| Ok((row.get(0)?, row.get(1)?)))?;
         // A new secret is a new key: the lockdowns of the old one alone go (its group's stay).
         transaction
-            .prepare_cached("DELETE FROM lockdowns WHERE connector = ?1 AND scope = 'key:' || ?2")?
+            .prepare_cached(&format!(
+                "DELETE FROM lockdowns WHERE connector = ?1 AND scope = {}",
+                rule_sql::own_scope("?2")
+            ))?
             .execute(params![connector, name])?;
         let key = (connector.as_str(), name.as_str(), fingerprint(id));
         let transition = NewTransition::new(
