@@ -222,7 +222,7 @@ fn wait_for_start(start_at_ms: Option<i64>) {
     }
 }
 
-/// The coordinator's connection settings (`configure` in `src/store/schema.rs`), so that the reference
+/// The coordinator's connection settings (`configure` in `src/store/sqlite/schema.rs`), so that the reference
 /// and the coordinator differ by the coordinator's work, not by how often SQLite checkpoints.
 const REFERENCE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const REFERENCE_CHECKPOINT_PAGES: i64 = 4000;
