@@ -136,6 +136,20 @@ pub fn unanswered() -> Verdict {
     Verdict { key: Fate::Release { success: false }, next: Next::Return }
 }
 
+/// What an answer says, as the words two answers are compared by (`exchange::suspicion`): its status
+/// and the upstream's canonical status, reason and message, not its other fields (ids, timestamps).
+/// Kept in memory only: nothing here is logged or stored.
+pub fn answer_words(status: u16, body: &str) -> String {
+    let error = UpstreamError::parse(body);
+    let words: Vec<&str> =
+        [error.status.as_deref(), error.reason.as_deref(), error.message.as_deref()].into_iter().flatten().collect();
+    if words.is_empty() {
+        format!("{status} {}", body.trim().chars().take(500).collect::<String>())
+    } else {
+        format!("{status} {}", words.join(" | "))
+    }
+}
+
 /// The lockdown a rate limit calls for (its status and project are the caller's to add).
 fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, context: &Context<'_>) -> Lockdown {
     let now = context.now_ms;

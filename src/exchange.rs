@@ -50,6 +50,7 @@ mod limits;
 mod outgoing;
 mod relay;
 mod reply;
+mod suspicion;
 mod verdict;
 
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,7 @@ use bytes::Bytes;
 use self::attempt::{Answer, NoAnswer, innermost};
 use self::budget::{Retry, RetryBudget};
 use self::in_flight::{InFlight, millis};
+use self::suspicion::Suspicion;
 use self::verdict::describe;
 use crate::classify::{Next, Verdict};
 use crate::connector::Connector;
@@ -130,6 +132,8 @@ struct Progress {
     tried: Vec<String>,
     /// The key of the last attempt.
     key_name: Option<String>,
+    /// What the request learned about the credentials of the keys it tried.
+    suspicion: Suspicion,
     bookkeeping: Bookkeeping,
     timings: Timings,
 }
@@ -216,8 +220,18 @@ impl Upstream {
         let mut slot = self.key_slot().await;
         loop {
             request.ensure_time_left(&self.connector.name)?;
-            let lease = self.lease_for_next_attempt(&outgoing, &mut request, slot.get()).await?;
-            let tried = self.try_once(&outgoing, &mut request, lease).await;
+            let lease = match self.lease_for_next_attempt(&outgoing, &mut request, slot.get()).await {
+                Ok(lease) => lease,
+                // No other key to weigh a suspect's answer against: the caller gets that answer.
+                Err(Error::NoKeyAvailable(_)) if let Some(suspect) = request.suspicion.suspect() => {
+                    let answer = suspect.answer();
+                    return Ok(self.exchange(answer, request).await);
+                }
+                Err(error) => return Err(error),
+            };
+            let mut tried = self.try_once(&outgoing, &mut request, lease).await;
+            let weighed = request.suspicion.weigh(&mut tried);
+            self.act_on(weighed, &request).await;
             if tried.commits() {
                 return Ok(self.hand_over_stream(&outgoing, request, tried));
             }
@@ -254,6 +268,7 @@ impl Upstream {
             budget: RetryBudget::new(keys, connector.policy.retries),
             tried: Vec::new(),
             key_name: None,
+            suspicion: Suspicion::default(),
             bookkeeping: Bookkeeping::Recorded,
             timings: Timings::default(),
         })

@@ -110,7 +110,13 @@ pub struct MockConfig {
     /// Every non-streaming request with a valid key gets a 200 JSON body that never ends (see
     /// [`MockUpstream::endless_bytes`]).
     pub endless_bodies: bool,
+    /// As Gemini does: its native paths (not `/openai/` nor `/chat/completions`) answer a key sent only
+    /// as `Authorization: Bearer …` with 401 [`UNAUTHENTICATED`] (it takes a Bearer token for OAuth).
+    pub gemini_auth: bool,
 }
+
+/// Gemini's 401 for an API key sent as a Bearer token on its native paths.
+pub const UNAUTHENTICATED: &str = r#"{"error":{"code":401,"message":"Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.","status":"UNAUTHENTICATED"}}"#;
 
 /// One answer given to every request: status, extra headers and a JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,6 +324,7 @@ impl Default for MockConfig {
             stream_faults_by_key: HashMap::new(),
             fixed_answer: None,
             endless_bodies: false,
+            gemini_auth: false,
         }
     }
 }
@@ -563,6 +570,11 @@ async fn answer(
     let path = parts.uri.path();
     let slow = path.starts_with("/slow");
     let chat = path.ends_with("/chat/completions");
+    let bearer_on_native = config.gemini_auth
+        && parts.headers.get(KEY_HEADER).is_none()
+        && parts.headers.contains_key(hyper::header::AUTHORIZATION)
+        && !chat
+        && !path.contains("/openai/");
     let model = model_in_path(path).map(str::to_owned).or_else(|| model_in_body(&body));
     let stream = stream_dialect(&parts.uri, &body);
     let arrived = Instant::now();
@@ -591,6 +603,8 @@ async fn answer(
         if fault.is_some() {
             stats.faults += 1;
             (StatusCode::OK, String::new(), fault)
+        } else if bearer_on_native {
+            (StatusCode::UNAUTHORIZED, UNAUTHENTICATED.to_owned(), None)
         } else if let Some(fixed) = config.fixed_answer.as_ref().filter(|_| valid) {
             if fixed.status == 429 {
                 stats.rate_limited += 1;

@@ -62,6 +62,9 @@ impl Backend for Disagreeing {
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
         self.0.end_lease(id, lease, fate, attempt, now)
     }
+    fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
+        self.0.confirm_error(id, lease, fate, now)
+    }
     fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
         self.0.record_attempt(attempt)
     }

@@ -168,6 +168,14 @@ impl Coordinator {
         &*self.inner.backend
     }
 
+    /// Puts the key of lease `lease` on key `id`, which ended with a release, in error with `fate`,
+    /// now that the answer that blamed it is confirmed as the key's own (see `exchange::suspicion`).
+    /// Fenced by that lease: `Ok(false)` when the key was claimed again since, or is held or in error.
+    pub(crate) fn confirm_error(&self, id: i64, lease: i64, fate: &pool::Fate) -> Result<bool> {
+        self.inner.alive_here()?;
+        self.inner.backend.confirm_error(id, lease, fate, self.now_ms())
+    }
+
     /// Makes the database's keys of the connectors `keyring` has a section for match it (see
     /// `Backend::sync_keys`); keys of other connectors are left alone, so keyrings with different
     /// sections can share a database. Keys it retires name the keyring file in their history row; each

@@ -64,7 +64,10 @@ impl Upstream {
             return short_blocking(move || coordinator.backend().record_attempt(&attempt)).await;
         };
         let fate = verdict.key.clone();
-        let keep = self.scope == LeaseScope::PerConnection && matches!(fate, Fate::Release { .. });
+        // A key the verdict puts aside (a suspect's) is not kept for the connection's next request.
+        let keep = self.scope == LeaseScope::PerConnection
+            && matches!(fate, Fate::Release { .. })
+            && verdict.next != Next::OtherKey;
         let coordinator = self.coordinator.clone();
         let model = model.map(str::to_owned);
         let settled = short_blocking(move || {

@@ -92,6 +92,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// attempt's model on the key's scopes once their lockdowns are over.
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool>;
 
+    /// Puts key `id` in error with `fate` (a [`Fate::Error`]) after its lease `lease` ended with a
+    /// release: the answer that blamed it was confirmed as the key's own (another key answered the same
+    /// request). Fenced by that lease: `Ok(false)`, and nothing written, when the key was claimed again
+    /// since, is held, or is already in error.
+    fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool>;
+
     /// Records an attempt made without ending a lease (no key, or the lease is kept).
     fn record_attempt(&self, attempt: &Attempt) -> Result<()>;
 

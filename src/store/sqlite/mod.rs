@@ -372,6 +372,56 @@ impl Backend for Sqlite {
         )
     }
 
+    fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
+        let Fate::Error { reason, http_status, project } = fate else { return Ok(false) };
+        self.write("putting a key in error", Some(self.holder_deadline()), |transaction| {
+            let released = transaction
+                .prepare_cached(&format!(
+                    "SELECT connector, key_name, fingerprint, state, quota_scope FROM keys k
+                      WHERE id = ?1 AND lease = ?2 AND {unheld}",
+                    unheld = rule_sql::unheld("k")
+                ))?
+                .query_row(params![id, lease], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
+                })
+                .optional()?;
+            let Some((connector, key_name, fingerprint, from_state, quota_scope)) = released else { return Ok(false) };
+            transaction
+                .prepare_cached(
+                    "UPDATE keys SET state = 'error', lockdown_until = NULL, reason = ?2, http_status = ?3,
+                            project_learned = coalesce(?4, project_learned)
+                      WHERE id = ?1",
+                )?
+                .execute(params![id, reason, http_status, project])?;
+            if project.is_some() {
+                requeue(transaction, id)?;
+            }
+            let from_state: String = from_state;
+            let quota_scope: String = quota_scope;
+            let transition = NewTransition {
+                holder_pid: Some(std::process::id()),
+                lease: Some(lease),
+                http_status: *http_status,
+                quota_scope: Some(&quota_scope),
+                ..NewTransition::new(
+                    HistoryEvent::Errored,
+                    (&connector, &key_name, &fingerprint),
+                    Some(&from_state),
+                    "error",
+                    reason,
+                )
+            };
+            record(transaction, now, &transition)?;
+            Ok(true)
+        })
+    }
+
     fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
         self.write("recording a request", Some(self.holder_deadline()), |transaction| {
             insert_attempt(transaction, attempt)

@@ -1,0 +1,207 @@
+//! Suspicion: an answer that blames a key's credentials (a 401, a 403, an invalid key) is the key's
+//! fault only once the request is seen to work otherwise. One misconfiguration (a connector that sends
+//! the key in the wrong header, as a Python api-jongler connector without `api_key_header` does to
+//! Gemini) gets that answer from every key, and must not put every key in error.
+//!
+//! The first such answer of a request makes its key a suspect: released, not put in error, and the
+//! request goes on to another key. Then:
+//! - the same answer (status, canonical status, reason and message) from another key: the request or
+//!   the configuration is at fault. The request stops with that answer, and no key is put in error;
+//! - an answer that got past the credentials on another key (any answer below 500 that does not blame
+//!   the credentials: a success, a 429, a bad request): the suspect's answer was its own. It goes to
+//!   error, fenced by the lease it was released from (not if someone claimed it since);
+//! - another answer blaming another key's credentials: two keys, two different faults. The first
+//!   is confirmed, the second becomes the suspect;
+//! - no answer, a 5xx, or the end of the request: nothing is learned, and the suspect stays vacant.
+//!
+//! When no other key can be claimed (a pool of one, or all others in error), the caller gets the
+//! suspect's answer, the upstream's own words, rather than "no key available".
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+
+use super::attempt::Answer;
+use super::verdict::describe;
+use super::{Progress, Tried, Upstream};
+use crate::classify::{Next, Verdict, answer_words};
+use crate::offload::short_blocking;
+use crate::pool::Fate;
+
+/// The key an answer blamed, released until the request confirms or clears it.
+#[derive(Debug)]
+pub(super) struct Suspect {
+    pub(super) key: String,
+    pub(super) id: i64,
+    pub(super) lease: i64,
+    /// The error it would have been put in, with the answer's reason.
+    pub(super) fate: Fate,
+    /// What the answer said (`classify::answer_words`), to compare the next key's answer with.
+    words: String,
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Suspect {
+    /// The suspect's answer, for the caller when no other key can be had.
+    pub(super) fn answer(&self) -> Answer {
+        Answer::Whole { status: self.status, headers: self.headers.clone(), body: self.body.clone() }
+    }
+
+    /// The fate the key is put in once its answer is confirmed as its own.
+    pub(super) fn confirmed_fate(&self) -> Fate {
+        match &self.fate {
+            Fate::Error { reason, http_status, project } => Fate::Error {
+                reason: format!("{reason}; confirmed: another key answered the same request"),
+                http_status: *http_status,
+                project: project.clone(),
+            },
+            fate => fate.clone(),
+        }
+    }
+}
+
+/// What one request learned about the credentials of the keys it tried.
+#[derive(Debug, Default)]
+pub(super) struct Suspicion {
+    suspect: Option<Suspect>,
+}
+
+/// What weighing an attempt decided.
+#[derive(Debug)]
+pub(super) enum Weighed {
+    /// Nothing to do beyond the attempt's own verdict.
+    Nothing,
+    /// This suspect's answer was its own: put it in error.
+    Confirmed(Box<Suspect>),
+    /// The same answer came from `first` and from this attempt's key: the request stops with it.
+    SameAnswer { first: String },
+}
+
+impl Suspicion {
+    /// The key under suspicion, if any.
+    pub(super) fn suspect(&self) -> Option<&Suspect> {
+        self.suspect.as_ref()
+    }
+
+    /// Weighs one attempt against what the request learned so far, changing its verdict where an
+    /// answer blamed a key that is not yet known to be at fault (see the module's rules).
+    pub(super) fn weigh(&mut self, tried: &mut Tried) -> Weighed {
+        let Ok(answer) = &tried.answer else { return Weighed::Nothing };
+        let status = answer.status();
+        let blames_credentials = matches!(tried.verdict.key, Fate::Error { .. });
+        if !blames_credentials {
+            return match self.suspect.take() {
+                Some(suspect) if status < 500 => Weighed::Confirmed(Box::new(suspect)),
+                kept => {
+                    self.suspect = kept;
+                    Weighed::Nothing
+                }
+            };
+        }
+        let (Some(lease), Answer::Whole { headers, body, .. }) = (&tried.lease, answer) else {
+            return Weighed::Nothing;
+        };
+        let suspect = Suspect {
+            key: lease.key_name().to_owned(),
+            id: lease.id(),
+            lease: lease.token(),
+            fate: tried.verdict.key.clone(),
+            words: answer_words(status, &String::from_utf8_lossy(body)),
+            status,
+            headers: headers.clone(),
+            body: body.clone(),
+        };
+        let released = Fate::Release { success: false };
+        match self.suspect.take() {
+            Some(first) if first.words == suspect.words => {
+                tried.verdict = Verdict { key: released, next: Next::Return };
+                tried.attempt.outcome = describe(&tried.verdict, &tried.answer);
+                Weighed::SameAnswer { first: first.key }
+            }
+            first => {
+                tried.verdict = Verdict { key: released, next: Next::OtherKey };
+                self.suspect = Some(suspect);
+                first.map_or(Weighed::Nothing, |first| Weighed::Confirmed(Box::new(first)))
+            }
+        }
+    }
+}
+
+impl Upstream {
+    /// Puts a confirmed suspect in error (see [`suspicion`]), or says why no key was.
+    pub(super) async fn act_on(&self, weighed: Weighed, request: &Progress) {
+        let connector = &self.connector.name;
+        match weighed {
+            Weighed::Nothing => {}
+            Weighed::SameAnswer { first } => tracing::warn!(
+                connector = %connector, first = %first, key = ?request.key_name,
+                "the same answer came from two keys for one request: the request or the connector's configuration \
+                 is at fault, so no key was put in error"
+            ),
+            Weighed::Confirmed(suspect) => {
+                let coordinator = self.coordinator.clone();
+                let fate = suspect.confirmed_fate();
+                let (id, lease) = (suspect.id, suspect.lease);
+                match short_blocking(move || coordinator.confirm_error(id, lease, &fate)).await {
+                    Ok(true) => {
+                        tracing::warn!(connector = %connector, key = %suspect.key, "key put in error: another key answered the request its answer refused")
+                    }
+                    Ok(false) => {}
+                    // The request itself is fine; the key stays vacant, and will be suspected again.
+                    Err(error) => {
+                        tracing::warn!(connector = %connector, key = %suspect.key, error = %error, "putting a key in error failed")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::coordinator::{Coordinator, CoordinatorOptions};
+    use crate::keyring::Keyring;
+    use crate::pool::{Fate, KeyState};
+
+    fn bad_key() -> Fate {
+        Fate::Error { reason: "401 invalid credentials".into(), http_status: Some(401), project: None }
+    }
+
+    fn state(coordinator: &Coordinator) -> KeyState {
+        coordinator.store().keys(Some("c")).expect("keys")[0].state
+    }
+
+    #[test]
+    fn a_confirmed_suspect_goes_to_error_only_under_the_lease_it_was_released_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = CoordinatorOptions { db_path: Some(dir.path().join("pool.db")), ..CoordinatorOptions::default() };
+        let coordinator = Coordinator::open(options).expect("open");
+        let keyring = Keyring::parse(&dir.path().join("keys.ini"), "[c]\nkey0 = fake-secret-0\n").expect("keyring");
+        coordinator.sync(&keyring).expect("sync");
+        let claim = || coordinator.claim_for("c", None, &[], Duration::ZERO).expect("claim");
+
+        let suspect = claim();
+        let (id, suspected) = (suspect.id(), suspect.token());
+        suspect.release().expect("release");
+        // Someone else claimed it since: its fate is theirs to judge.
+        let other = claim();
+        assert!(!coordinator.confirm_error(id, suspected, &bad_key()).expect("confirm"), "fenced by the lease");
+        let held = other.token();
+        // Held: never put in error under its holder.
+        assert!(!coordinator.confirm_error(id, held, &bad_key()).expect("confirm"), "held by its holder");
+        assert_eq!(state(&coordinator), KeyState::Locked);
+        other.release().expect("release");
+        assert!(coordinator.confirm_error(id, held, &bad_key()).expect("confirm"), "released and not claimed since");
+        assert_eq!(state(&coordinator), KeyState::Error);
+        // Already in error: nothing written twice.
+        assert!(!coordinator.confirm_error(id, held, &bad_key()).expect("confirm"));
+        let history = coordinator.store().history(&Default::default()).expect("history");
+        let errored: Vec<_> = history.iter().filter(|row| row.to_state == "error").collect();
+        assert_eq!(errored.len(), 1, "{history:#?}");
+        assert_eq!(errored[0].event, crate::pool::HistoryEvent::Errored);
+        assert_eq!(errored[0].lease, Some(held));
+    }
+}
