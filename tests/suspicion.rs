@@ -1,0 +1,111 @@
+//! One answer seen on every key is not the keys' fault: through real HTTP against the loopback mock,
+//! an answer that blames a key's credentials puts that key in error only once another key answered
+//! the same request past its credentials; the same answer from two keys stops the request, with the
+//! upstream's words and no key in error.
+
+mod common;
+
+use api_jongler::mock::{MockConfig, MockUpstream, UNAUTHENTICATED};
+use api_jongler::pool::HistoryEvent;
+use common::Sandbox;
+
+/// A connector the user wrote for a Gemini-compatible endpoint, in the seed's documented format: no
+/// `api_key_header`, so the keys go out as `Authorization: Bearer`, which Gemini's native paths refuse.
+const PROXY: &str = "gemini-proxy";
+const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+fn secret(connector: &str, index: usize) -> String {
+    format!("fake-secret-{connector}-{index}-do-not-use")
+}
+
+fn keys_in_error(sandbox: &Sandbox) -> Vec<String> {
+    let sql = sandbox.sql();
+    let mut statement = sql.prepare("SELECT key_name FROM keys WHERE state = 'error' ORDER BY key_name").expect("sql");
+    statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+/// A sandbox with `keys` keys for `connector`, pointed at `mock` through a connector file in the
+/// seed's format (`seed_format`), or with the key in Gemini's header.
+fn sandbox_for(connector: &str, keys: usize, mock: &MockUpstream, seed_format: bool) -> Sandbox {
+    let sandbox = Sandbox::new(connector, keys);
+    if seed_format {
+        let dir = sandbox.connectors_dir();
+        std::fs::create_dir_all(&dir).expect("mkdir connectors");
+        let file = serde_json::json!({
+            "name": connector, "host": "127.0.0.1", "port": mock.port(), "protocol": "http",
+            "format": "json", "requires_api_key": true
+        });
+        std::fs::write(dir.join(format!("{connector}.json")), file.to_string()).expect("write connector");
+    } else {
+        sandbox.point_connector(connector, "127.0.0.1", mock.port(), serde_json::json!({ "backoff_ms": 5 }));
+    }
+    sandbox
+}
+
+async fn mock(config: MockConfig) -> MockUpstream {
+    MockUpstream::start(config).await.expect("start the mock")
+}
+
+#[tokio::test]
+async fn a_connector_that_sends_the_key_wrong_puts_no_key_in_error() {
+    let upstream = mock(MockConfig { gemini_auth: true, ..MockConfig::default() }).await;
+    let sandbox = sandbox_for(PROXY, 4, &upstream, true);
+    let jongler = sandbox.jongler(PROXY).connect().await.expect("jongler");
+    for round in 1..=3 {
+        let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
+        assert_eq!(response.status, 401, "round {round}: the upstream's status");
+        assert_eq!(response.body, UNAUTHENTICATED, "round {round}: the upstream's own words");
+        assert_eq!(response.attempts, 2, "round {round}: the second same answer stops the request");
+        assert_eq!(keys_in_error(&sandbox), Vec::<String>::new(), "round {round}: no key is at fault");
+    }
+    let seen = upstream.seen_requests();
+    assert_eq!(seen.len(), 6, "two attempts per request");
+    assert!(seen.iter().all(|request| request.headers.iter().any(|(name, _)| name == "authorization")));
+}
+
+#[tokio::test]
+async fn a_bad_key_among_good_ones_goes_to_error_once_another_key_answers() {
+    let connector = "gemini-direct";
+    let bad = secret(connector, 0);
+    let upstream = mock(MockConfig { bad_keys: [bad].into(), ..MockConfig::default() }).await;
+    let sandbox = sandbox_for(connector, 3, &upstream, false);
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    // Every key is unused, so the first request may take any; three requests take each key once.
+    for round in 1..=3 {
+        let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
+        assert_eq!(response.status, 200, "round {round}: another key answered");
+    }
+    assert_eq!(keys_in_error(&sandbox), vec!["key0".to_owned()], "exactly the key at fault");
+    let history = sandbox.history();
+    let errored: Vec<_> = history.iter().filter(|row| row.event == HistoryEvent::Errored).collect();
+    assert_eq!(errored.len(), 1, "{history:#?}");
+    assert!(errored[0].reason.contains("API_KEY_INVALID"), "the answer's reason: {}", errored[0].reason);
+    assert!(errored[0].reason.contains("confirmed"), "says why it is the key's: {}", errored[0].reason);
+}
+
+#[tokio::test]
+async fn every_key_refused_alike_is_the_configuration_and_the_caller_hears_the_upstream() {
+    let connector = "gemini-direct";
+    let bad = (0..3).map(|index| secret(connector, index)).collect();
+    let upstream = mock(MockConfig { bad_keys: bad, ..MockConfig::default() }).await;
+    let sandbox = sandbox_for(connector, 3, &upstream, false);
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
+    assert_eq!(response.status, 400);
+    assert!(response.body.contains("API key not valid"), "the upstream's words: {}", response.body);
+    assert_eq!(response.attempts, 2);
+    assert_eq!(keys_in_error(&sandbox), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_pool_of_one_refused_key_answers_with_the_upstreams_words() {
+    let connector = "gemini-direct";
+    let upstream = mock(MockConfig { bad_keys: [secret(connector, 0)].into(), ..MockConfig::default() }).await;
+    let sandbox = sandbox_for(connector, 1, &upstream, false);
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("the upstream's answer, not 'no key'");
+    assert_eq!(response.status, 400);
+    assert!(response.body.contains("API key not valid"), "{}", response.body);
+    assert_eq!(response.attempts, 1);
+    assert_eq!(keys_in_error(&sandbox), Vec::<String>::new(), "no other key showed it is the key's fault");
+}
