@@ -61,6 +61,7 @@ use bytes::Bytes;
 use self::attempt::{Answer, NoAnswer, innermost};
 use self::budget::{Retry, RetryBudget};
 use self::in_flight::{InFlight, millis};
+use self::keys::Aside;
 use self::suspicion::Suspicion;
 use self::verdict::describe;
 use crate::classify::{Next, Verdict};
@@ -231,7 +232,7 @@ impl Upstream {
             };
             let mut tried = self.try_once(&outgoing, &mut request, lease).await;
             let weighed = request.suspicion.weigh(&mut tried);
-            self.act_on(weighed, &request).await;
+            self.act_on(weighed, &mut request).await;
             if tried.commits() {
                 return Ok(self.hand_over_stream(&outgoing, request, tried));
             }
@@ -243,7 +244,10 @@ impl Upstream {
             match self.next_step(&outgoing, &mut request, &verdict) {
                 Retry::After(pause) => tokio::time::sleep(pause).await,
                 Retry::NewCircuit => self.new_circuit()?,
-                Retry::No => return self.conclude(answer, request).await,
+                Retry::No => {
+                    self.let_go(&mut request).await;
+                    return self.conclude(answer, request).await;
+                }
             }
         }
     }
@@ -294,14 +298,41 @@ impl Upstream {
         let lease = if outgoing.without_key {
             None
         } else {
-            let (model, wait) = (request.model.as_deref(), request.wait);
-            self.next_lease(slot, model, &request.tried, request.started, wait, &mut request.budget).await?
+            match self.lease_beside_suspect(request, slot).await? {
+                Some(lease) => Some(lease),
+                None => {
+                    let (model, wait) = (request.model.as_deref(), request.wait);
+                    let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
+                    self.next_lease(slot, model, aside, request.started, wait, &mut request.budget).await?
+                }
+            }
         };
         request.timings.claiming += claiming.elapsed();
         self.check_secret(lease.as_ref())?;
         request.budget.attempt();
         request.key_name = lease.as_ref().map(|lease| lease.key_name().to_owned());
         Ok(lease)
+    }
+
+    /// While the request keeps a suspect's lease, another key that comes within [`suspicion::HOLD`];
+    /// `None` (and the suspect let go) when none does, or when there is no suspect.
+    async fn lease_beside_suspect(&self, request: &mut Progress, slot: &mut Option<Lease>) -> Result<Option<Lease>> {
+        let remaining = request.wait.saturating_sub(request.started.elapsed());
+        if !request.suspicion.holds() || remaining.is_zero() {
+            self.let_go(request).await;
+            return Ok(None);
+        }
+        let model = request.model.as_deref();
+        let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
+        let hold = remaining.min(suspicion::HOLD);
+        match self.next_lease(slot, model, aside, Instant::now(), hold, &mut request.budget).await {
+            Ok(lease) => Ok(lease),
+            Err(Error::NoKeyAvailable(_)) => {
+                self.let_go(request).await;
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// One attempt with `lease`, guarded while on the wire, and its verdict and outcome.

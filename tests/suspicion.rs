@@ -109,3 +109,24 @@ async fn a_pool_of_one_refused_key_answers_with_the_upstreams_words() {
     assert_eq!(response.attempts, 1);
     assert_eq!(keys_in_error(&sandbox), Vec::<String>::new(), "no other key showed it is the key's fault");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_through_a_misconfigured_connector_all_end_with_no_key_in_error() {
+    let upstream = mock(MockConfig { gemini_auth: true, ..MockConfig::default() }).await;
+    let sandbox = sandbox_for(PROXY, 4, &upstream, true);
+    let jongler = sandbox.jongler(PROXY).wait(std::time::Duration::from_secs(30)).connect().await.expect("jongler");
+    // As many requests as keys, at once: each may hold a suspect while it looks for another key.
+    let requests: Vec<_> = (0..4)
+        .map(|_| {
+            let jongler = jongler.clone();
+            tokio::spawn(async move { jongler.request("POST", ENDPOINT, "{}").await })
+        })
+        .collect();
+    for request in requests {
+        let response = request.await.expect("the task").expect("an answer, not 'no key'");
+        assert_eq!(response.status, 401);
+        assert_eq!(response.body, UNAUTHENTICATED);
+    }
+    assert_eq!(keys_in_error(&sandbox), Vec::<String>::new());
+    assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE state = 'locked'"), 0, "every suspect was let go");
+}

@@ -13,6 +13,23 @@ use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::offload::short_blocking;
 
+/// The keys a request puts aside.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Aside<'a> {
+    /// Keys it tried. Without a wait, each key is tried once per request (the seed's rule); with one,
+    /// a key put in lockdown by this request may be tried again once its deadline has passed.
+    pub(super) tried: &'a [String],
+    /// Keys whose answer it suspects (`suspicion`): never claimed again by this request.
+    pub(super) suspected: &'a [String],
+}
+
+impl Aside<'_> {
+    /// The keys a claim that may wait `wait` skips.
+    fn for_claim(&self, wait: Duration) -> &[String] {
+        if wait.is_zero() { self.tried } else { self.suspected }
+    }
+}
+
 impl Upstream {
     /// A free key at once if there is one (in place: no hand-off), else a place in the process's
     /// queue of waiters, which holds no thread while it waits.
@@ -27,13 +44,13 @@ impl Upstream {
         &self,
         slot: &mut Option<Lease>,
         model: Option<&str>,
-        tried: &[String],
+        aside: Aside<'_>,
         started: Instant,
         wait: Duration,
         budget: &mut RetryBudget,
     ) -> Result<Option<Lease>> {
         loop {
-            let Some(lease) = self.lease_for_attempt(slot, model, tried, started, wait).await? else {
+            let Some(lease) = self.lease_for_attempt(slot, model, aside, started, wait).await? else {
                 return Ok(None);
             };
             if lease.is_valid() {
@@ -65,7 +82,7 @@ impl Upstream {
         &self,
         slot: &mut Option<Lease>,
         model: Option<&str>,
-        tried: &[String],
+        aside: Aside<'_>,
         started: Instant,
         wait: Duration,
     ) -> Result<Option<Lease>> {
@@ -95,10 +112,7 @@ impl Upstream {
             }
         }
         let remaining = wait.saturating_sub(started.elapsed());
-        // Without a wait, each key is tried once per request (the seed's rule). With one, a key put in
-        // lockdown by this request may be tried again once its deadline has passed.
-        let exclude = if wait.is_zero() { tried } else { &[] };
-        self.claim(model, exclude, remaining).await.map(Some)
+        self.claim(model, aside.for_claim(wait), remaining).await.map(Some)
     }
 
     /// The secret this process would send for `lease` is the one the database row was synced with;

@@ -3,19 +3,25 @@
 //! the key in the wrong header, as a Python api-jongler connector without `api_key_header` does to
 //! Gemini) gets that answer from every key, and must not put every key in error.
 //!
-//! The first such answer of a request makes its key a suspect: released, not put in error, and the
-//! request goes on to another key. Then:
+//! The first such answer of a request makes its key a suspect: not put in error, and the request goes
+//! on to another key. The request keeps the suspect's lease meanwhile (so other requests do not spend an
+//! attempt on it), but only while another key comes within [`HOLD`]: past it, the suspect is released
+//! and the request waits as usual (many requests each holding a suspect must not wait for one another).
+//! Then:
 //! - the same answer (status, canonical status, reason and message) from another key: the request or
 //!   the configuration is at fault. The request stops with that answer, and no key is put in error;
 //! - an answer that got past the credentials on another key (any answer below 500 that does not blame
-//!   the credentials: a success, a 429, a bad request): the suspect's answer was its own. It goes to
-//!   error, fenced by the lease it was released from (not if someone claimed it since);
+//!   the credentials: a success, a 429, a bad request): the suspect's answer was its own, and it goes
+//!   to error: through its lease if still held, else fenced by the lease it was released from (not if
+//!   someone claimed it since);
 //! - another answer blaming another key's credentials: two keys, two different faults. The first
 //!   is confirmed, the second becomes the suspect;
-//! - no answer, a 5xx, or the end of the request: nothing is learned, and the suspect stays vacant.
+//! - no answer, a 5xx, or the end of the request: nothing is learned, and the suspect is released.
 //!
 //! When no other key can be claimed (a pool of one, or all others in error), the caller gets the
 //! suspect's answer, the upstream's own words, rather than "no key available".
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::HeaderMap;
@@ -24,15 +30,22 @@ use super::attempt::Answer;
 use super::verdict::describe;
 use super::{Progress, Tried, Upstream};
 use crate::classify::{Next, Verdict, answer_words};
+use crate::lease::Lease;
 use crate::offload::short_blocking;
 use crate::pool::Fate;
 
-/// The key an answer blamed, released until the request confirms or clears it.
+/// How long a request keeps a suspect's lease while it waits for another key.
+pub(super) const HOLD: Duration = Duration::from_secs(2);
+
+/// The key an answer blamed, until the request confirms or clears it.
 #[derive(Debug)]
 pub(super) struct Suspect {
     pub(super) key: String,
     pub(super) id: i64,
-    pub(super) lease: i64,
+    /// The lease it was suspected under (the fence once it is released).
+    pub(super) token: i64,
+    /// Its lease, while the request keeps it.
+    pub(super) held: Option<Lease>,
     /// The error it would have been put in, with the answer's reason.
     pub(super) fate: Fate,
     /// What the answer said (`classify::answer_words`), to compare the next key's answer with.
@@ -65,6 +78,8 @@ impl Suspect {
 #[derive(Debug, Default)]
 pub(super) struct Suspicion {
     suspect: Option<Suspect>,
+    /// Every key this request suspected: it never claims them again.
+    suspected: Vec<String>,
 }
 
 /// What weighing an attempt decided.
@@ -74,14 +89,29 @@ pub(super) enum Weighed {
     Nothing,
     /// This suspect's answer was its own: put it in error.
     Confirmed(Box<Suspect>),
-    /// The same answer came from `first` and from this attempt's key: the request stops with it.
-    SameAnswer { first: String },
+    /// The same answer came from the suspect and from this attempt's key: the request stops with it.
+    SameAnswer,
 }
 
 impl Suspicion {
     /// The key under suspicion, if any.
     pub(super) fn suspect(&self) -> Option<&Suspect> {
         self.suspect.as_ref()
+    }
+
+    /// Whether the request keeps a suspect's lease.
+    pub(super) fn holds(&self) -> bool {
+        self.suspect.as_ref().is_some_and(|suspect| suspect.held.is_some())
+    }
+
+    /// The suspect's lease, given up (no other key came within [`HOLD`], or the request ends).
+    pub(super) fn let_go(&mut self) -> Option<Lease> {
+        self.suspect.as_mut().and_then(|suspect| suspect.held.take())
+    }
+
+    /// Every key this request suspected.
+    pub(super) fn suspected(&self) -> &[String] {
+        &self.suspected
     }
 
     /// Weighs one attempt against what the request learned so far, changing its verdict where an
@@ -105,7 +135,8 @@ impl Suspicion {
         let suspect = Suspect {
             key: lease.key_name().to_owned(),
             id: lease.id(),
-            lease: lease.token(),
+            token: lease.token(),
+            held: None,
             fate: tried.verdict.key.clone(),
             words: answer_words(status, &String::from_utf8_lossy(body)),
             status,
@@ -113,51 +144,78 @@ impl Suspicion {
             body: body.clone(),
         };
         let released = Fate::Release { success: false };
+        if !self.suspected.contains(&suspect.key) {
+            self.suspected.push(suspect.key.clone());
+        }
         match self.suspect.take() {
-            Some(first) if first.words == suspect.words => {
+            Some(first) if first.key != suspect.key && first.words == suspect.words => {
+                self.suspect = Some(first);
                 tried.verdict = Verdict { key: released, next: Next::Return };
                 tried.attempt.outcome = describe(&tried.verdict, &tried.answer);
-                Weighed::SameAnswer { first: first.key }
+                Weighed::SameAnswer
             }
             first => {
                 tried.verdict = Verdict { key: released, next: Next::OtherKey };
+                let suspect = Suspect { held: tried.lease.take(), ..suspect };
+                // Another key's different refusal: both are the keys' own. The same key again (a pool
+                // with nothing else to try) is just suspected under its new lease.
+                let confirmed = first.filter(|first| first.key != suspect.key);
                 self.suspect = Some(suspect);
-                first.map_or(Weighed::Nothing, |first| Weighed::Confirmed(Box::new(first)))
+                confirmed.map_or(Weighed::Nothing, |first| Weighed::Confirmed(Box::new(first)))
             }
         }
     }
 }
 
 impl Upstream {
-    /// Puts a confirmed suspect in error (see [`suspicion`]), or says why no key was.
-    pub(super) async fn act_on(&self, weighed: Weighed, request: &Progress) {
-        let connector = &self.connector.name;
+    /// Puts a confirmed suspect in error, or releases the suspect of a request that stops with the
+    /// same answer from another key (see the module's rules).
+    pub(super) async fn act_on(&self, weighed: Weighed, request: &mut Progress) {
+        let connector = self.connector.name.clone();
         match weighed {
             Weighed::Nothing => {}
-            Weighed::SameAnswer { first } => tracing::warn!(
-                connector = %connector, first = %first, key = ?request.key_name,
-                "the same answer came from two keys for one request: the request or the connector's configuration \
-                 is at fault, so no key was put in error"
-            ),
-            Weighed::Confirmed(suspect) => {
-                let coordinator = self.coordinator.clone();
+            Weighed::SameAnswer => {
+                let first = request.suspicion.suspect().map(|suspect| suspect.key.clone()).unwrap_or_default();
+                tracing::warn!(
+                    connector = %connector, first = %first, key = ?request.key_name,
+                    "the same answer came from two keys for one request: the request or the connector's \
+                     configuration is at fault, so no key was put in error"
+                );
+                self.let_go(request).await;
+            }
+            Weighed::Confirmed(mut suspect) => {
                 let fate = suspect.confirmed_fate();
-                let (id, lease) = (suspect.id, suspect.lease);
-                match short_blocking(move || coordinator.confirm_error(id, lease, &fate)).await {
-                    Ok(true) => {
-                        tracing::warn!(connector = %connector, key = %suspect.key, "key put in error: another key answered the request its answer refused")
-                    }
+                let (id, token, held) = (suspect.id, suspect.token, suspect.held.take());
+                let coordinator = self.coordinator.clone();
+                let confirmed = short_blocking(move || match held {
+                    Some(lease) => lease.finish(&fate, None).map(|()| true),
+                    None => coordinator.confirm_error(id, token, &fate),
+                })
+                .await;
+                match confirmed {
+                    Ok(true) => tracing::warn!(
+                        connector = %connector, key = %suspect.key,
+                        "key put in error: another key answered the request its answer refused"
+                    ),
                     Ok(false) => {}
-                    // The request itself is fine; the key stays vacant, and will be suspected again.
+                    // The request itself is fine; the key is free, and will be suspected again.
                     Err(error) => {
-                        tracing::warn!(connector = %connector, key = %suspect.key, error = %error, "putting a key in error failed")
+                        tracing::warn!(connector = %connector, key = %suspect.key, error = %error, "putting a key in error failed");
                     }
                 }
             }
         }
     }
-}
 
+    /// Releases the suspect's lease, if the request keeps it (its fate stays open: nothing learned).
+    pub(super) async fn let_go(&self, request: &mut Progress) {
+        let Some(lease) = request.suspicion.let_go() else { return };
+        let key = lease.key_name().to_owned();
+        if let Err(error) = short_blocking(move || lease.release()).await {
+            tracing::warn!(connector = %self.connector.name, key = %key, error = %error, "releasing a suspect failed");
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
