@@ -333,6 +333,25 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The JSON object of an answer: the body itself, or the first element of the one-element array
+/// Gemini's OpenAI-compatible layer wraps its envelope in. `None` when the body is neither.
+fn envelope(body: &str) -> Option<Value> {
+    match serde_json::from_str::<Value>(body).ok()? {
+        Value::Array(elements) => elements.into_iter().next().filter(Value::is_object),
+        object @ Value::Object(_) => Some(object),
+        _ => None,
+    }
+}
+
+/// The HTTP status an error envelope carries in `error.code` (`{"error":{"code":429,...}}`, bare or in
+/// the OpenAI layer's array), if it is an error status: how an in-band error event of a stream is judged.
+pub fn envelope_status(body: &str) -> Option<u16> {
+    envelope(body)?["error"]["code"]
+        .as_u64()
+        .and_then(|code| u16::try_from(code).ok())
+        .filter(|code| (400..600).contains(code))
+}
+
 /// What an error body says, in Gemini's envelope or Hugging Face's flat form.
 #[derive(Debug, Default)]
 struct UpstreamError {
@@ -358,14 +377,7 @@ struct UpstreamError {
 
 impl UpstreamError {
     fn parse(body: &str) -> Self {
-        let Ok(mut json) = serde_json::from_str::<Value>(body) else { return Self::default() };
-        // Gemini's OpenAI-compatible layer wraps the envelope in a one-element array.
-        if let Value::Array(elements) = &mut json {
-            match elements.first_mut() {
-                Some(element @ Value::Object(_)) => json = element.take(),
-                _ => return Self::default(),
-            }
-        }
+        let Some(json) = envelope(body) else { return Self::default() };
         let mut parsed = Self {
             estimated_time: json["estimated_time"]
                 .as_f64()

@@ -438,3 +438,19 @@ fn the_openai_layers_array_is_read_like_a_bare_error() {
         assert_eq!(judge(400, &[], body), Verdict { key: Fate::Release { success: false }, next: Next::Return });
     }
 }
+
+/// An in-band error event's status is read from the bare envelope and from the OpenAI layer's array.
+#[test]
+fn the_status_of_an_error_envelope_is_read_bare_or_in_an_array() {
+    let cases: [(&str, Option<u16>); 6] = [
+        (GEMINI_429_MINUTE, Some(429)),
+        (OPENAI_LAYER_429_DAY, Some(429)),
+        (OPENAI_LAYER_400_INVALID, Some(400)),
+        (HF_429, None),
+        (r#"{"error":{"code":200}}"#, None),
+        ("[]", None),
+    ];
+    for (body, status) in cases {
+        assert_eq!(envelope_status(body), status, "{body}");
+    }
+}
