@@ -229,6 +229,9 @@ async fn lockdowns_of_one_model_show_in_every_summary() {
         assert_eq!(for_pro.lockdown.len(), 4, "a request for {name}: {for_pro:?}");
     }
 
+    let claimed = coordinator.claim_for(C, Some(&format!("models/{PRO}")), &[], Duration::ZERO);
+    assert!(claimed.is_err(), "a claim for models/{PRO} is one for {PRO}: {claimed:?}");
+
     let why = sandbox.apijongler().args(["why", C, "key2", "--model", &format!("models/{PRO}")]).output().unwrap();
     let said = String::from_utf8_lossy(&why.stdout);
     assert!(why.status.success(), "{said}{}", String::from_utf8_lossy(&why.stderr));
