@@ -406,7 +406,11 @@ fn answers_about_the_key_name_no_resource() {
     ] {
         assert_eq!(resource(status, body), None, "{status} {body}");
     }
-    assert!(matches!(judge(403, &[], GEMINI_403_LEAKED).key, Fate::Error { .. }));
+    for body in [GEMINI_403_LEAKED, ARRAY_403_CONSUMER_INVALID, ARRAY_403_CALLER] {
+        assert_eq!(resource(403, body), None, "{body}");
+        let verdict = judge(403, &[], body);
+        assert!(matches!(verdict.key, Fate::Error { .. }), "{body}: {verdict:?}");
+    }
 }
 
 /// The OpenAI-compatible layer's `[{"error": {...}}]` is read like the bare envelope: its quota details
