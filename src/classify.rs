@@ -470,9 +470,8 @@ impl UpstreamError {
                 let (at, word) = kind.words().iter().find_map(|word| Some((find_word(&lower, word)?, word)))?;
                 // `the File abc or ...`: the word after the kind is its id, unless it is a plain word.
                 let after = message[at + word.len()..].trim_start();
-                let name = resource_id(after)
-                    .filter(|id| id.chars().any(|c| c.is_ascii_digit() || c == '-' || c == '_') || !is_english(id))
-                    .map(|id| format!("{}/{id}", kind.collection()));
+                let name =
+                    resource_id(after).filter(|id| !is_english(id)).map(|id| format!("{}/{id}", kind.collection()));
                 Some(Resource { kind, name })
             })
         })
