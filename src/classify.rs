@@ -6,6 +6,14 @@
 //! `retryDelay` claims), a bad key goes to error, and everything that is the provider's or the
 //! request's problem (overload, 5xx, a location refusal, a bad request) leaves the key vacant.
 //!
+//! A 403 or 404 about a resource ([`resource`]: a file, cached content, batch or tuned model that is
+//! missing, expired or another project's) is the request's fault: the key goes back vacant and the
+//! caller gets the answer. Only the answer's words tell it from a 403 about the key (leaked, disabled
+//! service), so an answer that also blames the key (`API_KEY_*`, `SERVICE_DISABLED`) is never one.
+//!
+//! Bodies are read in Gemini's envelope, in Hugging Face's flat form, and in the one-element array
+//! Gemini's OpenAI-compatible layer wraps its envelope in (`[{"error": {...}}]`), read like the bare one.
+//!
 //! A lockdown is only as wide as the quota that ran out: Gemini meters per project and per model, so a
 //! `QuotaFailure` that names a model locks that model for the key's quota group (and the requested
 //! name too, when it was an alias), a quota per project without a model locks the whole group, Hugging
@@ -99,6 +107,10 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
     if (200..300).contains(&status) {
         return verdict(Fate::Release { success: true }, Next::Return);
     }
+    // Before the rate limits: a connector may still list 403 there, and a missing file is no quota.
+    if error.resource(status).is_some() {
+        return verdict(release, Next::Return);
+    }
     if policy.rate_limit_statuses.contains(&status) {
         return verdict(lockdown(rate_limit_lockdown(status, headers, &error, context)), Next::OtherKey);
     }
@@ -120,6 +132,63 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str, context: &Context<
         }
         _ => verdict(release, Next::Return),
     }
+}
+
+/// A per-project resource that an answer is about: the request named a file, cached content, batch
+/// or tuned model that does not exist, expired, or belongs to another project's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Resource {
+    /// What it is.
+    pub kind: ResourceKind,
+    /// Its full name (`files/abc`), when the answer gives it and it is sane.
+    pub name: Option<String>,
+}
+
+/// The kinds of resources a Google Cloud project owns: the project of the key that created one is the
+/// only one that may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    /// An upload, `files/…` (deleted after 48 h).
+    File,
+    /// Cached content, `cachedContents/…`.
+    CachedContent,
+    /// A batch job, `batches/…`.
+    Batch,
+    /// A tuned model, `tunedModels/…`.
+    TunedModel,
+}
+
+impl ResourceKind {
+    /// Every kind, in the order answers are searched for them.
+    pub const ALL: [ResourceKind; 4] = [Self::File, Self::CachedContent, Self::Batch, Self::TunedModel];
+
+    /// The collection its names start with: `files`, `cachedContents`, `batches`, `tunedModels`.
+    pub fn collection(self) -> &'static str {
+        match self {
+            Self::File => "files",
+            Self::CachedContent => "cachedContents",
+            Self::Batch => "batches",
+            Self::TunedModel => "tunedModels",
+        }
+    }
+
+    /// How a message names one in words (lowercase): `file`, `cachedcontent`, ...
+    fn words(self) -> &'static [&'static str] {
+        match self {
+            Self::File => &["file"],
+            Self::CachedContent => &["cachedcontent", "cached content"],
+            Self::Batch => &["batch"],
+            Self::TunedModel => &["tunedmodel", "tuned model"],
+        }
+    }
+}
+
+/// The resource an answer with `status` and `body` is about, if it is a 403 or 404 that names one
+/// (`You do not have permission to access the File abc or it may not exist.`): such an answer is the
+/// request's fault, and [`classify`] releases the key and returns it. `None` for any other answer, and
+/// for one that blames the key (an invalid key, a disabled service) whatever it names.
+pub fn resource(status: u16, body: &str) -> Option<Resource> {
+    UpstreamError::parse(body).resource(status)
 }
 
 /// The verdict when no answer came: a timeout or a connection error is never the key's fault.
@@ -278,6 +347,25 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The JSON object of an answer: the body itself, or the first element of the one-element array
+/// Gemini's OpenAI-compatible layer wraps its envelope in. `None` when the body is neither.
+fn envelope(body: &str) -> Option<Value> {
+    match serde_json::from_str::<Value>(body).ok()? {
+        Value::Array(elements) => elements.into_iter().next().filter(Value::is_object),
+        object @ Value::Object(_) => Some(object),
+        _ => None,
+    }
+}
+
+/// The HTTP status an error envelope carries in `error.code` (`{"error":{"code":429,...}}`, bare or in
+/// the OpenAI layer's array), if it is an error status: how an in-band error event of a stream is judged.
+pub fn envelope_status(body: &str) -> Option<u16> {
+    envelope(body)?["error"]["code"]
+        .as_u64()
+        .and_then(|code| u16::try_from(code).ok())
+        .filter(|code| (400..600).contains(code))
+}
+
 /// What an error body says, in Gemini's envelope or Hugging Face's flat form.
 #[derive(Debug, Default)]
 struct UpstreamError {
@@ -303,7 +391,7 @@ struct UpstreamError {
 
 impl UpstreamError {
     fn parse(body: &str) -> Self {
-        let Ok(json) = serde_json::from_str::<Value>(body) else { return Self::default() };
+        let Some(json) = envelope(body) else { return Self::default() };
         let mut parsed = Self {
             estimated_time: json["estimated_time"]
                 .as_f64()
@@ -371,6 +459,38 @@ impl UpstreamError {
             && self.message.as_deref().is_some_and(|m| m.contains("location is not supported"))
     }
 
+    /// The resource a 403 or 404 is about: the message names one (`files/abc`, `the File abc`,
+    /// `CachedContent`, `batches/…`, `tuned model`), and, for a 403, says it is missing or not this
+    /// project's (`may not exist`, `not found`, `permission`). Never for an answer that blames the key.
+    fn resource(&self, status: u16) -> Option<Resource> {
+        if !matches!(status, 403 | 404) || self.is_bad_key() || self.reason.as_deref().is_some_and(blames_the_key) {
+            return None;
+        }
+        let message = self.message.as_deref()?;
+        let lower = message.to_ascii_lowercase();
+        if status == 403
+            && !["may not exist", "not found", "does not exist", "permission"].iter().any(|p| lower.contains(p))
+        {
+            return None;
+        }
+        // A full name first (`files/abc`), then a kind in words (`the File abc`).
+        let by_name = ResourceKind::ALL.into_iter().find_map(|kind| {
+            let at = lower.find(&format!("{}/", kind.collection().to_ascii_lowercase()))?;
+            let id = resource_id(&message[at + kind.collection().len() + 1..])?;
+            Some(Resource { kind, name: Some(format!("{}/{id}", kind.collection())) })
+        });
+        by_name.or_else(|| {
+            ResourceKind::ALL.into_iter().find_map(|kind| {
+                let (at, word) = kind.words().iter().find_map(|word| Some((find_word(&lower, word)?, word)))?;
+                // `the File abc or ...`: the word after the kind is its id, unless it is a plain word.
+                let after = message[at + word.len()..].trim_start();
+                let name =
+                    resource_id(after).filter(|id| !is_english(id)).map(|id| format!("{}/{id}", kind.collection()));
+                Some(Resource { kind, name })
+            })
+        })
+    }
+
     /// `summary`, followed by the upstream's canonical status and reason where it gave them.
     fn reason(&self, summary: &str) -> String {
         let extra: Vec<&str> = [self.status.as_deref(), self.reason.as_deref()].into_iter().flatten().collect();
@@ -411,6 +531,33 @@ fn project_number(text: &str) -> Option<String> {
     let digits = text.strip_prefix("projects/").unwrap_or(text);
     let number: String = digits.chars().take_while(char::is_ascii_digit).collect();
     (!number.is_empty() && number.len() <= 20).then_some(number)
+}
+
+/// An `ErrorInfo.reason` that says the key or its project is at fault, whatever else the answer names.
+fn blames_the_key(reason: &str) -> bool {
+    reason.starts_with("API_KEY") || reason.starts_with("CONSUMER") || reason == "SERVICE_DISABLED"
+}
+
+/// The id at the start of `text` (`abc` of `abc or it may not exist`), if it is one a name may hold.
+fn resource_id(text: &str) -> Option<&str> {
+    let end = text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')).unwrap_or(text.len());
+    let id = &text[..end];
+    (!id.is_empty() && id.len() <= 100).then_some(id)
+}
+
+/// Where `word` starts in `text` as a whole word (not inside `profile` or `batches`).
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    text.match_indices(word).map(|(at, _)| at).find(|&at| {
+        let before = text[..at].chars().next_back().is_none_or(|c| !c.is_ascii_alphanumeric());
+        let after = text[at + word.len()..].chars().next().is_none_or(|c| !c.is_ascii_alphanumeric());
+        before && after
+    })
+}
+
+/// The small words that follow a kind in a message and are not its id (`File or`, `batch not found`).
+fn is_english(word: &str) -> bool {
+    ["or", "not", "is", "was", "does", "may", "has", "in", "of", "for", "and", "with"]
+        .contains(&word.to_ascii_lowercase().as_str())
 }
 
 /// A name from an answer fit to be stored and shown: short, and only characters quota ids and model

@@ -28,6 +28,11 @@
 //! before its script ended without the terminal event having been handed over (the client went away).
 //! Every request is recorded as a [`SeenRequest`], secrets included: this is the fake upstream.
 //!
+//! As Gemini answers what is not the key's fault: [`MockConfig::files_forbidden`] answers a request
+//! naming a file with the 403 "You do not have permission to access the File … or it may not exist"
+//! ([`file_403`]), and [`MockConfig::openai_error_arrays`] wraps the errors of the OpenAI-compatible
+//! paths in a one-element array, as Gemini's OpenAI layer does.
+//!
 //! For the limits of a client: [`MockConfig::fixed_answer`] gives every request one answer (a 429 with
 //! `Retry-After: 0`), [`MockConfig::endless_bodies`] and [`StreamFault::EndlessEvent`] send a body or an
 //! event that never ends (about 30 MB/s), and [`MockUpstream::endless_bytes`] says how much of it left.
@@ -113,6 +118,12 @@ pub struct MockConfig {
     /// As Gemini does: its native paths (not `/openai/` nor `/chat/completions`) answer a key sent only
     /// as `Authorization: Bearer …` with 401 [`UNAUTHENTICATED`] (it takes a Bearer token for OAuth).
     pub gemini_auth: bool,
+    /// Every request with a valid key that names a file (`files/ID` in its path or body) gets Gemini's
+    /// 403 for a file that expired or belongs to another project ([`file_403`]), before any quota.
+    pub files_forbidden: bool,
+    /// Error answers on `…/chat/completions` paths come wrapped in a one-element array
+    /// (`[{"error": {...}}]`), as Gemini's OpenAI-compatible layer sends them.
+    pub openai_error_arrays: bool,
 }
 
 /// Gemini's 401 for an API key sent as a Bearer token on its native paths.
@@ -325,6 +336,8 @@ impl Default for MockConfig {
             fixed_answer: None,
             endless_bodies: false,
             gemini_auth: false,
+            files_forbidden: false,
+            openai_error_arrays: false,
         }
     }
 }
@@ -577,6 +590,7 @@ async fn answer(
         && !path.contains("/openai/");
     let model = model_in_path(path).map(str::to_owned).or_else(|| model_in_body(&body));
     let stream = stream_dialect(&parts.uri, &body);
+    let file = config.files_forbidden.then(|| file_in_request(path, &body)).flatten();
     let arrived = Instant::now();
     let (status, body, fault) = {
         let mut state = State::lock(&state);
@@ -605,6 +619,8 @@ async fn answer(
             (StatusCode::OK, String::new(), fault)
         } else if bearer_on_native {
             (StatusCode::UNAUTHORIZED, UNAUTHENTICATED.to_owned(), None)
+        } else if let Some(file) = file.as_deref().filter(|_| valid) {
+            (StatusCode::FORBIDDEN, file_403(file), None)
         } else if let Some(fixed) = config.fixed_answer.as_ref().filter(|_| valid) {
             if fixed.status == 429 {
                 stats.rate_limited += 1;
@@ -615,6 +631,7 @@ async fn answer(
             (status, body, None)
         }
     };
+    let body = if config.openai_error_arrays && chat && !status.is_success() { format!("[{body}]") } else { body };
     // From here on, however the answer ends (a client gone during the latency included), the request
     // leaves the key's in-flight count when this guard drops.
     let mut flight = Flight { state, key, streaming: false, terminal: false, ended: false };
@@ -661,6 +678,27 @@ async fn answer(
     Ok(response)
 }
 
+/// The id of the file a request names (`files/abc` in its path, or anywhere in its body, e.g. a
+/// `fileUri`), if any.
+fn file_in_request(path: &str, body: &[u8]) -> Option<String> {
+    let body = String::from_utf8_lossy(body);
+    [path, body.as_ref()].into_iter().find_map(|text| {
+        let (_, rest) = text.split_once("files/")?;
+        let id: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+        (!id.is_empty()).then_some(id)
+    })
+}
+
+/// Gemini's 403 for a file that does not exist, expired, or belongs to another project.
+pub fn file_403(id: &str) -> String {
+    json!({"error": {
+        "code": 403,
+        "message": format!("You do not have permission to access the File {id} or it may not exist."),
+        "status": "PERMISSION_DENIED",
+    }})
+    .to_string()
+}
+
 /// A whole JSON answer.
 fn whole(status: StatusCode, body: String) -> Response<MockBody> {
     let mut response = Response::new(MockBody::Whole(Some(Bytes::from(body))));
@@ -701,7 +739,9 @@ fn script(dialect: StreamDialect, model: &str, config: &MockConfig, fault: Optio
         })
         .collect();
     let until = |n: usize| good[..n.min(last)].iter().flatten().cloned();
-    let error = |code| Step::Data(dialect.event(&error_body(code)));
+    let arrays = config.openai_error_arrays && matches!(dialect, StreamDialect::OpenAi);
+    let error =
+        |code| Step::Data(dialect.event(&if arrays { format!("[{}]", error_body(code)) } else { error_body(code) }));
     let Some(fault) = fault else { return good.into_iter().flatten().collect() };
     match fault {
         // Answered before any stream: `answer` never gets here with it.

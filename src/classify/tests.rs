@@ -353,3 +353,108 @@ fn status_and_reason_from_a_body_are_kept_only_when_sane() {
     let Fate::Lockdown(Lockdown { reason, .. }) = judge_for(429, &hostile, Some("m")).key else { panic!() };
     assert!(!reason.contains('\u{1b}') && !reason.contains("RESOURCE"), "{reason}");
 }
+
+// Answers about resources and from the OpenAI-compatible layer, shared with tests/judgement.rs.
+include!("../../tests/fixtures/judgement_bodies.rs");
+
+/// A 403 or 404 about a file, cached content, batch or tuned model is the request's fault: the key goes
+/// back vacant (never to error) and the caller gets the answer; the verdict's helper says which resource.
+#[test]
+fn an_answer_about_a_resource_releases_the_key_and_returns_it() {
+    use ResourceKind::{Batch, CachedContent, File, TunedModel};
+    let cases: [(u16, &str, ResourceKind, Option<&str>); 7] = [
+        (403, GEMINI_403_FILE, File, Some("files/abc")),
+        (403, GEMINI_403_CACHED, CachedContent, None),
+        (403, GEMINI_403_TUNED, TunedModel, Some("tunedModels/my-model-7x2")),
+        (404, GEMINI_404_BATCH, Batch, Some("batches/b-123")),
+        (404, GEMINI_404_FILE, File, Some("files/xyz-9")),
+        (403, OPENAI_LAYER_403_FILE, File, Some("files/abc")),
+        // A connector that still lists 403 among its rate limits (the seed's habit) locks nothing down either.
+        (403, &GEMINI_403_FILE.replace("File abc", "File files/abc"), File, Some("files/abc")),
+    ];
+    for (status, body, kind, name) in cases {
+        assert_eq!(
+            judge(status, &[], body),
+            Verdict { key: Fate::Release { success: false }, next: Next::Return },
+            "{status} {body}"
+        );
+        let expected = Resource { kind, name: name.map(str::to_owned) };
+        assert_eq!(resource(status, body), Some(expected), "{status} {body}");
+    }
+    let policy = Policy { rate_limit_statuses: vec![429, 403], ..Policy::default() };
+    let verdict = classify(403, &HeaderMap::new(), GEMINI_403_FILE, &context(&policy));
+    assert_eq!(verdict, Verdict { key: Fate::Release { success: false }, next: Next::Return });
+}
+
+/// Answers about the key, the project or the model name no resource: they keep their rows of the table.
+#[test]
+fn answers_about_the_key_name_no_resource() {
+    for (status, body) in [
+        (403, GEMINI_403_LEAKED),
+        (403, GEMINI_403_DISABLED),
+        (400, GEMINI_400_INVALID),
+        (404, GEMINI_404),
+        (401, HF_401),
+        (429, GEMINI_429_MINUTE),
+        (
+            403,
+            r#"{"error":{"code":403,"message":"Permission denied on resource project 12345 (or it may not exist).","status":"PERMISSION_DENIED"}}"#,
+        ),
+        // A resource named in a success or a rate limit is not an answer about it.
+        (200, GEMINI_403_FILE),
+        (429, GEMINI_403_FILE),
+    ] {
+        assert_eq!(resource(status, body), None, "{status} {body}");
+    }
+    for body in [GEMINI_403_LEAKED, ARRAY_403_CONSUMER_INVALID, ARRAY_403_CALLER] {
+        assert_eq!(resource(403, body), None, "{body}");
+        let verdict = judge(403, &[], body);
+        assert!(matches!(verdict.key, Fate::Error { .. }), "{body}: {verdict:?}");
+    }
+}
+
+/// The OpenAI-compatible layer's `[{"error": {...}}]` is read like the bare envelope: its quota details
+/// scope the lockdown, and a bad key in it goes to error.
+#[test]
+fn the_openai_layers_array_is_read_like_a_bare_error() {
+    let verdict = judge_for(429, OPENAI_LAYER_429_DAY, Some("gemini-2.5-pro"));
+    let Fate::Lockdown(Lockdown { until, reach, models, quota_id, .. }) = &verdict.key else { panic!("{verdict:?}") };
+    assert_eq!(
+        (*until, reach, models.as_slice(), quota_id.as_deref()),
+        (
+            next_pacific_midnight(NOW),
+            &Reach::Group,
+            &["gemini-2.5-pro".to_owned()][..],
+            Some("GenerateRequestsPerDayPerProjectPerModel-FreeTier")
+        )
+    );
+    assert_eq!(verdict.next, Next::OtherKey);
+    let bare = judge_for(429, OPENAI_LAYER_429_BARE, Some("gemini-2.5-pro"));
+    let Fate::Lockdown(Lockdown { reason, reach, .. }) = &bare.key else { panic!("{bare:?}") };
+    assert!(reason.contains("RESOURCE_EXHAUSTED"), "the element's status is read: {reason}");
+    assert_eq!(reach, &Reach::Key);
+    let bad = judge(400, &[], OPENAI_LAYER_400_INVALID);
+    let Fate::Error { reason, .. } = &bad.key else { panic!("{bad:?}") };
+    assert!(reason.contains("API_KEY_INVALID"), "{reason}");
+    assert_eq!(bad.next, Next::OtherKey);
+    // Not an error envelope: an empty array, or an array of something else, is no error at all.
+    for body in ["[]", "[1]", r#"[{"candidates":[]}]"#] {
+        assert_eq!(judge(400, &[], body), Verdict { key: Fate::Release { success: false }, next: Next::Return });
+    }
+}
+
+/// An in-band error event's status is read from the bare envelope and from the OpenAI layer's array.
+#[test]
+fn the_status_of_an_error_envelope_is_read_bare_or_in_an_array() {
+    let cases: [(&str, Option<u16>); 6] = [
+        (GEMINI_429_MINUTE, Some(429)),
+        (OPENAI_LAYER_429_DAY, Some(429)),
+        (OPENAI_LAYER_400_INVALID, Some(400)),
+        (HF_429, None),
+        (r#"{"error":{"code":200}}"#, None),
+        ("[]", None),
+    ];
+    for (body, status) in cases {
+        assert_eq!(envelope_status(body), status, "{body}");
+    }
+}

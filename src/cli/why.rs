@@ -31,7 +31,7 @@ pub struct WhyArgs {
     /// The key name.
     key: String,
     /// Whether a request for this model would take the key now, and when it will (the name as requests
-    /// give it, e.g. gemini-2.5-pro).
+    /// give it, e.g. gemini-2.5-pro; Gemini's full name models/gemini-2.5-pro is the same model).
     #[arg(long, value_name = "MODEL")]
     model: Option<String>,
 }
@@ -73,7 +73,8 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     let now = coordinator.now_ms();
     let lockdowns = coordinator.store().lockdowns(Some(&args.connector))?;
     let mine = view::in_force(key, &lockdowns, now);
-    let model = args.model.as_deref();
+    // `models/gemini-2.5-pro` is `gemini-2.5-pro`, the name requests are read and locked down under.
+    let model = args.model.as_deref().map(view::model_asked);
     let verdict = verdict(key, &lockdowns, &mine, model, now);
     let mut stdout = std::io::stdout().lock();
     if global.json {

@@ -6,7 +6,7 @@
 //! write again. Reaping happens before claims, at most once per `reap_interval` per connector and
 //! process, so a dead holder's key comes back within about that interval while anyone is claiming.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -71,6 +71,11 @@ pub struct KeyStates {
     pub lockdown: BTreeSet<String>,
     /// Permanently bad until cleanup.
     pub error: BTreeSet<String>,
+    /// Per key (whatever its state above), the models a lockdown of one model in force on its quota
+    /// scopes stops, each with the latest end of those lockdowns, unix ms: a key locked down for one
+    /// model counts as vacant above for a request that names none, yet shows here. Keys without one
+    /// are left out.
+    pub locked_down_models: BTreeMap<String, BTreeMap<String, i64>>,
 }
 
 /// Shared by all clones of a [`Coordinator`] and by its heartbeat thread.
@@ -234,6 +239,8 @@ impl Coordinator {
         tried: &'a [String],
         wait: Duration,
     ) -> waiting::Request<'a> {
+        // `models/x` is `x`, as requests name it and lockdowns are stored.
+        let model = model.map(pool::view::model_asked);
         let started = Instant::now();
         // A wait too long to add to an instant is as good as forever.
         let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
@@ -353,12 +360,17 @@ impl Coordinator {
     /// is locked down for that model counts as in lockdown, as the claim would skip it.
     pub fn key_states_for(&self, connector: &str, model: Option<&str>) -> Result<KeyStates> {
         self.inner.alive_here()?;
+        let model = model.map(pool::view::model_asked);
         let now = self.now_ms();
         let lockdowns = self.inner.backend.lockdowns(Some(connector))?;
         let mut states = KeyStates::default();
         for key in self.inner.backend.keys(Some(connector))? {
             if key.retired_at.is_some() {
                 continue;
+            }
+            let model_lockdowns = pool::view::models_locked_down(&key, &lockdowns, now);
+            if !model_lockdowns.is_empty() {
+                states.locked_down_models.insert(key.key_name.clone(), model_lockdowns);
             }
             let state = pool::rule::state_for(&key, &lockdowns, model, now);
             let set = match state {

@@ -249,12 +249,7 @@ pub(super) fn error_answer(mut headers: HeaderMap, data: String) -> Answer {
 
 /// The status an in-band error event carries (`error.code`), else 500.
 pub(super) fn error_code(data: &str) -> u16 {
-    serde_json::from_str::<serde_json::Value>(data)
-        .ok()
-        .and_then(|json| json["error"]["code"].as_u64())
-        .and_then(|code| u16::try_from(code).ok())
-        .filter(|code| (400..600).contains(code))
-        .unwrap_or(500)
+    crate::classify::envelope_status(data).unwrap_or(500)
 }
 
 /// The time one attempt has, and whose it is (for the caller to hear when it ran out).

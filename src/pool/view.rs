@@ -10,6 +10,9 @@
 //!   judge in, a view out. Whether a key is claimable, and from when, comes from [`super::rule`] alone;
 //!   nothing here restates the rule.
 //! - A view holds no secret: keys are named by name and fingerprint.
+//! - Lockdowns of one model show whatever model the view is for: each key lists the models locked down
+//!   on its scopes with their ends ([`models_locked_down`]), and [`PoolView::locked_down_by_model`]
+//!   counts them, so a pool locked down for one model never looks all vacant.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -41,6 +44,18 @@ impl PoolView {
     /// How many keys of `connector` in the database, not retired, are in `state`.
     pub fn count(&self, connector: &str, state: KeyState) -> usize {
         self.keys.iter().filter(|key| key.connector == connector && key.state == ViewState::Is(state)).count()
+    }
+
+    /// How many keys of `connector` in the database, not retired, have a lockdown of one model in force
+    /// on their scopes, by model (whatever their state; lockdowns of every model put a key in
+    /// [`KeyState::Lockdown`] instead, see [`count`](Self::count)).
+    pub fn locked_down_by_model(&self, connector: &str) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        let keys = self.keys.iter().filter(|key| key.connector == connector && matches!(key.state, ViewState::Is(_)));
+        for model in keys.flat_map(|key| key.locked_down_models.keys()) {
+            *counts.entry(model.clone()).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// The keys whose row the keyring would change at its next sync.
@@ -93,6 +108,10 @@ pub struct KeyView {
     /// The lockdowns in force on its quota scope and on the key alone, whatever their model: every-model
     /// ones first, then by model.
     pub lockdowns: Vec<LockdownView>,
+    /// The models a lockdown of one model in force on its scopes stops, each with the latest end of
+    /// those lockdowns, unix ms (lockdowns of every model are not listed: they make the key's `state`
+    /// `lockdown`). Whatever the model the view is for.
+    pub locked_down_models: BTreeMap<String, i64>,
     /// The model the state and the claimable fields are for; `None`: a request that names no model.
     pub model: Option<String>,
     /// Whether a claim for the model could take it now (if it is first in the claim order).
@@ -338,6 +357,7 @@ pub fn key(
         project_learned: record.project_learned.clone(),
         quota_scope: Some(record.quota_scope.clone()),
         lockdowns: in_force(record, lockdowns, now).into_iter().map(LockdownView::from).collect(),
+        locked_down_models: models_locked_down(record, lockdowns, now),
         model: model.map(str::to_owned),
         claimable_now,
         claimable_at: if claimable_now { Some(now) } else { rule::free_at(record, lockdowns, model, now) },
@@ -367,6 +387,7 @@ pub fn new_key(spec: &KeySpec<'_>, model: Option<&str>) -> KeyView {
         project_learned: None,
         quota_scope: None,
         lockdowns: Vec::new(),
+        locked_down_models: BTreeMap::new(),
         model: model.map(str::to_owned),
         claimable_now: false,
         claimable_at: None,
@@ -379,6 +400,26 @@ pub fn in_force<'a>(key: &KeyRecord, lockdowns: &'a [LockdownRecord], now: i64) 
     let mut mine: Vec<&LockdownRecord> = lockdowns.iter().filter(|l| rule::in_force_on(l, key, now)).collect();
     mine.sort_by(|a, b| (!a.is_every_model(), &a.model, &a.scope).cmp(&(!b.is_every_model(), &b.model, &b.scope)));
     mine
+}
+
+/// A model name as a user gives it (to `why --model`, to a claim): Gemini's full name `models/x` is `x`,
+/// the name requests are read under and lockdowns are stored by (see `model`).
+pub fn model_asked(name: &str) -> &str {
+    name.strip_prefix("models/").filter(|rest| !rest.is_empty()).unwrap_or(name)
+}
+
+/// The models that lockdowns of one model in force on `key` at `now` stop, each with the latest end of
+/// them, unix ms: what every summary counts by model (a key locked down for one model is vacant for the
+/// others, and for a request that names none).
+pub fn models_locked_down(key: &KeyRecord, lockdowns: &[LockdownRecord], now: i64) -> BTreeMap<String, i64> {
+    let mut models = BTreeMap::new();
+    for lockdown in lockdowns.iter().filter(|l| rule::in_force_on(l, key, now)) {
+        if let ModelScope::One(model) = &lockdown.model {
+            let until = models.entry(model.clone()).or_insert(lockdown.until);
+            *until = (*until).max(lockdown.until);
+        }
+    }
+    models
 }
 
 /// How the keyring differs from `key`'s row: `defined` says whether the keyring has a section for its
@@ -472,6 +513,31 @@ mod tests {
         }
         assert_eq!(pro.count("c", KeyState::Lockdown), 1);
         assert_eq!(pro.count("c", KeyState::Vacant), 1);
+    }
+
+    /// Four keys of one group locked down for one model are vacant for a request that names none, and
+    /// every summary still counts them by model (issue 15 item 7).
+    #[test]
+    fn lockdowns_of_one_model_are_counted_by_model_whatever_the_view_is_for() {
+        let group = || Scope::Group("g".into());
+        let mut retired = record("k4", group());
+        retired.retired_at = Some(NOW - 5);
+        let keys =
+            [record("k0", group()), record("k1", group()), record("k2", group()), record("k3", group()), retired];
+        let lockdowns = [
+            lockdown(group(), ModelScope::One("pro".into()), NOW + 500),
+            lockdown(group(), ModelScope::One("pro".into()), NOW + 900),
+            lockdown(Scope::Key("k3".into()), ModelScope::One("flash".into()), NOW + 100),
+            lockdown(group(), ModelScope::One("lite".into()), NOW),
+        ];
+        let shown = view(&keys, &lockdowns, None);
+        assert_eq!(shown.count("c", KeyState::Vacant), 4, "for a request that names no model they are vacant");
+        let expected: BTreeMap<String, usize> = [("flash".to_owned(), 1), ("pro".to_owned(), 4)].into();
+        assert_eq!(shown.locked_down_by_model("c"), expected, "the retired key and the lockdown that ended are not");
+        let k3 = shown.key("c", "k3").expect("k3");
+        let until: BTreeMap<String, i64> = [("flash".to_owned(), NOW + 100), ("pro".to_owned(), NOW + 900)].into();
+        assert_eq!(k3.locked_down_models, until, "each model with the latest end of its lockdowns");
+        assert_eq!(view(&keys, &lockdowns, Some("pro")).locked_down_by_model("c"), expected);
     }
 
     #[test]

@@ -205,10 +205,16 @@ pub fn event_data(raw: &[u8]) -> Option<String> {
 }
 
 /// Whether an event's data is an error: a JSON object with an `error` key, the in-band error of Gemini,
-/// OpenAI-compatible servers and Hugging Face alike.
+/// OpenAI-compatible servers and Hugging Face alike, or such an object as the first element of an array
+/// (Gemini's OpenAI-compatible layer wraps its errors so).
 pub fn is_error_event(data: &str) -> bool {
+    let is_error = |value: &Value| matches!(value, Value::Object(object) if object.contains_key("error"));
     data.contains("\"error\"")
-        && matches!(serde_json::from_str::<Value>(data), Ok(Value::Object(object)) if object.contains_key("error"))
+        && match serde_json::from_str::<Value>(data) {
+            Ok(Value::Array(elements)) => elements.first().is_some_and(is_error),
+            Ok(value) => is_error(&value),
+            Err(_) => false,
+        }
 }
 
 /// Whether an event's data ends the answer, so that nothing may be appended after it (an error event
@@ -474,6 +480,8 @@ mod tests {
             (r#"{"choices":[{"delta":{"content":"{\"error\":1}"}}]}"#, false),
             (r#"{"candidates":[{"finishReason":"STOP"}],"status":"error"}"#, false),
             (r#"["error"]"#, false),
+            (r#"[{"error":{"code":429,"status":"RESOURCE_EXHAUSTED"}}]"#, true),
+            (r#"[{"choices":[]},{"error":1}]"#, false),
             (r#""error""#, false),
             (r#"{"error":"#, false),
             ("[DONE]", false),

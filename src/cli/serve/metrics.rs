@@ -10,6 +10,11 @@
 //!   the database at each scrape, so every process's use of the pool shows, not only this one's. They
 //!   count the pool view `status --json` prints (`pool::view`), a key's state as a request that names
 //!   no model sees it; retired keys are in no state.
+//! - `apijongler_keys_locked_down{connector, model}`: keys with a lockdown of that one model in force
+//!   on their quota scopes (whatever their state; retired keys left out), read at each scrape as the
+//!   key states are. Such a key is vacant in `apijongler_keys` (it still serves other models), so a
+//!   pool locked down for one model shows here; a lockdown of every model shows as `state="lockdown"`.
+//!   A model whose lockdowns ended leaves the family at the next scrape.
 //! - `apijongler_gateway_claim_wait_seconds{connector}` and
 //!   `apijongler_gateway_upstream_seconds{connector}`: histograms of the time spent waiting for keys
 //!   and of the last attempt's upstream latency (for a stream: to its first event).
@@ -53,6 +58,12 @@ struct KeyLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelKeyLabels {
+    connector: String,
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectorLabels {
     connector: String,
 }
@@ -67,6 +78,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     keys: Family<KeyLabels, Gauge>,
+    locked_down: Family<ModelKeyLabels, Gauge>,
     claim_wait: Histograms,
     upstream: Histograms,
     /// The last scrape's failure to read key states, logged once per change.
@@ -93,6 +105,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let refused = Family::<RefusedLabels, Counter>::default();
         let keys = Family::<KeyLabels, Gauge>::default();
+        let locked_down = Family::<ModelKeyLabels, Gauge>::default();
         let claim_wait: Histograms = Family::new_with_constructor(claim_wait_histogram);
         let upstream: Histograms = Family::new_with_constructor(upstream_histogram);
         registry.register(
@@ -102,6 +115,11 @@ impl Metrics {
         );
         registry.register("apijongler_gateway_refused", "Requests refused before any key was claimed", refused.clone());
         registry.register("apijongler_keys", "Keys by state, read from the database at each scrape", keys.clone());
+        registry.register(
+            "apijongler_keys_locked_down",
+            "Keys with a lockdown of one model in force, by model, read from the database at each scrape",
+            locked_down.clone(),
+        );
         registry.register(
             "apijongler_gateway_claim_wait_seconds",
             "Time a request waited for free keys, over all its attempts",
@@ -117,6 +135,7 @@ impl Metrics {
             requests,
             refused,
             keys,
+            locked_down,
             claim_wait,
             upstream,
             key_state_problem: Mutex::new(None),
@@ -174,7 +193,13 @@ impl Metrics {
         .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
         let problem = match read {
             Ok(views) => {
+                // Only the models locked down now: one whose lockdowns ended leaves the family.
+                self.locked_down.clear();
                 for (connector, view) in views {
+                    for (model, keys) in view.locked_down_by_model(&connector) {
+                        let labels = ModelKeyLabels { connector: connector.clone(), model };
+                        self.locked_down.get_or_create(&labels).set(i64::try_from(keys).unwrap_or(i64::MAX));
+                    }
                     for state in KeyState::ALL {
                         let labels = KeyLabels { connector: connector.clone(), state: state.to_string() };
                         let keys = view.count(&connector, state);
