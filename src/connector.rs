@@ -1,20 +1,31 @@
-//! Connector definitions: where an API lives, how its key is sent, and how its answers are read.
+//! Connector definitions: where an API lives, which API it speaks, how its key is sent, and how its
+//! answers are read.
 //!
 //! The shipped connectors (`connectors/*.json`) are embedded in the binary. A directory named by
-//! `APIJONGLER_CONNECTORS` may add connectors or override shipped ones: a file there defines the
-//! connector named by its `name` field (or, without one, by its file name) and wins over an embedded
-//! connector of the same name. The JSON fields are the seed's (`name`, `host`, `port`, `protocol`,
-//! `format`, `requires_api_key`, `api_key_header`, `api_key_prefix`) plus `base_path`, `policy` and
-//! `model` (where a request names its model, see [`crate::model`]; without it, no request names one);
-//! unknown fields (the seed's `default_model`, say) are ignored.
+//! `APIJONGLER_CONNECTORS` may add connectors or change shipped ones: a file there defines the
+//! connector named by its `name` field (or, without one, by its file name). A file named like a shipped
+//! connector is merged onto it (a JSON merge patch, RFC 7396: the fields it gives win, objects such as
+//! `policy` and `model` merge field by field, `null` removes a field, the rest of the shipped
+//! definition stays), so pointing Gemini at a proxy keeps its key header, API family and model rule.
+//! The JSON fields are the seed's (`name`, `host`, `port`, `protocol`, `format`, `requires_api_key`,
+//! `api_key_header`, `api_key_prefix`) plus `api` (the API family, see [`crate::family`]), `base_path`,
+//! `policy` and `model` (where a request names its model, see [`crate::model`]; without it, the
+//! family's rule); unknown fields (the seed's `default_model`, `description`) are ignored.
+//!
+//! A connector without `api` (a file in the seed's format) gets its family per request: from its host
+//! (Google's API hosts are Gemini's), else from the request's path (`:generateContent` is Gemini's,
+//! `/chat/completions` OpenAI's), else `plain`. The family gives the request's dialect (error shape,
+//! stream end), its model rule when the file has no `model`, and whether quotas meter it.
 //!
 //! A definition is checked when it is loaded, so that a mistake is a configuration error naming the
 //! file and the field rather than a network error later, or worse, a request sent without its key:
-//! `host` is a bare host name or IP address, `port` is not 0, `base_path` is empty or starts with `/`,
-//! `api_key_header` is a valid HTTP header name, `api_key_prefix` a valid header value (so prefix and
-//! secret, itself checked by the keyring, always make a valid header), `policy.timeout_secs` a positive
-//! number, `model` a rule that can match (see [`ModelRule`]). Two files of the user's directory that define the same connector are an error, not a
-//! silent winner. `APIJONGLER_TIMEOUT` is checked at load too, since every timeout falls back on it.
+//! `api` is one of the family words, `host` is a bare host name or IP address, `port` is not 0,
+//! `base_path` is empty or starts with `/`, `api_key_header` is a valid HTTP header name,
+//! `api_key_prefix` a valid header value (so prefix and secret, itself checked by the keyring, always
+//! make a valid header), `policy.timeout_secs` a positive number, `model` a rule that can match (see
+//! [`ModelRule`]). A field of the wrong type is refused with its line and column in the user's file,
+//! before any merge. Two files of the user's directory that define the same connector are an error, not
+//! a silent winner. `APIJONGLER_TIMEOUT` is checked at load too, since every timeout falls back on it.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -22,11 +33,17 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::borrow::Cow;
+
+use reqwest::Method;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::family::ApiFamily;
 use crate::model::{self, ModelRule};
+use crate::stream::Dialect;
 
 /// The environment variable naming the directory of user connector files.
 pub const CONNECTORS_ENV: &str = "APIJONGLER_CONNECTORS";
@@ -54,6 +71,8 @@ pub enum Origin {
     Embedded,
     /// A file in the user's connector directory.
     File(PathBuf),
+    /// A file in the user's connector directory, merged onto the shipped connector of its name.
+    Merged(PathBuf),
 }
 
 /// How answers of this API are read and retried; every field has a default that suits Gemini and
@@ -143,7 +162,8 @@ pub struct Connector {
     /// The connector's name: the keyring section and the name callers use.
     #[serde(default)]
     pub name: String,
-    /// Host name.
+    /// Host name (required: empty is refused, unless a shipped connector of the same name gives it).
+    #[serde(default)]
     pub host: String,
     /// Port; default 443 for https and 80 for http.
     #[serde(default)]
@@ -169,9 +189,15 @@ pub struct Connector {
     /// How answers are read and retried.
     #[serde(default)]
     pub policy: Policy,
-    /// Where a request names its model (default: nowhere, so no request names one).
+    /// The API family the file declares (`api`); `None`: inferred per request (see the module docs).
+    #[serde(skip)]
+    pub api: Option<ApiFamily>,
+    /// The file's `api` as written, checked into [`Connector::api`] at load.
+    #[serde(default, rename = "api")]
+    api_given: Option<Value>,
+    /// Where a request names its model; `None`: where its API family's requests do.
     #[serde(default)]
-    pub model: ModelRule,
+    pub model: Option<ModelRule>,
     /// Where this definition came from.
     #[serde(skip, default = "embedded")]
     pub origin: Origin,
@@ -211,33 +237,94 @@ impl Connector {
         if self.format.eq_ignore_ascii_case("json") { "application/json" } else { "application/xml" }
     }
 
+    /// The API family of a request to `path_and_query` (the endpoint, without `base_path`): the
+    /// declared one, else the host's (Google's API hosts are Gemini's), else the path's
+    /// ([`ApiFamily::infer`]), else `plain`.
+    pub fn family_for(&self, path_and_query: &str) -> ApiFamily {
+        self.api
+            .or_else(|| ApiFamily::of_host(&self.host))
+            .or_else(|| ApiFamily::infer(path_and_query))
+            .unwrap_or(ApiFamily::Plain)
+    }
+
+    /// The dialect of a request to `path_and_query`: its error shape and how its streams end.
+    pub fn dialect_for(&self, path_and_query: &str) -> Dialect {
+        self.family_for(path_and_query).dialect(path_and_query)
+    }
+
+    /// Where a request to `path_and_query` names its model: the file's `model`, else its family's rule.
+    pub fn model_rule_for(&self, path_and_query: &str) -> Cow<'_, ModelRule> {
+        match &self.model {
+            Some(rule) => Cow::Borrowed(rule),
+            None => Cow::Owned(self.family_for(path_and_query).model_rule()),
+        }
+    }
+
     /// The model a request to `path_and_query` (the endpoint, without `base_path`) with `body` names,
-    /// by this connector's `model` rule; `None` when it names none (see [`crate::model`]).
+    /// by [`model_rule_for`](Self::model_rule_for); `None` when it names none (see [`crate::model`]).
     pub fn model_of(&self, path_and_query: &str, body: &[u8]) -> Option<String> {
-        model::requested_model(&self.model, path_and_query, body)
+        model::requested_model(&self.model_rule_for(path_and_query), path_and_query, body)
     }
 
-    /// Whether this connector's rule can tell any request's model at all.
+    /// Whether quotas meter a `method` request to `path_and_query` (see [`ApiFamily::meters`]): only
+    /// such a request is kept from a key whose quota for its model is locked down. Listing, getting a
+    /// model and counting tokens are not.
+    pub fn meters(&self, method: &Method, path_and_query: &str) -> bool {
+        self.family_for(path_and_query).meters(method, path_and_query)
+    }
+
+    /// Whether this connector can tell any request's model at all: its `model` rule names one, or its
+    /// family's does; a connector without `api` may, by the family each request shows.
     pub fn names_models(&self) -> bool {
-        !self.model.path_markers.is_empty() || self.model.body_field.is_some()
+        match (&self.model, self.api) {
+            (Some(rule), _) => rule.names_any(),
+            (None, Some(family)) => family.model_rule().names_any(),
+            (None, None) => true,
+        }
     }
 
-    fn parse(text: &str, path: &Path, origin: Origin) -> Result<Self> {
-        let mut connector: Connector = serde_json::from_str(text).map_err(|error| Error::ConnectorFile {
+    /// The JSON object of a connector file. The file alone must already be a connector with fields of
+    /// the right types, so that a mistake is shown at its line and column, before any merge.
+    fn read(text: &str, path: &Path) -> Result<Map<String, Value>> {
+        let at = |error: serde_json::Error| Error::ConnectorFile {
             path: path.to_owned(),
             line: error.line(),
             column: error.column(),
             message: error.to_string(),
-        })?;
-        if connector.name.is_empty() {
-            let stem = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-            connector.name = stem.strip_suffix(".json").unwrap_or(stem).to_owned();
+        };
+        serde_json::from_str::<Connector>(text).map_err(at)?;
+        match serde_json::from_str::<Value>(text).map_err(at)? {
+            Value::Object(object) => Ok(object),
+            _ => unreachable!("a text that reads as a connector is a JSON object"),
         }
-        connector.check().map_err(|(field, problem)| Error::ConnectorField {
-            path: path.to_owned(),
-            field,
-            problem,
+    }
+
+    /// The connector a file's JSON object names: its `name`, else the file name without `.json`.
+    fn name_in(object: &Map<String, Value>, path: &Path) -> String {
+        match object.get("name").and_then(Value::as_str).filter(|name| !name.is_empty()) {
+            Some(name) => name.to_owned(),
+            None => {
+                let file = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+                file.strip_suffix(".json").unwrap_or(file).to_owned()
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn parse(text: &str, path: &Path, origin: Origin) -> Result<Self> {
+        Self::from_object(Self::read(text, path)?, path, origin)
+    }
+
+    /// The connector of a (maybe merged) JSON object read from `path`, checked.
+    fn from_object(mut object: Map<String, Value>, path: &Path, origin: Origin) -> Result<Self> {
+        let name = Self::name_in(&object, path);
+        object.insert("name".to_owned(), Value::String(name));
+        let mut connector: Connector = serde_json::from_value(Value::Object(object)).map_err(|error| {
+            Error::ConnectorFile { path: path.to_owned(), line: 0, column: 0, message: error.to_string() }
         })?;
+        let field = |(field, problem)| Error::ConnectorField { path: path.to_owned(), field, problem };
+        connector.api = connector.api_given.as_ref().map(family_named).transpose().map_err(field)?;
+        connector.check().map_err(field)?;
         connector.origin = origin;
         Ok(connector)
     }
@@ -288,7 +375,35 @@ impl Connector {
         {
             return Err(("policy.timeout_secs", format!("must be a positive number of seconds, not {seconds}")));
         }
-        self.model.check()
+        self.model.as_ref().map_or(Ok(()), ModelRule::check)
+    }
+}
+
+/// The family a connector file's `api` value names; the error lists the words allowed.
+fn family_named(given: &Value) -> std::result::Result<ApiFamily, (&'static str, String)> {
+    given.as_str().and_then(ApiFamily::from_word).ok_or_else(|| {
+        ("api", format!("must be one of {}, not {given}; or leave it out to infer it per request", ApiFamily::words()))
+    })
+}
+
+/// Applies `patch` to `target` as a JSON merge patch (RFC 7396): objects merge field by field, `null`
+/// removes a field, any other value replaces.
+fn merge_patch(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(patch) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let Value::Object(target) = target else { unreachable!("made an object above") };
+            for (field, value) in patch {
+                if value.is_null() {
+                    target.remove(&field);
+                } else {
+                    merge_patch(target.entry(field).or_insert(Value::Null), value);
+                }
+            }
+        }
+        patch => *target = patch,
     }
 }
 
@@ -312,13 +427,17 @@ impl Connectors {
         Self::load(dir.as_deref())
     }
 
-    /// The embedded connectors plus the `*.json` files of `dir`; also checks `APIJONGLER_TIMEOUT`, which
-    /// every connector's timeout falls back on.
+    /// The embedded connectors plus the `*.json` files of `dir`, each merged onto the shipped connector
+    /// of its name if there is one (see the module docs); also checks `APIJONGLER_TIMEOUT`, which every
+    /// connector's timeout falls back on.
     pub fn load(dir: Option<&Path>) -> Result<Self> {
         timeout_from_env()?;
         let mut by_name = BTreeMap::new();
+        let mut shipped = BTreeMap::new();
         for (file, text) in EMBEDDED {
-            let connector = Connector::parse(text, Path::new(file), Origin::Embedded)?;
+            let object = Connector::read(text, Path::new(file))?;
+            let connector = Connector::from_object(object.clone(), Path::new(file), Origin::Embedded)?;
+            shipped.insert(connector.name.clone(), object);
             by_name.insert(connector.name.clone(), connector);
         }
         if let Some(dir) = dir {
@@ -333,14 +452,25 @@ impl Connectors {
             for path in files {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|source| Error::ConnectorsDir { path: path.clone(), source })?;
-                let connector = Connector::parse(&text, &path, Origin::File(path.clone()))?;
-                match defined_by.entry(connector.name.clone()) {
+                let object = Connector::read(&text, &path)?;
+                let name = Connector::name_in(&object, &path);
+                match defined_by.entry(name.clone()) {
                     Entry::Occupied(first) => {
                         let (name, first) = first.remove_entry();
                         return Err(Error::DuplicateConnector { name, first, second: path });
                     }
-                    Entry::Vacant(slot) => slot.insert(path),
+                    Entry::Vacant(slot) => slot.insert(path.clone()),
                 };
+                let (object, origin) = match shipped.get(&name) {
+                    Some(base) => {
+                        let mut merged = Value::Object(base.clone());
+                        merge_patch(&mut merged, Value::Object(object));
+                        let Value::Object(merged) = merged else { unreachable!("an object patched by an object") };
+                        (merged, Origin::Merged(path.clone()))
+                    }
+                    None => (object, Origin::File(path.clone())),
+                };
+                let connector = Connector::from_object(object, &path, origin)?;
                 by_name.insert(connector.name.clone(), connector);
             }
         }

@@ -118,6 +118,9 @@ struct Progress {
     path: String,
     /// The model the request names, if the connector can tell.
     model: Option<String>,
+    /// Quotas meter the request (a generation), so a lockdown of its model keeps it from a key; a
+    /// request they do not meter (listing, getting a model, counting tokens) is claimed for no model.
+    metered: bool,
     started: Instant,
     /// The caller's deadline for the whole request.
     deadline: Option<Instant>,
@@ -247,6 +250,7 @@ impl Upstream {
         Ok(Progress {
             path: outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned(),
             model: connector.model_of(&outgoing.path_and_query, &outgoing.body),
+            metered: connector.meters(&outgoing.method, &outgoing.path_and_query),
             started,
             deadline,
             wait,
@@ -279,7 +283,7 @@ impl Upstream {
         let lease = if outgoing.without_key {
             None
         } else {
-            let (model, wait) = (request.model.as_deref(), request.wait);
+            let (model, wait) = (request.model.as_deref().filter(|_| request.metered), request.wait);
             self.next_lease(slot, model, &request.tried, request.started, wait, &mut request.budget).await?
         };
         request.timings.claiming += claiming.elapsed();
