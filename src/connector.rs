@@ -4,9 +4,9 @@
 //! The shipped connectors (`connectors/*.json`) are embedded in the binary. A directory named by
 //! `APIJONGLER_CONNECTORS` may add connectors or change shipped ones: a file there defines the
 //! connector named by its `name` field (or, without one, by its file name). A file named like a shipped
-//! connector is merged onto it (a JSON merge patch, RFC 7396: the fields it gives win, objects such as
-//! `policy` and `model` merge field by field, `null` removes a field, the rest of the shipped
-//! definition stays), so pointing Gemini at a proxy keeps its key header, API family and model rule.
+//! connector is merged onto it (the fields it gives win, objects such as `policy` and `model` merge
+//! field by field, `null` unsets a field that may be unset, the rest of the shipped definition stays),
+//! so pointing Gemini at a proxy keeps its key header, API family and model rule.
 //! The JSON fields are the seed's (`name`, `host`, `port`, `protocol`, `format`, `requires_api_key`,
 //! `api_key_header`, `api_key_prefix`) plus `api` (the API family, see [`crate::family`]), `base_path`,
 //! `policy` and `model` (where a request names its model, see [`crate::model`]; without it, the
@@ -386,24 +386,16 @@ fn family_named(given: &Value) -> std::result::Result<ApiFamily, (&'static str, 
     })
 }
 
-/// Applies `patch` to `target` as a JSON merge patch (RFC 7396): objects merge field by field, `null`
-/// removes a field, any other value replaces.
+/// Applies `patch` to `target`: objects merge field by field, any other value (`null` included, which
+/// unsets a field that may be unset) replaces.
 fn merge_patch(target: &mut Value, patch: Value) {
-    match patch {
-        Value::Object(patch) => {
-            if !target.is_object() {
-                *target = Value::Object(Map::new());
-            }
-            let Value::Object(target) = target else { unreachable!("made an object above") };
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
             for (field, value) in patch {
-                if value.is_null() {
-                    target.remove(&field);
-                } else {
-                    merge_patch(target.entry(field).or_insert(Value::Null), value);
-                }
+                merge_patch(target.entry(field).or_insert(Value::Null), value);
             }
         }
-        patch => *target = patch,
+        (target, patch) => *target = patch,
     }
 }
 
@@ -535,15 +527,109 @@ mod tests {
     }
 
     #[test]
-    fn a_user_file_without_a_model_rule_names_no_model() {
+    fn shipped_connectors_declare_their_family() {
+        let connectors = Connectors::load(None).expect("embedded connectors parse");
+        let family = |name: &str| connectors.get(name).expect(name).api;
+        assert_eq!(family("generativelanguage.googleapis.com"), Some(ApiFamily::Gemini));
+        assert_eq!(family("router.huggingface.co"), Some(ApiFamily::HuggingFace));
+        assert_eq!(family("api-inference.huggingface.co"), Some(ApiFamily::HuggingFace));
+        assert_eq!(family("httpbin.org"), Some(ApiFamily::Plain));
+        assert!(connectors.iter().all(|connector| connector.model.is_none()), "the families' rules apply");
+        assert!(!connectors.get("httpbin.org").expect("httpbin").names_models());
+    }
+
+    /// The seed README's example, pointed at a proxy: no `api`, no `model`.
+    const SEED: &str = r#"{"name": "proxy", "host": "127.0.0.1", "port": 8080, "protocol": "http",
+        "format": "json", "requires_api_key": true, "api_key_header": "x-goog-api-key"}"#;
+
+    #[test]
+    fn a_seed_format_file_gets_its_family_per_request() {
+        let proxy = Connector::parse(SEED, Path::new("proxy.json"), Origin::Embedded).expect("valid");
+        assert_eq!(proxy.api, None);
+        assert!(proxy.names_models());
+        let generate = "/v1beta/models/gemini-2.5-pro:generateContent";
+        let stream = "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse";
+        let chat = r#"{"model": "gemini-2.5-flash", "stream": true}"#;
+        let cases: &[(&str, &str, ApiFamily, Dialect, Option<&str>)] = &[
+            (generate, "{}", ApiFamily::Gemini, Dialect::Google, Some("gemini-2.5-pro")),
+            (stream, "{}", ApiFamily::Gemini, Dialect::Google, Some("gemini-2.5-pro")),
+            ("/v1beta/openai/chat/completions", chat, ApiFamily::OpenAi, Dialect::OpenAi, Some("gemini-2.5-flash")),
+            ("/v1/chat/completions", chat, ApiFamily::OpenAi, Dialect::OpenAi, Some("gemini-2.5-flash")),
+            ("/v1beta/models", "", ApiFamily::Plain, Dialect::Plain, None),
+            ("/anything", chat, ApiFamily::Plain, Dialect::Plain, None),
+        ];
+        for (path, body, family, dialect, model) in cases {
+            assert_eq!(proxy.family_for(path), *family, "{path}");
+            assert_eq!(proxy.dialect_for(path), *dialect, "{path}");
+            assert_eq!(proxy.model_of(path, body.as_bytes()).as_deref(), *model, "{path}");
+        }
+        assert!(proxy.meters(&Method::POST, generate));
+        assert!(!proxy.meters(&Method::POST, "/v1beta/models/gemini-2.5-pro:countTokens"));
+        assert!(!proxy.meters(&Method::GET, "/v1beta/models/gemini-2.5-pro"));
+        // A Google host is Gemini's whatever the path.
+        let google = r#"{"name": "g", "host": "generativelanguage.googleapis.com"}"#;
+        let google = Connector::parse(google, Path::new("g.json"), Origin::Embedded).expect("valid");
+        assert_eq!(google.dialect_for("/v1beta/models"), Dialect::Google);
+        assert_eq!(google.dialect_for("/v1beta/openai/chat/completions"), Dialect::OpenAi);
+    }
+
+    #[test]
+    fn a_declared_family_and_a_model_rule_win_over_inference() {
+        let parse = |json: &str| Connector::parse(json, Path::new("x.json"), Origin::Embedded).expect("valid");
+        let path = "/v1beta/models/gemini-2.5-pro:streamGenerateContent";
+        let plain = parse(r#"{"host": "127.0.0.1", "api": "plain"}"#);
+        assert_eq!((plain.dialect_for(path), plain.model_of(path, b"{}")), (Dialect::Plain, None));
+        assert!(!plain.names_models());
+        let hf = parse(r#"{"host": "127.0.0.1", "api": "huggingface"}"#);
+        assert_eq!(hf.dialect_for("/models/google/gemma-2-9b-it"), Dialect::HuggingFace);
+        assert_eq!(hf.model_of("/models/google/gemma-2-9b-it", b"").as_deref(), Some("google/gemma-2-9b-it"));
+        let ruled = parse(r#"{"host": "127.0.0.1", "model": {"body_field": "engine"}}"#);
+        assert_eq!(ruled.model_of(path, br#"{"engine": "e-1"}"#).as_deref(), Some("e-1"), "the file's rule");
+        let none = parse(r#"{"host": "127.0.0.1", "api": "gemini", "model": {}}"#);
+        assert_eq!(none.model_of(path, b"{}"), None, "an empty rule names nothing");
+        assert!(!none.names_models());
+    }
+
+    #[test]
+    fn a_user_file_named_like_a_shipped_one_merges_onto_it() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let seed = r#"{"name": "generativelanguage.googleapis.com", "host": "generativelanguage.googleapis.com",
-            "api_key_header": "x-goog-api-key", "default_model": "gemini-pro"}"#;
+        let seed = r#"{"name": "generativelanguage.googleapis.com", "host": "127.0.0.1", "port": 8080,
+            "protocol": "http", "policy": {"retries": 0}, "default_model": "gemini-pro"}"#;
         std::fs::write(dir.path().join("gemini.json"), seed).expect("write");
+        // No host: the shipped one stays; a `model` field merges field by field.
+        let hf = r#"{"name": "router.huggingface.co", "model": {"path_segments": 1, "path_markers": ["models"]}}"#;
+        std::fs::write(dir.path().join("hf.json"), hf).expect("write");
+        // `null` unsets a shipped field that may be unset: no `api`, so the family is inferred per request.
+        std::fs::write(dir.path().join("legacy.json"), r#"{"name": "api-inference.huggingface.co", "api": null}"#)
+            .expect("write");
         let connectors = Connectors::load(Some(dir.path())).expect("load");
-        let gemini = connectors.get("generativelanguage.googleapis.com").expect("overridden");
-        assert_eq!(gemini.model, ModelRule::default());
-        assert_eq!(gemini.model_of("/v1beta/models/gemini-2.5-flash:generateContent", b"{}"), None);
+        let gemini = connectors.get("generativelanguage.googleapis.com").expect("merged");
+        assert_eq!(gemini.base_url(), "http://127.0.0.1:8080");
+        assert_eq!(gemini.key_header(), ("x-goog-api-key", ""), "the shipped header is kept");
+        assert_eq!((gemini.api, gemini.policy.retries), (Some(ApiFamily::Gemini), 0));
+        assert_eq!(gemini.policy.backoff_ms, Policy::default().backoff_ms);
+        assert_eq!(gemini.origin, Origin::Merged(dir.path().join("gemini.json")));
+        let generate = "/v1beta/models/gemini-2.5-flash:generateContent";
+        assert_eq!(gemini.model_of(generate, b"{}").as_deref(), Some("gemini-2.5-flash"));
+        assert_eq!(gemini.dialect_for("/v1beta/models/m:streamGenerateContent"), Dialect::Google);
+        let router = connectors.get("router.huggingface.co").expect("merged");
+        assert_eq!(router.base_url(), "https://router.huggingface.co");
+        let rule = router.model.as_ref().expect("the user's rule");
+        assert_eq!((rule.path_segments, rule.body_field.as_deref()), (1, None), "no shipped `model` to merge onto");
+        let legacy = connectors.get("api-inference.huggingface.co").expect("merged");
+        assert_eq!((legacy.api, legacy.base_url().as_str()), (None, "https://router.huggingface.co/hf-inference"));
+    }
+
+    #[test]
+    fn a_merging_file_s_mistakes_name_its_own_file_and_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = "{\n  \"name\": \"httpbin.org\",\n  \"port\": \"eighty\"\n}";
+        std::fs::write(dir.path().join("mine.json"), bad).expect("write");
+        let message = Connectors::load(Some(dir.path())).expect_err("typed").to_string();
+        assert!(message.contains("mine.json:3:"), "{message}");
+        std::fs::write(dir.path().join("mine.json"), r#"{"name": "httpbin.org", "api": "http"}"#).expect("write");
+        let message = Connectors::load(Some(dir.path())).expect_err("bad api").to_string();
+        assert!(message.contains("mine.json") && message.contains("`api` must be one of"), "{message}");
     }
 
     #[test]
@@ -574,8 +660,11 @@ mod tests {
         let connectors = Connectors::load(Some(dir.path())).expect("load");
         let overridden = connectors.get("httpbin.org").expect("overridden");
         assert_eq!(overridden.base_url(), "https://127.0.0.1:9");
-        assert_eq!(overridden.origin, Origin::File(dir.path().join("mine.json")));
-        assert_eq!(connectors.get("extra").expect("added").base_url(), "http://example.invalid");
+        assert_eq!(overridden.origin, Origin::Merged(dir.path().join("mine.json")));
+        assert!(!overridden.requires_api_key, "merged onto the shipped httpbin.org");
+        let extra = connectors.get("extra").expect("added");
+        assert_eq!(extra.base_url(), "http://example.invalid");
+        assert_eq!(extra.origin, Origin::File(dir.path().join("extra.json")));
     }
 
     /// The message for a connector file holding `json`, or `None` if it is valid.
@@ -615,6 +704,13 @@ mod tests {
                 "`model.path_segments` is 0",
             ),
             (r#"{"host": "h", "model": {"body_field": ""}}"#, "`model.body_field` is empty"),
+            (
+                r#"{"host": "h", "api": "gemeni"}"#,
+                r#"`api` must be one of "gemini", "openai", "huggingface", "plain", not "gemeni""#,
+            ),
+            (r#"{"host": "h", "api": 7}"#, "`api` must be one of"),
+            (r#"{"host": "h", "api": ["gemini"]}"#, "`api` must be one of"),
+            (r#"{"port": 8080}"#, "`host` is empty"),
         ];
         for (json, expected) in cases {
             let message = problem(json).unwrap_or_else(|| panic!("accepted: {json}"));
@@ -628,6 +724,8 @@ mod tests {
             r#"{"host": "h", "model": {}}"#,
             r#"{"host": "h", "model": {"body_field": "model"}}"#,
             r#"{"host": "h", "model": {"path_markers": ["models", "tunedModels"], "path_segments": 2}}"#,
+            r#"{"host": "h", "api": "gemini"}"#,
+            r#"{"host": "h", "api": null}"#,
         ] {
             assert_eq!(problem(fine), None, "{fine}");
         }
