@@ -21,7 +21,7 @@ pub fn run(global: &Global) -> anyhow::Result<ExitCode> {
     let origin = |c: &api_jongler::Connector| match &c.origin {
         Origin::Embedded => "built in".to_owned(),
         Origin::File(path) => path.display().to_string(),
-        Origin::Merged(path) => format!("{} over built in", path.display()),
+        Origin::Merged(path) => format!("built in, merged with {}", path.display()),
     };
     // A connector without `api` infers its family per request.
     let api = |c: &api_jongler::Connector| c.api.map_or("per request", |family| family.word());
