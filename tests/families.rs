@@ -188,8 +188,10 @@ fn lock_down(sandbox: &Sandbox, connector: &str, keys: usize, model: Option<&str
     let until = coordinator.now_ms() + 3_600_000;
     for _ in 0..keys {
         let lease = coordinator.claim_for(connector, model, &[], Duration::ZERO).expect("a key free for the model");
-        let lockdown =
-            Lockdown { models: model.into_iter().map(str::to_owned).collect(), ..Lockdown::whole_key(until, "429", Some(429)) };
+        let lockdown = Lockdown {
+            models: model.into_iter().map(str::to_owned).collect(),
+            ..Lockdown::whole_key(until, "429", Some(429))
+        };
         lease.finish(&Fate::Lockdown(lockdown), None).expect("lockdown");
     }
 }
@@ -199,7 +201,8 @@ fn lock_down(sandbox: &Sandbox, connector: &str, keys: usize, model: Option<&str
 /// connector and on a seed-format one alike. A lockdown of every model still stops them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_quotas_do_not_meter_pass_a_model_s_lockdown() {
-    let mock = MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }).await.expect("mock");
+    let mock =
+        MockUpstream::start(MockConfig { latency: Duration::ZERO, ..MockConfig::default() }).await.expect("mock");
     let gemini = common::gateway::GEMINI;
     for connector in [PROXY, gemini] {
         let sandbox = seed_sandbox(connector, 2, "", mock.port());
