@@ -229,6 +229,8 @@ async fn calls_that_quotas_do_not_meter_pass_a_model_s_lockdown() {
         let url = gateway.url(&format!("/{connector}/v1beta/models/{PRO}:generateContent"));
         let response = client().post(url).header("x-goog-api-key", "placeholder").body("{}").send().await.unwrap();
         assert_eq!(response.status(), 429, "{connector}: generation through serve");
+        let body = common::gateway::body_json(response).await;
+        assert_eq!(body["error"]["status"], "RESOURCE_EXHAUSTED", "{connector}: in Gemini's shape: {body}");
         drop(gateway);
         // A lockdown of every model of the keys' scopes still applies to every call (the keys, locked
         // down for pro only, are free for a claim of no model, which takes each once).

@@ -3,7 +3,8 @@
 //!
 //! Invariants: bytes go out verbatim, whole events at a time, so an error event of ours never lands in
 //! the middle of a half-sent one; after a terminal event (or an upstream error event) nothing of ours
-//! is added; a lost lease stops the stream and leaves the key (someone else's) untouched.
+//! is added, nor ever to a stream whose dialect cannot judge its end (`Dialect::Plain`: it ends when
+//! the upstream ends it); a lost lease stops the stream and leaves the key (someone else's) untouched.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
