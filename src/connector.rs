@@ -1,20 +1,31 @@
-//! Connector definitions: where an API lives, how its key is sent, and how its answers are read.
+//! Connector definitions: where an API lives, which API it speaks, how its key is sent, and how its
+//! answers are read.
 //!
 //! The shipped connectors (`connectors/*.json`) are embedded in the binary. A directory named by
-//! `APIJONGLER_CONNECTORS` may add connectors or override shipped ones: a file there defines the
-//! connector named by its `name` field (or, without one, by its file name) and wins over an embedded
-//! connector of the same name. The JSON fields are the seed's (`name`, `host`, `port`, `protocol`,
-//! `format`, `requires_api_key`, `api_key_header`, `api_key_prefix`) plus `base_path`, `policy` and
-//! `model` (where a request names its model, see [`crate::model`]; without it, no request names one);
-//! unknown fields (the seed's `default_model`, say) are ignored.
+//! `APIJONGLER_CONNECTORS` may add connectors or change shipped ones: a file there defines the
+//! connector named by its `name` field (or, without one, by its file name). A file named like a shipped
+//! connector is merged onto it (the fields it gives win, objects such as `policy` and `model` merge
+//! field by field, `null` unsets a field that may be unset, the rest of the shipped definition stays),
+//! so pointing Gemini at a proxy keeps its key header, API family and model rule.
+//! The JSON fields are the seed's (`name`, `host`, `port`, `protocol`, `format`, `requires_api_key`,
+//! `api_key_header`, `api_key_prefix`) plus `api` (the API family, see [`crate::family`]), `base_path`,
+//! `policy` and `model` (where a request names its model, see [`crate::model`]; without it, the
+//! family's rule); unknown fields (the seed's `default_model`, `description`) are ignored.
+//!
+//! A connector without `api` (a file in the seed's format) gets its family per request: from its host
+//! (Google's API hosts are Gemini's), else from the request's path (`:generateContent` is Gemini's,
+//! `/chat/completions` OpenAI's), else `plain`. The family gives the request's dialect (error shape,
+//! stream end), its model rule when the file has no `model`, and whether quotas meter it.
 //!
 //! A definition is checked when it is loaded, so that a mistake is a configuration error naming the
 //! file and the field rather than a network error later, or worse, a request sent without its key:
-//! `host` is a bare host name or IP address, `port` is not 0, `base_path` is empty or starts with `/`,
-//! `api_key_header` is a valid HTTP header name, `api_key_prefix` a valid header value (so prefix and
-//! secret, itself checked by the keyring, always make a valid header), `policy.timeout_secs` a positive
-//! number, `model` a rule that can match (see [`ModelRule`]). Two files of the user's directory that define the same connector are an error, not a
-//! silent winner. `APIJONGLER_TIMEOUT` is checked at load too, since every timeout falls back on it.
+//! `api` is one of the family words, `host` is a bare host name or IP address, `port` is not 0,
+//! `base_path` is empty or starts with `/`, `api_key_header` is a valid HTTP header name,
+//! `api_key_prefix` a valid header value (so prefix and secret, itself checked by the keyring, always
+//! make a valid header), `policy.timeout_secs` a positive number, `model` a rule that can match (see
+//! [`ModelRule`]). A field of the wrong type is refused with its line and column in the user's file,
+//! before any merge. Two files of the user's directory that define the same connector are an error, not
+//! a silent winner. `APIJONGLER_TIMEOUT` is checked at load too, since every timeout falls back on it.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -22,11 +33,17 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::borrow::Cow;
+
+use reqwest::Method;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::family::ApiFamily;
 use crate::model::{self, ModelRule};
+use crate::stream::Dialect;
 
 /// The environment variable naming the directory of user connector files.
 pub const CONNECTORS_ENV: &str = "APIJONGLER_CONNECTORS";
@@ -54,6 +71,8 @@ pub enum Origin {
     Embedded,
     /// A file in the user's connector directory.
     File(PathBuf),
+    /// A file in the user's connector directory, merged onto the shipped connector of its name.
+    Merged(PathBuf),
 }
 
 /// How answers of this API are read and retried; every field has a default that suits Gemini and
@@ -143,7 +162,8 @@ pub struct Connector {
     /// The connector's name: the keyring section and the name callers use.
     #[serde(default)]
     pub name: String,
-    /// Host name.
+    /// Host name (required: empty is refused, unless a shipped connector of the same name gives it).
+    #[serde(default)]
     pub host: String,
     /// Port; default 443 for https and 80 for http.
     #[serde(default)]
@@ -169,9 +189,15 @@ pub struct Connector {
     /// How answers are read and retried.
     #[serde(default)]
     pub policy: Policy,
-    /// Where a request names its model (default: nowhere, so no request names one).
+    /// The API family the file declares (`api`); `None`: inferred per request (see the module docs).
+    #[serde(skip)]
+    pub api: Option<ApiFamily>,
+    /// The file's `api` as written, checked into [`Connector::api`] at load.
+    #[serde(default, rename = "api")]
+    api_given: Option<Value>,
+    /// Where a request names its model; `None`: where its API family's requests do.
     #[serde(default)]
-    pub model: ModelRule,
+    pub model: Option<ModelRule>,
     /// Where this definition came from.
     #[serde(skip, default = "embedded")]
     pub origin: Origin,
@@ -211,33 +237,94 @@ impl Connector {
         if self.format.eq_ignore_ascii_case("json") { "application/json" } else { "application/xml" }
     }
 
+    /// The API family of a request to `path_and_query` (the endpoint, without `base_path`): the
+    /// declared one, else the host's (Google's API hosts are Gemini's), else the path's
+    /// ([`ApiFamily::infer`]), else `plain`.
+    pub fn family_for(&self, path_and_query: &str) -> ApiFamily {
+        self.api
+            .or_else(|| ApiFamily::of_host(&self.host))
+            .or_else(|| ApiFamily::infer(path_and_query))
+            .unwrap_or(ApiFamily::Plain)
+    }
+
+    /// The dialect of a request to `path_and_query`: its error shape and how its streams end.
+    pub fn dialect_for(&self, path_and_query: &str) -> Dialect {
+        self.family_for(path_and_query).dialect(path_and_query)
+    }
+
+    /// Where a request to `path_and_query` names its model: the file's `model`, else its family's rule.
+    pub fn model_rule_for(&self, path_and_query: &str) -> Cow<'_, ModelRule> {
+        match &self.model {
+            Some(rule) => Cow::Borrowed(rule),
+            None => Cow::Owned(self.family_for(path_and_query).model_rule()),
+        }
+    }
+
     /// The model a request to `path_and_query` (the endpoint, without `base_path`) with `body` names,
-    /// by this connector's `model` rule; `None` when it names none (see [`crate::model`]).
+    /// by [`model_rule_for`](Self::model_rule_for); `None` when it names none (see [`crate::model`]).
     pub fn model_of(&self, path_and_query: &str, body: &[u8]) -> Option<String> {
-        model::requested_model(&self.model, path_and_query, body)
+        model::requested_model(&self.model_rule_for(path_and_query), path_and_query, body)
     }
 
-    /// Whether this connector's rule can tell any request's model at all.
+    /// Whether quotas meter a `method` request to `path_and_query` (see [`ApiFamily::meters`]): only
+    /// such a request is kept from a key whose quota for its model is locked down. Listing, getting a
+    /// model and counting tokens are not.
+    pub fn meters(&self, method: &Method, path_and_query: &str) -> bool {
+        self.family_for(path_and_query).meters(method, path_and_query)
+    }
+
+    /// Whether this connector can tell any request's model at all: its `model` rule names one, or its
+    /// family's does; a connector without `api` may, by the family each request shows.
     pub fn names_models(&self) -> bool {
-        !self.model.path_markers.is_empty() || self.model.body_field.is_some()
+        match (&self.model, self.api) {
+            (Some(rule), _) => rule.names_any(),
+            (None, Some(family)) => family.model_rule().names_any(),
+            (None, None) => true,
+        }
     }
 
-    fn parse(text: &str, path: &Path, origin: Origin) -> Result<Self> {
-        let mut connector: Connector = serde_json::from_str(text).map_err(|error| Error::ConnectorFile {
+    /// The JSON object of a connector file. The file alone must already be a connector with fields of
+    /// the right types, so that a mistake is shown at its line and column, before any merge.
+    fn read(text: &str, path: &Path) -> Result<Map<String, Value>> {
+        let at = |error: serde_json::Error| Error::ConnectorFile {
             path: path.to_owned(),
             line: error.line(),
             column: error.column(),
             message: error.to_string(),
-        })?;
-        if connector.name.is_empty() {
-            let stem = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-            connector.name = stem.strip_suffix(".json").unwrap_or(stem).to_owned();
+        };
+        serde_json::from_str::<Connector>(text).map_err(at)?;
+        match serde_json::from_str::<Value>(text).map_err(at)? {
+            Value::Object(object) => Ok(object),
+            _ => unreachable!("a text that reads as a connector is a JSON object"),
         }
-        connector.check().map_err(|(field, problem)| Error::ConnectorField {
-            path: path.to_owned(),
-            field,
-            problem,
+    }
+
+    /// The connector a file's JSON object names: its `name`, else the file name without `.json`.
+    fn name_in(object: &Map<String, Value>, path: &Path) -> String {
+        match object.get("name").and_then(Value::as_str).filter(|name| !name.is_empty()) {
+            Some(name) => name.to_owned(),
+            None => {
+                let file = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+                file.strip_suffix(".json").unwrap_or(file).to_owned()
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn parse(text: &str, path: &Path, origin: Origin) -> Result<Self> {
+        Self::from_object(Self::read(text, path)?, path, origin)
+    }
+
+    /// The connector of a (maybe merged) JSON object read from `path`, checked.
+    fn from_object(mut object: Map<String, Value>, path: &Path, origin: Origin) -> Result<Self> {
+        let name = Self::name_in(&object, path);
+        object.insert("name".to_owned(), Value::String(name));
+        let mut connector: Connector = serde_json::from_value(Value::Object(object)).map_err(|error| {
+            Error::ConnectorFile { path: path.to_owned(), line: 0, column: 0, message: error.to_string() }
         })?;
+        let field = |(field, problem)| Error::ConnectorField { path: path.to_owned(), field, problem };
+        connector.api = connector.api_given.as_ref().map(family_named).transpose().map_err(field)?;
+        connector.check().map_err(field)?;
         connector.origin = origin;
         Ok(connector)
     }
@@ -288,7 +375,27 @@ impl Connector {
         {
             return Err(("policy.timeout_secs", format!("must be a positive number of seconds, not {seconds}")));
         }
-        self.model.check()
+        self.model.as_ref().map_or(Ok(()), ModelRule::check)
+    }
+}
+
+/// The family a connector file's `api` value names; the error lists the words allowed.
+fn family_named(given: &Value) -> std::result::Result<ApiFamily, (&'static str, String)> {
+    given.as_str().and_then(ApiFamily::from_word).ok_or_else(|| {
+        ("api", format!("must be one of {}, not {given}; or leave it out to infer it per request", ApiFamily::words()))
+    })
+}
+
+/// Applies `patch` to `target`: objects merge field by field, any other value (`null` included, which
+/// unsets a field that may be unset) replaces.
+fn merge_patch(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (field, value) in patch {
+                merge_patch(target.entry(field).or_insert(Value::Null), value);
+            }
+        }
+        (target, patch) => *target = patch,
     }
 }
 
@@ -312,13 +419,17 @@ impl Connectors {
         Self::load(dir.as_deref())
     }
 
-    /// The embedded connectors plus the `*.json` files of `dir`; also checks `APIJONGLER_TIMEOUT`, which
-    /// every connector's timeout falls back on.
+    /// The embedded connectors plus the `*.json` files of `dir`, each merged onto the shipped connector
+    /// of its name if there is one (see the module docs); also checks `APIJONGLER_TIMEOUT`, which every
+    /// connector's timeout falls back on.
     pub fn load(dir: Option<&Path>) -> Result<Self> {
         timeout_from_env()?;
         let mut by_name = BTreeMap::new();
+        let mut shipped = BTreeMap::new();
         for (file, text) in EMBEDDED {
-            let connector = Connector::parse(text, Path::new(file), Origin::Embedded)?;
+            let object = Connector::read(text, Path::new(file))?;
+            let connector = Connector::from_object(object.clone(), Path::new(file), Origin::Embedded)?;
+            shipped.insert(connector.name.clone(), object);
             by_name.insert(connector.name.clone(), connector);
         }
         if let Some(dir) = dir {
@@ -333,14 +444,25 @@ impl Connectors {
             for path in files {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|source| Error::ConnectorsDir { path: path.clone(), source })?;
-                let connector = Connector::parse(&text, &path, Origin::File(path.clone()))?;
-                match defined_by.entry(connector.name.clone()) {
+                let object = Connector::read(&text, &path)?;
+                let name = Connector::name_in(&object, &path);
+                match defined_by.entry(name.clone()) {
                     Entry::Occupied(first) => {
                         let (name, first) = first.remove_entry();
                         return Err(Error::DuplicateConnector { name, first, second: path });
                     }
-                    Entry::Vacant(slot) => slot.insert(path),
+                    Entry::Vacant(slot) => slot.insert(path.clone()),
                 };
+                let (object, origin) = match shipped.get(&name) {
+                    Some(base) => {
+                        let mut merged = Value::Object(base.clone());
+                        merge_patch(&mut merged, Value::Object(object));
+                        let Value::Object(merged) = merged else { unreachable!("an object patched by an object") };
+                        (merged, Origin::Merged(path.clone()))
+                    }
+                    None => (object, Origin::File(path.clone())),
+                };
+                let connector = Connector::from_object(object, &path, origin)?;
                 by_name.insert(connector.name.clone(), connector);
             }
         }
@@ -405,15 +527,109 @@ mod tests {
     }
 
     #[test]
-    fn a_user_file_without_a_model_rule_names_no_model() {
+    fn shipped_connectors_declare_their_family() {
+        let connectors = Connectors::load(None).expect("embedded connectors parse");
+        let family = |name: &str| connectors.get(name).expect(name).api;
+        assert_eq!(family("generativelanguage.googleapis.com"), Some(ApiFamily::Gemini));
+        assert_eq!(family("router.huggingface.co"), Some(ApiFamily::HuggingFace));
+        assert_eq!(family("api-inference.huggingface.co"), Some(ApiFamily::HuggingFace));
+        assert_eq!(family("httpbin.org"), Some(ApiFamily::Plain));
+        assert!(connectors.iter().all(|connector| connector.model.is_none()), "the families' rules apply");
+        assert!(!connectors.get("httpbin.org").expect("httpbin").names_models());
+    }
+
+    /// The seed README's example, pointed at a proxy: no `api`, no `model`.
+    const SEED: &str = r#"{"name": "proxy", "host": "127.0.0.1", "port": 8080, "protocol": "http",
+        "format": "json", "requires_api_key": true, "api_key_header": "x-goog-api-key"}"#;
+
+    #[test]
+    fn a_seed_format_file_gets_its_family_per_request() {
+        let proxy = Connector::parse(SEED, Path::new("proxy.json"), Origin::Embedded).expect("valid");
+        assert_eq!(proxy.api, None);
+        assert!(proxy.names_models());
+        let generate = "/v1beta/models/gemini-2.5-pro:generateContent";
+        let stream = "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse";
+        let chat = r#"{"model": "gemini-2.5-flash", "stream": true}"#;
+        let cases: &[(&str, &str, ApiFamily, Dialect, Option<&str>)] = &[
+            (generate, "{}", ApiFamily::Gemini, Dialect::Google, Some("gemini-2.5-pro")),
+            (stream, "{}", ApiFamily::Gemini, Dialect::Google, Some("gemini-2.5-pro")),
+            ("/v1beta/openai/chat/completions", chat, ApiFamily::OpenAi, Dialect::OpenAi, Some("gemini-2.5-flash")),
+            ("/v1/chat/completions", chat, ApiFamily::OpenAi, Dialect::OpenAi, Some("gemini-2.5-flash")),
+            ("/v1beta/models", "", ApiFamily::Plain, Dialect::Plain, None),
+            ("/anything", chat, ApiFamily::Plain, Dialect::Plain, None),
+        ];
+        for (path, body, family, dialect, model) in cases {
+            assert_eq!(proxy.family_for(path), *family, "{path}");
+            assert_eq!(proxy.dialect_for(path), *dialect, "{path}");
+            assert_eq!(proxy.model_of(path, body.as_bytes()).as_deref(), *model, "{path}");
+        }
+        assert!(proxy.meters(&Method::POST, generate));
+        assert!(!proxy.meters(&Method::POST, "/v1beta/models/gemini-2.5-pro:countTokens"));
+        assert!(!proxy.meters(&Method::GET, "/v1beta/models/gemini-2.5-pro"));
+        // A Google host is Gemini's whatever the path.
+        let google = r#"{"name": "g", "host": "generativelanguage.googleapis.com"}"#;
+        let google = Connector::parse(google, Path::new("g.json"), Origin::Embedded).expect("valid");
+        assert_eq!(google.dialect_for("/v1beta/models"), Dialect::Google);
+        assert_eq!(google.dialect_for("/v1beta/openai/chat/completions"), Dialect::OpenAi);
+    }
+
+    #[test]
+    fn a_declared_family_and_a_model_rule_win_over_inference() {
+        let parse = |json: &str| Connector::parse(json, Path::new("x.json"), Origin::Embedded).expect("valid");
+        let path = "/v1beta/models/gemini-2.5-pro:streamGenerateContent";
+        let plain = parse(r#"{"host": "127.0.0.1", "api": "plain"}"#);
+        assert_eq!((plain.dialect_for(path), plain.model_of(path, b"{}")), (Dialect::Plain, None));
+        assert!(!plain.names_models());
+        let hf = parse(r#"{"host": "127.0.0.1", "api": "huggingface"}"#);
+        assert_eq!(hf.dialect_for("/models/google/gemma-2-9b-it"), Dialect::HuggingFace);
+        assert_eq!(hf.model_of("/models/google/gemma-2-9b-it", b"").as_deref(), Some("google/gemma-2-9b-it"));
+        let ruled = parse(r#"{"host": "127.0.0.1", "model": {"body_field": "engine"}}"#);
+        assert_eq!(ruled.model_of(path, br#"{"engine": "e-1"}"#).as_deref(), Some("e-1"), "the file's rule");
+        let none = parse(r#"{"host": "127.0.0.1", "api": "gemini", "model": {}}"#);
+        assert_eq!(none.model_of(path, b"{}"), None, "an empty rule names nothing");
+        assert!(!none.names_models());
+    }
+
+    #[test]
+    fn a_user_file_named_like_a_shipped_one_merges_onto_it() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let seed = r#"{"name": "generativelanguage.googleapis.com", "host": "generativelanguage.googleapis.com",
-            "api_key_header": "x-goog-api-key", "default_model": "gemini-pro"}"#;
+        let seed = r#"{"name": "generativelanguage.googleapis.com", "host": "127.0.0.1", "port": 8080,
+            "protocol": "http", "policy": {"retries": 0}, "default_model": "gemini-pro"}"#;
         std::fs::write(dir.path().join("gemini.json"), seed).expect("write");
+        // No host: the shipped one stays; a `model` field merges field by field.
+        let hf = r#"{"name": "router.huggingface.co", "model": {"path_segments": 1, "path_markers": ["models"]}}"#;
+        std::fs::write(dir.path().join("hf.json"), hf).expect("write");
+        // `null` unsets a shipped field that may be unset: no `api`, so the family is inferred per request.
+        std::fs::write(dir.path().join("legacy.json"), r#"{"name": "api-inference.huggingface.co", "api": null}"#)
+            .expect("write");
         let connectors = Connectors::load(Some(dir.path())).expect("load");
-        let gemini = connectors.get("generativelanguage.googleapis.com").expect("overridden");
-        assert_eq!(gemini.model, ModelRule::default());
-        assert_eq!(gemini.model_of("/v1beta/models/gemini-2.5-flash:generateContent", b"{}"), None);
+        let gemini = connectors.get("generativelanguage.googleapis.com").expect("merged");
+        assert_eq!(gemini.base_url(), "http://127.0.0.1:8080");
+        assert_eq!(gemini.key_header(), ("x-goog-api-key", ""), "the shipped header is kept");
+        assert_eq!((gemini.api, gemini.policy.retries), (Some(ApiFamily::Gemini), 0));
+        assert_eq!(gemini.policy.backoff_ms, Policy::default().backoff_ms);
+        assert_eq!(gemini.origin, Origin::Merged(dir.path().join("gemini.json")));
+        let generate = "/v1beta/models/gemini-2.5-flash:generateContent";
+        assert_eq!(gemini.model_of(generate, b"{}").as_deref(), Some("gemini-2.5-flash"));
+        assert_eq!(gemini.dialect_for("/v1beta/models/m:streamGenerateContent"), Dialect::Google);
+        let router = connectors.get("router.huggingface.co").expect("merged");
+        assert_eq!(router.base_url(), "https://router.huggingface.co");
+        let rule = router.model.as_ref().expect("the user's rule");
+        assert_eq!((rule.path_segments, rule.body_field.as_deref()), (1, None), "no shipped `model` to merge onto");
+        let legacy = connectors.get("api-inference.huggingface.co").expect("merged");
+        assert_eq!((legacy.api, legacy.base_url().as_str()), (None, "https://router.huggingface.co/hf-inference"));
+    }
+
+    #[test]
+    fn a_merging_file_s_mistakes_name_its_own_file_and_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = "{\n  \"name\": \"httpbin.org\",\n  \"port\": \"eighty\"\n}";
+        std::fs::write(dir.path().join("mine.json"), bad).expect("write");
+        let message = Connectors::load(Some(dir.path())).expect_err("typed").to_string();
+        assert!(message.contains("mine.json:3:"), "{message}");
+        std::fs::write(dir.path().join("mine.json"), r#"{"name": "httpbin.org", "api": "http"}"#).expect("write");
+        let message = Connectors::load(Some(dir.path())).expect_err("bad api").to_string();
+        assert!(message.contains("mine.json") && message.contains("`api` must be one of"), "{message}");
     }
 
     #[test]
@@ -444,8 +660,11 @@ mod tests {
         let connectors = Connectors::load(Some(dir.path())).expect("load");
         let overridden = connectors.get("httpbin.org").expect("overridden");
         assert_eq!(overridden.base_url(), "https://127.0.0.1:9");
-        assert_eq!(overridden.origin, Origin::File(dir.path().join("mine.json")));
-        assert_eq!(connectors.get("extra").expect("added").base_url(), "http://example.invalid");
+        assert_eq!(overridden.origin, Origin::Merged(dir.path().join("mine.json")));
+        assert!(!overridden.requires_api_key, "merged onto the shipped httpbin.org");
+        let extra = connectors.get("extra").expect("added");
+        assert_eq!(extra.base_url(), "http://example.invalid");
+        assert_eq!(extra.origin, Origin::File(dir.path().join("extra.json")));
     }
 
     /// The message for a connector file holding `json`, or `None` if it is valid.
@@ -485,6 +704,13 @@ mod tests {
                 "`model.path_segments` is 0",
             ),
             (r#"{"host": "h", "model": {"body_field": ""}}"#, "`model.body_field` is empty"),
+            (
+                r#"{"host": "h", "api": "gemeni"}"#,
+                r#"`api` must be one of "gemini", "openai", "huggingface", "plain", not "gemeni""#,
+            ),
+            (r#"{"host": "h", "api": 7}"#, "`api` must be one of"),
+            (r#"{"host": "h", "api": ["gemini"]}"#, "`api` must be one of"),
+            (r#"{"port": 8080}"#, "`host` is empty"),
         ];
         for (json, expected) in cases {
             let message = problem(json).unwrap_or_else(|| panic!("accepted: {json}"));
@@ -498,6 +724,8 @@ mod tests {
             r#"{"host": "h", "model": {}}"#,
             r#"{"host": "h", "model": {"body_field": "model"}}"#,
             r#"{"host": "h", "model": {"path_markers": ["models", "tunedModels"], "path_segments": 2}}"#,
+            r#"{"host": "h", "api": "gemini"}"#,
+            r#"{"host": "h", "api": null}"#,
         ] {
             assert_eq!(problem(fine), None, "{fine}");
         }

@@ -121,6 +121,9 @@ struct Progress {
     path: String,
     /// The model the request names, if the connector can tell.
     model: Option<String>,
+    /// Quotas meter the request (a generation), so a lockdown of its model keeps it from a key; a
+    /// request they do not meter (listing, getting a model, counting tokens) is claimed for no model.
+    metered: bool,
     started: Instant,
     /// The caller's deadline for the whole request.
     deadline: Option<Instant>,
@@ -265,6 +268,7 @@ impl Upstream {
         Ok(Progress {
             path: outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned(),
             model: connector.model_of(&outgoing.path_and_query, &outgoing.body),
+            metered: connector.meters(&outgoing.method, &outgoing.path_and_query),
             started,
             deadline,
             wait,
@@ -301,7 +305,7 @@ impl Upstream {
             match self.lease_beside_suspect(request, slot).await? {
                 Some(lease) => Some(lease),
                 None => {
-                    let (model, wait) = (request.model.as_deref(), request.wait);
+                    let (model, wait) = (request.model.as_deref().filter(|_| request.metered), request.wait);
                     let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
                     self.next_lease(slot, model, aside, request.started, wait, &mut request.budget).await?
                 }
@@ -322,7 +326,7 @@ impl Upstream {
             self.let_go(request).await;
             return Ok(None);
         }
-        let model = request.model.as_deref();
+        let model = request.model.as_deref().filter(|_| request.metered);
         let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
         let hold = remaining.min(suspicion::HOLD);
         match self.next_lease(slot, model, aside, Instant::now(), hold, &mut request.budget).await {

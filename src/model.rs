@@ -1,7 +1,9 @@
 //! The model a request names, so that a key can be locked down for one model instead of for all.
 //!
 //! A connector file says where its requests name their model (its optional `model` field, a
-//! [`ModelRule`]); [`requested_model`] reads it. Nothing here knows a host: Gemini's
+//! [`ModelRule`]), else its API family's default rule does ([`crate::family::ApiFamily::model_rule`]:
+//! [`ModelRule::gemini`], [`ModelRule::hugging_face`], [`ModelRule::body_only`]); [`requested_model`]
+//! reads it. Nothing here knows a host: Gemini's
 //! `/v1beta/models/{model}:generateContent` and Hugging Face's `/hf-inference/models/{org}/{name}`
 //! differ only in their connector's rule. The function is pure: no I/O, no logging, no error.
 //!
@@ -37,7 +39,7 @@ pub const MAX_LEN: usize = 200;
 
 /// Where a connector's requests name their model: the connector file's `model` field, e.g.
 /// `{"path_markers": ["models", "tunedModels"], "path_segments": 1, "body_field": "model"}`.
-/// Without it (the default) no request names a model.
+/// Without that field the connector's API family's rule applies; the default value (`{}`) names none.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(
     default,
@@ -62,6 +64,37 @@ impl Default for ModelRule {
 }
 
 impl ModelRule {
+    /// Gemini's rule (the `gemini` family's default): `models/{model}` or `tunedModels/{model}` in the
+    /// path, else the body's `model` (`models/` dropped).
+    pub fn gemini() -> Self {
+        Self::markers(&["models", "tunedModels"], 1)
+    }
+
+    /// Hugging Face's rule (the `huggingface` family's default): `models/{org}/{name}` in the path,
+    /// else the body's `model`.
+    pub fn hugging_face() -> Self {
+        Self::markers(&["models"], 2)
+    }
+
+    /// The body's `model` only (the `openai` family's default): OpenAI-compatible APIs name the model
+    /// there, and their paths name none.
+    pub fn body_only() -> Self {
+        Self { path_markers: Vec::new(), path_segments: 1, body_field: Some("model".to_owned()) }
+    }
+
+    fn markers(markers: &[&str], path_segments: usize) -> Self {
+        Self {
+            path_markers: markers.iter().map(|marker| (*marker).to_owned()).collect(),
+            path_segments,
+            body_field: Some("model".to_owned()),
+        }
+    }
+
+    /// Whether the rule can name a model at all (it has a path marker or a body field).
+    pub fn names_any(&self) -> bool {
+        !self.path_markers.is_empty() || self.body_field.is_some()
+    }
+
     /// The first field that cannot work, dotted as in the connector file, and what is wrong with it.
     pub(crate) fn check(&self) -> Result<(), (&'static str, String)> {
         if let Some(marker) = self.path_markers.iter().find(|marker| !is_marker(marker)) {
@@ -205,15 +238,11 @@ mod tests {
     use super::*;
 
     fn gemini() -> ModelRule {
-        ModelRule {
-            path_markers: vec!["models".to_owned(), "tunedModels".to_owned()],
-            path_segments: 1,
-            body_field: Some("model".to_owned()),
-        }
+        ModelRule::gemini()
     }
 
     fn hugging_face() -> ModelRule {
-        ModelRule { path_markers: vec!["models".to_owned()], path_segments: 2, body_field: Some("model".to_owned()) }
+        ModelRule::hugging_face()
     }
 
     fn check(rule: &ModelRule, cases: &[(&str, &str, Option<&str>)]) {

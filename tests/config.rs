@@ -316,3 +316,58 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     assert!(stderr.contains("INFO"), "something was logged: {stderr}");
     assert!(!stderr.contains("\x1b["), "ANSI codes on a pipe: {stderr:?}");
 }
+
+#[test]
+fn a_bad_api_family_is_refused_naming_file_field_and_the_allowed_words() {
+    use serde_json::json;
+    for api in [json!("gemeni"), json!("Gemini "), json!(""), json!(7)] {
+        let (_sandbox, output) = connectors_with(&[("proxy.json", json!({"host": "h", "api": api}))]);
+        assert_exit(&output, CONFIG);
+        let message = the_error(&output);
+        assert!(message.contains("proxy.json") && message.contains("`api`"), "{api}: {message}");
+        for word in ["\"gemini\"", "\"openai\"", "\"huggingface\"", "\"plain\""] {
+            assert!(message.contains(word), "{api}: {message} lists {word}");
+        }
+    }
+    for api in ["gemini", "openai", "huggingface", "plain"] {
+        let (_sandbox, output) = connectors_with(&[("proxy.json", json!({"host": "h", "api": api}))]);
+        assert_exit(&output, 0);
+    }
+}
+
+/// `apijongler --json connectors` with `files` in the connector directory: the row of `name`.
+fn listed(files: &[(&str, serde_json::Value)], name: &str) -> serde_json::Value {
+    let sandbox = Sandbox::new("gemini", 1);
+    let dir = sandbox.connectors_dir();
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for (file, json) in files {
+        std::fs::write(dir.join(file), json.to_string()).expect("write connector");
+    }
+    let listed = output(sandbox.apijongler().env("APIJONGLER_CONNECTORS", &dir).args(["--json", "connectors"]));
+    assert_exit(&listed, 0);
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    rows.as_array().expect("rows").iter().find(|row| row["name"] == name).expect("listed").clone()
+}
+
+/// A user file named like a shipped connector changes only the fields it gives: pointed elsewhere, the
+/// shipped Gemini connector keeps its key header and its API family (so its model rule and streams).
+#[test]
+fn a_user_file_named_like_a_shipped_connector_merges_onto_it() {
+    use serde_json::json;
+    let pointed = json!({"name": GEMINI, "host": "127.0.0.1", "port": 8080, "protocol": "http"});
+    let gemini = listed(&[("mine.json", pointed)], GEMINI);
+    assert_eq!(gemini["base_url"], "http://127.0.0.1:8080", "{gemini}");
+    assert_eq!(gemini["key"], "x-goog-api-key: <key>", "the shipped header is kept: {gemini}");
+    assert_eq!(gemini["api"], "gemini", "{gemini}");
+    let origin = gemini["origin"].as_str().expect("origin");
+    assert!(origin.contains("mine.json") && origin.contains("built in"), "says it merged: {gemini}");
+    // A field the user gives wins over the shipped file's.
+    let renamed = json!({"name": GEMINI, "api_key_header": "x-proxy-key", "api": "plain"});
+    let gemini = listed(&[("mine.json", renamed)], GEMINI);
+    assert_eq!(gemini["base_url"], "https://generativelanguage.googleapis.com", "{gemini}");
+    assert_eq!(gemini["key"], "x-proxy-key: <key>", "{gemini}");
+    assert_eq!(gemini["api"], "plain", "{gemini}");
+    // A connector of the user's own has no shipped one to merge onto; without `api` it infers per request.
+    let own = listed(&[("proxy.json", json!({"host": "127.0.0.1"}))], "proxy");
+    assert_eq!(own["api"], serde_json::Value::Null, "{own}");
+}

@@ -212,3 +212,25 @@ async fn a_reader_that_goes_away_mid_stream_frees_the_key_at_once() {
     assert_eq!(settled_states(&sandbox).await, [("key0".to_owned(), "vacant".to_owned())]);
     assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'cancelled'"), 1);
 }
+
+/// A stream whose dialect is unknown (`Dialect::Plain`: an API apijongler cannot read) has an end no
+/// one can judge: a complete upstream stream goes out verbatim with nothing appended, and counts as a
+/// success (it was a `{"error":"..."}` event after the upstream's last one, and a "stream broken").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_end_cannot_be_judged_gets_nothing_appended() {
+    for (outgoing, dialect) in [(gemini_stream(), StreamDialect::Gemini), (chat_stream(), StreamDialect::OpenAi)] {
+        let mock = mock(MockConfig::default()).await;
+        let sandbox = Sandbox::new(GEMINI, 1);
+        let jongler = connect(&sandbox, &mock, Duration::from_secs(10)).await;
+        let outgoing = Outgoing { stream: Some(Dialect::Plain), ..outgoing };
+        let (bytes, streamed) = read(jongler.send(outgoing).await.expect("stream")).await;
+        assert!(streamed);
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&concat(&good_stream(dialect, MODEL, EVENTS))),
+            "{dialect:?}: verbatim, nothing after the upstream's end"
+        );
+        settled_states(&sandbox).await;
+        assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE outcome = 'success'"), 1, "{dialect:?}");
+    }
+}

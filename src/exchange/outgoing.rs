@@ -21,8 +21,9 @@ pub struct Outgoing {
     pub headers: HeaderMap,
     /// The body (empty: none). Kept whole, so that a retry on another key sends the same bytes.
     pub body: Bytes,
-    /// A streaming request, and the dialect of its error events: hold the answer until its first
-    /// complete event, then relay it (see the module docs).
+    /// A streaming request, and the dialect of its error events and terminal event: hold the answer
+    /// until its first complete event, then relay it (see the module docs). The connector's API family
+    /// gives it: [`Connector::dialect_for`](crate::Connector::dialect_for).
     pub stream: Option<Dialect>,
     /// How long to wait for a free key (default: the jongler's).
     pub wait: Option<Duration>,

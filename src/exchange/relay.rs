@@ -3,7 +3,8 @@
 //!
 //! Invariants: bytes go out verbatim, whole events at a time, so an error event of ours never lands in
 //! the middle of a half-sent one; after a terminal event (or an upstream error event) nothing of ours
-//! is added; a lost lease stops the stream and leaves the key (someone else's) untouched.
+//! is added, nor ever to a stream whose dialect cannot judge its end (`Dialect::Plain`: it ends when
+//! the upstream ends it); a lost lease stops the stream and leaves the key (someone else's) untouched.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -270,6 +271,14 @@ impl Relay {
                     return Ending::Complete;
                 }
                 _ if self.complete => return Ending::Complete,
+                // A stream whose end no one can judge ends when the upstream ends it: nothing to add.
+                Ok(Ok(None)) if !self.dialect.judges_end() => {
+                    let rest = Bytes::from(std::mem::take(&mut self.unsent));
+                    if !rest.is_empty() && !Self::forward(sender, rest, idle).await {
+                        return Ending::Cancelled;
+                    }
+                    return Ending::Complete;
+                }
                 Ok(Ok(None)) => format!("upstream stream ended after {} events without its last one", self.events),
                 Ok(Err(error)) if error.is_timeout() => {
                     format!("upstream stream idle for {:.0} s after {} events", idle.as_secs_f64(), self.events)
@@ -300,9 +309,12 @@ impl Relay {
             self.unsent = Vec::new();
             Vec::new()
         };
-        event.extend_from_slice(&self.dialect.stream_error_event(status, problem));
-        if !Self::forward(sender, Bytes::from(event), idle).await {
-            return Ending::Cancelled;
+        // A stream whose end cannot be judged is just ended: an event of ours could follow a whole answer.
+        if let Some(error) = self.dialect.stream_error_event(status, problem) {
+            event.extend_from_slice(&error);
+            if !Self::forward(sender, Bytes::from(event), idle).await {
+                return Ending::Cancelled;
+            }
         }
         if too_large { Ending::TooLarge(problem.to_owned()) } else { Ending::Broken(problem.to_owned()) }
     }
@@ -333,9 +345,11 @@ impl Relay {
         } else {
             Vec::new()
         };
-        event.extend_from_slice(&self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem));
-        if !Self::forward(sender, Bytes::from(event), idle).await {
-            return Ending::Cancelled;
+        if let Some(error) = self.dialect.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, &problem) {
+            event.extend_from_slice(&error);
+            if !Self::forward(sender, Bytes::from(event), idle).await {
+                return Ending::Cancelled;
+            }
         }
         Ending::LeaseLost
     }

@@ -3,14 +3,15 @@
 //! apijongler answers some requests itself: the gateway (no key free, bad `Host`, wrong token) and the
 //! send path (a stream that broke after the first byte, in [`Outgoing::stream`](crate::Outgoing::stream)'s
 //! dialect). Each SDK raises a typed, readable error only for the body shape it expects,
-//! so the gateway speaks the dialect of the route, decided once per request by [`Dialect::for_route`].
+//! so the gateway speaks the dialect of the route, decided once per request by the connector's API family
+//! ([`Connector::dialect_for`](crate::Connector::dialect_for)).
 //!
 //! Invariants:
 //! - Every message the gateway writes starts with [`MESSAGE_PREFIX`], so a user can tell the gateway's
 //!   errors from the provider's; callers pass the rest of the message and must keep secrets out of it.
 //! - An in-stream error event is exactly one event: `data: ` plus one line of JSON, ended by the blank
 //!   line the dialect's streams use (CRLF CRLF for Google, LF LF otherwise), and nothing else (no
-//!   comment, no `[DONE]`).
+//!   comment, no `[DONE]`). A dialect whose stream end cannot be judged (`Plain`) has none.
 //! - A wait is never shortened: `Retry-After` and `retryDelay` are whole seconds rounded up,
 //!   `retry-after-ms` milliseconds rounded up.
 
@@ -27,63 +28,31 @@ pub const MESSAGE_PREFIX: &str = "apijongler: ";
 /// short backoff instead, so the gateway also sends `x-should-retry: false`.
 pub const OPENAI_MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
-/// The error shape of a route.
+/// The error shape of a route, and how its streams end. A connector's API family gives it per
+/// request ([`ApiFamily::dialect`](crate::family::ApiFamily::dialect)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dialect {
-    /// Gemini's native API: `{"error":{"code","message","status","details"}}`, as google-genai reads it.
+    /// Gemini's native API: `{"error":{"code","message","status","details"}}`, as google-genai reads it;
+    /// a stream ends with a `finishReason`.
     Google,
     /// OpenAI-compatible routes (Gemini's `/v1beta/openai/…`, Hugging Face's router `/v1/…`):
-    /// `{"error":{"message","type","code"}}`, as the openai SDK reads it.
+    /// `{"error":{"message","type","code"}}`, as the openai SDK reads it; a stream ends with
+    /// `finish_reason` or `[DONE]`.
     OpenAi,
-    /// Anything else, chiefly Hugging Face's native `hf-inference/models/…` API: `{"error":"message"}`,
-    /// the flat shape that API sends itself. `huggingface_hub` joins the `error` values as strings, so a
-    /// nested object there would not read as a message.
+    /// Hugging Face's native `hf-inference/models/…` API: `{"error":"message"}`, the flat shape that
+    /// API sends itself (`huggingface_hub` joins the `error` values as strings, so a nested object there
+    /// would not read as a message); a text-generation stream ends with `generated_text`.
+    HuggingFace,
+    /// An API apijongler cannot read: errors in the flat shape, and a stream whose end no one can judge,
+    /// so nothing is ever appended to it ([`Dialect::stream_error_event`] is `None`).
     Plain,
 }
 
-/// The path endings of OpenAI-compatible endpoints, on any host.
-pub const OPENAI_ENDINGS: [&str; 4] = ["/chat/completions", "/completions", "/embeddings", "/responses"];
-
 impl Dialect {
-    /// The dialect of a request to `upstream_host` (the connector's host) at `path` (the upstream path,
-    /// after the connector's segment; a query is ignored).
-    ///
-    /// OpenAI for paths ending in [`OPENAI_ENDINGS`] or starting `/{version}/openai` (Gemini's
-    /// compatibility layer); then Google for any `googleapis.com` host; then OpenAI for `/v1/…` on other
-    /// hosts (OpenAI-compatible servers mount there, e.g. Hugging Face's router `GET /v1/models`); Plain
-    /// otherwise. `openai` elsewhere in a path (a model named `openai/gpt-oss-20b`) means nothing.
-    pub fn for_route(upstream_host: &str, path: &str) -> Dialect {
-        Self::for_names(&[upstream_host], path)
-    }
-
-    /// [`for_route`](Self::for_route) for a connector named `name` whose upstream is `host`: Google when
-    /// either is a Google API's host, so a connector file that points a shipped connector's name at
-    /// another host (a corporate proxy, a test double) still speaks that API.
-    pub fn for_connector(name: &str, host: &str, path: &str) -> Dialect {
-        Self::for_names(&[name, host], path)
-    }
-
-    fn for_names(hosts: &[&str], path: &str) -> Dialect {
-        let path = path.split('?').next().unwrap_or_default().trim_end_matches('/');
-        let mut segments = path.split('/').skip(1);
-        let version = segments.next().unwrap_or_default();
-        let is_version = version.len() > 1 && version.starts_with('v') && version.as_bytes()[1].is_ascii_digit();
-        if OPENAI_ENDINGS.iter().any(|ending| path.ends_with(ending))
-            || (is_version && segments.next() == Some("openai"))
-        {
-            return Dialect::OpenAi;
-        }
-        let is_google = |host: &&str| {
-            let host = host.trim_end_matches('.').to_ascii_lowercase();
-            host == "googleapis.com" || host.ends_with(".googleapis.com")
-        };
-        if hosts.iter().any(is_google) {
-            Dialect::Google
-        } else if version == "v1" {
-            Dialect::OpenAi
-        } else {
-            Dialect::Plain
-        }
+    /// Whether a stream of this dialect has a known last event, so that a stream ending without it is
+    /// known to be cut short (and gets one error event of ours).
+    pub fn judges_end(self) -> bool {
+        self != Dialect::Plain
     }
 
     /// The gateway's own error body, JSON. `message` gets [`MESSAGE_PREFIX`]. A `retry_after` becomes a
@@ -107,16 +76,21 @@ impl Dialect {
             Dialect::OpenAi => serde_json::to_string(&Envelope {
                 error: OpenAiError { message: &message, kind: openai_error_type(status), code },
             }),
-            Dialect::Plain => serde_json::to_string(&Envelope { error: &message }),
+            Dialect::HuggingFace | Dialect::Plain => serde_json::to_string(&Envelope { error: &message }),
         };
         json.expect("structs of strings and integers always serialize")
     }
 
     /// One in-band error event to end a stream that broke after its first byte reached the client:
     /// google-genai and openai both raise an `APIError` on it. Send it, then end the body cleanly.
-    pub fn stream_error_event(self, status: StatusCode, message: &str) -> Bytes {
+    /// `None` for a dialect whose end cannot be judged ([`Dialect::judges_end`]): such a stream is
+    /// just ended, since an event of ours could follow a complete answer.
+    pub fn stream_error_event(self, status: StatusCode, message: &str) -> Option<Bytes> {
+        if !self.judges_end() {
+            return None;
+        }
         let terminator = if self == Dialect::Google { "\r\n\r\n" } else { "\n\n" };
-        Bytes::from(format!("data: {}{terminator}", self.error_body(status, message, None)))
+        Some(Bytes::from(format!("data: {}{terminator}", self.error_body(status, message, None))))
     }
 
     /// Headers that tell a client how long to wait: `Retry-After` (whole seconds, rounded up) in every
@@ -213,55 +187,7 @@ struct OpenAiError<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Dialect::{Google, OpenAi, Plain};
-
-    #[test]
-    fn a_connector_named_after_a_google_api_speaks_google_wherever_it_points() {
-        let path = "/v1beta/models/m:generateContent";
-        assert_eq!(Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", path), Google);
-        assert_eq!(Dialect::for_connector("mine", "generativelanguage.googleapis.com", path), Google);
-        assert_eq!(Dialect::for_connector("mine", "127.0.0.1", path), Plain);
-        assert_eq!(
-            Dialect::for_connector("generativelanguage.googleapis.com", "127.0.0.1", "/v1beta/openai/chat/completions"),
-            OpenAi
-        );
-    }
-
-    #[test]
-    fn routes() {
-        let gemini = "generativelanguage.googleapis.com";
-        let hf = "router.huggingface.co";
-        let cases: &[(&str, &str, Dialect)] = &[
-            (gemini, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", Google),
-            (gemini, "/v1/models/gemini-2.5-flash:generateContent", Google),
-            (gemini, "/v1/models", Google),
-            (gemini, "/upload/v1beta/files", Google),
-            (gemini, "/v1/interactions", Google),
-            (gemini, "/v1beta/openai/chat/completions", OpenAi),
-            (gemini, "/v1beta/openai/models", OpenAi),
-            (gemini, "/v1beta/openai", OpenAi),
-            (gemini, "/v1beta/openai/", OpenAi),
-            (gemini, "/v1beta/openaiish/models", Google),
-            ("GENERATIVELANGUAGE.GOOGLEAPIS.COM.", "/v1/models", Google),
-            ("googleapis.com.evil.example", "/v1beta/models/x:generateContent", Plain),
-            (hf, "/v1/chat/completions", OpenAi),
-            (hf, "/v1/models", OpenAi),
-            (hf, "/v1", OpenAi),
-            (hf, "/v1/embeddings?x=1", OpenAi),
-            (hf, "/hf-inference/models/google/gemma-2-9b-it", Plain),
-            (hf, "/hf-inference/models/openai/gpt-oss-20b", Plain),
-            (hf, "/hf-inference/models/google/gemma-2-9b-it/v1/chat/completions", OpenAi),
-            (hf, "/models/openai/whisper/v1/completions", OpenAi),
-            (hf, "/v10/things", Plain),
-            ("api.example.com", "/v2/completions", OpenAi),
-            ("api.example.com", "/v2/responses/", OpenAi),
-            ("api.example.com", "/embeddingsx", Plain),
-            ("api.example.com", "", Plain),
-        ];
-        for (host, path, expected) in cases {
-            assert_eq!(Dialect::for_route(host, path), *expected, "{host} {path}");
-        }
-    }
+    use Dialect::{Google, HuggingFace, OpenAi, Plain};
 
     #[test]
     fn error_bodies() {
@@ -291,6 +217,7 @@ mod tests {
                 None,
                 r#"{"error":{"message":"apijongler: 0 of 8 keys free","type":"invalid_request_error","code":421}}"#,
             ),
+            (HuggingFace, 429, wait, r#"{"error":"apijongler: 0 of 8 keys free"}"#),
             (Plain, 429, wait, r#"{"error":"apijongler: 0 of 8 keys free"}"#),
         ];
         for (dialect, status, retry_after, expected) in cases {
@@ -315,11 +242,12 @@ mod tests {
                 502,
                 "data: {\"error\":{\"message\":\"apijongler: upstream stream broke after 3 events\",\"type\":\"upstream_error\",\"code\":502}}\n\n",
             ),
-            (Plain, 502, "data: {\"error\":\"apijongler: upstream stream broke after 3 events\"}\n\n"),
+            (HuggingFace, 502, "data: {\"error\":\"apijongler: upstream stream broke after 3 events\"}\n\n"),
         ];
         for (dialect, status, expected) in cases {
             let event = dialect
-                .stream_error_event(StatusCode::from_u16(*status).unwrap(), "upstream stream broke after 3 events");
+                .stream_error_event(StatusCode::from_u16(*status).unwrap(), "upstream stream broke after 3 events")
+                .expect("a dialect that judges its end");
             assert_eq!(event, expected.as_bytes(), "{dialect:?}");
             // The framer sees exactly one complete error event, with nothing after it.
             let mut framer = super::super::sse::Framer::new(1 << 20);
@@ -329,6 +257,7 @@ mod tests {
             assert_eq!(events[0].range().end, event.len() as u64, "{dialect:?}");
             assert_eq!(framer.finish(), None, "{dialect:?}");
         }
+        assert_eq!(Plain.stream_error_event(StatusCode::BAD_GATEWAY, "broke"), None, "an end no one can judge");
     }
 
     #[test]
@@ -382,6 +311,7 @@ mod tests {
             (OpenAi, Duration::from_secs(86_400), "86400", Some("86400000"), Some("false")),
             (Google, ms(120_001), "121", None, None),
             (Plain, ms(500), "1", None, None),
+            (HuggingFace, ms(500), "1", None, None),
         ];
         for (dialect, wait, after, after_ms, should_retry) in cases {
             let headers = dialect.retry_headers(*wait);

@@ -6,8 +6,9 @@
 //!   hold the first event, then forward the upstream's bytes verbatim while watching for an error or
 //!   the end of the answer. Internal to the crate.
 //! - [`dialect`]: which error shape a route's clients understand ([`Dialect`], the dialect of
-//!   [`Outgoing::stream`](crate::Outgoing::stream)), the in-stream error event that ends a broken
-//!   stream, and the error bodies and retry headers of a gateway speaking that shape.
+//!   [`Outgoing::stream`](crate::Outgoing::stream)), whether its stream ends can be judged, the
+//!   in-stream error event that ends a broken stream, and the error bodies and retry headers of a
+//!   gateway speaking that shape.
 //!
 //! Dependencies run one way: `sse` uses `dialect`; neither reaches into the pool or the coordinator.
 
@@ -32,8 +33,9 @@ pub use dialect::{Dialect, MESSAGE_PREFIX};
 /// ```
 /// use api_jongler::upstream_url::upstream_url;
 /// use api_jongler::{Dialect, stream::MESSAGE_PREFIX};
-/// let event = Dialect::Google.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, "no key");
+/// let event = Dialect::Google.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, "no key").unwrap();
 /// assert!(String::from_utf8_lossy(&event).contains(MESSAGE_PREFIX));
+/// assert!(Dialect::Plain.stream_error_event(http::StatusCode::SERVICE_UNAVAILABLE, "no key").is_none());
 /// assert!(upstream_url("https://example.test/v1", "/models/m:generate").is_ok());
 /// assert!(upstream_url("https://example.test/v1", "/models/x/../m:generate").is_err());
 /// ```

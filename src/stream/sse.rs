@@ -227,18 +227,24 @@ pub fn is_error_event(data: &str) -> bool {
 /// - OpenAI: `[DONE]`, and also a choice with a non-empty `finish_reason`. The answer is complete
 ///   there; only a usage chunk and `[DONE]` follow. The openai SDK accepts a stream that ends without
 ///   `[DONE]`, and some compatible servers never send it, so a break after `finish_reason` is left
-///   silent rather than turned into an error that discards the answer.
-/// - Plain (Hugging Face text-generation streams): a non-null top-level `generated_text`, which only
-///   the last event carries, or `[DONE]`.
+///   silent rather than turned into an error that discards the answer. The Responses API's streams
+///   end with an event of `type` `response.completed`, `response.incomplete` or `response.failed`.
+/// - Hugging Face (text-generation streams): a non-null top-level `generated_text`, which only the last
+///   event carries, or `[DONE]`.
+/// - Plain: never: no one knows what ends such a stream, so it is never judged cut short.
 pub fn is_terminal(dialect: Dialect, data: &str) -> bool {
     let data = data.trim();
+    if dialect == Dialect::Plain {
+        return false;
+    }
     if data.starts_with("[DONE]") {
         return dialect != Dialect::Google;
     }
     let marker = match dialect {
         Dialect::Google => ["finishReason", "blockReason", "interaction.complete"].iter().any(|m| data.contains(m)),
-        Dialect::OpenAi => data.contains("finish_reason"),
-        Dialect::Plain => data.contains("generated_text"),
+        Dialect::OpenAi => data.contains("finish_reason") || data.contains("\"response."),
+        Dialect::HuggingFace => data.contains("generated_text"),
+        Dialect::Plain => false,
     };
     if !marker {
         return false;
@@ -255,8 +261,12 @@ pub fn is_terminal(dialect: Dialect, data: &str) -> bool {
         }
         Dialect::OpenAi => {
             json["choices"].as_array().is_some_and(|choices| choices.iter().any(|c| set(c.get("finish_reason"), "")))
+                || ["response.completed", "response.incomplete", "response.failed"]
+                    .iter()
+                    .any(|end| json["type"] == *end)
         }
-        Dialect::Plain => json.get("generated_text").is_some_and(|text| !text.is_null()),
+        Dialect::HuggingFace => json.get("generated_text").is_some_and(|text| !text.is_null()),
+        Dialect::Plain => false,
     }
 }
 
@@ -493,7 +503,7 @@ mod tests {
 
     #[test]
     fn terminal_events() {
-        use Dialect::{Google, OpenAi, Plain};
+        use Dialect::{Google, HuggingFace, OpenAi, Plain};
         let cases: &[(Dialect, &str, bool)] = &[
             (Google, r#"{"candidates":[{"content":{"parts":[{"text":"hi"}]}}]}"#, false),
             (
@@ -515,9 +525,16 @@ mod tests {
             (OpenAi, r#"{"choices":[{"delta":{},"finish_reason":""}]}"#, false),
             (OpenAi, r#"{"choices":[],"usage":{"total_tokens":3}}"#, false),
             (OpenAi, r#"{"candidates":[{"finishReason":"STOP"}]}"#, false),
-            (Plain, r#"{"token":{"text":"a"},"generated_text":null,"details":null}"#, false),
-            (Plain, r#"{"token":{"text":"a"},"generated_text":"a b","details":{}}"#, true),
-            (Plain, "[DONE]", true),
+            (OpenAi, r#"{"type":"response.output_text.delta","delta":"response.completed"}"#, false),
+            (OpenAi, r#"{"type":"response.completed","response":{}}"#, true),
+            (OpenAi, r#"{"type":"response.incomplete","response":{}}"#, true),
+            (HuggingFace, r#"{"token":{"text":"a"},"generated_text":null,"details":null}"#, false),
+            (HuggingFace, r#"{"token":{"text":"a"},"generated_text":"a b","details":{}}"#, true),
+            (HuggingFace, "[DONE]", true),
+            // No one knows what ends a stream of an unknown API.
+            (Plain, r#"{"token":{"text":"a"},"generated_text":"a b","details":{}}"#, false),
+            (Plain, r#"{"candidates":[{"finishReason":"STOP"}]}"#, false),
+            (Plain, "[DONE]", false),
         ];
         for (dialect, data, expected) in cases {
             assert_eq!(is_terminal(*dialect, data), *expected, "{dialect:?} {data}");

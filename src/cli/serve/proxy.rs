@@ -201,9 +201,7 @@ impl Gateway {
             _ => None,
         };
         let dialect = match (&route, connector) {
-            (Route::Forward { path, .. }, Some(connector)) => {
-                Dialect::for_connector(&connector.name, &connector.host, path)
-            }
+            (Route::Forward { path, .. }, Some(connector)) => connector.dialect_for(path),
             _ => Dialect::Google,
         };
         if self.settings.check_host
