@@ -51,6 +51,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
+mod files;
+pub use files::file_denied_body;
+
 /// The header the mock reads the key from (Gemini's). On paths without it, the mock reads
 /// `Authorization: Bearer …` (Gemini's OpenAI-compatible endpoints).
 pub const KEY_HEADER: &str = "x-goog-api-key";
@@ -110,6 +113,8 @@ pub struct MockConfig {
     /// Every non-streaming request with a valid key gets a 200 JSON body that never ends (see
     /// [`MockUpstream::endless_bytes`]).
     pub endless_bodies: bool,
+    /// How long an uploaded file lives (Gemini: 48 h); see the `files` module.
+    pub file_lifetime: Duration,
 }
 
 /// One answer given to every request: status, extra headers and a JSON body.
@@ -318,6 +323,7 @@ impl Default for MockConfig {
             stream_faults_by_key: HashMap::new(),
             fixed_answer: None,
             endless_bodies: false,
+            file_lifetime: Duration::from_secs(48 * 3600),
         }
     }
 }
@@ -401,6 +407,8 @@ struct State {
     faults_by_key: HashMap<String, VecDeque<StreamFault>>,
     /// Bytes of endless bodies and events handed to hyper to write.
     endless_bytes: u64,
+    /// Uploaded files, per project.
+    files: files::Files,
 }
 
 impl State {
@@ -560,6 +568,9 @@ async fn answer(
         .unwrap_or_default()
         .to_owned();
     let body = body.collect().await.map(|body| body.to_bytes()).unwrap_or_default();
+    if let Some(response) = files::answer(&state, &config, &parts, &key, &body) {
+        return Ok(response);
+    }
     let path = parts.uri.path();
     let slow = path.starts_with("/slow");
     let chat = path.ends_with("/chat/completions");
