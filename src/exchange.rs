@@ -41,6 +41,7 @@
 //! This module depends on the coordinator, the lease and the pool's vocabulary below it, never on the
 //! `jongler` facade above it.
 
+mod affinity;
 mod attempt;
 mod budget;
 mod client;
@@ -118,6 +119,8 @@ struct Progress {
     path: String,
     /// The model the request names, if the connector can tell.
     model: Option<String>,
+    /// The owner of a resource the request names, whose quota scope every claim is pinned to.
+    pin: Option<crate::resource::Owner>,
     started: Instant,
     /// The caller's deadline for the whole request.
     deadline: Option<Instant>,
@@ -213,11 +216,15 @@ impl Upstream {
     /// committed, or an error ends the request.
     pub(crate) async fn send(self: &Arc<Self>, outgoing: Outgoing) -> Result<Exchange> {
         let mut request = self.begin(&outgoing)?;
+        request.pin = self.pin_for(&outgoing).await?;
         let mut slot = self.key_slot().await;
         loop {
             request.ensure_time_left(&self.connector.name)?;
             let lease = self.lease_for_next_attempt(&outgoing, &mut request, slot.get()).await?;
             let tried = self.try_once(&outgoing, &mut request, lease).await;
+            if let Ok(answer) = &tried.answer {
+                self.learn(&outgoing, request.key_name.as_deref(), answer).await;
+            }
             if tried.commits() {
                 return Ok(self.hand_over_stream(&outgoing, request, tried));
             }
@@ -247,6 +254,7 @@ impl Upstream {
         Ok(Progress {
             path: outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned(),
             model: connector.model_of(&outgoing.path_and_query, &outgoing.body),
+            pin: None,
             started,
             deadline,
             wait,
@@ -279,8 +287,8 @@ impl Upstream {
         let lease = if outgoing.without_key {
             None
         } else {
-            let (model, wait) = (request.model.as_deref(), request.wait);
-            self.next_lease(slot, model, &request.tried, request.started, wait, &mut request.budget).await?
+            let (wanted, wait) = ((request.model.as_deref(), request.pin.as_ref()), request.wait);
+            self.next_lease(slot, wanted, &request.tried, request.started, wait, &mut request.budget).await?
         };
         request.timings.claiming += claiming.elapsed();
         self.check_secret(lease.as_ref())?;

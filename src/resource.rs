@@ -240,7 +240,10 @@ mod tests {
         assert!(in_body(b"fileUri: files/abc, not JSON").is_empty());
         assert!(in_body(&[0xff, 0xfe]).is_empty());
         assert_eq!(
-            named_in("/v1beta/cachedContents/c1", br#"{"cachedContent":"cachedContents/c1","x":{"fileUri":"files/a"}}"#),
+            named_in(
+                "/v1beta/cachedContents/c1",
+                br#"{"cachedContent":"cachedContents/c1","x":{"fileUri":"files/a"}}"#
+            ),
             ["cachedContents/c1", "files/a"],
             "the path's first"
         );
@@ -266,7 +269,8 @@ mod tests {
 
     #[test]
     fn upload_sessions() {
-        let url = "https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id=AB%2Fc&upload_protocol=resumable";
+        let url =
+            "https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id=AB%2Fc&upload_protocol=resumable";
         assert_eq!(upload_session(url).as_deref(), Some("uploads/AB%2Fc"));
         assert_eq!(upload_session("/upload/v1beta/files?x=1&upload_id=Z").as_deref(), Some("uploads/Z"));
         assert_eq!(upload_session("/upload/v1beta/files"), None);

@@ -133,7 +133,7 @@ async fn a_file_uploaded_with_one_project_s_key_is_used_on_that_project_s_keys()
     assert_eq!(errors(&sandbox), 0, "no key put in error");
     let owners = sandbox.count(&format!(
         "SELECT count(*) FROM resources WHERE connector = '{C}' AND name = '{name}' AND key_name = '{uploader}'
-            AND quota_scope = '{owner}' AND expires_at > created_at"
+            AND quota_scope = 'group:{owner}' AND expires_at > created_at"
     ));
     assert_eq!(owners, 1, "the file is recorded as the uploader's");
     let used = secrets_naming(&upstream, &name);
@@ -176,7 +176,8 @@ async fn the_library_pins_requests_naming_a_file_to_its_project() {
 /// project has to wait.
 fn hold(sandbox: &Sandbox, project: &str) -> (api_jongler::Coordinator, Vec<api_jongler::Lease>) {
     let coordinator = sandbox.coordinator(sandbox.options());
-    let others: Vec<String> = PROJECTS.iter().filter(|(_, p)| *p != project).map(|(key, _)| (*key).to_owned()).collect();
+    let others: Vec<String> =
+        PROJECTS.iter().filter(|(_, p)| *p != project).map(|(key, _)| (*key).to_owned()).collect();
     let leases = keys_of(project)
         .iter()
         .map(|_| coordinator.claim(C, &others, Duration::from_secs(10)).expect("a key of the project"))
@@ -193,8 +194,7 @@ async fn an_expired_mapping_pins_nothing() {
     let sandbox = sandbox_with(&["key0", "key1", "key2", "key3"], upstream.port());
     let clock = Arc::new(ManualClock::new(api_jongler::Clock::now_ms(&SystemClock)));
     let options = CoordinatorOptions { clock: clock.clone(), ..sandbox.options() };
-    let jongler =
-        sandbox.jongler(C).coordinator(options).wait(Duration::from_millis(300)).connect().await.unwrap();
+    let jongler = sandbox.jongler(C).coordinator(options).wait(Duration::from_millis(300)).connect().await.unwrap();
     let upload = jongler.request("POST", "/upload/v1beta/files", "some notes").await.unwrap();
     assert_eq!(upload.status, 200, "{}", upload.body);
     let owner = project_of(upload.key_name.as_deref().unwrap());

@@ -67,7 +67,6 @@ pub(super) fn answer(
     body: &Bytes,
 ) -> Option<Response<MockBody>> {
     let path = parts.uri.path();
-    let query = parts.uri.query().unwrap_or_default();
     let valid = !key.is_empty() && !config.bad_keys.contains(key);
     let project = config.projects.get(key).map_or(key, String::as_str).to_owned();
     let upload = path.starts_with("/upload/") && path.ends_with("/files");
@@ -81,6 +80,8 @@ pub(super) fn answer(
         return None;
     }
     let mut state = State::lock(state);
+    let response = respond(&mut state.files, config, parts, (valid, project), (upload, named, used), body)?;
+    // Recorded only when answered here: the rest of the mock records the others.
     state.seen.push(SeenRequest {
         method: parts.method.to_string(),
         path_and_query: parts.uri.path_and_query().map_or_else(|| path.to_owned(), ToString::to_string),
@@ -90,7 +91,19 @@ pub(super) fn answer(
         key: (!key.is_empty()).then(|| key.to_owned()),
         body: body.clone(),
     });
-    let files = &mut state.files;
+    Some(response)
+}
+
+/// The answer of the files' part of the mock (see [`answer`]).
+fn respond(
+    files: &mut Files,
+    config: &MockConfig,
+    parts: &Parts,
+    (valid, project): (bool, String),
+    (upload, named, used): (bool, Option<String>, Vec<String>),
+    body: &Bytes,
+) -> Option<Response<MockBody>> {
+    let (path, query) = (parts.uri.path(), parts.uri.query().unwrap_or_default());
     let now = Instant::now();
     let session = query.split('&').find_map(|pair| pair.strip_prefix("upload_id=")).map(str::to_owned);
     let command = parts.headers.get("x-goog-upload-command").and_then(|value| value.to_str().ok()).unwrap_or("");
@@ -145,7 +158,14 @@ pub(super) fn answer(
 
 impl Files {
     /// A new file of `project`, expiring after the configured lifetime; its JSON.
-    fn create(&mut self, config: &MockConfig, project: &str, base: &str, size: usize, now: Instant) -> serde_json::Value {
+    fn create(
+        &mut self,
+        config: &MockConfig,
+        project: &str,
+        base: &str,
+        size: usize,
+        now: Instant,
+    ) -> serde_json::Value {
         self.next += 1;
         let id = format!("mockfile{}", self.next);
         let name = format!("files/{id}");
