@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api_jongler::mock::{MockConfig, MockUpstream};
-use api_jongler::{CoordinatorOptions, Error, Jongler, ManualClock, SystemClock};
+use api_jongler::{Clock, CoordinatorOptions, Error, ManualClock, SystemClock};
 use common::Sandbox;
 use common::gateway::{GEMINI, Gateway, body_json, client};
 use serde_json::{Value, json};
@@ -187,12 +187,13 @@ fn hold(sandbox: &Sandbox, project: &str) -> (api_jongler::Coordinator, Vec<api_
 
 /// A mapping counts until its expiry (the file's `expirationTime`), then no longer: with the owning
 /// project's keys all held, a request naming the file waits for them (and gives up after its wait)
-/// while the mapping holds, and goes to another project's key once the jongler's clock is past it.
+/// while the mapping holds, and goes to another project's key once the jongler's clock is past it. The
+/// expired row is deleted by the next resource recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_mapping_pins_nothing() {
     let upstream = mock().await;
     let sandbox = sandbox_with(&["key0", "key1", "key2", "key3"], upstream.port());
-    let clock = Arc::new(ManualClock::new(api_jongler::Clock::now_ms(&SystemClock)));
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
     let options = CoordinatorOptions { clock: clock.clone(), ..sandbox.options() };
     let jongler = sandbox.jongler(C).coordinator(options).wait(Duration::from_millis(300)).connect().await.unwrap();
     let upload = jongler.request("POST", "/upload/v1beta/files", "some notes").await.unwrap();
@@ -200,6 +201,13 @@ async fn an_expired_mapping_pins_nothing() {
     let owner = project_of(upload.key_name.as_deref().unwrap());
     let other = if owner == "proj-a" { "proj-b" } else { "proj-a" };
     let name = serde_json::from_str::<Value>(&upload.body).unwrap()["file"]["name"].as_str().unwrap().to_owned();
+    let store = jongler.coordinator().store().clone();
+    let names = [name.clone()];
+    let known = store.resource_owner(C, &names, clock.now_ms()).unwrap().expect("the upload is recorded");
+    assert_eq!(
+        (known.key_name.as_str(), known.quota_scope),
+        (upload.key_name.as_deref().unwrap(), format!("group:{owner}"))
+    );
     let (_coordinator, leases) = hold(&sandbox, owner);
     match jongler.request("POST", GENERATE, &using(&name)).await {
         Err(Error::NoKeyAvailable(_)) => {}
@@ -212,7 +220,13 @@ async fn an_expired_mapping_pins_nothing() {
     let used = secrets_naming(&upstream, &name);
     assert!(!used.is_empty(), "an expired mapping does not hold the request back");
     assert!(keys_of(other).iter().any(|key| secret(key) == used[0]), "{used:?}");
+    assert_eq!(store.resource_owner(C, &names, clock.now_ms()).unwrap(), None);
     drop(leases);
+    // The next write of resources takes the expired row away (the new file, whose mock-given expiry is
+    // already past on the jongler's clock, is not recorded either).
+    let again = jongler.request("POST", "/upload/v1beta/files", "more notes").await.unwrap();
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(sandbox.count(&format!("SELECT count(*) FROM resources WHERE name = '{name}'")), 0);
 }
 
 /// A file created outside apijongler (uploaded straight to the mock with project B's secret) is
