@@ -292,3 +292,63 @@ async fn a_file_whose_project_has_no_key_left_fails_at_once_naming_it() {
     assert!(secrets_naming(&upstream, &name).is_empty(), "no other project's key was tried");
     assert_eq!(errors(&sandbox), 0);
 }
+
+/// While every key of the owning project is held, a request naming the file waits (it takes no key
+/// of the other project, though both are free), and gets the first key of the project given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_request_waits_for_a_key_of_the_owning_project() {
+    let upstream = mock().await;
+    let sandbox = sandbox_with(&["key0", "key1", "key2", "key3"], upstream.port());
+    let jongler = sandbox.jongler(C).wait(Duration::from_secs(30)).connect().await.unwrap();
+    let upload = jongler.request("POST", "/upload/v1beta/files", "some notes").await.unwrap();
+    let owner = project_of(upload.key_name.as_deref().unwrap());
+    let name = serde_json::from_str::<Value>(&upload.body).unwrap()["file"]["name"].as_str().unwrap().to_owned();
+    let (_coordinator, mut leases) = hold(&sandbox, owner);
+    let given_back = leases[0].key_name().to_owned();
+    let jongler = Arc::new(jongler);
+    let waiting = tokio::spawn({
+        let (jongler, body) = (Arc::clone(&jongler), using(&name));
+        async move { jongler.request("POST", GENERATE, &body).await }
+    });
+    // The request waits: nothing reaches the upstream while the owner's keys are held.
+    let waiters = "SELECT count(*) FROM history WHERE event = 'claimed'";
+    let claims_before = sandbox.count(waiters);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(secrets_naming(&upstream, &name).is_empty(), "sent on another project's key");
+    assert_eq!(sandbox.count(waiters), claims_before, "no key claimed for it meanwhile");
+    leases.remove(0).release().unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), waiting).await.unwrap().unwrap().unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.key_name.as_deref(), Some(given_back.as_str()), "the owner's key given back");
+    assert_eq!(errors(&sandbox), 0);
+}
+
+/// A jongler that keeps its key per connection gives it back when a request names a file of another
+/// project, and claims a key of that project instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_kept_per_connection_is_given_back_for_another_project_s_file() {
+    let upstream = mock().await;
+    let sandbox = sandbox_with(&["key0", "key1", "key2", "key3"], upstream.port());
+    let kept = sandbox.jongler(C).scope(api_jongler::LeaseScope::PerConnection).connect().await.unwrap();
+    let first = kept.request("POST", GENERATE, "{}").await.unwrap();
+    let held = first.key_name.clone().unwrap();
+    let other = if project_of(&held) == "proj-a" { "proj-b" } else { "proj-a" };
+    // Another jongler uploads with a key of the other project (the held one's sibling is held too).
+    let sibling: Vec<String> = keys_of(project_of(&held)).into_iter().filter(|key| *key != held).collect();
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let not_sibling: Vec<String> =
+        PROJECTS.iter().map(|(key, _)| (*key).to_owned()).filter(|key| !sibling.contains(key)).collect();
+    let sibling_lease = coordinator.claim(C, &not_sibling, Duration::from_secs(10)).unwrap();
+    assert_eq!(sibling_lease.key_name(), sibling[0]);
+    let uploader = sandbox.jongler(C).connect().await.unwrap();
+    let upload = uploader.request("POST", "/upload/v1beta/files", "notes").await.unwrap();
+    assert_eq!(project_of(upload.key_name.as_deref().unwrap()), other);
+    let name = serde_json::from_str::<Value>(&upload.body).unwrap()["file"]["name"].as_str().unwrap().to_owned();
+    drop(uploader);
+    let response = kept.request("POST", GENERATE, &using(&name)).await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(project_of(response.key_name.as_deref().unwrap()), other);
+    assert_eq!(upstream.file_refusals(), 0);
+    assert_eq!(errors(&sandbox), 0);
+    drop(sibling_lease);
+}
