@@ -113,7 +113,8 @@ pub struct MockConfig {
     /// Every non-streaming request with a valid key gets a 200 JSON body that never ends (see
     /// [`MockUpstream::endless_bytes`]).
     pub endless_bodies: bool,
-    /// How long an uploaded file lives (Gemini: 48 h); see the `files` module.
+    /// How long an uploaded file lives (Gemini: 48 h), and the longest a cached content lives; see the
+    /// `files` module.
     pub file_lifetime: Duration,
 }
 

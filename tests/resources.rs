@@ -352,3 +352,38 @@ async fn a_key_kept_per_connection_is_given_back_for_another_project_s_file() {
     assert_eq!(errors(&sandbox), 0);
     drop(sibling_lease);
 }
+
+/// Cached contents are pinned the same way: one created with a key of one project (from a file of that
+/// project, which pins the creation itself) serves requests naming it (`cachedContent`) on that
+/// project's keys only, and is read and deleted there by its path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_content_is_used_on_its_project_s_keys() {
+    let upstream = mock().await;
+    let sandbox = sandbox_with(&["key0", "key1", "key2", "key3"], upstream.port());
+    let jongler = sandbox.jongler(C).wait(Duration::from_secs(10)).connect().await.unwrap();
+    let upload = jongler.request("POST", "/upload/v1beta/files", "a long document").await.unwrap();
+    let owner = project_of(upload.key_name.as_deref().unwrap());
+    let file = serde_json::from_str::<Value>(&upload.body).unwrap()["file"]["name"].as_str().unwrap().to_owned();
+    let create = json!({"model": "models/gemini-2.5-flash", "ttl": "600s", "contents": [{"role": "user", "parts": [
+        {"fileData": {"mimeType": "text/plain", "fileUri": file}}]}]});
+    let cached = jongler.request("POST", "/v1beta/cachedContents", &create.to_string()).await.unwrap();
+    assert_eq!(cached.status, 200, "{}", cached.body);
+    assert_eq!(project_of(cached.key_name.as_deref().unwrap()), owner, "the creation names the file");
+    let name = serde_json::from_str::<Value>(&cached.body).unwrap()["name"].as_str().unwrap().to_owned();
+    let using_cache = json!({"cachedContent": name, "contents": [{"role": "user", "parts": [{"text": "And?"}]}]});
+    for round in 0..6 {
+        let response = jongler.request("POST", GENERATE, &using_cache.to_string()).await.unwrap();
+        assert_eq!(response.status, 200, "round {round}: {}", response.body);
+        assert_eq!(project_of(response.key_name.as_deref().unwrap()), owner, "round {round}");
+    }
+    let read = jongler.request("GET", &format!("/v1beta/{name}"), "").await.unwrap();
+    assert_eq!((read.status, project_of(read.key_name.as_deref().unwrap())), (200, owner), "{}", read.body);
+    let deleted = jongler.request("DELETE", &format!("/v1beta/{name}"), "").await.unwrap();
+    assert_eq!((deleted.status, project_of(deleted.key_name.as_deref().unwrap())), (200, owner));
+    let expiry = sandbox.count(&format!(
+        "SELECT expires_at - created_at BETWEEN 590000 AND 610000 FROM resources WHERE name = '{name}'"
+    ));
+    assert_eq!(expiry, 1, "the cached content's expireTime is recorded");
+    assert_eq!(upstream.file_refusals(), 0);
+    assert_eq!(errors(&sandbox), 0);
+}

@@ -1,7 +1,9 @@
-//! The mock's Gemini files, per Google Cloud project: uploads (simple, and resumable in sessions whose
-//! chunks carry no key) create files owned by the project of the key used; reading, deleting or naming a
-//! file in a request (`fileData.fileUri`) with a key of another project, or after the file expired,
-//! answers Gemini's 403 "You do not have permission to access the File X or it may not exist."
+//! The mock's Gemini files and cached contents, per Google Cloud project: uploads (simple, and resumable
+//! in sessions whose chunks carry no key) create files, and `POST …/cachedContents` cached contents,
+//! owned by the project of the key used; reading, deleting or naming one in a request
+//! (`fileData.fileUri`, `cachedContent`) with a key of another project, or after it expired, answers
+//! Gemini's 403: "You do not have permission to access the File X or it may not exist." for a file,
+//! "CachedContent not found (or permission denied)" for a cached content.
 //!
 //! Self-contained: `answer` takes the requests that are about files and leaves every other one (and a
 //! request naming only files its key may use) to the rest of the mock, which meters it as usual.
@@ -24,9 +26,9 @@ pub(super) struct Files {
     next: u64,
     /// upload_id -> the project of the key that started the session.
     uploads: HashMap<String, String>,
-    /// `files/ID` -> the file.
+    /// `files/ID` or `cachedContents/ID` -> the resource.
     files: HashMap<String, File>,
-    /// 403s answered for a file of another project, expired or unknown.
+    /// 403s answered for a file or cached content of another project, expired or unknown.
     refusals: u64,
 }
 
@@ -50,12 +52,18 @@ impl MockUpstream {
     }
 }
 
-/// Gemini's answer to a request naming a file its key may not use.
+/// Gemini's answer to a request naming a file (or a cached content) its key may not use.
 pub fn file_denied_body(name: &str) -> String {
-    let id = name.strip_prefix("files/").unwrap_or(name);
-    json!({"error": {"code": 403, "message": format!("You do not have permission to access the File {id} or it may not exist."),
-                      "status": "PERMISSION_DENIED"}})
-    .to_string()
+    let message = match name.strip_prefix("files/") {
+        Some(id) => format!("You do not have permission to access the File {id} or it may not exist."),
+        None => "CachedContent not found (or permission denied)".to_owned(),
+    };
+    json!({"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}).to_string()
+}
+
+/// The kinds of resources the mock keeps per project.
+fn kept(name: &str) -> bool {
+    name.starts_with("files/") || name.starts_with("cachedContents/")
 }
 
 /// The answer to a request about files, or `None` to let the rest of the mock answer it.
@@ -70,17 +78,18 @@ pub(super) fn answer(
     let valid = !key.is_empty() && !config.bad_keys.contains(key);
     let project = config.projects.get(key).map_or(key, String::as_str).to_owned();
     let upload = path.starts_with("/upload/") && path.ends_with("/files");
-    let named = crate::resource::in_path(path).filter(|name| name.starts_with("files/"));
+    let caching = parts.method == Method::POST && path.ends_with("/cachedContents");
+    let named = crate::resource::in_path(path).filter(|name| kept(name));
     let used: Vec<String> = if valid && !upload && named.is_none() {
-        crate::resource::in_body(body).into_iter().filter(|name| name.starts_with("files/")).collect()
+        crate::resource::in_body(body).into_iter().filter(|name| kept(name)).collect()
     } else {
         Vec::new()
     };
-    if !upload && named.is_none() && used.is_empty() {
+    if !upload && !caching && named.is_none() && used.is_empty() {
         return None;
     }
     let mut state = State::lock(state);
-    let response = respond(&mut state.files, config, parts, (valid, project), (upload, named, used), body)?;
+    let response = respond(&mut state.files, config, parts, (valid, project), (upload, caching, named, used), body)?;
     // Recorded only when answered here: the rest of the mock records the others.
     state.seen.push(SeenRequest {
         method: parts.method.to_string(),
@@ -100,7 +109,7 @@ fn respond(
     config: &MockConfig,
     parts: &Parts,
     (valid, project): (bool, String),
-    (upload, named, used): (bool, Option<String>, Vec<String>),
+    (upload, caching, named, used): (bool, bool, Option<String>, Vec<String>),
     body: &Bytes,
 ) -> Option<Response<MockBody>> {
     let (path, query) = (parts.uri.path(), parts.uri.query().unwrap_or_default());
@@ -151,9 +160,15 @@ fn respond(
         let file = files.files.get(&name).map(|file| file.json.clone()).unwrap_or_default();
         return Some(whole(StatusCode::OK, file.to_string()));
     }
-    let denied = used.iter().find(|name| !files.usable(name, &project, now))?;
-    files.refusals += 1;
-    Some(whole(StatusCode::FORBIDDEN, file_denied_body(denied)))
+    if let Some(denied) = used.iter().find(|name| !files.usable(name, &project, now)) {
+        files.refusals += 1;
+        return Some(whole(StatusCode::FORBIDDEN, file_denied_body(denied)));
+    }
+    if !caching {
+        return None;
+    }
+    let cache = files.cache(config, &project, body, now);
+    Some(whole(StatusCode::OK, cache.to_string()))
 }
 
 impl Files {
@@ -183,7 +198,30 @@ impl Files {
         json
     }
 
-    /// Whether a key of `project` may use file `name` now.
+    /// A new cached content of `project`, living the body's `ttl` (`"300s"`; default 1 h); its JSON.
+    fn cache(&mut self, config: &MockConfig, project: &str, body: &Bytes, now: Instant) -> serde_json::Value {
+        let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let ttl = (request["ttl"].as_str())
+            .and_then(|ttl| ttl.strip_suffix('s')?.parse::<f64>().ok())
+            .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds).ok())
+            .unwrap_or(std::time::Duration::from_secs(3600))
+            .min(config.file_lifetime);
+        self.next += 1;
+        let name = format!("cachedContents/mockcache{}", self.next);
+        let created = chrono::DateTime::<chrono::Utc>::from(SystemTime::now());
+        let expires = created + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
+        let json = json!({
+            "name": name, "model": request["model"].clone(),
+            "createTime": created.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "expireTime": expires.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "usageMetadata": {"totalTokenCount": 4096}
+        });
+        let cache = File { project: project.to_owned(), expires: now + ttl, json: json.clone() };
+        self.files.insert(name, cache);
+        json
+    }
+
+    /// Whether a key of `project` may use file (or cached content) `name` now.
     fn usable(&self, name: &str, project: &str, now: Instant) -> bool {
         self.files.get(name).is_some_and(|file| file.project == project && now < file.expires)
     }
