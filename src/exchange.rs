@@ -5,12 +5,15 @@
 //! - `begin`: what the request is (its model, its wait, whether it may be sent again) and its
 //!   [`budget::RetryBudget`], which owns the counters: attempts, backoff retries, Tor circuits,
 //!   untrusted claims.
+//! - `pin_for` ([`affinity`]): the owner of a resource the request names (a file, a cached content...),
+//!   whose quota scope every claim of the request is then pinned to.
 //! - `lease_for_next_attempt` ([`keys`]): a key for the request's model (or the one held per
 //!   connection), confirmed when its trust ran out before it is used, checked against the keyring.
 //! - `try_once`: the attempt ([`attempt`]) sends the bytes with the key and reads the answer (the
 //!   whole body, or for a stream the bytes up to its first complete event, within a first-event
 //!   deadline), guarded while on the wire ([`in_flight`]); its verdict ([`verdict`], the `classify`
-//!   policy) and its outcome for the `requests` table.
+//!   policy) and its outcome for the `requests` table; `learn` ([`affinity`]) records the resources a
+//!   successful answer created as its key's.
 //! - `hand_over_stream`: a committed stream goes to a task that owns the lease until the stream ends,
 //!   and settles the key by how it ended ([`relay`]).
 //! - `settle` ([`verdict`]) applies the verdict to the key and records the attempt, in one
