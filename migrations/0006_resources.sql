@@ -4,8 +4,9 @@
 -- Files, cached contents, batches and tuned models belong to the Google Cloud project of the key that
 -- created them; any other project's key gets 403 "You do not have permission to access the File ... or it
 -- may not exist". A row is learned from the creating answer (a file upload's `{"file":{"name":...}}`, a
--- `cachedContents` create, a batch or tuned model operation); `uploads/<upload_id>` rows remember which key
--- started a resumable upload, so the file its last chunk creates is that key's.
+-- `cachedContents` create, a batch or tuned model operation). Rows `uploads/<digest of the upload_id>`
+-- (never the id itself, a capability) remember which key started a resumable upload, so that the file its
+-- last chunk creates is that key's.
 --
 -- `quota_scope` is the owning key's scope when the row was written (its project, or `key:NAME`); a claim
 -- reads the key's scope of now through `key_name`, and falls back on this one when the key is gone.

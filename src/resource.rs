@@ -10,15 +10,16 @@
 //! - A name is always `KIND/ID` with KIND one of [`KINDS`], whatever form the request used (a path
 //!   `/v1beta/files/abc:download`, a `fileData.fileUri` of
 //!   `https://generativelanguage.googleapis.com/v1beta/files/abc`, a `cachedContent` field).
-//! - An upload session is named `uploads/<upload_id>` (a name of ours, never sent upstream): the key
-//!   that started it owns the file its last chunk creates, though the chunks carry no key.
+//! - An upload session is named `uploads/<digest of its upload_id>` (a name of ours, never sent
+//!   upstream; the id itself is a capability, never stored): the key that started it owns the file its
+//!   last chunk creates, though the chunks carry no key.
 
 use serde_json::Value;
 
 /// The kinds of resources that belong to a project, as they start their names.
 pub const KINDS: [&str; 4] = ["files", "cachedContents", "batches", "tunedModels"];
 
-/// The kind of our names for resumable upload sessions (`uploads/<upload_id>`).
+/// The kind of our names for resumable upload sessions (`uploads/<digest>`, see [`upload_session`]).
 pub const UPLOADS: &str = "uploads";
 
 /// How long Gemini keeps an uploaded file (48 h), when the answer does not say.
@@ -187,13 +188,21 @@ fn default_lifetime(name: &str) -> Option<i64> {
     }
 }
 
-/// Our name for the upload session a URL or a path's query carries (`uploads/<upload_id>`), from the
-/// `x-goog-upload-url` of a start answer or the path of a chunk.
+/// Our name for the upload session a URL or a path's query carries, from the `x-goog-upload-url` of a
+/// start answer or the path of a chunk: `uploads/` and the first 32 hex digits of the SHA-256 of its
+/// `upload_id`. The `upload_id` itself is a capability (whoever has it may upload into the session),
+/// so like a secret it is never written to the database.
 pub fn upload_session(url_or_path: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
     let (_, query) = url_or_path.split_once('?')?;
     let query = query.split('#').next().unwrap_or_default();
     let id = query.split('&').find_map(|pair| pair.strip_prefix("upload_id="))?;
-    (!id.is_empty() && id.len() <= 1024).then(|| format!("{UPLOADS}/{id}"))
+    if id.is_empty() || id.len() > 1024 {
+        return None;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let hex: String = digest[..16].iter().map(|byte| format!("{byte:02x}")).collect();
+    Some(format!("{UPLOADS}/{hex}"))
 }
 
 #[cfg(test)]
@@ -271,8 +280,11 @@ mod tests {
     fn upload_sessions() {
         let url =
             "https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id=AB%2Fc&upload_protocol=resumable";
-        assert_eq!(upload_session(url).as_deref(), Some("uploads/AB%2Fc"));
-        assert_eq!(upload_session("/upload/v1beta/files?x=1&upload_id=Z").as_deref(), Some("uploads/Z"));
+        let session = upload_session(url).unwrap();
+        assert_eq!(session.len(), "uploads/".len() + 32);
+        assert!(session.starts_with("uploads/") && !session.contains("AB"), "{session}: the id is not kept");
+        assert_eq!(upload_session("/upload/v1beta/files?x=1&upload_id=AB%2Fc#f"), Some(session), "same session");
+        assert_ne!(upload_session("/upload/v1beta/files?upload_id=Z"), upload_session(url));
         assert_eq!(upload_session("/upload/v1beta/files"), None);
         assert_eq!(upload_session("/upload/v1beta/files?upload_id="), None);
     }

@@ -136,6 +136,11 @@ async fn a_file_uploaded_with_one_project_s_key_is_used_on_that_project_s_keys()
             AND quota_scope = 'group:{owner}' AND expires_at > created_at"
     ));
     assert_eq!(owners, 1, "the file is recorded as the uploader's");
+    let upload_id = chunk_url.split("upload_id=").nth(1).unwrap().split('&').next().unwrap();
+    let session = format!("SELECT count(*) FROM resources WHERE name LIKE 'uploads/%' AND key_name = '{uploader}'");
+    assert_eq!(sandbox.count(&session), 1, "the session is recorded as the uploader's");
+    let leaked = format!("SELECT count(*) FROM resources WHERE instr(name, '{upload_id}') > 0");
+    assert_eq!(sandbox.count(&leaked), 0, "the upload_id, a capability, is not stored");
     let used = secrets_naming(&upstream, &name);
     assert_eq!(used.len(), 9);
     assert!(used.iter().all(|used| keys_of(owner).iter().any(|key| secret(key) == *used)), "{used:?}");

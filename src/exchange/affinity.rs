@@ -9,7 +9,7 @@
 //! - Learning never fails a request: an answer is the caller's even when its resources could not be
 //!   recorded (logged; the next request naming them is simply not pinned).
 //! - A resumable upload's chunks carry no key: the file the last one creates is recorded as the key's
-//!   that started the session (`uploads/<upload_id>`, recorded from the start answer's
+//!   that started the session (`uploads/<digest of its upload_id>`, recorded from the start answer's
 //!   `x-goog-upload-url`).
 
 use super::Upstream;
