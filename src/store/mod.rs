@@ -9,6 +9,9 @@
 //! - No operation waits for another writer past its caller's deadline (never less than the backend's
 //!   floor): it fails with `Error::DatabaseLocked` instead.
 //! - The rule of which lockdowns bind a key (`crate::pool::rule`) is the one its statements apply.
+//! - A claim pinned to a quota scope (a request naming a resource of a known owner, `crate::resource`)
+//!   takes only keys of that scope, in the same one statement; availability counts only those keys.
+//! - A resource's owner is read only while its mapping has not expired.
 //!
 //! Writes are crate-private: users read the pool through [`Store`]; they change it only through a
 //! `Coordinator` and its leases, which keep the invariants above.
