@@ -23,3 +23,8 @@ CREATE TABLE resources (
 ) WITHOUT ROWID;
 
 CREATE INDEX resources_by_expiry ON resources (connector, expires_at) WHERE expires_at IS NOT NULL;
+
+-- A claim pinned to a quota scope walks that scope's free keys alone, least recently used first (the
+-- same partial condition as `keys_lru`, so that the planner can use it).
+CREATE INDEX keys_scope_lru ON keys (connector, quota_scope, last_used_at)
+    WHERE state IN ('vacant', 'lockdown') AND retired_at IS NULL;

@@ -392,3 +392,20 @@ async fn a_cached_content_is_used_on_its_project_s_keys() {
     assert_eq!(upstream.file_refusals(), 0);
     assert_eq!(errors(&sandbox), 0);
 }
+
+/// The pinned claim is the same one statement: a pinned request walks its scope's keys alone, least
+/// recently used first, on their own index (no sort, whatever the number of keys of other scopes), and
+/// the unpinned walks are unchanged.
+#[test]
+fn the_pinned_claim_walks_the_scope_s_own_index() {
+    let sandbox = Sandbox::new(C, 3);
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let plan = coordinator.store().explain_claim().expect("plan");
+    assert!(
+        plan.iter().any(|step| step.contains("USING INDEX keys_scope_lru (connector=? AND quota_scope=?)")),
+        "{plan:?}"
+    );
+    assert!(plan.iter().any(|step| step.contains("USING INDEX keys_lru")), "{plan:?}");
+    assert!(plan.iter().any(|step| step.contains("USING INDEX keys_claim_order")), "{plan:?}");
+    assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort: {plan:?}");
+}

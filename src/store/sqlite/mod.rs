@@ -120,19 +120,22 @@ const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, 
 const LRU_WINDOW: u32 = 8;
 
 /// The claim: a claimable key that no lockdown keeps from the requested model, locked with a new lease,
-/// in one statement, so two processes can never both get a key. `explain_claim` shows its plan. A
-/// request naming a resource of a known owner takes only keys of the owner's quota scope (`?11`; NULL
-/// for every other request, so the walk and its indexes stay the same).
+/// in one statement, so two processes can never both get a key. `explain_claim` shows its plan.
 ///
 /// Which key: the least recently used one among the first [`LRU_WINDOW`] claimable keys in
 /// `keys_lru` (so keys locked down for one model still take turns serving the others); when all of
 /// those are locked down for the model, the first free one in `keys_claim_order`, where a key sits
 /// behind the end of the latest lockdown of its scopes (so however many keys are locked down for the
 /// model, that walk stops at the first key it looks at: they were moved behind the keys free for it).
+///
+/// A request naming a resource of a known owner is pinned to the owner's quota scope (`?11`, NULL for
+/// every other request): it takes the least recently used free key of that scope, walking
+/// `keys_scope_lru` over that scope's keys alone. Each arm starts with a constant test of `?11`, which
+/// SQLite evaluates once, before any row: an unpinned claim never enters the pinned arm, nor a pinned one
+/// the others.
 static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let claimable = format!(
-        "k.connector = ?1 AND {} AND k.key_name NOT IN (SELECT value FROM json_each(?7))
-         AND (?11 IS NULL OR k.quota_scope = ?11)",
+        "k.connector = ?1 AND {} AND k.key_name NOT IN (SELECT value FROM json_each(?7))",
         rule_sql::claimable_state("k", "?2")
     );
     format!(
@@ -142,13 +145,16 @@ static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         uses = uses + 1, last_used_at = ?2,
         queue_at = max(?2, {latest})
   WHERE id = coalesce(
+          (SELECT k.id FROM keys k
+            WHERE ?11 IS NOT NULL AND k.quota_scope = ?11 AND {claimable} AND NOT {locked}
+            ORDER BY k.last_used_at LIMIT 1),
           (SELECT k.id FROM (SELECT k.id, k.connector, k.quota_scope, k.key_name, k.last_used_at FROM keys k
-                              WHERE {claimable}
+                              WHERE ?11 IS NULL AND {claimable}
                               ORDER BY k.last_used_at LIMIT {LRU_WINDOW}) k
             WHERE NOT {locked}
             ORDER BY k.last_used_at LIMIT 1),
           (SELECT k.id FROM keys k
-            WHERE {claimable} AND NOT {locked}
+            WHERE ?11 IS NULL AND {claimable} AND NOT {locked}
             ORDER BY k.queue_at, k.last_used_at LIMIT 1))
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
