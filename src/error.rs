@@ -200,6 +200,25 @@ pub enum Error {
     #[error("{0}")]
     NoKeyAvailable(Box<Unavailable>),
 
+    /// The request names a resource (a file, a cached content, a batch, a tuned model) that belongs to
+    /// the project of the key that created it, and no key of that project can come back to serve it
+    /// (each is in error or left the keyring): another project's key would only get a 403.
+    #[error(
+        "{resource} was created with key '{key}' of '{connector}' and only keys of its project ({scope}) may use it, but none of them can: {why}. Run `apijongler cleanup {connector}` if they are in error, put the key back in the keyring, or create {resource} again with another key"
+    )]
+    ResourceOwnerUnavailable {
+        /// The connector.
+        connector: String,
+        /// The resource, e.g. `files/abc`.
+        resource: String,
+        /// The key that created it.
+        key: String,
+        /// That key's quota scope (its project, or `key:NAME`).
+        scope: String,
+        /// The state of the scope's keys, e.g. "2 in error".
+        why: String,
+    },
+
     /// The request cannot be sent as given (bad method, bad proxy URL).
     #[error("{problem}")]
     InvalidRequest {

@@ -5,12 +5,15 @@
 //! - `begin`: what the request is (its model, its wait, whether it may be sent again) and its
 //!   [`budget::RetryBudget`], which owns the counters: attempts, backoff retries, Tor circuits,
 //!   untrusted claims.
+//! - `pin_for` ([`affinity`]): the owner of a resource the request names (a file, a cached content...),
+//!   whose quota scope every claim of the request is then pinned to.
 //! - `lease_for_next_attempt` ([`keys`]): a key for the request's model (or the one held per
 //!   connection), confirmed when its trust ran out before it is used, checked against the keyring.
 //! - `try_once`: the attempt ([`attempt`]) sends the bytes with the key and reads the answer (the
 //!   whole body, or for a stream the bytes up to its first complete event, within a first-event
 //!   deadline), guarded while on the wire ([`in_flight`]); its verdict ([`verdict`], the `classify`
-//!   policy) and its outcome for the `requests` table.
+//!   policy) and its outcome for the `requests` table; `learn` ([`affinity`]) records the resources a
+//!   successful answer created as its key's.
 //! - `hand_over_stream`: a committed stream goes to a task that owns the lease until the stream ends,
 //!   and settles the key by how it ended ([`relay`]).
 //! - `settle` ([`verdict`]) applies the verdict to the key and records the attempt, in one
@@ -41,6 +44,7 @@
 //! This module depends on the coordinator, the lease and the pool's vocabulary below it, never on the
 //! `jongler` facade above it.
 
+mod affinity;
 mod attempt;
 mod budget;
 mod client;
@@ -124,6 +128,8 @@ struct Progress {
     /// Quotas meter the request (a generation), so a lockdown of its model keeps it from a key; a
     /// request they do not meter (listing, getting a model, counting tokens) is claimed for no model.
     metered: bool,
+    /// The owner of a resource the request names, whose quota scope every claim is pinned to.
+    pin: Option<crate::resource::Owner>,
     started: Instant,
     /// The caller's deadline for the whole request.
     deadline: Option<Instant>,
@@ -221,6 +227,7 @@ impl Upstream {
     /// committed, or an error ends the request.
     pub(crate) async fn send(self: &Arc<Self>, outgoing: Outgoing) -> Result<Exchange> {
         let mut request = self.begin(&outgoing)?;
+        request.pin = self.pin_for(&outgoing).await?;
         let mut slot = self.key_slot().await;
         loop {
             request.ensure_time_left(&self.connector.name)?;
@@ -234,6 +241,9 @@ impl Upstream {
                 Err(error) => return Err(error),
             };
             let mut tried = self.try_once(&outgoing, &mut request, lease).await;
+            if let Ok(answer) = &tried.answer {
+                self.learn(&outgoing, request.key_name.as_deref(), answer).await;
+            }
             let weighed = request.suspicion.weigh(&mut tried);
             self.act_on(weighed, &mut request).await;
             if tried.commits() {
@@ -269,6 +279,7 @@ impl Upstream {
             path: outgoing.path_and_query.split(['?', '#']).next().unwrap_or_default().to_owned(),
             model: connector.model_of(&outgoing.path_and_query, &outgoing.body),
             metered: connector.meters(&outgoing.method, &outgoing.path_and_query),
+            pin: None,
             started,
             deadline,
             wait,
@@ -305,9 +316,10 @@ impl Upstream {
             match self.lease_beside_suspect(request, slot).await? {
                 Some(lease) => Some(lease),
                 None => {
-                    let (model, wait) = (request.model.as_deref().filter(|_| request.metered), request.wait);
+                    let model = request.model.as_deref().filter(|_| request.metered);
+                    let (wanted, wait) = ((model, request.pin.as_ref()), request.wait);
                     let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
-                    self.next_lease(slot, model, aside, request.started, wait, &mut request.budget).await?
+                    self.next_lease(slot, wanted, aside, request.started, wait, &mut request.budget).await?
                 }
             }
         };
@@ -327,9 +339,10 @@ impl Upstream {
             return Ok(None);
         }
         let model = request.model.as_deref().filter(|_| request.metered);
+        let wanted = (model, request.pin.as_ref());
         let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
         let hold = remaining.min(suspicion::HOLD);
-        match self.next_lease(slot, model, aside, Instant::now(), hold, &mut request.budget).await {
+        match self.next_lease(slot, wanted, aside, Instant::now(), hold, &mut request.budget).await {
             Ok(lease) => Ok(lease),
             Err(Error::NoKeyAvailable(_)) => {
                 self.let_go(request).await;

@@ -56,6 +56,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
+mod files;
+pub use files::file_denied_body;
+
 /// The header the mock reads the key from (Gemini's). On paths without it, the mock reads
 /// `Authorization: Bearer …` (Gemini's OpenAI-compatible endpoints).
 pub const KEY_HEADER: &str = "x-goog-api-key";
@@ -124,6 +127,9 @@ pub struct MockConfig {
     /// Error answers on `…/chat/completions` paths come wrapped in a one-element array
     /// (`[{"error": {...}}]`), as Gemini's OpenAI-compatible layer sends them.
     pub openai_error_arrays: bool,
+    /// How long an uploaded file lives (Gemini: 48 h), and the longest a cached content lives; see the
+    /// `files` module.
+    pub file_lifetime: Duration,
 }
 
 /// Gemini's 401 for an API key sent as a Bearer token on its native paths.
@@ -338,6 +344,7 @@ impl Default for MockConfig {
             gemini_auth: false,
             files_forbidden: false,
             openai_error_arrays: false,
+            file_lifetime: Duration::from_secs(48 * 3600),
         }
     }
 }
@@ -421,6 +428,8 @@ struct State {
     faults_by_key: HashMap<String, VecDeque<StreamFault>>,
     /// Bytes of endless bodies and events handed to hyper to write.
     endless_bytes: u64,
+    /// Uploaded files, per project.
+    files: files::Files,
 }
 
 impl State {
@@ -580,6 +589,9 @@ async fn answer(
         .unwrap_or_default()
         .to_owned();
     let body = body.collect().await.map(|body| body.to_bytes()).unwrap_or_default();
+    if let Some(response) = files::answer(&state, &config, &parts, &key, &body) {
+        return Ok(response);
+    }
     let path = parts.uri.path();
     let slow = path.starts_with("/slow");
     let chat = path.ends_with("/chat/completions");

@@ -73,7 +73,7 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::DatabaseLocked { .. }
         | Error::DatabaseReplaced { .. }
         | Error::Database { .. } => DATABASE,
-        Error::NoKeyAvailable(_) => NO_KEY,
+        Error::NoKeyAvailable(_) | Error::ResourceOwnerUnavailable { .. } => NO_KEY,
         Error::Transport { .. } | Error::Stream { .. } => NETWORK,
         Error::Upstream { .. } => UPSTREAM,
         Error::LeaseLost { .. } => LEASE_LOST,

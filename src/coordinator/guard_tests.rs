@@ -16,7 +16,8 @@ use crate::pool::{
     Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LockdownRecord, SyncReport,
     Transition,
 };
-use crate::store::{Backend, ChangeWatch, Sqlite};
+use crate::resource::{Created, Owner};
+use crate::store::{Backend, ChangeWatch, ClaimFor, Sqlite};
 
 /// A real SQLite pool whose claims never find a key, though its availability counts one.
 #[derive(Debug)]
@@ -38,25 +39,10 @@ impl Backend for Disagreeing {
     fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
         self.0.sync_keys(source, now)
     }
-    fn claim(
-        &self,
-        _: &str,
-        _: Option<&str>,
-        _: &[String],
-        _: &Holder,
-        _: &dyn Clock,
-        _: Instant,
-    ) -> Result<Option<Claimed>> {
+    fn claim(&self, _: ClaimFor<'_>, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Option<Claimed>> {
         Ok(None)
     }
-    fn claim_several(
-        &self,
-        _: (&str, Option<&str>, &[String]),
-        _: usize,
-        _: &Holder,
-        _: &dyn Clock,
-        _: Instant,
-    ) -> Result<Vec<Claimed>> {
+    fn claim_several(&self, _: ClaimFor<'_>, _: usize, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Vec<Claimed>> {
         Ok(Vec::new())
     }
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
@@ -95,8 +81,14 @@ impl Backend for Disagreeing {
     fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
         self.0.clear_lockdowns_and_errors(connector, now)
     }
-    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability> {
-        self.0.availability(connector, model, tried, now)
+    fn availability(&self, request: ClaimFor<'_>, now: i64) -> Result<Availability> {
+        self.0.availability(request, now)
+    }
+    fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize> {
+        self.0.record_resources(connector, key_name, created, now)
+    }
+    fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
+        self.0.resource_owner(connector, names, now)
     }
     fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
         self.0.keys(connector)

@@ -228,8 +228,18 @@ impl Coordinator {
         tried: &[String],
         wait: Duration,
     ) -> Result<Lease> {
+        self.claim_pinned_async((connector, model, tried, None), wait).await
+    }
+
+    /// [`claim_for_async`](Self::claim_for_async) for a request pinned to a quota scope (the owner of a
+    /// resource it names, see `crate::resource`): only keys of that scope are claimed, and the wait ends
+    /// at once when none of them can come back (all in error or retired).
+    pub(crate) async fn claim_pinned_async(&self, request: store::ClaimFor<'_>, wait: Duration) -> Result<Lease> {
         self.inner.alive_here()?;
-        self.claim_as_task(&self.request(connector, model, tried, wait)).await
+        let (connector, model, tried, pin) = request;
+        let mut request = self.request(connector, model, tried, wait);
+        request.pin = pin;
+        self.claim_as_task(&request).await
     }
 
     fn request<'a>(
@@ -244,7 +254,7 @@ impl Coordinator {
         let started = Instant::now();
         // A wait too long to add to an instant is as good as forever.
         let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
-        waiting::Request { connector, model, tried, started, deadline }
+        waiting::Request { connector, model, tried, pin: None, started, deadline }
     }
 
     /// One claim, waiting for the write lock as long as the caller may wait (never less than the
@@ -261,16 +271,8 @@ impl Coordinator {
             other => other,
         };
         self.reap_if_due(request.connector)?;
-        let claimed = store
-            .claim(
-                request.connector,
-                request.model,
-                request.tried,
-                self.inner.holder,
-                &*self.inner.clock,
-                lock_deadline,
-            )
-            .map_err(waited)?;
+        let claimed =
+            store.claim(request.claim_for(), self.inner.holder, &*self.inner.clock, lock_deadline).map_err(waited)?;
         if let Some(claimed) = claimed {
             self.ensure_heartbeat();
             tracing::info!(
@@ -280,7 +282,7 @@ impl Coordinator {
             return Ok(Some(self.lease(request.connector, claimed)));
         }
         let now = self.now_ms();
-        let availability = store.availability(request.connector, request.model, request.tried, now)?;
+        let availability = store.availability(request.claim_for(), now)?;
         let lockdown_end = waiting::lockdown_end(&availability, now);
         if availability.claimable == 0
             && (Instant::now() >= request.deadline || waiting::hopeless(&availability, lockdown_end, request.deadline))

@@ -51,6 +51,8 @@ struct Waiter {
     connector: String,
     model: Option<String>,
     tried: Vec<String>,
+    /// The quota scope the request is pinned to (a resource's owner), if any.
+    pin: Option<String>,
     /// When it asked (its message says how long it waited since).
     started: Instant,
     /// When its wait for a key ends.
@@ -62,7 +64,15 @@ struct Waiter {
 
 impl Waiter {
     fn same_request(&self, other: &Waiter) -> bool {
-        self.connector == other.connector && self.model == other.model && self.tried == other.tried
+        self.connector == other.connector
+            && self.model == other.model
+            && self.tried == other.tried
+            && self.pin == other.pin
+    }
+
+    /// What it waits for, as the store takes it.
+    fn claim_for(&self) -> crate::store::ClaimFor<'_> {
+        (&self.connector, self.model.as_deref(), &self.tried, self.pin.as_deref())
     }
 
     /// Whether nobody waits for the answer any more (answered, or its caller went away).
@@ -133,8 +143,17 @@ pub(super) struct Request<'a> {
     pub(super) connector: &'a str,
     pub(super) model: Option<&'a str>,
     pub(super) tried: &'a [String],
+    /// Only keys of this quota scope (the owner of a resource the request names); `None`: any.
+    pub(super) pin: Option<&'a str>,
     pub(super) started: Instant,
     pub(super) deadline: Instant,
+}
+
+impl<'a> Request<'a> {
+    /// What it asks for, as the store takes it.
+    pub(super) fn claim_for(&self) -> crate::store::ClaimFor<'a> {
+        (self.connector, self.model, self.tried, self.pin)
+    }
 }
 
 /// A [`Request`] that owns its parts, to move to another thread.
@@ -142,6 +161,7 @@ pub(super) struct OwnedRequest {
     connector: String,
     model: Option<String>,
     tried: Vec<String>,
+    pin: Option<String>,
     started: Instant,
     deadline: Instant,
 }
@@ -152,6 +172,7 @@ impl Request<'_> {
             connector: self.connector.to_owned(),
             model: self.model.map(str::to_owned),
             tried: self.tried.to_vec(),
+            pin: self.pin.map(str::to_owned),
             started: self.started,
             deadline: self.deadline,
         }
@@ -164,6 +185,7 @@ impl OwnedRequest {
             connector: &self.connector,
             model: self.model.as_deref(),
             tried: &self.tried,
+            pin: self.pin.as_deref(),
             started: self.started,
             deadline: self.deadline,
         }
@@ -217,6 +239,7 @@ impl Coordinator {
             connector: request.connector.to_owned(),
             model: request.model.map(str::to_owned),
             tried: request.tried.to_vec(),
+            pin: request.pin.map(str::to_owned),
             started: request.started,
             deadline: request.deadline,
             lock_deadline: self.inner.backend.lock_deadline(request.started, request.deadline),
@@ -323,7 +346,7 @@ impl Coordinator {
         let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
         loop {
             let now_ms = self.now_ms();
-            let availability = store.availability(&first.connector, first.model.as_deref(), &first.tried, now_ms)?;
+            let availability = store.availability(first.claim_for(), now_ms)?;
             if availability.claimable == 0 {
                 let wake = lockdown_end(&availability, now_ms);
                 for i in pending {
@@ -338,7 +361,7 @@ impl Coordinator {
                 return Ok(None);
             }
             let count = pending.len().min(usize::try_from(availability.claimable).unwrap_or(0));
-            let request = (first.connector.as_str(), first.model.as_deref(), first.tried.as_slice());
+            let request = first.claim_for();
             let claimed = store.claim_several(request, count, self.inner.holder, &*self.inner.clock, lock_deadline)?;
             let short = claimed.len() < count;
             if !claimed.is_empty() {
@@ -364,8 +387,7 @@ impl Coordinator {
     /// Why no key came for `waiter`, read now.
     fn unavailable(&self, waiter: &Waiter) -> Result<Lease> {
         let at = self.now_ms();
-        let availability =
-            self.inner.backend.availability(&waiter.connector, waiter.model.as_deref(), &waiter.tried, at)?;
+        let availability = self.inner.backend.availability(waiter.claim_for(), at)?;
         Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited: waiter.started.elapsed(), at })))
     }
 }

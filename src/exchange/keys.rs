@@ -1,6 +1,7 @@
 //! Which key an attempt uses: the one held per connection while it still serves the request's
-//! model, else a fresh claim; confirmed when its trust ran out; checked against the keyring this
-//! process loaded; put in the connector's header, marked sensitive.
+//! model (and the project of the resource it names, if any), else a fresh claim (of that project's
+//! keys only, when the request is pinned: see `affinity`); confirmed when its trust ran out; checked
+//! against the keyring this process loaded; put in the connector's header, marked sensitive.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use super::budget::RetryBudget;
 use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::offload::short_blocking;
+use crate::resource::Owner;
 
 /// The keys a request puts aside.
 #[derive(Debug, Clone, Copy)]
@@ -37,20 +39,33 @@ impl Upstream {
         self.coordinator.claim_for_async(&self.connector.name, model, tried, wait).await
     }
 
+    /// [`claim`](Self::claim) of a key of `pin`'s quota scope only (a request naming a resource it
+    /// owns); when none of them can come back (all in error or retired), the error says which resource
+    /// and key, at once.
+    async fn claim_pinned(&self, model: Option<&str>, tried: &[String], wait: Duration, pin: &Owner) -> Result<Lease> {
+        let request = (self.connector.name.as_str(), model, tried, Some(pin.quota_scope.as_str()));
+        match self.coordinator.claim_pinned_async(request, wait).await {
+            Err(Error::NoKeyAvailable(unavailable)) => Err(self
+                .owner_unavailable(pin, &unavailable.availability)
+                .unwrap_or(Error::NoKeyAvailable(unavailable))),
+            claimed => claimed,
+        }
+    }
+
     /// The key for the next attempt (see `lease_for_attempt`), confirmed if its trust ran out: a lease
     /// claimed (or held) before this process was stopped, or the database locked, for longer than it is
     /// trusted is confirmed with one conditional write, and given up for another claim if it was lost.
     pub(super) async fn next_lease(
         &self,
         slot: &mut Option<Lease>,
-        model: Option<&str>,
+        (model, pin): (Option<&str>, Option<&Owner>),
         aside: Aside<'_>,
         started: Instant,
         wait: Duration,
         budget: &mut RetryBudget,
     ) -> Result<Option<Lease>> {
         loop {
-            let Some(lease) = self.lease_for_attempt(slot, model, aside, started, wait).await? else {
+            let Some(lease) = self.lease_for_attempt(slot, (model, pin), aside, started, wait).await? else {
                 return Ok(None);
             };
             if lease.is_valid() {
@@ -81,7 +96,7 @@ impl Upstream {
     pub(super) async fn lease_for_attempt(
         &self,
         slot: &mut Option<Lease>,
-        model: Option<&str>,
+        (model, pin): (Option<&str>, Option<&Owner>),
         aside: Aside<'_>,
         started: Instant,
         wait: Duration,
@@ -94,12 +109,22 @@ impl Upstream {
             // its group): give it back and claim one free for the model.
             let coordinator = self.coordinator.clone();
             let model = model.map(str::to_owned);
+            let scope = pin.map(|pin| pin.quota_scope.clone());
             let (lease, usable) = short_blocking(move || {
                 let locked = match &model {
                     Some(model) => coordinator.store().is_locked_down_for(lease.id(), model, coordinator.now_ms())?,
                     None => false,
                 };
-                if locked {
+                // A request naming another project's resource needs a key of that project.
+                let foreign = match &scope {
+                    Some(scope) => !coordinator
+                        .store()
+                        .keys(Some(lease.connector()))?
+                        .iter()
+                        .any(|key| key.key_name == lease.key_name() && key.quota_scope.to_string() == *scope),
+                    None => false,
+                };
+                if locked || foreign {
                     lease.release()?;
                     return Ok((None, false));
                 }
@@ -112,7 +137,11 @@ impl Upstream {
             }
         }
         let remaining = wait.saturating_sub(started.elapsed());
-        self.claim(model, aside.for_claim(wait), remaining).await.map(Some)
+        let exclude = aside.for_claim(wait);
+        match pin {
+            Some(pin) => self.claim_pinned(model, exclude, remaining, pin).await.map(Some),
+            None => self.claim(model, exclude, remaining).await.map(Some),
+        }
     }
 
     /// The secret this process would send for `lease` is the one the database row was synced with;

@@ -9,6 +9,9 @@
 //! - No operation waits for another writer past its caller's deadline (never less than the backend's
 //!   floor): it fails with `Error::DatabaseLocked` instead.
 //! - The rule of which lockdowns bind a key (`crate::pool::rule`) is the one its statements apply.
+//! - A claim pinned to a quota scope (a request naming a resource of a known owner, `crate::resource`)
+//!   takes only keys of that scope, in the same one statement; availability counts only those keys.
+//! - A resource's owner is read only while its mapping has not expired.
 //!
 //! Writes are crate-private: users read the pool through [`Store`]; they change it only through a
 //! `Coordinator` and its leases, which keep the invariants above.
@@ -27,8 +30,14 @@ use crate::pool::{
     Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LockdownRecord, SyncReport,
     SyncSource, Transition,
 };
+use crate::resource::{Created, Owner};
 
 pub(crate) use sqlite::Sqlite;
+
+/// What a claim is for: the connector, the requested model (`None`: a request that names none), the
+/// key names not to take, and the quota scope it is pinned to (`None`: any; a request naming a
+/// resource of a known owner takes only keys of the owner's scope, see `crate::resource`).
+pub(crate) type ClaimFor<'a> = (&'a str, Option<&'a str>, &'a [String], Option<&'a str>);
 pub use sqlite::{APPLICATION_ID, DB_ENV, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION, default_path};
 
 /// What a database must do for the pool. Object-safe, so a coordinator holds any backend (and a test
@@ -53,8 +62,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// when everything already matches.
     fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport>;
 
-    /// Claims the first claimable key of `connector` not named in `tried` and not locked down for
-    /// `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
+    /// Claims the first claimable key of `connector` not named in `tried`, of the pinned scope if any,
+    /// and not locked down for `model` (`None`: a request that names no model), for `holder`; waits for the write lock until
     /// `deadline` exactly (the caller applies the store's floor: see [`Backend::lock_deadline`]), then
     /// fails with [`Error::DatabaseLocked`] saying how long it waited. The times written are read from `clock`
     /// once the lock is held, so a long wait never makes a fresh lease look old; the claim's boot-clock
@@ -63,9 +72,7 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// one store pass one clock (a coordinator's).
     fn claim(
         &self,
-        connector: &str,
-        model: Option<&str>,
-        tried: &[String],
+        request: ClaimFor<'_>,
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
@@ -75,7 +82,7 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
     fn claim_several(
         &self,
-        request: (&str, Option<&str>, &[String]),
+        request: ClaimFor<'_>,
         count: usize,
         holder: &Holder,
         clock: &dyn Clock,
@@ -138,10 +145,19 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Locks are not touched here: the reaper frees dead ones, and a forced cleanup evicts the rest.
     fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>>;
 
-    /// How many keys of `connector` are claimable for `model`, held, in lockdown (for every model or for
-    /// `model`) or in error, from a read (no write lock), so waiters can poll without slowing the
-    /// writers.
-    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability>;
+    /// How many keys of `connector` (of the pinned scope, if any) are claimable for `model`, held, in
+    /// lockdown (for every model or for `model`) or in error, from a read (no write lock), so waiters
+    /// can poll without slowing the writers.
+    fn availability(&self, request: ClaimFor<'_>, now: i64) -> Result<Availability>;
+
+    /// Records that the answer key `key_name` of `connector` got created `created` (unless already
+    /// expired at `now`), and forgets the connector's resources expired by `now`. Returns how many were
+    /// recorded.
+    fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize>;
+
+    /// The owner of the first of `names` (`KIND/ID`) that `connector` knows and that has not expired at
+    /// `now`, with its key's quota scope of now.
+    fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>>;
 
     /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
     fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>>;
@@ -215,7 +231,14 @@ impl Store {
         tried: &[String],
         now: i64,
     ) -> Result<Availability> {
-        self.backend.availability(connector, model, tried, now)
+        self.backend.availability((connector, model, tried, None), now)
+    }
+
+    /// Who owns the first of the resources `names` (`files/abc`, `cachedContents/x`...) that
+    /// `connector` knows and that has not expired at `now`: the key that created it and its quota
+    /// scope, to which requests naming it are pinned.
+    pub fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
+        self.backend.resource_owner(connector, names, now)
     }
 
     /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).

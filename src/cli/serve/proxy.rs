@@ -493,6 +493,7 @@ fn judge_failure(error: &Error) -> (StatusCode, Option<Duration>, Unanswered) {
             (StatusCode::TOO_MANY_REQUESTS, Some(retry_wait(unavailable)), Unanswered::NoKey)
         }
         Error::Transport { .. } | Error::Stream { .. } => (StatusCode::BAD_GATEWAY, None, Unanswered::Unreachable),
+        Error::ResourceOwnerUnavailable { .. } => (StatusCode::CONFLICT, None, Unanswered::Failed),
         Error::DatabaseLocked { .. }
         | Error::Database { .. }
         | Error::DatabaseReplaced { .. }

@@ -47,6 +47,8 @@ pub(super) struct Claim {
     /// Key names not to take, as a JSON array.
     pub(super) tried: String,
     pub(super) holder: Holder,
+    /// Only keys of this quota scope (a request naming a resource its project owns); `None`: any.
+    pub(super) pin: Option<String>,
 }
 
 impl Claim {
@@ -57,7 +59,14 @@ impl Claim {
             model: model.map(str::to_owned),
             tried: super::json_list(tried).into_owned(),
             holder: holder.clone(),
+            pin: None,
         }
+    }
+
+    /// The same claim, taking only keys of quota scope `pin` when there is one.
+    pub(super) fn pinned(mut self, pin: Option<&str>) -> Self {
+        self.pin = pin.map(str::to_owned);
+        self
     }
 }
 

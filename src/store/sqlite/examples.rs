@@ -46,6 +46,10 @@ SELECT connector, event, count(*) AS times FROM history
 -- Who holds what
 SELECT connector, key_name, holder_pid, datetime(locked_at / 1000, 'unixepoch', 'localtime') AS since
   FROM keys WHERE state = 'locked';
+
+-- Files, cached contents, batches and tuned models: the key whose project owns each, until when
+SELECT connector, name, key_name, quota_scope, datetime(expires_at / 1000, 'unixepoch', 'localtime') AS expires
+  FROM resources WHERE expires_at IS NULL OR expires_at > strftime('%s', 'now') * 1000 ORDER BY connector, name;
 ",
         scopes = rule_sql::on_scopes_of("q", &KeyCols::row("k")),
         in_force = rule_sql::in_force("q", NOW),

@@ -20,6 +20,7 @@
 
 mod batch;
 mod examples;
+mod resources;
 mod rule_sql;
 mod schema;
 mod sync;
@@ -38,8 +39,9 @@ use sync::{apply_sync, plan_sync};
 
 pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
 
-use super::{Backend, ChangeWatch};
+use super::{Backend, ChangeWatch, ClaimFor};
 use crate::pool::*;
+use crate::resource::{Created, Owner};
 
 /// How long any operation may wait for another process's write lock, at least (see `Sqlite::write`).
 pub const DEFAULT_LOCK_WAIT_FLOOR: Duration = Duration::from_secs(5);
@@ -125,6 +127,12 @@ const LRU_WINDOW: u32 = 8;
 /// those are locked down for the model, the first free one in `keys_claim_order`, where a key sits
 /// behind the end of the latest lockdown of its scopes (so however many keys are locked down for the
 /// model, that walk stops at the first key it looks at: they were moved behind the keys free for it).
+///
+/// A request naming a resource of a known owner is pinned to the owner's quota scope (`?11`, NULL for
+/// every other request): it takes the least recently used free key of that scope, walking
+/// `keys_scope_lru` over that scope's keys alone. Each arm starts with a constant test of `?11`, which
+/// SQLite evaluates once, before any row: an unpinned claim never enters the pinned arm, nor a pinned one
+/// the others.
 static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let claimable = format!(
         "k.connector = ?1 AND {} AND k.key_name NOT IN (SELECT value FROM json_each(?7))",
@@ -137,13 +145,16 @@ static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         uses = uses + 1, last_used_at = ?2,
         queue_at = max(?2, {latest})
   WHERE id = coalesce(
+          (SELECT k.id FROM keys k
+            WHERE ?11 IS NOT NULL AND k.quota_scope = ?11 AND {claimable} AND NOT {locked}
+            ORDER BY k.last_used_at LIMIT 1),
           (SELECT k.id FROM (SELECT k.id, k.connector, k.quota_scope, k.key_name, k.last_used_at FROM keys k
-                              WHERE {claimable}
+                              WHERE ?11 IS NULL AND {claimable}
                               ORDER BY k.last_used_at LIMIT {LRU_WINDOW}) k
             WHERE NOT {locked}
             ORDER BY k.last_used_at LIMIT 1),
           (SELECT k.id FROM keys k
-            WHERE {claimable} AND NOT {locked}
+            WHERE ?11 IS NULL AND {claimable} AND NOT {locked}
             ORDER BY k.queue_at, k.last_used_at LIMIT 1))
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
@@ -327,15 +338,13 @@ impl Backend for Sqlite {
 
     fn claim(
         &self,
-        connector: &str,
-        model: Option<&str>,
-        tried: &[String],
+        (connector, model, tried, pin): ClaimFor<'_>,
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Option<Claimed>> {
         self.claims.commit(
-            batch::Claim::new(connector, model, tried, holder),
+            batch::Claim::new(connector, model, tried, holder).pinned(pin),
             deadline,
             |claims, deadline| self.claim_all(claims, deadline, clock),
             |claim| Err(self.locked("claiming a key", claim.waited())),
@@ -344,13 +353,13 @@ impl Backend for Sqlite {
 
     fn claim_several(
         &self,
-        (connector, model, tried): (&str, Option<&str>, &[String]),
+        (connector, model, tried, pin): ClaimFor<'_>,
         count: usize,
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Vec<Claimed>> {
-        let claim = batch::Claim::new(connector, model, tried, holder);
+        let claim = batch::Claim::new(connector, model, tried, holder).pinned(pin);
         self.write_by("claiming keys", deadline, |transaction| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
@@ -641,7 +650,7 @@ impl Backend for Sqlite {
         })
     }
 
-    fn availability(&self, connector: &str, model: Option<&str>, tried: &[String], now: i64) -> Result<Availability> {
+    fn availability(&self, (connector, model, tried, pin): ClaimFor<'_>, now: i64) -> Result<Availability> {
         let tried = json_list(tried);
         self.read("reading key availability", |connection| {
             connection
@@ -660,14 +669,14 @@ impl Backend for Sqlite {
                                         nullif(max(coalesce({own}, 0), coalesce({whole}, 0)), 0) AS whole_until,
                                         {model_until} AS model_until,
                                         k.key_name IN (SELECT value FROM json_each(?3)) AS was_tried
-                                   FROM keys k WHERE k.connector = ?1))",
+                                   FROM keys k WHERE k.connector = ?1 AND (?5 IS NULL OR k.quota_scope = ?5)))",
                     unheld = rule_sql::unheld("k"),
                     own = rule_sql::own_lockdown_end("k", "?2"),
                     whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "?2"),
                     model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "?4", "?2"),
                     usable = rule_sql::free_for("k", "?4", "?2"),
                 ))?
-                .query_row(params![connector, now, tried, model], |row| {
+                .query_row(params![connector, now, tried, model, pin], |row| {
                     Ok(Availability {
                         connector: connector.to_owned(),
                         claimable: row.get(0)?,
@@ -735,10 +744,21 @@ impl Backend for Sqlite {
         })
     }
 
+    fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize> {
+        self.write("recording resources", None, |transaction| {
+            resources::record(transaction, connector, key_name, created, now)
+        })
+    }
+
+    fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
+        self.read("reading resource owners", |connection| resources::owner(connection, connector, names, now))
+    }
+
     fn explain_claim(&self) -> Result<Vec<String>> {
         self.read("explaining the claim", |connection| {
             let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {}", *CLAIM))?;
-            all(&mut statement, params!["c", 0, "h", "b", 1, 1, "[]", 0, "n", "m"], |row| row.get::<_, String>(3))
+            let params = params!["c", 0, "h", "b", 1, 1, "[]", 0, "n", "m", Option::<&str>::None];
+            all(&mut statement, params, |row| row.get::<_, String>(3))
         })
     }
 }
@@ -801,8 +821,8 @@ fn claim_in(
     claim: &batch::Claim,
     clock: &dyn Clock,
 ) -> rusqlite::Result<Option<Claimed>> {
-    let (connector, model, tried, holder) =
-        (claim.connector.as_str(), claim.model.as_deref(), &claim.tried, &claim.holder);
+    let (connector, model, tried, holder, pin) =
+        (claim.connector.as_str(), claim.model.as_deref(), &claim.tried, &claim.holder, claim.pin.as_deref());
     let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
     let claimed = transaction
         .prepare_cached(&CLAIM)?
@@ -817,7 +837,8 @@ fn claim_in(
                 tried,
                 boot_ms,
                 holder.pid_namespace,
-                model
+                model,
+                pin
             ],
             |row| {
                 let claimed = Claimed {

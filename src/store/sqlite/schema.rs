@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0003_liveness.sql"),
     include_str!("../../../migrations/0004_quotas.sql"),
     include_str!("../../../migrations/0005_history_events.sql"),
+    include_str!("../../../migrations/0006_resources.sql"),
 ];
 
 /// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.
