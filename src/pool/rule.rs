@@ -68,7 +68,8 @@ pub fn free_at(key: &KeyRecord, lockdowns: &[LockdownRecord], model: Option<&str
 /// The deadline of the key's own lockdown of every model (its row's `lockdown_until`), while it is in
 /// force at `now`: the lockdown a database from before per-model lockdowns records on the key alone.
 pub fn own_lockdown_end(key: &KeyRecord, now: i64) -> Option<i64> {
-    key.lockdown_until.filter(|until| key.effective_state(now) == KeyState::Lockdown && *until > now)
+    // In force exactly while the stored lockdown is (`effective_state`: until its deadline).
+    key.lockdown_until.filter(|_| key.effective_state(now) == KeyState::Lockdown)
 }
 
 #[cfg(test)]

@@ -115,6 +115,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_key_alone_is_a_key_scope() {
+        assert!(Scope::Key("k".into()).is_key());
+        assert!(!Scope::Group("k".into()).is_key());
+        assert!(!Scope::Project("1".into()).is_key());
+    }
+
+    #[test]
     fn scopes_read_back_and_malformed_ones_are_refused() {
         for scope in [Scope::Group("team".into()), Scope::Project("123".into()), Scope::Key("k:1".into())] {
             assert_eq!(scope.to_string().parse::<Scope>(), Ok(scope));
