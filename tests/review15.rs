@@ -1,0 +1,119 @@
+//! Hostile review of issue 15 (h15r): repros for suspicion's blind spots, through real HTTP against
+//! a loopback wiremock server playing upstream answers, as tests/requests.rs does.
+//!
+//! Each test states what the issue promises ("the number of keys in `error` is exactly the number of
+//! keys at fault"; a request is returned only when no healthy key could serve it).
+
+mod common;
+
+use common::Sandbox;
+use wiremock::matchers::{header, method};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+fn secret(connector: &str, index: usize) -> String {
+    format!("fake-secret-{connector}-{index}-do-not-use")
+}
+
+fn json(status: u16, body: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_raw(body.to_owned(), "application/json")
+}
+
+fn keys_in_error(sandbox: &Sandbox) -> Vec<String> {
+    let sql = sandbox.sql();
+    let mut statement = sql.prepare("SELECT key_name FROM keys WHERE state = 'error' ORDER BY key_name").expect("sql");
+    statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+/// A user connector for an OpenAI-compatible endpoint at the server, keys as `Authorization: Bearer`.
+fn openai_sandbox(connector: &str, keys: usize, server: &MockServer) -> Sandbox {
+    let sandbox = Sandbox::new(connector, keys);
+    let dir = sandbox.connectors_dir();
+    std::fs::create_dir_all(&dir).expect("mkdir connectors");
+    let file = serde_json::json!({
+        "name": connector, "host": "127.0.0.1", "port": server.address().port(), "protocol": "http",
+        "api": "openai", "requires_api_key": true, "api_key_header": "Authorization", "api_key_prefix": "Bearer ",
+        "policy": { "backoff_ms": 5 }
+    });
+    std::fs::write(dir.join(format!("{connector}.json")), file.to_string()).expect("write connector");
+    sandbox
+}
+
+/// OpenAI's (and LiteLLM's, and most OpenAI-compatible servers') 401 names the key it got, masked.
+/// A connector pointed at the wrong host (keys of another provider) gets it from every key: one
+/// misconfiguration, the same answer but for the masked key. One request must not burn the pool.
+#[tokio::test]
+async fn refusals_that_differ_only_by_the_masked_key_put_no_key_in_error() {
+    let connector = "oai-proxy";
+    let server = MockServer::start().await;
+    for index in 0..4 {
+        let key = secret(connector, index);
+        let masked = format!("fake****{:04}", index);
+        let body = format!(
+            r#"{{"error":{{"message":"Incorrect API key provided: {masked}. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}"#
+        );
+        Mock::given(method("POST"))
+            .and(header("authorization", format!("Bearer {key}").as_str()))
+            .respond_with(json(401, &body))
+            .mount(&server)
+            .await;
+    }
+    let sandbox = openai_sandbox(connector, 4, &server);
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let response = jongler.request("POST", "/v1/chat/completions", body).await.expect("an answer");
+    assert_eq!(response.status, 401, "the upstream's status");
+    assert_eq!(keys_in_error(&sandbox), Vec::<String>::new(), "one request, {} attempts", response.attempts);
+}
+
+/// A proxy in front of the API (nginx, Cloudflare, an API gateway) answers 401 in plain text with a
+/// request id of its own: every answer differs by that id alone.
+#[tokio::test]
+async fn refusals_that_differ_only_by_a_request_id_put_no_key_in_error() {
+    let connector = "gemini-behind-gateway";
+    let server = MockServer::start().await;
+    for index in 0..4 {
+        let body = format!("401 Unauthorized: missing or invalid credentials (request id 7f3a9c{index:02}e1)");
+        Mock::given(method("POST"))
+            .and(header("x-goog-api-key", secret(connector, index).as_str()))
+            .respond_with(ResponseTemplate::new(401).set_body_string(body))
+            .mount(&server)
+            .await;
+    }
+    let sandbox = Sandbox::new(connector, 4);
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), serde_json::json!({ "backoff_ms": 5 }));
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
+    assert_eq!(response.status, 401);
+    assert_eq!(keys_in_error(&sandbox), Vec::<String>::new(), "one request, {} attempts", response.attempts);
+}
+
+/// Gemini's 403 SERVICE_DISABLED for a project whose API is off, as two keys of that project get it
+/// (same project number, same words), while two keys of another project are healthy. The answer names
+/// the key's project (`consumer: projects/N`): the upstream read the key, so it is no configuration
+/// fault. The policy table says SERVICE_DISABLED puts the key in error; and no request should fail
+/// while healthy keys remain.
+#[tokio::test]
+async fn a_disabled_project_shared_by_two_keys_never_fails_requests_healthy_keys_could_serve() {
+    let connector = "gemini-two-projects";
+    let disabled = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 111111111111 before or it is disabled. Enable it by visiting https://console.developers.google.com/apis/api/generativelanguage.googleapis.com/overview?project=111111111111 then retry.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED","domain":"googleapis.com","metadata":{"consumer":"projects/111111111111","service":"generativelanguage.googleapis.com"}}]}}"#;
+    let server = MockServer::start().await;
+    for index in 0..2 {
+        Mock::given(method("POST"))
+            .and(header("x-goog-api-key", secret(connector, index).as_str()))
+            .respond_with(json(403, disabled))
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("POST")).respond_with(json(200, r#"{"candidates":[]}"#)).mount(&server).await;
+    let sandbox = Sandbox::new(connector, 4);
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), serde_json::json!({ "backoff_ms": 5 }));
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(jongler.request("POST", ENDPOINT, "{}").await.expect("an answer").status);
+    }
+    assert!(statuses.iter().all(|status| *status == 200), "two healthy keys were there all along: {statuses:?}");
+    assert_eq!(keys_in_error(&sandbox), vec!["key0".to_owned(), "key1".to_owned()], "the disabled project's keys");
+}
