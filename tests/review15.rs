@@ -138,3 +138,31 @@ async fn a_suspect_with_no_other_key_does_not_wait_for_itself() {
     assert_eq!(response.status, 400);
     assert!(took < std::time::Duration::from_millis(1500), "waited {took:?} for its own suspect");
 }
+
+/// A request naming a file its key uploaded is pinned to that key's scope (here the key alone: no
+/// project declared). When that key's answer blames its credentials, the request has no other key to
+/// weigh it against: like an unpinned pool of one, the caller must get the upstream's own words. The
+/// pin instead turns the suspect (vacant, put aside by this request) into "its project has no key in
+/// the keyring", a 409 at the gateway, though the key is right there.
+#[tokio::test]
+async fn a_pinned_request_whose_owner_is_suspected_gets_the_upstreams_answer() {
+    let connector = "gemini-files";
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/upload/v1beta/files"))
+        .respond_with(json(200, r#"{"file":{"name":"files/abc123","uri":"x"}}"#))
+        .mount(&server)
+        .await;
+    let invalid = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
+    Mock::given(method("POST")).respond_with(json(400, invalid)).mount(&server).await;
+    let sandbox = Sandbox::new(connector, 1);
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), serde_json::json!({ "backoff_ms": 5 }));
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let upload = jongler.request("POST", "/upload/v1beta/files", "{}").await.expect("upload");
+    assert_eq!(upload.status, 200);
+    assert_eq!(sandbox.count("SELECT count(*) FROM resources"), 1, "the file is recorded as key0's");
+    let body = r#"{"contents":[{"parts":[{"fileData":{"fileUri":"files/abc123"}}]}]}"#;
+    let response = jongler.request("POST", ENDPOINT, body).await.expect("the upstream's answer, not 'no key left'");
+    assert_eq!(response.status, 400);
+    assert!(response.body.contains("API key not valid"), "{}", response.body);
+}
