@@ -255,7 +255,14 @@ impl Upstream {
                 return self.answer_unrecorded(answer, request, unrecorded).await;
             }
             match self.next_step(&outgoing, &mut request, &verdict) {
-                Retry::After(pause) => tokio::time::sleep(pause).await,
+                Retry::After(pause) => {
+                    // A backoff follows a 5xx or no answer, which teach nothing about a suspect: it is
+                    // not held through the pause (`suspicion`).
+                    if !pause.is_zero() {
+                        self.let_go(&mut request).await;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
                 Retry::NewCircuit => self.new_circuit()?,
                 Retry::No => {
                     self.let_go(&mut request).await;

@@ -166,3 +166,47 @@ async fn a_pinned_request_whose_owner_is_suspected_gets_the_upstreams_answer() {
     assert_eq!(response.status, 400);
     assert!(response.body.contains("API key not valid"), "{}", response.body);
 }
+
+/// suspicion.rs says a 5xx teaches nothing and the suspect is released; the request instead keeps its
+/// suspect's lease through the backoff that follows a 5xx (up to a whole attempt's timeout per retry),
+/// so no other request can use a key that may well be good. Key 0 refuses, key 1 answers 503 with a
+/// 5 s backoff: key 0 must be vacant while the request sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_is_not_held_through_a_backoff() {
+    let connector = "gemini-overloaded";
+    let server = MockServer::start().await;
+    let invalid = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
+    let overloaded =
+        r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
+    Mock::given(method("POST"))
+        .and(header("x-goog-api-key", secret(connector, 0).as_str()))
+        .respond_with(json(400, invalid))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(json(503, overloaded)).mount(&server).await;
+    let sandbox = Sandbox::new(connector, 2);
+    let policy = serde_json::json!({ "backoff_ms": 5000, "retries": 1, "timeout_secs": 10.0 });
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), policy);
+    // key0 is claimed first: key1 was used more recently.
+    // A wait, as `serve` (30 s) and `request` (5 m) have by default: only then is a suspect held.
+    let wait = std::time::Duration::from_secs(30);
+    let jongler = sandbox.jongler(connector).wait(wait).connect().await.expect("jongler");
+    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", []).expect("order");
+    let request = tokio::spawn(async move { jongler.request("POST", ENDPOINT, "{}").await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    while server.received_requests().await.map_or(0, |seen| seen.len()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the two first attempts");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The 503 came; the request now sleeps 5 s. Its suspect should be vacant well before that ends.
+    let state =
+        || sandbox.sql().query_row("SELECT state FROM keys WHERE key_name = 'key0'", [], |row| row.get::<_, String>(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut seen = state().expect("state");
+    while seen != "vacant" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        seen = state().expect("state");
+    }
+    assert_eq!(seen, "vacant", "the suspect was held through the backoff");
+    request.abort();
+}
