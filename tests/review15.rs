@@ -123,7 +123,6 @@ async fn a_disabled_project_shared_by_two_keys_never_fails_requests_healthy_keys
 /// suspect could: [`HOLD`] (2 s) lost on every such request. The answer itself takes milliseconds
 /// from the loopback server; the bug is a floor of 2 s, so 1.5 s leaves a margin of seconds either way.
 #[tokio::test]
-#[ignore = "h15r repro, not fixed: run with --ignored; fails on main (waits 2 s)"]
 async fn a_suspect_with_no_other_key_does_not_wait_for_itself() {
     let connector = "gemini-one-key";
     let server = MockServer::start().await;
