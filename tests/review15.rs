@@ -240,3 +240,40 @@ async fn two_dead_keys_among_good_ones_are_confirmed_by_later_requests() {
     assert!(failed <= 1, "3 healthy keys, yet {failed} of 12 requests failed: {statuses:?}");
     assert_eq!(keys_in_error(&sandbox), vec!["key0".to_owned(), "key1".to_owned()]);
 }
+
+/// A caller that goes away while its request holds a suspect (the gateway's client disconnects, a
+/// library caller drops the future) leaks no lease: the suspect and the key on the wire both come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_request_gives_its_suspect_back() {
+    let connector = "gemini-dropped";
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("x-goog-api-key", secret(connector, 0).as_str()))
+        .respond_with(json(401, api_jongler::mock::UNAUTHENTICATED))
+        .mount(&server)
+        .await;
+    let slow = json(200, r#"{"candidates":[]}"#).set_delay(std::time::Duration::from_secs(20));
+    Mock::given(method("POST")).respond_with(slow).mount(&server).await;
+    let sandbox = Sandbox::new(connector, 2);
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), serde_json::json!({ "backoff_ms": 5 }));
+    let wait = std::time::Duration::from_secs(30);
+    let jongler = sandbox.jongler(connector).wait(wait).connect().await.expect("jongler");
+    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", []).expect("order");
+    let request = tokio::spawn({
+        let jongler = jongler.clone();
+        async move { jongler.request("POST", ENDPOINT, "{}").await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.received_requests().await.map_or(0, |seen| seen.len()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the two attempts");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE state = 'locked'"), 2, "suspect held, key1 on the wire");
+    request.abort();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sandbox.count("SELECT count(*) FROM keys WHERE state = 'vacant'") < 2 {
+        assert!(std::time::Instant::now() < deadline, "leaked: {:?}", sandbox.states());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(jongler);
+}
