@@ -208,15 +208,18 @@ pub fn unanswered() -> Verdict {
 /// What an answer says, as the words two answers are compared by (`exchange::suspicion`): its status
 /// and the upstream's canonical status, reason and message, not its other fields (ids, timestamps).
 /// Kept in memory only: nothing here is logged or stored.
+///
+/// Words that carry a digit or a `*` are left out: a request id, a timestamp, the masked key an
+/// OpenAI-compatible server names (`Incorrect API key provided: sk-****abcd`) differ from key to key
+/// and from answer to answer while the answer is the same.
 pub fn answer_words(status: u16, body: &str) -> String {
     let error = UpstreamError::parse(body);
     let words: Vec<&str> =
         [error.status.as_deref(), error.reason.as_deref(), error.message.as_deref()].into_iter().flatten().collect();
-    if words.is_empty() {
-        format!("{status} {}", body.trim().chars().take(500).collect::<String>())
-    } else {
-        format!("{status} {}", words.join(" | "))
-    }
+    let text = if words.is_empty() { body.trim().chars().take(500).collect::<String>() } else { words.join(" | ") };
+    let kept: Vec<&str> =
+        text.split_whitespace().filter(|word| !word.chars().any(|c| c.is_ascii_digit() || c == '*')).collect();
+    format!("{status} {}", kept.join(" "))
 }
 
 /// The lockdown a rate limit calls for (its status and project are the caller's to add).

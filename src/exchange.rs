@@ -189,6 +189,14 @@ impl Progress {
     }
 }
 
+/// Whether a key other than the request's own suspect may come free within `hold` of `now_ms`: another
+/// key is held (the suspect is one of the held keys), or a lockdown ends by then.
+fn may_come_within(availability: &crate::pool::Availability, now_ms: i64, hold: Duration) -> bool {
+    let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
+    availability.locked > 1
+        || availability.earliest_lockdown_end.is_some_and(|end| end <= now_ms.saturating_add(hold_ms))
+}
+
 /// Where a request keeps its key between attempts: the jongler's own slot (per connection; its lock
 /// held, so that requests through one jongler take turns) or the request's.
 enum KeySlot<'a> {
@@ -255,7 +263,14 @@ impl Upstream {
                 return self.answer_unrecorded(answer, request, unrecorded).await;
             }
             match self.next_step(&outgoing, &mut request, &verdict) {
-                Retry::After(pause) => tokio::time::sleep(pause).await,
+                Retry::After(pause) => {
+                    // A backoff follows a 5xx or no answer, which teach nothing about a suspect: it is
+                    // not held through the pause (`suspicion`).
+                    if !pause.is_zero() {
+                        self.let_go(&mut request).await;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
                 Retry::NewCircuit => self.new_circuit()?,
                 Retry::No => {
                     self.let_go(&mut request).await;
@@ -340,9 +355,23 @@ impl Upstream {
         }
         let model = request.model.as_deref().filter(|_| request.metered);
         let wanted = (model, request.pin.as_ref());
-        let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
+        let suspected = request.suspicion.suspected();
         let hold = remaining.min(suspicion::HOLD);
-        match self.next_lease(slot, wanted, aside, Instant::now(), hold, &mut request.budget).await {
+        // First without waiting: when no key is free and none but the suspect itself is held (nor a
+        // lockdown ends within the hold), only the suspect could come free, and it never does for this
+        // request. Waiting would cost the caller the whole hold for nothing.
+        let now = Instant::now();
+        let at_once = Aside { tried: suspected, suspected };
+        let waited = match self.next_lease(slot, wanted, at_once, now, Duration::ZERO, &mut request.budget).await {
+            Err(Error::NoKeyAvailable(unavailable))
+                if may_come_within(&unavailable.availability, self.coordinator.now_ms(), hold) =>
+            {
+                let aside = Aside { tried: &request.tried, suspected };
+                self.next_lease(slot, wanted, aside, now, hold, &mut request.budget).await
+            }
+            claimed => claimed,
+        };
+        match waited {
             Ok(lease) => Ok(lease),
             Err(Error::NoKeyAvailable(_)) => {
                 self.let_go(request).await;

@@ -85,9 +85,11 @@ impl Upstream {
     }
 
     /// The error of a request pinned to `owner` when no key of its scope can come back to serve it
-    /// (every one in error, or retired); `None` when waiting could help.
+    /// (every one in error, or retired); `None` when waiting could help, or when this request put a
+    /// usable key of the scope aside itself (a suspect, a key it tried): the scope has a key, and the
+    /// request's own answer (the suspect's words) is the caller's.
     pub(super) fn owner_unavailable(&self, owner: &Owner, availability: &Availability) -> Option<Error> {
-        if availability.claimable > 0 || availability.may_free_up() {
+        if availability.claimable > 0 || availability.tried > 0 || availability.may_free_up() {
             return None;
         }
         let why = match (availability.error, availability.retired) {

@@ -8,8 +8,8 @@
 //! attempt on it), but only while another key comes within [`HOLD`]: past it, the suspect is released
 //! and the request waits as usual (many requests each holding a suspect must not wait for one another).
 //! Then:
-//! - the same answer (status, canonical status, reason and message) from another key: the request or
-//!   the configuration is at fault. The request stops with that answer, and no key is put in error;
+//! - the same answer (status, canonical status, reason and message, less the words with a digit or a
+//!   `*`: request ids, masked keys) from another key: the request or the configuration is at fault. The request stops with that answer, and no key is put in error;
 //! - an answer that got past the credentials on another key (any answer below 500 that does not blame
 //!   the credentials: a success, a 429, a bad request): the suspect's answer was its own, and it goes
 //!   to error: through its lease if still held, else fenced by the lease it was released from (not if
@@ -17,6 +17,10 @@
 //! - another answer blaming another key's credentials: two keys, two different faults. The first
 //!   is confirmed, the second becomes the suspect;
 //! - no answer, a 5xx, or the end of the request: nothing is learned, and the suspect is released.
+//!
+//! An answer that names the key's project (`consumer: projects/N`: SERVICE_DISABLED, CONSUMER_*) is
+//! never a suspect's: the upstream read the key, so it is no misconfiguration, and it confirms a suspect
+//! like any answer past the credentials.
 //!
 //! When no other key can be claimed (a pool of one, or all others in error), the caller gets the
 //! suspect's answer, the upstream's own words, rather than "no key available".
@@ -114,20 +118,31 @@ impl Suspicion {
         &self.suspected
     }
 
+    /// An answer with `status` that got past the credentials: a suspect's answer, below 500, was its own.
+    fn weigh_past_credentials(&mut self, status: u16) -> Weighed {
+        match self.suspect.take() {
+            Some(suspect) if status < 500 => Weighed::Confirmed(Box::new(suspect)),
+            kept => {
+                self.suspect = kept;
+                Weighed::Nothing
+            }
+        }
+    }
+
     /// Weighs one attempt against what the request learned so far, changing its verdict where an
     /// answer blamed a key that is not yet known to be at fault (see the module's rules).
     pub(super) fn weigh(&mut self, tried: &mut Tried) -> Weighed {
         let Ok(answer) = &tried.answer else { return Weighed::Nothing };
         let status = answer.status();
+        // An answer that names the key's project (`consumer: projects/N`: SERVICE_DISABLED, CONSUMER_*)
+        // got past the credentials: the upstream read the key and found its project at fault, which no
+        // misconfiguration of the request can cause. Its verdict stands.
+        if matches!(&tried.verdict.key, Fate::Error { project: Some(_), .. }) {
+            return self.weigh_past_credentials(status);
+        }
         let blames_credentials = matches!(tried.verdict.key, Fate::Error { .. });
         if !blames_credentials {
-            return match self.suspect.take() {
-                Some(suspect) if status < 500 => Weighed::Confirmed(Box::new(suspect)),
-                kept => {
-                    self.suspect = kept;
-                    Weighed::Nothing
-                }
-            };
+            return self.weigh_past_credentials(status);
         }
         let (Some(lease), Answer::Whole { headers, body, .. }) = (&tried.lease, answer) else {
             return Weighed::Nothing;
