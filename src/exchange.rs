@@ -244,6 +244,7 @@ impl Upstream {
                 // No other key to weigh a suspect's answer against: the caller gets that answer.
                 Err(Error::NoKeyAvailable(_)) if let Some(suspect) = request.suspicion.suspect() => {
                     let answer = suspect.answer();
+                    self.let_go(&mut request).await;
                     return Ok(self.exchange(answer, request).await);
                 }
                 Err(error) => return Err(error),
@@ -348,6 +349,15 @@ impl Upstream {
     /// While the request keeps a suspect's lease, another key that comes within [`suspicion::HOLD`];
     /// `None` (and the suspect let go) when none does, or when there is no suspect.
     async fn lease_beside_suspect(&self, request: &mut Progress, slot: &mut Option<Lease>) -> Result<Option<Lease>> {
+        if request.suspicion.echoed() {
+            // Two keys gave the same answer: one more key, only if one is free at once; else the request
+            // ends with that answer (the send loop's `NoKeyAvailable` arm).
+            let model = request.model.as_deref().filter(|_| request.metered);
+            let suspected = request.suspicion.suspected();
+            let at_once = Aside { tried: suspected, suspected };
+            let wanted = (model, request.pin.as_ref());
+            return self.next_lease(slot, wanted, at_once, Instant::now(), Duration::ZERO, &mut request.budget).await;
+        }
         let remaining = request.wait.saturating_sub(request.started.elapsed());
         if !request.suspicion.holds() || remaining.is_zero() {
             self.let_go(request).await;

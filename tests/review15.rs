@@ -216,7 +216,7 @@ async fn a_suspect_is_not_held_through_a_backoff() {
 /// The issue: "mark at most the first as suspect until another request confirms". Nothing carries the
 /// suspicion to another request, so a fixed share of requests fails for ever while 3 keys are healthy.
 #[tokio::test]
-#[ignore = "h15r repro, not fixed: run with --ignored; on main 3 of 12 requests fail, no key in error"]
+
 async fn two_dead_keys_among_good_ones_are_confirmed_by_later_requests() {
     let connector = "gemini-two-dead";
     let server = MockServer::start().await;

@@ -55,11 +55,11 @@ async fn a_connector_that_sends_the_key_wrong_puts_no_key_in_error() {
         let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
         assert_eq!(response.status, 401, "round {round}: the upstream's status");
         assert_eq!(response.body, UNAUTHENTICATED, "round {round}: the upstream's own words");
-        assert_eq!(response.attempts, 2, "round {round}: the second same answer stops the request");
+        assert_eq!(response.attempts, 3, "round {round}: two keys alike, one more free at once, then it stops");
         assert_eq!(keys_in_error(&sandbox), Vec::<String>::new(), "round {round}: no key is at fault");
     }
     let seen = upstream.seen_requests();
-    assert_eq!(seen.len(), 6, "two attempts per request");
+    assert_eq!(seen.len(), 9, "three attempts per request");
     assert!(seen.iter().all(|request| request.headers.iter().any(|(name, _)| name == "authorization")));
 }
 
@@ -93,8 +93,20 @@ async fn every_key_refused_alike_is_the_configuration_and_the_caller_hears_the_u
     let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
     assert_eq!(response.status, 400);
     assert!(response.body.contains("API key not valid"), "the upstream's words: {}", response.body);
-    assert_eq!(response.attempts, 2);
+    assert_eq!(response.attempts, 3, "two keys alike, then the third, free at once");
     assert_eq!(keys_in_error(&sandbox), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn two_keys_refused_alike_and_no_third_free_stop_at_the_second() {
+    let upstream = mock(MockConfig { gemini_auth: true, ..MockConfig::default() }).await;
+    let sandbox = sandbox_for(PROXY, 2, &upstream, true);
+    let jongler = sandbox.jongler(PROXY).connect().await.expect("jongler");
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("an answer");
+    assert_eq!((response.status, response.attempts), (401, 2));
+    assert_eq!(response.body, UNAUTHENTICATED);
+    assert_eq!(keys_in_error(&sandbox), Vec::<String>::new());
+    assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE state = 'locked'"), 0, "the suspect was let go");
 }
 
 #[tokio::test]

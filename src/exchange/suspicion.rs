@@ -9,7 +9,11 @@
 //! and the request waits as usual (many requests each holding a suspect must not wait for one another).
 //! Then:
 //! - the same answer (status, canonical status, reason and message, less the words with a digit or a
-//!   `*`: request ids, masked keys) from another key: the request or the configuration is at fault. The request stops with that answer, and no key is put in error;
+//!   `*`: request ids, masked keys) from a second key: the request or the configuration may be at fault,
+//!   or two keys are. One more key is tried, only if one is free at once: the same answer again (or no
+//!   key free) stops the request with that answer and no key in error; an answer past its credentials
+//!   puts both in error (two dead keys side by side in the claim order must not fail every request that
+//!   reaches them);
 //! - an answer that got past the credentials on another key (any answer below 500 that does not blame
 //!   the credentials: a success, a 429, a bad request): the suspect's answer was its own, and it goes
 //!   to error: through its lease if still held, else fenced by the lease it was released from (not if
@@ -82,6 +86,9 @@ impl Suspect {
 #[derive(Debug, Default)]
 pub(super) struct Suspicion {
     suspect: Option<Suspect>,
+    /// A second key that gave the suspect's very answer, released: one more key, if one is free at
+    /// once, tells a configuration every key fails from two bad keys.
+    echo: Option<Suspect>,
     /// Every key this request suspected: it never claims them again.
     suspected: Vec<String>,
 }
@@ -91,8 +98,8 @@ pub(super) struct Suspicion {
 pub(super) enum Weighed {
     /// Nothing to do beyond the attempt's own verdict.
     Nothing,
-    /// This suspect's answer was its own: put it in error.
-    Confirmed(Box<Suspect>),
+    /// These suspects' answers were their own: put them in error.
+    Confirmed(Vec<Suspect>),
     /// The same answer came from the suspect and from this attempt's key: the request stops with it.
     SameAnswer,
 }
@@ -101,6 +108,11 @@ impl Suspicion {
     /// The key under suspicion, if any.
     pub(super) fn suspect(&self) -> Option<&Suspect> {
         self.suspect.as_ref()
+    }
+
+    /// Whether a second key gave the suspect's answer: the next key is tried only if free at once.
+    pub(super) fn echoed(&self) -> bool {
+        self.echo.is_some()
     }
 
     /// Whether the request keeps a suspect's lease.
@@ -120,13 +132,10 @@ impl Suspicion {
 
     /// An answer with `status` that got past the credentials: a suspect's answer, below 500, was its own.
     fn weigh_past_credentials(&mut self, status: u16) -> Weighed {
-        match self.suspect.take() {
-            Some(suspect) if status < 500 => Weighed::Confirmed(Box::new(suspect)),
-            kept => {
-                self.suspect = kept;
-                Weighed::Nothing
-            }
+        if status >= 500 || self.suspect.is_none() {
+            return Weighed::Nothing;
         }
+        Weighed::Confirmed(self.suspect.take().into_iter().chain(self.echo.take()).collect())
     }
 
     /// Weighs one attempt against what the request learned so far, changing its verdict where an
@@ -165,18 +174,25 @@ impl Suspicion {
         match self.suspect.take() {
             Some(first) if first.key != suspect.key && first.words == suspect.words => {
                 self.suspect = Some(first);
-                tried.verdict = Verdict { key: released, next: Next::Return };
+                // The second key's same answer: one more key, if free at once (its lease is released
+                // by this verdict). The third: the request stops.
+                let next = if self.echo.is_none() { Next::OtherKey } else { Next::Return };
+                if next == Next::OtherKey {
+                    self.echo = Some(suspect);
+                }
+                tried.verdict = Verdict { key: released, next: next.clone() };
                 tried.attempt.outcome = describe(&tried.verdict, &tried.answer);
-                Weighed::SameAnswer
+                if next == Next::Return { Weighed::SameAnswer } else { Weighed::Nothing }
             }
             first => {
                 tried.verdict = Verdict { key: released, next: Next::OtherKey };
                 let suspect = Suspect { held: tried.lease.take(), ..suspect };
-                // Another key's different refusal: both are the keys' own. The same key again (a pool
-                // with nothing else to try) is just suspected under its new lease.
-                let confirmed = first.filter(|first| first.key != suspect.key);
+                // Another key's different refusal: the earlier ones are the keys' own. The same key again
+                // (a pool with nothing else to try) is just suspected under its new lease.
+                let confirmed: Vec<Suspect> =
+                    first.filter(|first| first.key != suspect.key).into_iter().chain(self.echo.take()).collect();
                 self.suspect = Some(suspect);
-                confirmed.map_or(Weighed::Nothing, |first| Weighed::Confirmed(Box::new(first)))
+                if confirmed.is_empty() { Weighed::Nothing } else { Weighed::Confirmed(confirmed) }
             }
         }
     }
@@ -198,24 +214,26 @@ impl Upstream {
                 );
                 self.let_go(request).await;
             }
-            Weighed::Confirmed(mut suspect) => {
-                let fate = suspect.confirmed_fate();
-                let (id, token, held) = (suspect.id, suspect.token, suspect.held.take());
-                let coordinator = self.coordinator.clone();
-                let confirmed = short_blocking(move || match held {
-                    Some(lease) => lease.finish(&fate, None).map(|()| true),
-                    None => coordinator.confirm_error(id, token, &fate),
-                })
-                .await;
-                match confirmed {
-                    Ok(true) => tracing::warn!(
-                        connector = %connector, key = %suspect.key,
-                        "key put in error: another key answered the request its answer refused"
-                    ),
-                    Ok(false) => {}
-                    // The request itself is fine; the key is free, and will be suspected again.
-                    Err(error) => {
-                        tracing::warn!(connector = %connector, key = %suspect.key, error = %error, "putting a key in error failed");
+            Weighed::Confirmed(suspects) => {
+                for mut suspect in suspects {
+                    let fate = suspect.confirmed_fate();
+                    let (id, token, held) = (suspect.id, suspect.token, suspect.held.take());
+                    let coordinator = self.coordinator.clone();
+                    let confirmed = short_blocking(move || match held {
+                        Some(lease) => lease.finish(&fate, None).map(|()| true),
+                        None => coordinator.confirm_error(id, token, &fate),
+                    })
+                    .await;
+                    match confirmed {
+                        Ok(true) => tracing::warn!(
+                            connector = %connector, key = %suspect.key,
+                            "key put in error: another key answered the request its answer refused"
+                        ),
+                        Ok(false) => {}
+                        // The request itself is fine; the key is free, and will be suspected again.
+                        Err(error) => tracing::warn!(
+                            connector = %connector, key = %suspect.key, error = %error, "putting a key in error failed"
+                        ),
                     }
                 }
             }
