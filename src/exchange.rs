@@ -506,6 +506,26 @@ impl Upstream {
 
     /// The exchange for an answer that is returned as it is (a stream that was not committed is read
     /// to its end: its first event already said it failed).
+    /// An error answer with every secret of the pool it repeats blanked out: some upstreams echo the
+    /// key they refused (`Consumer 'api_key:…' has been suspended`), and the caller (a gateway client
+    /// that knows only the gateway token) must not learn it.
+    fn without_secrets(&self, body: Bytes) -> Bytes {
+        use secrecy::ExposeSecret;
+        let (Some(keyring), Ok(text)) = (&self.keyring, std::str::from_utf8(&body)) else { return body };
+        let Ok(keys) = keyring.keys(&self.connector.name) else { return body };
+        let mut text = std::borrow::Cow::Borrowed(text);
+        for key in keys {
+            let secret = key.secret().expose_secret();
+            if !secret.is_empty() && text.contains(secret) {
+                text = std::borrow::Cow::Owned(text.replace(secret, "[key withheld by apijongler]"));
+            }
+        }
+        match text {
+            std::borrow::Cow::Borrowed(_) => body,
+            std::borrow::Cow::Owned(text) => Bytes::from(text),
+        }
+    }
+
     async fn exchange(&self, answer: Answer, request: Progress) -> Exchange {
         let (status, headers, body) = match answer {
             Answer::Whole { status, headers, body } => (status, headers, body),
@@ -522,6 +542,7 @@ impl Upstream {
                 (status, headers, Bytes::from(bytes))
             }
         };
+        let body = if (200..300).contains(&status) { body } else { self.without_secrets(body) };
         Exchange {
             status,
             headers,

@@ -142,3 +142,28 @@ async fn concurrent_requests_through_a_misconfigured_connector_all_end_with_no_k
     assert_eq!(keys_in_error(&sandbox), Vec::<String>::new());
     assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE state = 'locked'"), 0, "every suspect was let go");
 }
+
+#[tokio::test]
+async fn an_answer_that_echoes_the_key_reaches_the_caller_without_it() {
+    let connector = "gemini-echo";
+    let secret = secret(connector, 0);
+    let echoed = format!(
+        r#"{{"error":{{"code":403,"message":"Consumer 'api_key:{secret}' has been suspended.","status":"PERMISSION_DENIED"}}}}"#
+    );
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(403).set_body_raw(echoed, "application/json"))
+        .mount(&server)
+        .await;
+    let sandbox = Sandbox::new(connector, 1);
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), serde_json::json!({ "backoff_ms": 5 }));
+    let jongler = sandbox.jongler(connector).connect().await.expect("jongler");
+    let response = jongler.request("POST", ENDPOINT, "{}").await.expect("the upstream's answer");
+    assert_eq!(response.status, 403);
+    assert!(!response.body.contains(&secret), "the secret reached the caller: {}", response.body);
+    assert!(
+        response.body.contains("Consumer 'api_key:[key withheld by apijongler]' has been suspended."),
+        "{}",
+        response.body
+    );
+}
