@@ -93,7 +93,7 @@ impl Sandbox {
         command
     }
 
-    /// A read-only connection, as a user's `sqlite3` would open it.
+    /// A connection as a user's `sqlite3` would open it (read-write).
     pub fn sql(&self) -> rusqlite::Connection {
         let connection = rusqlite::Connection::open(&self.db).expect("open db");
         connection.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
@@ -243,14 +243,25 @@ pub fn assert_integrity(db: &Path) {
     assert_eq!(verdict, "ok");
 }
 
-/// A user's `sqlite3` shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
+/// A user's `sqlite3` shell, open on the database until `release`.
 pub struct SqliteShell {
     child: Child,
     stdin: ChildStdin,
 }
 
 impl SqliteShell {
+    /// A shell holding the write lock (`BEGIN IMMEDIATE`) until `release`.
     pub fn lock(sandbox: &Sandbox) -> Self {
+        Self::open(sandbox, "BEGIN IMMEDIATE;\nSELECT 'locked';", "locked")
+    }
+
+    /// A shell that has read the database once and stays open (keeping the `-shm` index it uses).
+    pub fn read(sandbox: &Sandbox) -> Self {
+        Self::open(sandbox, "SELECT 'read ' || count(*) FROM keys;", "read ")
+    }
+
+    /// Runs `commands` in a new shell and waits for its first line of output, which starts with `answer`.
+    fn open(sandbox: &Sandbox, commands: &str, answer: &str) -> Self {
         let mut child = Command::new("sqlite3")
             .arg(&sandbox.db)
             .stdin(Stdio::piped())
@@ -259,16 +270,27 @@ impl SqliteShell {
             .spawn()
             .expect("sqlite3 is installed (.ci/run installs it)");
         let mut stdin = child.stdin.take().expect("stdin");
-        writeln!(stdin, "BEGIN IMMEDIATE;\nSELECT 'locked';").expect("write");
+        writeln!(stdin, "{commands}").expect("write");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-        assert_eq!(line.trim(), "locked", "sqlite3 holds the write lock");
+        assert!(line.starts_with(answer), "sqlite3 answered {line:?} to {commands:?}");
         Self { child, stdin }
     }
 
-    pub fn release(mut self) {
-        writeln!(self.stdin, "COMMIT;\n.quit").expect("write");
+    /// Commits the shell's transaction and quits.
+    pub fn release(self) {
+        self.run_and_quit("COMMIT;");
+    }
+
+    /// Quits the shell.
+    pub fn quit(self) {
+        self.run_and_quit("");
+    }
+
+    fn run_and_quit(mut self, commands: &str) {
+        writeln!(self.stdin, "{commands}\n.quit").expect("write");
         drop(self.stdin);
-        self.child.wait().expect("sqlite3 exits");
+        let status = self.child.wait().expect("sqlite3 exits");
+        assert!(status.success(), "sqlite3 exits with {status}");
     }
 }

@@ -252,6 +252,7 @@ impl Sqlite {
         let started = Instant::now();
         let failed = |error| schema::classify(&self.path, operation, error);
         let mut warned = false;
+        schema::note_write();
         loop {
             // In slices, so a long wait is said in the log while it lasts.
             schema::wait_for_lock(&connection, deadline.min(Instant::now() + WAIT_SLICE)).map_err(failed)?;

@@ -56,8 +56,15 @@ const CHECKPOINT_PAGES: i64 = 16_000;
 /// How often the checkpointer looks for new writes to copy into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
-/// Lock waits started by this process (writes and reads), so the checkpointer sleeps while idle.
-static ACTIVITY: AtomicU64 = AtomicU64::new(0);
+/// Write transactions started by this process, so the checkpointer sleeps while it only reads: a
+/// process that only reads never checkpoints. (After a `-shm` file was deleted under a writer, a
+/// reader's new index is stale; a checkpoint through it would copy the wrong frames into the database.)
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a write transaction of this process, for the checkpointer.
+pub(super) fn note_write() {
+    WRITES.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Pooled connections per process: a handful of threads of one process write at most one at a time
 /// anyway, because SQLite has one writer.
@@ -144,10 +151,10 @@ pub(super) fn open(path: &Path) -> Result<(r2d2::Pool<SqliteConnectionManager>, 
 /// deletes the log).
 fn spawn_checkpointer(path: PathBuf, alive: Weak<()>) {
     let spawned = std::thread::Builder::new().name("apijongler-checkpoint".to_owned()).spawn(move || {
-        let mut seen = ACTIVITY.load(Ordering::Relaxed);
+        let mut seen = WRITES.load(Ordering::Relaxed);
         while alive.strong_count() > 0 {
             std::thread::sleep(CHECKPOINT_EVERY);
-            let now = ACTIVITY.load(Ordering::Relaxed);
+            let now = WRITES.load(Ordering::Relaxed);
             if now == seen {
                 continue;
             }
@@ -289,7 +296,6 @@ const PAUSES_MS: [u64; 7] = [1, 2, 5, 10, 15, 20, 25];
 /// `deadline`, then fail with SQLITE_BUSY; replaces SQLite's busy timeout (see [`retry_until_deadline`]).
 pub(super) fn wait_for_lock(connection: &Connection, deadline: Instant) -> rusqlite::Result<()> {
     LOCK_DEADLINE.set(deadline);
-    ACTIVITY.fetch_add(1, Ordering::Relaxed);
     connection.busy_handler(Some(retry_until_deadline))
 }
 
