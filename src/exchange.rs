@@ -266,8 +266,8 @@ impl Upstream {
             match self.next_step(&outgoing, &mut request, &verdict) {
                 Retry::After(pause) => {
                     // A backoff follows a 5xx or no answer, which teach nothing about a suspect: it is
-                    // not held through the pause (`suspicion`).
-                    if !pause.is_zero() {
+                    // kept through a pause within its hold, not through a longer one (`suspicion`).
+                    if pause > suspicion::HOLD {
                         self.let_go(&mut request).await;
                     }
                     tokio::time::sleep(pause).await;

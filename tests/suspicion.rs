@@ -167,3 +167,56 @@ async fn an_answer_that_echoes_the_key_reaches_the_caller_without_it() {
         response.body
     );
 }
+
+/// A 5xx teaches nothing about a suspect, but the backoff after it is short (within the suspect's
+/// hold): the request keeps its suspect through the pause, so a request that comes meanwhile does not
+/// spend an attempt on a key that most likely is bad. Key 0 refuses; key 1 answers 503 once (a 300 ms
+/// backoff follows), then 200. A second request sent during that pause gets key 1, never key 0; by the
+/// time the pause is over key 0 is held or already in error, so this holds however late the second
+/// request comes. (A pause longer than the hold lets the suspect go: tests/review15.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_is_kept_through_a_short_backoff() {
+    use wiremock::matchers::{header, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let connector = "gemini-short-backoff";
+    let server = MockServer::start().await;
+    let json =
+        |status: u16, body: &str| ResponseTemplate::new(status).set_body_raw(body.to_owned(), "application/json");
+    let invalid = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
+    let overloaded =
+        r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
+    let bad = secret(connector, 0);
+    Mock::given(method("POST"))
+        .and(header("x-goog-api-key", bad.as_str()))
+        .respond_with(json(400, invalid))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(json(503, overloaded)).up_to_n_times(1).mount(&server).await;
+    Mock::given(method("POST")).respond_with(json(200, r#"{"candidates":[]}"#)).mount(&server).await;
+    let sandbox = Sandbox::new(connector, 2);
+    let policy = serde_json::json!({ "backoff_ms": 300, "retries": 1 });
+    sandbox.point_connector(connector, "127.0.0.1", server.address().port(), policy);
+    let wait = std::time::Duration::from_secs(30);
+    let jongler = sandbox.jongler(connector).wait(wait).connect().await.expect("jongler");
+    // key0 is claimed first: key1 was used more recently.
+    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", []).expect("order");
+    let first = tokio::spawn({
+        let jongler = jongler.clone();
+        async move { jongler.request("POST", ENDPOINT, "{}").await }
+    });
+    // The refusal and the 503 came: the first request now pauses, its suspect held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.received_requests().await.map_or(0, |seen| seen.len()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the first request's two attempts within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let second = jongler.request("POST", ENDPOINT, "{}").await.expect("the second request");
+    assert_eq!(second.status, 200, "the second request got the good key");
+    let first = first.await.expect("join").expect("the first request");
+    assert_eq!(first.status, 200, "the first request, after its pause");
+    let seen = server.received_requests().await.expect("recorded");
+    let asked_bad =
+        seen.iter().filter(|seen| seen.headers.get("x-goog-api-key").is_some_and(|key| key == bad.as_str())).count();
+    assert_eq!(asked_bad, 1, "the suspect was used by one request only");
+    assert_eq!(keys_in_error(&sandbox), ["key0"], "the refusal was key 0's own");
+}

@@ -20,7 +20,10 @@
 //!   someone claimed it since);
 //! - another answer blaming another key's credentials: two keys, two different faults. The first
 //!   is confirmed, the second becomes the suspect;
-//! - no answer, a 5xx, or the end of the request: nothing is learned, and the suspect is released.
+//! - no answer or a 5xx: nothing is learned. The suspect is kept through the backoff that follows if
+//!   that pause is within [`HOLD`] (the next key may still tell, and meanwhile no other request spends
+//!   an attempt on it), and released before a longer pause;
+//! - the end of the request: the suspect is released.
 //!
 //! An answer that names the key's project (`consumer: projects/N`: SERVICE_DISABLED, CONSUMER_*) is
 //! never a suspect's: the upstream read the key, so it is no misconfiguration, and it confirms a suspect
