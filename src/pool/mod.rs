@@ -24,6 +24,7 @@ pub mod event;
 mod fate;
 #[cfg(test)]
 mod fixtures;
+pub mod limit;
 pub mod outcome;
 mod records;
 pub mod rule;
@@ -35,6 +36,7 @@ mod word;
 
 pub use event::HistoryEvent;
 pub use fate::{Fate, Lockdown, Reach};
+pub use limit::{Limit, LimitProblem, Measure, Window};
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;

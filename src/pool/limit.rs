@@ -1,0 +1,171 @@
+//! Declared limits: how many requests (or tokens) one quota group may send one model per window.
+//!
+//! A limit is written `N/WINDOW` or `N tokens/WINDOW`, WINDOW one of `s`, `min`, `h`, `day` with an
+//! optional count before it (`20/10s`, `300/5min`). A `day` is the provider's day (Gemini's starts at
+//! midnight America/Los_Angeles), not 24 hours from now; the other windows slide.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Measure {
+    /// Requests sent.
+    Requests,
+    /// Input tokens (estimated before the send, settled from the answer's usage).
+    Tokens,
+}
+
+/// The window a limit counts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Window {
+    /// The last `Duration` before the claim (a sliding window).
+    Sliding(Duration),
+    /// The provider's day so far, from its midnight.
+    Day,
+}
+
+/// One declared limit: at most `count` of `measure` per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Limit {
+    /// How many, at most.
+    pub count: u64,
+    /// Of what.
+    pub measure: Measure,
+    /// Per which window.
+    pub window: Window,
+}
+
+/// What is wrong with the text of a limit. It never carries the text itself: a keyring line may hold a
+/// secret typed in the wrong place, and an error must not show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitProblem {
+    /// Not `N/WINDOW` nor `N tokens/WINDOW`.
+    #[error("a limit is N/WINDOW or N tokens/WINDOW (such as 10/min, 20/10s, 250000 tokens/min, 250/day)")]
+    Form,
+    /// The count is 0, negative or too large.
+    #[error("a limit's count must be a whole number from 1")]
+    Count,
+    /// The window is not one of the known units.
+    #[error("a limit's window is s, min, h or day, with an optional whole number from 1 before it (10s, 5min)")]
+    Window,
+}
+
+impl FromStr for Limit {
+    type Err = LimitProblem;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (amount, window) = text.trim().split_once('/').ok_or(LimitProblem::Form)?;
+        let mut words = amount.split_whitespace();
+        let count = words.next().ok_or(LimitProblem::Form)?;
+        let measure = match (words.next(), words.next()) {
+            (None, _) => Measure::Requests,
+            (Some("tokens"), None) => Measure::Tokens,
+            _ => return Err(LimitProblem::Form),
+        };
+        let count = match count.parse::<u64>() {
+            Ok(count) if count >= 1 => count,
+            _ if count.bytes().all(|byte| byte.is_ascii_digit() || byte == b'-') => return Err(LimitProblem::Count),
+            _ => return Err(LimitProblem::Form),
+        };
+        Ok(Self { count, measure, window: window.trim().parse()? })
+    }
+}
+
+impl FromStr for Window {
+    type Err = LimitProblem;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let unit_at = text.find(|c: char| !c.is_ascii_digit()).ok_or(LimitProblem::Window)?;
+        let (times, unit) = text.split_at(unit_at);
+        let times: u64 = match times {
+            "" => 1,
+            times => times.parse().ok().filter(|times| *times >= 1).ok_or(LimitProblem::Window)?,
+        };
+        let seconds = match unit {
+            "s" => 1,
+            "min" => 60,
+            "h" => 3_600,
+            "day" if times == 1 => return Ok(Self::Day),
+            _ => return Err(LimitProblem::Window),
+        };
+        times
+            .checked_mul(seconds)
+            .map(|seconds| Self::Sliding(Duration::from_secs(seconds)))
+            .ok_or(LimitProblem::Window)
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Day => f.write_str("day"),
+            Self::Sliding(span) => {
+                let seconds = span.as_secs();
+                let (times, unit) = match seconds {
+                    s if s % 3_600 == 0 => (s / 3_600, "h"),
+                    s if s % 60 == 0 => (s / 60, "min"),
+                    s => (s, "s"),
+                };
+                if times == 1 { f.write_str(unit) } else { write!(f, "{times}{unit}") }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.measure {
+            Measure::Requests => write!(f, "{}/{}", self.count, self.window),
+            Measure::Tokens => write!(f, "{} tokens/{}", self.count, self.window),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(text: &str) -> Limit {
+        text.parse().unwrap_or_else(|problem| panic!("{text}: {problem}"))
+    }
+
+    #[test]
+    fn the_issues_forms_read_and_print_back() {
+        let minute = Window::Sliding(Duration::from_secs(60));
+        assert_eq!(limit("10/min"), Limit { count: 10, measure: Measure::Requests, window: minute });
+        assert_eq!(limit(" 250000 tokens/min "), Limit { count: 250_000, measure: Measure::Tokens, window: minute });
+        assert_eq!(limit("250/day"), Limit { count: 250, measure: Measure::Requests, window: Window::Day });
+        let ten_seconds = Window::Sliding(Duration::from_secs(10));
+        assert_eq!(limit("20/10s"), Limit { count: 20, measure: Measure::Requests, window: ten_seconds });
+        assert_eq!(limit("300/5min").window, Window::Sliding(Duration::from_secs(300)));
+        assert_eq!(limit("3/2h").window, Window::Sliding(Duration::from_secs(7_200)));
+        for text in ["10/min", "250000 tokens/min", "250/day", "20/10s", "300/5min", "3/2h", "1/s", "7/90s"] {
+            assert_eq!(limit(text).to_string(), text, "prints as written");
+        }
+        assert_eq!(limit("5/60s").to_string(), "5/min", "the same window in its shortest words");
+    }
+
+    #[test]
+    fn each_mistake_says_which_part_is_wrong() {
+        for (text, problem) in [
+            ("10", LimitProblem::Form),
+            ("10 per min", LimitProblem::Form),
+            ("10 requests/min", LimitProblem::Form),
+            ("ten/min", LimitProblem::Form),
+            ("/min", LimitProblem::Form),
+            ("0/min", LimitProblem::Count),
+            ("-3/min", LimitProblem::Count),
+            ("99999999999999999999999/min", LimitProblem::Count),
+            ("10/", LimitProblem::Window),
+            ("10/10", LimitProblem::Window),
+            ("10/week", LimitProblem::Window),
+            ("10/0s", LimitProblem::Window),
+            ("10/2day", LimitProblem::Window),
+            ("10/m", LimitProblem::Window),
+        ] {
+            assert_eq!(text.parse::<Limit>(), Err(problem), "{text}");
+        }
+    }
+}
