@@ -4,6 +4,7 @@
 //! optional count before it (`20/10s`, `300/5min`). A `day` is the provider's day (Gemini's starts at
 //! midnight America/Los_Angeles), not 24 hours from now; the other windows slide.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -35,6 +36,34 @@ pub struct Limit {
     pub measure: Measure,
     /// Per which window.
     pub window: Window,
+}
+
+/// The limits declared for one connector (`[CONNECTOR limits]` and `[CONNECTOR limits GROUP]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Model (or `*`: any model not listed) -> its limits, for every quota group without a section of
+    /// its own (a key in no declared group, or in a project only learned, is a group of its own).
+    pub every_group: BTreeMap<String, Vec<Limit>>,
+    /// Quota group -> model (or `*`) -> its limits: a group's own section replaces `every_group` for it.
+    pub groups: BTreeMap<String, BTreeMap<String, Vec<Limit>>>,
+}
+
+impl Limits {
+    /// The word for any model not listed.
+    pub const ANY_MODEL: &'static str = "*";
+
+    /// Whether nothing is declared (the claim then does nothing more than without the feature).
+    pub fn is_empty(&self) -> bool {
+        self.every_group.is_empty() && self.groups.is_empty()
+    }
+
+    /// The limits a request for `model` meets on a key of declared quota group `group` (`None`: a key
+    /// in no declared group): its group's section if it has one, else the section for every group; in
+    /// it, the model's own line, else the `*` line, else none.
+    pub fn binding(&self, group: Option<&str>, model: &str) -> &[Limit] {
+        let section = group.and_then(|group| self.groups.get(group)).unwrap_or(&self.every_group);
+        section.get(model).or_else(|| section.get(Self::ANY_MODEL)).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// What is wrong with the text of a limit. It never carries the text itself: a keyring line may hold a
@@ -145,6 +174,22 @@ mod tests {
             assert_eq!(limit(text).to_string(), text, "prints as written");
         }
         assert_eq!(limit("5/60s").to_string(), "5/min", "the same window in its shortest words");
+    }
+
+    #[test]
+    fn a_groups_own_section_replaces_the_one_for_every_group_and_a_models_line_the_star() {
+        let minute =
+            |count| Limit { count, measure: Measure::Requests, window: Window::Sliding(Duration::from_secs(60)) };
+        let limits = Limits {
+            every_group: [("flash".to_owned(), vec![minute(10)]), ("*".to_owned(), vec![minute(5)])].into(),
+            groups: [("paid".to_owned(), [("pro".to_owned(), vec![minute(150)])].into())].into(),
+        };
+        assert_eq!(limits.binding(None, "flash"), [minute(10)]);
+        assert_eq!(limits.binding(None, "other"), [minute(5)]);
+        assert_eq!(limits.binding(Some("free"), "flash"), [minute(10)], "a group without a section");
+        assert_eq!(limits.binding(Some("paid"), "pro"), [minute(150)]);
+        assert_eq!(limits.binding(Some("paid"), "flash"), [], "the paid group's section lists no flash and no *");
+        assert!(Limits::default().is_empty() && !limits.is_empty());
     }
 
     #[test]

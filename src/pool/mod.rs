@@ -36,7 +36,7 @@ mod word;
 
 pub use event::HistoryEvent;
 pub use fate::{Fate, Lockdown, Reach};
-pub use limit::{Limit, LimitProblem, Measure, Window};
+pub use limit::{Limit, LimitProblem, Limits, Measure, Window};
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;
