@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::pool::Unavailable;
+use crate::pool::{LimitProblem, Unavailable};
 
 /// A boxed cause from below the library (SQLite, the pool), kept opaque so the public API names no
 /// backend type.
@@ -488,6 +488,115 @@ pub enum KeyringProblem {
         /// The key's name.
         key: String,
     },
+
+    /// A line of a `[connector limits]` section that is not `MODEL = LIMIT, LIMIT, ...`.
+    #[error(
+        "this line, in [{section}], is not a `MODEL = LIMIT, LIMIT, ...` line (such as `gemini-2.5-flash = 10/min, 250/day`): a comment starts with `;` or `#`"
+    )]
+    NotALimitsLine {
+        /// The limits section.
+        section: String,
+    },
+
+    /// A model name that breaks the model-name rule (see the keyring module), or none.
+    #[error(
+        "the model of this line, in [{section}], {reason}: write a model's name (ASCII letters, digits and `-_.:/@+`, such as gemini-2.5-flash) or `*` for any model not listed"
+    )]
+    InvalidModel {
+        /// The limits section.
+        section: String,
+        /// What is wrong with the name, without showing it.
+        reason: &'static str,
+    },
+
+    /// The same model twice in one limits section (over all its headers).
+    #[error(
+        "model '{model}' appears twice in [{section}] (first on line {first_line}): list each model once, with all its limits"
+    )]
+    DuplicateModel {
+        /// The limits section.
+        section: String,
+        /// The model (`*`: any model not listed).
+        model: String,
+        /// The line of its first listing.
+        first_line: usize,
+    },
+
+    /// `MODEL =` with no limit after it.
+    #[error(
+        "model '{model}' in [{section}] has no limits: write them after the `=`, separated by commas (`10/min, 250/day`)"
+    )]
+    NoLimits {
+        /// The limits section.
+        section: String,
+        /// The model.
+        model: String,
+    },
+
+    /// A limit that does not parse.
+    #[error("the {} limit of model '{model}' in [{section}] is not a limit: {problem}", ordinal(.position))]
+    BadLimit {
+        /// The limits section.
+        section: String,
+        /// The model.
+        model: String,
+        /// Which limit of the line, from 1.
+        position: usize,
+        /// What is wrong with it.
+        problem: LimitProblem,
+    },
+
+    /// Two limits of one model counting the same measure over the same window (`10/min, 20/min`, or
+    /// `5/60s, 10/min`).
+    #[error(
+        "the {} and {} limits of model '{model}' in [{section}] count the same measure (requests or tokens) over the same window: keep the one the provider states",
+        ordinal(.first),
+        ordinal(.second)
+    )]
+    SameLimitTwice {
+        /// The limits section.
+        section: String,
+        /// The model.
+        model: String,
+        /// The first of the two, from 1.
+        first: usize,
+        /// The second.
+        second: usize,
+    },
+
+    /// A `[connector limits]` section for a connector whose keys are not in this file.
+    #[error(
+        "section [{section}] declares limits of connector '{connector}', but this file has no [{connector}] section: add the keys under [{connector}] or remove [{section}] (a section named `X limits` or `X limits GROUP` holds limits, never keys)"
+    )]
+    LimitsWithoutKeys {
+        /// The limits section.
+        section: String,
+        /// The connector it is named after.
+        connector: String,
+    },
+
+    /// A `[connector limits GROUP]` section whose group no key of `[connector groups]` belongs to.
+    #[error(
+        "section [{connector} limits {group}] declares limits of quota group '{group}', but [{connector} groups] puts no key in that group: declare the group in [{connector} groups] (`key = {group}`) or correct its name"
+    )]
+    UnknownLimitsGroup {
+        /// The connector.
+        connector: String,
+        /// The group named in the header.
+        group: String,
+    },
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, ..., `21st`: which limit of a line.
+fn ordinal(position: &usize) -> String {
+    let suffix = match (position % 10, position % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{position}{suffix}")
 }
 
 /// Where a keyring line stands: `in [section]`, or before the first section.

@@ -36,6 +36,35 @@
 //! - Any section whose name ends in ` groups` (lower case, after a space) is a groups section, so no
 //!   connector can be named `x groups`; `[x Groups]` is an ordinary connector section.
 //!
+//! # Declared limits
+//!
+//! The rate limits a provider states (requests and input tokens per window, per model, per quota group)
+//! are declared in optional companion sections named after the connector and ` limits`:
+//!
+//! ```ini
+//! [generativelanguage.googleapis.com limits]
+//! gemini-2.5-flash = 10/min, 250000 tokens/min, 250/day
+//! *                = 5/min
+//! [generativelanguage.googleapis.com limits my-paid-project]
+//! gemini-2.5-pro = 150/min, 2000000 tokens/min, 10000/day
+//! ```
+//!
+//! - `[connector limits]` holds the limits of each quota group (a key in no group is a group of its
+//!   own); `[connector limits GROUP]` holds the limits of group GROUP, a label `[connector groups]` of
+//!   this file gives a key, and replaces `[connector limits]` for that group. Either may come before or
+//!   after the connector's section, which must be in the file; a section may appear twice, its models
+//!   add up.
+//! - Each line is `MODEL = LIMIT, LIMIT, ...`, split at its first `=` (on a line without `=`, at its
+//!   last `:`, since a model name may hold a `:` and a limit never does). MODEL is `*` (any model not
+//!   listed) or a **model name**: 1 to 128 ASCII letters, digits and `-_.:/@+`, a leading `models/`
+//!   dropped (`models/gemini-2.5-pro` is `gemini-2.5-pro`); each model is listed once per section.
+//! - A LIMIT is `N/WINDOW` or `N tokens/WINDOW` (see [`crate::pool::limit`]); a model has at least one,
+//!   and no two that count the same thing over the same window.
+//! - A section whose name ends in ` limits` (lower case, after a space) is a limits section, and so is
+//!   one whose last word follows the word `limits` (`[x limits g]`), unless its name ends in ` groups`;
+//!   so no connector can be named `x limits` or `x limits g`, and `[x Limits]` is an ordinary
+//!   connector section.
+//!
 //! # The rules
 //!
 //! - A **key name** is 1 to 64 characters of ASCII letters, digits and `-_.@+`; case is kept and names
@@ -72,6 +101,7 @@ use sha2::{Digest, Sha256};
 
 pub use crate::error::KeyringProblem;
 use crate::error::{Error, Result};
+use crate::pool::{Limit, LimitProblem, Limits};
 
 /// The longest key name, in characters.
 pub const MAX_KEY_NAME: usize = 64;
@@ -79,8 +109,18 @@ pub const MAX_KEY_NAME: usize = 64;
 /// The longest quota group label, in characters.
 pub const MAX_GROUP_LABEL: usize = 128;
 
+/// The longest model name in a limits section, in characters.
+pub const MAX_MODEL_NAME: usize = 128;
+
 /// What ends the name of a section of quota groups: `[connector groups]`.
 pub const GROUPS_SUFFIX: &str = " groups";
+
+/// What ends the name of a section of declared limits: `[connector limits]`, or comes before the group
+/// in `[connector limits GROUP]`.
+pub const LIMITS_SUFFIX: &str = " limits";
+
+/// The prefix a model name may carry in a limits section, as Gemini's model list writes it.
+const MODELS_PREFIX: &str = "models/";
 
 /// The environment variable naming the keyring file.
 pub const CONFIG_ENV: &str = "APIJONGLER_CONFIG";
@@ -160,6 +200,8 @@ struct Section {
     index: HashMap<String, (usize, usize)>,
     /// Key name -> the quota group its `[connector groups]` section declares.
     groups: HashMap<String, String>,
+    /// What its `[connector limits]` sections declare.
+    limits: Limits,
 }
 
 /// A `[connector groups]` section as read, checked against its connector once the whole file is read.
@@ -171,11 +213,26 @@ struct Groups {
     labels: HashMap<String, (String, usize)>,
 }
 
+/// A `[connector limits]` or `[connector limits GROUP]` section as read, checked against its connector
+/// once the whole file is read.
+#[derive(Debug, Default)]
+struct LimitsSection {
+    /// The line of its first header.
+    header_line: usize,
+    /// Model (or `*`) -> (its limits, line).
+    models: HashMap<String, (Vec<Limit>, usize)>,
+}
+
+/// Which limits section: the connector, and the group (`None`: the section for every group).
+type LimitsOf = (String, Option<String>);
+
 /// The section the parser is in.
 enum Current {
     Keys(String, Section),
     /// The connector's name (without ` groups`), and its groups.
     Groups(String, Groups),
+    /// Which limits section, its name for messages, and its limits.
+    Limits(LimitsOf, String, LimitsSection),
 }
 
 impl Current {
@@ -184,6 +241,7 @@ impl Current {
         match self {
             Self::Keys(name, _) => name.clone(),
             Self::Groups(connector, _) => format!("{connector}{GROUPS_SUFFIX}"),
+            Self::Limits(_, name, _) => name.clone(),
         }
     }
 }
@@ -220,6 +278,7 @@ impl Keyring {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut connectors: BTreeMap<String, Section> = BTreeMap::new();
         let mut groups: BTreeMap<String, Groups> = BTreeMap::new();
+        let mut limits: BTreeMap<LimitsOf, LimitsSection> = BTreeMap::new();
         // The current section, and its entry (looked up once per header, not once per key).
         let mut current: Option<Current> = None;
         for (index, line) in text.lines().enumerate() {
@@ -235,15 +294,27 @@ impl Keyring {
                 if name.is_empty() || name.chars().any(char::is_control) {
                     return Err(fail(KeyringProblem::BadSection));
                 }
-                finish(current.take(), &mut connectors, &mut groups);
-                current = Some(match name.strip_suffix(GROUPS_SUFFIX).map(str::trim_end) {
-                    Some(connector) => {
-                        let section =
-                            groups.remove(connector).unwrap_or(Groups { header_line: number, ..Groups::default() });
-                        Current::Groups(connector.to_owned(), section)
-                    }
-                    None => Current::Keys(name.to_owned(), connectors.remove(name).unwrap_or_default()),
+                finish(current.take(), &mut connectors, &mut groups, &mut limits);
+                current = Some(if let Some(connector) = name.strip_suffix(GROUPS_SUFFIX).map(str::trim_end) {
+                    let section =
+                        groups.remove(connector).unwrap_or(Groups { header_line: number, ..Groups::default() });
+                    Current::Groups(connector.to_owned(), section)
+                } else if let Some((connector, group)) = limits_section(name) {
+                    let of = (connector.to_owned(), group.map(str::to_owned));
+                    let name = match group {
+                        Some(group) => format!("{connector}{LIMITS_SUFFIX} {group}"),
+                        None => format!("{connector}{LIMITS_SUFFIX}"),
+                    };
+                    let section =
+                        limits.remove(&of).unwrap_or(LimitsSection { header_line: number, ..LimitsSection::default() });
+                    Current::Limits(of, name, section)
+                } else {
+                    Current::Keys(name.to_owned(), connectors.remove(name).unwrap_or_default())
                 });
+                continue;
+            }
+            if let Some(Current::Limits(_, name, section)) = current.as_mut() {
+                read_limits_line(line, number, name, section).map_err(fail)?;
                 continue;
             }
             let section_name = || current.as_ref().map(Current::name);
@@ -297,10 +368,12 @@ impl Keyring {
                     }
                     slot.insert((value.to_owned(), number));
                 }
+                Some(Current::Limits(..)) => unreachable!("a limits line is read above"),
             }
         }
-        finish(current, &mut connectors, &mut groups);
+        finish(current, &mut connectors, &mut groups, &mut limits);
         attach_groups(path, &mut connectors, groups)?;
+        attach_limits(path, &mut connectors, limits)?;
         Ok(Self { path: path.to_owned(), connectors })
     }
 
@@ -343,15 +416,98 @@ impl Keyring {
     pub fn group(&self, connector: &str, key: &str) -> Option<&str> {
         self.connectors.get(connector)?.groups.get(key).map(String::as_str)
     }
+
+    /// The limits `[connector limits]` and `[connector limits GROUP]` declare for a connector; `None`:
+    /// none (no such section, or only an empty `[connector limits]`).
+    pub fn limits(&self, connector: &str) -> Option<&Limits> {
+        self.connectors.get(connector).map(|section| &section.limits).filter(|limits| !limits.is_empty())
+    }
 }
 
 /// Files the section the parser leaves.
-fn finish(current: Option<Current>, connectors: &mut BTreeMap<String, Section>, groups: &mut BTreeMap<String, Groups>) {
+fn finish(
+    current: Option<Current>,
+    connectors: &mut BTreeMap<String, Section>,
+    groups: &mut BTreeMap<String, Groups>,
+    limits: &mut BTreeMap<LimitsOf, LimitsSection>,
+) {
     match current {
         Some(Current::Keys(name, section)) => _ = connectors.insert(name, section),
         Some(Current::Groups(connector, section)) => _ = groups.insert(connector, section),
+        Some(Current::Limits(of, _, section)) => _ = limits.insert(of, section),
         None => {}
     }
+}
+
+/// The connector and group of a limits section's name (already trimmed): `connector limits` or
+/// `connector limits GROUP`; `None`: not a limits section.
+fn limits_section(name: &str) -> Option<(&str, Option<&str>)> {
+    let with_group = name.rsplit_once(' ').and_then(|(head, group)| {
+        let connector = head.trim_end().strip_suffix(LIMITS_SUFFIX)?;
+        Some((connector.trim_end(), Some(group)))
+    });
+    with_group.or_else(|| name.strip_suffix(LIMITS_SUFFIX).map(|connector| (connector.trim_end(), None)))
+}
+
+/// Reads one `MODEL = LIMIT, LIMIT, ...` line (comments already gone) into its limits section.
+fn read_limits_line(
+    line: &str,
+    number: usize,
+    section_name: &str,
+    section: &mut LimitsSection,
+) -> std::result::Result<(), KeyringProblem> {
+    let section_name = || section_name.to_owned();
+    // A model name may hold a `:` (`model:version`), a limit never does.
+    let Some((model, value)) = line.split_once('=').or_else(|| line.rsplit_once(':')) else {
+        return Err(KeyringProblem::NotALimitsLine { section: section_name() });
+    };
+    let (model, value) = (model.trim(), value.trim());
+    // `abc==` is a pasted secret (base64 padding, say), not `model = limits`.
+    if value.starts_with(['=', ':']) {
+        return Err(KeyringProblem::NotALimitsLine { section: section_name() });
+    }
+    let model = if model == Limits::ANY_MODEL {
+        model
+    } else {
+        let model = model.strip_prefix(MODELS_PREFIX).unwrap_or(model);
+        check_model_name(model).map_err(|reason| KeyringProblem::InvalidModel { section: section_name(), reason })?;
+        model
+    };
+    let slot = match section.models.entry(model.to_owned()) {
+        Entry::Occupied(first) => {
+            let first_line = first.get().1;
+            return Err(KeyringProblem::DuplicateModel {
+                section: section_name(),
+                model: model.to_owned(),
+                first_line,
+            });
+        }
+        Entry::Vacant(slot) => slot,
+    };
+    if value.is_empty() {
+        return Err(KeyringProblem::NoLimits { section: section_name(), model: model.to_owned() });
+    }
+    let mut limits: Vec<Limit> = Vec::new();
+    for (index, text) in value.split(',').enumerate() {
+        let limit: Limit = text.parse().map_err(|problem: LimitProblem| KeyringProblem::BadLimit {
+            section: section_name(),
+            model: model.to_owned(),
+            position: index + 1,
+            problem,
+        })?;
+        let same = |earlier: &Limit| (earlier.measure, earlier.window) == (limit.measure, limit.window);
+        if let Some(first) = limits.iter().position(same) {
+            return Err(KeyringProblem::SameLimitTwice {
+                section: section_name(),
+                model: model.to_owned(),
+                first: first + 1,
+                second: index + 1,
+            });
+        }
+        limits.push(limit);
+    }
+    slot.insert((limits, number));
+    Ok(())
 }
 
 /// Checks every `[connector groups]` section against the keys of its connector, then hands its labels
@@ -398,6 +554,64 @@ fn attach_groups(
         }
     }
     Ok(())
+}
+
+/// Checks every limits section against its connector (it must have a section) and, for a group's own
+/// section, against the connector's groups (a key must be in the group), then hands the limits to the
+/// connector. Of several mistakes, the one on the earliest line is reported.
+fn attach_limits(
+    path: &Path,
+    connectors: &mut BTreeMap<String, Section>,
+    limits: BTreeMap<LimitsOf, LimitsSection>,
+) -> Result<()> {
+    let mut first: Option<(usize, KeyringProblem)> = None;
+    for ((connector, group), section) in &limits {
+        let problem = match (connectors.get(connector), group) {
+            (None, _) => {
+                let section = match group {
+                    Some(group) => format!("{connector}{LIMITS_SUFFIX} {group}"),
+                    None => format!("{connector}{LIMITS_SUFFIX}"),
+                };
+                KeyringProblem::LimitsWithoutKeys { section, connector: connector.clone() }
+            }
+            (Some(keys), Some(group)) if !keys.groups.values().any(|label| label == group) => {
+                KeyringProblem::UnknownLimitsGroup { connector: connector.clone(), group: group.clone() }
+            }
+            (Some(_), _) => continue,
+        };
+        if first.as_ref().is_none_or(|(earliest, _)| section.header_line < *earliest) {
+            first = Some((section.header_line, problem));
+        }
+    }
+    if let Some((line, problem)) = first {
+        return Err(Error::KeyringLine { path: path.to_owned(), line, problem });
+    }
+    for ((connector, group), section) in limits {
+        let models: BTreeMap<String, Vec<Limit>> =
+            section.models.into_iter().map(|(model, (limits, _))| (model, limits)).collect();
+        if let Some(keys) = connectors.get_mut(&connector) {
+            match group {
+                Some(group) => _ = keys.limits.groups.insert(group, models),
+                None => keys.limits.every_group = models,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `model` obeys the model-name rule of a limits section (see the module documentation); if
+/// not, what is wrong, in words that do not show it.
+pub fn check_model_name(model: &str) -> std::result::Result<(), &'static str> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@' | '+');
+    if model.is_empty() {
+        Err("is empty")
+    } else if !model.chars().all(allowed) {
+        Err("holds a character other than ASCII letters, digits and `-_.:/@+` (a space, say)")
+    } else if model.len() > MAX_MODEL_NAME {
+        Err("is longer than 128 characters")
+    } else {
+        Ok(())
+    }
 }
 
 /// Whether `name` obeys the key-name rule; if not, what is wrong, in words that do not show it.
@@ -659,6 +873,166 @@ mod tests {
             let message = refused(&text);
             assert!(message.starts_with(&format!("/etc/keys.ini:{expected}")), "{text:?}: {message}");
             assert!(!message.contains("fake-label") && !message.contains("fake label"), "{message}");
+        }
+    }
+
+    fn limit(text: &str) -> Limit {
+        text.parse().expect(text)
+    }
+
+    #[test]
+    fn limits_sections_before_or_after_their_connector_declare_limits_per_group_and_model() {
+        let keys = "[gemini]\nkey1 = fake-secret-1\nkey2 = fake-secret-2\nkey3 = fake-secret-3\n\
+                    [gemini groups]\nkey1 = paid\nkey2 = free\n";
+        let every_group = "[gemini limits] ; each project\n\
+                           gemini-2.5-flash = 10/min, 250000 tokens/min, 250/day # free tier\n";
+        let more = "[gemini  limits]\n*:5/min\nmodels/gemini-2.5-pro=2/min,50/day\n";
+        let paid = "[gemini limits paid]\ngemini-2.5-pro = 150/min, 2000000 tokens/min, 10000/day\n";
+        for text in [format!("{keys}{every_group}{paid}{more}"), format!("{paid}{every_group}{more}{keys}")] {
+            let keyring = parse(&text).expect(&text);
+            let limits = keyring.limits("gemini").expect("declared");
+            let flash = [limit("10/min"), limit("250000 tokens/min"), limit("250/day")];
+            assert_eq!(limits.binding(None, "gemini-2.5-flash"), flash, "{text}");
+            assert_eq!(limits.binding(Some("free"), "gemini-2.5-flash"), flash, "a group without a section");
+            assert_eq!(limits.binding(None, "gemini-2.5-pro"), [limit("2/min"), limit("50/day")], "`models/` dropped");
+            assert_eq!(limits.binding(None, "gemma-3"), [limit("5/min")], "`*` is any model not listed");
+            let pro = [limit("150/min"), limit("2000000 tokens/min"), limit("10000/day")];
+            assert_eq!(limits.binding(Some("paid"), "gemini-2.5-pro"), pro);
+            assert_eq!(limits.binding(Some("paid"), "gemini-2.5-flash"), [], "the group's section replaces the other");
+            assert_eq!(limits.every_group.len(), 3, "two headers of one section add up");
+            assert_eq!(limits.groups.keys().collect::<Vec<_>>(), ["paid"]);
+            assert_eq!(keyring.connectors().collect::<Vec<_>>(), ["gemini"], "a limits section is no connector");
+            assert_eq!(keyring.all_keys().count(), 3);
+        }
+        // A model name may hold a `:`; a line without `=` is split at its last `:`.
+        let keyring = parse("[o]\nk = fake-secret-1\n[o limits]\nllama3:8b: 1/s\nqwen:7b = 2/s\n").expect("colons");
+        let limits = keyring.limits("o").expect("declared");
+        assert_eq!(limits.binding(None, "llama3:8b"), [limit("1/s")]);
+        assert_eq!(limits.binding(None, "qwen:7b"), [limit("2/s")]);
+    }
+
+    #[test]
+    fn nothing_declared_is_no_limits_and_only_a_lower_case_limits_makes_a_limits_section() {
+        let keyring = parse("[g]\nk = fake-secret-1\n[h]\nk = fake-secret-2\n[h limits]\n; none yet\n").expect("valid");
+        assert!(keyring.limits("g").is_none() && keyring.limits("h").is_none() && keyring.limits("nope").is_none());
+        let keyring =
+            parse("[x Limits]\nk = fake-secret-1\n[xlimits]\nk = fake-secret-2\n[limits]\nk = fake-secret-3\n")
+                .expect("valid");
+        assert_eq!(keyring.connectors().collect::<Vec<_>>(), ["limits", "x Limits", "xlimits"]);
+        assert!(keyring.limits("x").is_none());
+        // A group's own empty section is a declaration: that group has no limits.
+        let text = "[g]\nk = fake-secret-1\n[g groups]\nk = p\n[g limits]\n* = 1/s\n[g limits p]\n";
+        let limits = parse(text).expect("valid").limits("g").cloned().expect("declared");
+        assert_eq!((limits.binding(None, "m"), limits.binding(Some("p"), "m")), (&[limit("1/s")][..], &[][..]));
+    }
+
+    #[test]
+    fn a_model_name_is_star_or_1_to_128_of_letters_digits_and_a_few_marks() {
+        for good in ["gemini-2.5-flash", "org/Model_1", "llama3:8b", "a.b@c+d", &"m".repeat(128)] {
+            assert_eq!(check_model_name(good), Ok(()), "{good}");
+            let keyring = parse(&format!("[g]\nk = fake-secret-1\n[g limits]\n{good} = 1/s\n")).expect(good);
+            assert_eq!(keyring.limits("g").expect("declared").every_group.keys().collect::<Vec<_>>(), [good]);
+        }
+        let long = "m".repeat(129);
+        for bad in ["", "*", "gemini 2.5", "modèle", "m\"", "m,n", "m=n", "m;n", &long] {
+            assert!(check_model_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn each_limits_mistake_names_its_line_section_and_model_and_never_the_text() {
+        let keys = "[g]\nk1 = fake-secret-1\n[g groups]\nk1 = p\n";
+        let eleven = (1..=10).map(|seconds| format!("1/{seconds}s, ")).collect::<String>() + "fake/limit";
+        let cases = [
+            (
+                format!("{keys}[g limits]\nm = 10/min, fake-limit\n"),
+                "6: the 2nd limit of model 'm' in [g limits] is not a limit: a limit is N/WINDOW",
+            ),
+            (
+                format!("{keys}[g limits]\nm = 10/week\n"),
+                "6: the 1st limit of model 'm' in [g limits] is not a limit: a limit's window is",
+            ),
+            (
+                format!("{keys}[g limits]\nm = 1/s, 1/min, 0/day\n"),
+                "6: the 3rd limit of model 'm' in [g limits] is not a limit: a limit's count",
+            ),
+            (
+                format!("{keys}[g limits]\nm = {eleven}\n"),
+                "6: the 11th limit of model 'm' in [g limits] is not a limit",
+            ),
+            (format!("{keys}[g limits]\nm = 10/min,\n"), "6: the 2nd limit of model 'm' in [g limits] is not a limit"),
+            (
+                format!("{keys}[g limits p]\n* = fake secret\n"),
+                "6: the 1st limit of model '*' in [g limits p] is not a limit",
+            ),
+            (format!("{keys}[g limits]\nm =\n"), "6: model 'm' in [g limits] has no limits: write them after the `=`"),
+            (format!("{keys}[g limits]\nm = ; later\n"), "6: model 'm' in [g limits] has no limits"),
+            (
+                format!("{keys}[g limits]\n= 1/s\n"),
+                "6: the model of this line, in [g limits], is empty: write a model's name",
+            ),
+            (format!("{keys}[g limits]\nmodels/ = 1/s\n"), "6: the model of this line, in [g limits], is empty"),
+            (
+                format!("{keys}[g limits]\nfake model = 1/s\n"),
+                "6: the model of this line, in [g limits], holds a character other",
+            ),
+            (
+                format!("{keys}[g limits]\nfake-secret-1\n"),
+                "6: this line, in [g limits], is not a `MODEL = LIMIT, LIMIT, ...` line",
+            ),
+            (format!("{keys}[g limits]\nZmFrZS1zZWNyZXQ==\n"), "6: this line, in [g limits], is not a `MODEL"),
+            (
+                format!("{keys}[g limits]\nm = 1/s\n\nmodels/m = 2/s\n"),
+                "8: model 'm' appears twice in [g limits] (first on line 6): list each model once",
+            ),
+            (
+                format!("[g limits]\n* = 1/s\n{keys}[g limits]\n* = 2/s\n"),
+                "8: model '*' appears twice in [g limits] (first on line 2)",
+            ),
+            (
+                format!("{keys}[g limits]\nm = 10/min, 1/day, 20/min\n"),
+                "6: the 1st and 3rd limits of model 'm' in [g limits] count the same measure (requests or tokens) over the same window: keep the one",
+            ),
+            (
+                format!("{keys}[g limits]\nm = 5 tokens/60s, 1 tokens/min\n"),
+                "6: the 1st and 2nd limits of model 'm' in [g limits] count the same measure",
+            ),
+            (
+                format!("{keys}[h limits]\nm = 1/s\n"),
+                "5: section [h limits] declares limits of connector 'h', but this file has no [h] section: add the keys under [h] or remove [h limits]",
+            ),
+            (
+                format!("[h limits p]\n{keys}[h  limits  p]\n"),
+                "1: section [h limits p] declares limits of connector 'h', but this file has no [h] section",
+            ),
+            (
+                format!("{keys}[g limits q]\nm = 1/s\n"),
+                "5: section [g limits q] declares limits of quota group 'q', but [g groups] puts no key in that group: declare the group in [g groups] (`key = q`)",
+            ),
+            (
+                "[g]\nk1 = fake-secret-1\n[g limits p]\n".to_owned(),
+                "3: section [g limits p] declares limits of quota group 'p'",
+            ),
+            // Of two mistakes found once the file is read, the earlier line is reported.
+            (format!("{keys}[g limits q]\n[h limits]\n[g limits q]\n"), "5: section [g limits q]"),
+        ];
+        for (text, expected) in cases {
+            let message = refused(&text);
+            assert!(message.starts_with(&format!("/etc/keys.ini:{expected}")), "{text:?}: {message}");
+            for shown in ["fake-limit", "fake/", "fake secret", "fake model", "ZmFrZS1zZWNyZXQ"] {
+                assert!(!message.contains(shown), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_message_for_a_bad_limits_line_never_holds_the_lines_text() {
+        for line in
+            ["gemini = fake-secret-1", "gemini = 10/min, fake-secret-1", "fake-secret-1 fake", "gemini: fake-secret-1"]
+        {
+            let message = refused(&format!("[g]\nk = v\n[g limits]\n{line}\n"));
+            assert!(message.starts_with("/etc/keys.ini:4: "), "{message}");
+            assert!(!message.contains(line) && !message.contains("fake"), "{line}: {message}");
         }
     }
 
