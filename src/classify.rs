@@ -25,12 +25,12 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Days, TimeZone, Utc};
-use chrono_tz::America::Los_Angeles;
+use chrono::{DateTime, Utc};
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::connector::Policy;
+pub use crate::pool::limit::next_pacific_midnight;
 use crate::pool::{Fate, Lockdown, Reach};
 
 /// What a lockdown for a quota of 0 says.
@@ -312,15 +312,6 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
 
 fn lockdown_of(until: i64, reason: String, reach: Reach, models: Vec<String>, quota_id: Option<String>) -> Lockdown {
     Lockdown { until, reason, http_status: None, reach, models, quota_id, project: None }
-}
-
-/// The next midnight in America/Los_Angeles after `now_ms`, as unix ms (daylight saving included:
-/// midnight always exists there, the clocks change at 2 am).
-pub fn next_pacific_midnight(now_ms: i64) -> i64 {
-    let now = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().with_timezone(&Los_Angeles);
-    let tomorrow = now.date_naive().checked_add_days(Days::new(1)).unwrap_or(now.date_naive());
-    let midnight = tomorrow.and_hms_opt(0, 0, 0).unwrap_or_default();
-    Los_Angeles.from_local_datetime(&midnight).earliest().map_or(now_ms + 86_400_000, |t| t.timestamp_millis())
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110).

@@ -184,7 +184,9 @@ impl Coordinator {
     /// Makes the database's keys of the connectors `keyring` has a section for match it (see
     /// `Backend::sync_keys`); keys of other connectors are left alone, so keyrings with different
     /// sections can share a database. Keys it retires name the keyring file in their history row; each
-    /// key gets the quota group the keyring declares for it.
+    /// key gets the quota group the keyring declares for it. The limits the keyring declares for its
+    /// connectors are the ones this coordinator's claims reserve against from then on (README
+    /// "Declared limits").
     pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {
         self.inner.alive_here()?;
         let specs: Vec<KeySpec<'_>> = keyring
@@ -200,6 +202,9 @@ impl Coordinator {
         let source = pool::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
         let report = self.inner.backend.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
+        for connector in keyring.connectors() {
+            self.inner.backend.declare_limits(connector, keyring.limits(connector).cloned().map(Arc::new));
+        }
         Ok(report)
     }
 

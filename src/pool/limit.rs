@@ -66,6 +66,26 @@ impl Limits {
     }
 }
 
+/// The next midnight in America/Los_Angeles after `now_ms`, as unix ms (daylight saving included:
+/// midnight always exists there, the clocks change at 2 am): when Gemini's day ends.
+pub fn next_pacific_midnight(now_ms: i64) -> i64 {
+    pacific_midnight(now_ms, 1).unwrap_or(now_ms + 86_400_000)
+}
+
+/// The last midnight in America/Los_Angeles at or before `now_ms`: when Gemini's day began.
+pub fn pacific_day_start(now_ms: i64) -> i64 {
+    pacific_midnight(now_ms, 0).unwrap_or(now_ms - 86_400_000)
+}
+
+/// Midnight in America/Los_Angeles `days` days after the date `now_ms` falls on there.
+fn pacific_midnight(now_ms: i64, days: u64) -> Option<i64> {
+    use chrono::{DateTime, Days, TimeZone};
+    use chrono_tz::America::Los_Angeles;
+    let date = DateTime::from_timestamp_millis(now_ms)?.with_timezone(&Los_Angeles).date_naive();
+    let midnight = date.checked_add_days(Days::new(days))?.and_hms_opt(0, 0, 0)?;
+    Los_Angeles.from_local_datetime(&midnight).earliest().map(|time| time.timestamp_millis())
+}
+
 /// What is wrong with the text of a limit. It never carries the text itself: a keyring line may hold a
 /// secret typed in the wrong place, and an error must not show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -190,6 +210,31 @@ mod tests {
         assert_eq!(limits.binding(Some("paid"), "pro"), [minute(150)]);
         assert_eq!(limits.binding(Some("paid"), "flash"), [], "the paid group's section lists no flash and no *");
         assert!(Limits::default().is_empty() && !limits.is_empty());
+    }
+
+    #[test]
+    fn gemini_days_start_at_pacific_midnight_across_daylight_saving() {
+        let utc = |y, m, d, h, min| {
+            chrono::NaiveDate::from_ymd_opt(y, m, d)
+                .unwrap()
+                .and_hms_opt(h, min, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp_millis()
+        };
+        // Summer (UTC-7) and winter (UTC-8).
+        assert_eq!(pacific_day_start(utc(2026, 7, 1, 12, 0)), utc(2026, 7, 1, 7, 0));
+        assert_eq!(pacific_day_start(utc(2026, 1, 15, 7, 59)), utc(2026, 1, 14, 8, 0));
+        assert_eq!(pacific_day_start(utc(2026, 1, 15, 8, 0)), utc(2026, 1, 15, 8, 0), "midnight is the day's start");
+        // The days the clocks change are 23 and 25 hours long.
+        assert_eq!(
+            next_pacific_midnight(utc(2026, 3, 8, 9, 30)) - pacific_day_start(utc(2026, 3, 8, 9, 30)),
+            23 * 3_600_000
+        );
+        assert_eq!(
+            next_pacific_midnight(utc(2026, 11, 1, 20, 0)) - pacific_day_start(utc(2026, 11, 1, 20, 0)),
+            25 * 3_600_000
+        );
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct Claimed {
     pub lockdown_count: i64,
     /// The boot-clock time (`CLOCK_BOOTTIME` ms) written as the lease's first heartbeat.
     pub boot_ms: i64,
+    /// The key's quota scope when it was claimed (`group:NAME`, `project:NUMBER` or `key:NAME`).
+    pub scope: String,
 }
 
 /// One upstream attempt, for the `requests` table.

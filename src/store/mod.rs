@@ -27,8 +27,8 @@ use crate::clock::Clock;
 use crate::error::Result;
 use crate::holder::Holder;
 use crate::pool::{
-    Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LockdownRecord, SyncReport,
-    SyncSource, Transition,
+    Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, Limits, LockdownRecord,
+    SyncReport, SyncSource, Transition,
 };
 use crate::resource::{Created, Owner};
 
@@ -77,6 +77,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Option<Claimed>>;
+
+    /// The limits this process's claims of `connector` reserve against (`None`: none declared), as the
+    /// keyring it synced declares them: a claim for a model then takes a key only if every window of
+    /// the key's quota scope and the model has room, and records its reservation in the same
+    /// transaction; a full window becomes a lockdown of the scope for the model until it has room.
+    fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>);
 
     /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
     /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.

@@ -49,6 +49,8 @@ pub(super) struct Claim {
     pub(super) holder: Holder,
     /// Only keys of this quota scope (a request naming a resource its project owns); `None`: any.
     pub(super) pin: Option<String>,
+    /// The connector's declared limits, which the claim reserves against (`None`: none declared).
+    pub(super) limits: Option<Arc<crate::pool::Limits>>,
 }
 
 impl Claim {
@@ -60,7 +62,14 @@ impl Claim {
             tried: super::json_list(tried).into_owned(),
             holder: holder.clone(),
             pin: None,
+            limits: None,
         }
+    }
+
+    /// The same claim, reserving against `limits` when some are declared.
+    pub(super) fn paced(mut self, limits: Option<Arc<crate::pool::Limits>>) -> Self {
+        self.limits = limits.filter(|limits| !limits.is_empty());
+        self
     }
 
     /// The same claim, taking only keys of quota scope `pin` when there is one.

@@ -20,6 +20,7 @@
 
 mod batch;
 mod examples;
+mod pacing;
 mod resources;
 mod rule_sql;
 mod schema;
@@ -65,6 +66,8 @@ pub(crate) struct Sqlite {
     /// Claims and lease ends waiting to be written together (see the `batch` module).
     claims: std::sync::Arc<batch::ClaimQueue>,
     ends: std::sync::Arc<batch::EndQueue>,
+    /// Each connector's declared limits, which this process's claims reserve against (`pacing`).
+    limits: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<Limits>>>>,
 }
 
 /// A history row about to be written.
@@ -181,6 +184,7 @@ impl Sqlite {
             lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR,
             claims: std::sync::Arc::default(),
             ends: std::sync::Arc::default(),
+            limits: std::sync::Arc::default(),
         })
     }
 
@@ -281,6 +285,11 @@ impl Sqlite {
         }
     }
 
+    /// The limits declared for `connector`, if any.
+    fn limits_of(&self, connector: &str) -> Option<std::sync::Arc<Limits>> {
+        self.limits.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(connector).cloned()
+    }
+
     /// The error of an operation that waited `waited` for another process's write lock in vain.
     fn locked(&self, operation: &'static str, waited: Duration) -> Error {
         Error::DatabaseLocked { path: self.path.clone(), operation, waited }
@@ -345,11 +354,19 @@ impl Backend for Sqlite {
         deadline: Instant,
     ) -> Result<Option<Claimed>> {
         self.claims.commit(
-            batch::Claim::new(connector, model, tried, holder).pinned(pin),
+            batch::Claim::new(connector, model, tried, holder).pinned(pin).paced(self.limits_of(connector)),
             deadline,
             |claims, deadline| self.claim_all(claims, deadline, clock),
             |claim| Err(self.locked("claiming a key", claim.waited())),
         )
+    }
+
+    fn declare_limits(&self, connector: &str, limits: Option<std::sync::Arc<Limits>>) {
+        let mut declared = self.limits.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match limits.filter(|limits| !limits.is_empty()) {
+            Some(limits) => _ = declared.insert(connector.to_owned(), limits),
+            None => _ = declared.remove(connector),
+        }
     }
 
     fn claim_several(
@@ -360,7 +377,7 @@ impl Backend for Sqlite {
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Vec<Claimed>> {
-        let claim = batch::Claim::new(connector, model, tried, holder).pinned(pin);
+        let claim = batch::Claim::new(connector, model, tried, holder).pinned(pin).paced(self.limits_of(connector));
         self.write_by("claiming keys", deadline, |transaction| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
@@ -822,9 +839,52 @@ fn claim_in(
     claim: &batch::Claim,
     clock: &dyn Clock,
 ) -> rusqlite::Result<Option<Claimed>> {
+    let now = clock.now_ms();
+    let (Some(limits), Some(model)) = (&claim.limits, claim.model.as_deref()) else {
+        return claim_one(transaction, claim, now, clock.boot_ms());
+    };
+    // Paced: a key whose scope has no room for the model is given back and its scope locked down
+    // for the model until it has, and the claim looks again (each turn locks one scope more).
+    loop {
+        transaction.execute_batch("SAVEPOINT paced_claim")?;
+        let Some(claimed) = claim_one(transaction, claim, now, clock.boot_ms())? else {
+            transaction.execute_batch("RELEASE paced_claim")?;
+            return Ok(None);
+        };
+        let group = match claimed.scope.parse::<Scope>() {
+            Ok(Scope::Group(group)) => Some(group),
+            _ => None,
+        };
+        let binding = limits.binding(group.as_deref(), model);
+        let reservation = pacing::Reservation {
+            connector: &claim.connector,
+            scope: &claimed.scope,
+            model,
+            key_name: &claimed.key_name,
+            lease: claimed.lease,
+        };
+        match pacing::reserve(transaction, &reservation, binding, now)? {
+            Ok(()) => {
+                transaction.execute_batch("RELEASE paced_claim")?;
+                return Ok(Some(claimed));
+            }
+            Err(full) => {
+                transaction.execute_batch("ROLLBACK TO paced_claim; RELEASE paced_claim")?;
+                pacing::lock_down(transaction, &reservation, &full, now)?;
+            }
+        }
+    }
+}
+
+/// One claim statement and its history row (see `claim_in`).
+fn claim_one(
+    transaction: &Transaction<'_>,
+    claim: &batch::Claim,
+    now: i64,
+    boot_ms: i64,
+) -> rusqlite::Result<Option<Claimed>> {
     let (connector, model, tried, holder, pin) =
         (claim.connector.as_str(), claim.model.as_deref(), &claim.tried, &claim.holder, claim.pin.as_deref());
-    let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
     let claimed = transaction
         .prepare_cached(&CLAIM)?
         .query_row(
@@ -849,13 +909,14 @@ fn claim_in(
                     lease: row.get(3)?,
                     lockdown_count: row.get(6)?,
                     boot_ms,
+                    scope: row.get(5)?,
                 };
                 let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
-                Ok((claimed, out_of_lockdown, row.get::<_, String>(5)?))
+                Ok((claimed, out_of_lockdown))
             },
         )
         .optional()?;
-    let Some((claimed, out_of_lockdown, scope)) = claimed else { return Ok(None) };
+    let Some((claimed, out_of_lockdown)) = claimed else { return Ok(None) };
     record(
         transaction,
         now,
@@ -863,7 +924,7 @@ fn claim_in(
             holder_pid: Some(holder.pid),
             lease: Some(claimed.lease),
             model,
-            quota_scope: Some(&scope),
+            quota_scope: Some(&claimed.scope),
             ..NewTransition::new(
                 HistoryEvent::Claimed,
                 (connector, &claimed.key_name, &claimed.fingerprint),

@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0004_quotas.sql"),
     include_str!("../../../migrations/0005_history_events.sql"),
     include_str!("../../../migrations/0006_resources.sql"),
+    include_str!("../../../migrations/0007_reservations.sql"),
 ];
 
 /// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.

@@ -1,0 +1,137 @@
+//! Reserve before send: a claim on a key whose quota scope has declared limits for the model counts
+//! the scope's reservations in each window, in the claim's own transaction, and adds one only when
+//! every window has room (see migration 7). A full window becomes a lockdown of (scope, model) until
+//! its oldest counted reservation leaves it.
+//!
+//! Invariant: the count and the insert run under the database's one write lock, so no window ever
+//! holds more reservations than its limit, across every process and thread.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::pool::limit::{next_pacific_midnight, pacific_day_start};
+use crate::pool::{Limit, Measure, Window};
+
+/// Added to every sliding window: an upstream's clock and ours, and the request's time on the wire,
+/// put a reservation's instant a little before the upstream counts it. Half a second kept a simulated
+/// hour at full quota free of 429s against rolling, fixed-minute and bucket-shaped upstreams.
+pub(super) const MARGIN_MS: i64 = 500;
+
+/// The quota id of a lockdown that pacing set.
+pub(super) const PACED: &str = "apijongler:paced";
+
+/// Reservations older than this are deleted, whatever the limits (the longest window is a day).
+const KEEP_MS: i64 = 26 * 3_600_000;
+
+/// A window with no room: the first limit found full, and when it has room again.
+#[derive(Debug)]
+pub(super) struct Full {
+    pub(super) limit: Limit,
+    pub(super) until: i64,
+}
+
+/// What one reservation is for.
+pub(super) struct Reservation<'a> {
+    pub(super) connector: &'a str,
+    pub(super) scope: &'a str,
+    pub(super) model: &'a str,
+    pub(super) key_name: &'a str,
+    pub(super) lease: i64,
+}
+
+/// Reserves one request of `reservation` at `now` if every request limit of `limits` has room;
+/// else which is full, and until when. Token limits are not paced here.
+pub(super) fn reserve(
+    transaction: &Transaction<'_>,
+    reservation: &Reservation<'_>,
+    limits: &[Limit],
+    now: i64,
+) -> rusqlite::Result<Result<(), Full>> {
+    let Reservation { connector, scope, model, key_name, lease } = *reservation;
+    for limit in limits.iter().filter(|limit| limit.measure == Measure::Requests) {
+        let (counted_from, ends) = window_of(limit.window, now);
+        let count: i64 = transaction
+            .prepare_cached(
+                "SELECT count(*) FROM reservations
+                  WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4",
+            )?
+            .query_row(params![connector, scope, model, counted_from], |row| row.get(0))?;
+        let Ok(count) = u64::try_from(count) else { continue };
+        if count < limit.count {
+            continue;
+        }
+        let until = match ends {
+            Ends::At(end) => end,
+            // Room comes back when the reservation that puts the window at its limit leaves it.
+            Ends::After(span) => {
+                let offset = i64::try_from(count - limit.count).unwrap_or(i64::MAX);
+                let oldest: Option<i64> = transaction
+                    .prepare_cached(
+                        "SELECT at FROM reservations
+                          WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4
+                          ORDER BY at LIMIT 1 OFFSET ?5",
+                    )?
+                    .query_row(params![connector, scope, model, counted_from, offset], |row| row.get(0))
+                    .optional()?;
+                oldest.unwrap_or(now).saturating_add(span).saturating_add(1)
+            }
+        };
+        return Ok(Err(Full { limit: *limit, until: until.max(now + 1) }));
+    }
+    transaction
+        .prepare_cached(
+            "INSERT INTO reservations (connector, quota_scope, model, at, key_name, lease)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![connector, scope, model, now, key_name, lease])?;
+    transaction
+        .prepare_cached(
+            "DELETE FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at < ?4",
+        )?
+        .execute(params![connector, scope, model, now - KEEP_MS])?;
+    Ok(Ok(()))
+}
+
+/// When a window's room comes back.
+enum Ends {
+    /// At this instant (a day's end).
+    At(i64),
+    /// This long after its oldest counted reservation (a sliding window with its margin).
+    After(i64),
+}
+
+/// The first instant a window of `window` counts at `now`, and how it ends.
+fn window_of(window: Window, now: i64) -> (i64, Ends) {
+    match window {
+        Window::Day => (pacific_day_start(now), Ends::At(next_pacific_midnight(now))),
+        Window::Sliding(span) => {
+            let span = i64::try_from(span.as_millis()).unwrap_or(i64::MAX / 2).saturating_add(MARGIN_MS);
+            (now.saturating_sub(span).saturating_add(1), Ends::After(span))
+        }
+    }
+}
+
+/// Records that (scope, model) is paced until `full.until`: a lockdown row like any other (claims,
+/// waits, `why` and `status` read it), whose strikes it leaves alone (pacing is no upstream refusal).
+pub(super) fn lock_down(
+    transaction: &Transaction<'_>,
+    reservation: &Reservation<'_>,
+    full: &Full,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let Reservation { connector, scope, model, key_name, .. } = *reservation;
+    let reason = format!("paced: {} declared for {model}", full.limit);
+    transaction
+        .prepare_cached(
+            "INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8)
+             ON CONFLICT (connector, scope, model) DO UPDATE SET
+                 quota_id = excluded.quota_id, reason = excluded.reason, http_status = NULL,
+                 set_by_key = excluded.set_by_key, set_at = excluded.set_at, until = excluded.until
+             WHERE excluded.until > until",
+        )?
+        .execute(params![connector, scope, model, full.until, PACED, reason, key_name, now])?;
+    transaction
+        .prepare_cached("UPDATE keys SET queue_at = max(queue_at, ?3) WHERE connector = ?1 AND quota_scope = ?2")?
+        .execute(params![connector, scope, full.until])?;
+    Ok(())
+}

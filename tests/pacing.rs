@@ -1,0 +1,132 @@
+//! Keys that pace themselves: declared limits (`[CONNECTOR limits]`) are reserved in the claim's own
+//! transaction, so no window ever holds more requests than its limit, whatever the number of processes.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use api_jongler::{Coordinator, CoordinatorOptions, Error, ManualClock};
+use common::{Sandbox, wait_until};
+
+const T0: i64 = 1_800_000_000_000;
+
+/// Two keys of one group, and `limits` as the connector's limits section.
+fn sandbox(limits: &str) -> Sandbox {
+    Sandbox::with_keyring(&format!(
+        "[c]\nkey0 = fake-secret-c-0-do-not-use\nkey1 = fake-secret-c-1-do-not-use\n\
+         [c groups]\nkey0 = g\nkey1 = g\n[c limits]\n{limits}\n"
+    ))
+}
+
+fn coordinator(sandbox: &Sandbox, clock: &Arc<ManualClock>) -> Coordinator {
+    sandbox.coordinator(CoordinatorOptions { clock: clock.clone(), ..sandbox.options() })
+}
+
+/// The paced lockdowns of the pool: (scope, model, until, reason).
+fn paced(sandbox: &Sandbox) -> Vec<(String, String, i64, String)> {
+    let sql = sandbox.sql();
+    let mut statement = sql
+        .prepare("SELECT scope, model, until, reason FROM lockdowns WHERE quota_id = 'apijongler:paced'")
+        .expect("sql");
+    statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+/// A group limited to 3 requests per 10 s for model m: three claims in a row go through on either
+/// key; the fourth finds the group's window full, which becomes a lockdown of the group for m until
+/// the first reservation leaves the window (10 s and the half-second margin after it). Another model
+/// is not paced; once the window moves, m is claimed again.
+#[test]
+fn a_full_window_is_a_lockdown_of_the_group_for_the_model_until_it_has_room() {
+    let sandbox = sandbox("m = 3/10s");
+    let clock = Arc::new(ManualClock::new(T0));
+    let coordinator = coordinator(&sandbox, &clock);
+    for _ in 0..3 {
+        coordinator
+            .claim_for("c", Some("m"), &[], Duration::ZERO)
+            .expect("room in the window")
+            .release()
+            .expect("release");
+        clock.advance(1_000);
+    }
+    let error = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect_err("the window is full");
+    assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
+    let until = T0 + 10_000 + 500 + 1;
+    assert_eq!(paced(&sandbox), [("group:g".into(), "m".into(), until, "paced: 3/10s declared for m".into())]);
+    coordinator
+        .claim_for("c", Some("other"), &[], Duration::ZERO)
+        .expect("another model is not paced")
+        .release()
+        .unwrap();
+    clock.set(until - 1);
+    assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "still full a millisecond before");
+    clock.set(until);
+    coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("room again").release().expect("release");
+    let reserved = sandbox.count("SELECT count(*) FROM reservations WHERE quota_scope = 'group:g' AND model = 'm'");
+    assert_eq!(reserved, 4, "one reservation per request that went through, none for the refused ones");
+}
+
+/// A day's limit counts from Gemini's midnight (America/Los_Angeles): a full day is paced until the
+/// next midnight there, and the new day has room at once.
+#[test]
+fn a_days_limit_ends_at_pacific_midnight() {
+    let sandbox = sandbox("* = 2/day");
+    // 2027-01-15 23:00 in Los Angeles (UTC-8): 07:00 UTC the next day.
+    let late = chrono::NaiveDate::from_ymd_opt(2027, 1, 16).unwrap().and_hms_opt(7, 0, 0).unwrap().and_utc();
+    let clock = Arc::new(ManualClock::new(late.timestamp_millis()));
+    let coordinator = coordinator(&sandbox, &clock);
+    for _ in 0..2 {
+        coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("room today").release().expect("release");
+    }
+    assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "the day is full");
+    let midnight = late.timestamp_millis() + 3_600_000;
+    assert_eq!(paced(&sandbox)[0].2, midnight, "paced until midnight in Los Angeles");
+    clock.set(midnight);
+    coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("a new day").release().expect("release");
+}
+
+/// A worker process cycling keys of `c` for model m, reserving against the keyring's limits.
+fn worker(sandbox: &Sandbox) -> Child {
+    sandbox
+        .worker("c")
+        .args(["--model", "m", "--duration-ms", "4000", "--wait-ms", "60000", "--reap-ms", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn worker")
+}
+
+/// 16 processes claim for one group limited to 10 requests per second, and 4 of them are killed with
+/// SIGKILL midway: in the reservations the database recorded, no window (a second and the margin) ever
+/// holds 11. A killed claimer's reservation still counts, so kills can only leave room unused.
+#[test]
+fn sixteen_processes_never_put_eleven_in_a_window_even_when_some_are_killed() {
+    let sandbox = sandbox("* = 10/s");
+    drop(sandbox.coordinator(sandbox.options()));
+    let mut workers: Vec<Child> = (0..16).map(|_| worker(&sandbox)).collect();
+    let reserved = || sandbox.count("SELECT count(*) FROM reservations");
+    wait_until(Duration::from_secs(30), "a first window's worth of reservations", || reserved() >= 10);
+    for victim in workers.iter_mut().take(4) {
+        victim.kill().expect("SIGKILL");
+        victim.wait().expect("reap");
+    }
+    for survivor in workers.into_iter().skip(4) {
+        let output = survivor.wait_with_output().expect("wait");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let sql = sandbox.sql();
+    let mut statement = sql.prepare("SELECT at FROM reservations ORDER BY at").expect("sql");
+    let at: Vec<i64> =
+        statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows");
+    assert!(at.len() > 10, "more than one window's worth went through ({} reservations)", at.len());
+    const WINDOW: i64 = 1_000 + 500;
+    for (index, &end) in at.iter().enumerate() {
+        let in_window = at[..=index].iter().filter(|&&start| start > end - WINDOW).count();
+        assert!(in_window <= 10, "{in_window} reservations in the window ending at {end}");
+    }
+}
