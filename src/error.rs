@@ -585,6 +585,15 @@ pub enum KeyringProblem {
         /// The group named in the header.
         group: String,
     },
+
+    /// A model of a limits section that is the secret of a key of the file (it would be stored).
+    #[error(
+        "the model named on this line of [{section}] is the secret of a key: write the model's name there (such as gemini-2.5-flash), never a secret"
+    )]
+    LimitsModelIsSecret {
+        /// The section's header, without its brackets.
+        section: String,
+    },
 }
 
 /// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, ..., `21st`: which limit of a line.

@@ -565,23 +565,35 @@ fn attach_limits(
     limits: BTreeMap<LimitsOf, LimitsSection>,
 ) -> Result<()> {
     let mut first: Option<(usize, KeyringProblem)> = None;
+    let mut note = |line: usize, problem: KeyringProblem| {
+        if first.as_ref().is_none_or(|(earliest, _)| line < *earliest) {
+            first = Some((line, problem));
+        }
+    };
+    // The secrets, to refuse a model that is one (models are stored); gathered only if there is one.
+    let secrets: HashSet<&str> = if limits.is_empty() {
+        HashSet::new()
+    } else {
+        connectors.values().flat_map(|section| &section.keys).map(|key| key.secret().expose_secret()).collect()
+    };
     for ((connector, group), section) in &limits {
-        let problem = match (connectors.get(connector), group) {
-            (None, _) => {
-                let section = match group {
-                    Some(group) => format!("{connector}{LIMITS_SUFFIX} {group}"),
-                    None => format!("{connector}{LIMITS_SUFFIX}"),
-                };
-                KeyringProblem::LimitsWithoutKeys { section, connector: connector.clone() }
+        let header = match group {
+            Some(group) => format!("{connector}{LIMITS_SUFFIX} {group}"),
+            None => format!("{connector}{LIMITS_SUFFIX}"),
+        };
+        for (model, (_, line)) in &section.models {
+            if secrets.contains(model.as_str()) {
+                note(*line, KeyringProblem::LimitsModelIsSecret { section: header.clone() });
             }
+        }
+        let problem = match (connectors.get(connector), group) {
+            (None, _) => KeyringProblem::LimitsWithoutKeys { section: header, connector: connector.clone() },
             (Some(keys), Some(group)) if !keys.groups.values().any(|label| label == group) => {
                 KeyringProblem::UnknownLimitsGroup { connector: connector.clone(), group: group.clone() }
             }
             (Some(_), _) => continue,
         };
-        if first.as_ref().is_none_or(|(earliest, _)| section.header_line < *earliest) {
-            first = Some((section.header_line, problem));
-        }
+        note(section.header_line, problem);
     }
     if let Some((line, problem)) = first {
         return Err(Error::KeyringLine { path: path.to_owned(), line, problem });
@@ -1034,6 +1046,19 @@ mod tests {
             assert!(message.starts_with("/etc/keys.ini:4: "), "{message}");
             assert!(!message.contains(line) && !message.contains("fake"), "{line}: {message}");
         }
+    }
+
+    #[test]
+    fn a_secret_written_as_a_model_of_a_limits_section_is_refused_without_showing_it() {
+        for text in [
+            "[g]\nk = fake-secret-1\n[g limits]\nfake-secret-1 = 10/min\n",
+            "[g limits]\nfake-secret-1 = 10/min\n[g]\nk = fake-secret-1\n",
+        ] {
+            let message = refused(text);
+            assert!(message.contains("[g limits] is the secret of a key"), "{message}");
+        }
+        let message = refused("[g]\nk = fake-secret-1\n[g groups]\nk = p\n[g limits p]\nfake-secret-1 = 10/min\n");
+        assert!(message.starts_with("/etc/keys.ini:6: ") && message.contains("[g limits p]"), "{message}");
     }
 
     #[test]

@@ -294,28 +294,31 @@ fn migration_5_gives_old_history_rows_their_events() {
     assert_eq!(events, [Released, Claimed]);
 }
 
-/// A new file is made at schema 6: its history has the event column (schema 5) and it has the
-/// `resources` table (schema 6); an older build, knowing schema 5 at most, refuses it (see
-/// `newer_schema_is_refused_untouched`).
+/// A new file is made at schema 7: its history has the event column (schema 5), it has the
+/// `resources` table (schema 6) and the `reservations` of declared limits (schema 7); an older build,
+/// knowing schema 6 at most, refuses it (see `newer_schema_is_refused_untouched`).
 #[test]
-fn a_new_file_has_schema_6_history_events_and_resources() {
+fn a_new_file_has_schema_7_history_events_resources_and_reservations() {
     let sandbox = Sandbox::new("c", 1);
     drop(open(&sandbox.db).expect("created"));
     let connection = rusqlite::Connection::open(&sandbox.db).expect("reopen");
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     let event: String = connection
         .query_row("SELECT type FROM pragma_table_info('history') WHERE name = 'event'", [], |row| row.get(0))
         .expect("the history has an event column");
     assert_eq!(event, "TEXT");
-    let columns: Vec<String> = connection
-        .prepare("SELECT name FROM pragma_table_info('resources') ORDER BY cid")
-        .expect("prepare")
-        .query_map([], |row| row.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("columns");
-    assert_eq!(columns, ["connector", "name", "key_name", "quota_scope", "expires_at", "created_at"]);
+    let columns = |table: &str| -> Vec<String> {
+        connection
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"))
+            .expect("prepare")
+            .query_map([], |row| row.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("columns")
+    };
+    assert_eq!(columns("resources"), ["connector", "name", "key_name", "quota_scope", "expires_at", "created_at"]);
+    assert_eq!(columns("reservations"), ["connector", "quota_scope", "model", "at", "key_name", "lease"]);
 }
 
 /// A second store opened on a file this process already uses must not drop this process's SQLite
