@@ -130,3 +130,98 @@ fn sixteen_processes_never_put_eleven_in_a_window_even_when_some_are_killed() {
         assert!(in_window <= 10, "{in_window} reservations in the window ending at {end}");
     }
 }
+
+const GEMINI: &str = "generativelanguage.googleapis.com";
+
+/// `keys` Gemini keys pointed at `mock`, with `limits` (if any) as `[GEMINI limits]`.
+fn gemini_sandbox(keys: usize, mock: &api_jongler::mock::MockUpstream, limits: Option<&str>) -> Sandbox {
+    let sandbox = Sandbox::new(GEMINI, keys);
+    sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 5, "retries": 10}));
+    if let Some(limits) = limits {
+        let mut ini = std::fs::read_to_string(&sandbox.keyring).expect("read keyring");
+        ini.push_str(&format!("[{GEMINI} limits]\n{limits}\n"));
+        std::fs::write(&sandbox.keyring, ini).expect("write keyring");
+    }
+    drop(sandbox.coordinator(sandbox.options()));
+    sandbox
+}
+
+/// `workers` processes sending `requests` requests each through the pool; how long they took.
+async fn send_load(sandbox: &Sandbox, workers: usize, requests: u32) -> Duration {
+    let started = std::time::Instant::now();
+    let children: Vec<Child> = (0..workers)
+        .map(|_| {
+            sandbox
+                .worker(GEMINI)
+                .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
+                .args(["--requests", &requests.to_string(), "--wait-ms", "120000", "--reap-ms", "100"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn request worker")
+        })
+        .collect();
+    for child in children {
+        let stdout = tokio::task::spawn_blocking(move || common::wait_success(child)).await.expect("join");
+        assert!(stdout.contains(&format!("requests {requests}")), "{stdout}");
+    }
+    started.elapsed()
+}
+
+/// Against the mock's per-key quota of 3 requests per rolling 2 s (each key a group of its own), with
+/// `* = 3/2s` declared: 4 processes x 12 requests on 4 keys all succeed, and the mock answers no 429:
+/// the pool never sends a key's 4th request inside its window. (The margin this leans on: a request
+/// reaches the mock within 500 ms of its claim, on a loopback with 4 processes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_limits_meet_the_upstreams_window_without_a_429() {
+    let config = api_jongler::mock::MockConfig {
+        quota: Some(3),
+        window: Duration::from_secs(2),
+        ..api_jongler::mock::MockConfig::default()
+    };
+    let mock = api_jongler::mock::MockUpstream::start(config).await.expect("mock");
+    let sandbox = gemini_sandbox(4, &mock, Some("* = 3/2s"));
+    send_load(&sandbox, 4, 12).await;
+    let (_, per_key) = mock.stats();
+    let ok: u64 = per_key.values().map(|stats| stats.ok).sum();
+    let limited: u64 = per_key.values().map(|stats| stats.rate_limited).sum();
+    assert_eq!((ok, limited), (48, 0), "every request succeeded, none met a 429");
+    // The pool paced it (without limits, 4 processes send 12 requests a key in well under a second):
+    // each key's 12 reservations, at most 3 per 2.5 s, span more than 3 windows.
+    let sql = sandbox.sql();
+    let mut spans = sql
+        .prepare("SELECT quota_scope, count(*), max(at) - min(at) FROM reservations GROUP BY quota_scope")
+        .expect("sql");
+    let spans: Vec<(String, i64, i64)> = spans
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(spans.len(), 4, "{spans:?}");
+    for (scope, count, span) in spans {
+        assert_eq!(count, 12, "{scope}: one reservation per request");
+        assert!(span > 3 * 2_500, "{scope}: 12 requests, 3 per window, over {span} ms");
+    }
+}
+
+/// The load, for the README: 16 processes x 25 requests on 16 keys against a mock admitting
+/// 20 requests per key per rolling 10 s, reactive (no limits) and paced (`* = 20/10s`). Run with
+/// `cargo test --release --test pacing -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 25 s), quoted in the README"]
+async fn measure_sixteen_by_twenty_five_reactive_and_paced() {
+    for limits in [None, Some("* = 20/10s")] {
+        let config = api_jongler::mock::MockConfig {
+            quota: Some(20),
+            window: Duration::from_secs(10),
+            ..api_jongler::mock::MockConfig::default()
+        };
+        let mock = api_jongler::mock::MockUpstream::start(config).await.expect("mock");
+        let sandbox = gemini_sandbox(16, &mock, limits);
+        let elapsed = send_load(&sandbox, 16, 25).await;
+        let (_, per_key) = mock.stats();
+        let ok: u64 = per_key.values().map(|stats| stats.ok).sum();
+        let limited: u64 = per_key.values().map(|stats| stats.rate_limited).sum();
+        println!("limits {limits:?}: {ok}/400 succeeded, {limited} answers 429, {:.2} s", elapsed.as_secs_f64());
+    }
+}
