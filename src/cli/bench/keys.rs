@@ -39,6 +39,10 @@ pub struct KeysArgs {
     /// The share of keys locked down for the model in the `*` rows.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
     locked_percent: u32,
+    /// Declared limits for every key (a `[bench limits]` line's value, such as `1000000/min`): each
+    /// claim then reserves against them. Compare a run with and one without for the cost of pacing.
+    #[arg(long)]
+    limits: Option<String>,
 }
 
 /// The model every bench worker claims for, so that the rows with and without lockdowns run the same
@@ -115,6 +119,9 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
         "apijongler bench keys: claim+release cycles, {} s per configuration, median of {} rounds",
         args.seconds, args.rounds
     )?;
+    if let Some(limits) = &args.limits {
+        writeln!(report, "(every key of every pool limited to {limits} for every model: each claim reserves)")?;
+    }
     if !args.locked_keys.is_empty() {
         writeln!(
             report,
@@ -138,9 +145,9 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
         let mut raw = Vec::new();
         let mut by_pool: Vec<Vec<Measured>> = pools.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
-            raw.push(measure(processes, None, duration)?);
+            raw.push(measure(processes, None, duration, None)?);
             for (rounds, &pool) in by_pool.iter_mut().zip(&pools) {
-                rounds.push(measure(processes, Some(pool), duration)?);
+                rounds.push(measure(processes, Some(pool), duration, args.limits.as_deref())?);
             }
         }
         let mut lines = row(processes, "raw", &Summary::of(&raw, None));
@@ -169,15 +176,15 @@ fn row(processes: u32, keys: &str, summary: &Summary) -> String {
 /// The claim+release cycles per second of `processes` workers on `keys` keys (for `bench gateway`'s
 /// ceiling).
 pub(super) fn claim_release_rate(processes: u32, keys: u32, duration: Duration) -> anyhow::Result<f64> {
-    Ok(measure(processes, Some(Pool { keys, locked: 0 }), duration)?.cycles_per_second)
+    Ok(measure(processes, Some(Pool { keys, locked: 0 }), duration, None)?.cycles_per_second)
 }
 
 /// Runs `processes` workers for `duration` on a fresh database with `pool` (`None`: the raw
-/// reference, on 64 rows).
-fn measure(processes: u32, pool: Option<Pool>, duration: Duration) -> anyhow::Result<Measured> {
+/// reference, on 64 rows), every key limited to `limits` for every model if given.
+fn measure(processes: u32, pool: Option<Pool>, duration: Duration, limits: Option<&str>) -> anyhow::Result<Measured> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
-    prepare(dir.path(), &db, pool.unwrap_or(Pool { keys: 64, locked: 0 }))?;
+    let keyring = prepare(dir.path(), &db, pool.unwrap_or(Pool { keys: 64, locked: 0 }), limits)?;
     let exe = std::env::current_exe()?;
     let start_at = SystemClock.now_ms() + 500 + i64::from(processes) * 30;
     let children = (0..processes)
@@ -192,6 +199,9 @@ fn measure(processes: u32, pool: Option<Pool>, duration: Duration) -> anyhow::Re
                 .stdout(Stdio::piped());
             if pool.is_none() {
                 command.arg("--raw");
+            } else if limits.is_some() {
+                // The worker syncs the keyring, and with it the limits its claims reserve against.
+                command.arg("--config").arg(&keyring);
             }
             command.spawn().context("spawning a bench worker")
         })
@@ -217,15 +227,21 @@ fn measure(processes: u32, pool: Option<Pool>, duration: Duration) -> anyhow::Re
     Ok(Measured { cycles_per_second: cycles as f64 / duration.as_secs_f64(), latencies_us: latencies })
 }
 
-/// A keyring of `pool.keys` fake keys in connector `bench`, synced into a fresh database, and the
+/// A keyring of `pool.keys` fake keys in connector `bench` (every key limited to `limits` for every
+/// model if given), written to a file whose path it returns and synced into a fresh database, and the
 /// `pool.locked` least recently used of them locked down for [`MODEL`] for an hour, each as a 429
 /// would (so their place in the claim order is the one such a lockdown gives them).
-fn prepare(dir: &Path, db: &Path, pool: Pool) -> anyhow::Result<()> {
+fn prepare(dir: &Path, db: &Path, pool: Pool, limits: Option<&str>) -> anyhow::Result<std::path::PathBuf> {
     let mut ini = String::from("[bench]\n");
     for index in 0..pool.keys {
         writeln!(ini, "key{index:05} = fake-bench-secret-{index}")?;
     }
-    let keyring = Keyring::parse(&dir.join("bench.ini"), &ini)?;
+    if let Some(limits) = limits {
+        writeln!(ini, "[bench limits]\n* = {limits}")?;
+    }
+    let path = dir.join("bench.ini");
+    std::fs::write(&path, &ini)?;
+    let keyring = Keyring::parse(&path, &ini)?;
     let coordinator = Coordinator::open(CoordinatorOptions { db_path: Some(db.to_owned()), ..Default::default() })?;
     coordinator.sync(&keyring)?;
     let until = SystemClock.now_ms() + 3_600_000;
@@ -237,5 +253,5 @@ fn prepare(dir: &Path, db: &Path, pool: Pool) -> anyhow::Result<()> {
         };
         lease.finish(&Fate::Lockdown(lockdown), None)?;
     }
-    Ok(())
+    Ok(path)
 }
