@@ -63,6 +63,9 @@ fn a_full_window_is_a_lockdown_of_the_group_for_the_model_until_it_has_room() {
         .expect("another model is not paced")
         .release()
         .unwrap();
+    assert_eq!(sandbox.count("SELECT count(*) FROM reservations WHERE model = 'other'"), 0, "nor reserved");
+    let strikes = sandbox.count("SELECT strikes FROM lockdowns WHERE quota_id = 'apijongler:paced'");
+    assert_eq!(strikes, 0, "pacing is no refusal: the scope's escalation is untouched");
     clock.set(until - 1);
     assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "still full a millisecond before");
     clock.set(until);

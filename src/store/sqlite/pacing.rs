@@ -47,7 +47,12 @@ pub(super) fn reserve(
     now: i64,
 ) -> rusqlite::Result<Result<(), Full>> {
     let Reservation { connector, scope, model, key_name, lease } = *reservation;
-    for limit in limits.iter().filter(|limit| limit.measure == Measure::Requests) {
+    let mut requests = limits.iter().filter(|limit| limit.measure == Measure::Requests).peekable();
+    if requests.peek().is_none() {
+        // Nothing to count against: no row either.
+        return Ok(Ok(()));
+    }
+    for limit in requests {
         let (counted_from, ends) = window_of(limit.window, now);
         let count: i64 = transaction
             .prepare_cached(
@@ -122,8 +127,9 @@ pub(super) fn lock_down(
     let reason = format!("paced: {} declared for {model}", full.limit);
     transaction
         .prepare_cached(
-            "INSERT INTO lockdowns (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8)
+            "INSERT INTO lockdowns
+                 (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, 0)
              ON CONFLICT (connector, scope, model) DO UPDATE SET
                  quota_id = excluded.quota_id, reason = excluded.reason, http_status = NULL,
                  set_by_key = excluded.set_by_key, set_at = excluded.set_at, until = excluded.until
