@@ -56,7 +56,7 @@ fn a_full_window_is_a_lockdown_of_the_group_for_the_model_until_it_has_room() {
     }
     let error = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect_err("the window is full");
     assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
-    let until = T0 + 10_000 + 500 + 1;
+    let until = T0 + 10_000 + 500;
     assert_eq!(paced(&sandbox), [("group:g".into(), "m".into(), until, "paced: 3/10s declared for m".into())]);
     coordinator
         .claim_for("c", Some("other"), &[], Duration::ZERO)

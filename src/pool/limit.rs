@@ -146,6 +146,50 @@ impl FromStr for Window {
     }
 }
 
+/// Added to every sliding window: an upstream's clock and ours, and the request's time on the wire,
+/// put a reservation's instant a little before the upstream counts it. Half a second kept a simulated
+/// hour at full quota free of 429s against rolling, fixed-minute and bucket-shaped upstreams.
+pub const MARGIN_MS: i64 = 500;
+
+impl Window {
+    /// The first instant (unix ms) whose reservations this window counts at `now`: the last span and
+    /// its margin, or the provider's day so far.
+    pub fn counted_from(self, now: i64) -> i64 {
+        match self {
+            Self::Day => pacific_day_start(now),
+            Self::Sliding(_) => now.saturating_sub(self.span_ms()).saturating_add(1),
+        }
+    }
+
+    /// When a full window has room again, `oldest` being the reservation whose leaving gives it room.
+    pub fn room_at(self, oldest: i64, now: i64) -> i64 {
+        let at = match self {
+            Self::Day => next_pacific_midnight(now),
+            Self::Sliding(_) => oldest.saturating_add(self.span_ms()),
+        };
+        at.max(now + 1)
+    }
+
+    /// A sliding window's span with its margin, in ms.
+    fn span_ms(self) -> i64 {
+        match self {
+            Self::Day => 0,
+            Self::Sliding(span) => i64::try_from(span.as_millis()).unwrap_or(i64::MAX / 2).saturating_add(MARGIN_MS),
+        }
+    }
+
+    /// How a window is said in a sentence: `this minute`, `these 10 s`, `today`.
+    pub fn said(self) -> String {
+        match self {
+            Self::Day => "today".to_owned(),
+            Self::Sliding(span) if span.as_secs() == 60 => "this minute".to_owned(),
+            Self::Sliding(span) if span.as_secs() == 3_600 => "this hour".to_owned(),
+            Self::Sliding(span) if span.as_secs() == 1 => "this second".to_owned(),
+            Self::Sliding(_) => format!("these {self}"),
+        }
+    }
+}
+
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {

@@ -8,13 +8,7 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use crate::pool::limit::{next_pacific_midnight, pacific_day_start};
-use crate::pool::{Limit, Measure, Window};
-
-/// Added to every sliding window: an upstream's clock and ours, and the request's time on the wire,
-/// put a reservation's instant a little before the upstream counts it. Half a second kept a simulated
-/// hour at full quota free of 429s against rolling, fixed-minute and bucket-shaped upstreams.
-pub(super) const MARGIN_MS: i64 = 500;
+use crate::pool::{Limit, Measure};
 
 /// The quota id of a lockdown that pacing set.
 pub(super) const PACED: &str = "apijongler:paced";
@@ -53,7 +47,7 @@ pub(super) fn reserve(
         return Ok(Ok(()));
     }
     for limit in requests {
-        let (counted_from, ends) = window_of(limit.window, now);
+        let counted_from = limit.window.counted_from(now);
         let count: i64 = transaction
             .prepare_cached(
                 "SELECT count(*) FROM reservations
@@ -64,23 +58,18 @@ pub(super) fn reserve(
         if count < limit.count {
             continue;
         }
-        let until = match ends {
-            Ends::At(end) => end,
-            // Room comes back when the reservation that puts the window at its limit leaves it.
-            Ends::After(span) => {
-                let offset = i64::try_from(count - limit.count).unwrap_or(i64::MAX);
-                let oldest: Option<i64> = transaction
-                    .prepare_cached(
-                        "SELECT at FROM reservations
-                          WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4
-                          ORDER BY at LIMIT 1 OFFSET ?5",
-                    )?
-                    .query_row(params![connector, scope, model, counted_from, offset], |row| row.get(0))
-                    .optional()?;
-                oldest.unwrap_or(now).saturating_add(span).saturating_add(1)
-            }
-        };
-        return Ok(Err(Full { limit: *limit, until: until.max(now + 1) }));
+        // Room comes back when the reservation that puts the window at its limit leaves it.
+        let offset = i64::try_from(count - limit.count).unwrap_or(i64::MAX);
+        let oldest: Option<i64> = transaction
+            .prepare_cached(
+                "SELECT at FROM reservations
+                  WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4
+                  ORDER BY at LIMIT 1 OFFSET ?5",
+            )?
+            .query_row(params![connector, scope, model, counted_from, offset], |row| row.get(0))
+            .optional()?;
+        let until = limit.window.room_at(oldest.unwrap_or(now), now);
+        return Ok(Err(Full { limit: *limit, until }));
     }
     transaction
         .prepare_cached(
@@ -94,25 +83,6 @@ pub(super) fn reserve(
         )?
         .execute(params![connector, scope, model, now - KEEP_MS])?;
     Ok(Ok(()))
-}
-
-/// When a window's room comes back.
-enum Ends {
-    /// At this instant (a day's end).
-    At(i64),
-    /// This long after its oldest counted reservation (a sliding window with its margin).
-    After(i64),
-}
-
-/// The first instant a window of `window` counts at `now`, and how it ends.
-fn window_of(window: Window, now: i64) -> (i64, Ends) {
-    match window {
-        Window::Day => (pacific_day_start(now), Ends::At(next_pacific_midnight(now))),
-        Window::Sliding(span) => {
-            let span = i64::try_from(span.as_millis()).unwrap_or(i64::MAX / 2).saturating_add(MARGIN_MS);
-            (now.saturating_sub(span).saturating_add(1), Ends::After(span))
-        }
-    }
 }
 
 /// Records that (scope, model) is paced until `full.until`: a lockdown row like any other (claims,
