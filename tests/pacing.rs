@@ -228,3 +228,23 @@ async fn measure_sixteen_by_twenty_five_reactive_and_paced() {
         println!("limits {limits:?}: {ok}/400 succeeded, {limited} answers 429, {:.2} s", elapsed.as_secs_f64());
     }
 }
+
+/// `why KEY --model M` says each declared limit with its window's usage (an hour's window, so the
+/// machine's pace cannot move a reservation out of it during the test).
+#[test]
+fn why_says_the_declared_limits_and_their_usage() {
+    let sandbox = sandbox("m = 3/h, 1000 tokens/min, 250/day\n* = 5/min");
+    let coordinator = sandbox.coordinator(sandbox.options());
+    for _ in 0..2 {
+        coordinator.claim_for("c", Some("models/m"), &[], Duration::ZERO).expect("room").release().expect("release");
+    }
+    let output = sandbox.apijongler().args(["why", "c", "key1", "--model", "m"]).output().expect("run why");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let line = "Declared limits of m for group:g (keyring): 2/3 this hour (3/h), 1000 tokens/min (tokens are not paced \
+                yet), 2/250 today (250/day).";
+    assert!(text.contains(line), "{text}");
+    let output = sandbox.apijongler().args(["why", "c", "key1", "--model", "other"]).output().expect("run why");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("Declared limits of other for group:g (keyring): 0/5 this minute (5/min)."), "{text}");
+}

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use api_jongler::holder::Liveness;
 use api_jongler::pool::rule;
 use api_jongler::pool::view::{self, KeyView};
-use api_jongler::pool::{HistoryQuery, KeyRecord, LockdownRecord};
+use api_jongler::pool::{HistoryQuery, KeyRecord, LockdownRecord, Measure};
 use api_jongler::{Coordinator, KeyState};
 use serde::Serialize;
 
@@ -88,6 +88,11 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(stdout, "{}", explain(&coordinator, key, &mine))?;
     writeln!(stdout, "{}", quota_group(key))?;
+    if let (Some(model), Some(keyring)) = (model, keyring_to_compare(global))
+        && let Some(line) = declared_limits(&coordinator, &keyring, key, model, now)?
+    {
+        writeln!(stdout, "{line}")?;
+    }
     if !mine.is_empty() {
         writeln!(stdout, "Lockdowns in force:")?;
         for lockdown in &mine {
@@ -117,6 +122,40 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The limits the keyring declares for requests for `model` on `key`'s quota scope, each with its
+/// window's usage: `Declared limits of m for group:g: 2/3 these 10s (3/10s), 5/250 today (250/day).`
+/// `None` when none binds.
+fn declared_limits(
+    coordinator: &Coordinator,
+    keyring: &api_jongler::Keyring,
+    key: &KeyRecord,
+    model: &str,
+    now: i64,
+) -> anyhow::Result<Option<String>> {
+    let Some(limits) = keyring.limits(&key.connector) else { return Ok(None) };
+    let binding = limits.binding(key.quota_group.as_deref(), model);
+    if binding.is_empty() {
+        return Ok(None);
+    }
+    let scope = key.quota_scope.to_string();
+    let mut said = Vec::with_capacity(binding.len());
+    for limit in binding {
+        said.push(match limit.measure {
+            Measure::Requests => {
+                let used = coordinator.store().reserved_since(
+                    &key.connector,
+                    &scope,
+                    model,
+                    limit.window.counted_from(now),
+                )?;
+                format!("{used}/{} {} ({limit})", limit.count, limit.window.said())
+            }
+            Measure::Tokens => format!("{limit} (tokens are not paced yet)"),
+        });
+    }
+    Ok(Some(format!("Declared limits of {model} for {scope} (keyring): {}.", said.join(", "))))
 }
 
 /// `why --json`: the key's one JSON shape, then the two sentences about it.

@@ -42,6 +42,10 @@ impl Backend for Disagreeing {
     fn claim(&self, _: ClaimFor<'_>, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Option<Claimed>> {
         Ok(None)
     }
+    fn reserved_since(&self, _: &str, _: &str, _: &str, _: i64) -> Result<u64> {
+        Ok(0)
+    }
+
     fn declare_limits(&self, _: &str, _: Option<Arc<crate::pool::Limits>>) {}
 
     fn claim_several(&self, _: ClaimFor<'_>, _: usize, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Vec<Claimed>> {

@@ -165,6 +165,10 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// `now`, with its key's quota scope of now.
     fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>>;
 
+    /// How many requests of quota scope `scope` for `model` were reserved against declared limits at or
+    /// after `since` (unix ms): a window's usage.
+    fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64>;
+
     /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
     fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>>;
 
@@ -245,6 +249,13 @@ impl Store {
     /// scope, to which requests naming it are pinned.
     pub fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
         self.backend.resource_owner(connector, names, now)
+    }
+
+    /// How many requests of quota scope `scope` (`group:NAME`, `project:NUMBER`, `key:NAME`) for
+    /// `model` were reserved against declared limits at or after `since` (unix ms; see
+    /// [`Window::counted_from`](crate::pool::Window::counted_from) for a window's start).
+    pub fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
+        self.backend.reserved_since(connector, scope, model, since)
     }
 
     /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).

@@ -768,6 +768,12 @@ impl Backend for Sqlite {
         })
     }
 
+    fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
+        self.read("reading reservations", |connection| {
+            pacing::reserved_since(connection, connector, scope, model, since)
+        })
+    }
+
     fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
         self.read("reading resource owners", |connection| resources::owner(connection, connector, names, now))
     }

@@ -32,6 +32,22 @@ pub(super) struct Reservation<'a> {
     pub(super) lease: i64,
 }
 
+/// The reservations of (`scope`, `model`) at or after `since`.
+pub(super) fn reserved_since(
+    connection: &rusqlite::Connection,
+    connector: &str,
+    scope: &str,
+    model: &str,
+    since: i64,
+) -> rusqlite::Result<u64> {
+    let count: i64 = connection
+        .prepare_cached(
+            "SELECT count(*) FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4",
+        )?
+        .query_row(params![connector, scope, model, since], |row| row.get(0))?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
 /// Reserves one request of `reservation` at `now` if every request limit of `limits` has room;
 /// else which is full, and until when. Token limits are not paced here.
 pub(super) fn reserve(
@@ -48,13 +64,7 @@ pub(super) fn reserve(
     }
     for limit in requests {
         let counted_from = limit.window.counted_from(now);
-        let count: i64 = transaction
-            .prepare_cached(
-                "SELECT count(*) FROM reservations
-                  WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4",
-            )?
-            .query_row(params![connector, scope, model, counted_from], |row| row.get(0))?;
-        let Ok(count) = u64::try_from(count) else { continue };
+        let count = reserved_since(transaction, connector, scope, model, counted_from)?;
         if count < limit.count {
             continue;
         }
