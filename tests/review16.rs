@@ -151,11 +151,6 @@ fn a_full_window_for_model_star_does_not_lock_every_model() {
     let coordinator = coordinator(&sandbox, &clock);
     assert!(claim(&coordinator, "*"));
     let second = claim(&coordinator, "*");
-    eprintln!("DEBUG rows {:?} lockdowns {}", reservations(&sandbox, "group:g", "*"), sandbox.count("SELECT count(*) FROM lockdowns"));
-    for row in sandbox.history() { eprintln!("DEBUG {row:?}"); }
-    let sql = sandbox.sql();
-    let l: (String, String, i64, String) = sql.query_row("SELECT scope, model, until, reason FROM lockdowns", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap();
-    eprintln!("DEBUG {l:?}");
     assert!(!second, "the window of '*' is full");
     assert!(claim(&coordinator, "other"), "another model's window is empty, yet the group is locked for it");
 }
@@ -350,4 +345,45 @@ fn a_pool_without_limits_reserves_nothing() {
         assert!(claim(&coordinator, "m"));
     }
     assert_eq!(sandbox.count("SELECT count(*) FROM reservations"), 0);
+}
+
+/// Runs the binary on the sandbox with `args`; its stdout.
+fn run(sandbox: &Sandbox, args: &[&str]) -> String {
+    let output = sandbox.apijongler().args(args).output().expect("run");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// `why KEY --model m` and `status` tell a paced scope from a 429: the reason names the declared limit,
+/// and `why` says the key would not be taken for m (but would for another model).
+#[test]
+fn why_and_status_report_a_paced_scope() {
+    let sandbox = sandbox("m = 1/min");
+    let coordinator = sandbox.coordinator(sandbox.options());
+    coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("first").release().expect("release");
+    assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "paced");
+    let why = run(&sandbox, &["why", "c", "key1", "--model", "m"]);
+    assert!(why.contains("paced: 1/min declared for m"), "{why}");
+    assert!(why.contains("A request for m does not take key1 before"), "{why}");
+    let why_other = run(&sandbox, &["why", "c", "key1", "--model", "other"]);
+    assert!(why_other.contains("A request for other takes key1 now"), "{why_other}");
+    let status = run(&sandbox, &["status"]);
+    assert!(status.contains("[apijongler:paced]"), "{status}");
+    let json: serde_json::Value = serde_json::from_str(&run(&sandbox, &["--json", "status"])).expect("json");
+    assert_eq!(json[1]["lockdowns"][0]["quota_id"], "apijongler:paced", "{json}");
+    assert_eq!(json[1]["lockdowns"][0]["strikes"], 0, "{json}");
+}
+
+/// A paced lockdown is written by no answer: the key whose claim found the window full never sent
+/// anything. `why` and `status` still say "set by key1's answer" (key1 never used), which sends a
+/// reader looking for an upstream reply that does not exist.
+#[test]
+#[ignore = "repro: a paced lockdown reads 'set by KEY's answer' though no answer set it (the key was never used)"]
+fn a_paced_lockdown_is_not_said_to_be_set_by_an_answer() {
+    let sandbox = sandbox("m = 1/min");
+    let coordinator = sandbox.coordinator(sandbox.options());
+    coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("first").release().expect("release");
+    assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "paced");
+    let why = run(&sandbox, &["why", "c", "key1", "--model", "m"]);
+    assert!(!why.contains("set by key1's answer"), "{why}");
 }
