@@ -509,37 +509,32 @@ pub enum KeyringProblem {
         reason: &'static str,
     },
 
-    /// The same model twice in one limits section (over all its headers).
+    /// The same model twice in one limits section (over all its headers). Lines of a limits section
+    /// are named by number, never by their model: a malformed line may hold a secret.
     #[error(
-        "model '{model}' appears twice in [{section}] (first on line {first_line}): list each model once, with all its limits"
+        "the model of this line appears twice in [{section}] (first on line {first_line}): list each model once, with all its limits"
     )]
     DuplicateModel {
         /// The limits section.
         section: String,
-        /// The model (`*`: any model not listed).
-        model: String,
         /// The line of its first listing.
         first_line: usize,
     },
 
     /// `MODEL =` with no limit after it.
     #[error(
-        "model '{model}' in [{section}] has no limits: write them after the `=`, separated by commas (`10/min, 250/day`)"
+        "the model of this line, in [{section}], has no limits: write them after the `=`, separated by commas (`10/min, 250/day`)"
     )]
     NoLimits {
         /// The limits section.
         section: String,
-        /// The model.
-        model: String,
     },
 
     /// A limit that does not parse.
-    #[error("the {} limit of model '{model}' in [{section}] is not a limit: {problem}", ordinal(.position))]
+    #[error("the {} limit of this line, in [{section}], is not a limit: {problem}", ordinal(.position))]
     BadLimit {
         /// The limits section.
         section: String,
-        /// The model.
-        model: String,
         /// Which limit of the line, from 1.
         position: usize,
         /// What is wrong with it.
@@ -549,15 +544,13 @@ pub enum KeyringProblem {
     /// Two limits of one model counting the same measure over the same window (`10/min, 20/min`, or
     /// `5/60s, 10/min`).
     #[error(
-        "the {} and {} limits of model '{model}' in [{section}] count the same measure (requests or tokens) over the same window: keep the one the provider states",
+        "the {} and {} limits of this line, in [{section}], count the same measure (requests or tokens) over the same window: keep the one the provider states",
         ordinal(.first),
         ordinal(.second)
     )]
     SameLimitTwice {
         /// The limits section.
         section: String,
-        /// The model.
-        model: String,
         /// The first of the two, from 1.
         first: usize,
         /// The second.

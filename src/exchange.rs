@@ -247,6 +247,10 @@ impl Upstream {
                     self.let_go(&mut request).await;
                     return Ok(self.exchange(answer, request).await);
                 }
+                // The caller waited since the request began, not only since this claim.
+                Err(Error::DatabaseLocked { path, operation, .. }) => {
+                    return Err(Error::DatabaseLocked { path, operation, waited: request.started.elapsed() });
+                }
                 Err(error) => return Err(error),
             };
             let mut tried = self.try_once(&outgoing, &mut request, lease).await;

@@ -476,22 +476,17 @@ fn read_limits_line(
     let slot = match section.models.entry(model.to_owned()) {
         Entry::Occupied(first) => {
             let first_line = first.get().1;
-            return Err(KeyringProblem::DuplicateModel {
-                section: section_name(),
-                model: model.to_owned(),
-                first_line,
-            });
+            return Err(KeyringProblem::DuplicateModel { section: section_name(), first_line });
         }
         Entry::Vacant(slot) => slot,
     };
     if value.is_empty() {
-        return Err(KeyringProblem::NoLimits { section: section_name(), model: model.to_owned() });
+        return Err(KeyringProblem::NoLimits { section: section_name() });
     }
     let mut limits: Vec<Limit> = Vec::new();
     for (index, text) in value.split(',').enumerate() {
         let limit: Limit = text.parse().map_err(|problem: LimitProblem| KeyringProblem::BadLimit {
             section: section_name(),
-            model: model.to_owned(),
             position: index + 1,
             problem,
         })?;
@@ -499,7 +494,6 @@ fn read_limits_line(
         if let Some(first) = limits.iter().position(same) {
             return Err(KeyringProblem::SameLimitTwice {
                 section: section_name(),
-                model: model.to_owned(),
                 first: first + 1,
                 second: index + 1,
             });
@@ -952,33 +946,39 @@ mod tests {
     }
 
     #[test]
-    fn each_limits_mistake_names_its_line_section_and_model_and_never_the_text() {
+    fn each_limits_mistake_names_its_line_and_section_and_never_the_text() {
         let keys = "[g]\nk1 = fake-secret-1\n[g groups]\nk1 = p\n";
         let eleven = (1..=10).map(|seconds| format!("1/{seconds}s, ")).collect::<String>() + "fake/limit";
         let cases = [
             (
                 format!("{keys}[g limits]\nm = 10/min, fake-limit\n"),
-                "6: the 2nd limit of model 'm' in [g limits] is not a limit: a limit is N/WINDOW",
+                "6: the 2nd limit of this line, in [g limits], is not a limit: a limit is N/WINDOW",
             ),
             (
                 format!("{keys}[g limits]\nm = 10/week\n"),
-                "6: the 1st limit of model 'm' in [g limits] is not a limit: a limit's window is",
+                "6: the 1st limit of this line, in [g limits], is not a limit: a limit's window is",
             ),
             (
                 format!("{keys}[g limits]\nm = 1/s, 1/min, 0/day\n"),
-                "6: the 3rd limit of model 'm' in [g limits] is not a limit: a limit's count",
+                "6: the 3rd limit of this line, in [g limits], is not a limit: a limit's count",
             ),
             (
                 format!("{keys}[g limits]\nm = {eleven}\n"),
-                "6: the 11th limit of model 'm' in [g limits] is not a limit",
+                "6: the 11th limit of this line, in [g limits], is not a limit",
             ),
-            (format!("{keys}[g limits]\nm = 10/min,\n"), "6: the 2nd limit of model 'm' in [g limits] is not a limit"),
+            (
+                format!("{keys}[g limits]\nm = 10/min,\n"),
+                "6: the 2nd limit of this line, in [g limits], is not a limit",
+            ),
             (
                 format!("{keys}[g limits p]\n* = fake secret\n"),
-                "6: the 1st limit of model '*' in [g limits p] is not a limit",
+                "6: the 1st limit of this line, in [g limits p], is not a limit",
             ),
-            (format!("{keys}[g limits]\nm =\n"), "6: model 'm' in [g limits] has no limits: write them after the `=`"),
-            (format!("{keys}[g limits]\nm = ; later\n"), "6: model 'm' in [g limits] has no limits"),
+            (
+                format!("{keys}[g limits]\nm =\n"),
+                "6: the model of this line, in [g limits], has no limits: write them after the `=`",
+            ),
+            (format!("{keys}[g limits]\nm = ; later\n"), "6: the model of this line, in [g limits], has no limits"),
             (
                 format!("{keys}[g limits]\n= 1/s\n"),
                 "6: the model of this line, in [g limits], is empty: write a model's name",
@@ -995,19 +995,19 @@ mod tests {
             (format!("{keys}[g limits]\nZmFrZS1zZWNyZXQ==\n"), "6: this line, in [g limits], is not a `MODEL"),
             (
                 format!("{keys}[g limits]\nm = 1/s\n\nmodels/m = 2/s\n"),
-                "8: model 'm' appears twice in [g limits] (first on line 6): list each model once",
+                "8: the model of this line appears twice in [g limits] (first on line 6): list each model once",
             ),
             (
                 format!("[g limits]\n* = 1/s\n{keys}[g limits]\n* = 2/s\n"),
-                "8: model '*' appears twice in [g limits] (first on line 2)",
+                "8: the model of this line appears twice in [g limits] (first on line 2)",
             ),
             (
                 format!("{keys}[g limits]\nm = 10/min, 1/day, 20/min\n"),
-                "6: the 1st and 3rd limits of model 'm' in [g limits] count the same measure (requests or tokens) over the same window: keep the one",
+                "6: the 1st and 3rd limits of this line, in [g limits], count the same measure (requests or tokens) over the same window: keep the one",
             ),
             (
                 format!("{keys}[g limits]\nm = 5 tokens/60s, 1 tokens/min\n"),
-                "6: the 1st and 2nd limits of model 'm' in [g limits] count the same measure",
+                "6: the 1st and 2nd limits of this line, in [g limits], count the same measure",
             ),
             (
                 format!("{keys}[h limits]\nm = 1/s\n"),

@@ -846,7 +846,9 @@ fn claim_in(
     clock: &dyn Clock,
 ) -> rusqlite::Result<Option<Claimed>> {
     let now = clock.now_ms();
-    let (Some(limits), Some(model)) = (&claim.limits, claim.model.as_deref()) else {
+    // A request for the model `*` (no upstream has one) is not paced: its lockdown would stop every model.
+    let model = claim.model.as_deref().filter(|model| *model != ModelScope::EVERY);
+    let (Some(limits), Some(model)) = (&claim.limits, model) else {
         return claim_one(transaction, claim, now, clock.boot_ms());
     };
     // Paced: a key whose scope has no room for the model is given back and its scope locked down

@@ -13,7 +13,8 @@ use crate::pool::{Limit, Measure};
 /// The quota id of a lockdown that pacing set.
 pub(super) const PACED: &str = "apijongler:paced";
 
-/// Reservations older than this are deleted, whatever the limits (the longest window is a day).
+/// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
+/// long as the longest window that binds them.
 const KEEP_MS: i64 = 26 * 3_600_000;
 
 /// A window with no room: the first limit found full, and when it has room again.
@@ -87,11 +88,17 @@ pub(super) fn reserve(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![connector, scope, model, now, key_name, lease])?;
+    // Rows no window counts any more go: older than the longest window (at least a day and its
+    // daylight-saving hour) before the newest earlier row, not before `now`, so that a clock stepped
+    // forward for one claim does not make the present's rows look old.
+    let age = limits.iter().map(|limit| now - limit.window.counted_from(now)).max().unwrap_or(0).max(KEEP_MS);
     transaction
         .prepare_cached(
-            "DELETE FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at < ?4",
+            "DELETE FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3
+                AND at < (SELECT max(at) FROM reservations
+                           WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at < ?4) - ?5",
         )?
-        .execute(params![connector, scope, model, now - KEEP_MS])?;
+        .execute(params![connector, scope, model, now, age])?;
     Ok(Ok(()))
 }
 
