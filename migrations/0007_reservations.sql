@@ -7,8 +7,9 @@
 -- claims, waits, `why` and `status` treat it as they treat any lockdown.
 --
 -- A row is written before the request is sent and never taken back: a request that was never sent
--- (its process killed) still counts, so the limit is never exceeded. Rows older than the longest
--- window are deleted by the next reservation of the same scope and model.
+-- (its process killed) still counts, so the limit is never exceeded. Rows older than the connector's
+-- longest window (at least 26 h), counted back from its newest earlier row, are deleted by its next
+-- reservation, whatever their scope and model.
 CREATE TABLE reservations (
     connector   TEXT    NOT NULL,
     quota_scope TEXT    NOT NULL,  -- 'group:NAME', 'project:NUMBER' or 'key:NAME'
@@ -19,3 +20,4 @@ CREATE TABLE reservations (
 );
 
 CREATE INDEX reservations_window ON reservations (connector, quota_scope, model, at);
+CREATE INDEX reservations_by_age ON reservations (connector, at);

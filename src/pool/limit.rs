@@ -57,6 +57,13 @@ impl Limits {
         self.every_group.is_empty() && self.groups.is_empty()
     }
 
+    /// How far back from `now` the longest of all these limits' windows counts, in ms.
+    pub fn longest_reach(&self, now: i64) -> i64 {
+        let sections = std::iter::once(&self.every_group).chain(self.groups.values());
+        let limits = sections.flat_map(BTreeMap::values).flatten();
+        limits.map(|limit| now - limit.window.counted_from(now)).max().unwrap_or(0)
+    }
+
     /// The limits a request for `model` meets on a key of declared quota group `group` (`None`: a key
     /// in no declared group): its group's section if it has one, else the section for every group; in
     /// it, the model's own line, else the `*` line, else none.

@@ -871,7 +871,7 @@ fn claim_in(
             key_name: &claimed.key_name,
             lease: claimed.lease,
         };
-        match pacing::reserve(transaction, &reservation, binding, now)? {
+        match pacing::reserve(transaction, &reservation, (binding, limits.longest_reach(now)), now)? {
             Ok(()) => {
                 transaction.execute_batch("RELEASE paced_claim")?;
                 return Ok(Some(claimed));

@@ -49,12 +49,13 @@ pub(super) fn reserved_since(
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
-/// Reserves one request of `reservation` at `now` if every request limit of `limits` has room;
-/// else which is full, and until when. Token limits are not paced here.
+/// Reserves one request of `reservation` at `now` if every request limit of `limits` (those that
+/// bind it) has room; else which is full, and until when. `reach`: how far back the connector's longest
+/// window counts, for deleting rows no window counts. Token limits are not paced here.
 pub(super) fn reserve(
     transaction: &Transaction<'_>,
     reservation: &Reservation<'_>,
-    limits: &[Limit],
+    (limits, reach): (&[Limit], i64),
     now: i64,
 ) -> rusqlite::Result<Result<(), Full>> {
     let Reservation { connector, scope, model, key_name, lease } = *reservation;
@@ -88,17 +89,16 @@ pub(super) fn reserve(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![connector, scope, model, now, key_name, lease])?;
-    // Rows no window counts any more go: older than the longest window (at least a day and its
-    // daylight-saving hour) before the newest earlier row, not before `now`, so that a clock stepped
-    // forward for one claim does not make the present's rows look old.
-    let age = limits.iter().map(|limit| now - limit.window.counted_from(now)).max().unwrap_or(0).max(KEEP_MS);
+    // Rows no window of the connector counts any more go, whatever their scope and model: older than
+    // its longest window (at least a day and its daylight-saving hour) before its newest earlier row,
+    // not before `now`, so that a clock stepped forward for one claim does not make the present's rows
+    // look old.
     transaction
         .prepare_cached(
-            "DELETE FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3
-                AND at < (SELECT max(at) FROM reservations
-                           WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at < ?4) - ?5",
+            "DELETE FROM reservations WHERE connector = ?1
+                AND at < (SELECT max(at) FROM reservations WHERE connector = ?1 AND at < ?2) - ?3",
         )?
-        .execute(params![connector, scope, model, now, age])?;
+        .execute(params![connector, now, reach.max(KEEP_MS)])?;
     Ok(Ok(()))
 }
 
