@@ -372,10 +372,9 @@ fn why_and_status_report_a_paced_scope() {
 }
 
 /// A paced lockdown is written by no answer: the key whose claim found the window full never sent
-/// anything. `why` and `status` still say "set by key1's answer" (key1 never used), which sends a
+/// anything. `why` and `status` said "set by key1's answer" (key1 never used), which sent a
 /// reader looking for an upstream reply that does not exist.
 #[test]
-#[ignore = "repro: a paced lockdown reads 'set by KEY's answer' though no answer set it (the key was never used)"]
 fn a_paced_lockdown_is_not_said_to_be_set_by_an_answer() {
     let sandbox = sandbox("m = 1/min");
     let coordinator = sandbox.coordinator(sandbox.options());
@@ -383,4 +382,5 @@ fn a_paced_lockdown_is_not_said_to_be_set_by_an_answer() {
     assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "paced");
     let why = run(&sandbox, &["why", "c", "key1", "--model", "m"]);
     assert!(!why.contains("set by key1's answer"), "{why}");
+    assert!(why.contains("set by pacing (its declared limit was full)"), "{why}");
 }

@@ -64,8 +64,12 @@ pub fn because(lockdown: &LockdownRecord) -> String {
     }
 }
 
-/// Who set a lockdown and when: `key1's 429 at 13:02:05`.
+/// Who set a lockdown and when: `key1's 429 at 13:02:05`, or `pacing (its declared limit was full) at
+/// 13:02:05`.
 pub fn set_by(lockdown: &LockdownRecord, now: i64) -> String {
+    if lockdown.is_paced() {
+        return format!("pacing (its declared limit was full) at {}", moment(lockdown.set_at, now));
+    }
     let answer = lockdown.http_status.map_or_else(|| "answer".to_owned(), |status| status.to_string());
     format!("{}'s {answer} at {}", lockdown.set_by_key, moment(lockdown.set_at, now))
 }

@@ -153,6 +153,9 @@ impl FromStr for Window {
     }
 }
 
+/// The quota id of a lockdown that pacing set: a declared limit's window was full.
+pub const PACED_QUOTA_ID: &str = "apijongler:paced";
+
 /// Added to every sliding window: an upstream's clock and ours, and the request's time on the wire,
 /// put a reservation's instant a little before the upstream counts it. Half a second kept a simulated
 /// hour at full quota free of 429s against rolling, fixed-minute and bucket-shaped upstreams.

@@ -310,6 +310,11 @@ impl LockdownRecord {
     pub fn is_every_model(&self) -> bool {
         self.model == ModelScope::Every
     }
+
+    /// Whether pacing set it (a declared limit's window was full), not an upstream's answer.
+    pub fn is_paced(&self) -> bool {
+        self.quota_id.as_deref() == Some(crate::pool::limit::PACED_QUOTA_ID)
+    }
 }
 
 /// Which history rows to read, newest first.

@@ -8,10 +8,8 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
+use crate::pool::limit::PACED_QUOTA_ID;
 use crate::pool::{Limit, Measure};
-
-/// The quota id of a lockdown that pacing set.
-pub(super) const PACED: &str = "apijongler:paced";
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
 /// long as the longest window that binds them.
@@ -122,7 +120,7 @@ pub(super) fn lock_down(
                  set_by_key = excluded.set_by_key, set_at = excluded.set_at, until = excluded.until
              WHERE excluded.until > until",
         )?
-        .execute(params![connector, scope, model, full.until, PACED, reason, key_name, now])?;
+        .execute(params![connector, scope, model, full.until, PACED_QUOTA_ID, reason, key_name, now])?;
     transaction
         .prepare_cached("UPDATE keys SET queue_at = max(queue_at, ?3) WHERE connector = ?1 AND quota_scope = ?2")?
         .execute(params![connector, scope, full.until])?;
