@@ -1,7 +1,7 @@
 //! Reserve before send: a claim on a key whose quota scope has declared limits for the model counts
 //! the scope's reservations in each window, in the claim's own transaction, and adds one only when
 //! every window has room (see migration 7). A full window becomes a lockdown of (scope, model) until
-//! its oldest counted reservation leaves it.
+//! the reservation that fills it leaves it.
 //!
 //! Invariant: the count and the insert run under the database's one write lock, so no window ever
 //! holds more reservations than its limit, across every process and thread.
@@ -12,7 +12,7 @@ use crate::pool::limit::PACED_QUOTA_ID;
 use crate::pool::{Limit, Measure};
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
-/// long as the longest window that binds them.
+/// long as the connector's longest window.
 const KEEP_MS: i64 = 26 * 3_600_000;
 
 /// A window with no room: the first limit found full, and when it has room again.
