@@ -229,10 +229,10 @@ async fn measure_sixteen_by_twenty_five_reactive_and_paced() {
     }
 }
 
-/// `why KEY --model M` says each declared limit with its window's usage (an hour's window, so the
+/// `why KEY --model M` and `status` say each declared limit with its window's usage (an hour's window, so the
 /// machine's pace cannot move a reservation out of it during the test).
 #[test]
-fn why_says_the_declared_limits_and_their_usage() {
+fn why_and_status_say_the_declared_limits_and_their_usage() {
     let sandbox = sandbox("m = 3/h, 1000 tokens/min, 250/day\n* = 5/min");
     let coordinator = sandbox.coordinator(sandbox.options());
     for _ in 0..2 {
@@ -247,6 +247,15 @@ fn why_says_the_declared_limits_and_their_usage() {
     let output = sandbox.apijongler().args(["why", "c", "key1", "--model", "other"]).output().expect("run why");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("Declared limits of other for group:g (keyring): 0/5 this minute (5/min)."), "{text}");
+    // `status` lists the scopes and models in use, each with its limits' usage.
+    let output = sandbox.apijongler().arg("status").output().expect("run status");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line =
+        "\n  c group:g m: 2/3 this hour (3/h), 1000 tokens/min (tokens are not paced yet), 2/250 today (250/day)\n";
+    assert!(
+        text.contains("Declared limits in use (the keyring's; each window's usage):") && text.contains(line),
+        "{text}"
+    );
 }
 
 /// The simulated hour, on an injected clock: a pool that always has work (every key claimed

@@ -99,3 +99,24 @@ pub fn table(header: &[&str]) -> Table {
     table.set_header(header.to_vec());
     table
 }
+
+/// Each of `binding` (the declared limits of `model` on quota scope `scope`) with its window's usage:
+/// `2/3 this hour (3/h), 1000 tokens/min (tokens are not paced yet), 2/250 today (250/day)`.
+pub fn limits_used(
+    store: &api_jongler::Store,
+    (connector, scope, model): (&str, &str, &str),
+    binding: &[api_jongler::pool::Limit],
+    now: i64,
+) -> api_jongler::Result<String> {
+    let mut said = Vec::with_capacity(binding.len());
+    for limit in binding {
+        said.push(match limit.measure {
+            api_jongler::pool::Measure::Requests => {
+                let used = store.reserved_since(connector, scope, model, limit.window.counted_from(now))?;
+                format!("{used}/{} {} ({limit})", limit.count, limit.window.said())
+            }
+            api_jongler::pool::Measure::Tokens => format!("{limit} (tokens are not paced yet)"),
+        });
+    }
+    Ok(said.join(", "))
+}

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use api_jongler::holder::Holder;
 use api_jongler::pool::view::{self, HolderLiveness, KeyView, KeyringKeys, PoolView, Sources};
-use api_jongler::pool::{KeyRecord, KeySpec, LockdownRecord, rule};
+use api_jongler::pool::{KeyRecord, KeySpec, LockdownRecord, Scope, rule};
 use api_jongler::{KeyState, Keyring};
 
 use super::{Global, keyring_to_compare, open, output};
@@ -125,6 +125,15 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             )?;
         }
     }
+    if let Some(keyring) = keyring.as_ref() {
+        let lines = limits_in_use(&coordinator, keyring, &shown, now)?;
+        if !lines.is_empty() {
+            writeln!(stdout, "Declared limits in use (the keyring's; each window's usage):")?;
+            for line in lines {
+                writeln!(stdout, "  {line}")?;
+            }
+        }
+    }
     if let Some(keyring) = keyring.as_ref().filter(|_| view.keyring_differences().next().is_some()) {
         writeln!(
             stdout,
@@ -206,4 +215,33 @@ fn reason(key: &KeyRecord) -> String {
         (None, Some(status)) => status.to_string(),
         (None, None) => String::new(),
     }
+}
+
+/// For each connector of `shown` with declared limits, each (quota scope, model) that reserved within
+/// its longest window: `c group:g m: 2/3 this hour (3/h), 2/250 today (250/day)`.
+fn limits_in_use(
+    coordinator: &api_jongler::Coordinator,
+    keyring: &Keyring,
+    shown: &HashSet<&str>,
+    now: i64,
+) -> anyhow::Result<Vec<String>> {
+    let mut connectors: Vec<&str> = shown.iter().copied().collect();
+    connectors.sort_unstable();
+    let mut lines = Vec::new();
+    for connector in connectors {
+        let Some(limits) = keyring.limits(connector) else { continue };
+        for (scope, model) in coordinator.store().reserved_models(connector, now - limits.longest_reach(now))? {
+            let group = match scope.parse::<Scope>() {
+                Ok(Scope::Group(group)) => Some(group),
+                _ => None,
+            };
+            let binding = limits.binding(group.as_deref(), &model);
+            if binding.is_empty() {
+                continue;
+            }
+            let used = output::limits_used(coordinator.store(), (connector, &scope, &model), binding, now)?;
+            lines.push(format!("{connector} {scope} {model}: {used}"));
+        }
+    }
+    Ok(lines)
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use api_jongler::holder::Liveness;
 use api_jongler::pool::rule;
 use api_jongler::pool::view::{self, KeyView};
-use api_jongler::pool::{HistoryQuery, KeyRecord, LockdownRecord, Measure};
+use api_jongler::pool::{HistoryQuery, KeyRecord, LockdownRecord};
 use api_jongler::{Coordinator, KeyState};
 use serde::Serialize;
 
@@ -140,22 +140,8 @@ fn declared_limits(
         return Ok(None);
     }
     let scope = key.quota_scope.to_string();
-    let mut said = Vec::with_capacity(binding.len());
-    for limit in binding {
-        said.push(match limit.measure {
-            Measure::Requests => {
-                let used = coordinator.store().reserved_since(
-                    &key.connector,
-                    &scope,
-                    model,
-                    limit.window.counted_from(now),
-                )?;
-                format!("{used}/{} {} ({limit})", limit.count, limit.window.said())
-            }
-            Measure::Tokens => format!("{limit} (tokens are not paced yet)"),
-        });
-    }
-    Ok(Some(format!("Declared limits of {model} for {scope} (keyring): {}.", said.join(", "))))
+    let used = output::limits_used(coordinator.store(), (&key.connector, &scope, model), binding, now)?;
+    Ok(Some(format!("Declared limits of {model} for {scope} (keyring): {used}.")))
 }
 
 /// `why --json`: the key's one JSON shape, then the two sentences about it.

@@ -42,6 +42,10 @@ impl Backend for Disagreeing {
     fn claim(&self, _: ClaimFor<'_>, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Option<Claimed>> {
         Ok(None)
     }
+    fn reserved_models(&self, _: &str, _: i64) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
+
     fn reserved_since(&self, _: &str, _: &str, _: &str, _: i64) -> Result<u64> {
         Ok(0)
     }

@@ -169,6 +169,9 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// after `since` (unix ms): a window's usage.
     fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64>;
 
+    /// The (quota scope, model) pairs of `connector` with reservations at or after `since`, in order.
+    fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>>;
+
     /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
     fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>>;
 
@@ -256,6 +259,12 @@ impl Store {
     /// [`Window::counted_from`](crate::pool::Window::counted_from) for a window's start).
     pub fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
         self.backend.reserved_since(connector, scope, model, since)
+    }
+
+    /// The (quota scope, model) pairs of `connector` that reserved against declared limits at or after
+    /// `since` (unix ms), by scope and model.
+    pub fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
+        self.backend.reserved_models(connector, since)
     }
 
     /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).

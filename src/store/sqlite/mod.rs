@@ -774,6 +774,10 @@ impl Backend for Sqlite {
         })
     }
 
+    fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
+        self.read("reading reservations", |connection| pacing::reserved_models(connection, connector, since))
+    }
+
     fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
         self.read("reading resource owners", |connection| resources::owner(connection, connector, names, now))
     }

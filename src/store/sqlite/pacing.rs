@@ -47,6 +47,21 @@ pub(super) fn reserved_since(
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
+/// The (scope, model) pairs of `connector` with reservations at or after `since`, by scope and model.
+pub(super) fn reserved_models(
+    connection: &rusqlite::Connection,
+    connector: &str,
+    since: i64,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    connection
+        .prepare_cached(
+            "SELECT DISTINCT quota_scope, model FROM reservations WHERE connector = ?1 AND at >= ?2
+              ORDER BY quota_scope, model",
+        )?
+        .query_map(params![connector, since], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect()
+}
+
 /// Reserves one request of `reservation` at `now` if every request limit of `limits` (those that
 /// bind it) has room; else which is full, and until when. `reach`: how far back the connector's longest
 /// window counts, for deleting rows no window counts. Token limits are not paced here.
