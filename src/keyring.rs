@@ -504,6 +504,31 @@ fn read_limits_line(
     Ok(())
 }
 
+/// Of the mistakes found once the whole file is read, the one on the earliest line (the one reported).
+#[derive(Default)]
+struct Earliest(Option<(usize, KeyringProblem)>);
+
+impl Earliest {
+    fn note(&mut self, line: usize, problem: KeyringProblem) {
+        if self.0.as_ref().is_none_or(|(earliest, _)| line < *earliest) {
+            self.0 = Some((line, problem));
+        }
+    }
+
+    /// The error of the earliest mistake, if any, in file `path`.
+    fn into_result(self, path: &Path) -> Result<()> {
+        match self.0 {
+            Some((line, problem)) => Err(Error::KeyringLine { path: path.to_owned(), line, problem }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Every secret of the file, to refuse a group label or a model that is one.
+fn secrets_of(connectors: &BTreeMap<String, Section>) -> HashSet<&str> {
+    connectors.values().flat_map(|section| &section.keys).map(|key| key.secret().expose_secret()).collect()
+}
+
 /// Checks every `[connector groups]` section against the keys of its connector, then hands its labels
 /// to it. Of several mistakes, the one on the earliest line is reported.
 fn attach_groups(
@@ -511,18 +536,10 @@ fn attach_groups(
     connectors: &mut BTreeMap<String, Section>,
     groups: BTreeMap<String, Groups>,
 ) -> Result<()> {
-    let mut first: Option<(usize, KeyringProblem)> = None;
-    let mut note = |line: usize, problem: KeyringProblem| {
-        if first.as_ref().is_none_or(|(earliest, _)| line < *earliest) {
-            first = Some((line, problem));
-        }
-    };
+    let mut earliest = Earliest::default();
+    let mut note = |line, problem| earliest.note(line, problem);
     // The secrets, to refuse a label that is one; gathered only if there is a label.
-    let secrets: HashSet<&str> = if groups.is_empty() {
-        HashSet::new()
-    } else {
-        connectors.values().flat_map(|section| &section.keys).map(|key| key.secret().expose_secret()).collect()
-    };
+    let secrets = if groups.is_empty() { HashSet::new() } else { secrets_of(connectors) };
     for (connector, section) in &groups {
         let Some(keys) = connectors.get(connector) else {
             note(section.header_line, KeyringProblem::GroupsWithoutKeys { connector: connector.clone() });
@@ -539,9 +556,7 @@ fn attach_groups(
             note(*line, problem);
         }
     }
-    if let Some((line, problem)) = first {
-        return Err(Error::KeyringLine { path: path.to_owned(), line, problem });
-    }
+    earliest.into_result(path)?;
     for (connector, section) in groups {
         if let Some(keys) = connectors.get_mut(&connector) {
             keys.groups.extend(section.labels.into_iter().map(|(key, (label, _))| (key, label)));
@@ -558,18 +573,10 @@ fn attach_limits(
     connectors: &mut BTreeMap<String, Section>,
     limits: BTreeMap<LimitsOf, LimitsSection>,
 ) -> Result<()> {
-    let mut first: Option<(usize, KeyringProblem)> = None;
-    let mut note = |line: usize, problem: KeyringProblem| {
-        if first.as_ref().is_none_or(|(earliest, _)| line < *earliest) {
-            first = Some((line, problem));
-        }
-    };
+    let mut earliest = Earliest::default();
+    let mut note = |line, problem| earliest.note(line, problem);
     // The secrets, to refuse a model that is one (models are stored); gathered only if there is one.
-    let secrets: HashSet<&str> = if limits.is_empty() {
-        HashSet::new()
-    } else {
-        connectors.values().flat_map(|section| &section.keys).map(|key| key.secret().expose_secret()).collect()
-    };
+    let secrets = if limits.is_empty() { HashSet::new() } else { secrets_of(connectors) };
     for ((connector, group), section) in &limits {
         let header = match group {
             Some(group) => format!("{connector}{LIMITS_SUFFIX} {group}"),
@@ -589,9 +596,7 @@ fn attach_limits(
         };
         note(section.header_line, problem);
     }
-    if let Some((line, problem)) = first {
-        return Err(Error::KeyringLine { path: path.to_owned(), line, problem });
-    }
+    earliest.into_result(path)?;
     for ((connector, group), section) in limits {
         let models: BTreeMap<String, Vec<Limit>> =
             section.models.into_iter().map(|(model, (limits, _))| (model, limits)).collect();

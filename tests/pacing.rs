@@ -7,22 +7,10 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use api_jongler::{Clock, Coordinator, CoordinatorOptions, Error, ManualClock};
+use api_jongler::{Clock, Error, ManualClock};
 use common::{Sandbox, wait_until};
 
 const T0: i64 = 1_800_000_000_000;
-
-/// Two keys of one group, and `limits` as the connector's limits section.
-fn sandbox(limits: &str) -> Sandbox {
-    Sandbox::with_keyring(&format!(
-        "[c]\nkey0 = fake-secret-c-0-do-not-use\nkey1 = fake-secret-c-1-do-not-use\n\
-         [c groups]\nkey0 = g\nkey1 = g\n[c limits]\n{limits}\n"
-    ))
-}
-
-fn coordinator(sandbox: &Sandbox, clock: &Arc<ManualClock>) -> Coordinator {
-    sandbox.coordinator(CoordinatorOptions { clock: clock.clone(), ..sandbox.options() })
-}
 
 /// The paced lockdowns of the pool: (scope, model, until, reason).
 fn paced(sandbox: &Sandbox) -> Vec<(String, String, i64, String)> {
@@ -43,9 +31,9 @@ fn paced(sandbox: &Sandbox) -> Vec<(String, String, i64, String)> {
 /// is not paced; once the window moves, m is claimed again.
 #[test]
 fn a_full_window_is_a_lockdown_of_the_group_for_the_model_until_it_has_room() {
-    let sandbox = sandbox("m = 3/10s");
+    let sandbox = Sandbox::with_limits("m = 3/10s");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     for _ in 0..3 {
         coordinator
             .claim_for("c", Some("m"), &[], Duration::ZERO)
@@ -78,11 +66,11 @@ fn a_full_window_is_a_lockdown_of_the_group_for_the_model_until_it_has_room() {
 /// next midnight there, and the new day has room at once.
 #[test]
 fn a_days_limit_ends_at_pacific_midnight() {
-    let sandbox = sandbox("* = 2/day");
+    let sandbox = Sandbox::with_limits("* = 2/day");
     // 2027-01-15 23:00 in Los Angeles (UTC-8): 07:00 UTC the next day.
     let late = chrono::NaiveDate::from_ymd_opt(2027, 1, 16).unwrap().and_hms_opt(7, 0, 0).unwrap().and_utc();
     let clock = Arc::new(ManualClock::new(late.timestamp_millis()));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     for _ in 0..2 {
         coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("room today").release().expect("release");
     }
@@ -109,7 +97,7 @@ fn worker(sandbox: &Sandbox) -> Child {
 /// holds 11. A killed claimer's reservation still counts, so kills can only leave room unused.
 #[test]
 fn sixteen_processes_never_put_eleven_in_a_window_even_when_some_are_killed() {
-    let sandbox = sandbox("* = 10/s");
+    let sandbox = Sandbox::with_limits("* = 10/s");
     drop(sandbox.coordinator(sandbox.options()));
     let mut workers: Vec<Child> = (0..16).map(|_| worker(&sandbox)).collect();
     let reserved = || sandbox.count("SELECT count(*) FROM reservations");
@@ -233,7 +221,7 @@ async fn measure_sixteen_by_twenty_five_reactive_and_paced() {
 /// machine's pace cannot move a reservation out of it during the test).
 #[test]
 fn why_and_status_say_the_declared_limits_and_their_usage() {
-    let sandbox = sandbox("m = 3/h, 1000 tokens/min, 250/day\n* = 5/min");
+    let sandbox = Sandbox::with_limits("m = 3/h, 1000 tokens/min, 250/day\n* = 5/min");
     let coordinator = sandbox.coordinator(sandbox.options());
     for _ in 0..2 {
         coordinator.claim_for("c", Some("models/m"), &[], Duration::ZERO).expect("room").release().expect("release");
@@ -268,9 +256,9 @@ fn a_simulated_hour_at_full_demand_meets_a_rolling_window_without_a_429() {
     const HOUR_MS: i64 = 3_600_000;
     const WINDOW_MS: i64 = 60_000;
     const QUOTA: usize = 10;
-    let sandbox = sandbox("m = 10/min");
+    let sandbox = Sandbox::with_limits("m = 10/min");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut jitter = || {
         seed ^= seed << 13;

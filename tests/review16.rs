@@ -7,23 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api_jongler::pool::{Fate, Lockdown, Reach};
-use api_jongler::{Coordinator, CoordinatorOptions, Error, ManualClock};
+use api_jongler::{Coordinator, Error, ManualClock};
 use common::Sandbox;
 
 const T0: i64 = 1_800_000_000_000;
 const HOUR: i64 = 3_600_000;
-
-/// Two keys of group g of connector c, with `limits` as `[c limits]`.
-fn sandbox(limits: &str) -> Sandbox {
-    Sandbox::with_keyring(&format!(
-        "[c]\nkey0 = fake-secret-c-0-do-not-use\nkey1 = fake-secret-c-1-do-not-use\n\
-         [c groups]\nkey0 = g\nkey1 = g\n[c limits]\n{limits}\n"
-    ))
-}
-
-fn coordinator(sandbox: &Sandbox, clock: &Arc<ManualClock>) -> Coordinator {
-    sandbox.coordinator(CoordinatorOptions { clock: clock.clone(), ..sandbox.options() })
-}
 
 /// Claims `model` on `c` at once and releases it; whether a key came.
 fn claim(coordinator: &Coordinator, model: &str) -> bool {
@@ -55,9 +43,9 @@ fn reservations(sandbox: &Sandbox, scope: &str, model: &str) -> Vec<i64> {
 /// window already holds 2) — it goes through, and the window holds 3.
 #[test]
 fn a_window_longer_than_a_day_never_holds_more_than_its_limit() {
-    let sandbox = sandbox("m = 2/48h");
+    let sandbox = Sandbox::with_limits("m = 2/48h");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     assert!(claim(&coordinator, "m"), "first of 2 in 48 h");
     clock.set(T0 + 27 * HOUR);
     assert!(claim(&coordinator, "m"), "second of 2 in 48 h");
@@ -96,9 +84,9 @@ fn a_secret_with_a_colon_pasted_in_a_limits_section_is_never_shown() {
 /// real 10 s. Rows should be deleted by age relative to the newest row, or not before the window ends.
 #[test]
 fn a_clock_jump_forward_and_back_does_not_empty_a_full_window() {
-    let sandbox = sandbox("m = 3/10s");
+    let sandbox = Sandbox::with_limits("m = 3/10s");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     for _ in 0..3 {
         assert!(claim(&coordinator, "m"));
     }
@@ -121,9 +109,9 @@ fn a_clock_jump_forward_and_back_does_not_empty_a_full_window() {
 /// keeps its rows for ever: the table grows with every distinct name, never pruned.
 #[test]
 fn reservations_of_a_model_never_asked_again_are_pruned() {
-    let sandbox = sandbox("* = 100/min");
+    let sandbox = Sandbox::with_limits("* = 100/min");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     for index in 0..50 {
         assert!(claim(&coordinator, &format!("typo-{index}")));
     }
@@ -143,9 +131,9 @@ fn reservations_of_a_model_never_asked_again_are_pruned() {
 /// models with their own untouched windows. (Before the fix it did.)
 #[test]
 fn a_full_window_for_model_star_does_not_lock_every_model() {
-    let sandbox = sandbox("* = 1/min");
+    let sandbox = Sandbox::with_limits("* = 1/min");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     assert!(claim(&coordinator, "*"));
     assert!(claim(&coordinator, "*"), "a request for '*' is not paced");
     assert!(claim(&coordinator, "other"), "another model's window is empty");
@@ -161,7 +149,7 @@ fn a_full_window_for_model_star_does_not_lock_every_model() {
 fn the_same_key_reclaimed_counts_every_claim() {
     let sandbox = Sandbox::with_keyring("[c]\nkey0 = fake-secret-c-0-do-not-use\n[c limits]\nm = 3/10s\n");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     for _ in 0..3 {
         assert!(claim(&coordinator, "m"));
     }
@@ -177,7 +165,7 @@ fn waiters_served_in_one_transaction_stay_under_the_limit() {
     let groups: String = (0..8).map(|i| format!("key{i} = g\n")).collect();
     let sandbox = Sandbox::with_keyring(&format!("[c]\n{keys}[c groups]\n{groups}[c limits]\nm = 3/1h\n"));
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     // Hold every key so the claimers queue, then give them back at once.
     let held: Vec<_> =
         (0..8).map(|_| coordinator.claim_for("c", Some("x"), &[], Duration::ZERO).expect("hold")).collect();
@@ -203,7 +191,7 @@ fn waiters_served_in_one_transaction_stay_under_the_limit() {
 /// and one that may wait longer gets a key when the window has room (the real clock).
 #[test]
 fn a_wait_on_a_full_window_ends_by_its_deadline_or_with_a_key() {
-    let sandbox = sandbox("m = 1/s");
+    let sandbox = Sandbox::with_limits("m = 1/s");
     let coordinator = sandbox.coordinator(sandbox.options());
     coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("first").release().expect("release");
     let started = Instant::now();
@@ -220,9 +208,9 @@ fn a_wait_on_a_full_window_ends_by_its_deadline_or_with_a_key() {
 /// fewer), and the lockdown lasts until they leave it.
 #[test]
 fn a_clock_stepped_backwards_still_counts_what_was_sent() {
-    let sandbox = sandbox("m = 2/10s");
+    let sandbox = Sandbox::with_limits("m = 2/10s");
     let clock = Arc::new(ManualClock::new(T0 + 5_000));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     assert!(claim(&coordinator, "m") && claim(&coordinator, "m"));
     clock.set(T0);
     assert!(!claim(&coordinator, "m"), "2 requests sent (at T0 + 5 s by the old clock) fill the window");
@@ -236,7 +224,7 @@ fn limits_of_one_connector_do_not_reach_another() {
          [d]\nkey0 = fake-secret-d-0-do-not-use\n[d groups]\nkey0 = g\n",
     );
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     assert!(claim(&coordinator, "m"));
     assert!(!claim(&coordinator, "m"));
     for _ in 0..5 {
@@ -254,7 +242,7 @@ fn a_groups_section_replaces_the_every_group_section_and_models_prefix_is_droppe
          [c groups]\nkey0 = paid\n[c limits]\n* = 1/min\n[c limits paid]\nm = 2/min\n",
     );
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     // m: paid allows 2, key1 (a group of its own) 1: three in all, the 3rd via `models/m`.
     assert!(claim(&coordinator, "m") && claim(&coordinator, "m") && claim(&coordinator, "models/m"));
     assert!(!claim(&coordinator, "m"));
@@ -271,9 +259,9 @@ fn a_groups_section_replaces_the_every_group_section_and_models_prefix_is_droppe
 /// still refused.
 #[test]
 fn cleanup_does_not_open_a_full_window() {
-    let sandbox = sandbox("m = 1/min");
+    let sandbox = Sandbox::with_limits("m = 1/min");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     assert!(claim(&coordinator, "m"));
     assert!(!claim(&coordinator, "m"));
     coordinator.cleanup(Some("c"), true).expect("cleanup");
@@ -284,9 +272,9 @@ fn cleanup_does_not_open_a_full_window() {
 /// scope's first strike, and its lockdown keeps the later end; pacing itself adds none.
 #[test]
 fn a_429_during_a_paced_lockdown_is_one_strike() {
-    let sandbox = sandbox("m = 1/min");
+    let sandbox = Sandbox::with_limits("m = 1/min");
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     let in_flight = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("first");
     assert!(!claim(&coordinator, "m"), "paced");
     let paced_until: i64 = sandbox.count("SELECT until FROM lockdowns WHERE quota_id = 'apijongler:paced'");
@@ -313,11 +301,11 @@ fn a_429_during_a_paced_lockdown_is_one_strike() {
 /// paced until that midnight, and the window of the new day is empty.
 #[test]
 fn a_days_limit_across_daylight_saving() {
-    let sandbox = sandbox("* = 1/day");
+    let sandbox = Sandbox::with_limits("* = 1/day");
     // 2027-03-14 (clocks go forward at 2 am), 23:30 PDT = 06:30 UTC on the 15th.
     let late = chrono::NaiveDate::from_ymd_opt(2027, 3, 15).unwrap().and_hms_opt(6, 30, 0).unwrap().and_utc();
     let clock = Arc::new(ManualClock::new(late.timestamp_millis()));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     assert!(claim(&coordinator, "m"));
     assert!(!claim(&coordinator, "m"));
     let until: i64 = sandbox.count("SELECT until FROM lockdowns WHERE quota_id = 'apijongler:paced'");
@@ -337,7 +325,7 @@ fn a_days_limit_across_daylight_saving() {
 fn a_pool_without_limits_reserves_nothing() {
     let sandbox = Sandbox::new("c", 1);
     let clock = Arc::new(ManualClock::new(T0));
-    let coordinator = coordinator(&sandbox, &clock);
+    let coordinator = sandbox.coordinator_on(&clock);
     for _ in 0..20 {
         assert!(claim(&coordinator, "m"));
     }
@@ -355,7 +343,7 @@ fn run(sandbox: &Sandbox, args: &[&str]) -> String {
 /// and `why` says the key would not be taken for m (but would for another model).
 #[test]
 fn why_and_status_report_a_paced_scope() {
-    let sandbox = sandbox("m = 1/min");
+    let sandbox = Sandbox::with_limits("m = 1/min");
     let coordinator = sandbox.coordinator(sandbox.options());
     coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("first").release().expect("release");
     assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "paced");
@@ -376,7 +364,7 @@ fn why_and_status_report_a_paced_scope() {
 /// reader looking for an upstream reply that does not exist.
 #[test]
 fn a_paced_lockdown_is_not_said_to_be_set_by_an_answer() {
-    let sandbox = sandbox("m = 1/min");
+    let sandbox = Sandbox::with_limits("m = 1/min");
     let coordinator = sandbox.coordinator(sandbox.options());
     coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("first").release().expect("release");
     assert!(coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).is_err(), "paced");

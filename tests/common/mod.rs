@@ -32,6 +32,20 @@ impl Sandbox {
         Self::with_keyring(&ini)
     }
 
+    /// Two keys of quota group g of connector c, with `limits` as the lines of `[c limits]` (the
+    /// pacing tests' pool).
+    pub fn with_limits(limits: &str) -> Self {
+        Self::with_keyring(&format!(
+            "[c]\nkey0 = fake-secret-c-0-do-not-use\nkey1 = fake-secret-c-1-do-not-use\n\
+             [c groups]\nkey0 = g\nkey1 = g\n[c limits]\n{limits}\n"
+        ))
+    }
+
+    /// A coordinator synced with the keyring whose clock is `clock`.
+    pub fn coordinator_on(&self, clock: &std::sync::Arc<api_jongler::ManualClock>) -> Coordinator {
+        self.coordinator(CoordinatorOptions { clock: clock.clone(), ..self.options() })
+    }
+
     /// A sandbox whose keyring holds `ini`.
     pub fn with_keyring(ini: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
