@@ -74,6 +74,7 @@ pub mod mock;
 pub mod model;
 pub mod pool;
 mod reaper;
+pub mod retention;
 pub mod resource;
 pub mod store;
 pub mod stream;

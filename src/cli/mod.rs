@@ -4,6 +4,7 @@
 
 mod bench;
 mod cleanup;
+mod columns;
 mod connectors;
 mod db;
 mod demo;
@@ -14,6 +15,7 @@ mod request;
 mod serve;
 mod signals;
 mod status;
+mod usage;
 mod why;
 mod worker;
 
@@ -166,8 +168,10 @@ enum Command {
     Why(why::WhyArgs),
     /// The known connectors, where each comes from, and how its key is sent.
     Connectors,
-    /// The database path, schema version and example queries.
+    /// The database path, schema version and example queries; `db prune` deletes old rows.
     Db(db::DbArgs),
+    /// Requests, successes, 429s and errors per key, model or quota group over a span.
+    Usage(usage::UsageArgs),
     /// The whole thing on a built-in mock upstream: no keys, no network, well under a minute.
     Demo(demo::DemoArgs),
     /// Shell completions.
@@ -200,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Command::Why(why)) => why::run(global, &why),
         Some(Command::Connectors) => connectors::run(global),
         Some(Command::Db(db)) => db::run(global, &db),
+        Some(Command::Usage(usage)) => usage::run(global, &usage),
         Some(Command::Demo(demo)) => demo::run(global, &demo),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut completion_command(), "apijongler", &mut std::io::stdout());

@@ -20,46 +20,275 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use api_jongler::holder::Holder;
 use api_jongler::pool::view::{self, HolderLiveness, KeyView, KeyringKeys, PoolView, Sources};
 use api_jongler::pool::{KeyRecord, KeySpec, LockdownRecord, Scope, rule};
 use api_jongler::{KeyState, Keyring};
 
-use super::{Global, keyring_to_compare, open, output};
+use super::exit::Usage;
+use super::{Global, columns, keyring_to_compare, open, output};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Only this connector.
     connector: Option<String>,
+    /// The full table, however wide: each key's holder and heartbeat, last reason and uses, and how the
+    /// keyring differs (by default one line per key, fitted to the terminal).
+    #[arg(long, short)]
+    long: bool,
+    /// Redraw in place whenever the database changes (and every second), until Ctrl-C.
+    #[arg(long, short)]
+    watch: bool,
 }
 
+/// How often `--watch` asks the database whether anything changed (a microsecond's read).
+const WATCH_POLL: Duration = Duration::from_millis(250);
+
+/// `--watch` redraws at least this often, so relative times ("in 42 s") stay true.
+const WATCH_REDRAW: Duration = Duration::from_secs(1);
+
 pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    if args.watch && global.json {
+        return Err(Usage("--watch redraws the table; leave out --json (or run `status --json` when needed)".to_owned()).into());
+    }
     let coordinator = open(global)?;
+    if args.watch {
+        return watch(global, args, &coordinator);
+    }
+    render(global, args, &coordinator, &mut std::io::stdout().lock(), true)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--watch`: the status redrawn from the top of the screen whenever another process committed a
+/// change (SQLite's `data_version`, see [`api_jongler::store::Changes`]), and every second.
+fn watch(global: &Global, args: &StatusArgs, coordinator: &api_jongler::Coordinator) -> anyhow::Result<ExitCode> {
+    let mut changes = coordinator.store().changes()?;
+    let mut drawn: Option<Instant> = None;
+    loop {
+        let changed = changes.changed()?;
+        if changed || drawn.is_none_or(|at| at.elapsed() >= WATCH_REDRAW) {
+            let mut frame = Vec::new();
+            render(global, args, coordinator, &mut frame, drawn.is_none())?;
+            let mut stdout = std::io::stdout().lock();
+            // Home, then clear: the new frame replaces the old one in place.
+            stdout.write_all(b"\x1b[H\x1b[2J")?;
+            stdout.write_all(&frame)?;
+            writeln!(stdout, "\nRedrawn as the pool changes; Ctrl-C to stop.")?;
+            stdout.flush()?;
+            drawn = Some(Instant::now());
+        }
+        std::thread::sleep(WATCH_POLL);
+    }
+}
+
+/// The status, once, to `out`; the keyring's warnings go to stderr when `warn` is set.
+fn render(
+    global: &Global,
+    args: &StatusArgs,
+    coordinator: &api_jongler::Coordinator,
+    out: &mut impl Write,
+    warn: bool,
+) -> anyhow::Result<()> {
     let now = coordinator.now_ms();
     let keys: Vec<KeyRecord> = coordinator.store().keys(args.connector.as_deref())?;
     let lockdowns: Vec<LockdownRecord> = coordinator.store().lockdowns(args.connector.as_deref())?;
-    let keyring = keyring_to_compare(global);
+    let keyring = if warn || !global.quiet { keyring_to_compare(global) } else { None };
     let view = pool_view(&keys, &lockdowns, keyring.as_ref(), args.connector.as_deref(), None, now);
-    if !global.quiet {
+    if warn && !global.quiet {
         for warning in &view.warnings {
             eprintln!("apijongler: warning: {warning}");
         }
     }
-    let mut stdout = std::io::stdout().lock();
     if global.json {
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&view.keys)?)?;
-        return Ok(ExitCode::SUCCESS);
+        writeln!(out, "{}", serde_json::to_string_pretty(&view.keys)?)?;
+        return Ok(());
     }
     if view.keys.is_empty() {
         let scope = args.connector.as_deref().map(|c| format!(" of '{c}'")).unwrap_or_default();
         writeln!(
-            stdout,
+            out,
             "No keys{scope} in {}. Keys appear once a keyring (APIJONGLER_CONFIG or --config) is used.",
             coordinator.db_path().display()
         )?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
+    let records: HashMap<(&str, &str), &KeyRecord> =
+        keys.iter().map(|key| ((key.connector.as_str(), key.key_name.as_str()), key)).collect();
+    let width = columns::width();
+    if args.long {
+        writeln!(out, "{}", long_table(&view, &records, &lockdowns, keyring.is_some(), now))?;
+    } else {
+        compact_table(out, &view, &records, &lockdowns, now, width)?;
+    }
+    let shown: HashSet<&str> = view.keys.iter().map(|line| line.connector.as_str()).collect();
+    let explained: Vec<&LockdownRecord> =
+        lockdowns.iter().filter(|l| rule::in_force(l, now) && shown.contains(l.connector.as_str())).collect();
+    if !explained.is_empty() {
+        let heading =
+            "Lockdowns in force (keys skip them for that model; `apijongler why CONNECTOR KEY` explains one key):";
+        print_wrapped(out, heading, args.long, width)?;
+        for lockdown in explained {
+            let line = format!(
+                "  {} {}: {} until {}, set by {}: {}",
+                lockdown.connector,
+                output::scope(&lockdown.scope),
+                output::model(lockdown),
+                output::deadline(lockdown.until, now),
+                output::set_by(lockdown, now),
+                output::because(lockdown)
+            );
+            print_wrapped(out, &line, args.long, width)?;
+        }
+    }
+    if !args.long {
+        // The compact table has no reason column: a key in error says why here.
+        let errors: Vec<&&KeyRecord> = records
+            .values()
+            .filter(|key| key.retired_at.is_none() && key.state == KeyState::Error)
+            .collect::<Vec<_>>();
+        if !errors.is_empty() {
+            writeln!(out, "Keys in error (never claimed until `apijongler cleanup`):")?;
+            let mut errors = errors;
+            errors.sort_by_key(|key| (&key.connector, &key.key_name));
+            for key in errors {
+                print_wrapped(out, &format!("  {} {}: {}", key.connector, key.key_name, reason(key)), false, width)?;
+            }
+        }
+    }
+    if let Some(keyring) = keyring.as_ref() {
+        let lines = limits_in_use(coordinator, keyring, &shown, now)?;
+        if !lines.is_empty() {
+            writeln!(out, "Declared limits in use (the keyring's; each window's usage):")?;
+            for line in lines {
+                writeln!(out, "  {line}")?;
+            }
+        }
+    }
+    if let Some(keyring) = keyring.as_ref().filter(|_| view.keyring_differences().next().is_some()) {
+        let column = if args.long { "The keyring column" } else { "A state marked * (see --long)" };
+        let line = format!(
+            "{column} is how {} differs from the database; the next request or cleanup with it applies it.",
+            keyring.path().display()
+        );
+        print_wrapped(out, &line, args.long, width)?;
+    }
+    Ok(())
+}
+
+/// `line` as is for `--long`, else wrapped to `width` with its continuation indented.
+fn print_wrapped(out: &mut impl Write, line: &str, long: bool, width: usize) -> std::io::Result<()> {
+    if long {
+        return writeln!(out, "{line}");
+    }
+    for part in columns::wrap(line, width, "      ") {
+        writeln!(out, "{part}")?;
+    }
+    Ok(())
+}
+
+/// One line per key, fitted to `width`: per connector a heading with its keys' count by state, then
+/// its keys' name, fingerprint, group, state, holder, lockdowns (the first to end, and how many),
+/// uses and last use.
+fn compact_table(
+    out: &mut impl Write,
+    view: &PoolView,
+    records: &HashMap<(&str, &str), &KeyRecord>,
+    lockdowns: &[LockdownRecord],
+    now: i64,
+    width: usize,
+) -> std::io::Result<()> {
+    let mut connectors: Vec<&str> = view.keys.iter().map(|key| key.connector.as_str()).collect();
+    connectors.dedup();
+    for connector in connectors {
+        let keys: Vec<&KeyView> = view.keys.iter().filter(|key| key.connector == connector).collect();
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for key in &keys {
+            let state = key.state.to_string();
+            match counts.iter_mut().find(|(word, _)| *word == state) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((state, 1)),
+            }
+        }
+        let counts: Vec<String> = counts.iter().map(|(state, n)| format!("{n} {state}")).collect();
+        let heading = format!("{connector}: {} keys ({})", keys.len(), counts.join(", "));
+        writeln!(out, "{}", columns::wrap(&heading, width, "  ").join("\n"))?;
+        let mut rows =
+            vec![["key", "fingerprint", "group", "state", "holder", "lockdowns", "uses", "last used"].map(String::from).to_vec()];
+        for line in keys {
+            let noted = if line.keyring.is_some() { "*" } else { "" };
+            rows.push(match records.get(&(line.connector.as_str(), line.key.as_str())) {
+                Some(key) => vec![
+                    key.key_name.clone(),
+                    key.fingerprint.clone(),
+                    group(key),
+                    format!("{}{noted}", compact_state(key, now)),
+                    compact_holder(line),
+                    compact_lockdowns(key, &view::in_force(key, lockdowns, now), now),
+                    key.uses.to_string(),
+                    if key.last_used_at > 0 { output::relative(key.last_used_at, now) } else { "never".to_owned() },
+                ],
+                None => vec![
+                    line.key.clone(),
+                    line.fingerprint.clone(),
+                    String::new(),
+                    format!("new{noted}"),
+                    String::new(),
+                    String::new(),
+                    "0".to_owned(),
+                    "never".to_owned(),
+                ],
+            });
+        }
+        // The lockdowns column keeps a model and its deadline longest; names and groups give way first.
+        let wanted = [8, 8, 8, 6, 12, 30, 4, 9];
+        for row in columns::fit(&rows, width.saturating_sub(2), &wanted, &[6]) {
+            writeln!(out, "  {row}")?;
+        }
+    }
+    Ok(())
+}
+
+/// The state in a word: `vacant` for a lockdown that is over.
+fn compact_state(key: &KeyRecord, now: i64) -> String {
+    if key.retired_at.is_some() {
+        return "retired".to_owned();
+    }
+    key.effective_state(now).to_string()
+}
+
+/// `pid 4242 since 13:02:05` (`, dead` when it is).
+fn compact_holder(key: &KeyView) -> String {
+    let Some(holder) = key.holder.as_ref() else { return String::new() };
+    let Some(locked_at) = holder.locked_at else { return String::new() };
+    let dead = if holder.liveness == HolderLiveness::Dead { ", dead" } else { "" };
+    format!("pid {} since {}{dead}", holder.pid, output::clock_time(locked_at))
+}
+
+/// The lockdown that ends first, with its deadline, and how many more: `gemini-2.5-pro until 00:00 PT
+/// (in 9 h) +1`.
+fn compact_lockdowns(key: &KeyRecord, mine: &[&LockdownRecord], now: i64) -> String {
+    let mut ends: Vec<(String, i64)> = mine.iter().map(|l| (output::model(l).to_owned(), l.until)).collect();
+    if let Some(until) = rule::own_lockdown_end(key, now)
+        && !mine.iter().any(|l| l.is_every_model())
+    {
+        ends.push(("every model".to_owned(), until));
+    }
+    ends.sort_by_key(|(_, until)| *until);
+    let Some((model, until)) = ends.first() else { return String::new() };
+    let more = if ends.len() > 1 { format!(" +{}", ends.len() - 1) } else { String::new() };
+    format!("{model} until {}{more}", output::deadline(*until, now))
+}
+
+/// The full table of `--long`: every detail, one row per key, as wide as it needs.
+fn long_table(
+    view: &PoolView,
+    records: &HashMap<(&str, &str), &KeyRecord>,
+    lockdowns: &[LockdownRecord],
+    with_keyring: bool,
+    now: i64,
+) -> comfy_table::Table {
     let mut header = vec![
         "connector",
         "key",
@@ -72,11 +301,9 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         "uses",
         "last used",
     ];
-    if keyring.is_some() {
+    if with_keyring {
         header.push("keyring");
     }
-    let records: HashMap<(&str, &str), &KeyRecord> =
-        keys.iter().map(|key| ((key.connector.as_str(), key.key_name.as_str()), key)).collect();
     let mut table = output::table(&header);
     for line in &view.keys {
         let mut row = match records.get(&(line.connector.as_str(), line.key.as_str())) {
@@ -87,7 +314,7 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 group(key),
                 state_label(key, now),
                 holder(line, now),
-                lockdown_cell(key, &view::in_force(key, &lockdowns, now), now),
+                lockdown_cell(key, &view::in_force(key, lockdowns, now), now),
                 reason(key),
                 key.uses.to_string(),
                 if key.last_used_at > 0 { output::relative(key.last_used_at, now) } else { "never".to_owned() },
@@ -98,50 +325,12 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 row
             }
         };
-        if keyring.is_some() {
+        if with_keyring {
             row.push(line.keyring.map(|note| note.as_str()).unwrap_or_default().to_owned());
         }
         table.add_row(row);
     }
-    writeln!(stdout, "{table}")?;
-    let shown: HashSet<&str> = view.keys.iter().map(|line| line.connector.as_str()).collect();
-    let explained: Vec<&LockdownRecord> =
-        lockdowns.iter().filter(|l| rule::in_force(l, now) && shown.contains(l.connector.as_str())).collect();
-    if !explained.is_empty() {
-        writeln!(
-            stdout,
-            "Lockdowns in force (keys skip them for that model; `apijongler why CONNECTOR KEY` explains one key):"
-        )?;
-        for lockdown in explained {
-            writeln!(
-                stdout,
-                "  {} {}: {} until {}, set by {}: {}",
-                lockdown.connector,
-                output::scope(&lockdown.scope),
-                output::model(lockdown),
-                output::deadline(lockdown.until, now),
-                output::set_by(lockdown, now),
-                output::because(lockdown)
-            )?;
-        }
-    }
-    if let Some(keyring) = keyring.as_ref() {
-        let lines = limits_in_use(&coordinator, keyring, &shown, now)?;
-        if !lines.is_empty() {
-            writeln!(stdout, "Declared limits in use (the keyring's; each window's usage):")?;
-            for line in lines {
-                writeln!(stdout, "  {line}")?;
-            }
-        }
-    }
-    if let Some(keyring) = keyring.as_ref().filter(|_| view.keyring_differences().next().is_some()) {
-        writeln!(
-            stdout,
-            "The keyring column is how {} differs from the database; the next request or cleanup with it applies it.",
-            keyring.path().display()
-        )?;
-    }
-    Ok(ExitCode::SUCCESS)
+    table
 }
 
 /// The view of the pool `status` and `why` print: the database's keys (of `connector`, or all) as a

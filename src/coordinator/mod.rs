@@ -23,6 +23,7 @@ use crate::lease::{self, HeartbeatWaker, Lease, LeaseOwner, Registry};
 use crate::pool::{self, Unavailable};
 use crate::pool::{Eviction, KeySpec, KeyState, SyncReport, Transition};
 use crate::reaper::{self, Now};
+use crate::retention::{self, Pruned, Retention};
 use crate::store::{self, Backend, Sqlite, Store};
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
@@ -44,7 +45,13 @@ pub struct CoordinatorOptions {
     pub lock_wait_floor: Duration,
     /// The clocks written to the database.
     pub clock: Arc<dyn Clock>,
+    /// How long history and request rows are kept (see [`crate::retention`]); `None`:
+    /// `APIJONGLER_RETENTION`, else 30 days. Applied by coordinators that sync a keyring.
+    pub retention: Option<Retention>,
 }
+
+/// How often, at most, a process looks for rows past retention.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Default for CoordinatorOptions {
     fn default() -> Self {
@@ -55,6 +62,7 @@ impl Default for CoordinatorOptions {
             reap_interval: Duration::from_secs(1),
             lock_wait_floor: store::DEFAULT_LOCK_WAIT_FLOOR,
             clock: Arc::new(SystemClock),
+            retention: None,
         }
     }
 }
@@ -92,6 +100,8 @@ pub(crate) struct Inner {
     pub(crate) trust_window: Duration,
     options: CoordinatorOptions,
     last_reap: Mutex<HashMap<String, Instant>>,
+    /// When this process last looked for rows past retention (`None`: not yet).
+    last_prune: Mutex<Option<Instant>>,
     /// Started by the first claim; dropping it (with the coordinator) ends the heartbeat thread.
     heartbeat: OnceLock<HeartbeatWaker>,
     /// The callers waiting for a key, and their watcher.
@@ -130,7 +140,10 @@ impl Drop for Coordinator {
 
 impl Coordinator {
     /// Opens the database (creating and migrating it if needed).
-    pub fn open(options: CoordinatorOptions) -> Result<Self> {
+    pub fn open(mut options: CoordinatorOptions) -> Result<Self> {
+        if options.retention.is_none() {
+            options.retention = Some(Retention::from_env()?);
+        }
         let path = match &options.db_path {
             Some(path) => path.clone(),
             None => store::default_path()?,
@@ -151,6 +164,7 @@ impl Coordinator {
             trust_window,
             options,
             last_reap: Mutex::new(HashMap::new()),
+            last_prune: Mutex::new(None),
             heartbeat: OnceLock::new(),
             waiters: waiting::Waiters::default(),
         });
@@ -202,6 +216,7 @@ impl Coordinator {
         let source = pool::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
         let report = self.inner.backend.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
+        self.prune_if_due();
         for connector in keyring.connectors() {
             self.inner.backend.declare_limits(connector, keyring.limits(connector).cloned().map(Arc::new));
         }
@@ -276,6 +291,7 @@ impl Coordinator {
             other => other,
         };
         self.reap_if_due(request.connector)?;
+        self.prune_if_due();
         let claimed =
             store.claim(request.claim_for(), self.inner.holder, &*self.inner.clock, lock_deadline).map_err(waited)?;
         if let Some(claimed) = claimed {
@@ -417,6 +433,40 @@ impl Coordinator {
                 Ok(())
             }
             other => other.map(drop),
+        }
+    }
+
+    /// Deletes the history and request rows older than `older_than`, a small batch per write so that
+    /// claims are never held up for long (see [`crate::retention`]). Whatever the retention setting.
+    pub fn prune(&self, older_than: Duration) -> Result<Pruned> {
+        self.inner.alive_here()?;
+        let before = self.now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        retention::prune(&*self.inner.backend, before)
+    }
+
+    /// Applies the retention setting at most once per [`PRUNE_INTERVAL`], on a thread of its own so no
+    /// claim waits for it; a failure is only logged (the next look tries again).
+    fn prune_if_due(&self) {
+        let Some(before) = self.inner.options.retention.unwrap_or_default().cutoff(self.now_ms()) else { return };
+        {
+            let mut last = self.inner.last_prune.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < PRUNE_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let backend = Arc::clone(&self.inner.backend);
+        let spawned = std::thread::Builder::new().name("apijongler-retention".into()).spawn(move || {
+            match retention::prune(&*backend, before) {
+                Ok(pruned) if pruned.batches > 0 => tracing::info!(
+                    history = pruned.history, requests = pruned.requests, "rows past retention pruned"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = %error, "pruning rows past retention failed; retried later"),
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::warn!(error = %error, "no thread for pruning rows past retention");
         }
     }
 

@@ -31,6 +31,7 @@ pub mod rule;
 mod scope;
 mod state;
 mod unavailable;
+pub mod usage;
 pub mod view;
 mod word;
 

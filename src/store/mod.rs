@@ -30,6 +30,7 @@ use crate::pool::{
     Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, Limits, LockdownRecord,
     SyncReport, SyncSource, Transition,
 };
+use crate::pool::usage::{UsageQuery, UsageRow};
 use crate::resource::{Created, Owner};
 
 pub(crate) use sqlite::Sqlite;
@@ -39,6 +40,20 @@ pub(crate) use sqlite::Sqlite;
 /// resource of a known owner takes only keys of the owner's scope, see `crate::resource`).
 pub(crate) type ClaimFor<'a> = (&'a str, Option<&'a str>, &'a [String], Option<&'a str>);
 pub use sqlite::{APPLICATION_ID, DB_ENV, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION, default_path};
+
+/// The append-only tables that retention prunes (`crate::retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Journal {
+    /// `history`: the state transitions.
+    History,
+    /// `requests`: the upstream attempts.
+    Requests,
+}
+
+impl Journal {
+    /// Both, in the order retention prunes them.
+    pub(crate) const ALL: [Self; 2] = [Self::History, Self::Requests];
+}
 
 /// What a database must do for the pool. Object-safe, so a coordinator holds any backend (and a test
 /// a fake one) behind one `Arc<dyn Backend>`.
@@ -178,6 +193,17 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// History rows matching `query`, newest first.
     fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>>;
 
+    /// The attempts `query` asks for, counted (see `crate::pool::usage`), by connector, name, model
+    /// and bucket. A read.
+    fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+
+    /// Whether `journal` holds any row older than `before` (unix ms). A read.
+    fn has_older(&self, journal: Journal, before: i64) -> Result<bool>;
+
+    /// Deletes up to `batch` of the oldest rows of `journal` older than `before` (unix ms) in one short
+    /// write transaction; how many it deleted.
+    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<u64>;
+
     /// The plan SQLite chooses for the very statement [`claim`](Self::claim) runs, one line per step
     /// (for tests and docs).
     fn explain_claim(&self) -> Result<Vec<String>>;
@@ -187,6 +213,23 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
 pub(crate) trait ChangeWatch: Send {
     /// Whether anything was committed since the last call (true on the first).
     fn changed(&mut self) -> Result<bool>;
+}
+
+/// A watch on the database that tells, for microseconds a look, whether any connection of any
+/// process committed since the last look (SQLite's `data_version`): what a live view polls.
+pub struct Changes(Box<dyn ChangeWatch>);
+
+impl Changes {
+    /// Whether anything was committed since the last call (true on the first).
+    pub fn changed(&mut self) -> Result<bool> {
+        self.0.changed()
+    }
+}
+
+impl fmt::Debug for Changes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Changes").finish_non_exhaustive()
+    }
 }
 
 /// A read-only handle on the pool's database: the keys, lockdowns, history and attempts as `status`,
@@ -270,6 +313,17 @@ impl Store {
     /// Whether a lockdown in force keeps key row `id` from serving `model` at `now` (the claim's rule).
     pub fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
         self.backend.is_locked_down_for(id, model, now)
+    }
+
+    /// The upstream attempts `query` asks for, counted per key, model or quota scope (and per time
+    /// bucket, if asked), by connector, name, model and bucket.
+    pub fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        self.backend.usage(query)
+    }
+
+    /// A watch that tells when the database changed (see [`Changes`]); it keeps one connection open.
+    pub fn changes(&self) -> Result<Changes> {
+        self.backend.watch_changes().map(Changes)
     }
 
     /// Queries worth keeping at hand in the user's own database shell, with a comment line above each.

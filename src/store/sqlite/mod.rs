@@ -21,10 +21,12 @@
 mod batch;
 mod examples;
 mod pacing;
+mod prune;
 mod resources;
 mod rule_sql;
 mod schema;
 mod sync;
+mod usage;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,7 +42,7 @@ use sync::{apply_sync, plan_sync};
 
 pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
 
-use super::{Backend, ChangeWatch, ClaimFor};
+use super::{Backend, ChangeWatch, ClaimFor, Journal};
 use crate::pool::*;
 use crate::resource::{Created, Owner};
 
@@ -760,6 +762,18 @@ impl Backend for Sqlite {
             ))?;
             all(&mut statement, params![query.connector, query.key_name, query.since, limit], transition)
         })
+    }
+
+    fn usage(&self, query: &crate::pool::usage::UsageQuery) -> Result<Vec<crate::pool::usage::UsageRow>> {
+        self.read("reading usage", |connection| usage::usage(connection, query))
+    }
+
+    fn has_older(&self, journal: Journal, before: i64) -> Result<bool> {
+        self.read("looking for rows past retention", |connection| prune::has_older(connection, journal, before))
+    }
+
+    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<u64> {
+        self.write("pruning old rows", None, |transaction| prune::prune_batch(transaction, journal, before, batch))
     }
 
     fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize> {
