@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use api_jongler::pool::HistoryQuery;
+use api_jongler::pool::{HistoryQuery, Transition};
 
 use super::exit::Usage;
 use super::{Global, open, output, parse_duration};
@@ -43,17 +43,7 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
     let rows = coordinator.store().history(&query)?;
     let mut stdout = std::io::stdout().lock();
     if global.json {
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "id": t.id, "at": t.at, "event": t.event, "connector": t.connector, "key": t.key_name,
-                    "fingerprint": t.fingerprint, "from": t.from_state, "to": t.to_state, "reason": t.reason, "http_status": t.http_status,
-                    "holder_pid": t.holder_pid, "lease": t.lease, "lockdown_until": t.lockdown_until,
-                    "model": t.model, "quota_scope": t.quota_scope,
-                })
-            })
-            .collect();
+        let rows: Vec<_> = rows.iter().map(row_json).collect();
         writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -89,4 +79,14 @@ pub fn run(global: &Global, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(stdout, "{table}")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One history row as `history --json` prints it (and the dashboard's key history shows it).
+pub(super) fn row_json(t: &Transition) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id, "at": t.at, "event": t.event, "connector": t.connector, "key": t.key_name,
+        "fingerprint": t.fingerprint, "from": t.from_state, "to": t.to_state, "reason": t.reason, "http_status": t.http_status,
+        "holder_pid": t.holder_pid, "lease": t.lease, "lockdown_until": t.lockdown_until,
+        "model": t.model, "quota_scope": t.quota_scope,
+    })
 }

@@ -6,6 +6,7 @@ mod bench;
 mod cleanup;
 mod columns;
 mod connectors;
+mod dashboard;
 mod db;
 mod demo;
 pub mod exit;
@@ -179,6 +180,8 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// The dashboard alone: a read-only live web page of the pool at http://ADDR/__apijongler/ui/.
+    Dashboard(dashboard::DashboardArgs),
     /// A local HTTP gateway for SDKs: http://ADDR/{connector}/{upstream path} through the pool.
     Serve(serve::ServeArgs),
     /// Measure the coordinator and the request layer on this machine.
@@ -211,6 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Serve(serve)) => serve::run(global, &serve),
+        Some(Command::Dashboard(dashboard)) => dashboard::run(global, &dashboard),
         Some(Command::Bench(bench)) => bench::run(global, &bench),
         Some(Command::Worker(worker)) => worker::run(global, &worker),
         None => request::run(global, &args.request),

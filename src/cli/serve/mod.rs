@@ -26,11 +26,12 @@
 //!   being gone). Exit 0 when every request in flight finished within the grace; 130/143 when some had
 //!   to be cut off (the signal's code).
 
-mod credentials;
+pub(super) mod credentials;
+pub(super) mod dashboard;
 mod hangup;
 mod headers;
 mod metrics;
-mod origin;
+pub(super) mod origin;
 mod proxy;
 
 use std::net::SocketAddr;
@@ -219,6 +220,7 @@ async fn serve(
     };
     drop(listener);
     let _ = stop.send(true);
+    gateway.close_dashboard();
     if !global.quiet {
         eprintln!(
             "apijongler serve: {}: no longer accepting; {} connections finish within {}",
@@ -285,7 +287,7 @@ async fn connection(
 
 /// The gateway token: from `--token-file` (which must not be readable by every user; one trailing
 /// newline, CRLF included, is ignored), else from `APIJONGLER_GATEWAY_TOKEN` (empty: unset).
-fn load_token(file: Option<&Path>) -> Result<Option<GatewayToken>, Usage> {
+pub(super) fn load_token(file: Option<&Path>) -> Result<Option<GatewayToken>, Usage> {
     use std::os::unix::fs::PermissionsExt;
     let Some(path) = file else {
         return match std::env::var(TOKEN_ENV) {

@@ -38,8 +38,8 @@ use api_jongler::pool::outcome::Unanswered;
 use api_jongler::stream::MESSAGE_PREFIX;
 use api_jongler::upstream_url::upstream_url;
 use api_jongler::{
-    Connector, Connectors, Coordinator, Dialect, Error, Exchange, ExchangeBody, Jongler, Outgoing, StreamingBody,
-    Unavailable,
+    Connector, Connectors, Coordinator, Dialect, Error, Exchange, ExchangeBody, Jongler, Keyring, Outgoing,
+    StreamingBody, Unavailable,
 };
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -48,6 +48,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::credentials::{GatewayToken, check_host, strip_credentials};
+use super::dashboard::{self, Dashboard, Page};
 use super::headers::{downstream_response_headers, gateway_base, rewrite_upload_url_header, upstream_request_headers};
 use super::metrics::Metrics;
 use super::origin::{AllowedOrigins, Verdict, add_cors_headers, is_preflight, preflight_headers};
@@ -112,6 +113,8 @@ pub struct Gateway {
     /// For reading key states (`/metrics`).
     coordinator: Coordinator,
     metrics: Metrics,
+    /// The page at `/__apijongler/ui/`.
+    dashboard: Dashboard,
 }
 
 /// Where a request path goes.
@@ -119,6 +122,8 @@ pub struct Gateway {
 enum Route<'a> {
     Health,
     Metrics,
+    /// The dashboard's page, assets and data (`/__apijongler/ui/`).
+    Dashboard(Page),
     /// Another path under [`RESERVED_PREFIX`].
     Reserved,
     /// A served connector, and the upstream path (possibly empty).
@@ -141,6 +146,9 @@ fn route<'a>(path: &'a str, served: &[String], root: Option<&'a str>) -> Route<'
     if path == METRICS_PATH {
         return Route::Metrics;
     }
+    if let Some(page) = Page::of(path) {
+        return Route::Dashboard(page);
+    }
     if path.starts_with(RESERVED_PREFIX) {
         return Route::Reserved;
     }
@@ -161,7 +169,13 @@ fn route<'a>(path: &'a str, served: &[String], root: Option<&'a str>) -> Route<'
 impl Gateway {
     /// A gateway for the `served` connectors.
     pub fn new(settings: Settings, connectors: Connectors, served: Vec<String>, coordinator: Coordinator) -> Self {
-        Self { settings, connectors, served, jonglers: Mutex::default(), coordinator, metrics: Metrics::new() }
+        let dashboard = Dashboard::new(coordinator.clone(), Some(Keyring::load(&settings.paths.config).ok()).flatten());
+        Self { settings, connectors, served, jonglers: Mutex::default(), coordinator, metrics: Metrics::new(), dashboard }
+    }
+
+    /// Ends the dashboard's event streams, so that a stopping server does not wait for open pages.
+    pub fn close_dashboard(&self) {
+        self.dashboard.close();
     }
 
     /// `a at http://ADDR/a, …`, for the start-up message.
@@ -231,7 +245,10 @@ impl Gateway {
         }
         let mut headers = parts.headers;
         let stripped = strip_credentials(&mut headers, parts.uri.query());
-        if route != Route::Health
+        // The dashboard's page and assets hold no data: a browser opening the page cannot send the token,
+        // which the page then sends with each data request.
+        let open = route == Route::Health || matches!(route, Route::Dashboard(page) if !page.needs_token());
+        if !open
             && let Some(token) = &self.settings.token
             && !token.accepts(stripped.presented.as_ref())
         {
@@ -247,13 +264,19 @@ impl Gateway {
                 response
             }
             Route::Health => self.health().await,
+            Route::Dashboard(page) => {
+                self.dashboard.respond(page, &parts.method, parts.uri.query()).await.map(GatewayBody::Dashboard)
+            }
             Route::Metrics => {
                 let text = self.metrics.render(&self.coordinator, &self.keyed_connectors()).await;
                 full(StatusCode::OK, super::metrics::CONTENT_TYPE, text.into())
             }
             Route::Reserved => {
                 self.metrics.refused("route");
-                let message = format!("no gateway endpoint here; try {HEALTH_PATH} or {METRICS_PATH}");
+                let message = format!(
+                    "no gateway endpoint here; try {HEALTH_PATH}, {METRICS_PATH} or the dashboard at {}",
+                    dashboard::UI_PATH
+                );
                 error(dialect, StatusCode::NOT_FOUND, &message, None)
             }
             Route::Unknown { name } => {
@@ -603,6 +626,8 @@ pub enum GatewayBody {
     Full(Option<Bytes>),
     /// Chunks as the relay forwards them.
     Stream(StreamingBody),
+    /// The dashboard's answer (its event stream included).
+    Dashboard(dashboard::Body),
 }
 
 impl GatewayBody {
@@ -621,17 +646,23 @@ impl Body for GatewayBody {
             GatewayBody::Stream(stream) => {
                 stream.poll_chunk(context).map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
             }
+            GatewayBody::Dashboard(body) => Pin::new(body).poll_frame(context),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, GatewayBody::Full(None))
+        match self {
+            GatewayBody::Full(bytes) => bytes.is_none(),
+            GatewayBody::Stream(_) => false,
+            GatewayBody::Dashboard(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             GatewayBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |bytes| bytes.len() as u64)),
             GatewayBody::Stream(_) => SizeHint::default(),
+            GatewayBody::Dashboard(body) => body.size_hint(),
         }
     }
 }
