@@ -1,8 +1,9 @@
 //! Retention: the append-only tables (`history`, `requests`) lose their rows older than a cutoff, so
 //! a database does not grow for ever. `apijongler db prune --older-than 30d` prunes on demand; every
 //! process that uses a keyring prunes past its retention ([`Retention`], `APIJONGLER_RETENTION`, 30
-//! days unless set, `forever` to keep everything) once at start and at most once an hour after, on a
-//! thread of its own.
+//! days unless set, `forever` to keep everything) when it syncs the keyring and at most once an hour
+//! after: for at most [`INLINE_BUDGET`] on the caller's thread (a short command exits right after, so
+//! a thread of its own would be cut off), the rest on a thread of its own.
 //!
 //! Invariants:
 //! - A prune never holds the write lock for long: it deletes [`BATCH`] rows per write transaction,
@@ -26,6 +27,10 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 /// Rows deleted per write transaction: a few milliseconds of the write lock on a 2-core machine.
 pub const BATCH: u32 = 500;
+
+/// How long a process's automatic prune may take on the thread that triggered it; the rest goes on
+/// in the background. Only a process that finds rows past retention pays it.
+pub const INLINE_BUDGET: Duration = Duration::from_millis(100);
 
 /// The shortest pause between two batches.
 const MIN_PAUSE: Duration = Duration::from_millis(2);
@@ -87,6 +92,8 @@ impl Retention {
 /// What a prune deleted, and how long its longest write held the lock.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Pruned {
+    /// Whether every row past the cutoff is gone (false: the time budget ran out first).
+    pub done: bool,
     /// History rows deleted.
     pub history: u64,
     /// Request rows deleted.
@@ -98,9 +105,11 @@ pub struct Pruned {
 }
 
 /// Deletes every history and request row older than `before` (unix ms), [`BATCH`] at a time, pausing
-/// between batches (see the module's invariants).
-pub(crate) fn prune(backend: &dyn Backend, before: i64) -> Result<Pruned> {
-    let mut pruned = Pruned::default();
+/// between batches (see the module's invariants); with a `budget`, stops once that much time passed
+/// (then `done` is false).
+pub(crate) fn prune(backend: &dyn Backend, before: i64, budget: Option<Duration>) -> Result<Pruned> {
+    let began = Instant::now();
+    let mut pruned = Pruned { done: true, ..Pruned::default() };
     for journal in Journal::ALL {
         if !backend.has_older(journal, before)? {
             continue;
@@ -117,6 +126,10 @@ pub(crate) fn prune(backend: &dyn Backend, before: i64) -> Result<Pruned> {
             }
             if deleted < u64::from(BATCH) {
                 break;
+            }
+            if budget.is_some_and(|budget| began.elapsed() >= budget) {
+                pruned.done = false;
+                return Ok(pruned);
             }
             // SQLite's lock is not fair: without a pause the next batch could take the lock again
             // before a waiting claim's busy handler wakes.

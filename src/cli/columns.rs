@@ -25,17 +25,37 @@ pub fn width() -> usize {
     asked.or_else(terminal).unwrap_or(DEFAULT_WIDTH).max(NARROWEST)
 }
 
+/// How [`fit`] may narrow a table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Narrowing<'a> {
+    /// Each column's wanted width (3 when not given): while a line is too wide, the column furthest
+    /// above its wanted width loses a character first.
+    pub wanted: &'a [usize],
+    /// Columns left out, in this order, while the wanted widths alone are too wide.
+    pub dropped_first: &'a [usize],
+    /// Columns aligned right (numbers).
+    pub right: &'a [usize],
+}
+
 /// `rows` (the first being the header) as lines of at most `width` characters: columns two spaces
-/// apart, each as wide as its widest cell; while a line is too wide, the column furthest above its
-/// wanted width (`wanted[c]`, 3 when not given) loses a character. Columns whose every cell below the
-/// header is empty are left out. Columns listed in `right` are aligned right (numbers).
-pub fn fit(rows: &[Vec<String>], width: usize, wanted: &[usize], right: &[usize]) -> Vec<String> {
+/// apart, each as wide as its widest cell, narrowed as `narrowing` says. Columns whose every cell
+/// below the header is empty are left out.
+pub fn fit(rows: &[Vec<String>], width: usize, narrowing: Narrowing<'_>) -> Vec<String> {
+    let Narrowing { wanted, dropped_first, right } = narrowing;
     let all = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let shown: Vec<usize> =
+    let mut shown: Vec<usize> =
         (0..all).filter(|&c| rows.iter().skip(1).any(|row| row.get(c).is_some_and(|cell| !cell.is_empty()))).collect();
     let natural = |c: usize| rows.iter().filter_map(|row| row.get(c)).map(|cell| len(cell)).max().unwrap_or(0);
+    let want = |c: usize| natural(c).min(wanted.get(c).copied().unwrap_or(3)).max(3);
+    let too_wide = |shown: &[usize]| shown.iter().map(|&c| want(c)).sum::<usize>() + 2 * shown.len().saturating_sub(1) > width;
+    for column in dropped_first {
+        if !too_wide(&shown) {
+            break;
+        }
+        shown.retain(|c| c != column);
+    }
     let mut widths: Vec<usize> = shown.iter().map(|&c| natural(c)).collect();
-    let least: Vec<usize> = shown.iter().map(|&c| wanted.get(c).copied().unwrap_or(3).max(3)).collect();
+    let least: Vec<usize> = shown.iter().map(|&c| want(c)).collect();
     let gaps = 2 * shown.len().saturating_sub(1);
     while widths.iter().sum::<usize>() + gaps > width {
         let excess = |i: usize| widths[i].saturating_sub(least[i]);
@@ -113,15 +133,18 @@ mod tests {
     fn rows_fit_the_width_narrowing_the_widest_column() {
         let rows = [row(&["key", "lockdowns", "uses"]), row(&["key0", &"m until 00:00 PT ".repeat(8), "12"])];
         for width in [40, 80, 100] {
-            let lines = fit(&rows, width, &[], &[2]);
+            let lines = fit(&rows, width, Narrowing { right: &[2], ..Narrowing::default() });
             assert!(lines.iter().all(|line| line.chars().count() <= width), "{width}: {lines:#?}");
             assert!(lines[1].starts_with("key0  m until") && lines[1].ends_with("…  12"), "{lines:#?}");
         }
-        let lines = fit(&[row(&["a", "b", "c"]), row(&["aaa", "", "1"])], 100, &[], &[2]);
+        let lines = fit(&[row(&["a", "b", "c"]), row(&["aaa", "", "1"])], 100, Narrowing { right: &[2], ..Narrowing::default() });
         assert_eq!(lines, ["a    c", "aaa  1"], "an empty column is left out");
         let rows = [row(&["key", "lockdowns"]), row(&[&"k".repeat(30), &"m".repeat(30)])];
-        let lines = fit(&rows, 40, &[8, 25], &[]);
+        let lines = fit(&rows, 40, Narrowing { wanted: &[8, 25], ..Narrowing::default() });
         assert_eq!(lines[1], format!("{}…  {}…", "k".repeat(12), "m".repeat(24)), "each down to its wanted width first");
+        let rows = [row(&["key", "last", "lockdowns"]), row(&["k", "3 min ago", &"m".repeat(30)])];
+        let lines = fit(&rows, 30, Narrowing { wanted: &[3, 9, 25], dropped_first: &[1], right: &[] });
+        assert_eq!(lines[1], format!("k    {}", "m".repeat(25)), "a column given up for the wanted ones: {lines:?}");
     }
 
     #[test]

@@ -241,9 +241,10 @@ fn compact_table(
                 ],
             });
         }
-        // The lockdowns column keeps a model and its deadline longest; names and groups give way first.
-        let wanted = [8, 8, 8, 6, 12, 30, 4, 9];
-        for row in columns::fit(&rows, width.saturating_sub(2), &wanted, &[6]) {
+        // The lockdowns column keeps a model and its deadline longest; names and groups give way first,
+        // and on a narrow terminal the last use, then the group, go.
+        let narrowing = columns::Narrowing { wanted: &[8, 8, 8, 6, 12, 24, 4, 9], dropped_first: &[7, 2], right: &[6] };
+        for row in columns::fit(&rows, width.saturating_sub(2), narrowing) {
             writeln!(out, "  {row}")?;
         }
     }

@@ -441,11 +441,12 @@ impl Coordinator {
     pub fn prune(&self, older_than: Duration) -> Result<Pruned> {
         self.inner.alive_here()?;
         let before = self.now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
-        retention::prune(&*self.inner.backend, before)
+        retention::prune(&*self.inner.backend, before, None)
     }
 
-    /// Applies the retention setting at most once per [`PRUNE_INTERVAL`], on a thread of its own so no
-    /// claim waits for it; a failure is only logged (the next look tries again).
+    /// Applies the retention setting at most once per [`PRUNE_INTERVAL`]: for at most
+    /// [`retention::INLINE_BUDGET`] here, the rest on a thread of its own; a failure is only logged
+    /// (the next look tries again).
     fn prune_if_due(&self) {
         let Some(before) = self.inner.options.retention.unwrap_or_default().cutoff(self.now_ms()) else { return };
         {
@@ -455,9 +456,21 @@ impl Coordinator {
             }
             *last = Some(Instant::now());
         }
+        let logged = |pruned: &Pruned| {
+            if pruned.batches > 0 {
+                tracing::info!(history = pruned.history, requests = pruned.requests, "rows past retention pruned");
+            }
+        };
+        match retention::prune(&*self.inner.backend, before, Some(retention::INLINE_BUDGET)) {
+            Ok(pruned) if pruned.done => return logged(&pruned),
+            Ok(pruned) => logged(&pruned),
+            Err(error) => {
+                return tracing::warn!(error = %error, "pruning rows past retention failed; retried later");
+            }
+        }
         let backend = Arc::clone(&self.inner.backend);
         let spawned = std::thread::Builder::new().name("apijongler-retention".into()).spawn(move || {
-            match retention::prune(&*backend, before) {
+            match retention::prune(&*backend, before, None) {
                 Ok(pruned) if pruned.batches > 0 => tracing::info!(
                     history = pruned.history, requests = pruned.requests, "rows past retention pruned"
                 ),
