@@ -66,11 +66,9 @@ impl Retention {
     pub fn from_env() -> Result<Self> {
         match std::env::var(RETENTION_ENV) {
             Ok(text) if text.trim().is_empty() => Ok(Self::default()),
-            Ok(text) => Self::parse(&text).ok_or(Error::InvalidEnv {
-                variable: RETENTION_ENV,
-                value: text,
-                expected: EXPECTED,
-            }),
+            Ok(text) => {
+                Self::parse(&text).ok_or(Error::InvalidEnv { variable: RETENTION_ENV, value: text, expected: EXPECTED })
+            }
             Err(std::env::VarError::NotPresent) => Ok(Self::default()),
             Err(std::env::VarError::NotUnicode(value)) => Err(Error::InvalidEnv {
                 variable: RETENTION_ENV,

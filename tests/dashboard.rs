@@ -60,7 +60,13 @@ async fn the_page_shows_the_pool_live_and_no_secret() {
     .await
     .unwrap();
     assert!(text.contains("error") && text.contains("vacant"), "{text}");
-    for fingerprint in sandbox.sql().prepare("SELECT fingerprint FROM keys").unwrap().query_map([], |row| row.get::<_, String>(0)).unwrap() {
+    for fingerprint in sandbox
+        .sql()
+        .prepare("SELECT fingerprint FROM keys")
+        .unwrap()
+        .query_map([], |row| row.get::<_, String>(0))
+        .unwrap()
+    {
         assert!(text.contains(&fingerprint.unwrap()), "each key's fingerprint is shown: {text}");
     }
 
@@ -74,7 +80,8 @@ async fn the_page_shows_the_pool_live_and_no_secret() {
     let status = std::process::Command::new("sqlite3").arg(&sandbox.db).arg(&insert).status().expect("sqlite3");
     assert!(status.success());
     let (mut browser, shown_after) = tokio::task::spawn_blocking(move || {
-        let took = browser.wait_for("document.body.innerText.includes('429 set by another process')", Duration::from_secs(30));
+        let took =
+            browser.wait_for("document.body.innerText.includes('429 set by another process')", Duration::from_secs(30));
         (browser, took)
     })
     .await
@@ -146,8 +153,14 @@ async fn the_dashboard_alone_has_the_gateways_door() {
     let state = common::gateway::body_json(state).await;
     assert_eq!(state["view"]["keys"].as_array().map(Vec::len), Some(2), "{state}");
     assert!(!state.to_string().contains("fake-secret"));
-    assert_eq!(get("state").bearer_auth("dashboard-token").header("origin", FOREIGN).send().await.unwrap().status(), 403);
-    assert_eq!(get("state").bearer_auth("dashboard-token").header("host", "evil.example").send().await.unwrap().status(), 421);
+    assert_eq!(
+        get("state").bearer_auth("dashboard-token").header("origin", FOREIGN).send().await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        get("state").bearer_auth("dashboard-token").header("host", "evil.example").send().await.unwrap().status(),
+        421
+    );
     let posted = client().post(format!("{base}state")).bearer_auth("dashboard-token").send().await.unwrap();
     assert_eq!(posted.status(), 405, "read-only");
     assert_eq!(client().get(base.replace("/__apijongler/ui/", "/v1beta/models")).send().await.unwrap().status(), 404);

@@ -39,7 +39,9 @@ fn busy_pool() -> (Sandbox, api_jongler::Coordinator, api_jongler::Lease) {
     for index in 0..5 {
         ini.push_str(&format!("key{index} = fake-secret-{index}-do-not-use\n"));
     }
-    ini.push_str(&format!("{LONG_KEY} = fake-secret-long-do-not-use\n[{GEMINI} groups]\nkey2 = my-project\nkey3 = my-project\n"));
+    ini.push_str(&format!(
+        "{LONG_KEY} = fake-secret-long-do-not-use\n[{GEMINI} groups]\nkey2 = my-project\nkey3 = my-project\n"
+    ));
     let sandbox = Sandbox::with_keyring(&ini);
     let coordinator = sandbox.coordinator(sandbox.options());
     let lease = coordinator.claim(GEMINI, &[], Duration::from_secs(5)).expect("claim a key");
@@ -74,10 +76,14 @@ fn status_is_one_line_per_key_within_the_terminals_width() {
         let table: Vec<&str> = out.lines().take_while(|line| !line.starts_with("Lockdowns")).collect();
         for name in &names {
             let start: String = name.chars().take(6).collect();
-            let lines = table.iter().filter(|line| line.split_whitespace().next().is_some_and(|w| w.starts_with(&start))).count();
+            let lines = table
+                .iter()
+                .filter(|line| line.split_whitespace().next().is_some_and(|w| w.starts_with(&start)))
+                .count();
             assert_eq!(lines, 1, "{name} at {width} columns:\n{out}");
         }
-        let row = |name: &str| *table.iter().find(|line| line.trim_start().starts_with(&format!("{name} "))).expect(name);
+        let row =
+            |name: &str| *table.iter().find(|line| line.trim_start().starts_with(&format!("{name} "))).expect(name);
         assert!(row("key1").contains(" error "), "{out}");
         assert!(row("key2").contains("gemini-2.5-pro"), "{out}");
         assert!(row(lease.key_name()).contains(&format!("pid {}", std::process::id())), "the holder: {out}");
@@ -154,14 +160,21 @@ async fn usage_equals_what_the_mock_saw() {
     for _ in 0..10 {
         // Some end with no key left (their keys in lockdown or error): every attempt still counts.
         let mut command = sandbox.apijongler();
-        command.env("APIJONGLER_CONNECTORS", sandbox.connectors_dir()).args([GEMINI, "POST", ENDPOINT, "{}", "--wait", "0"]);
+        command
+            .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
+            .args([GEMINI, "POST", ENDPOINT, "{}", "--wait", "0"]);
         tokio::task::spawn_blocking(move || command.output()).await.expect("join").expect("run");
     }
     let (total, seen) = mock.stats();
     assert!(total >= 10, "{total}");
-    let answer: Value = serde_json::from_str(&ok(&run(&sandbox, &[], &["usage", "--json", "--by", "key"]))).expect("json");
-    let rows: HashMap<String, &Value> =
-        answer["rows"].as_array().expect("rows").iter().map(|row| (row["key"].as_str().expect("key").to_owned(), row)).collect();
+    let answer: Value =
+        serde_json::from_str(&ok(&run(&sandbox, &[], &["usage", "--json", "--by", "key"]))).expect("json");
+    let rows: HashMap<String, &Value> = answer["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| (row["key"].as_str().expect("key").to_owned(), row))
+        .collect();
     let mut counted = 0;
     for (secret, stats) in &seen {
         let row = rows.get(&key_of(secret)).unwrap_or_else(|| panic!("no usage row for {}: {answer}", key_of(secret)));
@@ -176,8 +189,10 @@ async fn usage_equals_what_the_mock_saw() {
     assert!(seen.values().any(|stats| stats.rate_limited > 0) && seen.values().any(|stats| stats.invalid > 0));
     // Per model and per group: the same total; the table says the same in words.
     for by in ["model", "group"] {
-        let answer: Value = serde_json::from_str(&ok(&run(&sandbox, &[], &["usage", "--json", "--by", by]))).expect("json");
-        let sum: u64 = answer["rows"].as_array().expect("rows").iter().map(|row| row["requests"].as_u64().expect("n")).sum();
+        let answer: Value =
+            serde_json::from_str(&ok(&run(&sandbox, &[], &["usage", "--json", "--by", by]))).expect("json");
+        let sum: u64 =
+            answer["rows"].as_array().expect("rows").iter().map(|row| row["requests"].as_u64().expect("n")).sum();
         assert_eq!(sum, total, "--by {by}: {answer}");
     }
     let table = ok(&run(&sandbox, &[], &["usage", "--by", "model"]));
@@ -212,7 +227,8 @@ fn prune_deletes_only_rows_past_the_cutoff_and_retention_applies_itself() {
     let fresh = sandbox.count("SELECT count(*) FROM history");
     age_rows(&sandbox, 1200, 40);
     age_rows(&sandbox, 7, 10);
-    let out: Value = serde_json::from_str(&ok(&run(&sandbox, &[], &["--json", "db", "prune", "--older-than", "30d"]))).expect("json");
+    let out: Value = serde_json::from_str(&ok(&run(&sandbox, &[], &["--json", "db", "prune", "--older-than", "30d"])))
+        .expect("json");
     assert_eq!((out["history"].as_u64(), out["requests"].as_u64()), (Some(1200), Some(1200)), "{out}");
     assert!(out["batches"].as_u64().expect("batches") >= 6, "in batches of at most 500 rows: {out}");
     assert_eq!(sandbox.count("SELECT count(*) FROM history"), fresh + 7, "newer rows are kept");

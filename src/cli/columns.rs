@@ -47,7 +47,8 @@ pub fn fit(rows: &[Vec<String>], width: usize, narrowing: Narrowing<'_>) -> Vec<
         (0..all).filter(|&c| rows.iter().skip(1).any(|row| row.get(c).is_some_and(|cell| !cell.is_empty()))).collect();
     let natural = |c: usize| rows.iter().filter_map(|row| row.get(c)).map(|cell| len(cell)).max().unwrap_or(0);
     let want = |c: usize| natural(c).min(wanted.get(c).copied().unwrap_or(3)).max(3);
-    let too_wide = |shown: &[usize]| shown.iter().map(|&c| want(c)).sum::<usize>() + 2 * shown.len().saturating_sub(1) > width;
+    let too_wide =
+        |shown: &[usize]| shown.iter().map(|&c| want(c)).sum::<usize>() + 2 * shown.len().saturating_sub(1) > width;
     for column in dropped_first {
         if !too_wide(&shown) {
             break;
@@ -137,11 +138,19 @@ mod tests {
             assert!(lines.iter().all(|line| line.chars().count() <= width), "{width}: {lines:#?}");
             assert!(lines[1].starts_with("key0  m until") && lines[1].ends_with("…  12"), "{lines:#?}");
         }
-        let lines = fit(&[row(&["a", "b", "c"]), row(&["aaa", "", "1"])], 100, Narrowing { right: &[2], ..Narrowing::default() });
+        let lines = fit(
+            &[row(&["a", "b", "c"]), row(&["aaa", "", "1"])],
+            100,
+            Narrowing { right: &[2], ..Narrowing::default() },
+        );
         assert_eq!(lines, ["a    c", "aaa  1"], "an empty column is left out");
         let rows = [row(&["key", "lockdowns"]), row(&[&"k".repeat(30), &"m".repeat(30)])];
         let lines = fit(&rows, 40, Narrowing { wanted: &[8, 25], ..Narrowing::default() });
-        assert_eq!(lines[1], format!("{}…  {}…", "k".repeat(12), "m".repeat(24)), "each down to its wanted width first");
+        assert_eq!(
+            lines[1],
+            format!("{}…  {}…", "k".repeat(12), "m".repeat(24)),
+            "each down to its wanted width first"
+        );
         let rows = [row(&["key", "last", "lockdowns"]), row(&["k", "3 min ago", &"m".repeat(30)])];
         let lines = fit(&rows, 30, Narrowing { wanted: &[3, 9, 25], dropped_first: &[1], right: &[] });
         assert_eq!(lines[1], format!("k    {}", "m".repeat(25)), "a column given up for the wanted ones: {lines:?}");

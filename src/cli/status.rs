@@ -51,7 +51,10 @@ const WATCH_REDRAW: Duration = Duration::from_secs(1);
 
 pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     if args.watch && global.json {
-        return Err(Usage("--watch redraws the table; leave out --json (or run `status --json` when needed)".to_owned()).into());
+        return Err(Usage(
+            "--watch redraws the table; leave out --json (or run `status --json` when needed)".to_owned(),
+        )
+        .into());
     }
     let coordinator = open(global)?;
     if args.watch {
@@ -144,10 +147,8 @@ fn render(
     }
     if !args.long {
         // The compact table has no reason column: a key in error says why here.
-        let errors: Vec<&&KeyRecord> = records
-            .values()
-            .filter(|key| key.retired_at.is_none() && key.state == KeyState::Error)
-            .collect::<Vec<_>>();
+        let errors: Vec<&&KeyRecord> =
+            records.values().filter(|key| key.retired_at.is_none() && key.state == KeyState::Error).collect::<Vec<_>>();
         if !errors.is_empty() {
             writeln!(out, "Keys in error (never claimed until `apijongler cleanup`):")?;
             let mut errors = errors;
@@ -214,8 +215,11 @@ fn compact_table(
         let counts: Vec<String> = counts.iter().map(|(state, n)| format!("{n} {state}")).collect();
         let heading = format!("{connector}: {} keys ({})", keys.len(), counts.join(", "));
         writeln!(out, "{}", columns::wrap(&heading, width, "  ").join("\n"))?;
-        let mut rows =
-            vec![["key", "fingerprint", "group", "state", "holder", "lockdowns", "uses", "last used"].map(String::from).to_vec()];
+        let mut rows = vec![
+            ["key", "fingerprint", "group", "state", "holder", "lockdowns", "uses", "last used"]
+                .map(String::from)
+                .to_vec(),
+        ];
         for line in keys {
             let noted = if line.keyring.is_some() { "*" } else { "" };
             rows.push(match records.get(&(line.connector.as_str(), line.key.as_str())) {

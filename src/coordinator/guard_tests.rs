@@ -109,6 +109,15 @@ impl Backend for Disagreeing {
     fn explain_claim(&self) -> Result<Vec<String>> {
         self.0.explain_claim()
     }
+    fn usage(&self, query: &crate::pool::usage::UsageQuery) -> Result<Vec<crate::pool::usage::UsageRow>> {
+        self.0.usage(query)
+    }
+    fn has_older(&self, journal: crate::store::Journal, before: i64) -> Result<bool> {
+        self.0.has_older(journal, before)
+    }
+    fn prune_batch(&self, journal: crate::store::Journal, before: i64, batch: u32) -> Result<u64> {
+        self.0.prune_batch(journal, before, batch)
+    }
 }
 
 fn disagreeing_pool(dir: &Path) -> Coordinator {

@@ -471,9 +471,9 @@ impl Coordinator {
         let backend = Arc::clone(&self.inner.backend);
         let spawned = std::thread::Builder::new().name("apijongler-retention".into()).spawn(move || {
             match retention::prune(&*backend, before, None) {
-                Ok(pruned) if pruned.batches > 0 => tracing::info!(
-                    history = pruned.history, requests = pruned.requests, "rows past retention pruned"
-                ),
+                Ok(pruned) if pruned.batches > 0 => {
+                    tracing::info!(history = pruned.history, requests = pruned.requests, "rows past retention pruned")
+                }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(error = %error, "pruning rows past retention failed; retried later"),
             }

@@ -26,11 +26,11 @@ mod sqlite;
 use crate::clock::Clock;
 use crate::error::Result;
 use crate::holder::Holder;
+use crate::pool::usage::{UsageQuery, UsageRow};
 use crate::pool::{
     Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, Limits, LockdownRecord,
     SyncReport, SyncSource, Transition,
 };
-use crate::pool::usage::{UsageQuery, UsageRow};
 use crate::resource::{Created, Owner};
 
 pub(crate) use sqlite::Sqlite;

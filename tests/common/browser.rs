@@ -50,9 +50,11 @@ impl Browser {
         // chromium reads commands on fd 3 and writes answers on fd 4.
         let child = Command::new("sh")
             .arg("-c")
-            .arg(r#"exec "$0" --headless --no-sandbox --disable-gpu --no-first-run --hide-scrollbars \
+            .arg(
+                r#"exec "$0" --headless --no-sandbox --disable-gpu --no-first-run --hide-scrollbars \
                     --window-size=1280,900 --user-data-dir="$1/profile" --remote-debugging-pipe about:blank \
-                    3<"$1/in" 4>"$1/out""#)
+                    3<"$1/in" 4>"$1/out""#,
+            )
             .arg(chromium)
             .arg(profile.path())
             .stdin(Stdio::null())
@@ -111,8 +113,7 @@ impl Browser {
 
     /// The value of a JavaScript expression in the page.
     pub fn eval(&mut self, expression: &str) -> Value {
-        let result =
-            self.call("Runtime.evaluate", json!({ "expression": expression, "returnByValue": true }), true);
+        let result = self.call("Runtime.evaluate", json!({ "expression": expression, "returnByValue": true }), true);
         assert!(result.get("exceptionDetails").is_none(), "{expression}: {result}");
         result["result"]["value"].clone()
     }

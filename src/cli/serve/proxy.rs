@@ -170,7 +170,15 @@ impl Gateway {
     /// A gateway for the `served` connectors.
     pub fn new(settings: Settings, connectors: Connectors, served: Vec<String>, coordinator: Coordinator) -> Self {
         let dashboard = Dashboard::new(coordinator.clone(), Some(Keyring::load(&settings.paths.config).ok()).flatten());
-        Self { settings, connectors, served, jonglers: Mutex::default(), coordinator, metrics: Metrics::new(), dashboard }
+        Self {
+            settings,
+            connectors,
+            served,
+            jonglers: Mutex::default(),
+            coordinator,
+            metrics: Metrics::new(),
+            dashboard,
+        }
     }
 
     /// Ends the dashboard's event streams, so that a stopping server does not wait for open pages.

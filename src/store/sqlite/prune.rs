@@ -11,7 +11,12 @@ use rusqlite::{Transaction, params};
 use crate::store::Journal;
 
 /// Deletes up to `batch` rows of `journal` older than `before` (unix ms); how many it deleted.
-pub(super) fn prune_batch(transaction: &Transaction<'_>, journal: Journal, before: i64, batch: u32) -> rusqlite::Result<u64> {
+pub(super) fn prune_batch(
+    transaction: &Transaction<'_>,
+    journal: Journal,
+    before: i64,
+    batch: u32,
+) -> rusqlite::Result<u64> {
     let statement = match journal {
         Journal::History => {
             "DELETE FROM history WHERE id IN (SELECT id FROM history WHERE at < ?1 ORDER BY at LIMIT ?2)"

@@ -134,7 +134,8 @@ impl Dashboard {
                 response
             }
             Page::Asset(asset) => {
-                let mut response = reply(StatusCode::OK, asset.content_type, Body::full(Bytes::from_static(asset.bytes)));
+                let mut response =
+                    reply(StatusCode::OK, asset.content_type, Body::full(Bytes::from_static(asset.bytes)));
                 let headers = response.headers_mut();
                 headers.insert(HeaderName::from_static("content-security-policy"), HeaderValue::from_static(CSP));
                 headers.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
@@ -205,7 +206,8 @@ impl Dashboard {
         let (Some(connector), Some(key)) = (connector, key) else {
             return error(StatusCode::BAD_REQUEST, "name the key: history?connector=CONNECTOR&key=KEY");
         };
-        let query = HistoryQuery { connector: Some(connector), key_name: Some(key), since: None, limit: Some(HISTORY_ROWS) };
+        let query =
+            HistoryQuery { connector: Some(connector), key_name: Some(key), since: None, limit: Some(HISTORY_ROWS) };
         let coordinator = self.coordinator.clone();
         let read = tokio::task::spawn_blocking(move || coordinator.store().history(&query)).await;
         match read {
@@ -299,10 +301,11 @@ mod tests {
         assert_eq!(Page::of("/__apijongler/ui/nope"), Some(Page::Missing));
         assert_eq!(Page::of("/__apijongler/health"), None);
         assert_eq!(Page::of("/__apijongler/uix"), None);
-        let data: Vec<&str> = ["/__apijongler/ui/", "/__apijongler/ui/state", "/__apijongler/ui/events", "/__apijongler/ui/history"]
-            .into_iter()
-            .filter(|path| Page::of(path).is_some_and(Page::needs_token))
-            .collect();
+        let data: Vec<&str> =
+            ["/__apijongler/ui/", "/__apijongler/ui/state", "/__apijongler/ui/events", "/__apijongler/ui/history"]
+                .into_iter()
+                .filter(|path| Page::of(path).is_some_and(Page::needs_token))
+                .collect();
         assert_eq!(data, ["/__apijongler/ui/state", "/__apijongler/ui/events", "/__apijongler/ui/history"]);
     }
 
