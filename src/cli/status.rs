@@ -247,7 +247,7 @@ fn compact_table(
         }
         // The lockdowns column keeps a model and its deadline longest; names and groups give way first,
         // and on a narrow terminal the last use, then the group, go.
-        let narrowing = columns::Narrowing { wanted: &[8, 8, 8, 6, 12, 24, 4, 9], dropped_first: &[7, 2], right: &[6] };
+        let narrowing = columns::Narrowing { wanted: &[8, 11, 8, 6, 12, 36, 4, 9], dropped_first: &[7, 2], right: &[6] };
         for row in columns::fit(&rows, width.saturating_sub(2), narrowing) {
             writeln!(out, "  {row}")?;
         }
