@@ -77,6 +77,7 @@ mod reaper;
 pub mod resource;
 pub mod store;
 pub mod stream;
+pub mod tokens;
 mod trust;
 pub mod upstream_url;
 
