@@ -114,12 +114,14 @@ fn gemini_sandbox(mock: &api_jongler::mock::MockUpstream, limits: Option<&str>) 
 }
 
 /// End to end: the mock's per-key quota of 2 a minute answers the third request with a 429 stating
-/// it; the pool records the lesson for the key's scope, `why --model` and `status --json` show it.
+/// it; the pool records the lesson for the key's scope beside the keyring's `7/h`, and `why --model`,
+/// `status --json` and the gateway's metrics show both with their windows' usage (the three requests
+/// reserved against the declared limit, and count against the learned one too: one scope, one model).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_upstreams_429_teaches_the_pool_and_why_and_status_show_it() {
+async fn the_upstreams_429_teaches_the_pool_and_why_status_and_metrics_show_it() {
     let config = api_jongler::mock::MockConfig { quota: Some(2), ..Default::default() };
     let mock = api_jongler::mock::MockUpstream::start(config).await.expect("mock");
-    let sandbox = gemini_sandbox(&mock, None);
+    let sandbox = gemini_sandbox(&mock, Some("gemini-2.5-flash = 7/h"));
     let jongler = sandbox.jongler(GEMINI).wait(Duration::ZERO).connect().await.expect("connect");
     for _ in 0..2 {
         assert_eq!(jongler.request("POST", ENDPOINT, "{}").await.expect("ok").status, 200);
@@ -136,17 +138,34 @@ async fn the_upstreams_429_teaches_the_pool_and_why_and_status_show_it() {
 
     let why = sandbox.apijongler().args(["why", GEMINI, "key0", "--model", "gemini-2.5-flash"]).output().expect("why");
     let text = String::from_utf8_lossy(&why.stdout);
-    assert!(
-        text.contains(
-            "Limits of gemini-2.5-flash for key:key0: 0/2 this minute (2/min, learned from \
-             GenerateRequestsPerMinutePerProjectPerModel-FreeTier)."
-        ),
-        "{text}"
-    );
+    let said = "Limits of gemini-2.5-flash for key:key0: 3/7 this hour (7/h, declared), 3/2 this minute (2/min, \
+                learned from GenerateRequestsPerMinutePerProjectPerModel-FreeTier).";
+    assert!(text.contains(said), "{text}");
     let status = sandbox.apijongler().args(["status", GEMINI, "--json"]).output().expect("status");
     let keys: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
-    let limit = &keys[0]["limits"][0];
-    assert_eq!((&limit["limit"], &limit["source"], &limit["used"]), (&"2/min".into(), &"learned".into(), &0.into()));
+    let limits: Vec<_> = keys[0]["limits"]
+        .as_array()
+        .expect("a key's limits")
+        .iter()
+        .map(|limit| (limit["limit"].clone(), limit["source"].clone(), limit["used"].clone()))
+        .collect();
+    assert_eq!(limits, [("7/h".into(), "declared".into(), 3.into()), ("2/min".into(), "learned".into(), 3.into())]);
+
+    let gateway = common::gateway::Gateway::start(&sandbox, &[], &[]);
+    let text = reqwest::get(gateway.url("/metrics")).await.expect("scrape").text().await.expect("text");
+    let labels = |limit: &str, source: &str| {
+        format!(
+            r#"{{connector="{GEMINI}",scope="key:key0",model="gemini-2.5-flash",limit="{limit}",source="{source}"}}"#
+        )
+    };
+    for line in [
+        format!("apijongler_limit{} 7", labels("7/h", "declared")),
+        format!("apijongler_limit_used{} 3", labels("7/h", "declared")),
+        format!("apijongler_limit{} 2", labels("2/min", "learned")),
+        format!("apijongler_limit_used{} 3", labels("2/min", "learned")),
+    ] {
+        assert!(text.lines().any(|got| got == line), "missing {line} in\n{text}");
+    }
 }
 
 /// A Gemini request whose only text is `chars` characters (its estimate: `chars / 4` tokens and one
