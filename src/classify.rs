@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use crate::connector::Policy;
 pub use crate::pool::limit::next_pacific_midnight;
-use crate::pool::{Fate, Lockdown, Reach};
+use crate::pool::{Fate, Lockdown, Reach, Taught};
 
 /// What a lockdown for a quota of 0 says.
 const ZERO_QUOTA: &str = "quota is 0: the model is not available on this key's tier";
@@ -248,7 +248,7 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
     // A quota the provider metered per project (and per model when it names one).
     if let Some(first) = error.violations.first() {
         let (mut until_ms, mut worst, mut worst_kind) = (i64::MIN, first, "");
-        let (mut models, mut every_model) = (Vec::new(), false);
+        let (mut models, mut every_model, mut taught) = (Vec::new(), false, Vec::new());
         for violation in &error.violations {
             let (ends, kind) = if violation.is_daily() {
                 (next_pacific_midnight(now), "daily quota, resets at midnight Pacific")
@@ -265,6 +265,7 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
                 None if violation.is_per_project_only() => every_model = true,
                 None => models.extend(requested.iter().cloned()),
             }
+            taught.extend(violation.taught(context.model));
         }
         // The requested name may be an alias (gemini-flash-latest) of the model the quota names: lock both.
         if !models.is_empty() {
@@ -283,7 +284,12 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
             None => format!(", lockdown {} s", default_wait.as_secs()),
         };
         let reason = error.reason(&format!("{status} {worst_kind}{wait} ({})", worst.quota_id));
-        return lockdown_of(until_ms, reason, Reach::Group, models, Some(worst.quota_id.clone()));
+        // Where the connector tells no model, no claim names one to pace.
+        if !context.names_models {
+            taught.clear();
+        }
+        let lockdown = lockdown_of(until_ms, reason, Reach::Group, models, Some(worst.quota_id.clone()));
+        return Lockdown { taught, ..lockdown };
     }
     // A per-project rate limit in an ErrorInfo (the older regional quota): the whole group, for every
     // model unless the quota is per model.
@@ -311,7 +317,7 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
 }
 
 fn lockdown_of(until: i64, reason: String, reach: Reach, models: Vec<String>, quota_id: Option<String>) -> Lockdown {
-    Lockdown { until, reason, http_status: None, reach, models, quota_id, project: None }
+    Lockdown { until, reason, http_status: None, reach, models, quota_id, project: None, taught: Vec::new() }
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110).
@@ -510,6 +516,13 @@ impl Violation {
 
     fn is_zero(&self) -> bool {
         self.value.as_deref() == Some("0")
+    }
+
+    /// The limit it states (`quotaValue`), for the model it names or, for a quota per model naming
+    /// none, the `requested` one; none for a quota of the whole project.
+    fn taught(&self, requested: Option<&str>) -> Option<Taught> {
+        let model = self.model.as_deref().or(requested.filter(|_| self.quota_id.contains("PerModel")))?;
+        Taught::from_quota(&self.quota_id, self.value.as_deref()?, model)
     }
 
     /// A quota of the whole project, whatever the model (no `PerModel` and no model dimension).

@@ -130,6 +130,8 @@ struct Progress {
     metered: bool,
     /// The owner of a resource the request names, whose quota scope every claim is pinned to.
     pin: Option<crate::resource::Owner>,
+    /// Its estimated input tokens, which claims reserve against token limits (0 where none binds).
+    tokens: u64,
     started: Instant,
     /// The caller's deadline for the whole request.
     deadline: Option<Instant>,
@@ -300,6 +302,7 @@ impl Upstream {
             model: connector.model_of(&outgoing.path_and_query, &outgoing.body),
             metered: connector.meters(&outgoing.method, &outgoing.path_and_query),
             pin: None,
+            tokens: self.estimate_tokens(outgoing),
             started,
             deadline,
             wait,
@@ -311,6 +314,16 @@ impl Upstream {
             bookkeeping: Bookkeeping::Recorded,
             timings: Timings::default(),
         })
+    }
+
+    /// The input tokens `outgoing` will likely cost, where a token limit may pace its connector's
+    /// claims (elsewhere its body is not read for it).
+    fn estimate_tokens(&self, outgoing: &Outgoing) -> u64 {
+        if self.coordinator.backend().paces_tokens(&self.connector.name) {
+            crate::tokens::estimate(&outgoing.body)
+        } else {
+            0
+        }
     }
 
     /// The request's key slot (see [`KeySlot`]).
@@ -337,7 +350,7 @@ impl Upstream {
                 Some(lease) => Some(lease),
                 None => {
                     let model = request.model.as_deref().filter(|_| request.metered);
-                    let (wanted, wait) = ((model, request.pin.as_ref()), request.wait);
+                    let (wanted, wait) = ((model, request.pin.as_ref(), request.tokens), request.wait);
                     let aside = Aside { tried: &request.tried, suspected: request.suspicion.suspected() };
                     self.next_lease(slot, wanted, aside, request.started, wait, &mut request.budget).await?
                 }
@@ -359,7 +372,7 @@ impl Upstream {
             let model = request.model.as_deref().filter(|_| request.metered);
             let suspected = request.suspicion.suspected();
             let at_once = Aside { tried: suspected, suspected };
-            let wanted = (model, request.pin.as_ref());
+            let wanted = (model, request.pin.as_ref(), request.tokens);
             return self.next_lease(slot, wanted, at_once, Instant::now(), Duration::ZERO, &mut request.budget).await;
         }
         let remaining = request.wait.saturating_sub(request.started.elapsed());
@@ -368,7 +381,7 @@ impl Upstream {
             return Ok(None);
         }
         let model = request.model.as_deref().filter(|_| request.metered);
-        let wanted = (model, request.pin.as_ref());
+        let wanted = (model, request.pin.as_ref(), request.tokens);
         let suspected = request.suspicion.suspected();
         let hold = remaining.min(suspicion::HOLD);
         // First without waiting: when no key is free and none but the suspect itself is held (nor a
@@ -407,6 +420,7 @@ impl Upstream {
             latency_ms: 0,
             outcome: Outcome::Cancelled,
             model: request.model.clone(),
+            prompt_tokens: None,
         };
         let sent = Instant::now();
         let in_flight = InFlight { lease, cancelled: cancelled.clone(), sent };
@@ -417,6 +431,7 @@ impl Upstream {
         let verdict = self.judge(&answer, model, lease.as_ref(), request.budget.backoffs(), request.replay);
         let attempt = Attempt {
             status: answer.as_ref().ok().map(Answer::status),
+            prompt_tokens: answer.as_ref().ok().and_then(Answer::prompt_tokens),
             latency_ms: millis(sent.elapsed()),
             outcome: describe(&verdict, &answer),
             ..cancelled

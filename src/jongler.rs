@@ -267,7 +267,10 @@ impl JonglerBuilder {
             }),
         };
         if jongler.inner.scope == LeaseScope::PerConnection && jongler.inner.keyring.is_some() {
-            let lease = jongler.inner.claim(None, &[], jongler.inner.wait).await?;
+            let lease = jongler
+                .inner
+                .claim(crate::store::ClaimFor::new(&jongler.inner.connector.name, None, &[]), jongler.inner.wait)
+                .await?;
             *jongler.inner.held.lock().await = Some(lease);
         }
         tracing::info!(connector = %jongler.inner.connector.name, scope = ?jongler.inner.scope, "connected");

@@ -78,6 +78,7 @@ pub mod resource;
 pub mod retention;
 pub mod store;
 pub mod stream;
+pub mod tokens;
 mod trust;
 pub mod upstream_url;
 

@@ -1041,7 +1041,7 @@ fn judge(
                     bucket.deadline = Some(frees_at);
                     bucket.rate_limited += 1;
                     let delay = format!("{:.3}s", ceil_millis(frees_at.duration_since(now)));
-                    return limited(quota_failure(PER_MINUTE_QUOTA_ID, model, limit, &delay));
+                    return limited(quota_failure(&window_quota_id(config.minute), model, limit, &delay));
                 }
             }
         }
@@ -1057,7 +1057,8 @@ fn judge(
             stats.deadline = Some(frees_at);
             stats.rate_limited += 1;
             bucket.iter_mut().for_each(|bucket| bucket.rate_limited += 1);
-            return (StatusCode::TOO_MANY_REQUESTS, rate_limited(ceil_millis(frees_at.duration_since(now))));
+            let delay = ceil_millis(frees_at.duration_since(now));
+            return (StatusCode::TOO_MANY_REQUESTS, rate_limited(delay, quota, config.window));
         }
         stats.accepted.push_back(now);
     }
@@ -1078,18 +1079,31 @@ fn ceil_millis(delay: Duration) -> f64 {
     (delay.as_secs_f64() * 1000.0).ceil() / 1000.0
 }
 
-const SUCCESS: &str = r#"{"candidates":[{"content":{"parts":[{"text":"Hello from the mock upstream."}],"role":"model"},"finishReason":"STOP"}],"modelVersion":"gemini-2.5-flash"}"#;
+const SUCCESS: &str = r#"{"candidates":[{"content":{"parts":[{"text":"Hello from the mock upstream."}],"role":"model"},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":6,"totalTokenCount":11},"modelVersion":"gemini-2.5-flash"}"#;
 
 const INVALID_KEY: &str = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#;
 
 const OVERLOADED: &str =
     r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
 
-/// Gemini's per-minute 429, with the delay until the key's window frees.
-fn rate_limited(delay_secs: f64) -> String {
+/// Gemini's 429 for a key's `limit` requests per `window`, with the delay until the key's window
+/// frees.
+fn rate_limited(delay_secs: f64, limit: u32, window: Duration) -> String {
+    let quota_id = window_quota_id(window);
     format!(
-        r#"{{"error":{{"code":429,"message":"You exceeded your current quota, please check your plan and billing details.","status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{{"location":"global","model":"gemini-2.5-flash"}},"quotaValue":"10"}}]}},{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay_secs:.3}s"}}]}}}}"#
+        r#"{{"error":{{"code":429,"message":"You exceeded your current quota, please check your plan and billing details.","status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"{quota_id}","quotaDimensions":{{"location":"global","model":"gemini-2.5-flash"}},"quotaValue":"{limit}"}}]}},{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay_secs:.3}s"}}]}}}}"#
     )
+}
+
+/// The quota id of requests per `window`: Gemini's per-minute id for a real minute; for the shortened
+/// windows of tests, an id that says its length in milliseconds, which no client can take for a limit
+/// per minute (apijongler learns limits from ids naming a second, minute, hour or day).
+fn window_quota_id(window: Duration) -> String {
+    if window == Duration::from_secs(60) {
+        PER_MINUTE_QUOTA_ID.to_owned()
+    } else {
+        format!("GenerateRequestsPer{}MillisecondsPerProjectPerModel-Mock", window.as_millis())
+    }
 }
 
 /// Gemini's free-tier 429 for one (project, model) quota, in today's long form: the limit both in the

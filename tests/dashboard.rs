@@ -27,6 +27,10 @@ async fn the_page_shows_the_pool_live_and_no_secret() {
     let bad = format!("fake-secret-{GEMINI}-2-do-not-use");
     let upstream = MockUpstream::start(MockConfig { bad_keys: [bad].into(), ..MockConfig::default() }).await.unwrap();
     let sandbox = sandbox(3, upstream.port());
+    // A declared limit, whose window's usage the page shows.
+    let mut keyring = std::fs::read_to_string(&sandbox.keyring).unwrap();
+    keyring.push_str(&format!("[{GEMINI} limits]\ngemini-2.5-flash = 1000/min\n"));
+    std::fs::write(&sandbox.keyring, keyring).unwrap();
     let gateway = Gateway::start(&sandbox, &[], &[]);
     for _ in 0..6 {
         let response = client()
@@ -50,7 +54,8 @@ async fn the_page_shows_the_pool_live_and_no_secret() {
         browser.wait_for(
             "['key0', 'key1', 'key2'].every(k => !!document.querySelector(`tr[data-key='generativelanguage.googleapis.com/${k}']`)) \
              && document.querySelectorAll('#activity rect.ok').length > 0 \
-             && document.querySelectorAll('#activity rect.er').length > 0",
+             && document.querySelectorAll('#activity rect.er').length > 0 \
+             && document.querySelector('#usage').innerText.includes('/1000 (1000/min, declared)')",
             Duration::from_secs(30),
         );
         browser.eval("window.__sameDocument = 'yes'");

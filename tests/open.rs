@@ -294,16 +294,17 @@ fn migration_5_gives_old_history_rows_their_events() {
     assert_eq!(events, [Released, Claimed]);
 }
 
-/// A new file is made at schema 7: its history has the event column (schema 5), it has the
-/// `resources` table (schema 6) and the `reservations` of declared limits (schema 7); an older build,
-/// knowing schema 6 at most, refuses it (see `newer_schema_is_refused_untouched`).
+/// A new file is made at schema 8: its history has the event column (schema 5), it has the
+/// `resources` table (schema 6), the `reservations` of limits (schema 7) with their tokens, the
+/// `learned_limits` and the requests' `prompt_tokens` (schema 8); an older build, knowing schema 7 at
+/// most, refuses it (see `newer_schema_is_refused_untouched`).
 #[test]
-fn a_new_file_has_schema_7_history_events_resources_and_reservations() {
+fn a_new_file_has_schema_8_history_events_resources_reservations_and_learned_limits() {
     let sandbox = Sandbox::new("c", 1);
     drop(open(&sandbox.db).expect("created"));
     let connection = rusqlite::Connection::open(&sandbox.db).expect("reopen");
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
-    assert_eq!(version, 7);
+    assert_eq!(version, 8);
     let event: String = connection
         .query_row("SELECT type FROM pragma_table_info('history') WHERE name = 'event'", [], |row| row.get(0))
         .expect("the history has an event column");
@@ -318,7 +319,13 @@ fn a_new_file_has_schema_7_history_events_resources_and_reservations() {
             .expect("columns")
     };
     assert_eq!(columns("resources"), ["connector", "name", "key_name", "quota_scope", "expires_at", "created_at"]);
-    assert_eq!(columns("reservations"), ["connector", "quota_scope", "model", "at", "key_name", "lease"]);
+    assert_eq!(columns("reservations"), ["connector", "quota_scope", "model", "at", "key_name", "lease", "tokens"]);
+    let learned = columns("learned_limits");
+    assert_eq!(
+        learned,
+        ["connector", "quota_scope", "model", "quota_id", "limit_text", "until", "learned_at", "key_name"]
+    );
+    assert!(columns("requests").contains(&"prompt_tokens".to_owned()));
 }
 
 /// A second store opened on a file this process already uses must not drop this process's SQLite

@@ -229,21 +229,22 @@ fn why_and_status_say_the_declared_limits_and_their_usage() {
     let output = sandbox.apijongler().args(["why", "c", "key1", "--model", "m"]).output().expect("run why");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let line = "Declared limits of m for group:g (keyring): 2/3 this hour (3/h), 1000 tokens/min (tokens are not paced \
-                yet), 2/250 today (250/day).";
+    let line = "Limits of m for group:g: 2/3 this hour (3/h, declared), 0/1000 tokens this minute (1000 tokens/min, \
+                declared), 2/250 today (250/day, declared).";
     assert!(text.contains(line), "{text}");
     let output = sandbox.apijongler().args(["why", "c", "key1", "--model", "other"]).output().expect("run why");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("Declared limits of other for group:g (keyring): 0/5 this minute (5/min)."), "{text}");
+    assert!(text.contains("Limits of other for group:g: 0/5 this minute (5/min, declared)."), "{text}");
     // `status` lists the scopes and models in use, each with its limits' usage.
     let output = sandbox.apijongler().arg("status").output().expect("run status");
     let text = String::from_utf8_lossy(&output.stdout);
-    let line =
-        "\n  c group:g m: 2/3 this hour (3/h), 1000 tokens/min (tokens are not paced yet), 2/250 today (250/day)\n";
+    let line = "\n  c group:g m: 2/3 this hour (3/h, declared), 0/1000 tokens this minute (1000 tokens/min, declared), \
+                2/250 today (250/day, declared)\n";
     assert!(
-        text.contains("Declared limits in use (the keyring's; each window's usage):") && text.contains(line),
+        text.contains("Limits in use (declared by the keyring or learned from a 429; each window's usage):"),
         "{text}"
     );
+    assert!(text.contains(line), "{text}");
 }
 
 /// The issue's simulated hour, on an injected clock: a pool that always has work (every key claimed

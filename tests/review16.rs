@@ -286,6 +286,7 @@ fn a_429_during_a_paced_lockdown_is_one_strike() {
         models: vec!["m".into()],
         quota_id: Some("q".into()),
         project: None,
+        taught: Vec::new(),
     };
     in_flight.finish(&Fate::Lockdown(lockdown), None).expect("finish");
     let (strikes, until): (i64, i64) = sandbox

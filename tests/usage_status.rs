@@ -184,6 +184,8 @@ async fn usage_equals_what_the_mock_saw() {
         assert_eq!(figures("errors"), stats.invalid + stats.overloaded, "{}: {answer}", key_of(secret));
         assert_eq!(figures("requests"), stats.ok + stats.rate_limited + stats.invalid + stats.overloaded);
         counted += figures("requests");
+        // The mock's every success says `promptTokenCount: 5`; its errors say none.
+        assert_eq!(row["tokens"].as_u64(), (stats.ok > 0).then_some(5 * stats.ok), "{}: {answer}", key_of(secret));
     }
     assert_eq!(counted, total, "every request the mock saw, once");
     assert!(seen.values().any(|stats| stats.rate_limited > 0) && seen.values().any(|stats| stats.invalid > 0));

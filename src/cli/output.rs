@@ -100,23 +100,20 @@ pub fn table(header: &[&str]) -> Table {
     table
 }
 
-/// Each of `binding` (the declared limits of `model` on quota scope `scope`) with its window's usage:
-/// `2/3 this hour (3/h), 1000 tokens/min (tokens are not paced yet), 2/250 today (250/day)`.
-pub fn limits_used(
-    store: &api_jongler::Store,
-    (connector, scope, model): (&str, &str, &str),
-    binding: &[api_jongler::pool::Limit],
-    now: i64,
-) -> api_jongler::Result<String> {
-    let mut said = Vec::with_capacity(binding.len());
-    for limit in binding {
-        said.push(match limit.measure {
-            api_jongler::pool::Measure::Requests => {
-                let used = store.reserved_since(connector, scope, model, limit.window.counted_from(now))?;
-                format!("{used}/{} {} ({limit})", limit.count, limit.window.said())
-            }
-            api_jongler::pool::Measure::Tokens => format!("{limit} (tokens are not paced yet)"),
-        });
+/// The limits of one (quota scope, model), each with its window's usage, and until when pacing holds
+/// it back: `9/10 this minute (10/min, declared), 18/250 today (250/day, declared), paced until 13:05:12
+/// (in 4 s)`.
+pub fn limits_used(usages: &[api_jongler::pool::LimitUsage], now: i64) -> String {
+    let mut said: Vec<String> = usages.iter().map(api_jongler::pool::LimitUsage::said).collect();
+    if let Some(until) = usages.iter().find_map(|usage| usage.paced_until) {
+        said.push(format!("paced until {}", deadline(until, now)));
     }
-    Ok(said.join(", "))
+    said.join(", ")
+}
+
+/// `usages` in runs of one (connector, quota scope, model), in order.
+pub fn by_scope_and_model(
+    usages: &[api_jongler::pool::LimitUsage],
+) -> impl Iterator<Item = &[api_jongler::pool::LimitUsage]> {
+    usages.chunk_by(|a, b| (&a.connector, &a.scope, &a.model) == (&b.connector, &b.scope, &b.model))
 }

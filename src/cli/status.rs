@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use api_jongler::holder::Holder;
 use api_jongler::pool::view::{self, HolderLiveness, KeyView, KeyringKeys, PoolView, Sources};
-use api_jongler::pool::{KeyRecord, KeySpec, LockdownRecord, Scope, rule};
+use api_jongler::pool::{KeyRecord, KeySpec, LockdownRecord, rule};
 use api_jongler::{KeyState, Keyring};
 
 use super::exit::Usage;
@@ -99,6 +99,7 @@ fn render(
     let lockdowns: Vec<LockdownRecord> = coordinator.store().lockdowns(args.connector.as_deref())?;
     let keyring = if warn || !global.quiet { keyring_to_compare(global) } else { None };
     let view = pool_view(&keys, &lockdowns, keyring.as_ref(), args.connector.as_deref(), None, now);
+    let view = with_limits(view, coordinator.store(), keyring.as_ref())?;
     if warn && !global.quiet {
         for warning in &view.warnings {
             eprintln!("apijongler: warning: {warning}");
@@ -158,13 +159,12 @@ fn render(
             }
         }
     }
-    if let Some(keyring) = keyring.as_ref() {
-        let lines = limits_in_use(coordinator, keyring, &shown, now)?;
-        if !lines.is_empty() {
-            writeln!(out, "Declared limits in use (the keyring's; each window's usage):")?;
-            for line in lines {
-                writeln!(out, "  {line}")?;
-            }
+    if !view.limits.is_empty() {
+        writeln!(out, "Limits in use (declared by the keyring or learned from a 429; each window's usage):")?;
+        for usages in output::by_scope_and_model(&view.limits) {
+            let first = &usages[0];
+            let used = output::limits_used(usages, now);
+            writeln!(out, "  {} {} {}: {used}", first.connector, first.scope, first.model)?;
         }
     }
     if let Some(keyring) = keyring.as_ref().filter(|_| view.keyring_differences().next().is_some()) {
@@ -247,7 +247,8 @@ fn compact_table(
         }
         // The lockdowns column keeps a model and its deadline longest; names and groups give way first,
         // and on a narrow terminal the last use, then the group, go.
-        let narrowing = columns::Narrowing { wanted: &[8, 11, 8, 6, 12, 36, 4, 9], dropped_first: &[7, 2], right: &[6] };
+        let narrowing =
+            columns::Narrowing { wanted: &[8, 11, 8, 6, 12, 36, 4, 9], dropped_first: &[7, 2], right: &[6] };
         for row in columns::fit(&rows, width.saturating_sub(2), narrowing) {
             writeln!(out, "  {row}")?;
         }
@@ -411,31 +412,20 @@ fn reason(key: &KeyRecord) -> String {
     }
 }
 
-/// For each connector of `shown` with declared limits, each (quota scope, model) that reserved within
-/// its longest window: `c group:g m: 2/3 this hour (3/h), 2/250 today (250/day)`.
-fn limits_in_use(
-    coordinator: &api_jongler::Coordinator,
-    keyring: &Keyring,
-    shown: &HashSet<&str>,
-    now: i64,
-) -> anyhow::Result<Vec<String>> {
-    let mut connectors: Vec<&str> = shown.iter().copied().collect();
-    connectors.sort_unstable();
-    let mut lines = Vec::new();
+/// `view` with the limits in use on each of its connectors: those `keyring` declares and those learned.
+pub(super) fn with_limits(
+    view: PoolView,
+    store: &api_jongler::Store,
+    keyring: Option<&Keyring>,
+) -> api_jongler::Result<PoolView> {
+    let connectors: std::collections::BTreeSet<&str> = view.keys.iter().map(|key| key.connector.as_str()).collect();
+    let mut limits = Vec::new();
     for connector in connectors {
-        let Some(limits) = keyring.limits(connector) else { continue };
-        for (scope, model) in coordinator.store().reserved_models(connector, now - limits.longest_reach(now))? {
-            let group = match scope.parse::<Scope>() {
-                Ok(Scope::Group(group)) => Some(group),
-                _ => None,
-            };
-            let binding = limits.binding(group.as_deref(), &model);
-            if binding.is_empty() {
-                continue;
-            }
-            let used = output::limits_used(coordinator.store(), (connector, &scope, &model), binding, now)?;
-            lines.push(format!("{connector} {scope} {model}: {used}"));
-        }
+        limits.extend(store.limits_in_use(
+            connector,
+            keyring.and_then(|keyring| keyring.limits(connector)),
+            view.at,
+        )?);
     }
-    Ok(lines)
+    Ok(view.with_limits(limits))
 }

@@ -1,6 +1,6 @@
 //! `apijongler usage [CONNECTOR] [--since 24h] [--by key|model|group] [--json]`: the upstream attempts
-//! of a span, counted per key, model or quota group: requests, successes, 429s and errors (tokens
-//! where an answer told them; none is recorded yet). The counts are the store's
+//! of a span, counted per key, model or quota group: requests, successes, 429s and errors, and the
+//! input tokens the answers told (where they did). The counts are the store's
 //! ([`api_jongler::pool::usage`] says what each column counts), so no SQL is needed.
 
 use std::io::Write;
@@ -56,8 +56,9 @@ pub fn run(global: &Global, args: &UsageArgs) -> anyhow::Result<ExitCode> {
         writeln!(stdout, "No requests since {} in {}.", output::local_time(from), coordinator.db_path().display())?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = output::table(&["connector", by.as_str(), "requests", "ok", "429", "errors", "tokens"]);
+    let mut table = output::table(&["connector", by.as_str(), "requests", "ok", "429", "errors", "input tokens"]);
     let mut total = Tally::default();
+    let mut tokens: Option<u64> = None;
     for row in &rows {
         total = Tally {
             requests: total.requests + row.tally.requests,
@@ -65,18 +66,22 @@ pub fn run(global: &Global, args: &UsageArgs) -> anyhow::Result<ExitCode> {
             rate_limited: total.rate_limited + row.tally.rate_limited,
             errors: total.errors + row.tally.errors,
         };
-        table.add_row(counts(&row.connector, &row.name, row.tally));
+        tokens = match (tokens, row.tokens) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        table.add_row(counts(&row.connector, &row.name, row.tally, row.tokens));
     }
     if rows.len() > 1 {
-        table.add_row(counts("all", "", total));
+        table.add_row(counts("all", "", total, tokens));
     }
     writeln!(stdout, "Requests since {} ({} ago), per {by}:", output::local_time(from), args.since.trim())?;
     writeln!(stdout, "{table}")?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// One row of the table; tokens are not recorded yet, so that column says so with `-`.
-fn counts(connector: &str, name: &str, tally: Tally) -> Vec<String> {
+/// One row of the table; `-` for tokens no answer told.
+fn counts(connector: &str, name: &str, tally: Tally, tokens: Option<u64>) -> Vec<String> {
     vec![
         connector.to_owned(),
         name.to_owned(),
@@ -84,6 +89,6 @@ fn counts(connector: &str, name: &str, tally: Tally) -> Vec<String> {
         tally.successes.to_string(),
         tally.rate_limited.to_string(),
         tally.errors.to_string(),
-        "-".to_owned(),
+        tokens.map_or_else(|| "-".to_owned(), |tokens| tokens.to_string()),
     ]
 }

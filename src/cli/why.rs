@@ -21,7 +21,7 @@ use api_jongler::{Coordinator, KeyState};
 use serde::Serialize;
 
 use super::exit::Usage;
-use super::status::pool_view;
+use super::status::{pool_view, with_limits};
 use super::{Global, keyring_to_compare, open, output};
 
 #[derive(Debug, clap::Args)]
@@ -81,6 +81,7 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
         // The key as `status --json` shows it (for the model asked), with the verdict around it.
         let keyring = keyring_to_compare(global);
         let pool = pool_view(&keys, &lockdowns, keyring.as_ref(), Some(&args.connector), model, now);
+        let pool = with_limits(pool, coordinator.store(), keyring.as_ref())?;
         let key_view = pool.key(&args.connector, &args.key).expect("the view has every key of the database");
         let answer = Answer { key: key_view, explanation: explain(&coordinator, key, &mine), verdict };
         writeln!(stdout, "{}", serde_json::to_string_pretty(&answer)?)?;
@@ -88,8 +89,8 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(stdout, "{}", explain(&coordinator, key, &mine))?;
     writeln!(stdout, "{}", quota_group(key))?;
-    if let (Some(model), Some(keyring)) = (model, keyring_to_compare(global))
-        && let Some(line) = declared_limits(&coordinator, &keyring, key, model, now)?
+    if let Some(model) = model
+        && let Some(line) = limits(&coordinator, keyring_to_compare(global).as_ref(), key, model, now)?
     {
         writeln!(stdout, "{line}")?;
     }
@@ -124,24 +125,23 @@ pub fn run(global: &Global, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The limits the keyring declares for requests for `model` on `key`'s quota scope, each with its
-/// window's usage: `Declared limits of m for group:g: 2/3 these 10s (3/10s), 5/250 today (250/day).`
-/// `None` when none binds.
-fn declared_limits(
+/// The limits (declared by `keyring`, or learned) of requests for `model` on `key`'s quota scope, each
+/// with its window's usage: `Limits of m for group:g: 2/3 this hour (3/h, declared), 5/250 today
+/// (250/day, declared).` `None` when none binds.
+fn limits(
     coordinator: &Coordinator,
-    keyring: &api_jongler::Keyring,
+    keyring: Option<&api_jongler::Keyring>,
     key: &KeyRecord,
     model: &str,
     now: i64,
 ) -> anyhow::Result<Option<String>> {
-    let Some(limits) = keyring.limits(&key.connector) else { return Ok(None) };
-    let binding = limits.binding(key.quota_group.as_deref(), model);
-    if binding.is_empty() {
+    let scope = key.quota_scope.to_string();
+    let declared = keyring.and_then(|keyring| keyring.limits(&key.connector));
+    let usages = coordinator.store().usage_of((&key.connector, &scope, model), declared, now)?;
+    if usages.is_empty() {
         return Ok(None);
     }
-    let scope = key.quota_scope.to_string();
-    let used = output::limits_used(coordinator.store(), (&key.connector, &scope, model), binding, now)?;
-    Ok(Some(format!("Declared limits of {model} for {scope} (keyring): {used}.")))
+    Ok(Some(format!("Limits of {model} for {scope}: {}.", output::limits_used(&usages, now))))
 }
 
 /// `why --json`: the key's one JSON shape, then the two sentences about it.

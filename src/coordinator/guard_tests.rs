@@ -46,8 +46,20 @@ impl Backend for Disagreeing {
         Ok(Vec::new())
     }
 
-    fn reserved_since(&self, _: &str, _: &str, _: &str, _: i64) -> Result<u64> {
+    fn used_since(&self, _: (&str, &str, &str), _: crate::pool::Measure, _: i64) -> Result<u64> {
         Ok(0)
+    }
+
+    fn learned_limits(&self, _: &str, _: i64) -> Result<Vec<crate::pool::LearnedLimit>> {
+        Ok(Vec::new())
+    }
+
+    fn declared_limits(&self, _: &str) -> Option<Arc<crate::pool::Limits>> {
+        None
+    }
+
+    fn paces_tokens(&self, _: &str) -> bool {
+        false
     }
 
     fn declare_limits(&self, _: &str, _: Option<Arc<crate::pool::Limits>>) {}
@@ -165,7 +177,7 @@ fn an_async_claim_ends_by_its_deadline_when_the_count_and_the_claim_disagree() {
     for wait in [Duration::ZERO, Duration::from_millis(300)] {
         let answer = runtime
             .block_on(async {
-                tokio::time::timeout(wait + LATE, coordinator.claim_for_async("c", None, &[], wait)).await
+                tokio::time::timeout(wait + LATE, coordinator.claim_async(ClaimFor::new("c", None, &[]), wait)).await
             })
             .expect("answered by the deadline, not looping");
         assert!(matches!(answer, Err(Error::NoKeyAvailable(_))), "{wait:?}: {answer:?}");

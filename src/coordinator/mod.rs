@@ -21,7 +21,7 @@ use crate::holder::Holder;
 use crate::keyring::Keyring;
 use crate::lease::{self, HeartbeatWaker, Lease, LeaseOwner, Registry};
 use crate::pool::{self, Unavailable};
-use crate::pool::{Eviction, KeySpec, KeyState, SyncReport, Transition};
+use crate::pool::{Eviction, KeySpec, KeyState, LimitUsage, SyncReport, Transition};
 use crate::reaper::{self, Now};
 use crate::retention::{self, Pruned, Retention};
 use crate::store::{self, Backend, Sqlite, Store};
@@ -240,25 +240,15 @@ impl Coordinator {
     }
 
     /// [`claim_for`](Self::claim_for) for async callers: the wait holds no thread (the key comes
-    /// from the process's one watcher), and dropping the future gives up the wait.
-    pub(crate) async fn claim_for_async(
-        &self,
-        connector: &str,
-        model: Option<&str>,
-        tried: &[String],
-        wait: Duration,
-    ) -> Result<Lease> {
-        self.claim_pinned_async((connector, model, tried, None), wait).await
-    }
-
-    /// [`claim_for_async`](Self::claim_for_async) for a request pinned to a quota scope (the owner of a
-    /// resource it names, see `crate::resource`): only keys of that scope are claimed, and the wait ends
-    /// at once when none of them can come back (all in error or retired).
-    pub(crate) async fn claim_pinned_async(&self, request: store::ClaimFor<'_>, wait: Duration) -> Result<Lease> {
+    /// from the process's one watcher), and dropping the future gives up the wait. A claim pinned to a
+    /// quota scope (the owner of a resource it names, see `crate::resource`) takes only keys of that
+    /// scope, and its wait ends at once when none of them can come back (all in error or retired); one
+    /// with tokens reserves them against token limits.
+    pub(crate) async fn claim_async(&self, request: store::ClaimFor<'_>, wait: Duration) -> Result<Lease> {
         self.inner.alive_here()?;
-        let (connector, model, tried, pin) = request;
+        let store::ClaimFor { connector, model, tried, pin, tokens } = request;
         let mut request = self.request(connector, model, tried, wait);
-        request.pin = pin;
+        (request.pin, request.tokens) = (pin, tokens);
         self.claim_as_task(&request).await
     }
 
@@ -274,7 +264,7 @@ impl Coordinator {
         let started = Instant::now();
         // A wait too long to add to an instant is as good as forever.
         let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
-        waiting::Request { connector, model, tried, pin: None, started, deadline }
+        waiting::Request { connector, model, tried, pin: None, tokens: 0, started, deadline }
     }
 
     /// One claim, waiting for the write lock as long as the caller may wait (never less than the
@@ -415,6 +405,13 @@ impl Coordinator {
     /// The coordinator's clock, unix ms.
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
+    }
+
+    /// The limits in use on `connector` now (see [`Store::limits_in_use`]): those the keyring this
+    /// coordinator synced declares, and those learned from answers.
+    pub fn limits_in_use(&self, connector: &str) -> Result<Vec<LimitUsage>> {
+        let declared = self.inner.backend.declared_limits(connector);
+        self.store().limits_in_use(connector, declared.as_deref(), self.now_ms())
     }
 
     fn reap_if_due(&self, connector: &str) -> Result<()> {

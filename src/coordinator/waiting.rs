@@ -53,6 +53,8 @@ struct Waiter {
     tried: Vec<String>,
     /// The quota scope the request is pinned to (a resource's owner), if any.
     pin: Option<String>,
+    /// Its estimated input tokens.
+    tokens: u64,
     /// When it asked (its message says how long it waited since).
     started: Instant,
     /// When its wait for a key ends.
@@ -68,11 +70,13 @@ impl Waiter {
             && self.model == other.model
             && self.tried == other.tried
             && self.pin == other.pin
+            && self.tokens == other.tokens
     }
 
     /// What it waits for, as the store takes it.
     fn claim_for(&self) -> crate::store::ClaimFor<'_> {
-        (&self.connector, self.model.as_deref(), &self.tried, self.pin.as_deref())
+        let (connector, model, tried, pin) = (&self.connector, self.model.as_deref(), &self.tried, self.pin.as_deref());
+        crate::store::ClaimFor { connector, model, tried, pin, tokens: self.tokens }
     }
 
     /// Whether nobody waits for the answer any more (answered, or its caller went away).
@@ -145,6 +149,8 @@ pub(super) struct Request<'a> {
     pub(super) tried: &'a [String],
     /// Only keys of this quota scope (the owner of a resource the request names); `None`: any.
     pub(super) pin: Option<&'a str>,
+    /// Its estimated input tokens (see `crate::tokens`).
+    pub(super) tokens: u64,
     pub(super) started: Instant,
     pub(super) deadline: Instant,
 }
@@ -152,7 +158,8 @@ pub(super) struct Request<'a> {
 impl<'a> Request<'a> {
     /// What it asks for, as the store takes it.
     pub(super) fn claim_for(&self) -> crate::store::ClaimFor<'a> {
-        (self.connector, self.model, self.tried, self.pin)
+        let (connector, model, tried, pin, tokens) = (self.connector, self.model, self.tried, self.pin, self.tokens);
+        crate::store::ClaimFor { connector, model, tried, pin, tokens }
     }
 }
 
@@ -162,6 +169,7 @@ pub(super) struct OwnedRequest {
     model: Option<String>,
     tried: Vec<String>,
     pin: Option<String>,
+    tokens: u64,
     started: Instant,
     deadline: Instant,
 }
@@ -173,6 +181,7 @@ impl Request<'_> {
             model: self.model.map(str::to_owned),
             tried: self.tried.to_vec(),
             pin: self.pin.map(str::to_owned),
+            tokens: self.tokens,
             started: self.started,
             deadline: self.deadline,
         }
@@ -186,6 +195,7 @@ impl OwnedRequest {
             model: self.model.as_deref(),
             tried: &self.tried,
             pin: self.pin.as_deref(),
+            tokens: self.tokens,
             started: self.started,
             deadline: self.deadline,
         }
@@ -240,6 +250,7 @@ impl Coordinator {
             model: request.model.map(str::to_owned),
             tried: request.tried.to_vec(),
             pin: request.pin.map(str::to_owned),
+            tokens: request.tokens,
             started: request.started,
             deadline: request.deadline,
             lock_deadline: self.inner.backend.lock_deadline(request.started, request.deadline),

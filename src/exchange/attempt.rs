@@ -35,6 +35,14 @@ impl Answer {
             Answer::Whole { status, .. } | Answer::Stream { status, .. } => *status,
         }
     }
+
+    /// The input tokens a whole answer says the request used (a stream says it in its last events).
+    pub(super) fn prompt_tokens(&self) -> Option<u64> {
+        match self {
+            Answer::Whole { body, .. } => crate::tokens::prompt_tokens(body),
+            Answer::Stream { .. } => None,
+        }
+    }
 }
 
 /// A failure of one attempt before any answer could be judged.

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::offload::short_blocking;
 use crate::resource::Owner;
+use crate::store::ClaimFor;
 
 /// The keys a request puts aside.
 #[derive(Debug, Clone, Copy)]
@@ -35,16 +36,16 @@ impl Aside<'_> {
 impl Upstream {
     /// A free key at once if there is one (in place: no hand-off), else a place in the process's
     /// queue of waiters, which holds no thread while it waits.
-    pub(crate) async fn claim(&self, model: Option<&str>, tried: &[String], wait: Duration) -> Result<Lease> {
-        self.coordinator.claim_for_async(&self.connector.name, model, tried, wait).await
+    pub(crate) async fn claim(&self, request: ClaimFor<'_>, wait: Duration) -> Result<Lease> {
+        self.coordinator.claim_async(request, wait).await
     }
 
     /// [`claim`](Self::claim) of a key of `pin`'s quota scope only (a request naming a resource it
     /// owns); when none of them can come back (all in error or retired), the error says which resource
     /// and key, at once.
-    async fn claim_pinned(&self, model: Option<&str>, tried: &[String], wait: Duration, pin: &Owner) -> Result<Lease> {
-        let request = (self.connector.name.as_str(), model, tried, Some(pin.quota_scope.as_str()));
-        match self.coordinator.claim_pinned_async(request, wait).await {
+    async fn claim_pinned(&self, request: ClaimFor<'_>, wait: Duration, pin: &Owner) -> Result<Lease> {
+        let request = ClaimFor { pin: Some(pin.quota_scope.as_str()), ..request };
+        match self.coordinator.claim_async(request, wait).await {
             Err(Error::NoKeyAvailable(unavailable)) => Err(self
                 .owner_unavailable(pin, &unavailable.availability)
                 .unwrap_or(Error::NoKeyAvailable(unavailable))),
@@ -58,14 +59,14 @@ impl Upstream {
     pub(super) async fn next_lease(
         &self,
         slot: &mut Option<Lease>,
-        (model, pin): (Option<&str>, Option<&Owner>),
+        (model, pin, tokens): (Option<&str>, Option<&Owner>, u64),
         aside: Aside<'_>,
         started: Instant,
         wait: Duration,
         budget: &mut RetryBudget,
     ) -> Result<Option<Lease>> {
         loop {
-            let Some(lease) = self.lease_for_attempt(slot, (model, pin), aside, started, wait).await? else {
+            let Some(lease) = self.lease_for_attempt(slot, (model, pin, tokens), aside, started, wait).await? else {
                 return Ok(None);
             };
             if lease.is_valid() {
@@ -96,7 +97,7 @@ impl Upstream {
     pub(super) async fn lease_for_attempt(
         &self,
         slot: &mut Option<Lease>,
-        (model, pin): (Option<&str>, Option<&Owner>),
+        (model, pin, tokens): (Option<&str>, Option<&Owner>, u64),
         aside: Aside<'_>,
         started: Instant,
         wait: Duration,
@@ -138,9 +139,10 @@ impl Upstream {
         }
         let remaining = wait.saturating_sub(started.elapsed());
         let exclude = aside.for_claim(wait);
+        let request = ClaimFor { tokens, ..ClaimFor::new(&self.connector.name, model, exclude) };
         match pin {
-            Some(pin) => self.claim_pinned(model, exclude, remaining, pin).await.map(Some),
-            None => self.claim(model, exclude, remaining).await.map(Some),
+            Some(pin) => self.claim_pinned(request, remaining, pin).await.map(Some),
+            None => self.claim(request, remaining).await.map(Some),
         }
     }
 

@@ -51,6 +51,7 @@ impl Upstream {
             let mut relay = Relay::new(held.committed, dialect, upstream.limits);
             let trust = lease.as_ref().map(Lease::trust);
             let ending = relay.run(held.response, &sender, upstream.timeout, trust.as_ref()).await;
+            let attempt = Attempt { prompt_tokens: relay.prompt_tokens, ..attempt };
             upstream.settle_stream(&ending, lease, attempt, sent).await;
             // Only now does the reader see the end: a caller that sends its next request at once finds
             // the key free again.
@@ -149,6 +150,8 @@ struct Relay {
     complete: bool,
     /// An upstream error event was forwarded before any terminal one: its data.
     upstream_error: Option<String>,
+    /// The input tokens the stream's events said the request used (the last event that said so).
+    prompt_tokens: Option<u64>,
     /// What the committed hold allows to forward at once.
     initial: Option<Bytes>,
     /// `unsent` never holds more than `limits.max_event` bytes plus one chunk: an event still
@@ -169,6 +172,7 @@ impl Relay {
             events: 0,
             complete: false,
             upstream_error: None,
+            prompt_tokens: None,
             initial: None,
             limits,
         };
@@ -197,8 +201,9 @@ impl Relay {
                     continue;
                 }
                 self.upstream_error = Some(data.to_owned());
-            } else if data.is_some_and(|data| crate::stream::sse::is_terminal(self.dialect, &data)) {
-                self.complete = true;
+            } else if let Some(data) = data.as_deref() {
+                self.complete |= crate::stream::sse::is_terminal(self.dialect, data);
+                self.prompt_tokens = crate::tokens::prompt_tokens(data.as_bytes()).or(self.prompt_tokens);
             }
             self.events += 1;
             out.extend_from_slice(bytes);

@@ -54,6 +54,9 @@ pub struct Lockdown {
     pub quota_id: Option<String>,
     /// The Google Cloud project number the answer revealed, if any (learned for ungrouped keys).
     pub project: Option<String>,
+    /// The limits the answer stated (`QuotaFailure.quotaValue`), which the lockdown's scope paces by
+    /// until the provider's next midnight.
+    pub taught: Vec<crate::pool::Taught>,
 }
 
 impl Lockdown {
@@ -67,6 +70,7 @@ impl Lockdown {
             models: Vec::new(),
             quota_id: None,
             project: None,
+            taught: Vec::new(),
         }
     }
 }

@@ -24,8 +24,10 @@ pub mod event;
 mod fate;
 #[cfg(test)]
 mod fixtures;
+pub mod learned;
 pub mod limit;
 pub mod outcome;
+pub mod pacing;
 mod records;
 pub mod rule;
 mod scope;
@@ -37,7 +39,9 @@ mod word;
 
 pub use event::HistoryEvent;
 pub use fate::{Fate, Lockdown, Reach};
+pub use learned::{LearnedLimit, Taught};
 pub use limit::{Limit, LimitProblem, Limits, Measure, Window};
+pub use pacing::{LimitUsage, Pacing, Source};
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;

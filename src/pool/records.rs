@@ -108,6 +108,9 @@ pub struct Attempt {
     pub outcome: Outcome,
     /// The model the request named, if any.
     pub model: Option<String>,
+    /// The input tokens the answer said the request used (`usageMetadata.promptTokenCount`,
+    /// `usage.prompt_tokens`), if it said.
+    pub prompt_tokens: Option<u64>,
 }
 
 /// A held key, as the reaper sees it.

@@ -115,7 +115,8 @@ pub struct UsageRow {
     /// The counts.
     #[serde(flatten)]
     pub tally: Tally,
-    /// Tokens used, where the upstream's answer told them (`None`: not recorded).
+    /// Input tokens used, as the answers told them (`usageMetadata.promptTokenCount`,
+    /// `usage.prompt_tokens`); `None` when no answer of the row told any.
     pub tokens: Option<u64>,
 }
 

@@ -19,7 +19,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{KeyRecord, KeySpec, KeyState, LockdownRecord, ModelScope, Scope, rule};
+use super::{KeyRecord, KeySpec, KeyState, LimitUsage, LockdownRecord, ModelScope, Scope, rule};
 use crate::holder::{Holder, Liveness};
 
 /// The pool as a request for [`model`](Self::model) sees it at [`at`](Self::at).
@@ -33,9 +33,25 @@ pub struct PoolView {
     pub keys: Vec<KeyView>,
     /// What looks wrong in the pool's set-up (keys of one declared group in different projects).
     pub warnings: Vec<String>,
+    /// The limits in use (declared or learned), each with its window's usage (see [`Self::with_limits`]).
+    pub limits: Vec<LimitUsage>,
 }
 
 impl PoolView {
+    /// The same view with the limits in use: listed whole, and each key given those of its quota scope.
+    pub fn with_limits(mut self, limits: Vec<LimitUsage>) -> Self {
+        for key in &mut self.keys {
+            let Some(scope) = key.quota_scope.as_ref().map(Scope::to_string) else { continue };
+            key.limits = limits
+                .iter()
+                .filter(|usage| usage.connector == key.connector && usage.scope == scope)
+                .cloned()
+                .collect();
+        }
+        self.limits = limits;
+        self
+    }
+
     /// One key of the view.
     pub fn key(&self, connector: &str, key: &str) -> Option<&KeyView> {
         self.keys.iter().find(|view| view.connector == connector && view.key == key)
@@ -116,6 +132,8 @@ pub struct KeyView {
     pub model: Option<String>,
     /// Whether a claim for the model could take it now (if it is first in the claim order).
     pub claimable_now: bool,
+    /// The limits (declared or learned) in use on its quota scope, each with its window's usage.
+    pub limits: Vec<LimitUsage>,
     /// From when a claim for the model could take it, unix ms: now if it can now, the end of the
     /// lockdowns that stop it otherwise; `None` when time alone does not free it (held, in error,
     /// retired, not yet in the database).
@@ -319,6 +337,7 @@ pub fn pool(sources: &Sources<'_>, liveness: &dyn Fn(&Holder) -> Liveness) -> Po
         model: sources.model.map(str::to_owned),
         keys,
         warnings: group_warnings(records.into_iter()),
+        limits: Vec::new(),
     }
 }
 
@@ -360,6 +379,7 @@ pub fn key(
         locked_down_models: models_locked_down(record, lockdowns, now),
         model: model.map(str::to_owned),
         claimable_now,
+        limits: Vec::new(),
         claimable_at: if claimable_now { Some(now) } else { rule::free_at(record, lockdowns, model, now) },
     }
 }
@@ -391,6 +411,7 @@ pub fn new_key(spec: &KeySpec<'_>, model: Option<&str>) -> KeyView {
         model: model.map(str::to_owned),
         claimable_now: false,
         claimable_at: None,
+        limits: Vec::new(),
     }
 }
 

@@ -22,23 +22,42 @@ use std::sync::Arc;
 use std::time::Instant;
 
 mod sqlite;
+mod usage;
 
 use crate::clock::Clock;
 use crate::error::Result;
 use crate::holder::Holder;
 use crate::pool::usage::{UsageQuery, UsageRow};
 use crate::pool::{
-    Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, Limits, LockdownRecord,
-    SyncReport, SyncSource, Transition,
+    Attempt, Availability, Claimed, Eviction, Fate, HeldKey, HistoryQuery, KeyRecord, LearnedLimit, LimitUsage, Limits,
+    LockdownRecord, Measure, Pacing, SyncReport, SyncSource, Transition,
 };
 use crate::resource::{Created, Owner};
 
 pub(crate) use sqlite::Sqlite;
 
-/// What a claim is for: the connector, the requested model (`None`: a request that names none), the
-/// key names not to take, and the quota scope it is pinned to (`None`: any; a request naming a
-/// resource of a known owner takes only keys of the owner's scope, see `crate::resource`).
-pub(crate) type ClaimFor<'a> = (&'a str, Option<&'a str>, &'a [String], Option<&'a str>);
+/// What a claim is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClaimFor<'a> {
+    /// The connector.
+    pub(crate) connector: &'a str,
+    /// The requested model (`None`: a request that names none).
+    pub(crate) model: Option<&'a str>,
+    /// The key names not to take.
+    pub(crate) tried: &'a [String],
+    /// The quota scope it is pinned to (`None`: any; a request naming a resource of a known owner
+    /// takes only keys of the owner's scope, see `crate::resource`).
+    pub(crate) pin: Option<&'a str>,
+    /// The request's estimated input tokens, reserved against token limits (see `crate::tokens`).
+    pub(crate) tokens: u64,
+}
+
+impl<'a> ClaimFor<'a> {
+    /// A claim for a request of `connector` for `model`, taking none of `tried`, any scope, no tokens.
+    pub(crate) fn new(connector: &'a str, model: Option<&'a str>, tried: &'a [String]) -> Self {
+        Self { connector, model, tried, pin: None, tokens: 0 }
+    }
+}
 pub use sqlite::{APPLICATION_ID, DB_ENV, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION, default_path};
 
 /// The append-only tables that retention prunes (`crate::retention`).
@@ -98,6 +117,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// the key's quota scope and the model has room, and records its reservation in the same
     /// transaction; a full window becomes a lockdown of the scope for the model until it has room.
     fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>);
+
+    /// The limits the keyring this process synced declares for `connector`, if any.
+    fn declared_limits(&self, connector: &str) -> Option<Arc<Limits>>;
+
+    /// Whether a token limit (declared or learned, as last read) may pace `connector`'s claims: only then
+    /// is a request's size read to estimate its tokens.
+    fn paces_tokens(&self, connector: &str) -> bool;
 
     /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
     /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
@@ -180,9 +206,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// `now`, with its key's quota scope of now.
     fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>>;
 
-    /// How many requests of quota scope `scope` for `model` were reserved against declared limits at or
+    /// How much of `measure` (requests, or input tokens) quota scope `scope` reserved for `model` at or
     /// after `since` (unix ms): a window's usage.
-    fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64>;
+    fn used_since(&self, of: (&str, &str, &str), measure: Measure, since: i64) -> Result<u64>;
+
+    /// The limits `connector`'s scopes learned from answers, not yet forgotten at `now`.
+    fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>>;
 
     /// The (quota scope, model) pairs of `connector` with reservations at or after `since`, in order.
     fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>>;
@@ -287,7 +316,7 @@ impl Store {
         tried: &[String],
         now: i64,
     ) -> Result<Availability> {
-        self.backend.availability((connector, model, tried, None), now)
+        self.backend.availability(ClaimFor::new(connector, model, tried), now)
     }
 
     /// Who owns the first of the resources `names` (`files/abc`, `cachedContents/x`...) that
@@ -298,10 +327,42 @@ impl Store {
     }
 
     /// How many requests of quota scope `scope` (`group:NAME`, `project:NUMBER`, `key:NAME`) for
-    /// `model` were reserved against declared limits at or after `since` (unix ms; see
+    /// `model` were reserved against limits at or after `since` (unix ms; see
     /// [`Window::counted_from`](crate::pool::Window::counted_from) for a window's start).
     pub fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
-        self.backend.reserved_since(connector, scope, model, since)
+        self.backend.used_since((connector, scope, model), Measure::Requests, since)
+    }
+
+    /// The limits `connector`'s quota scopes learned from the provider's answers (a 429's
+    /// `quotaValue`), not yet forgotten at `now`.
+    pub fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>> {
+        self.backend.learned_limits(connector, now)
+    }
+
+    /// Every limit that binds requests for `model` on keys of quota scope `scope` at `now` (`declared`:
+    /// the keyring's limits of the connector, if any; and the learned ones), each with its window's usage.
+    pub fn usage_of(
+        &self,
+        (connector, scope, model): (&str, &str, &str),
+        declared: Option<&Limits>,
+        now: i64,
+    ) -> Result<Vec<LimitUsage>> {
+        let pacing = Pacing {
+            declared: Arc::new(declared.cloned().unwrap_or_default()),
+            learned: self.learned_limits(connector, now)?,
+        };
+        usage::of(self.backend.as_ref(), &pacing, (connector, scope, model), now)
+    }
+
+    /// The limits in use on `connector` at `now`: for each (quota scope, model) that reserved within
+    /// its limits' longest window or learned a limit not yet forgotten, every limit that binds it with
+    /// its window's usage, by scope and model.
+    pub fn limits_in_use(&self, connector: &str, declared: Option<&Limits>, now: i64) -> Result<Vec<LimitUsage>> {
+        let pacing = Pacing {
+            declared: Arc::new(declared.cloned().unwrap_or_default()),
+            learned: self.learned_limits(connector, now)?,
+        };
+        usage::in_use(self.backend.as_ref(), &pacing, connector, now)
     }
 
     /// The (quota scope, model) pairs of `connector` that reserved against declared limits at or after

@@ -15,6 +15,11 @@
 //!   key states are. Such a key is vacant in `apijongler_keys` (it still serves other models), so a
 //!   pool locked down for one model shows here; a lockdown of every model shows as `state="lockdown"`.
 //!   A model whose lockdowns ended leaves the family at the next scrape.
+//! - `apijongler_limit{connector, scope, model, limit, source}` and
+//!   `apijongler_limit_used{...}`: each limit in use (declared in the keyring, or learned from a 429's
+//!   `quotaValue`: `source`), its count and how much its window holds now (requests, or input tokens), for
+//!   each quota scope and model that reserved within its window; read at each scrape. A scope and
+//!   model whose windows emptied leave the families.
 //! - `apijongler_gateway_claim_wait_seconds{connector}` and
 //!   `apijongler_gateway_upstream_seconds{connector}`: histograms of the time spent waiting for keys
 //!   and of the last attempt's upstream latency (for a stream: to its first event).
@@ -25,6 +30,7 @@ use std::sync::Mutex;
 
 use api_jongler::holder::Holder;
 use api_jongler::pool::view::{self, PoolView, Sources};
+use api_jongler::pool::{LimitUsage, Source};
 use api_jongler::{Coordinator, Exchange, KeyState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -64,6 +70,31 @@ struct ModelKeyLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    connector: String,
+    scope: String,
+    model: String,
+    limit: String,
+    source: String,
+}
+
+impl LimitLabels {
+    fn of(usage: &LimitUsage) -> Self {
+        let source = match usage.source {
+            Source::Declared => "declared",
+            Source::Learned { .. } => "learned",
+        };
+        Self {
+            connector: usage.connector.clone(),
+            scope: usage.scope.clone(),
+            model: usage.model.clone(),
+            limit: usage.limit.to_string(),
+            source: source.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectorLabels {
     connector: String,
 }
@@ -79,6 +110,8 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     keys: Family<KeyLabels, Gauge>,
     locked_down: Family<ModelKeyLabels, Gauge>,
+    limit: Family<LimitLabels, Gauge>,
+    limit_used: Family<LimitLabels, Gauge>,
     claim_wait: Histograms,
     upstream: Histograms,
     /// The last scrape's failure to read key states, logged once per change.
@@ -106,6 +139,8 @@ impl Metrics {
         let refused = Family::<RefusedLabels, Counter>::default();
         let keys = Family::<KeyLabels, Gauge>::default();
         let locked_down = Family::<ModelKeyLabels, Gauge>::default();
+        let limit = Family::<LimitLabels, Gauge>::default();
+        let limit_used = Family::<LimitLabels, Gauge>::default();
         let claim_wait: Histograms = Family::new_with_constructor(claim_wait_histogram);
         let upstream: Histograms = Family::new_with_constructor(upstream_histogram);
         registry.register(
@@ -119,6 +154,12 @@ impl Metrics {
             "apijongler_keys_locked_down",
             "Keys with a lockdown of one model in force, by model, read from the database at each scrape",
             locked_down.clone(),
+        );
+        registry.register("apijongler_limit", "Each limit in use (declared or learned): its count", limit.clone());
+        registry.register(
+            "apijongler_limit_used",
+            "How much each limit's window holds now (requests, or input tokens), read at each scrape",
+            limit_used.clone(),
         );
         registry.register(
             "apijongler_gateway_claim_wait_seconds",
@@ -136,6 +177,8 @@ impl Metrics {
             refused,
             keys,
             locked_down,
+            limit,
+            limit_used,
             claim_wait,
             upstream,
             key_state_problem: Mutex::new(None),
@@ -195,7 +238,14 @@ impl Metrics {
             Ok(views) => {
                 // Only the models locked down now: one whose lockdowns ended leaves the family.
                 self.locked_down.clear();
+                self.limit.clear();
+                self.limit_used.clear();
                 for (connector, view) in views {
+                    for usage in &view.limits {
+                        let labels = LimitLabels::of(usage);
+                        self.limit.get_or_create(&labels).set(i64::try_from(usage.limit.count).unwrap_or(i64::MAX));
+                        self.limit_used.get_or_create(&labels).set(i64::try_from(usage.used).unwrap_or(i64::MAX));
+                    }
                     for (model, keys) in view.locked_down_by_model(&connector) {
                         let labels = ModelKeyLabels { connector: connector.clone(), model };
                         self.locked_down.get_or_create(&labels).set(i64::try_from(keys).unwrap_or(i64::MAX));
@@ -225,8 +275,8 @@ impl Metrics {
     }
 }
 
-/// The pool of `connector` as a request that names no model sees it now: the view `status --json`
-/// prints, which the key gauges count by state (retired keys in none).
+/// The pool of `connector` as a request that names no model sees it now, with its limits in use: the
+/// view `status --json` prints, which the key gauges count by state (retired keys in none).
 fn key_view(coordinator: &Coordinator, connector: &str) -> api_jongler::Result<PoolView> {
     let keys = coordinator.store().keys(Some(connector))?;
     let lockdowns = coordinator.store().lockdowns(Some(connector))?;
@@ -238,7 +288,7 @@ fn key_view(coordinator: &Coordinator, connector: &str) -> api_jongler::Result<P
         model: None,
         now: coordinator.now_ms(),
     };
-    Ok(view::pool(&sources, &Holder::liveness))
+    Ok(view::pool(&sources, &Holder::liveness).with_limits(coordinator.limits_in_use(connector)?))
 }
 
 #[cfg(test)]

@@ -28,11 +28,19 @@ pub(super) struct End {
     pub(super) fate: Fate,
     pub(super) attempt: Option<Attempt>,
     pub(super) now: i64,
+    /// The attempt's connector paces by limits: its reservation is settled with the answer's tokens.
+    pub(super) settles: bool,
 }
 
 impl End {
     pub(super) fn new(id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Self {
-        Self { id, lease, fate: fate.clone(), attempt: attempt.cloned(), now }
+        Self { id, lease, fate: fate.clone(), attempt: attempt.cloned(), now, settles: false }
+    }
+
+    /// The same end, settling the lease's reservation with the answer's tokens when `settles`.
+    pub(super) fn settling(mut self, settles: bool) -> Self {
+        self.settles = settles;
+        self
     }
 }
 
@@ -49,32 +57,29 @@ pub(super) struct Claim {
     pub(super) holder: Holder,
     /// Only keys of this quota scope (a request naming a resource its project owns); `None`: any.
     pub(super) pin: Option<String>,
-    /// The connector's declared limits, which the claim reserves against (`None`: none declared).
-    pub(super) limits: Option<Arc<crate::pool::Limits>>,
+    /// What the connector's claims pace by (`None`: nothing).
+    pub(super) pacing: Option<Arc<crate::pool::Pacing>>,
+    /// The request's estimated input tokens, reserved against token limits.
+    pub(super) tokens: u64,
 }
 
 impl Claim {
     /// A claim for a request of `connector` for `model`, taking none of `tried`, for `holder`.
-    pub(super) fn new(connector: &str, model: Option<&str>, tried: &[String], holder: &Holder) -> Self {
+    pub(super) fn new(request: crate::store::ClaimFor<'_>, holder: &Holder) -> Self {
         Self {
-            connector: connector.to_owned(),
-            model: model.map(str::to_owned),
-            tried: super::json_list(tried).into_owned(),
+            connector: request.connector.to_owned(),
+            model: request.model.map(str::to_owned),
+            tried: super::json_list(request.tried).into_owned(),
             holder: holder.clone(),
-            pin: None,
-            limits: None,
+            pin: request.pin.map(str::to_owned),
+            pacing: None,
+            tokens: request.tokens,
         }
     }
 
-    /// The same claim, reserving against `limits` when some are declared.
-    pub(super) fn paced(mut self, limits: Option<Arc<crate::pool::Limits>>) -> Self {
-        self.limits = limits.filter(|limits| !limits.is_empty());
-        self
-    }
-
-    /// The same claim, taking only keys of quota scope `pin` when there is one.
-    pub(super) fn pinned(mut self, pin: Option<&str>) -> Self {
-        self.pin = pin.map(str::to_owned);
+    /// The same claim, reserving against `pacing` when it has limits.
+    pub(super) fn paced(mut self, pacing: Option<Arc<crate::pool::Pacing>>) -> Self {
+        self.pacing = pacing.filter(|pacing| !pacing.is_empty());
         self
     }
 }

@@ -68,8 +68,8 @@ pub(crate) struct Sqlite {
     /// Claims and lease ends waiting to be written together (see the `batch` module).
     claims: std::sync::Arc<batch::ClaimQueue>,
     ends: std::sync::Arc<batch::EndQueue>,
-    /// Each connector's declared limits, which this process's claims reserve against (`pacing`).
-    limits: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<Limits>>>>,
+    /// What this process's claims of each connector reserve against (`pacing`).
+    paced: std::sync::Arc<pacing::Paced>,
 }
 
 /// A history row about to be written.
@@ -186,7 +186,7 @@ impl Sqlite {
             lock_wait_floor: DEFAULT_LOCK_WAIT_FLOOR,
             claims: std::sync::Arc::default(),
             ends: std::sync::Arc::default(),
-            limits: std::sync::Arc::default(),
+            paced: std::sync::Arc::default(),
         })
     }
 
@@ -287,9 +287,10 @@ impl Sqlite {
         }
     }
 
-    /// The limits declared for `connector`, if any.
-    fn limits_of(&self, connector: &str) -> Option<std::sync::Arc<Limits>> {
-        self.limits.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(connector).cloned()
+    /// What `connector`'s claims pace by at `now`, if anything (see [`pacing::Paced::of`]).
+    fn pacing_of(&self, connector: &str, now: i64) -> Option<std::sync::Arc<Pacing>> {
+        self.paced
+            .of(connector, now, || self.read("reading learned limits", |connection| pacing::learned(connection, now)))
     }
 
     /// The error of an operation that waited `waited` for another process's write lock in vain.
@@ -350,13 +351,14 @@ impl Backend for Sqlite {
 
     fn claim(
         &self,
-        (connector, model, tried, pin): ClaimFor<'_>,
+        request: ClaimFor<'_>,
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Option<Claimed>> {
+        let pacing = self.pacing_of(request.connector, clock.now_ms());
         self.claims.commit(
-            batch::Claim::new(connector, model, tried, holder).pinned(pin).paced(self.limits_of(connector)),
+            batch::Claim::new(request, holder).paced(pacing),
             deadline,
             |claims, deadline| self.claim_all(claims, deadline, clock),
             |claim| Err(self.locked("claiming a key", claim.waited())),
@@ -364,22 +366,26 @@ impl Backend for Sqlite {
     }
 
     fn declare_limits(&self, connector: &str, limits: Option<std::sync::Arc<Limits>>) {
-        let mut declared = self.limits.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match limits.filter(|limits| !limits.is_empty()) {
-            Some(limits) => _ = declared.insert(connector.to_owned(), limits),
-            None => _ = declared.remove(connector),
-        }
+        self.paced.declare(connector, limits);
+    }
+
+    fn declared_limits(&self, connector: &str) -> Option<std::sync::Arc<Limits>> {
+        self.paced.declared(connector)
+    }
+
+    fn paces_tokens(&self, connector: &str) -> bool {
+        self.paced.paces_tokens(connector)
     }
 
     fn claim_several(
         &self,
-        (connector, model, tried, pin): ClaimFor<'_>,
+        request: ClaimFor<'_>,
         count: usize,
         holder: &Holder,
         clock: &dyn Clock,
         deadline: Instant,
     ) -> Result<Vec<Claimed>> {
-        let claim = batch::Claim::new(connector, model, tried, holder).pinned(pin).paced(self.limits_of(connector));
+        let claim = batch::Claim::new(request, holder).paced(self.pacing_of(request.connector, clock.now_ms()));
         self.write_by("claiming keys", deadline, |transaction| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
@@ -393,8 +399,13 @@ impl Backend for Sqlite {
     }
 
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
+        if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) {
+            // What this answer teaches paces this process's next claims, not a second later.
+            self.paced.read_again();
+        }
         self.ends.commit(
-            batch::End::new(id, lease, fate, attempt, now),
+            batch::End::new(id, lease, fate, attempt, now)
+                .settling(attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector))),
             self.holder_deadline(),
             |ends, deadline| self.end_leases(ends, deadline),
             |end| Err(self.locked("ending a lease", end.waited())),
@@ -524,7 +535,7 @@ impl Backend for Sqlite {
     fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
         self.read("reading requests", |connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model
+                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model, prompt_tokens
                    FROM requests WHERE ?1 IS NULL OR connector = ?1 ORDER BY id",
             )?;
             all(&mut statement, params![connector], |row| {
@@ -538,6 +549,7 @@ impl Backend for Sqlite {
                     latency_ms: row.get(6)?,
                     outcome: word(row, 7)?,
                     model: row.get(8)?,
+                    prompt_tokens: row.get::<_, Option<i64>>(9)?.and_then(|tokens| u64::try_from(tokens).ok()),
                 })
             })
         })
@@ -670,7 +682,11 @@ impl Backend for Sqlite {
         })
     }
 
-    fn availability(&self, (connector, model, tried, pin): ClaimFor<'_>, now: i64) -> Result<Availability> {
+    fn availability(
+        &self,
+        ClaimFor { connector, model, tried, pin, .. }: ClaimFor<'_>,
+        now: i64,
+    ) -> Result<Availability> {
         let tried = json_list(tried);
         self.read("reading key availability", |connection| {
             connection
@@ -782,10 +798,15 @@ impl Backend for Sqlite {
         })
     }
 
-    fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
+    fn used_since(&self, (connector, scope, model): (&str, &str, &str), measure: Measure, since: i64) -> Result<u64> {
         self.read("reading reservations", |connection| {
-            pacing::reserved_since(connection, connector, scope, model, since)
+            pacing::used_since(connection, (connector, scope, model), measure, since)
         })
+    }
+
+    fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>> {
+        let all = self.read("reading learned limits", |connection| pacing::learned(connection, now))?;
+        Ok(all.into_iter().filter(|(of, _)| of == connector).map(|(_, learned)| learned).collect())
     }
 
     fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
@@ -866,7 +887,7 @@ fn claim_in(
     let now = clock.now_ms();
     // A request for the model `*` (no upstream has one) is not paced: its lockdown would stop every model.
     let model = claim.model.as_deref().filter(|model| *model != ModelScope::EVERY);
-    let (Some(limits), Some(model)) = (&claim.limits, model) else {
+    let (Some(pacing), Some(model)) = (&claim.pacing, model) else {
         return claim_one(transaction, claim, now, clock.boot_ms());
     };
     // Paced: a key whose scope has no room for the model is given back and its scope locked down
@@ -877,19 +898,17 @@ fn claim_in(
             transaction.execute_batch("RELEASE paced_claim")?;
             return Ok(None);
         };
-        let group = match claimed.scope.parse::<Scope>() {
-            Ok(Scope::Group(group)) => Some(group),
-            _ => None,
-        };
-        let binding = limits.binding(group.as_deref(), model);
+        let binding: Vec<Limit> =
+            pacing.binding(&claimed.scope, model, now).into_iter().map(|(limit, _)| limit).collect();
         let reservation = pacing::Reservation {
             connector: &claim.connector,
             scope: &claimed.scope,
             model,
             key_name: &claimed.key_name,
             lease: claimed.lease,
+            tokens: claim.tokens,
         };
-        match pacing::reserve(transaction, &reservation, (binding, limits.longest_reach(now)), now)? {
+        match pacing::reserve(transaction, &reservation, (&binding, pacing.longest_reach(now)), now)? {
             Ok(()) => {
                 transaction.execute_batch("RELEASE paced_claim")?;
                 return Ok(Some(claimed));
@@ -980,6 +999,9 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
     let (id, lease, fate, attempt, now) = (end.id, end.lease, &end.fate, end.attempt.as_ref(), end.now);
     if let Some(attempt) = attempt {
         insert_attempt(transaction, attempt)?;
+        if let (true, Some(key_name), Some(tokens)) = (end.settles, &attempt.key_name, attempt.prompt_tokens) {
+            pacing::settle(transaction, (&attempt.connector, key_name, lease), tokens)?;
+        }
     }
     let held = transaction
         .prepare_cached(
@@ -1015,6 +1037,10 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
     match fate {
         Fate::Lockdown(lockdown) => {
             lockdown_scope = set_lockdown(transaction, key, id, &key_scope, lockdown, now)?;
+            if !lockdown.taught.is_empty() {
+                let until = limit::next_pacific_midnight(now);
+                pacing::learn(transaction, (&connector, &lockdown_scope, &key_name), &lockdown.taught, (now, until))?;
+            }
             models = lockdown.models.join(",");
             transition.reason = &lockdown.reason;
             transition.http_status = lockdown.http_status;
@@ -1177,9 +1203,9 @@ fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite:
     transaction
         .prepare_cached(
             "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
-                                   quota_scope)
+                                   quota_scope, prompt_tokens)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,
-                     (SELECT quota_scope FROM keys WHERE connector = ?2 AND key_name = ?3))",
+                     (SELECT quota_scope FROM keys WHERE connector = ?2 AND key_name = ?3), ?10)",
         )?
         .execute(params![
             attempt.at,
@@ -1190,7 +1216,8 @@ fn insert_attempt(transaction: &Transaction<'_>, attempt: &Attempt) -> rusqlite:
             attempt.status,
             attempt.latency_ms,
             attempt.outcome.to_string(),
-            attempt.model
+            attempt.model,
+            attempt.prompt_tokens.and_then(|tokens| i64::try_from(tokens).ok())
         ])?;
     Ok(())
 }

@@ -1,19 +1,186 @@
-//! Reserve before send: a claim on a key whose quota scope has declared limits for the model counts
-//! the scope's reservations in each window, in the claim's own transaction, and adds one only when
-//! every window has room (see migration 7). A full window becomes a lockdown of (scope, model) until
-//! the reservation that fills it leaves it.
+//! Reserve before send: a claim on a key whose quota scope has limits for the model (declared in the
+//! keyring, or learned from a 429) counts the scope's reservations in each window, in the claim's own
+//! transaction, and adds one only when every window has room (see migrations 7 and 8). A full window
+//! becomes a lockdown of (scope, model) until the reservation that fills it leaves it.
 //!
 //! Invariant: the count and the insert run under the database's one write lock, so no window ever
-//! holds more reservations than its limit, across every process and thread.
+//! holds more reservations (or tokens) than its limit, across every process and thread.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::pool::limit::PACED_QUOTA_ID;
-use crate::pool::{Limit, Measure};
+use crate::pool::{LearnedLimit, Limit, Limits, Measure, Pacing, Taught};
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
 /// long as the connector's longest window.
 const KEEP_MS: i64 = 26 * 3_600_000;
+
+/// How old this process's copy of the learned limits may be when a claim uses it. Another process's
+/// lesson reaches this one's claims that late at most; the 429 that taught it locks its scope down for
+/// the model meanwhile (for the rest of the provider's window), so no claim goes out unpaced in between.
+const LEARNED_READ_MS: i64 = 1_000;
+
+/// What this process's claims pace by, per connector: the limits declared by the keyring it synced,
+/// and those learned from answers (by any process), read again at most every [`LEARNED_READ_MS`] and at
+/// once after this process learned one. A connector with neither costs its claims nothing.
+#[derive(Debug, Default)]
+pub(super) struct Paced {
+    state: Mutex<PacedState>,
+}
+
+#[derive(Debug, Default)]
+struct PacedState {
+    declared: HashMap<String, Arc<Limits>>,
+    learned: HashMap<String, Vec<LearnedLimit>>,
+    /// When the learned limits were read (unix ms); `None`: read them before the next claim.
+    read_at: Option<i64>,
+    /// Declared and learned, per connector with either.
+    merged: HashMap<String, Arc<Pacing>>,
+}
+
+impl PacedState {
+    fn merge(&mut self) {
+        let connectors = self.declared.keys().chain(self.learned.keys()).cloned().collect::<Vec<_>>();
+        self.merged = connectors
+            .into_iter()
+            .map(|connector| {
+                let pacing = Pacing {
+                    declared: self.declared.get(&connector).cloned().unwrap_or_default(),
+                    learned: self.learned.get(&connector).cloned().unwrap_or_default(),
+                };
+                (connector, Arc::new(pacing))
+            })
+            .collect();
+    }
+}
+
+impl Paced {
+    /// `connector`'s claims pace by `limits` from now on (`None` or empty: by no declared limit).
+    pub(super) fn declare(&self, connector: &str, limits: Option<Arc<Limits>>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match limits.filter(|limits| !limits.is_empty()) {
+            Some(limits) => _ = state.declared.insert(connector.to_owned(), limits),
+            None => _ = state.declared.remove(connector),
+        }
+        state.merge();
+    }
+
+    /// The learned limits are read again before the next claim (this process just learned one).
+    pub(super) fn read_again(&self) {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).read_at = None;
+    }
+
+    /// The limits declared for `connector`, if any.
+    pub(super) fn declared(&self, connector: &str) -> Option<Arc<Limits>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).declared.get(connector).cloned()
+    }
+
+    /// Whether `connector`'s claims pace by anything (as last read: no database read here).
+    pub(super) fn paces(&self, connector: &str) -> bool {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).merged.contains_key(connector)
+    }
+
+    /// Whether a token limit may pace `connector`'s claims (as last read: no database read here).
+    pub(super) fn paces_tokens(&self, connector: &str) -> bool {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(pacing) = state.merged.get(connector) else { return false };
+        let declared = std::iter::once(&pacing.declared.every_group).chain(pacing.declared.groups.values());
+        let limits = declared.flat_map(|section| section.values().flatten()).copied();
+        limits.chain(pacing.learned.iter().map(|learned| learned.limit)).any(|limit| limit.measure == Measure::Tokens)
+    }
+
+    /// What `connector`'s claims pace by at `now` (`None`: nothing), reading the learned limits with
+    /// `read` first when the copy is older than [`LEARNED_READ_MS`]. A failed read keeps the old copy:
+    /// pacing is a courtesy to the provider, a claim is not refused for it.
+    pub(super) fn of(
+        &self,
+        connector: &str,
+        now: i64,
+        read: impl FnOnce() -> crate::error::Result<Vec<(String, LearnedLimit)>>,
+    ) -> Option<Arc<Pacing>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let stale = state.read_at.is_none_or(|at| now < at || now - at >= LEARNED_READ_MS);
+        if stale {
+            match read() {
+                Ok(rows) => {
+                    let mut learned: HashMap<String, Vec<LearnedLimit>> = HashMap::new();
+                    for (connector, limit) in rows {
+                        learned.entry(connector).or_default().push(limit);
+                    }
+                    state.learned = learned;
+                    state.merge();
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not read the learned limits; using the last ones read")
+                }
+            }
+            state.read_at = Some(now);
+        }
+        state.merged.get(connector).filter(|pacing| !pacing.is_empty()).cloned()
+    }
+}
+
+/// The learned limits not yet forgotten at `now`, each with its connector.
+pub(super) fn learned(connection: &rusqlite::Connection, now: i64) -> rusqlite::Result<Vec<(String, LearnedLimit)>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT connector, quota_scope, model, quota_id, limit_text, until FROM learned_limits WHERE until > ?1
+          ORDER BY connector, quota_scope, model, quota_id",
+    )?;
+    let rows = statement.query_map([now], |row| {
+        let text: String = row.get(4)?;
+        let limit = text.parse::<Limit>().ok();
+        let learned = limit.map(|limit| LearnedLimit {
+            scope: row.get(1).unwrap_or_default(),
+            model: row.get(2).unwrap_or_default(),
+            quota_id: row.get(3).unwrap_or_default(),
+            limit,
+            until: row.get(5).unwrap_or_default(),
+        });
+        Ok((row.get::<_, String>(0)?, learned))
+    })?;
+    // A row this build cannot read (written by a newer one) paces nothing rather than failing claims.
+    rows.filter_map(|row| row.map(|(connector, learned)| learned.map(|learned| (connector, learned))).transpose())
+        .collect()
+}
+
+/// Records what an answer of key `key_name` taught its quota scope `scope`, until `until` (the
+/// provider's next midnight); a lesson of the same quota replaces the earlier one.
+pub(super) fn learn(
+    transaction: &Transaction<'_>,
+    (connector, scope, key_name): (&str, &str, &str),
+    taught: &[Taught],
+    (now, until): (i64, i64),
+) -> rusqlite::Result<()> {
+    let mut statement = transaction.prepare_cached(
+        "INSERT INTO learned_limits (connector, quota_scope, model, quota_id, limit_text, until, learned_at, key_name)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (connector, quota_scope, model, quota_id) DO UPDATE SET
+             limit_text = excluded.limit_text, until = excluded.until, learned_at = excluded.learned_at,
+             key_name = excluded.key_name",
+    )?;
+    for lesson in taught {
+        let limit = lesson.limit.to_string();
+        statement.execute(params![connector, scope, lesson.model, lesson.quota_id, limit, until, now, key_name])?;
+    }
+    // Lessons forgotten by now go.
+    transaction.prepare_cached("DELETE FROM learned_limits WHERE until <= ?1")?.execute([now])?;
+    Ok(())
+}
+
+/// The reservation of lease `lease` of key `key_name` now counts `tokens`, the answer's own count.
+pub(super) fn settle(
+    transaction: &Transaction<'_>,
+    (connector, key_name, lease): (&str, &str, i64),
+    tokens: u64,
+) -> rusqlite::Result<()> {
+    transaction
+        .prepare_cached("UPDATE reservations SET tokens = ?4 WHERE connector = ?1 AND key_name = ?2 AND lease = ?3")?
+        .execute(params![connector, key_name, lease, i64::try_from(tokens).unwrap_or(i64::MAX)])?;
+    Ok(())
+}
 
 /// A window with no room: the first limit found full, and when it has room again.
 #[derive(Debug)]
@@ -29,22 +196,30 @@ pub(super) struct Reservation<'a> {
     pub(super) model: &'a str,
     pub(super) key_name: &'a str,
     pub(super) lease: i64,
+    /// The request's estimated input tokens (see `crate::tokens`).
+    pub(super) tokens: u64,
 }
 
-/// The reservations of (`scope`, `model`) at or after `since`.
-pub(super) fn reserved_since(
+/// How much of `measure` (scope, model) reserved at or after `since`: requests, or input tokens.
+pub(super) fn used_since(
     connection: &rusqlite::Connection,
-    connector: &str,
-    scope: &str,
-    model: &str,
+    (connector, scope, model): (&str, &str, &str),
+    measure: Measure,
     since: i64,
 ) -> rusqlite::Result<u64> {
-    let count: i64 = connection
-        .prepare_cached(
-            "SELECT count(*) FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4",
-        )?
-        .query_row(params![connector, scope, model, since], |row| row.get(0))?;
-    Ok(u64::try_from(count).unwrap_or(0))
+    let sql = match measure {
+        Measure::Requests => {
+            "SELECT count(*) FROM reservations
+              WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4"
+        }
+        Measure::Tokens => {
+            "SELECT coalesce(sum(tokens), 0) FROM reservations
+              WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4"
+        }
+    };
+    let used: i64 =
+        connection.prepare_cached(sql)?.query_row(params![connector, scope, model, since], |row| row.get(0))?;
+    Ok(u64::try_from(used).unwrap_or(0))
 }
 
 /// The (scope, model) pairs of `connector` with reservations at or after `since`, by scope and model.
@@ -62,46 +237,45 @@ pub(super) fn reserved_models(
         .collect()
 }
 
-/// Reserves one request of `reservation` at `now` if every request limit of `limits` (those that
-/// bind it) has room; else which is full, and until when. `reach`: how far back the connector's longest
-/// window counts, for deleting rows no window counts. Token limits are not paced here.
+/// Reserves one request of `reservation` (and its tokens) at `now` if every limit of `limits` (those
+/// that bind it) has room; else which is full, and until when. `reach`: how far back the connector's
+/// longest window counts, for deleting rows no window counts.
+///
+/// A token window has room when the request's estimate fits beside what it holds, or when it holds
+/// nothing: a request larger than the whole limit goes alone rather than never (the provider judges it).
 pub(super) fn reserve(
     transaction: &Transaction<'_>,
     reservation: &Reservation<'_>,
     (limits, reach): (&[Limit], i64),
     now: i64,
 ) -> rusqlite::Result<Result<(), Full>> {
-    let Reservation { connector, scope, model, key_name, lease } = *reservation;
-    let mut requests = limits.iter().filter(|limit| limit.measure == Measure::Requests).peekable();
-    if requests.peek().is_none() {
+    let Reservation { connector, scope, model, key_name, lease, tokens } = *reservation;
+    if limits.is_empty() {
         // Nothing to count against: no row either.
         return Ok(Ok(()));
     }
-    for limit in requests {
+    for limit in limits {
         let counted_from = limit.window.counted_from(now);
-        let count = reserved_since(transaction, connector, scope, model, counted_from)?;
-        if count < limit.count {
+        let used = used_since(transaction, (connector, scope, model), limit.measure, counted_from)?;
+        // How much must leave the window before this request fits.
+        let excess = match limit.measure {
+            Measure::Requests => (used + 1).saturating_sub(limit.count),
+            Measure::Tokens if used == 0 => 0,
+            Measure::Tokens => (used + tokens).saturating_sub(limit.count),
+        };
+        if excess == 0 {
             continue;
         }
-        // Room comes back when the reservation that puts the window at its limit leaves it.
-        let offset = i64::try_from(count - limit.count).unwrap_or(i64::MAX);
-        let oldest: Option<i64> = transaction
-            .prepare_cached(
-                "SELECT at FROM reservations
-                  WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4
-                  ORDER BY at LIMIT 1 OFFSET ?5",
-            )?
-            .query_row(params![connector, scope, model, counted_from, offset], |row| row.get(0))
-            .optional()?;
-        let until = limit.window.room_at(oldest.unwrap_or(now), now);
+        let leaves = leaving_at(transaction, (connector, scope, model), limit.measure, counted_from, excess)?;
+        let until = limit.window.room_at(leaves.unwrap_or(now), now);
         return Ok(Err(Full { limit: *limit, until }));
     }
     transaction
         .prepare_cached(
-            "INSERT INTO reservations (connector, quota_scope, model, at, key_name, lease)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO reservations (connector, quota_scope, model, at, key_name, lease, tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .execute(params![connector, scope, model, now, key_name, lease])?;
+        .execute(params![connector, scope, model, now, key_name, lease, i64::try_from(tokens).unwrap_or(i64::MAX)])?;
     // Rows no window of the connector counts any more go, whatever their scope and model: older than
     // its longest window (at least a day and its daylight-saving hour) before its newest earlier row,
     // not before `now`, so that a clock stepped forward for one claim does not make the present's rows
@@ -113,6 +287,35 @@ pub(super) fn reserve(
         )?
         .execute(params![connector, now, reach.max(KEEP_MS)])?;
     Ok(Ok(()))
+}
+
+/// The instant of the reservation of (scope, model) counted from `counted_from` whose leaving the
+/// window frees `excess` of `measure` (oldest first), if the window holds that much.
+fn leaving_at(
+    transaction: &Transaction<'_>,
+    (connector, scope, model): (&str, &str, &str),
+    measure: Measure,
+    counted_from: i64,
+    excess: u64,
+) -> rusqlite::Result<Option<i64>> {
+    let window = "FROM reservations WHERE connector = ?1 AND quota_scope = ?2 AND model = ?3 AND at >= ?4";
+    if measure == Measure::Requests {
+        let offset = i64::try_from(excess - 1).unwrap_or(i64::MAX);
+        return transaction
+            .prepare_cached(&format!("SELECT at {window} ORDER BY at LIMIT 1 OFFSET ?5"))?
+            .query_row(params![connector, scope, model, counted_from, offset], |row| row.get(0))
+            .optional();
+    }
+    let mut statement = transaction.prepare_cached(&format!("SELECT at, tokens {window} ORDER BY at"))?;
+    let mut rows = statement.query(params![connector, scope, model, counted_from])?;
+    let mut freed: u64 = 0;
+    while let Some(row) = rows.next()? {
+        freed = freed.saturating_add(u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0));
+        if freed >= excess {
+            return Ok(Some(row.get(0)?));
+        }
+    }
+    Ok(None)
 }
 
 /// Records that (scope, model) is paced until `full.until`: a lockdown row like any other (claims,

@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0005_history_events.sql"),
     include_str!("../../../migrations/0006_resources.sql"),
     include_str!("../../../migrations/0007_reservations.sql"),
+    include_str!("../../../migrations/0008_learned_limits_and_tokens.sql"),
 ];
 
 /// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.

@@ -21,7 +21,8 @@ pub(super) fn usage(connection: &rusqlite::Connection, query: &UsageQuery) -> ru
                 count(*),
                 sum(status IS NOT 429 AND outcome = 'success'),
                 sum(status IS 429),
-                sum(status IS NOT 429 AND outcome <> 'success')
+                sum(status IS NOT 429 AND outcome <> 'success'),
+                sum(prompt_tokens)
            FROM requests
           WHERE at >= ?1 AND (?2 IS NULL OR connector = ?2)
           GROUP BY 1, 2, 3, 4
@@ -37,7 +38,7 @@ pub(super) fn usage(connection: &rusqlite::Connection, query: &UsageQuery) -> ru
             model: row.get(2)?,
             bucket: row.get(3)?,
             tally: Tally { requests: count(4)?, successes: count(5)?, rate_limited: count(6)?, errors: count(7)? },
-            tokens: None,
+            tokens: row.get::<_, Option<i64>>(8)?.map(|n| u64::try_from(n).unwrap_or(0)),
         })
     })?;
     rows.collect()
@@ -55,7 +56,8 @@ mod tests {
         connection
             .execute_batch(concat!(
                 include_str!("../../../migrations/0002_requests.sql"),
-                "ALTER TABLE requests ADD COLUMN model TEXT; ALTER TABLE requests ADD COLUMN quota_scope TEXT;"
+                "ALTER TABLE requests ADD COLUMN model TEXT; ALTER TABLE requests ADD COLUMN quota_scope TEXT;
+                 ALTER TABLE requests ADD COLUMN prompt_tokens INTEGER;"
             ))
             .expect("schema");
         let mut expected = Tally::default();

@@ -16,7 +16,7 @@ use api_jongler::{Coordinator, Keyring};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::cli::status::pool_view;
+use crate::cli::status::{pool_view, with_limits};
 
 /// How often the thread asks whether the database changed.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -111,14 +111,14 @@ fn watch_database(
 }
 
 /// What the page shows, as JSON: the pool's view (the keys as `status --json` prints them, with their
-/// holders, lockdowns by model and quota groups), and the last hour's attempts per key and model in
-/// one-minute buckets.
+/// holders, lockdowns by model and quota groups, and the limits in use, declared or learned, with their
+/// windows' usage), and the last hour's attempts per key and model in one-minute buckets.
 pub fn snapshot(coordinator: &Coordinator, keyring: Option<&Keyring>) -> api_jongler::Result<serde_json::Value> {
     let store = coordinator.store();
     let now = coordinator.now_ms();
     let keys = store.keys(None)?;
     let lockdowns = store.lockdowns(None)?;
-    let view = pool_view(&keys, &lockdowns, keyring, None, None, now);
+    let view = with_limits(pool_view(&keys, &lockdowns, keyring, None, None, now), store, keyring)?;
     // Buckets aligned on the minute, so a bar does not shift as time passes.
     let since = (now - ACTIVITY_SPAN_MS).div_euclid(ACTIVITY_BUCKET_MS) * ACTIVITY_BUCKET_MS + ACTIVITY_BUCKET_MS;
     let query = UsageQuery { since, connector: None, by: UsageBy::Key, bucket_ms: Some(ACTIVITY_BUCKET_MS) };

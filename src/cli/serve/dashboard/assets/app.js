@@ -101,24 +101,35 @@
     for (const warning of view.warnings || []) warnings.appendChild(el('li', warning));
   }
 
-  // Usage against declared limits, when the view carries it: one line per connector, scope and model.
+  // The limits in use (declared in the keyring or learned from a 429), each with its window's usage:
+  // one row per connector, quota scope and model.
   function renderUsage(view) {
-    const usage = view.usage || [];
-    $('usage-section').hidden = !usage.length;
+    const limits = view.limits || [];
+    $('usage-section').hidden = !limits.length;
     const table = $('usage');
     clear(table);
-    if (!usage.length) return;
-    table.appendChild(header(['connector', 'scope', 'model', 'limits used']));
-    for (const u of usage) {
-      const limits = el('td');
-      for (const l of u.limits || []) {
-        const parts = [(l.count !== undefined ? l.count : l.used) + '/' + (l.limit !== undefined ? l.limit : '?')];
-        if (l.window) parts.push(String(l.window));
-        if (l.source || l.declared !== undefined) parts.push(l.source || (l.declared ? 'declared' : 'learned'));
-        if (l.paced_until) parts.push('paced until ' + when(l.paced_until));
-        limits.appendChild(el('div', parts.join(' · ')));
+    if (!limits.length) return;
+    table.appendChild(header(['connector', 'scope', 'model', 'window usage']));
+    const rows = new Map();
+    for (const l of limits) {
+      const id = l.connector + ' ' + l.scope + ' ' + l.model;
+      if (!rows.has(id)) {
+        const cell = el('td');
+        rows.set(id, cell);
+        table.appendChild(row([el('td', l.connector), el('td', l.scope, 'mono'), el('td', l.model), cell]));
       }
-      table.appendChild(row([el('td', u.connector), el('td', u.scope, 'mono'), el('td', u.model), limits]));
+      const line = el('div', null, 'limit');
+      const meter = document.createElement('meter');
+      meter.max = Math.max(l.count, 1);
+      meter.value = Math.min(l.used, meter.max);
+      meter.high = meter.max * 0.8;
+      line.appendChild(meter);
+      const unit = l.measure === 'tokens' ? ' tokens' : '';
+      const source = l.source === 'learned' ? 'learned from ' + (l.quota_id || 'a 429') : l.source;
+      let text = ' ' + l.used + '/' + l.count + unit + ' (' + l.limit + ', ' + source + ')';
+      if (l.paced_until) text += ' — paced until ' + when(l.paced_until);
+      line.appendChild(el('span', text));
+      rows.get(id).appendChild(line);
     }
   }
 
