@@ -69,8 +69,8 @@ fn summary(name: &str, sorted: &[u64]) -> String {
 #[ignore = "a measurement for the README: cargo test --release --test prune_load -- --ignored --nocapture"]
 fn prune_a_million_rows_while_16_processes_claim() {
     let sandbox = Sandbox::new("bench", KEYS);
-    let coordinator = sandbox.coordinator(common::Sandbox::options(&sandbox));
-    drop(coordinator);
+    // The keys in the database, and its schema.
+    drop(sandbox.coordinator(sandbox.options()));
     let old = now_ms() - 40 * 86_400_000;
     let filled = Instant::now();
     sandbox
