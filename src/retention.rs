@@ -98,7 +98,7 @@ pub struct Pruned {
     pub requests: u64,
     /// Write transactions it took.
     pub batches: u64,
-    /// The longest of them, ms (the longest any claim could have waited on the prune).
+    /// The longest any of them held the write lock, ms (the longest a claim could wait on the prune).
     pub longest_batch_ms: u64,
 }
 
@@ -113,9 +113,7 @@ pub(crate) fn prune(backend: &dyn Backend, before: i64, budget: Option<Duration>
             continue;
         }
         loop {
-            let started = Instant::now();
-            let deleted = backend.prune_batch(journal, before, BATCH)?;
-            let held = started.elapsed();
+            let (deleted, held) = backend.prune_batch(journal, before, BATCH)?;
             pruned.batches += 1;
             pruned.longest_batch_ms = pruned.longest_batch_ms.max(u64::try_from(held.as_millis()).unwrap_or(u64::MAX));
             match journal {

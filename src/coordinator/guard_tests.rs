@@ -127,7 +127,7 @@ impl Backend for Disagreeing {
     fn has_older(&self, journal: crate::store::Journal, before: i64) -> Result<bool> {
         self.0.has_older(journal, before)
     }
-    fn prune_batch(&self, journal: crate::store::Journal, before: i64, batch: u32) -> Result<u64> {
+    fn prune_batch(&self, journal: crate::store::Journal, before: i64, batch: u32) -> Result<(u64, Duration)> {
         self.0.prune_batch(journal, before, batch)
     }
 }

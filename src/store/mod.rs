@@ -19,7 +19,7 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod sqlite;
 mod usage;
@@ -230,8 +230,9 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     fn has_older(&self, journal: Journal, before: i64) -> Result<bool>;
 
     /// Deletes up to `batch` of the oldest rows of `journal` older than `before` (unix ms) in one short
-    /// write transaction; how many it deleted.
-    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<u64>;
+    /// write transaction; how many it deleted, and how long the deletion held the write lock (the wait
+    /// for the lock left out).
+    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<(u64, Duration)>;
 
     /// The plan SQLite chooses for the very statement [`claim`](Self::claim) runs, one line per step
     /// (for tests and docs).

@@ -788,8 +788,12 @@ impl Backend for Sqlite {
         self.read("looking for rows past retention", |connection| prune::has_older(connection, journal, before))
     }
 
-    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<u64> {
-        self.write("pruning old rows", None, |transaction| prune::prune_batch(transaction, journal, before, batch))
+    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<(u64, Duration)> {
+        self.write("pruning old rows", None, |transaction| {
+            let started = Instant::now();
+            let deleted = prune::prune_batch(transaction, journal, before, batch)?;
+            Ok((deleted, started.elapsed()))
+        })
     }
 
     fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize> {
