@@ -176,3 +176,19 @@ async fn the_dashboard_alone_has_the_gateways_door() {
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
+
+/// A page left open does not hold a stopping gateway: its event stream ends with the stop, and every
+/// request in flight having finished, `serve` exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_page_does_not_hold_a_stopping_gateway() {
+    let sandbox = sandbox(1, 9);
+    let gateway = Gateway::start(&sandbox, &["--grace", "60s"], &[]);
+    let mut events = client().get(gateway.url("/__apijongler/ui/events")).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    let first = events.chunk().await.unwrap().expect("the first snapshot");
+    assert!(first.starts_with(b"data: {"), "{}", String::from_utf8_lossy(&first));
+    gateway.signal(rustix::process::Signal::TERM);
+    let (status, stderr) = gateway.exit().await;
+    assert!(status.success(), "{status}: {stderr}");
+    while let Ok(Some(_)) = events.chunk().await {}
+}
