@@ -1,5 +1,7 @@
-//! `apijongler status [CONNECTOR] [--json]`: every key, its quota group, state, holder, lockdowns by
-//! model, last reason, uses.
+//! `apijongler status [CONNECTOR] [--long] [--watch] [--json]`: every key, its quota group, state,
+//! holder, lockdowns by model, uses; one line per key fitted to the terminal (see `columns`), the full
+//! table (last reason, heartbeat, keyring note) with `--long`, redrawn in place on every change with
+//! `--watch`.
 //!
 //! A key's lockdowns are those in force on its quota scope (its declared group, the project an answer
 //! revealed, or the key alone) and on the key alone: the rows a claim checks. The table lists each
@@ -14,7 +16,8 @@
 //! Everything shown comes from one view of the pool ([`api_jongler::pool::view`]): `--json` prints its
 //! keys as they are (the one JSON shape of a key, which `why --json` and `/metrics` share), and the
 //! table formats them. The table's state column is the key's own state as stored, for no model in
-//! particular (a lockdown past its deadline reads `vacant (lockdown over)`); the lockdowns column says
+//! particular (a lockdown past its deadline reads `vacant (lockdown over)` in `--long`, `vacant` in the
+//! compact table, whose column is one word); the lockdowns column says
 //! which models are kept from it. `--json` gives both the stored state and the state for a request.
 
 use std::collections::{HashMap, HashSet};
@@ -60,7 +63,8 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     if args.watch {
         return watch(global, args, &coordinator);
     }
-    render(global, args, &coordinator, &mut std::io::stdout().lock(), true)?;
+    let keyring = keyring_to_compare(global);
+    render(global, args, (&coordinator, keyring.as_ref()), &mut std::io::stdout().lock(), true)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -68,12 +72,14 @@ pub fn run(global: &Global, args: &StatusArgs) -> anyhow::Result<ExitCode> {
 /// change (SQLite's `data_version`, see [`api_jongler::store::Changes`]), and every second.
 fn watch(global: &Global, args: &StatusArgs, coordinator: &api_jongler::Coordinator) -> anyhow::Result<ExitCode> {
     let mut changes = coordinator.store().changes()?;
+    // Read once: a keyring that cannot be read is warned of once, not at every frame.
+    let keyring = keyring_to_compare(global);
     let mut drawn: Option<Instant> = None;
     loop {
         let changed = changes.changed()?;
         if changed || drawn.is_none_or(|at| at.elapsed() >= WATCH_REDRAW) {
             let mut frame = Vec::new();
-            render(global, args, coordinator, &mut frame, drawn.is_none())?;
+            render(global, args, (coordinator, keyring.as_ref()), &mut frame, drawn.is_none())?;
             let mut stdout = std::io::stdout().lock();
             // Home, then clear: the new frame replaces the old one in place.
             stdout.write_all(b"\x1b[H\x1b[2J")?;
@@ -86,20 +92,20 @@ fn watch(global: &Global, args: &StatusArgs, coordinator: &api_jongler::Coordina
     }
 }
 
-/// The status, once, to `out`; the keyring's warnings go to stderr when `warn` is set.
+/// The status, once, to `out`, the database compared with `keyring` if given; the view's warnings go
+/// to stderr when `warn` is set.
 fn render(
     global: &Global,
     args: &StatusArgs,
-    coordinator: &api_jongler::Coordinator,
+    (coordinator, keyring): (&api_jongler::Coordinator, Option<&Keyring>),
     out: &mut impl Write,
     warn: bool,
 ) -> anyhow::Result<()> {
     let now = coordinator.now_ms();
     let keys: Vec<KeyRecord> = coordinator.store().keys(args.connector.as_deref())?;
     let lockdowns: Vec<LockdownRecord> = coordinator.store().lockdowns(args.connector.as_deref())?;
-    let keyring = if warn || !global.quiet { keyring_to_compare(global) } else { None };
-    let view = pool_view(&keys, &lockdowns, keyring.as_ref(), args.connector.as_deref(), None, now);
-    let view = with_limits(view, coordinator.store(), keyring.as_ref())?;
+    let view = pool_view(&keys, &lockdowns, keyring, args.connector.as_deref(), None, now);
+    let view = with_limits(view, coordinator.store(), keyring)?;
     if warn && !global.quiet {
         for warning in &view.warnings {
             eprintln!("apijongler: warning: {warning}");
@@ -167,7 +173,7 @@ fn render(
             writeln!(out, "  {} {} {}: {used}", first.connector, first.scope, first.model)?;
         }
     }
-    if let Some(keyring) = keyring.as_ref().filter(|_| view.keyring_differences().next().is_some()) {
+    if let Some(keyring) = keyring.filter(|_| view.keyring_differences().next().is_some()) {
         let column = if args.long { "The keyring column" } else { "A state marked * (see --long)" };
         let line = format!(
             "{column} is how {} differs from the database; the next request or cleanup with it applies it.",
