@@ -80,6 +80,11 @@ fn a_replayed_quota_failure_paces_its_scope_until_the_providers_midnight_on_both
         }
         let error = claim().expect_err("the learned window is full");
         assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
+        let reason: String = sandbox
+            .sql()
+            .query_row("SELECT reason FROM lockdowns WHERE quota_id = 'apijongler:paced'", [], |row| row.get(0))
+            .expect("a paced lockdown");
+        assert_eq!(reason, "paced: 3/min learned from GenerateRequestsPerMinutePerProjectPerModel-FreeTier for m");
         coordinator
             .claim_for("c", Some("other"), &[], Duration::ZERO)
             .expect("other models are free")

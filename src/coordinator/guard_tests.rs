@@ -58,7 +58,7 @@ impl Backend for Disagreeing {
         None
     }
 
-    fn paces_tokens(&self, _: &str) -> bool {
+    fn paces_tokens(&self, _: &str, _: i64) -> bool {
         false
     }
 

@@ -49,7 +49,13 @@ impl Taught {
                 .find_map(|(word, seconds)| quota_id.contains(word).then_some(seconds))?;
             Window::Sliding(std::time::Duration::from_secs(seconds))
         };
-        let measure = if quota_id.contains("Token") { Measure::Tokens } else { Measure::Requests };
+        // Gemini's token limits count input tokens (`GenerateContentInputTokensPerModelPerMinute`); a quota
+        // of other tokens is not one a reservation's estimate stands for.
+        let measure = match (quota_id.contains("InputToken"), quota_id.contains("Token")) {
+            (true, _) => Measure::Tokens,
+            (false, true) => return None,
+            (false, false) => Measure::Requests,
+        };
         let limit = Limit { count, measure, window };
         Some(Self { model: model.to_owned(), limit, quota_id: quota_id.to_owned() })
     }
@@ -70,6 +76,7 @@ mod tests {
             ("GenerateRequestsPerDayPerProjectPerModel-FreeTier", "250", Some("250/day")),
             ("GenerateContentInputTokensPerModelPerMinute-FreeTier", "250000", Some("250000 tokens/min")),
             ("GenerateContentPaidTierInputTokensPerModelPerDay", "1000", Some("1000 tokens/day")),
+            ("GenerateContentOutputTokensPerModelPerMinute", "1000", None),
             ("SomethingPerHour", "7", Some("7/h")),
             ("RequestsPerSecond", "3", Some("3/s")),
             ("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "0", None),

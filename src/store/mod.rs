@@ -108,7 +108,7 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
 
     /// Whether a token limit (declared or learned, as last read) may pace `connector`'s claims: only then
     /// is a request's size read to estimate its tokens.
-    fn paces_tokens(&self, connector: &str) -> bool;
+    fn paces_tokens(&self, connector: &str, now: i64) -> bool;
 
     /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
     /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.

@@ -371,8 +371,10 @@ impl Backend for Sqlite {
         self.paced.declared(connector)
     }
 
-    fn paces_tokens(&self, connector: &str) -> bool {
-        self.paced.paces_tokens(connector)
+    fn paces_tokens(&self, connector: &str, now: i64) -> bool {
+        // What the claim will pace by, read as the claim will read it: a lesson learned by another
+        // process is seen here no later than by the claim.
+        self.pacing_of(connector, now).is_some_and(|pacing| pacing.paces_tokens())
     }
 
     fn claim_several(
@@ -397,17 +399,18 @@ impl Backend for Sqlite {
     }
 
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) {
-            // What this answer teaches paces this process's next claims, not a second later.
-            self.paced.read_again();
-        }
-        self.ends.commit(
+        let ended = self.ends.commit(
             batch::End::new(id, lease, fate, attempt, now)
                 .settling(attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector))),
             self.holder_deadline(),
             |ends, deadline| self.end_leases(ends, deadline),
             |end| Err(self.locked("ending a lease", end.waited())),
-        )
+        );
+        if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) && ended.is_ok() {
+            // What this answer taught paces this process's next claims, not a second later.
+            self.paced.read_again();
+        }
+        ended
     }
 
     fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
@@ -884,8 +887,7 @@ fn claim_in(
             transaction.execute_batch("RELEASE paced_claim")?;
             return Ok(None);
         };
-        let binding: Vec<Limit> =
-            pacing.binding(&claimed.scope, model, now).into_iter().map(|(limit, _)| limit).collect();
+        let binding = pacing.binding(&claimed.scope, model, now);
         let reservation = pacing::Reservation {
             connector: &claim.connector,
             scope: &claimed.scope,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::pool::limit::PACED_QUOTA_ID;
-use crate::pool::{LearnedLimit, Limit, Limits, Measure, Pacing, Taught};
+use crate::pool::{LearnedLimit, Limit, Limits, Measure, Pacing, Source, Taught};
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
 /// long as the connector's longest window.
@@ -81,15 +81,6 @@ impl Paced {
     /// Whether `connector`'s claims pace by anything (as last read: no database read here).
     pub(super) fn paces(&self, connector: &str) -> bool {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).merged.contains_key(connector)
-    }
-
-    /// Whether a token limit may pace `connector`'s claims (as last read: no database read here).
-    pub(super) fn paces_tokens(&self, connector: &str) -> bool {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(pacing) = state.merged.get(connector) else { return false };
-        let declared = std::iter::once(&pacing.declared.every_group).chain(pacing.declared.groups.values());
-        let limits = declared.flat_map(|section| section.values().flatten()).copied();
-        limits.chain(pacing.learned.iter().map(|learned| learned.limit)).any(|limit| limit.measure == Measure::Tokens)
     }
 
     /// What `connector`'s claims pace by at `now` (`None`: nothing), reading the learned limits with
@@ -186,6 +177,7 @@ pub(super) fn settle(
 #[derive(Debug)]
 pub(super) struct Full {
     pub(super) limit: Limit,
+    pub(super) source: Source,
     pub(super) until: i64,
 }
 
@@ -246,7 +238,7 @@ pub(super) fn reserved_models(
 pub(super) fn reserve(
     transaction: &Transaction<'_>,
     reservation: &Reservation<'_>,
-    (limits, reach): (&[Limit], i64),
+    (limits, reach): (&[(Limit, Source)], i64),
     now: i64,
 ) -> rusqlite::Result<Result<(), Full>> {
     let Reservation { connector, scope, model, key_name, lease, tokens } = *reservation;
@@ -254,7 +246,7 @@ pub(super) fn reserve(
         // Nothing to count against: no row either.
         return Ok(Ok(()));
     }
-    for limit in limits {
+    for (limit, source) in limits {
         let counted_from = limit.window.counted_from(now);
         let used = used_since(transaction, (connector, scope, model), limit.measure, counted_from)?;
         // How much must leave the window before this request fits.
@@ -268,7 +260,7 @@ pub(super) fn reserve(
         }
         let leaves = leaving_at(transaction, (connector, scope, model), limit.measure, counted_from, excess)?;
         let until = limit.window.room_at(leaves.unwrap_or(now), now);
-        return Ok(Err(Full { limit: *limit, until }));
+        return Ok(Err(Full { limit: *limit, source: source.clone(), until }));
     }
     transaction
         .prepare_cached(
@@ -327,7 +319,10 @@ pub(super) fn lock_down(
     now: i64,
 ) -> rusqlite::Result<()> {
     let Reservation { connector, scope, model, key_name, .. } = *reservation;
-    let reason = format!("paced: {} declared for {model}", full.limit);
+    let reason = match &full.source {
+        Source::Declared => format!("paced: {} declared for {model}", full.limit),
+        Source::Learned { quota_id, .. } => format!("paced: {} learned from {quota_id} for {model}", full.limit),
+    };
     transaction
         .prepare_cached(
             "INSERT INTO lockdowns
