@@ -62,7 +62,7 @@ impl Backend for Disagreeing {
         false
     }
 
-    fn declare_limits(&self, _: &str, _: Option<Arc<crate::pool::Limits>>) {}
+    fn declare_limits(&self, _: &str, _: Option<Arc<crate::pool::Limits>>, _: i64) {}
 
     fn claim_several(&self, _: ClaimFor<'_>, _: usize, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Vec<Claimed>> {
         Ok(Vec::new())

@@ -203,7 +203,11 @@ impl Coordinator {
         let report = self.inner.backend.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
         for connector in keyring.connectors() {
-            self.inner.backend.declare_limits(connector, keyring.limits(connector).cloned().map(Arc::new));
+            self.inner.backend.declare_limits(
+                connector,
+                keyring.limits(connector).cloned().map(Arc::new),
+                self.now_ms(),
+            );
         }
         Ok(report)
     }

@@ -101,7 +101,7 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// keyring it synced declares them: a claim for a model then takes a key only if every window of
     /// the key's quota scope and the model has room, and records its reservation in the same
     /// transaction; a full window becomes a lockdown of the scope for the model until it has room.
-    fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>);
+    fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>, now: i64);
 
     /// The limits the keyring this process synced declares for `connector`, if any.
     fn declared_limits(&self, connector: &str) -> Option<Arc<Limits>>;
