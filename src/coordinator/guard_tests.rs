@@ -58,6 +58,10 @@ impl Backend for Disagreeing {
         None
     }
 
+    fn reserve_held(&self, _: (&str, i64, i64), _: &str, _: u64, _: i64) -> Result<bool> {
+        Ok(true)
+    }
+
     fn paces_tokens(&self, _: &str, _: i64) -> bool {
         false
     }

@@ -148,6 +148,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Whether a lockdown in force keeps key `id` from serving `model` (the claim's rule).
     fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool>;
 
+    /// Reserves one more request for `model` (and its `tokens`) on key `id` of `connector`, held under
+    /// `lease` and kept across requests (per-connection leases), as a claim would: `Ok(false)` when a
+    /// window of its scope has no room (the scope is then paced for the model, and the caller gives the
+    /// key back and claims another) or the lease was lost. Writes nothing where nothing paces the
+    /// connector.
+    fn reserve_held(&self, held: (&str, i64, i64), model: &str, tokens: u64, now: i64) -> Result<bool>;
+
     /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
     /// scope and model.
     fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>>;

@@ -511,6 +511,35 @@ impl Backend for Sqlite {
         })
     }
 
+    fn reserve_held(
+        &self,
+        (connector, id, lease): (&str, i64, i64),
+        model: &str,
+        tokens: u64,
+        now: i64,
+    ) -> Result<bool> {
+        let Some(pacing) = self.pacing_of(connector, now) else { return Ok(true) };
+        self.write("reserving for a kept key", None, |transaction| {
+            let held = transaction
+                .prepare_cached(
+                    "SELECT key_name, quota_scope FROM keys WHERE id = ?1 AND lease = ?2 AND state = 'locked'",
+                )?
+                .query_row(params![id, lease], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))
+                .optional()?;
+            let Some((key_name, scope)) = held else { return Ok(false) };
+            let reservation =
+                pacing::Reservation { connector, scope: &scope, model, key_name: &key_name, lease, tokens };
+            let binding = pacing.binding(&scope, model, now);
+            match pacing::reserve(transaction, &reservation, (&binding, pacing.longest_reach(now)), now)? {
+                Ok(()) => Ok(true),
+                Err(full) => {
+                    pacing::lock_down(transaction, &reservation, &full, now)?;
+                    Ok(false)
+                }
+            }
+        })
+    }
+
     fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
         self.read("reading lockdowns", |connection| {
             let mut statement = connection.prepare_cached(
