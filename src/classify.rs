@@ -519,7 +519,7 @@ struct Violation {
 
 impl Violation {
     fn is_daily(&self) -> bool {
-        self.quota_id.contains("PerDay") || self.quota_id.contains("Daily")
+        crate::pool::learned::is_daily_quota(&self.quota_id)
     }
 
     fn is_zero(&self) -> bool {

@@ -24,6 +24,12 @@ pub struct LearnedLimit {
     pub until: i64,
 }
 
+/// Whether a provider's quota id is a quota per day (`GenerateRequestsPerDayPerProjectPerModel-FreeTier`,
+/// `...Daily...`): the provider's day, not a sliding window.
+pub fn is_daily_quota(quota_id: &str) -> bool {
+    quota_id.contains("PerDay") || quota_id.contains("Daily")
+}
+
 /// A limit a 429 states, before it is bound to a scope: `quota_id` with `value` for `model`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taught {
@@ -41,7 +47,7 @@ impl Taught {
     /// A value of 0 is no limit to pace by (the model is not on the tier: a lockdown's business).
     pub fn from_quota(quota_id: &str, value: &str, model: &str) -> Option<Self> {
         let count: u64 = value.trim().parse().ok().filter(|count| *count >= 1)?;
-        let window = if quota_id.contains("PerDay") || quota_id.contains("Daily") {
+        let window = if is_daily_quota(quota_id) {
             Window::Day
         } else {
             let seconds = [("PerSecond", 1), ("PerMinute", 60), ("PerHour", 3_600)]

@@ -290,13 +290,6 @@ impl Store {
         self.backend.resource_owner(connector, names, now)
     }
 
-    /// How many requests of quota scope `scope` (`group:NAME`, `project:NUMBER`, `key:NAME`) for
-    /// `model` were reserved against limits at or after `since` (unix ms; see
-    /// [`Window::counted_from`](crate::pool::Window::counted_from) for a window's start).
-    pub fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
-        self.backend.used_since((connector, scope, model), Measure::Requests, since)
-    }
-
     /// The limits `connector`'s quota scopes learned from the provider's answers (a 429's
     /// `quotaValue`), not yet forgotten at `now`.
     pub fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>> {
@@ -329,8 +322,8 @@ impl Store {
         usage::in_use(self.backend.as_ref(), &pacing, connector, now)
     }
 
-    /// The (quota scope, model) pairs of `connector` that reserved against declared limits at or after
-    /// `since` (unix ms), by scope and model.
+    /// The (quota scope, model) pairs of `connector` that reserved against limits (declared or learned)
+    /// at or after `since` (unix ms), by scope and model.
     pub fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
         self.backend.reserved_models(connector, since)
     }
