@@ -284,9 +284,17 @@ fn rate_limit_lockdown(status: u16, headers: &HeaderMap, error: &UpstreamError, 
             None => format!(", lockdown {} s", default_wait.as_secs()),
         };
         let reason = error.reason(&format!("{status} {worst_kind}{wait} ({})", worst.quota_id));
-        // Where the connector tells no model, no claim names one to pace.
+        // Where the connector tells no model, no claim names one to pace. The requested name may be an
+        // alias of the model the quota names: its claims are paced by the lesson too.
         if !context.names_models {
             taught.clear();
+        } else if let Some(requested) = context.model {
+            let aliases: Vec<Taught> = taught
+                .iter()
+                .filter(|lesson| lesson.model != requested)
+                .map(|lesson| Taught { model: requested.to_owned(), ..lesson.clone() })
+                .collect();
+            taught.extend(aliases);
         }
         let lockdown = lockdown_of(until_ms, reason, Reach::Group, models, Some(worst.quota_id.clone()));
         return Lockdown { taught, ..lockdown };
@@ -511,7 +519,7 @@ struct Violation {
 
 impl Violation {
     fn is_daily(&self) -> bool {
-        self.quota_id.contains("PerDay") || self.quota_id.contains("Daily")
+        crate::pool::learned::is_daily_quota(&self.quota_id)
     }
 
     fn is_zero(&self) -> bool {

@@ -319,7 +319,7 @@ impl Upstream {
     /// The input tokens `outgoing` will likely cost, where a token limit may pace its connector's
     /// claims (elsewhere its body is not read for it).
     fn estimate_tokens(&self, outgoing: &Outgoing) -> u64 {
-        if self.coordinator.backend().paces_tokens(&self.connector.name) {
+        if self.coordinator.backend().paces_tokens(&self.connector.name, self.coordinator.now_ms()) {
             crate::tokens::estimate(&outgoing.body)
         } else {
             0
@@ -431,7 +431,8 @@ impl Upstream {
         let verdict = self.judge(&answer, model, lease.as_ref(), request.budget.backoffs(), request.replay);
         let attempt = Attempt {
             status: answer.as_ref().ok().map(Answer::status),
-            prompt_tokens: answer.as_ref().ok().and_then(Answer::prompt_tokens),
+            // Read only where a token limit binds (the request was estimated): elsewhere nobody needs it.
+            prompt_tokens: answer.as_ref().ok().filter(|_| request.tokens > 0).and_then(Answer::prompt_tokens),
             latency_ms: millis(sent.elapsed()),
             outcome: describe(&verdict, &answer),
             ..cancelled
@@ -448,7 +449,8 @@ impl Upstream {
     fn hand_over_stream(self: &Arc<Self>, outgoing: &Outgoing, request: Progress, tried: Tried) -> Exchange {
         let Ok(Answer::Stream { status, headers, held }) = tried.answer else { unreachable!("a committed stream") };
         let dialect = outgoing.stream.unwrap_or(Dialect::Google);
-        let body = self.relay(held, dialect, tried.lease, tried.attempt, tried.sent);
+        let attempt = Attempt { prompt_tokens: (request.tokens > 0).then_some(0), ..tried.attempt };
+        let body = self.relay(held, dialect, tried.lease, attempt, tried.sent);
         Exchange {
             status,
             headers,

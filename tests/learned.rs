@@ -38,8 +38,8 @@ fn utc(date: (i32, u32, u32), (hour, minute): (u32, u32)) -> i64 {
 }
 
 /// On each daylight-saving day of Los Angeles (2027-03-14 has 23 hours there, 2027-11-07 has 25): a
-/// replayed `QuotaFailure` stating 3 requests per minute teaches group g that limit for model m. Once
-/// the 429's own lockdown is over, 3 claims go through in a minute and the 4th is paced; the lesson is
+/// replayed `QuotaFailure` stating 3 requests per minute teaches group g that limit for model m. The
+/// minute it came in is full; then 3 claims go through in a minute and the 4th is paced; the lesson is
 /// forgotten at the next midnight in Los Angeles exactly (not 24 h later), and claims are free again.
 #[test]
 fn a_replayed_quota_failure_paces_its_scope_until_the_providers_midnight_on_both_daylight_saving_days() {
@@ -73,13 +73,23 @@ fn a_replayed_quota_failure_paces_its_scope_until_the_providers_midnight_on_both
             learned.iter().map(|l| (l.scope.as_str(), l.model.as_str(), l.limit.to_string(), l.until)).collect();
         assert_eq!(said, [("group:g", "m", "3/min".to_owned(), midnight)], "taught at {taught_at}");
 
+        // The 429 said the provider's minute is full: the lesson starts with its window full (3
+        // reservations at the lesson), so the scope is paced for that minute and its margin, even once
+        // the 429's own 2 s lockdown is over, instead of sending a burst.
         clock.set(taught_at + 2_000);
+        assert!(matches!(claim(), Err(Error::NoKeyAvailable(_))), "the taught window starts full");
+        clock.set(taught_at + 60_500);
         for _ in 0..3 {
             claim().expect("room in the learned window").release().expect("release");
             clock.advance(1_000);
         }
         let error = claim().expect_err("the learned window is full");
         assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
+        let reason: String = sandbox
+            .sql()
+            .query_row("SELECT reason FROM lockdowns WHERE quota_id = 'apijongler:paced'", [], |row| row.get(0))
+            .expect("a paced lockdown");
+        assert_eq!(reason, "paced: 3/min learned from GenerateRequestsPerMinutePerProjectPerModel-FreeTier for m");
         coordinator
             .claim_for("c", Some("other"), &[], Duration::ZERO)
             .expect("other models are free")
@@ -196,4 +206,41 @@ async fn a_token_limit_reserves_the_estimate_and_settles_it_from_the_answers_usa
         .expect("a paced lockdown");
     assert_eq!(reason, "paced: 100 tokens/min declared for gemini-2.5-flash");
     assert_eq!(sandbox.count("SELECT sum(prompt_tokens) FROM requests"), 10, "the requests record their tokens");
+}
+
+/// A lesson reaches another process's claims without a statement of its own: coordinator B (its own
+/// store, as in another process) synced before A learned `3/min`; B's first claim after the taught
+/// window sees the new lesson in the claim statement's answer and goes out unpaced, but counted; B then
+/// reads the lesson, and its claims are paced: 3 in the minute, the 4th refused.
+#[test]
+fn a_lesson_learned_by_one_process_paces_another_from_its_next_claim() {
+    let sandbox = Sandbox::with_keyring(
+        "[c]\nkey0 = fake-secret-c-0-do-not-use\nkey1 = fake-secret-c-1-do-not-use\n[c groups]\nkey0 = g\nkey1 = g\n",
+    );
+    let t0 = utc((2027, 6, 1), (12, 0));
+    let clock = Arc::new(ManualClock::new(t0));
+    let (a, b) = (sandbox.coordinator_on(&clock), sandbox.coordinator_on(&clock));
+    let claim = |coordinator: &api_jongler::Coordinator| coordinator.claim_for("c", Some("m"), &[], Duration::ZERO);
+    claim(&b).expect("nothing learned yet").release().expect("release");
+    let lease = claim(&a).expect("nothing learned yet");
+    let policy = Policy::default();
+    let context = Context {
+        now_ms: t0,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: false,
+        model: Some("m"),
+        names_models: true,
+    };
+    let verdict = classify::classify(429, &Default::default(), &per_minute_429("m", 3), &context);
+    lease.finish(&verdict.key, None).expect("finish");
+
+    clock.set(t0 + 60_500);
+    for turn in 0..3 {
+        claim(&b).unwrap_or_else(|error| panic!("claim {turn}: {error}")).release().expect("release");
+    }
+    assert!(matches!(claim(&b), Err(Error::NoKeyAvailable(_))), "B is paced by A's lesson");
+    let window = sandbox.count(&format!("SELECT count(*) FROM reservations WHERE model = 'm' AND at > {t0}"));
+    assert_eq!(window, 3, "the claim that saw the lesson counts in the window too");
 }

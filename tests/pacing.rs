@@ -300,3 +300,35 @@ fn a_simulated_hour_at_full_demand_meets_a_rolling_window_without_a_429() {
     let capacity = QUOTA * usize::try_from(HOUR_MS / WINDOW_MS).expect("60");
     assert!(accepted.len() * 100 >= capacity * 99, "{} of {capacity} requests of the hour's quota", accepted.len());
 }
+
+/// The seed's model, a key kept across requests (`LeaseScope::PerConnection`), is paced too: each
+/// request on the kept key reserves in its scope's window; a full window gives the key back for one
+/// with room. Two keys limited to 2 requests an hour each: 4 requests go (2 on each key), the 5th finds
+/// no room anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_kept_across_requests_is_paced_like_a_claim() {
+    let mock = api_jongler::mock::MockUpstream::start(Default::default()).await.expect("mock");
+    let sandbox = gemini_sandbox(2, &mock, Some("* = 2/h"));
+    let jongler = sandbox
+        .jongler(GEMINI)
+        .scope(api_jongler::LeaseScope::PerConnection)
+        .wait(Duration::ZERO)
+        .connect()
+        .await
+        .expect("connect");
+    let endpoint = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let mut keys = Vec::new();
+    for turn in 0..4 {
+        let response = jongler.request("POST", endpoint, "{}").await.unwrap_or_else(|error| panic!("{turn}: {error}"));
+        assert_eq!(response.status, 200);
+        keys.push(response.key_name.expect("a key"));
+    }
+    assert_eq!(keys[0], keys[1], "the key is kept while its window has room");
+    assert_eq!(keys[2], keys[3]);
+    assert_ne!(keys[1], keys[2], "then exchanged for one with room");
+    let error = jongler.request("POST", endpoint, "{}").await.expect_err("no window has room");
+    assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
+    let (_, per_key) = mock.stats();
+    assert!(per_key.values().all(|stats| stats.ok == 2), "{per_key:?}");
+    assert_eq!(sandbox.count("SELECT count(*) FROM reservations"), 4);
+}

@@ -58,11 +58,15 @@ impl Backend for Disagreeing {
         None
     }
 
-    fn paces_tokens(&self, _: &str) -> bool {
+    fn reserve_held(&self, _: (&str, i64, i64), _: &str, _: u64, _: i64) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn paces_tokens(&self, _: &str, _: i64) -> bool {
         false
     }
 
-    fn declare_limits(&self, _: &str, _: Option<Arc<crate::pool::Limits>>) {}
+    fn declare_limits(&self, _: &str, _: Option<Arc<crate::pool::Limits>>, _: i64) {}
 
     fn claim_several(&self, _: ClaimFor<'_>, _: usize, _: &Holder, _: &dyn Clock, _: Instant) -> Result<Vec<Claimed>> {
         Ok(Vec::new())

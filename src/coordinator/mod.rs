@@ -218,7 +218,11 @@ impl Coordinator {
         log_transitions(&report.transitions);
         self.prune_if_due();
         for connector in keyring.connectors() {
-            self.inner.backend.declare_limits(connector, keyring.limits(connector).cloned().map(Arc::new));
+            self.inner.backend.declare_limits(
+                connector,
+                keyring.limits(connector).cloned().map(Arc::new),
+                self.now_ms(),
+            );
         }
         Ok(report)
     }

@@ -112,8 +112,18 @@ impl Upstream {
             let model = model.map(str::to_owned);
             let scope = pin.map(|pin| pin.quota_scope.clone());
             let (lease, usable) = short_blocking(move || {
+                let now = coordinator.now_ms();
                 let locked = match &model {
-                    Some(model) => coordinator.store().is_locked_down_for(lease.id(), model, coordinator.now_ms())?,
+                    Some(model) => {
+                        coordinator.store().is_locked_down_for(lease.id(), model, now)?
+                            // Limits bind a kept key's requests as they bind claims: no room, another key.
+                            || !coordinator.backend().reserve_held(
+                                (lease.connector(), lease.id(), lease.token()),
+                                model,
+                                tokens,
+                                now,
+                            )?
+                    }
                     None => false,
                 };
                 // A request naming another project's resource needs a key of that project.

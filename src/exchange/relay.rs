@@ -48,10 +48,12 @@ impl Upstream {
         let (sender, chunks) = mpsc::channel(RELAY_CHUNKS);
         let upstream = self.clone();
         tokio::spawn(async move {
-            let mut relay = Relay::new(held.committed, dialect, upstream.limits);
+            // A request that reserved tokens (its attempt expects a count) has its stream's usage read.
+            let counts_tokens = attempt.prompt_tokens.is_some();
+            let mut relay = Relay::new(held.committed, dialect, upstream.limits, counts_tokens);
             let trust = lease.as_ref().map(Lease::trust);
             let ending = relay.run(held.response, &sender, upstream.timeout, trust.as_ref()).await;
-            let attempt = Attempt { prompt_tokens: relay.prompt_tokens, ..attempt };
+            let attempt = Attempt { prompt_tokens: relay.prompt_tokens.filter(|_| counts_tokens), ..attempt };
             upstream.settle_stream(&ending, lease, attempt, sent).await;
             // Only now does the reader see the end: a caller that sends its next request at once finds
             // the key free again.
@@ -150,6 +152,8 @@ struct Relay {
     complete: bool,
     /// An upstream error event was forwarded before any terminal one: its data.
     upstream_error: Option<String>,
+    /// Whether to read the input tokens the stream's events say the request used.
+    counts_tokens: bool,
     /// The input tokens the stream's events said the request used (the last event that said so).
     prompt_tokens: Option<u64>,
     /// What the committed hold allows to forward at once.
@@ -160,7 +164,7 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(committed: crate::stream::sse::Committed, dialect: Dialect, limits: Limits) -> Self {
+    fn new(committed: crate::stream::sse::Committed, dialect: Dialect, limits: Limits, counts_tokens: bool) -> Self {
         let mut framer = committed.framer;
         // Events are judged from `unsent`: a second copy of each in the framer would double the memory.
         framer.set_max_event_len(0);
@@ -172,6 +176,7 @@ impl Relay {
             events: 0,
             complete: false,
             upstream_error: None,
+            counts_tokens,
             prompt_tokens: None,
             initial: None,
             limits,
@@ -203,7 +208,9 @@ impl Relay {
                 self.upstream_error = Some(data.to_owned());
             } else if let Some(data) = data.as_deref() {
                 self.complete |= crate::stream::sse::is_terminal(self.dialect, data);
-                self.prompt_tokens = crate::tokens::prompt_tokens(data.as_bytes()).or(self.prompt_tokens);
+                if self.counts_tokens {
+                    self.prompt_tokens = crate::tokens::prompt_tokens(data.as_bytes()).or(self.prompt_tokens);
+                }
             }
             self.events += 1;
             out.extend_from_slice(bytes);

@@ -24,6 +24,12 @@ pub struct LearnedLimit {
     pub until: i64,
 }
 
+/// Whether a provider's quota id is a quota per day (`GenerateRequestsPerDayPerProjectPerModel-FreeTier`,
+/// `...Daily...`): the provider's day, not a sliding window.
+pub fn is_daily_quota(quota_id: &str) -> bool {
+    quota_id.contains("PerDay") || quota_id.contains("Daily")
+}
+
 /// A limit a 429 states, before it is bound to a scope: `quota_id` with `value` for `model`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taught {
@@ -41,7 +47,7 @@ impl Taught {
     /// A value of 0 is no limit to pace by (the model is not on the tier: a lockdown's business).
     pub fn from_quota(quota_id: &str, value: &str, model: &str) -> Option<Self> {
         let count: u64 = value.trim().parse().ok().filter(|count| *count >= 1)?;
-        let window = if quota_id.contains("PerDay") || quota_id.contains("Daily") {
+        let window = if is_daily_quota(quota_id) {
             Window::Day
         } else {
             let seconds = [("PerSecond", 1), ("PerMinute", 60), ("PerHour", 3_600)]
@@ -49,7 +55,13 @@ impl Taught {
                 .find_map(|(word, seconds)| quota_id.contains(word).then_some(seconds))?;
             Window::Sliding(std::time::Duration::from_secs(seconds))
         };
-        let measure = if quota_id.contains("Token") { Measure::Tokens } else { Measure::Requests };
+        // Gemini's token limits count input tokens (`GenerateContentInputTokensPerModelPerMinute`); a quota
+        // of other tokens is not one a reservation's estimate stands for.
+        let measure = match (quota_id.contains("InputToken"), quota_id.contains("Token")) {
+            (true, _) => Measure::Tokens,
+            (false, true) => return None,
+            (false, false) => Measure::Requests,
+        };
         let limit = Limit { count, measure, window };
         Some(Self { model: model.to_owned(), limit, quota_id: quota_id.to_owned() })
     }
@@ -70,6 +82,7 @@ mod tests {
             ("GenerateRequestsPerDayPerProjectPerModel-FreeTier", "250", Some("250/day")),
             ("GenerateContentInputTokensPerModelPerMinute-FreeTier", "250000", Some("250000 tokens/min")),
             ("GenerateContentPaidTierInputTokensPerModelPerDay", "1000", Some("1000 tokens/day")),
+            ("GenerateContentOutputTokensPerModelPerMinute", "1000", None),
             ("SomethingPerHour", "7", Some("7/h")),
             ("RequestsPerSecond", "3", Some("3/s")),
             ("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "0", None),

@@ -57,11 +57,15 @@ impl Limits {
         self.every_group.is_empty() && self.groups.is_empty()
     }
 
+    /// Every limit declared, for any group and model.
+    pub fn all(&self) -> impl Iterator<Item = Limit> + '_ {
+        let sections = std::iter::once(&self.every_group).chain(self.groups.values());
+        sections.flat_map(BTreeMap::values).flatten().copied()
+    }
+
     /// How far back from `now` the longest of all these limits' windows counts, in ms.
     pub fn longest_reach(&self, now: i64) -> i64 {
-        let sections = std::iter::once(&self.every_group).chain(self.groups.values());
-        let limits = sections.flat_map(BTreeMap::values).flatten();
-        limits.map(|limit| now - limit.window.counted_from(now)).max().unwrap_or(0)
+        self.all().map(|limit| now - limit.window.counted_from(now)).max().unwrap_or(0)
     }
 
     /// The limits a request for `model` meets on a key of declared quota group `group` (`None`: a key

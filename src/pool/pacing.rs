@@ -59,6 +59,12 @@ impl Pacing {
         declared.chain(learned).collect()
     }
 
+    /// Whether a token limit is among these (declared for any group and model, or learned).
+    pub fn paces_tokens(&self) -> bool {
+        let learned = self.learned.iter().map(|learned| learned.limit);
+        self.declared.all().chain(learned).any(|limit| limit.measure == Measure::Tokens)
+    }
+
     /// How far back from `now` the longest window of all these limits counts, in ms.
     pub fn longest_reach(&self, now: i64) -> i64 {
         let learned = self.learned.iter().map(|learned| now - learned.limit.window.counted_from(now));

@@ -91,7 +91,7 @@ fn format_time(ms: i64) -> String {
 
 /// A quota id in words: `GenerateRequestsPerDayPerProjectPerModel-FreeTier` is a daily quota.
 fn quota_kind(quota: &str) -> String {
-    if quota.contains("PerDay") || quota.contains("Daily") {
+    if super::learned::is_daily_quota(quota) {
         format!("daily quota {quota}")
     } else if quota.contains("PerMinute") {
         format!("per-minute quota {quota}")

@@ -116,14 +116,14 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// keyring it synced declares them: a claim for a model then takes a key only if every window of
     /// the key's quota scope and the model has room, and records its reservation in the same
     /// transaction; a full window becomes a lockdown of the scope for the model until it has room.
-    fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>);
+    fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>, now: i64);
 
     /// The limits the keyring this process synced declares for `connector`, if any.
     fn declared_limits(&self, connector: &str) -> Option<Arc<Limits>>;
 
     /// Whether a token limit (declared or learned, as last read) may pace `connector`'s claims: only then
     /// is a request's size read to estimate its tokens.
-    fn paces_tokens(&self, connector: &str) -> bool;
+    fn paces_tokens(&self, connector: &str, now: i64) -> bool;
 
     /// Up to `count` claims of one request (as [`claim`](Self::claim) would make them) in one
     /// transaction, for as many waiters: the keys claimed, in order, fewer when fewer were free.
@@ -162,6 +162,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
 
     /// Whether a lockdown in force keeps key `id` from serving `model` (the claim's rule).
     fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool>;
+
+    /// Reserves one more request for `model` (and its `tokens`) on key `id` of `connector`, held under
+    /// `lease` and kept across requests (per-connection leases), as a claim would: `Ok(false)` when a
+    /// window of its scope has no room (the scope is then paced for the model, and the caller gives the
+    /// key back and claims another) or the lease was lost. Writes nothing where nothing paces the
+    /// connector.
+    fn reserve_held(&self, held: (&str, i64, i64), model: &str, tokens: u64, now: i64) -> Result<bool>;
 
     /// The lockdowns recorded for `connector` (or for all connectors), in force or not, by connector,
     /// scope and model.
@@ -327,13 +334,6 @@ impl Store {
         self.backend.resource_owner(connector, names, now)
     }
 
-    /// How many requests of quota scope `scope` (`group:NAME`, `project:NUMBER`, `key:NAME`) for
-    /// `model` were reserved against limits at or after `since` (unix ms; see
-    /// [`Window::counted_from`](crate::pool::Window::counted_from) for a window's start).
-    pub fn reserved_since(&self, connector: &str, scope: &str, model: &str, since: i64) -> Result<u64> {
-        self.backend.used_since((connector, scope, model), Measure::Requests, since)
-    }
-
     /// The limits `connector`'s quota scopes learned from the provider's answers (a 429's
     /// `quotaValue`), not yet forgotten at `now`.
     pub fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>> {
@@ -366,8 +366,8 @@ impl Store {
         usage::in_use(self.backend.as_ref(), &pacing, connector, now)
     }
 
-    /// The (quota scope, model) pairs of `connector` that reserved against declared limits at or after
-    /// `since` (unix ms), by scope and model.
+    /// The (quota scope, model) pairs of `connector` that reserved against limits (declared or learned)
+    /// at or after `since` (unix ms), by scope and model.
     pub fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
         self.backend.reserved_models(connector, since)
     }

@@ -163,7 +163,8 @@ static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             ORDER BY k.queue_at, k.last_used_at LIMIT 1))
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
-                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce(?10, '{every}')), 0)",
+                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce(?10, '{every}')), 0),
+          (SELECT coalesce(max(l.learned_at), 0) FROM learned_limits l WHERE l.connector = keys.connector)",
         locked = rule_sql::locked_down_for(&KeyCols::row("k"), "?10", "?2"),
         latest = rule_sql::latest_lockdown_end(&KeyCols::row("keys")),
         own = rule_sql::own_scope("keys.key_name"),
@@ -206,7 +207,10 @@ impl Sqlite {
         clock: &dyn Clock,
     ) -> batch::Written<Result<Option<Claimed>>> {
         let all = self.write_by("claiming keys", deadline, |transaction| {
-            claims.iter().map(|claim| claim_in(transaction, &claim.item, clock)).collect::<rusqlite::Result<Vec<_>>>()
+            claims
+                .iter()
+                .map(|claim| claim_in(transaction, &claim.item, clock, &self.paced))
+                .collect::<rusqlite::Result<Vec<_>>>()
         });
         written(all, claims.len())
     }
@@ -289,8 +293,12 @@ impl Sqlite {
 
     /// What `connector`'s claims pace by at `now`, if anything (see [`pacing::Paced::of`]).
     fn pacing_of(&self, connector: &str, now: i64) -> Option<std::sync::Arc<Pacing>> {
-        self.paced
-            .of(connector, now, || self.read("reading learned limits", |connection| pacing::learned(connection, now)))
+        self.paced.of(connector, || self.read_lessons(now))
+    }
+
+    /// The learned limits not yet forgotten at `now`.
+    fn read_lessons(&self, now: i64) -> Result<pacing::Lessons> {
+        self.read("reading learned limits", |connection| pacing::learned(connection, now))
     }
 
     /// The error of an operation that waited `waited` for another process's write lock in vain.
@@ -365,16 +373,18 @@ impl Backend for Sqlite {
         )
     }
 
-    fn declare_limits(&self, connector: &str, limits: Option<std::sync::Arc<Limits>>) {
-        self.paced.declare(connector, limits);
+    fn declare_limits(&self, connector: &str, limits: Option<std::sync::Arc<Limits>>, now: i64) {
+        self.paced.declare(connector, limits, || self.read_lessons(now));
     }
 
     fn declared_limits(&self, connector: &str) -> Option<std::sync::Arc<Limits>> {
         self.paced.declared(connector)
     }
 
-    fn paces_tokens(&self, connector: &str) -> bool {
-        self.paced.paces_tokens(connector)
+    fn paces_tokens(&self, connector: &str, now: i64) -> bool {
+        // What the claim will pace by, read as the claim will read it: a lesson learned by another
+        // process is seen here no later than by the claim.
+        self.pacing_of(connector, now).is_some_and(|pacing| pacing.paces_tokens())
     }
 
     fn claim_several(
@@ -389,7 +399,7 @@ impl Backend for Sqlite {
         self.write_by("claiming keys", deadline, |transaction| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
-                match claim_in(transaction, &claim, clock)? {
+                match claim_in(transaction, &claim, clock, &self.paced)? {
                     Some(one) => claimed.push(one),
                     None => break,
                 }
@@ -399,17 +409,18 @@ impl Backend for Sqlite {
     }
 
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
-        if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) {
-            // What this answer teaches paces this process's next claims, not a second later.
-            self.paced.read_again();
-        }
-        self.ends.commit(
+        let ended = self.ends.commit(
             batch::End::new(id, lease, fate, attempt, now)
                 .settling(attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector))),
             self.holder_deadline(),
             |ends, deadline| self.end_leases(ends, deadline),
             |end| Err(self.locked("ending a lease", end.waited())),
-        )
+        );
+        if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) && ended.is_ok() {
+            // What this answer taught paces this process's next claims, not a second later.
+            self.paced.read_again();
+        }
+        ended
     }
 
     fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
@@ -499,6 +510,35 @@ impl Backend for Sqlite {
                     rule_sql::locked_down_for(&KeyCols::row("k"), "?2", "?3")
                 ))?
                 .query_row(params![id, model, now], |row| row.get(0))
+        })
+    }
+
+    fn reserve_held(
+        &self,
+        (connector, id, lease): (&str, i64, i64),
+        model: &str,
+        tokens: u64,
+        now: i64,
+    ) -> Result<bool> {
+        let Some(pacing) = self.pacing_of(connector, now) else { return Ok(true) };
+        self.write("reserving for a kept key", None, |transaction| {
+            let held = transaction
+                .prepare_cached(
+                    "SELECT key_name, quota_scope FROM keys WHERE id = ?1 AND lease = ?2 AND state = 'locked'",
+                )?
+                .query_row(params![id, lease], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))
+                .optional()?;
+            let Some((key_name, scope)) = held else { return Ok(false) };
+            let reservation =
+                pacing::Reservation { connector, scope: &scope, model, key_name: &key_name, lease, tokens };
+            let binding = pacing.binding(&scope, model, now);
+            match pacing::reserve(transaction, &reservation, (&binding, pacing.longest_reach(now)), now)? {
+                Ok(()) => Ok(true),
+                Err(full) => {
+                    pacing::lock_down(transaction, &reservation, &full, now)?;
+                    Ok(false)
+                }
+            }
         })
     }
 
@@ -809,8 +849,8 @@ impl Backend for Sqlite {
     }
 
     fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>> {
-        let all = self.read("reading learned limits", |connection| pacing::learned(connection, now))?;
-        Ok(all.into_iter().filter(|(of, _)| of == connector).map(|(_, learned)| learned).collect())
+        let all = self.read_lessons(now)?;
+        Ok(all.into_iter().filter(|(of, ..)| of == connector).map(|(_, learned, _)| learned).collect())
     }
 
     fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
@@ -887,31 +927,33 @@ fn claim_in(
     transaction: &Transaction<'_>,
     claim: &batch::Claim,
     clock: &dyn Clock,
+    paced: &pacing::Paced,
 ) -> rusqlite::Result<Option<Claimed>> {
     let now = clock.now_ms();
     // A request for the model `*` (no upstream has one) is not paced: its lockdown would stop every model.
     let model = claim.model.as_deref().filter(|model| *model != ModelScope::EVERY);
     let (Some(pacing), Some(model)) = (&claim.pacing, model) else {
-        return claim_one(transaction, claim, now, clock.boot_ms());
+        let Some((claimed, lesson)) = claim_one(transaction, claim, (now, clock.boot_ms()))? else { return Ok(None) };
+        // The first claim to see a lesson this process has not read goes out unpaced (it cannot be
+        // refused without a savepoint every claim would pay for), but counts in the window.
+        if paced.seen(&claim.connector, lesson)
+            && let Some(model) = model
+        {
+            pacing::record(transaction, &reservation_of(claim, &claimed, model), now)?;
+        }
+        return Ok(Some(claimed));
     };
     // Paced: a key whose scope has no room for the model is given back and its scope locked down
     // for the model until it has, and the claim looks again (each turn locks one scope more).
     loop {
         transaction.execute_batch("SAVEPOINT paced_claim")?;
-        let Some(claimed) = claim_one(transaction, claim, now, clock.boot_ms())? else {
+        let Some((claimed, lesson)) = claim_one(transaction, claim, (now, clock.boot_ms()))? else {
             transaction.execute_batch("RELEASE paced_claim")?;
             return Ok(None);
         };
-        let binding: Vec<Limit> =
-            pacing.binding(&claimed.scope, model, now).into_iter().map(|(limit, _)| limit).collect();
-        let reservation = pacing::Reservation {
-            connector: &claim.connector,
-            scope: &claimed.scope,
-            model,
-            key_name: &claimed.key_name,
-            lease: claimed.lease,
-            tokens: claim.tokens,
-        };
+        paced.seen(&claim.connector, lesson);
+        let binding = pacing.binding(&claimed.scope, model, now);
+        let reservation = reservation_of(claim, &claimed, model);
         match pacing::reserve(transaction, &reservation, (&binding, pacing.longest_reach(now)), now)? {
             Ok(()) => {
                 transaction.execute_batch("RELEASE paced_claim")?;
@@ -925,13 +967,25 @@ fn claim_in(
     }
 }
 
-/// One claim statement and its history row (see `claim_in`).
+/// The reservation of `claimed` for `model`.
+fn reservation_of<'a>(claim: &'a batch::Claim, claimed: &'a Claimed, model: &'a str) -> pacing::Reservation<'a> {
+    pacing::Reservation {
+        connector: &claim.connector,
+        scope: &claimed.scope,
+        model,
+        key_name: &claimed.key_name,
+        lease: claimed.lease,
+        tokens: claim.tokens,
+    }
+}
+
+/// One claim statement and its history row (see `claim_in`), with the connector's latest lesson time
+/// (`learned_limits.learned_at`), which the statement returns.
 fn claim_one(
     transaction: &Transaction<'_>,
     claim: &batch::Claim,
-    now: i64,
-    boot_ms: i64,
-) -> rusqlite::Result<Option<Claimed>> {
+    (now, boot_ms): (i64, i64),
+) -> rusqlite::Result<Option<(Claimed, i64)>> {
     let (connector, model, tried, holder, pin) =
         (claim.connector.as_str(), claim.model.as_deref(), &claim.tried, &claim.holder, claim.pin.as_deref());
     let claimed = transaction
@@ -961,11 +1015,11 @@ fn claim_one(
                     scope: row.get(5)?,
                 };
                 let out_of_lockdown = row.get::<_, Option<i64>>(4)?.is_some();
-                Ok((claimed, out_of_lockdown))
+                Ok((claimed, out_of_lockdown, row.get::<_, i64>(7)?))
             },
         )
         .optional()?;
-    let Some((claimed, out_of_lockdown)) = claimed else { return Ok(None) };
+    let Some((claimed, out_of_lockdown, lesson)) = claimed else { return Ok(None) };
     record(
         transaction,
         now,
@@ -983,7 +1037,7 @@ fn claim_one(
             )
         },
     )?;
-    Ok(Some(claimed))
+    Ok(Some((claimed, lesson)))
 }
 
 /// Deletes the lockdowns of key `(?1 connector, ?2 quota scope, ?3 name)` covering model `?4` whose
@@ -1043,7 +1097,8 @@ fn end_in(transaction: &Transaction<'_>, end: &batch::End) -> rusqlite::Result<b
             lockdown_scope = set_lockdown(transaction, key, id, &key_scope, lockdown, now)?;
             if !lockdown.taught.is_empty() {
                 let until = limit::next_pacific_midnight(now);
-                pacing::learn(transaction, (&connector, &lockdown_scope, &key_name), &lockdown.taught, (now, until))?;
+                let lesson = (connector.as_str(), lockdown_scope.as_str(), key_name.as_str(), lease);
+                pacing::learn(transaction, lesson, &lockdown.taught, (now, until))?;
             }
             models = lockdown.models.join(",");
             transition.reason = &lockdown.reason;

@@ -12,20 +12,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::pool::limit::PACED_QUOTA_ID;
-use crate::pool::{LearnedLimit, Limit, Limits, Measure, Pacing, Taught};
+use crate::pool::{LearnedLimit, Limit, Limits, Measure, Pacing, Source, Taught};
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
 /// long as the connector's longest window.
 const KEEP_MS: i64 = 26 * 3_600_000;
 
-/// How old this process's copy of the learned limits may be when a claim uses it. Another process's
-/// lesson reaches this one's claims that late at most; the 429 that taught it locks its scope down for
-/// the model meanwhile (for the rest of the provider's window), so no claim goes out unpaced in between.
-const LEARNED_READ_MS: i64 = 1_000;
-
 /// What this process's claims pace by, per connector: the limits declared by the keyring it synced,
-/// and those learned from answers (by any process), read again at most every [`LEARNED_READ_MS`] and at
-/// once after this process learned one. A connector with neither costs its claims nothing.
+/// and those learned from answers (by any process). The learned ones are read when the keyring is
+/// synced, at once after this process learned one, and after a claim's own statement saw that the
+/// connector learned something new (the claim returns the connector's latest lesson time): a pool with
+/// nothing declared or learned costs its claims no statement, and a lesson reaches every process from
+/// its next claim on. The claim that saw it went out under the copy it had; the 429 that taught the
+/// lesson locks its scope down for the model for the rest of the provider's window meanwhile.
 #[derive(Debug, Default)]
 pub(super) struct Paced {
     state: Mutex<PacedState>,
@@ -35,8 +34,10 @@ pub(super) struct Paced {
 struct PacedState {
     declared: HashMap<String, Arc<Limits>>,
     learned: HashMap<String, Vec<LearnedLimit>>,
-    /// When the learned limits were read (unix ms); `None`: read them before the next claim.
-    read_at: Option<i64>,
+    /// Each connector's latest lesson time as last read or seen (`learned_limits.learned_at`).
+    lessons: HashMap<String, i64>,
+    /// The learned limits must be read before the next claim.
+    stale: bool,
     /// Declared and learned, per connector with either.
     merged: HashMap<String, Arc<Pacing>>,
 }
@@ -57,100 +58,149 @@ impl PacedState {
     }
 }
 
+/// What one read of the learned limits found: each connector's lessons and latest lesson time.
+pub(super) type Lessons = Vec<(String, LearnedLimit, i64)>;
+
 impl Paced {
-    /// `connector`'s claims pace by `limits` from now on (`None` or empty: by no declared limit).
-    pub(super) fn declare(&self, connector: &str, limits: Option<Arc<Limits>>) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        match limits.filter(|limits| !limits.is_empty()) {
-            Some(limits) => _ = state.declared.insert(connector.to_owned(), limits),
-            None => _ = state.declared.remove(connector),
+    fn state(&self) -> std::sync::MutexGuard<'_, PacedState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `connector`'s claims pace by `limits` from now on (`None` or empty: by no declared limit), and
+    /// by the limits learned so far, read with `read`.
+    pub(super) fn declare(
+        &self,
+        connector: &str,
+        limits: Option<Arc<Limits>>,
+        read: impl FnOnce() -> crate::error::Result<Lessons>,
+    ) {
+        {
+            let mut state = self.state();
+            match limits.filter(|limits| !limits.is_empty()) {
+                Some(limits) => _ = state.declared.insert(connector.to_owned(), limits),
+                None => _ = state.declared.remove(connector),
+            }
+            state.merge();
+            state.stale = true;
         }
-        state.merge();
+        self.read_if_stale(read);
     }
 
     /// The learned limits are read again before the next claim (this process just learned one).
     pub(super) fn read_again(&self) {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).read_at = None;
+        self.state().stale = true;
+    }
+
+    /// A claim's statement saw `connector`'s latest lesson time: one this process has not read makes
+    /// the learned limits be read before the next claim (and the answer true).
+    pub(super) fn seen(&self, connector: &str, lesson: i64) -> bool {
+        let mut state = self.state();
+        let new = state.lessons.get(connector).copied().unwrap_or(0) != lesson;
+        if new {
+            state.lessons.insert(connector.to_owned(), lesson);
+            state.stale = true;
+        }
+        new
     }
 
     /// The limits declared for `connector`, if any.
     pub(super) fn declared(&self, connector: &str) -> Option<Arc<Limits>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).declared.get(connector).cloned()
+        self.state().declared.get(connector).cloned()
     }
 
     /// Whether `connector`'s claims pace by anything (as last read: no database read here).
     pub(super) fn paces(&self, connector: &str) -> bool {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).merged.contains_key(connector)
+        self.state().merged.contains_key(connector)
     }
 
-    /// Whether a token limit may pace `connector`'s claims (as last read: no database read here).
-    pub(super) fn paces_tokens(&self, connector: &str) -> bool {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(pacing) = state.merged.get(connector) else { return false };
-        let declared = std::iter::once(&pacing.declared.every_group).chain(pacing.declared.groups.values());
-        let limits = declared.flat_map(|section| section.values().flatten()).copied();
-        limits.chain(pacing.learned.iter().map(|learned| learned.limit)).any(|limit| limit.measure == Measure::Tokens)
-    }
-
-    /// What `connector`'s claims pace by at `now` (`None`: nothing), reading the learned limits with
-    /// `read` first when the copy is older than [`LEARNED_READ_MS`]. A failed read keeps the old copy:
-    /// pacing is a courtesy to the provider, a claim is not refused for it.
+    /// What `connector`'s claims pace by (`None`: nothing), reading the learned limits with `read`
+    /// first when a lesson this process has not read was seen. A failed read keeps the old copy (and
+    /// is tried again before the next claim): pacing is a courtesy to the provider, a claim is not
+    /// refused for it.
     pub(super) fn of(
         &self,
         connector: &str,
-        now: i64,
-        read: impl FnOnce() -> crate::error::Result<Vec<(String, LearnedLimit)>>,
+        read: impl FnOnce() -> crate::error::Result<Lessons>,
     ) -> Option<Arc<Pacing>> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let stale = state.read_at.is_none_or(|at| now < at || now - at >= LEARNED_READ_MS);
-        if stale {
-            match read() {
-                Ok(rows) => {
-                    let mut learned: HashMap<String, Vec<LearnedLimit>> = HashMap::new();
-                    for (connector, limit) in rows {
-                        learned.entry(connector).or_default().push(limit);
-                    }
-                    state.learned = learned;
-                    state.merge();
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "could not read the learned limits; using the last ones read")
-                }
+        self.read_if_stale(read);
+        self.state().merged.get(connector).filter(|pacing| !pacing.is_empty()).cloned()
+    }
+
+    /// Reads the learned limits with `read` if they are stale, without holding the state's lock
+    /// during the read.
+    fn read_if_stale(&self, read: impl FnOnce() -> crate::error::Result<Lessons>) {
+        {
+            let mut state = self.state();
+            if !state.stale {
+                return;
             }
-            state.read_at = Some(now);
+            // Taken now: a lesson seen during the read marks it stale again.
+            state.stale = false;
         }
-        state.merged.get(connector).filter(|pacing| !pacing.is_empty()).cloned()
+        match read() {
+            Ok(rows) => {
+                let mut state = self.state();
+                let mut learned: HashMap<String, Vec<LearnedLimit>> = HashMap::new();
+                for (connector, limit, lesson) in rows {
+                    let latest = state.lessons.entry(connector.clone()).or_insert(lesson);
+                    *latest = (*latest).max(lesson);
+                    learned.entry(connector).or_default().push(limit);
+                }
+                state.learned = learned;
+                state.merge();
+            }
+            Err(error) => {
+                self.state().stale = true;
+                tracing::warn!(error = %error, "could not read the learned limits; using the last ones read");
+            }
+        }
     }
 }
 
-/// The learned limits not yet forgotten at `now`, each with its connector.
-pub(super) fn learned(connection: &rusqlite::Connection, now: i64) -> rusqlite::Result<Vec<(String, LearnedLimit)>> {
+/// The learned limits not yet forgotten at `now`, each with its connector and lesson time.
+pub(super) fn learned(connection: &rusqlite::Connection, now: i64) -> rusqlite::Result<Lessons> {
     let mut statement = connection.prepare_cached(
-        "SELECT connector, quota_scope, model, quota_id, limit_text, until FROM learned_limits WHERE until > ?1
-          ORDER BY connector, quota_scope, model, quota_id",
+        "SELECT connector, quota_scope, model, quota_id, limit_text, until, learned_at FROM learned_limits
+          WHERE until > ?1 ORDER BY connector, quota_scope, model, quota_id",
     )?;
     let rows = statement.query_map([now], |row| {
-        let text: String = row.get(4)?;
-        let limit = text.parse::<Limit>().ok();
-        let learned = limit.map(|limit| LearnedLimit {
-            scope: row.get(1).unwrap_or_default(),
-            model: row.get(2).unwrap_or_default(),
-            quota_id: row.get(3).unwrap_or_default(),
-            limit,
-            until: row.get(5).unwrap_or_default(),
-        });
-        Ok((row.get::<_, String>(0)?, learned))
+        let limit = row.get::<_, String>(4)?.parse::<Limit>().ok();
+        let learned = match limit {
+            Some(limit) => Some(LearnedLimit {
+                scope: row.get(1)?,
+                model: row.get(2)?,
+                quota_id: row.get(3)?,
+                limit,
+                until: row.get(5)?,
+            }),
+            None => None,
+        };
+        Ok((row.get::<_, String>(0)?, learned, row.get::<_, i64>(6)?))
     })?;
     // A row this build cannot read (written by a newer one) paces nothing rather than failing claims.
-    rows.filter_map(|row| row.map(|(connector, learned)| learned.map(|learned| (connector, learned))).transpose())
-        .collect()
+    let mut all = Vec::new();
+    for row in rows {
+        if let (connector, Some(learned), lesson) = row? {
+            all.push((connector, learned, lesson));
+        }
+    }
+    Ok(all)
 }
 
-/// Records what an answer of key `key_name` taught its quota scope `scope`, until `until` (the
-/// provider's next midnight); a lesson of the same quota replaces the earlier one.
+/// The most reservations a lesson adds to fill its window (a paid tier's limits run to thousands a
+/// minute; past this the window is left as it is).
+const MOST_FILLED: u64 = 10_000;
+
+/// Records what an answer of key `key_name` (under lease `lease`) taught its quota scope `scope`,
+/// until `until` (the provider's next midnight); a lesson of the same quota replaces the earlier one.
+///
+/// The answer said the provider's window is full now, whatever the pool reserved in it (nothing, in a
+/// pool that declared no limit): each sliding window taught is filled up to its limit at `now`, so the
+/// scope is paced for one window rather than sending a burst when the 429's lockdown ends. A day's
+/// window is not filled: the 429 locked the scope down until its end.
 pub(super) fn learn(
     transaction: &Transaction<'_>,
-    (connector, scope, key_name): (&str, &str, &str),
+    (connector, scope, key_name, lease): (&str, &str, &str, i64),
     taught: &[Taught],
     (now, until): (i64, i64),
 ) -> rusqlite::Result<()> {
@@ -164,6 +214,19 @@ pub(super) fn learn(
     for lesson in taught {
         let limit = lesson.limit.to_string();
         statement.execute(params![connector, scope, lesson.model, lesson.quota_id, limit, until, now, key_name])?;
+    }
+    for lesson in taught.iter().filter(|lesson| lesson.limit.window != crate::pool::Window::Day) {
+        let Limit { count, measure, window } = lesson.limit;
+        let used = used_since(transaction, (connector, scope, &lesson.model), measure, window.counted_from(now))?;
+        let missing = count.saturating_sub(used);
+        let (rows, tokens) = match measure {
+            Measure::Requests => (missing.min(MOST_FILLED), 0),
+            Measure::Tokens => (u64::from(missing > 0), missing),
+        };
+        let reservation = Reservation { connector, scope, model: &lesson.model, key_name, lease, tokens };
+        for _ in 0..rows {
+            record(transaction, &reservation, now)?;
+        }
     }
     // Lessons forgotten by now go.
     transaction.prepare_cached("DELETE FROM learned_limits WHERE until <= ?1")?.execute([now])?;
@@ -186,6 +249,7 @@ pub(super) fn settle(
 #[derive(Debug)]
 pub(super) struct Full {
     pub(super) limit: Limit,
+    pub(super) source: Source,
     pub(super) until: i64,
 }
 
@@ -246,15 +310,15 @@ pub(super) fn reserved_models(
 pub(super) fn reserve(
     transaction: &Transaction<'_>,
     reservation: &Reservation<'_>,
-    (limits, reach): (&[Limit], i64),
+    (limits, reach): (&[(Limit, Source)], i64),
     now: i64,
 ) -> rusqlite::Result<Result<(), Full>> {
-    let Reservation { connector, scope, model, key_name, lease, tokens } = *reservation;
+    let Reservation { connector, scope, model, tokens, .. } = *reservation;
     if limits.is_empty() {
         // Nothing to count against: no row either.
         return Ok(Ok(()));
     }
-    for limit in limits {
+    for (limit, source) in limits {
         let counted_from = limit.window.counted_from(now);
         let used = used_since(transaction, (connector, scope, model), limit.measure, counted_from)?;
         // How much must leave the window before this request fits.
@@ -268,14 +332,9 @@ pub(super) fn reserve(
         }
         let leaves = leaving_at(transaction, (connector, scope, model), limit.measure, counted_from, excess)?;
         let until = limit.window.room_at(leaves.unwrap_or(now), now);
-        return Ok(Err(Full { limit: *limit, until }));
+        return Ok(Err(Full { limit: *limit, source: source.clone(), until }));
     }
-    transaction
-        .prepare_cached(
-            "INSERT INTO reservations (connector, quota_scope, model, at, key_name, lease, tokens)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![connector, scope, model, now, key_name, lease, i64::try_from(tokens).unwrap_or(i64::MAX)])?;
+    record(transaction, reservation, now)?;
     // Rows no window of the connector counts any more go, whatever their scope and model: older than
     // its longest window (at least a day and its daylight-saving hour) before its newest earlier row,
     // not before `now`, so that a clock stepped forward for one claim does not make the present's rows
@@ -287,6 +346,18 @@ pub(super) fn reserve(
         )?
         .execute(params![connector, now, reach.max(KEEP_MS)])?;
     Ok(Ok(()))
+}
+
+/// Writes `reservation` at `now`.
+pub(super) fn record(transaction: &Transaction<'_>, reservation: &Reservation<'_>, now: i64) -> rusqlite::Result<()> {
+    let Reservation { connector, scope, model, key_name, lease, tokens } = *reservation;
+    transaction
+        .prepare_cached(
+            "INSERT INTO reservations (connector, quota_scope, model, at, key_name, lease, tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![connector, scope, model, now, key_name, lease, i64::try_from(tokens).unwrap_or(i64::MAX)])?;
+    Ok(())
 }
 
 /// The instant of the reservation of (scope, model) counted from `counted_from` whose leaving the
@@ -327,7 +398,10 @@ pub(super) fn lock_down(
     now: i64,
 ) -> rusqlite::Result<()> {
     let Reservation { connector, scope, model, key_name, .. } = *reservation;
-    let reason = format!("paced: {} declared for {model}", full.limit);
+    let reason = match &full.source {
+        Source::Declared => format!("paced: {} declared for {model}", full.limit),
+        Source::Learned { quota_id, .. } => format!("paced: {} learned from {quota_id} for {model}", full.limit),
+    };
     transaction
         .prepare_cached(
             "INSERT INTO lockdowns
