@@ -15,6 +15,8 @@ use serde_json::Value;
 
 const GEMINI: &str = "generativelanguage.googleapis.com";
 const ENDPOINT: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+/// A body with some text: its token estimate is above zero, so its answer's count is recorded.
+const BODY: &str = r#"{"contents":[{"parts":[{"text":"How many keys does a pool need for a day of requests?"}]}]}"#;
 const LONG_KEY: &str = "a-rather-long-key-name-that-a-team-might-use";
 
 fn run(sandbox: &Sandbox, envs: &[(&str, &str)], args: &[&str]) -> Output {
@@ -155,14 +157,20 @@ async fn usage_equals_what_the_mock_saw() {
         ..MockConfig::default()
     };
     let mock = MockUpstream::start(config).await.expect("mock");
-    let sandbox = Sandbox::new(GEMINI, 3);
+    // A token limit far from binding, so that the answers' token counts are read and recorded.
+    let mut ini = format!("[{GEMINI}]\n");
+    for index in 0..3 {
+        ini.push_str(&format!("key{index} = fake-secret-{GEMINI}-{index}-do-not-use\n"));
+    }
+    ini.push_str(&format!("[{GEMINI} limits]\ngemini-2.5-flash = 1000000 tokens/min\n"));
+    let sandbox = Sandbox::with_keyring(&ini);
     sandbox.point_connector(GEMINI, "127.0.0.1", mock.port(), serde_json::json!({"backoff_ms": 1, "retries": 1}));
     for _ in 0..10 {
         // Some end with no key left (their keys in lockdown or error): every attempt still counts.
         let mut command = sandbox.apijongler();
         command
             .env("APIJONGLER_CONNECTORS", sandbox.connectors_dir())
-            .args([GEMINI, "POST", ENDPOINT, "{}", "--wait", "0"]);
+            .args([GEMINI, "POST", ENDPOINT, BODY, "--wait", "0"]);
         tokio::task::spawn_blocking(move || command.output()).await.expect("join").expect("run");
     }
     let (total, seen) = mock.stats();

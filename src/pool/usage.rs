@@ -116,7 +116,8 @@ pub struct UsageRow {
     #[serde(flatten)]
     pub tally: Tally,
     /// Input tokens used, as the answers told them (`usageMetadata.promptTokenCount`,
-    /// `usage.prompt_tokens`); `None` when no answer of the row told any.
+    /// `usage.prompt_tokens`; the `requests` table records them where a token limit binds); `None`
+    /// when no attempt of the row has them.
     pub tokens: Option<u64>,
 }
 
