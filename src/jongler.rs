@@ -318,6 +318,13 @@ impl Jongler {
         &self.inner.coordinator
     }
 
+    /// Ok in the process that connected; [`Error::ForkedChild`] in a child forked from it. For a
+    /// binding that runs calls on a runtime of its own: checked before handing a call to that runtime,
+    /// whose threads a forked child does not have.
+    pub fn check_process(&self) -> Result<()> {
+        self.inner.coordinator.inner.alive_here()
+    }
+
     /// Sends `outgoing` through a free key, retrying on other keys and after provider trouble as the
     /// policy says, and returns the final answer whatever its status (see the `exchange` module docs
     /// for streams). Errors: no key free in time, the network failing beyond the retry budget, a lost
