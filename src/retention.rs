@@ -2,8 +2,9 @@
 //! a database does not grow for ever. `apijongler db prune --older-than 30d` prunes on demand; every
 //! process that uses a keyring prunes past its retention ([`Retention`], `APIJONGLER_RETENTION`, 30
 //! days unless set, `forever` to keep everything) when it syncs the keyring and at most once an hour
-//! after: for at most [`INLINE_BUDGET`] on the caller's thread (a short command exits right after, so
-//! a thread of its own would be cut off), the rest on a thread of its own.
+//! after, once rows are a day ([`SLACK`]) past retention: for at most [`INLINE_BUDGET`] on the
+//! caller's thread (a short command exits right after, so a thread of its own would be cut off), the
+//! rest on a thread of its own.
 //!
 //! Invariants:
 //! - A prune never holds the write lock for long: it deletes [`BATCH`] rows per write transaction,
@@ -31,6 +32,17 @@ pub const BATCH: u32 = 500;
 /// How long a process's automatic prune may take on the thread that triggered it; the rest goes on
 /// in the background. Only a process that finds rows past retention pays it.
 pub const INLINE_BUDGET: Duration = Duration::from_millis(100);
+
+/// How far past retention rows must be before a process prunes on its own: a pool in steady use
+/// always has rows just past the cutoff, and without this slack nearly every short-lived process
+/// (one per CLI request) would run a prune. With it, one process a day deletes; the others read.
+pub const SLACK: Duration = Duration::from_secs(86_400);
+
+/// Whether `backend` holds rows older than `before` by more than [`SLACK`] (an error reads as none).
+pub(crate) fn overdue(backend: &dyn Backend, before: i64) -> bool {
+    let slack = i64::try_from(SLACK.as_millis()).unwrap_or(i64::MAX);
+    Journal::ALL.into_iter().any(|journal| backend.has_older(journal, before.saturating_sub(slack)).unwrap_or(false))
+}
 
 /// The shortest pause between two batches.
 const MIN_PAUSE: Duration = Duration::from_millis(2);

@@ -139,13 +139,15 @@ async fn the_dashboard_alone_has_the_gateways_door() {
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     // Keys in the database without any request: `cleanup` syncs the keyring.
     assert!(sandbox.apijongler().args(["cleanup", "--all"]).output().unwrap().status.success());
-    let mut child = sandbox
-        .apijongler()
-        .args(["dashboard", "--listen", "127.0.0.1:0", "--token-file"])
-        .arg(&token)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        sandbox
+            .apijongler()
+            .args(["dashboard", "--listen", "127.0.0.1:0", "--token-file"])
+            .arg(&token)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().strip_prefix("apijongler dashboard: listening on ").expect(&line).to_owned();
@@ -166,11 +168,15 @@ async fn the_dashboard_alone_has_the_gateways_door() {
         get("state").bearer_auth("dashboard-token").header("host", "evil.example").send().await.unwrap().status(),
         421
     );
+    // A key's history, as the page asks for it (the door strips `key=` from queries: the page says `name=`).
+    let history =
+        get(&format!("history?connector={GEMINI}&name=key0")).bearer_auth("dashboard-token").send().await.unwrap();
+    assert_eq!(history.status(), 200);
+    let rows = common::gateway::body_json(history).await;
+    assert!(rows.as_array().is_some_and(|rows| !rows.is_empty()), "{rows}");
     let posted = client().post(format!("{base}state")).bearer_auth("dashboard-token").send().await.unwrap();
     assert_eq!(posted.status(), 405, "read-only");
     assert_eq!(client().get(base.replace("/__apijongler/ui/", "/v1beta/models")).send().await.unwrap().status(), 404);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn now_ms() -> i64 {

@@ -235,8 +235,8 @@ fn why_and_status_say_the_declared_limits_and_their_usage() {
     let output = sandbox.apijongler().args(["why", "c", "key1", "--model", "other"]).output().expect("run why");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("Limits of other for group:g: 0/5 this minute (5/min, declared)."), "{text}");
-    // `status` lists the scopes and models in use, each with its limits' usage.
-    let output = sandbox.apijongler().arg("status").output().expect("run status");
+    // `status` lists the scopes and models in use, each with its limits' usage (whole lines with --long).
+    let output = sandbox.apijongler().args(["status", "--long"]).output().expect("run status");
     let text = String::from_utf8_lossy(&output.stdout);
     let line = "\n  c group:g m: 2/3 this hour (3/h, declared), 0/1000 tokens this minute (1000 tokens/min, declared), \
                 2/250 today (250/day, declared)\n";

@@ -42,11 +42,15 @@ fn busy_pool() -> (Sandbox, api_jongler::Coordinator, api_jongler::Lease) {
         ini.push_str(&format!("key{index} = fake-secret-{index}-do-not-use\n"));
     }
     ini.push_str(&format!(
-        "{LONG_KEY} = fake-secret-long-do-not-use\n[{GEMINI} groups]\nkey2 = my-project\nkey3 = my-project\n"
+        "{LONG_KEY} = fake-secret-long-do-not-use\n[{GEMINI} groups]\nkey2 = my-project\nkey3 = my-project\n\
+         [{GEMINI} limits]\ngemini-2.5-flash = 10/min, 250000 tokens/min, 250/day\n"
     ));
     let sandbox = Sandbox::with_keyring(&ini);
     let coordinator = sandbox.coordinator(sandbox.options());
     let lease = coordinator.claim(GEMINI, &[], Duration::from_secs(5)).expect("claim a key");
+    // A reservation, so that `status` has limits in use to show (their lines must fit the width too).
+    let flash = coordinator.claim_for(GEMINI, Some("gemini-2.5-flash"), &[], Duration::ZERO).expect("room");
+    flash.release().expect("release");
     let now = coordinator.now_ms();
     let until = now + 3_600_000;
     sandbox
@@ -74,13 +78,16 @@ fn status_is_one_line_per_key_within_the_terminals_width() {
         for line in out.lines() {
             assert!(line.chars().count() <= width, "a line wider than {width}: {line:?} in\n{out}");
         }
-        // The table: one line per key (the long name is cut short, so it is found by its start).
+        // The table: one line per key. A long name is cut in the middle, so it keeps its start and its
+        // end (two names must never look alike by their start alone).
         let table: Vec<&str> = out.lines().take_while(|line| !line.starts_with("Lockdowns")).collect();
         for name in &names {
-            let start: String = name.chars().take(6).collect();
+            let (start, end): (String, String) =
+                (name.chars().take(6).collect(), name.chars().skip(name.len().saturating_sub(6)).collect());
             let lines = table
                 .iter()
-                .filter(|line| line.split_whitespace().next().is_some_and(|w| w.starts_with(&start)))
+                .filter_map(|line| line.split_whitespace().next())
+                .filter(|first| first.starts_with(&start) && first.ends_with(&end))
                 .count();
             assert_eq!(lines, 1, "{name} at {width} columns:\n{out}");
         }
@@ -90,6 +97,8 @@ fn status_is_one_line_per_key_within_the_terminals_width() {
         assert!(row("key2").contains("gemini-2.5-pro"), "{out}");
         assert!(row(lease.key_name()).contains(&format!("pid {}", std::process::id())), "the holder: {out}");
         assert!(out.contains("API key not valid"), "a key in error says why below the table: {out}");
+        let words = out.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(words.contains("gemini-2.5-flash: 1/10 this minute (10/min, declared)"), "the limits in use: {out}");
     }
     // The details stay one flag away.
     let long = ok(&run(&sandbox, &[("COLUMNS", "100")], &["status", "--long"]));
@@ -99,14 +108,16 @@ fn status_is_one_line_per_key_within_the_terminals_width() {
 #[test]
 fn status_watch_redraws_when_another_process_changes_the_pool() {
     let (sandbox, _coordinator, _lease) = busy_pool();
-    let mut child = sandbox
-        .apijongler()
-        .args(["status", "--watch"])
-        .env("COLUMNS", "100")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start status --watch");
+    let mut child = common::KillOnDrop(
+        sandbox
+            .apijongler()
+            .args(["status", "--watch"])
+            .env("COLUMNS", "100")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start status --watch"),
+    );
     let mut stdout = child.stdout.take().expect("stdout");
     let (sender, frames) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -136,8 +147,6 @@ fn status_watch_redraws_when_another_process_changes_the_pool() {
         .expect("sqlite3");
     assert!(status.success());
     wait_for("watched-change", &mut seen);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// The mock's keys are its secrets; the pool names them key0.. in keyring order.
@@ -250,6 +259,11 @@ fn prune_deletes_only_rows_past_the_cutoff_and_retention_applies_itself() {
     let kept = [("APIJONGLER_RETENTION", "forever")];
     assert!(run(&sandbox, &kept, &["cleanup", "--all"]).status.success());
     assert_eq!(sandbox.count("SELECT count(*) FROM requests"), 7, "forever keeps every row");
+    // Rows less than a day past retention wait for the day's prune (so that not every process of a
+    // pool in steady use prunes): the 10-day-old rows under 228 h (9.5 days) stay. A prune of 7 rows
+    // would have run inline, before the process exited.
+    assert!(run(&sandbox, &[("APIJONGLER_RETENTION", "228h")], &["cleanup", "--all"]).status.success());
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests"), 7, "less than a day past retention");
     assert!(run(&sandbox, &[("APIJONGLER_RETENTION", "5d")], &["cleanup", "--all"]).status.success());
     common::wait_until(Duration::from_secs(30), "the retention thread's prune", || {
         sandbox.count("SELECT count(*) FROM requests") == 0

@@ -35,13 +35,15 @@ pub struct Narrowing<'a> {
     pub dropped_first: &'a [usize],
     /// Columns aligned right (numbers).
     pub right: &'a [usize],
+    /// Columns cut in the middle rather than at the end (names that may differ only at the end).
+    pub middle: &'a [usize],
 }
 
 /// `rows` (the first being the header) as lines of at most `width` characters: columns two spaces
 /// apart, each as wide as its widest cell, narrowed as `narrowing` says. Columns whose every cell
 /// below the header is empty are left out.
 pub fn fit(rows: &[Vec<String>], width: usize, narrowing: Narrowing<'_>) -> Vec<String> {
-    let Narrowing { wanted, dropped_first, right } = narrowing;
+    let Narrowing { wanted, dropped_first, right, middle } = narrowing;
     let all = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut shown: Vec<usize> =
         (0..all).filter(|&c| rows.iter().skip(1).any(|row| row.get(c).is_some_and(|cell| !cell.is_empty()))).collect();
@@ -71,7 +73,8 @@ pub fn fit(rows: &[Vec<String>], width: usize, narrowing: Narrowing<'_>) -> Vec<
                 .iter()
                 .zip(&shown)
                 .map(|(&w, &c)| {
-                    let cell = cut(row.get(c).map_or("", String::as_str), w);
+                    let text = row.get(c).map_or("", String::as_str);
+                    let cell = if middle.contains(&c) { cut_middle(text, w) } else { cut(text, w) };
                     let pad = " ".repeat(w - len(&cell));
                     if right.contains(&c) { format!("{pad}{cell}") } else { format!("{cell}{pad}") }
                 })
@@ -122,9 +125,30 @@ fn cut(text: &str, width: usize) -> String {
     short
 }
 
+/// `text` cut to `width` characters in the middle: its start and its end stay (`team-a-p…-prod-2`).
+fn cut_middle(text: &str, width: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= width {
+        return text.to_owned();
+    }
+    let kept = width.saturating_sub(1);
+    let (head, tail) = (kept.div_ceil(2), kept / 2);
+    let mut short: String = chars[..head].iter().collect();
+    short.push('…');
+    short.extend(&chars[chars.len() - tail..]);
+    short
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_cut_in_the_middle_keeps_its_end() {
+        assert_eq!(cut_middle("team-a-prod-1", 9), "team…od-1");
+        assert_eq!(cut_middle("team-a-prod-1", 13), "team-a-prod-1");
+        assert_eq!(cut_middle("abcdef", 4), "ab…f");
+    }
 
     fn row(cells: &[&str]) -> Vec<String> {
         cells.iter().map(|cell| (*cell).to_owned()).collect()
@@ -149,7 +173,7 @@ mod tests {
         // Each loses what it has above its wanted width (8 and 25), the furthest above first: 11 and 27.
         assert_eq!(lines[1], format!("{}…  {}…", "k".repeat(10), "m".repeat(26)));
         let rows = [row(&["key", "last", "lockdowns"]), row(&["k", "3 min ago", &"m".repeat(30)])];
-        let lines = fit(&rows, 30, Narrowing { wanted: &[3, 9, 25], dropped_first: &[1], right: &[] });
+        let lines = fit(&rows, 30, Narrowing { wanted: &[3, 9, 25], dropped_first: &[1], right: &[], middle: &[] });
         assert_eq!(lines[1], format!("k    {}…", "m".repeat(24)), "a column given up for the wanted ones: {lines:?}");
     }
 

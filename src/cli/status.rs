@@ -166,11 +166,13 @@ fn render(
         }
     }
     if !view.limits.is_empty() {
-        writeln!(out, "Limits in use (declared by the keyring or learned from a 429; each window's usage):")?;
+        let heading = "Limits in use (declared by the keyring or learned from a 429; each window's usage):";
+        print_wrapped(out, heading, args.long, width)?;
         for usages in output::by_scope_and_model(&view.limits) {
             let first = &usages[0];
             let used = output::limits_used(usages, now);
-            writeln!(out, "  {} {} {}: {used}", first.connector, first.scope, first.model)?;
+            let line = format!("  {} {} {}: {used}", first.connector, first.scope, first.model);
+            print_wrapped(out, &line, args.long, width)?;
         }
     }
     if let Some(keyring) = keyring.filter(|_| view.keyring_differences().next().is_some()) {
@@ -251,10 +253,15 @@ fn compact_table(
                 ],
             });
         }
-        // The lockdowns column keeps a model and its deadline longest; names and groups give way first,
-        // and on a narrow terminal the last use, then the group, go.
-        let narrowing =
-            columns::Narrowing { wanted: &[8, 11, 8, 6, 12, 36, 4, 9], dropped_first: &[7, 2], right: &[6] };
+        // The key's name (up to 24 characters) and the lockdowns column (a model and its deadline) are
+        // kept longest; a longer name is cut in the middle, so that two keys never look alike by their
+        // start. On a narrow terminal the last use, then the group, then the fingerprint go first.
+        let narrowing = columns::Narrowing {
+            wanted: &[24, 11, 8, 6, 12, 36, 4, 9],
+            dropped_first: &[7, 2, 1],
+            right: &[6],
+            middle: &[0],
+        };
         for row in columns::fit(&rows, width.saturating_sub(2), narrowing) {
             writeln!(out, "  {row}")?;
         }

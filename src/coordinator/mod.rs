@@ -457,6 +457,9 @@ impl Coordinator {
             }
             *last = Some(Instant::now());
         }
+        if !retention::overdue(&*self.inner.backend, before) {
+            return;
+        }
         let logged = |pruned: &Pruned| {
             if pruned.batches > 0 {
                 tracing::info!(history = pruned.history, requests = pruned.requests, "rows past retention pruned");

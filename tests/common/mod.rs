@@ -309,3 +309,28 @@ impl SqliteShell {
         assert!(status.success(), "sqlite3 exits with {status}");
     }
 }
+
+/// A child process killed (and waited for) when this is dropped, so that a failing assertion never
+/// leaves a server or a watch loop running after its test.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -69,6 +69,13 @@ impl Feed {
     }
 }
 
+impl Drop for Feed {
+    /// A feed dropped without [`close`](Feed::close) ends its thread all the same.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 /// The thread's loop: a new snapshot whenever the database changed (or [`REFRESH`] passed, or a page
 /// arrived) while pages listen.
 fn watch_database(

@@ -199,12 +199,12 @@ impl Dashboard {
         {
             match name.as_str() {
                 "connector" => connector = Some(value),
-                "key" => key = Some(value),
+                "name" => key = Some(value),
                 _ => {}
             }
         }
         let (Some(connector), Some(key)) = (connector, key) else {
-            return error(StatusCode::BAD_REQUEST, "name the key: history?connector=CONNECTOR&key=KEY");
+            return error(StatusCode::BAD_REQUEST, "name the key: history?connector=CONNECTOR&name=KEY");
         };
         let query =
             HistoryQuery { connector: Some(connector), key_name: Some(key), since: None, limit: Some(HISTORY_ROWS) };

@@ -197,7 +197,8 @@
     $('history-title').textContent = 'Recent history of ' + key + ' (' + connector + ')';
     const table = $('history');
     clear(table);
-    const query = new URLSearchParams({ connector, key });
+    // `name`, not `key`: the door strips `key=` from queries (a way clients send the gateway's token).
+    const query = new URLSearchParams({ connector, name: key });
     try {
       const response = await fetch('history?' + query, { headers, cache: 'no-store' });
       if (!response.ok) throw new Error((await response.json()).error || response.status);
