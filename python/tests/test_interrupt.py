@@ -12,9 +12,12 @@ from conftest import DEADLINE, GEMINI, wait_until
 
 SLOW = "/slow/v1beta/models/gemini-1.5-flash:generateContent"
 
-# The child catches the interrupt, says so, and lives on until the test closes its stdin.
+# The child catches the interrupt, says so, and lives on until the test closes its stdin. It restores
+# Python's own SIGINT handler first: a process started in the background of a non-interactive shell (as
+# CI may run the tests) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt at all.
 CHILD = """
-import sys, traceback
+import signal, sys, traceback
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from api_jongler import APIJongler
 jongler = APIJongler({connector!r}, wait={wait})
 try:
