@@ -97,6 +97,29 @@ pub enum Error {
     #[error("cannot tell where the database goes: set APIJONGLER_DB (or HOME / XDG_STATE_HOME)")]
     NoDatabaseLocation,
 
+    /// The database value (`APIJONGLER_DB`, `--db`, `CoordinatorOptions::db_path`) is a URL of a scheme
+    /// apijongler does not speak. Only the scheme is kept: the rest may hold a password.
+    #[error(
+        "{given_by} holds a {scheme}:// URL, a database apijongler does not speak: give a file path (SQLite) or a postgres:// URL (PostgreSQL)"
+    )]
+    UnsupportedDatabaseUrl {
+        /// The variable, flag or option that gave it.
+        given_by: String,
+        /// The URL's scheme.
+        scheme: String,
+    },
+
+    /// The PostgreSQL store cannot do this yet.
+    #[error(
+        "{operation} is not yet supported on PostgreSQL ({server}): use an SQLite file (a path in APIJONGLER_DB) for now"
+    )]
+    NotYetOnPostgres {
+        /// What was asked.
+        operation: &'static str,
+        /// The server's URL, its password masked.
+        server: String,
+    },
+
     /// The database directory could not be created, or the file could not be created in it.
     #[error(
         "cannot create the database at {path}: set APIJONGLER_DB to a file in a writable directory on a local disk"

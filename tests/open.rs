@@ -351,3 +351,43 @@ fn opening_the_database_twice_in_one_process_keeps_its_locks() {
     let states = second.key_states("c").expect("states");
     assert_eq!(states.vacant.len(), 2, "the release is visible to every store: {states:?}");
 }
+
+/// A database value shaped like a URL is never taken for a file path: a scheme apijongler does not
+/// speak is refused (exit 2, naming the variable or flag), a `postgres://` one is not made a file, and
+/// no message shows the URL's password. Run from an empty directory, which must stay empty.
+#[test]
+fn database_urls_are_never_taken_for_paths() {
+    let sandbox = Sandbox::new("c", 1);
+    let cwd = tempfile::tempdir().expect("cwd");
+    let run = |db_env: Option<&str>, args: &[&str]| {
+        let mut command = sandbox.apijongler();
+        command.env_remove("APIJONGLER_DB").current_dir(cwd.path()).args(args);
+        if let Some(value) = db_env {
+            command.env("APIJONGLER_DB", value);
+        }
+        let output = command.output().expect("run apijongler");
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let cases: [(Option<&str>, &[&str], i32, &str); 5] = [
+        (Some("xyz://u:hunter2@/db?host=/run/pg"), &["status"], 2, "APIJONGLER_DB holds a xyz:// URL"),
+        (None, &["--db", "mysql://me:hunter2@127.0.0.1/pool", "status"], 2, "--db holds a mysql:// URL"),
+        (Some("/tmp/ignored.db"), &["status", "--db", "MySQL://h/db"], 2, "--db holds a MySQL:// URL"),
+        (Some("file:///tmp/hunter2.db"), &["keys"], 2, "APIJONGLER_DB holds a file:// URL"),
+        (Some("postgres://u:hunter2@/db?host=/nonexistent"), &["status"], 6, "not yet supported on PostgreSQL"),
+    ];
+    for (db_env, args, code, says) in cases {
+        let (status, stderr) = run(db_env, args);
+        assert_eq!(status, Some(code), "{db_env:?} {args:?}: {stderr}");
+        assert!(stderr.contains(says), "{db_env:?} {args:?}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{db_env:?} {args:?}: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(cwd.path()).expect("cwd").collect();
+        assert!(left.is_empty(), "{db_env:?} {args:?} created {left:?}");
+    }
+
+    // The library refuses the same, naming its option.
+    let refused = open(std::path::Path::new("xyz://h/db")).expect_err("xyz");
+    assert!(
+        matches!(&refused, Error::UnsupportedDatabaseUrl { given_by, scheme } if given_by == "CoordinatorOptions::db_path" && scheme == "xyz"),
+        "{refused:?}"
+    );
+}

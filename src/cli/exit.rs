@@ -4,7 +4,7 @@
 //! |---|---|
 //! | 0 | success |
 //! | 1 | an unexpected failure (a bug, or the system refusing something) |
-//! | 2 | usage: bad arguments, bad `--since`, a body that is not JSON |
+//! | 2 | usage: bad arguments, bad `--since`, a body that is not JSON, a database URL of a scheme apijongler does not speak |
 //! | 3 | the upstream answered, with a non-2xx status |
 //! | 4 | no key became free within `--wait` |
 //! | 5 | configuration: keyring, connector files, environment variables |
@@ -72,12 +72,13 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::ForeignDatabase { .. }
         | Error::DatabaseLocked { .. }
         | Error::DatabaseReplaced { .. }
+        | Error::NotYetOnPostgres { .. }
         | Error::Database { .. } => DATABASE,
         Error::NoKeyAvailable(_) | Error::ResourceOwnerUnavailable { .. } => NO_KEY,
         Error::Transport { .. } | Error::Stream { .. } => NETWORK,
         Error::Upstream { .. } => UPSTREAM,
         Error::LeaseLost { .. } => LEASE_LOST,
-        Error::InvalidRequest { .. } => USAGE,
+        Error::InvalidRequest { .. } | Error::UnsupportedDatabaseUrl { .. } => USAGE,
         _ => FAILURE,
     }
 }

@@ -61,7 +61,7 @@ pub struct Args {
 pub struct Global {
     /// The keyring INI file.
     pub config: Option<PathBuf>,
-    /// The database file.
+    /// The database: a file path or a `postgres://` URL (a URL of another scheme is refused here).
     pub db: Option<PathBuf>,
     /// A directory of connector JSON files.
     pub connectors: Option<PathBuf>,
@@ -81,8 +81,8 @@ struct GlobalArgs {
     /// The keyring INI file.
     #[arg(long, global = true, env = "APIJONGLER_CONFIG", value_name = "PATH", value_parser = any_path())]
     config: Option<PathBuf>,
-    /// The database file [default: $XDG_STATE_HOME/apijongler/apijongler.db].
-    #[arg(long, global = true, env = "APIJONGLER_DB", value_name = "PATH", value_parser = any_path())]
+    /// The database: an SQLite file, or a postgres:// URL [default: $XDG_STATE_HOME/apijongler/apijongler.db].
+    #[arg(long, global = true, env = "APIJONGLER_DB", value_name = "PATH|URL", value_parser = any_path())]
     db: Option<PathBuf>,
     /// A directory of connector JSON files that add to or override the shipped ones.
     #[arg(long, global = true, env = "APIJONGLER_CONNECTORS", value_name = "DIR", value_parser = any_path())]
@@ -120,9 +120,20 @@ impl Global {
                 other => Ok(other),
             }
         };
+        let db = path("db", args.db)?;
+        if let Some(value) = &db {
+            // Refused here, not when the pool opens, so the message names where the value came from.
+            let given_by = match matches.value_source("db") {
+                Some(clap::parser::ValueSource::CommandLine) => "--db",
+                _ => api_jongler::store::DB_ENV,
+            };
+            if let Err(error) = api_jongler::store::Location::parse(value.as_os_str(), given_by) {
+                return Err(clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{error}\n")));
+            }
+        }
         Ok(Self {
             config: path("config", args.config)?,
-            db: path("db", args.db)?,
+            db,
             connectors: path("connectors", args.connectors)?,
             json: args.json,
             verbose: args.verbose,

@@ -24,12 +24,13 @@ use crate::pool::{self, Unavailable};
 use crate::pool::{Eviction, KeySpec, KeyState, LimitUsage, SyncReport, Transition};
 use crate::reaper::{self, Now};
 use crate::retention::{self, Pruned, Retention};
-use crate::store::{self, Backend, Sqlite, Store};
+use crate::store::{self, Backend, Location, Sqlite, Store};
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
 pub struct CoordinatorOptions {
-    /// The database file; `None` means `APIJONGLER_DB` or the per-user state directory.
+    /// The database: an SQLite file path, or a `postgres://` URL (see [`Location::parse`]); `None` means
+    /// `APIJONGLER_DB` or the per-user state directory. A URL of another scheme is refused.
     pub db_path: Option<PathBuf>,
     /// How often held keys' heartbeats are refreshed (default 5 s).
     pub heartbeat_interval: Duration,
@@ -144,11 +145,16 @@ impl Coordinator {
         if options.retention.is_none() {
             options.retention = Some(Retention::from_env()?);
         }
-        let path = match &options.db_path {
-            Some(path) => path.clone(),
-            None => store::default_path()?,
+        let location = match &options.db_path {
+            Some(value) => Location::parse(value.as_os_str(), "CoordinatorOptions::db_path")?,
+            None => store::default_location()?,
         };
-        let backend: Arc<dyn Backend> = Arc::new(Sqlite::open(&path)?.with_lock_wait_floor(options.lock_wait_floor));
+        let backend: Arc<dyn Backend> = match location {
+            Location::Sqlite(path) => Arc::new(Sqlite::open(&path)?.with_lock_wait_floor(options.lock_wait_floor)),
+            Location::Postgres(url) => {
+                return Err(Error::NotYetOnPostgres { operation: "a pool", server: url.redacted() });
+            }
+        };
         Ok(Self::with_backend(backend, options))
     }
 

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod location;
 mod sqlite;
 mod usage;
 
@@ -58,7 +59,8 @@ impl<'a> ClaimFor<'a> {
         Self { connector, model, tried, pin: None, tokens: 0 }
     }
 }
-pub use sqlite::{APPLICATION_ID, DB_ENV, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION, default_path};
+pub use location::{DB_ENV, Location, PostgresUrl, default_location};
+pub use sqlite::{APPLICATION_ID, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION};
 
 /// The append-only tables that retention prunes (`crate::retention`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,7 +40,7 @@ use crate::holder::Holder;
 use rule_sql::KeyCols;
 use sync::{apply_sync, plan_sync};
 
-pub use schema::{APPLICATION_ID, DB_ENV, SCHEMA_VERSION, default_path};
+pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
 use super::{Backend, ChangeWatch, ClaimFor, Journal};
 use crate::pool::*;

@@ -24,9 +24,6 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
-/// The environment variable naming the database file.
-pub const DB_ENV: &str = "APIJONGLER_DB";
-
 /// The embedded migrations, in order; migration `n` (1-based) brings the schema to version `n`.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0001_initial.sql"),
@@ -71,20 +68,6 @@ pub(super) fn note_write() {
 /// Pooled connections per process: a handful of threads of one process write at most one at a time
 /// anyway, because SQLite has one writer.
 const POOL_SIZE: u32 = 8;
-
-/// The database path: `APIJONGLER_DB`, else `$XDG_STATE_HOME/apijongler/apijongler.db`, else
-/// `~/.local/state/apijongler/apijongler.db`.
-pub fn default_path() -> Result<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from);
-    if let Some(path) = var(DB_ENV) {
-        return Ok(path);
-    }
-    let state_home = var("XDG_STATE_HOME")
-        .filter(|dir| dir.is_absolute())
-        .or_else(|| var("HOME").map(|home| home.join(".local/state")))
-        .ok_or(Error::NoDatabaseLocation)?;
-    Ok(state_home.join("apijongler/apijongler.db"))
-}
 
 /// The device and inode of the database file this process opened: if the path later leads elsewhere
 /// (the file was deleted, or replaced by another), this process and new ones would use two pools.
