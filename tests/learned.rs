@@ -31,6 +31,23 @@ fn per_minute_429(model: &str, limit: u32) -> String {
     .to_string()
 }
 
+/// Ends `lease` (a claim for model m) as the replayed 429 of a quota of 3 requests per minute for m,
+/// judged at `now` by the connector policy's rules, as an exchange would.
+fn answer_3_per_minute(lease: api_jongler::Lease, now: i64) {
+    let policy = Policy::default();
+    let context = Context {
+        now_ms: now,
+        policy: &policy,
+        lockdown_count: 0,
+        retries: 0,
+        via_tor: false,
+        model: Some("m"),
+        names_models: true,
+    };
+    let verdict = classify::classify(429, &Default::default(), &per_minute_429("m", 3), &context);
+    lease.finish(&verdict.key, None).expect("finish");
+}
+
 /// Unix ms of `y-m-d h:m` UTC.
 fn utc(date: (i32, u32, u32), (hour, minute): (u32, u32)) -> i64 {
     let day = chrono::NaiveDate::from_ymd_opt(date.0, date.1, date.2).expect("date");
@@ -56,18 +73,7 @@ fn a_replayed_quota_failure_paces_its_scope_until_the_providers_midnight_on_both
         let coordinator = sandbox.coordinator_on(&clock);
         let claim = || coordinator.claim_for("c", Some("m"), &[], Duration::ZERO);
         let lease = claim().expect("nothing paces the pool yet");
-        let policy = Policy::default();
-        let context = Context {
-            now_ms: taught_at,
-            policy: &policy,
-            lockdown_count: 0,
-            retries: 0,
-            via_tor: false,
-            model: Some("m"),
-            names_models: true,
-        };
-        let verdict = classify::classify(429, &Default::default(), &per_minute_429("m", 3), &context);
-        lease.finish(&verdict.key, None).expect("finish");
+        answer_3_per_minute(lease, taught_at);
         let learned = coordinator.store().learned_limits("c", taught_at).expect("learned");
         let said: Vec<_> =
             learned.iter().map(|l| (l.scope.as_str(), l.model.as_str(), l.limit.to_string(), l.until)).collect();
@@ -223,18 +229,7 @@ fn a_lesson_learned_by_one_process_paces_another_from_its_next_claim() {
     let claim = |coordinator: &api_jongler::Coordinator| coordinator.claim_for("c", Some("m"), &[], Duration::ZERO);
     claim(&b).expect("nothing learned yet").release().expect("release");
     let lease = claim(&a).expect("nothing learned yet");
-    let policy = Policy::default();
-    let context = Context {
-        now_ms: t0,
-        policy: &policy,
-        lockdown_count: 0,
-        retries: 0,
-        via_tor: false,
-        model: Some("m"),
-        names_models: true,
-    };
-    let verdict = classify::classify(429, &Default::default(), &per_minute_429("m", 3), &context);
-    lease.finish(&verdict.key, None).expect("finish");
+    answer_3_per_minute(lease, t0);
 
     clock.set(t0 + 60_500);
     for turn in 0..3 {

@@ -256,9 +256,9 @@ impl Coordinator {
     /// with tokens reserves them against token limits.
     pub(crate) async fn claim_async(&self, request: store::ClaimFor<'_>, wait: Duration) -> Result<Lease> {
         self.inner.alive_here()?;
-        let store::ClaimFor { connector, model, tried, pin, tokens } = request;
-        let mut request = self.request(connector, model, tried, wait);
-        (request.pin, request.tokens) = (pin, tokens);
+        let asked = request;
+        let mut request = self.request(asked.connector, asked.model, asked.tried, wait);
+        (request.claim.pin, request.claim.tokens) = (asked.pin, asked.tokens);
         self.claim_as_task(&request).await
     }
 
@@ -274,7 +274,7 @@ impl Coordinator {
         let started = Instant::now();
         // A wait too long to add to an instant is as good as forever.
         let deadline = started.checked_add(wait).unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
-        waiting::Request { connector, model, tried, pin: None, tokens: 0, started, deadline }
+        waiting::Request { claim: store::ClaimFor::new(connector, model, tried), started, deadline }
     }
 
     /// One claim, waiting for the write lock as long as the caller may wait (never less than the
@@ -290,17 +290,17 @@ impl Coordinator {
             }
             other => other,
         };
-        self.reap_if_due(request.connector)?;
+        self.reap_if_due(request.claim.connector)?;
         self.prune_if_due();
         let claimed =
             store.claim(request.claim_for(), self.inner.holder, &*self.inner.clock, lock_deadline).map_err(waited)?;
         if let Some(claimed) = claimed {
             self.ensure_heartbeat();
             tracing::info!(
-                connector = request.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
+                connector = request.claim.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
                 lease = claimed.lease, "key claimed"
             );
-            return Ok(Some(self.lease(request.connector, claimed)));
+            return Ok(Some(self.lease(request.claim.connector, claimed)));
         }
         let now = self.now_ms();
         let availability = store.availability(request.claim_for(), now)?;

@@ -45,16 +45,39 @@ enum Reply {
     Task(oneshot::Sender<Result<Lease>>),
 }
 
-/// One caller waiting for a key.
-#[derive(Debug)]
-struct Waiter {
+/// A [`ClaimFor`](crate::store::ClaimFor) that owns its parts, to keep in the queue or move to
+/// another thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OwnedClaim {
     connector: String,
     model: Option<String>,
     tried: Vec<String>,
-    /// The quota scope the request is pinned to (a resource's owner), if any.
     pin: Option<String>,
-    /// Its estimated input tokens.
     tokens: u64,
+}
+
+impl OwnedClaim {
+    fn of(claim: crate::store::ClaimFor<'_>) -> Self {
+        Self {
+            connector: claim.connector.to_owned(),
+            model: claim.model.map(str::to_owned),
+            tried: claim.tried.to_vec(),
+            pin: claim.pin.map(str::to_owned),
+            tokens: claim.tokens,
+        }
+    }
+
+    fn as_claim_for(&self) -> crate::store::ClaimFor<'_> {
+        let (connector, model, tried, pin) = (&self.connector, self.model.as_deref(), &self.tried, self.pin.as_deref());
+        crate::store::ClaimFor { connector, model, tried, pin, tokens: self.tokens }
+    }
+}
+
+/// One caller waiting for a key.
+#[derive(Debug)]
+struct Waiter {
+    /// What it waits for.
+    claim: OwnedClaim,
     /// When it asked (its message says how long it waited since).
     started: Instant,
     /// When its wait for a key ends.
@@ -66,17 +89,12 @@ struct Waiter {
 
 impl Waiter {
     fn same_request(&self, other: &Waiter) -> bool {
-        self.connector == other.connector
-            && self.model == other.model
-            && self.tried == other.tried
-            && self.pin == other.pin
-            && self.tokens == other.tokens
+        self.claim == other.claim
     }
 
     /// What it waits for, as the store takes it.
     fn claim_for(&self) -> crate::store::ClaimFor<'_> {
-        let (connector, model, tried, pin) = (&self.connector, self.model.as_deref(), &self.tried, self.pin.as_deref());
-        crate::store::ClaimFor { connector, model, tried, pin, tokens: self.tokens }
+        self.claim.as_claim_for()
     }
 
     /// Whether nobody waits for the answer any more (answered, or its caller went away).
@@ -133,7 +151,7 @@ impl Waiters {
     /// Whether a caller of `connector` may claim in place: nobody of this process waits for its keys
     /// (a newcomer must not take a key from under the longest waiter).
     fn nobody_waits(&self, connector: &str) -> bool {
-        !self.queue().waiting.iter().any(|waiter| waiter.connector == connector)
+        !self.queue().waiting.iter().any(|waiter| waiter.claim.connector == connector)
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -144,13 +162,8 @@ impl Waiters {
 /// What a claim for one request needs.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Request<'a> {
-    pub(super) connector: &'a str,
-    pub(super) model: Option<&'a str>,
-    pub(super) tried: &'a [String],
-    /// Only keys of this quota scope (the owner of a resource the request names); `None`: any.
-    pub(super) pin: Option<&'a str>,
-    /// Its estimated input tokens (see `crate::tokens`).
-    pub(super) tokens: u64,
+    /// What it asks for, as the store takes it.
+    pub(super) claim: crate::store::ClaimFor<'a>,
     pub(super) started: Instant,
     pub(super) deadline: Instant,
 }
@@ -158,47 +171,26 @@ pub(super) struct Request<'a> {
 impl<'a> Request<'a> {
     /// What it asks for, as the store takes it.
     pub(super) fn claim_for(&self) -> crate::store::ClaimFor<'a> {
-        let (connector, model, tried, pin, tokens) = (self.connector, self.model, self.tried, self.pin, self.tokens);
-        crate::store::ClaimFor { connector, model, tried, pin, tokens }
+        self.claim
     }
 }
 
 /// A [`Request`] that owns its parts, to move to another thread.
 pub(super) struct OwnedRequest {
-    connector: String,
-    model: Option<String>,
-    tried: Vec<String>,
-    pin: Option<String>,
-    tokens: u64,
+    claim: OwnedClaim,
     started: Instant,
     deadline: Instant,
 }
 
 impl Request<'_> {
     fn owned(self) -> OwnedRequest {
-        OwnedRequest {
-            connector: self.connector.to_owned(),
-            model: self.model.map(str::to_owned),
-            tried: self.tried.to_vec(),
-            pin: self.pin.map(str::to_owned),
-            tokens: self.tokens,
-            started: self.started,
-            deadline: self.deadline,
-        }
+        OwnedRequest { claim: OwnedClaim::of(self.claim), started: self.started, deadline: self.deadline }
     }
 }
 
 impl OwnedRequest {
     fn as_request(&self) -> Request<'_> {
-        Request {
-            connector: &self.connector,
-            model: self.model.as_deref(),
-            tried: &self.tried,
-            pin: self.pin.as_deref(),
-            tokens: self.tokens,
-            started: self.started,
-            deadline: self.deadline,
-        }
+        Request { claim: self.claim.as_claim_for(), started: self.started, deadline: self.deadline }
     }
 }
 
@@ -206,7 +198,7 @@ impl Coordinator {
     /// A key for `request` on this thread: claimed in place when nobody of this process waits for
     /// the connector's keys, else (or if none is free) from the queue, the caller blocking on it.
     pub(super) fn claim_on_thread(&self, request: &Request<'_>) -> Result<Lease> {
-        if (request.deadline <= request.started || self.inner.waiters.nobody_waits(request.connector))
+        if (request.deadline <= request.started || self.inner.waiters.nobody_waits(request.claim.connector))
             && let Some(lease) = self.try_claim(request)?
         {
             return Ok(lease);
@@ -214,7 +206,7 @@ impl Coordinator {
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         self.enqueue(request, Reply::Thread(sender));
         // The watcher answers by the deadline (a watcher that panics answers every waiter first).
-        receiver.recv().unwrap_or_else(|_| Err(watcher_gone(request.connector)))
+        receiver.recv().unwrap_or_else(|_| Err(watcher_gone(request.claim.connector)))
     }
 
     /// A key for `request` for an async caller: claimed in place (blocking the runtime thread briefly)
@@ -227,7 +219,7 @@ impl Coordinator {
         // Counted out however this future ends: dropped while its claim runs on the blocking pool
         // (a current-thread runtime), the count would otherwise stay up for good.
         let counted = InPlace(&waiters.in_place);
-        let first = (in_place && waiters.nobody_waits(request.connector)) || request.deadline <= request.started;
+        let first = (in_place && waiters.nobody_waits(request.claim.connector)) || request.deadline <= request.started;
         let claimed = if first {
             let coordinator = self.clone();
             let owned = request.owned();
@@ -241,16 +233,12 @@ impl Coordinator {
         }
         let (sender, receiver) = oneshot::channel();
         self.enqueue(request, Reply::Task(sender));
-        receiver.await.unwrap_or_else(|_| Err(watcher_gone(request.connector)))
+        receiver.await.unwrap_or_else(|_| Err(watcher_gone(request.claim.connector)))
     }
 
     fn enqueue(&self, request: &Request<'_>, reply: Reply) {
         let waiter = Arc::new(Waiter {
-            connector: request.connector.to_owned(),
-            model: request.model.map(str::to_owned),
-            tried: request.tried.to_vec(),
-            pin: request.pin.map(str::to_owned),
-            tokens: request.tokens,
+            claim: OwnedClaim::of(request.claim),
             started: request.started,
             deadline: request.deadline,
             lock_deadline: self.inner.backend.lock_deadline(request.started, request.deadline),
@@ -352,7 +340,7 @@ impl Coordinator {
         served: &mut [bool],
     ) -> Result<Option<Instant>> {
         let first = &waiting[group[0]];
-        self.reap_if_due(&first.connector)?;
+        self.reap_if_due(&first.claim.connector)?;
         let store = &self.inner.backend;
         let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
         loop {
@@ -383,10 +371,10 @@ impl Coordinator {
                 served[next] = true;
                 let waiter = &waiting[next];
                 tracing::info!(
-                    connector = %waiter.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
+                    connector = %waiter.claim.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
                     lease = claimed.lease, waited = ?waiter.started.elapsed(), "key claimed for a waiter"
                 );
-                waiter.answer(Ok(self.lease(&waiter.connector, claimed)));
+                waiter.answer(Ok(self.lease(&waiter.claim.connector, claimed)));
             }
             // Taken by someone else since the read: its commit will wake the watcher again.
             if short {
@@ -485,7 +473,7 @@ impl Drop for Unwinding {
             queue.waiting.drain(..).collect()
         };
         for waiter in waiting {
-            waiter.answer(Err(watcher_gone(&waiter.connector)));
+            waiter.answer(Err(watcher_gone(&waiter.claim.connector)));
         }
     }
 }
