@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod location;
+mod paced;
+mod rule_sql;
 mod sqlite;
 mod usage;
 

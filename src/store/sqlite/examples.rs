@@ -1,7 +1,7 @@
 //! Queries for the user's own `sqlite3`, printed by `apijongler db` (the README lists the same). Built
 //! from the rule's fragments, so that the query showing which keys a lockdown stops is the claim's rule.
 
-use super::rule_sql::{self, KeyCols};
+use crate::store::rule_sql::{self, KeyCols};
 
 /// A lockdown's deadline against the time `sqlite3` reads at, unix ms.
 const NOW: &str = "strftime('%s', 'now') * 1000";

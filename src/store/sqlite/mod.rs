@@ -23,7 +23,6 @@ mod examples;
 mod pacing;
 mod prune;
 mod resources;
-mod rule_sql;
 mod schema;
 mod sync;
 mod usage;
@@ -37,7 +36,7 @@ use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params}
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::holder::Holder;
-use rule_sql::KeyCols;
+use crate::store::rule_sql::{self, KeyCols};
 use sync::{apply_sync, plan_sync};
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
@@ -69,7 +68,7 @@ pub(crate) struct Sqlite {
     claims: std::sync::Arc<batch::ClaimQueue>,
     ends: std::sync::Arc<batch::EndQueue>,
     /// What this process's claims of each connector reserve against (`pacing`).
-    paced: std::sync::Arc<pacing::Paced>,
+    paced: std::sync::Arc<super::paced::Paced>,
 }
 
 /// A history row about to be written.
@@ -291,13 +290,13 @@ impl Sqlite {
         }
     }
 
-    /// What `connector`'s claims pace by at `now`, if anything (see [`pacing::Paced::of`]).
+    /// What `connector`'s claims pace by at `now`, if anything (see [`crate::store::paced::Paced::of`]).
     fn pacing_of(&self, connector: &str, now: i64) -> Option<std::sync::Arc<Pacing>> {
         self.paced.of(connector, || self.read_lessons(now))
     }
 
     /// The learned limits not yet forgotten at `now`.
-    fn read_lessons(&self, now: i64) -> Result<pacing::Lessons> {
+    fn read_lessons(&self, now: i64) -> Result<super::paced::Lessons> {
         self.read("reading learned limits", |connection| pacing::learned(connection, now))
     }
 
@@ -927,7 +926,7 @@ fn claim_in(
     transaction: &Transaction<'_>,
     claim: &batch::Claim,
     clock: &dyn Clock,
-    paced: &pacing::Paced,
+    paced: &crate::store::paced::Paced,
 ) -> rusqlite::Result<Option<Claimed>> {
     let now = clock.now_ms();
     // A request for the model `*` (no upstream has one) is not paced: its lockdown would stop every model.

@@ -23,8 +23,9 @@ use rusqlite::Error::FromSqlConversionFailure;
 use rusqlite::types::{FromSqlError, Type};
 use rusqlite::{Connection, Row, Transaction, params};
 
-use super::{NewTransition, record, rule_sql};
+use super::{NewTransition, record};
 use crate::pool::{HistoryEvent, SyncReport, SyncSource, Transition};
+use crate::store::rule_sql;
 
 /// The connectors syncing `source` may touch, as a JSON array for `json_each`.
 fn connectors_json(source: &SyncSource<'_>) -> String {
