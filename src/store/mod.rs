@@ -25,6 +25,7 @@ mod location;
 mod paced;
 mod rule_sql;
 mod sqlite;
+mod transition;
 mod usage;
 
 use crate::clock::Clock;

@@ -41,6 +41,7 @@ use sync::{apply_sync, plan_sync};
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
+use super::transition::NewTransition;
 use super::{Backend, ChangeWatch, ClaimFor, Journal};
 use crate::pool::*;
 use crate::resource::{Created, Owner};
@@ -69,51 +70,6 @@ pub(crate) struct Sqlite {
     ends: std::sync::Arc<batch::EndQueue>,
     /// What this process's claims of each connector reserve against (`pacing`).
     paced: std::sync::Arc<super::paced::Paced>,
-}
-
-/// A history row about to be written.
-struct NewTransition<'a> {
-    event: HistoryEvent,
-    connector: &'a str,
-    key_name: &'a str,
-    fingerprint: &'a str,
-    from_state: Option<&'a str>,
-    to_state: &'a str,
-    reason: &'a str,
-    http_status: Option<u16>,
-    holder_pid: Option<u32>,
-    lease: Option<i64>,
-    lockdown_until: Option<i64>,
-    model: Option<&'a str>,
-    quota_scope: Option<&'a str>,
-}
-
-impl<'a> NewTransition<'a> {
-    /// A transition with no status, holder, lease or deadline; set those with struct update syntax.
-    /// `key` is (connector, key name, fingerprint). The event is required: no row is written without one.
-    fn new(
-        event: HistoryEvent,
-        (connector, key_name, fingerprint): (&'a str, &'a str, &'a str),
-        from_state: Option<&'a str>,
-        to_state: &'a str,
-        reason: &'a str,
-    ) -> Self {
-        Self {
-            event,
-            connector,
-            key_name,
-            fingerprint,
-            from_state,
-            to_state,
-            reason,
-            http_status: None,
-            holder_pid: None,
-            lease: None,
-            lockdown_until: None,
-            model: None,
-            quota_scope: None,
-        }
-    }
 }
 
 const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
@@ -1303,23 +1259,7 @@ fn record(transaction: &Transaction<'_>, at: i64, new: &NewTransition<'_>) -> ru
             new.quota_scope,
             new.event.as_str()
         ])?;
-    Ok(Transition {
-        id: transaction.last_insert_rowid(),
-        event: new.event,
-        at,
-        connector: new.connector.to_owned(),
-        key_name: new.key_name.to_owned(),
-        fingerprint: new.fingerprint.to_owned(),
-        from_state: new.from_state.map(str::to_owned),
-        to_state: new.to_state.to_owned(),
-        reason: new.reason.to_owned(),
-        http_status: new.http_status,
-        holder_pid: new.holder_pid,
-        lease: new.lease,
-        lockdown_until: new.lockdown_until,
-        model: new.model.map(str::to_owned),
-        quota_scope: new.quota_scope.map(str::to_owned),
-    })
+    Ok(new.written(transaction.last_insert_rowid(), at))
 }
 
 /// The holder recorded in columns `first..first + 5` (host, boot id, pid namespace, pid, start time),
