@@ -163,10 +163,11 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// Another process held the database's write lock for longer than the caller could wait.
+    /// Another process held the database's write lock (on PostgreSQL: the rows needed) for longer than
+    /// the caller could wait.
     #[error(
-        "database {path} stayed locked by another process for {:.1} s while {operation}; find the holder with `fuser {path}` (an open `sqlite3` shell with a transaction, or a stopped apijongler process) and end it",
-        waited.as_secs_f64()
+        "database {path} stayed locked by another process for {:.1} s while {operation}; {}",
+        waited.as_secs_f64(), find_lock_holder(path)
     )]
     DatabaseLocked {
         /// The database file.
@@ -634,3 +635,15 @@ fn within(section: Option<&str>) -> String {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to find what holds database `path`'s lock: a process that has the SQLite file open, or a
+/// session on the PostgreSQL server (whose URL is then the path).
+fn find_lock_holder(path: &std::path::Path) -> String {
+    if path.to_str().is_some_and(|text| text.starts_with("postgres")) {
+        return "find the session holding it in the server's pg_stat_activity (state 'idle in transaction', or a stopped apijongler process) and end it (pg_terminate_backend)".to_owned();
+    }
+    format!(
+        "find the holder with `fuser {}` (an open `sqlite3` shell with a transaction, or a stopped apijongler process) and end it",
+        path.display()
+    )
+}

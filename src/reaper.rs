@@ -61,9 +61,10 @@ pub fn verdict(held: &HeldKey, now: Now, stale_after: Duration) -> Option<(Histo
 /// the wall clock. A row with no heartbeat at all is as old as can be.
 fn heartbeat_age(held: &HeldKey, now: Now) -> Option<Duration> {
     let same_boot = !held.holder.boot_id.is_empty() && held.holder.boot_id == Holder::current().boot_id;
-    let age_ms = match (same_boot, held.heartbeat_boot_ms, held.heartbeat_at) {
-        (true, Some(boot_ms), _) => now.boot_ms.saturating_sub(boot_ms),
-        (_, _, Some(wall_ms)) => now.wall_ms.saturating_sub(wall_ms),
+    let age_ms = match (same_boot, held.heartbeat_boot_ms, held.heartbeat_age_on_server_ms, held.heartbeat_at) {
+        (true, Some(boot_ms), ..) => now.boot_ms.saturating_sub(boot_ms),
+        (_, _, Some(server_age_ms), _) => server_age_ms,
+        (.., Some(wall_ms)) => now.wall_ms.saturating_sub(wall_ms),
         _ => i64::MAX,
     };
     Some(Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)))
@@ -84,6 +85,7 @@ mod tests {
             holder,
             heartbeat_at: Some(heartbeat_at),
             heartbeat_boot_ms: Some(heartbeat_boot_ms),
+            heartbeat_age_on_server_ms: None,
         }
     }
 

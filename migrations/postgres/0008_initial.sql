@@ -1,8 +1,8 @@
 -- The PostgreSQL store's schema, in the schema `apijongler` (apijongler creates it on first use and never
 -- touches another). Versions count as SQLite's do (`migrations/NNNN_*.sql`): PostgreSQL support began at
 -- version 8, so this first file is version 8, the same tables as SQLite's migrations 1 to 8 give; later
--- versions add a file of the same number to both folders. Times are unix milliseconds on the server's
--- clock (`now()`), never a client's.
+-- versions add a file of the same number to both folders. Times are unix milliseconds on the clock of the
+-- process that wrote them, except `heartbeat_db_at`, the server's.
 
 CREATE TABLE keys (
     id                   BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -19,8 +19,9 @@ CREATE TABLE keys (
     holder_pid           BIGINT,
     holder_started       BIGINT,  -- process start time, clock ticks since boot (/proc/<pid>/stat field 22)
     locked_at            BIGINT,
-    heartbeat_at         BIGINT,  -- the server's clock
+    heartbeat_at         BIGINT,  -- the holder's clock
     heartbeat_boot_ms    BIGINT,  -- CLOCK_BOOTTIME ms of the holder's host at its last heartbeat
+    heartbeat_db_at      BIGINT,  -- the server's clock (now()) at the last heartbeat: liveness across hosts
     lockdown_until       BIGINT,
     reason               TEXT,    -- why the last lockdown or error happened
     http_status          BIGINT,  -- the upstream status behind that reason, if any
@@ -32,14 +33,11 @@ CREATE TABLE keys (
     project_learned      TEXT,
     quota_scope          TEXT    GENERATED ALWAYS AS
                          (coalesce('group:' || quota_group, 'project:' || project_learned, 'key:' || key_name)) STORED,
-    queue_at             BIGINT  NOT NULL DEFAULT 0,
     UNIQUE (connector, key_name)
 );
 
 CREATE INDEX keys_held ON keys (connector) WHERE state = 'locked';
 CREATE INDEX keys_lru ON keys (connector, last_used_at)
-    WHERE state IN ('vacant', 'lockdown') AND retired_at IS NULL;
-CREATE INDEX keys_claim_order ON keys (connector, queue_at, last_used_at)
     WHERE state IN ('vacant', 'lockdown') AND retired_at IS NULL;
 CREATE INDEX keys_by_scope ON keys (connector, quota_scope);
 CREATE INDEX keys_scope_lru ON keys (connector, quota_scope, last_used_at)

@@ -24,7 +24,7 @@ use crate::pool::{self, Unavailable};
 use crate::pool::{Eviction, KeySpec, KeyState, LimitUsage, SyncReport, Transition};
 use crate::reaper::{self, Now};
 use crate::retention::{self, Pruned, Retention};
-use crate::store::{self, Backend, Location, Sqlite, Store};
+use crate::store::{self, Backend, Location, Postgres, Sqlite, Store};
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
@@ -151,9 +151,7 @@ impl Coordinator {
         };
         let backend: Arc<dyn Backend> = match location {
             Location::Sqlite(path) => Arc::new(Sqlite::open(&path)?.with_lock_wait_floor(options.lock_wait_floor)),
-            Location::Postgres(url) => {
-                return Err(Error::NotYetOnPostgres { operation: "a pool", server: url.redacted() });
-            }
+            Location::Postgres(url) => Arc::new(Postgres::open(&url)?.with_lock_wait_floor(options.lock_wait_floor)),
         };
         Ok(Self::with_backend(backend, options))
     }

@@ -131,6 +131,9 @@ pub struct HeldKey {
     /// Last heartbeat on the holder's boot clock (`CLOCK_BOOTTIME` ms), comparable with this
     /// process's when both run in one boot.
     pub heartbeat_boot_ms: Option<i64>,
+    /// The last heartbeat's age on the database server's clock, where the store has a server
+    /// (PostgreSQL): how a holder on another host is judged, whatever either host's wall clock says.
+    pub heartbeat_age_on_server_ms: Option<i64>,
 }
 
 /// A lock to free, and why.

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 mod location;
 mod paced;
+mod postgres;
 mod rule_sql;
 mod sqlite;
 mod transition;
@@ -38,6 +39,7 @@ use crate::pool::{
 };
 use crate::resource::{Created, Owner};
 
+pub(crate) use postgres::Postgres;
 pub(crate) use sqlite::Sqlite;
 
 /// What a claim is for.

@@ -6,8 +6,8 @@
 //!   migrate it once.
 //! - A newer schema is refused before anything is written; no object outside the schema is touched.
 
-use super::connection::Tx;
 use super::SCHEMA;
+use super::connection::Tx;
 
 /// The migrations, by the schema version each brings the database to. PostgreSQL support began at
 /// version 8, so its first file creates the tables of SQLite's versions 1 to 8 at once.
@@ -21,9 +21,8 @@ const MIGRATION_LOCK: i64 = 1_095_388_743;
 
 /// What the schema holds on the server: its version (0: none yet).
 pub(super) fn version(tx: &mut Tx<'_>) -> Result<i64, postgres::Error> {
-    let exists: bool = tx
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{SCHEMA}.schema_version")])?
-        .get(0);
+    let exists: bool =
+        tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{SCHEMA}.schema_version")])?.get(0);
     if !exists {
         return Ok(0);
     }

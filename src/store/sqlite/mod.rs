@@ -585,6 +585,7 @@ impl Backend for Sqlite {
                     holder: holder_at(row, 4)?.unwrap_or_default(),
                     heartbeat_at: row.get(9)?,
                     heartbeat_boot_ms: row.get(10)?,
+                    heartbeat_age_on_server_ms: None,
                 })
             })
         })

@@ -1,0 +1,215 @@
+//! Ending a lease in a transaction: the attempt, the key's new state, the lockdown its answer set
+//! (on its scope, for its models) and the history rows, as on SQLite.
+//!
+//! Lock order: the ended key's row first (`FOR UPDATE`), then the lockdown rows, then, for a lockdown
+//! of every model of a group, the group's free keys in id order. A deadlock anyway (a claim pacing the
+//! same scope at once) is detected by the server and the transaction tried again.
+
+use super::connection::Tx;
+use super::{insert_attempt, pacing, record};
+use crate::pool::{Attempt, Fate, HistoryEvent, Lockdown, ModelScope, Reach, Scope, limit};
+use crate::store::rule_sql::{self, KeyCols};
+use crate::store::transition::NewTransition;
+
+/// Ends lease `(id, lease)` with `fate` in `tx` (see `Backend::end_lease`): `Ok(false)` when it was
+/// already lost. `settles`: the attempt's tokens settle its reservation.
+pub(super) fn end_in(
+    tx: &mut Tx<'_>,
+    (id, lease): (i64, i64),
+    fate: &Fate,
+    attempt: Option<&Attempt>,
+    settles: bool,
+    now: i64,
+) -> Result<bool, postgres::Error> {
+    if let Some(attempt) = attempt {
+        insert_attempt(tx, attempt)?;
+        if let (true, Some(key_name), Some(tokens)) = (settles, &attempt.key_name, attempt.prompt_tokens) {
+            pacing::settle(tx, (&attempt.connector, key_name, lease), tokens)?;
+        }
+    }
+    let held = tx.query_opt(
+        "SELECT connector, key_name, fingerprint FROM keys WHERE id = $1 AND lease = $2 AND state = 'locked'
+            FOR UPDATE",
+        &[&id, &lease],
+    )?;
+    let Some(row) = held else { return Ok(false) };
+    let (connector, key_name, fingerprint): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
+    let project = match fate {
+        Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
+        Fate::Error { project, .. } => project.as_deref(),
+        Fate::Release { .. } => None,
+    };
+    if let Some(project) = project {
+        tx.execute("UPDATE keys SET project_learned = $2 WHERE id = $1", &[&id, &project])?;
+    }
+    let key_scope: String = tx.query_one("SELECT quota_scope FROM keys WHERE id = $1", &[&id])?.get(0);
+    let mut transition = NewTransition {
+        holder_pid: Some(std::process::id()),
+        lease: Some(lease),
+        quota_scope: Some(&key_scope),
+        ..NewTransition::new(HistoryEvent::ending(fate), key, Some("locked"), "vacant", "released")
+    };
+    let lockdown_scope;
+    let models;
+    match fate {
+        Fate::Lockdown(lockdown) => {
+            lockdown_scope = set_lockdown(tx, key, id, &key_scope, lockdown, now)?;
+            if !lockdown.taught.is_empty() {
+                let until = limit::next_pacific_midnight(now);
+                let lesson = (connector.as_str(), lockdown_scope.as_str(), key_name.as_str(), lease);
+                pacing::learn(tx, lesson, &lockdown.taught, (now, until))?;
+            }
+            models = lockdown.models.join(",");
+            transition.reason = &lockdown.reason;
+            transition.http_status = lockdown.http_status;
+            transition.lockdown_until = Some(lockdown.until);
+            transition.model = (!models.is_empty()).then_some(models.as_str());
+            transition.quota_scope = Some(&lockdown_scope);
+        }
+        Fate::Error { reason, http_status, .. } => {
+            transition.to_state = "error";
+            transition.reason = reason;
+            transition.http_status = *http_status;
+        }
+        Fate::Release { success } => {
+            let model = attempt.and_then(|attempt| attempt.model.as_deref());
+            if *success {
+                tx.execute(&expired_lockdowns_of_key(), &[&connector, &key_scope, &key_name, &model, &now])?;
+            }
+            transition.model = model;
+        }
+    }
+    let is_lockdown = matches!(fate, Fate::Lockdown(_));
+    let reason = (transition.to_state == "error" || is_lockdown).then_some(transition.reason);
+    let row = tx.query_one(
+        &format!(
+            "UPDATE keys
+                SET state = CASE WHEN $2 = 'error' THEN 'error'
+                                 WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                    lockdown_until = CASE WHEN $2 = 'error' THEN NULL ELSE {end} END,
+                    reason = coalesce($4, reason),
+                    http_status = CASE WHEN $4::text IS NULL THEN http_status ELSE $5 END,
+                    lockdown_count = CASE WHEN $6 THEN lockdown_count + 1 WHEN $7 THEN 0 ELSE lockdown_count END,
+                    holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
+                    holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL,
+                    heartbeat_db_at = NULL
+              WHERE id = $1
+          RETURNING state, lockdown_until",
+            end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3")
+        ),
+        &[
+            &id,
+            &transition.to_state,
+            &now,
+            &reason,
+            &transition.http_status.map(i64::from),
+            &is_lockdown,
+            &matches!(fate, Fate::Release { success: true }),
+        ],
+    )?;
+    let state: String = row.get(0);
+    let until: Option<i64> = row.get(1);
+    transition.to_state = &state;
+    if transition.lockdown_until.is_none() {
+        transition.lockdown_until = until;
+    }
+    record(tx, now, &transition)?;
+    Ok(true)
+}
+
+/// Deletes the lockdowns of key `($1 connector, $2 quota scope, $3 name)` covering model `$4` whose
+/// deadline passed at `$5`: after a success for that model, its strikes start again at 0.
+pub(super) fn expired_lockdowns_of_key() -> String {
+    let lockdowns = "lockdowns";
+    format!(
+        "DELETE FROM lockdowns WHERE {scopes} AND {covers} AND NOT {in_force}",
+        scopes = rule_sql::on_scopes_of(lockdowns, &KeyCols::given("$1", "$2", "$3")),
+        covers = rule_sql::covers(lockdowns, "$4::text"),
+        in_force = rule_sql::in_force(lockdowns, "$5")
+    )
+}
+
+/// Records `lockdown`, set by the answer key `key` (row `id`, scope `key_scope`) got, on its scope. A
+/// lockdown of every model of a group also puts the group's other free keys in lockdown, each with a
+/// history row. Returns the scope.
+fn set_lockdown(
+    tx: &mut Tx<'_>,
+    key: (&str, &str, &str),
+    id: i64,
+    key_scope: &str,
+    lockdown: &Lockdown,
+    now: i64,
+) -> Result<String, postgres::Error> {
+    let (connector, key_name, _) = key;
+    let scope = match lockdown.reach {
+        Reach::Key => Scope::Key(key_name.to_owned()).to_string(),
+        Reach::Group => key_scope.to_owned(),
+    };
+    let every_model = [ModelScope::EVERY.to_owned()];
+    let mut models = if lockdown.models.is_empty() { every_model.to_vec() } else { lockdown.models.clone() };
+    // Lockdown rows in one order everywhere, like key rows.
+    models.sort();
+    models.dedup();
+    for model in &models {
+        tx.execute(
+            "INSERT INTO lockdowns AS q (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (connector, scope, model) DO UPDATE SET
+                 strikes = q.strikes + 1,
+                 quota_id = CASE WHEN excluded.until >= q.until THEN excluded.quota_id ELSE q.quota_id END,
+                 reason = CASE WHEN excluded.until >= q.until THEN excluded.reason ELSE q.reason END,
+                 http_status = CASE WHEN excluded.until >= q.until THEN excluded.http_status ELSE q.http_status END,
+                 set_by_key = CASE WHEN excluded.until >= q.until THEN excluded.set_by_key ELSE q.set_by_key END,
+                 set_at = CASE WHEN excluded.until >= q.until THEN excluded.set_at ELSE q.set_at END,
+                 until = greatest(q.until, excluded.until)",
+            &[
+                &connector,
+                &scope,
+                model,
+                &lockdown.until,
+                &lockdown.quota_id,
+                &lockdown.reason,
+                &lockdown.http_status.map(i64::from),
+                &key_name,
+                &now,
+            ],
+        )?;
+    }
+    if lockdown.reach == Reach::Key || scope != key_scope || !lockdown.models.is_empty() {
+        return Ok(scope);
+    }
+    let siblings = tx.query(
+        &format!(
+            "SELECT id, key_name, fingerprint, state FROM keys
+              WHERE connector = $1 AND quota_scope = $2 AND id != $3 AND retired_at IS NULL
+                AND {unheld} AND coalesce(lockdown_until, 0) < $4
+              ORDER BY id FOR UPDATE",
+            unheld = rule_sql::unheld("keys")
+        ),
+        &[&connector, &scope, &id, &lockdown.until],
+    )?;
+    let reason = format!("{scope} locked down for every model by {key_name}'s answer: {}", lockdown.reason);
+    for sibling in &siblings {
+        let (sibling_id, name, fingerprint, state): (i64, String, String, String) =
+            (sibling.get(0), sibling.get(1), sibling.get(2), sibling.get(3));
+        tx.execute(
+            "UPDATE keys SET state = 'lockdown', lockdown_until = $2 WHERE id = $1",
+            &[&sibling_id, &lockdown.until],
+        )?;
+        let transition = NewTransition {
+            http_status: lockdown.http_status,
+            lockdown_until: Some(lockdown.until),
+            quota_scope: Some(&scope),
+            ..NewTransition::new(
+                HistoryEvent::ScopeLockedDown,
+                (connector, &name, &fingerprint),
+                Some(&state),
+                "lockdown",
+                &reason,
+            )
+        };
+        record(tx, now, &transition)?;
+    }
+    Ok(scope)
+}

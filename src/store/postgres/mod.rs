@@ -1,0 +1,853 @@
+//! The PostgreSQL backend, for pools shared by several hosts: every statement of the shared pool,
+//! behind the store's seam (`Backend`); no PostgreSQL type shows outside this module.
+//!
+//! Invariants the statements keep (beside the seam's):
+//! - Every write is one READ COMMITTED transaction. Concurrent claims run in parallel: the claim takes
+//!   its key with `FOR UPDATE SKIP LOCKED` (never waiting on another claim's row), and a statement that
+//!   locks several key rows locks them in id order first, so two writers never wait on each other in
+//!   a cycle. A deadlock or serialization failure anyway is retried until the caller's deadline.
+//! - A claim increments the key's lease; every later write by the holder is fenced by
+//!   `state = 'locked' AND lease = $n`, as on SQLite.
+//! - No wait is unbounded: each transaction's `lock_timeout` and `statement_timeout` end at the
+//!   caller's deadline (never less than the store's floor); connecting has a timeout and connections
+//!   TCP keepalives.
+//! - Times are the callers' clocks, as on SQLite, except liveness: a claim and a heartbeat also record
+//!   the server's `now()` (`heartbeat_db_at`), and a holder on another host is judged by that
+//!   heartbeat's age on the server's clock, never by a client's wall clock.
+
+mod connection;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postgres::Row;
+use postgres::error::SqlState;
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::holder::Holder;
+use crate::pool::*;
+use crate::resource::{Created, Owner};
+
+use super::location::PostgresUrl;
+use super::paced::{Lessons, Paced};
+use super::rule_sql::{self, KeyCols};
+use super::transition::NewTransition;
+use super::{Backend, ChangeWatch, ClaimFor, Journal};
+use connection::{Connection, Manager, Tx, off_runtime};
+
+/// The schema that holds the pool's tables on the server.
+pub(crate) const SCHEMA: &str = "apijongler";
+
+/// The server's clock, unix ms, as of the transaction's start.
+const SERVER_NOW: &str = "(extract(epoch from now()) * 1000)::bigint";
+
+/// How many floors a holder's own bookkeeping may wait (as on SQLite: giving up costs more).
+const HOLDER_PATIENCE: u32 = 3;
+
+/// The PostgreSQL backend: one database on a server, shared by every process of every host.
+#[derive(Debug, Clone)]
+pub(crate) struct Postgres {
+    pool: r2d2::Pool<Manager>,
+    /// The server's URL, its password masked: what messages name.
+    server: PathBuf,
+    lock_wait_floor: Duration,
+    paced: Arc<Paced>,
+}
+
+const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
+     holder_pid_namespace, holder_pid, holder_started, locked_at, heartbeat_at, lockdown_until, reason, http_status,
+     lockdown_count, uses, last_used_at, quota_group, project_learned, quota_scope";
+
+const HISTORY_COLUMNS: &str =
+    "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
+     lease, lockdown_until, model, quota_scope, event";
+
+/// The claim: the least recently used key that is claimable and that no lockdown keeps from the model
+/// (of the pinned scope, `$11`, if any), locked with a new lease, in one statement. `SKIP LOCKED`: a key
+/// another claim is taking right now is passed over, never waited for.
+static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE keys
+    SET state = 'locked', lease = lease + 1, holder_host = $3, holder_boot_id = $4, holder_pid_namespace = $9,
+        holder_pid = $5, holder_started = $6, locked_at = $2, heartbeat_at = $2, heartbeat_boot_ms = $8,
+        heartbeat_db_at = {SERVER_NOW}, uses = uses + 1, last_used_at = $2
+  WHERE id = (SELECT k.id FROM keys k
+               WHERE k.connector = $1 AND {claimable} AND NOT (k.key_name = ANY($7))
+                 AND ($11::text IS NULL OR k.quota_scope = $11) AND NOT {locked}
+               ORDER BY k.last_used_at, k.id LIMIT 1
+                 FOR UPDATE SKIP LOCKED)
+RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
+          coalesce((SELECT q.strikes FROM lockdowns q
+                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce($10, '{every}')), 0),
+          (SELECT coalesce(max(l.learned_at), 0) FROM learned_limits l WHERE l.connector = keys.connector)",
+        claimable = rule_sql::claimable_state("k", "$2"),
+        locked = rule_sql::locked_down_for(&KeyCols::row("k"), "$10::text", "$2"),
+        own = rule_sql::own_scope("keys.key_name"),
+        every = ModelScope::EVERY,
+    )
+});
+
+impl Postgres {
+    /// Connects to the database `url` names, creating the schema or migrating it as needed.
+    pub fn open(url: &PostgresUrl) -> Result<Self> {
+        let server = PathBuf::from(url.redacted());
+        let config: postgres::Config = url.secret_text().parse().map_err(|error| Error::Database {
+            path: server.clone(),
+            operation: "reading the URL",
+            hint: "see https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS",
+            source: Box::new(error),
+        })?;
+        let store = Self {
+            pool: Manager::new(config).pool(),
+            server,
+            lock_wait_floor: super::DEFAULT_LOCK_WAIT_FLOOR,
+            paced: Arc::default(),
+        };
+        let found = store.write("migrating the schema", None, |tx, _| schema::migrate(tx))?;
+        if found > schema::VERSION {
+            return Err(Error::SchemaTooNew { path: store.server.clone(), found, supported: schema::VERSION });
+        }
+        Ok(store)
+    }
+
+    /// The same store with another floor for lock waits.
+    pub fn with_lock_wait_floor(mut self, floor: Duration) -> Self {
+        self.lock_wait_floor = floor;
+        self
+    }
+
+    /// A pooled connection.
+    fn connection(&self, operation: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
+        self.pool.get().map_err(|error| Error::Database {
+            path: self.server.clone(),
+            operation,
+            hint: UNREACHABLE,
+            source: Box::new(error),
+        })
+    }
+
+    /// Runs `f` in a read-only transaction (one snapshot).
+    fn read<T: Send>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, postgres::Error> + Send,
+    ) -> Result<T> {
+        let deadline = Instant::now() + self.lock_wait_floor;
+        off_runtime(|| {
+            let mut connection = self.connection(operation)?;
+            let value = run(&mut connection, deadline, |tx| {
+                tx.batch("SET TRANSACTION READ ONLY")?;
+                f(tx)
+            });
+            value.map_err(|error| self.failed(operation, error, deadline))
+        })
+    }
+
+    /// Runs `f` in a transaction, with the server's time (unix ms) as of its start; waits for rows
+    /// other writers hold until `deadline` (`None`: now), but never less than the store's floor.
+    fn write<T: Send>(
+        &self,
+        operation: &'static str,
+        deadline: Option<Instant>,
+        f: impl FnMut(&mut Tx<'_>, i64) -> std::result::Result<T, postgres::Error> + Send,
+    ) -> Result<T> {
+        let floor = Instant::now() + self.lock_wait_floor;
+        self.write_by(operation, deadline.map_or(floor, |deadline| deadline.max(floor)), f)
+    }
+
+    /// Runs `f` in a transaction until `deadline` exactly; a deadlock or serialization failure is tried
+    /// again while time is left.
+    fn write_by<T: Send>(
+        &self,
+        operation: &'static str,
+        deadline: Instant,
+        mut f: impl FnMut(&mut Tx<'_>, i64) -> std::result::Result<T, postgres::Error> + Send,
+    ) -> Result<T> {
+        let started = Instant::now();
+        off_runtime(|| {
+            let mut connection = self.connection(operation)?;
+            loop {
+                let result = run(&mut connection, deadline, |tx| {
+                    let server_now: i64 = tx.query_one(&format!("SELECT {SERVER_NOW}"), &[])?.get(0);
+                    f(tx, server_now)
+                });
+                match result {
+                    Ok(value) => return Ok(value),
+                    Err(error) if is_retryable(&error) && Instant::now() < deadline => continue,
+                    Err(error) if is_lock_wait(&error) || Instant::now() >= deadline && is_retryable(&error) => {
+                        return Err(Error::DatabaseLocked {
+                            path: self.server.clone(),
+                            operation,
+                            waited: started.elapsed(),
+                        });
+                    }
+                    Err(error) => return Err(self.failed(operation, error, deadline)),
+                }
+            }
+        })
+    }
+
+    /// The library error for `error`, met while doing `operation` with time until `deadline`.
+    fn failed(&self, operation: &'static str, error: postgres::Error, deadline: Instant) -> Error {
+        if is_lock_wait(&error) {
+            let waited = self.lock_wait_floor.saturating_sub(deadline.saturating_duration_since(Instant::now()));
+            return Error::DatabaseLocked { path: self.server.clone(), operation, waited };
+        }
+        Error::Database { path: self.server.clone(), operation, hint: hint(&error), source: Box::new(error) }
+    }
+
+    /// The error of a read that met text the pool's vocabulary does not know (a newer build's word).
+    fn unknown(&self, operation: &'static str, error: UnknownWord) -> Error {
+        Error::Database { path: self.server.clone(), operation, hint: "", source: Box::new(error) }
+    }
+
+    /// The deadline of a holder's own bookkeeping writes.
+    fn holder_deadline(&self) -> Instant {
+        Instant::now() + self.lock_wait_floor.saturating_mul(HOLDER_PATIENCE)
+    }
+
+    /// What `connector`'s claims pace by at `now`, if anything.
+    fn pacing_of(&self, connector: &str, now: i64) -> Option<Arc<Pacing>> {
+        self.paced.of(connector, || self.read_lessons(now))
+    }
+
+    /// The learned limits not yet forgotten at `now`.
+    fn read_lessons(&self, now: i64) -> Result<Lessons> {
+        self.read("reading learned limits", |tx| pacing::learned(tx, now))
+    }
+}
+
+/// Runs `f` in one transaction on `connection` whose waits end at `deadline`, and commits.
+fn run<T>(
+    connection: &mut Connection,
+    deadline: Instant,
+    f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, postgres::Error>,
+) -> std::result::Result<T, postgres::Error> {
+    let left = deadline.saturating_duration_since(Instant::now()).as_millis().max(1).to_string();
+    let mut tx = Tx::begin(connection)?;
+    tx.query_one("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true)", &[&left])?;
+    let value = f(&mut tx)?;
+    tx.commit()?;
+    Ok(value)
+}
+
+/// What to check when the server cannot be reached.
+const UNREACHABLE: &str = "cannot reach the server: is it running, and are the host and port (or the socket directory, \
+     `host=`) in APIJONGLER_DB right?";
+
+/// What to check for `error`, where its code says.
+fn hint(error: &postgres::Error) -> &'static str {
+    let Some(code) = error.code() else {
+        return if error.is_closed() { "the connection to the server was lost" } else { UNREACHABLE };
+    };
+    match code {
+        code if *code == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            "the server is a read-only replica or in recovery: point APIJONGLER_DB at the primary"
+        }
+        code if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "the server refused the login: check the user and password of APIJONGLER_DB (or ~/.pgpass)"
+        }
+        code if *code == SqlState::INVALID_CATALOG_NAME => {
+            "the database does not exist: create it (`createdb NAME`) or name another in APIJONGLER_DB"
+        }
+        code if *code == SqlState::INSUFFICIENT_PRIVILEGE => {
+            "the user lacks a privilege apijongler needs: it creates and uses the schema `apijongler` (GRANT CREATE ON DATABASE ... TO ...)"
+        }
+        code if *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW =>
+        {
+            "the server is shutting down or restarting (a failover?): try again once it is back"
+        }
+        code if *code == SqlState::TOO_MANY_CONNECTIONS => {
+            "the server has no connection slot left: raise its max_connections or run fewer processes"
+        }
+        code if *code == SqlState::DISK_FULL => "the server's disk is full",
+        _ => "",
+    }
+}
+
+/// A failure worth trying the transaction again for.
+fn is_retryable(error: &postgres::Error) -> bool {
+    error
+        .code()
+        .is_some_and(|code| *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// The transaction waited for rows (or a statement) until its deadline.
+fn is_lock_wait(error: &postgres::Error) -> bool {
+    error.code().is_some_and(|code| *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::QUERY_CANCELED)
+}
+
+impl Backend for Postgres {
+    fn example_queries(&self) -> String {
+        examples::example_queries()
+    }
+
+    fn lock_deadline(&self, asked: Instant, deadline: Instant) -> Instant {
+        deadline.max(asked + self.lock_wait_floor)
+    }
+
+    fn path(&self) -> &Path {
+        &self.server
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        self.read("reading the schema version", schema::version)
+    }
+
+    fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
+        sync::sync_keys(self, source, now)
+    }
+
+    fn claim(
+        &self,
+        request: ClaimFor<'_>,
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Option<Claimed>> {
+        Ok(self.claim_several(request, 1, holder, clock, deadline)?.pop())
+    }
+
+    fn declare_limits(&self, connector: &str, limits: Option<Arc<Limits>>, now: i64) {
+        self.paced.declare(connector, limits, || self.read_lessons(now));
+    }
+
+    fn declared_limits(&self, connector: &str) -> Option<Arc<Limits>> {
+        self.paced.declared(connector)
+    }
+
+    fn paces_tokens(&self, connector: &str, now: i64) -> bool {
+        self.pacing_of(connector, now).is_some_and(|pacing| pacing.paces_tokens())
+    }
+
+    fn claim_several(
+        &self,
+        request: ClaimFor<'_>,
+        count: usize,
+        holder: &Holder,
+        clock: &dyn Clock,
+        deadline: Instant,
+    ) -> Result<Vec<Claimed>> {
+        let pacing = self.pacing_of(request.connector, clock.now_ms());
+        self.write_by("claiming keys", deadline, |tx, _| {
+            let mut claimed = Vec::with_capacity(count);
+            while claimed.len() < count {
+                match claim::claim_in(tx, &request, holder, clock, pacing.as_deref(), &self.paced)? {
+                    Some(one) => claimed.push(one),
+                    None => break,
+                }
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
+        let settles = attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector));
+        let ended = self.write("ending a lease", Some(self.holder_deadline()), |tx, _| {
+            lease_end::end_in(tx, (id, lease), fate, attempt, settles, now)
+        });
+        if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) && ended.is_ok() {
+            self.paced.read_again();
+        }
+        ended
+    }
+
+    fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
+        let Fate::Error { reason, http_status, project } = fate else { return Ok(false) };
+        self.write("putting a key in error", Some(self.holder_deadline()), |tx, _| {
+            let sql = format!(
+                "SELECT connector, key_name, fingerprint, state, quota_scope FROM keys k
+                  WHERE id = $1 AND lease = $2 AND {unheld} FOR UPDATE",
+                unheld = rule_sql::unheld("k")
+            );
+            let Some(row) = tx.query_opt(&sql, &[&id, &lease])? else { return Ok(false) };
+            let (connector, key_name, fingerprint, from_state, quota_scope): (String, String, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            tx.execute(
+                "UPDATE keys SET state = 'error', lockdown_until = NULL, reason = $2, http_status = $3,
+                        project_learned = coalesce($4, project_learned)
+                  WHERE id = $1",
+                &[&id, reason, &http_status.map(i64::from), project],
+            )?;
+            let transition = NewTransition {
+                holder_pid: Some(std::process::id()),
+                lease: Some(lease),
+                http_status: *http_status,
+                quota_scope: Some(&quota_scope),
+                ..NewTransition::new(
+                    HistoryEvent::Errored,
+                    (&connector, &key_name, &fingerprint),
+                    Some(&from_state),
+                    "error",
+                    reason,
+                )
+            };
+            record(tx, now, &transition)?;
+            Ok(true)
+        })
+    }
+
+    fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
+        self.write("recording a request", Some(self.holder_deadline()), |tx, _| insert_attempt(tx, attempt))
+    }
+
+    fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
+        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |tx, _| {
+            let held = tx.query_opt(
+                "UPDATE keys SET lockdown_count = 0 WHERE id = $1 AND lease = $2 AND state = 'locked'
+                 RETURNING connector, quota_scope, key_name",
+                &[&id, &lease],
+            )?;
+            let Some(row) = held else { return Ok(false) };
+            let (connector, quota_scope, key_name): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+            tx.execute(&lease_end::expired_lockdowns_of_key(), &[&connector, &quota_scope, &key_name, &model, &now])?;
+            Ok(true)
+        })
+    }
+
+    fn is_locked_down_for(&self, id: i64, model: &str, now: i64) -> Result<bool> {
+        self.read("reading a key's lockdowns", |tx| {
+            let sql = format!(
+                "SELECT {} FROM keys k WHERE k.id = $1",
+                rule_sql::locked_down_for(&KeyCols::row("k"), "$2::text", "$3")
+            );
+            Ok(tx.query_one(&sql, &[&id, &model, &now])?.get(0))
+        })
+    }
+
+    fn reserve_held(
+        &self,
+        (connector, id, lease): (&str, i64, i64),
+        model: &str,
+        tokens: u64,
+        now: i64,
+    ) -> Result<bool> {
+        let Some(pacing) = self.pacing_of(connector, now) else { return Ok(true) };
+        self.write("reserving for a kept key", None, |tx, _| {
+            let held = tx.query_opt(
+                "SELECT key_name, quota_scope FROM keys WHERE id = $1 AND lease = $2 AND state = 'locked'",
+                &[&id, &lease],
+            )?;
+            let Some(row) = held else { return Ok(false) };
+            let (key_name, scope): (String, String) = (row.get(0), row.get(1));
+            let reservation =
+                pacing::Reservation { connector, scope: &scope, model, key_name: &key_name, lease, tokens };
+            let binding = pacing.binding(&scope, model, now);
+            match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), now)? {
+                Ok(()) => Ok(true),
+                Err(full) => {
+                    pacing::lock_down(tx, &reservation, &full, now)?;
+                    Ok(false)
+                }
+            }
+        })
+    }
+
+    fn lockdowns(&self, connector: Option<&str>) -> Result<Vec<LockdownRecord>> {
+        let operation = "reading lockdowns";
+        let rows = self.read(operation, |tx| {
+            tx.query(
+                "SELECT connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes
+                   FROM lockdowns WHERE $1::text IS NULL OR connector = $1 ORDER BY connector, scope, model",
+                &[&connector],
+            )
+        })?;
+        rows.iter()
+            .map(|row| {
+                Ok(LockdownRecord {
+                    connector: row.get(0),
+                    scope: word(row, 1)?,
+                    model: word(row, 2)?,
+                    until: row.get(3),
+                    quota_id: row.get(4),
+                    reason: row.get(5),
+                    http_status: status(row, 6),
+                    set_by_key: row.get(7),
+                    set_at: row.get(8),
+                    strikes: row.get(9),
+                })
+            })
+            .collect::<std::result::Result<_, UnknownWord>>()
+            .map_err(|error| self.unknown(operation, error))
+    }
+
+    fn watch_changes(&self) -> Result<Box<dyn ChangeWatch>> {
+        let mut watch = watch::LatestRows::new(self.clone());
+        watch.changed()?;
+        Ok(Box::new(watch))
+    }
+
+    fn attempts(&self, connector: Option<&str>) -> Result<Vec<Attempt>> {
+        let operation = "reading requests";
+        let rows = self.read(operation, |tx| {
+            tx.query(
+                "SELECT at, connector, key_name, method, endpoint, status, latency_ms, outcome, model, prompt_tokens
+                   FROM requests WHERE $1::text IS NULL OR connector = $1 ORDER BY id",
+                &[&connector],
+            )
+        })?;
+        rows.iter()
+            .map(|row| {
+                Ok(Attempt {
+                    at: row.get(0),
+                    connector: row.get(1),
+                    key_name: row.get(2),
+                    method: row.get(3),
+                    endpoint: row.get(4),
+                    status: status(row, 5),
+                    latency_ms: row.get(6),
+                    outcome: word(row, 7)?,
+                    model: row.get(8),
+                    prompt_tokens: row.get::<_, Option<i64>>(9).and_then(|tokens| u64::try_from(tokens).ok()),
+                })
+            })
+            .collect::<std::result::Result<_, UnknownWord>>()
+            .map_err(|error| self.unknown(operation, error))
+    }
+
+    fn heartbeat(&self, leases: &[(i64, i64)], clock: &dyn Clock) -> Result<(Vec<(i64, i64)>, i64)> {
+        if leases.is_empty() {
+            return Ok((Vec::new(), clock.boot_ms()));
+        }
+        let (ids, tokens): (Vec<i64>, Vec<i64>) = leases.iter().copied().unzip();
+        self.write("refreshing heartbeats", Some(self.holder_deadline()), |tx, _| {
+            let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
+            let rows = tx.query(
+                &format!(
+                    "UPDATE keys SET heartbeat_at = $1, heartbeat_boot_ms = $2, heartbeat_db_at = {SERVER_NOW}
+                      WHERE state = 'locked'
+                        AND (id, lease) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))
+                  RETURNING id, lease"
+                ),
+                &[&now, &boot_ms, &ids, &tokens],
+            )?;
+            Ok((rows.iter().map(|row| (row.get(0), row.get(1))).collect(), boot_ms))
+        })
+    }
+
+    fn held_keys(&self, connector: Option<&str>) -> Result<Vec<HeldKey>> {
+        self.read("reading held keys", |tx| {
+            let rows = tx.query(
+                &format!(
+                    "SELECT id, connector, key_name, lease, holder_host, holder_boot_id, holder_pid_namespace,
+                            holder_pid, holder_started, heartbeat_at, heartbeat_boot_ms,
+                            {SERVER_NOW} - heartbeat_db_at
+                       FROM keys WHERE state = 'locked' AND ($1::text IS NULL OR connector = $1)"
+                ),
+                &[&connector],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|row| HeldKey {
+                    id: row.get(0),
+                    connector: row.get(1),
+                    key_name: row.get(2),
+                    lease: row.get(3),
+                    holder: holder_at(row, 4).unwrap_or_default(),
+                    heartbeat_at: row.get(9),
+                    heartbeat_boot_ms: row.get(10),
+                    heartbeat_age_on_server_ms: row.get(11),
+                })
+                .collect())
+        })
+    }
+
+    fn evict(&self, evictions: &[Eviction], now: i64) -> Result<Vec<Transition>> {
+        if evictions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ordered = evictions.to_vec();
+        ordered.sort_by_key(|eviction| eviction.id);
+        self.write("freeing locks", None, |tx, _| {
+            let sql = format!(
+                "UPDATE keys
+                    SET state = CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                        lockdown_until = {end},
+                        holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL,
+                        holder_pid = NULL, holder_started = NULL, locked_at = NULL, heartbeat_at = NULL,
+                        heartbeat_boot_ms = NULL, heartbeat_db_at = NULL
+                  WHERE id = $1 AND lease = $2 AND state = 'locked'
+                    AND heartbeat_at IS NOT DISTINCT FROM $4 AND heartbeat_boot_ms IS NOT DISTINCT FROM $5
+              RETURNING connector, key_name, fingerprint, state, lockdown_until",
+                end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3")
+            );
+            let mut written = Vec::new();
+            for eviction in &ordered {
+                let params: [&(dyn postgres::types::ToSql + Sync); 5] =
+                    [&eviction.id, &eviction.lease, &now, &eviction.heartbeat_at, &eviction.heartbeat_boot_ms];
+                let Some(row) = tx.query_opt(&sql, &params)? else { continue };
+                let (connector, key_name, fingerprint, state): (String, String, String, String) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                let transition = NewTransition {
+                    lease: Some(eviction.lease),
+                    lockdown_until: row.get(4),
+                    ..NewTransition::new(
+                        eviction.event,
+                        (&connector, &key_name, &fingerprint),
+                        Some("locked"),
+                        &state,
+                        &eviction.reason,
+                    )
+                };
+                written.push(record(tx, now, &transition)?);
+            }
+            Ok(written)
+        })
+    }
+
+    fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
+        self.write("cleaning up keys", None, |tx, _| {
+            let targets = tx.query(
+                "SELECT id, connector, key_name, fingerprint, state FROM keys
+                  WHERE state IN ('lockdown', 'error') AND ($1::text IS NULL OR connector = $1)
+                  ORDER BY id FOR UPDATE",
+                &[&connector],
+            )?;
+            tx.execute("DELETE FROM lockdowns WHERE $1::text IS NULL OR connector = $1", &[&connector])?;
+            let mut written = Vec::new();
+            for row in &targets {
+                let id: i64 = row.get(0);
+                let (key_connector, key_name, fingerprint, state): (String, String, String, String) =
+                    (row.get(1), row.get(2), row.get(3), row.get(4));
+                tx.execute(
+                    "UPDATE keys SET state = 'vacant', lockdown_until = NULL, lockdown_count = 0 WHERE id = $1",
+                    &[&id],
+                )?;
+                let transition = NewTransition::new(
+                    HistoryEvent::CleanedUp,
+                    (&key_connector, &key_name, &fingerprint),
+                    Some(&state),
+                    "vacant",
+                    "cleanup",
+                );
+                written.push(record(tx, now, &transition)?);
+            }
+            Ok(written)
+        })
+    }
+
+    fn availability(&self, request: ClaimFor<'_>, now: i64) -> Result<Availability> {
+        self.read("reading key availability", |tx| availability::of(tx, &request, now))
+    }
+
+    fn keys(&self, connector: Option<&str>) -> Result<Vec<KeyRecord>> {
+        let operation = "reading keys";
+        let rows = self.read(operation, |tx| {
+            tx.query(
+                &format!(
+                    "SELECT {KEY_COLUMNS} FROM keys WHERE $1::text IS NULL OR connector = $1
+                      ORDER BY connector, key_name"
+                ),
+                &[&connector],
+            )
+        })?;
+        rows.iter()
+            .map(key_record)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|error| self.unknown(operation, error))
+    }
+
+    fn history(&self, query: &HistoryQuery) -> Result<Vec<Transition>> {
+        let limit = query.limit.map(|limit| i64::try_from(limit).unwrap_or(i64::MAX));
+        let operation = "reading the history";
+        let rows = self.read(operation, |tx| {
+            tx.query(
+                &format!(
+                    "SELECT {HISTORY_COLUMNS} FROM history
+                      WHERE ($1::text IS NULL OR connector = $1) AND ($2::text IS NULL OR key_name = $2)
+                        AND ($3::bigint IS NULL OR at >= $3)
+                      ORDER BY id DESC LIMIT $4"
+                ),
+                &[&query.connector, &query.key_name, &query.since, &limit],
+            )
+        })?;
+        rows.iter()
+            .map(transition)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|error| self.unknown(operation, error))
+    }
+
+    fn usage(&self, query: &crate::pool::usage::UsageQuery) -> Result<Vec<crate::pool::usage::UsageRow>> {
+        self.read("reading usage", |tx| usage::usage(tx, query))
+    }
+
+    fn has_older(&self, journal: Journal, before: i64) -> Result<bool> {
+        self.read("looking for rows past retention", |tx| prune::has_older(tx, journal, before))
+    }
+
+    fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<(u64, Duration)> {
+        self.write("pruning old rows", None, |tx, _| {
+            let started = Instant::now();
+            let deleted = prune::prune_batch(tx, journal, before, batch)?;
+            Ok((deleted, started.elapsed()))
+        })
+    }
+
+    fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize> {
+        self.write("recording resources", None, |tx, _| resources::record(tx, connector, key_name, created, now))
+    }
+
+    fn used_since(&self, of: (&str, &str, &str), measure: Measure, since: i64) -> Result<u64> {
+        self.read("reading reservations", |tx| pacing::used_since(tx, of, measure, since))
+    }
+
+    fn learned_limits(&self, connector: &str, now: i64) -> Result<Vec<LearnedLimit>> {
+        let all = self.read_lessons(now)?;
+        Ok(all.into_iter().filter(|(of, ..)| of == connector).map(|(_, learned, _)| learned).collect())
+    }
+
+    fn reserved_models(&self, connector: &str, since: i64) -> Result<Vec<(String, String)>> {
+        self.read("reading reservations", |tx| pacing::reserved_models(tx, connector, since))
+    }
+
+    fn resource_owner(&self, connector: &str, names: &[String], now: i64) -> Result<Option<Owner>> {
+        self.read("reading resource owners", |tx| resources::owner(tx, connector, names, now))
+    }
+
+    fn explain_claim(&self) -> Result<Vec<String>> {
+        self.read("explaining the claim", |tx| {
+            let sql = format!("EXPLAIN {}", *CLAIM);
+            let tried: Vec<String> = Vec::new();
+            let rows = tx.query(
+                &sql,
+                &[&"c", &0_i64, &"h", &"b", &1_i64, &1_i64, &tried, &0_i64, &"n", &Some("m"), &Option::<&str>::None],
+            )?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+}
+
+mod availability;
+mod claim;
+mod examples;
+mod lease_end;
+mod pacing;
+mod prune;
+mod resources;
+mod sync;
+mod usage;
+mod watch;
+
+/// Writes the history row `new` at `at`.
+fn record(tx: &mut Tx<'_>, at: i64, new: &NewTransition<'_>) -> std::result::Result<Transition, postgres::Error> {
+    let row = tx.query_one(
+        "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, http_status,
+                              holder_pid, lease, lockdown_until, model, quota_scope, event)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         RETURNING id",
+        &[
+            &at,
+            &new.connector,
+            &new.key_name,
+            &new.fingerprint,
+            &new.from_state,
+            &new.to_state,
+            &new.reason,
+            &new.http_status.map(i64::from),
+            &new.holder_pid.map(i64::from),
+            &new.lease,
+            &new.lockdown_until,
+            &new.model,
+            &new.quota_scope,
+            &new.event.as_str(),
+        ],
+    )?;
+    Ok(new.written(row.get(0), at))
+}
+
+/// Records `attempt` in `requests`.
+fn insert_attempt(tx: &mut Tx<'_>, attempt: &Attempt) -> std::result::Result<(), postgres::Error> {
+    tx.execute(
+        "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
+                               quota_scope, prompt_tokens)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                 (SELECT quota_scope FROM keys WHERE connector = $2 AND key_name = $3), $10)",
+        &[
+            &attempt.at,
+            &attempt.connector,
+            &attempt.key_name,
+            &attempt.method,
+            &attempt.endpoint,
+            &attempt.status.map(i64::from),
+            &attempt.latency_ms,
+            &attempt.outcome.to_string(),
+            &attempt.model,
+            &attempt.prompt_tokens.and_then(|tokens| i64::try_from(tokens).ok()),
+        ],
+    )?;
+    Ok(())
+}
+
+/// An HTTP status read from column `index`.
+fn status(row: &Row, index: usize) -> Option<u16> {
+    row.get::<_, Option<i64>>(index).and_then(|status| u16::try_from(status).ok())
+}
+
+/// The holder recorded in columns `first..first + 5` (host, boot id, pid namespace, pid, start time),
+/// or `None` when no pid is recorded.
+fn holder_at(row: &Row, first: usize) -> Option<Holder> {
+    let pid = row.get::<_, Option<i64>>(first + 3)?;
+    Some(Holder {
+        host: row.get::<_, Option<String>>(first).unwrap_or_default(),
+        boot_id: row.get::<_, Option<String>>(first + 1).unwrap_or_default(),
+        pid_namespace: row.get::<_, Option<String>>(first + 2).unwrap_or_default(),
+        pid: u32::try_from(pid).unwrap_or_default(),
+        started: row.get::<_, Option<i64>>(first + 4).unwrap_or_default(),
+    })
+}
+
+fn key_record(row: &Row) -> std::result::Result<KeyRecord, UnknownWord> {
+    Ok(KeyRecord {
+        connector: row.get(0),
+        key_name: row.get(1),
+        fingerprint: row.get(2),
+        state: word(row, 3)?,
+        retired_at: row.get(4),
+        lease: row.get(5),
+        holder: holder_at(row, 6),
+        locked_at: row.get(11),
+        heartbeat_at: row.get(12),
+        lockdown_until: row.get(13),
+        reason: row.get(14),
+        http_status: status(row, 15),
+        lockdown_count: row.get(16),
+        uses: row.get(17),
+        last_used_at: row.get(18),
+        quota_group: row.get(19),
+        project_learned: row.get(20),
+        quota_scope: word(row, 21)?,
+    })
+}
+
+fn transition(row: &Row) -> std::result::Result<Transition, UnknownWord> {
+    Ok(Transition {
+        id: row.get(0),
+        at: row.get(1),
+        connector: row.get(2),
+        key_name: row.get(3),
+        fingerprint: row.get(4),
+        from_state: row.get(5),
+        to_state: row.get(6),
+        reason: row.get(7),
+        http_status: status(row, 8),
+        holder_pid: row.get::<_, Option<i64>>(9).and_then(|pid| u32::try_from(pid).ok()),
+        lease: row.get(10),
+        lockdown_until: row.get(11),
+        model: row.get(12),
+        quota_scope: row.get(13),
+        event: word(row, 14)?,
+    })
+}
+
+/// A word of the pool's vocabulary read from column `index`; text it does not know fails the read.
+fn word<T>(row: &Row, index: usize) -> std::result::Result<T, UnknownWord>
+where
+    T: std::str::FromStr<Err = UnknownWord>,
+{
+    row.get::<_, String>(index).parse()
+}
