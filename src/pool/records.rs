@@ -57,6 +57,9 @@ pub struct SyncReport {
     pub retired: Vec<(String, String)>,
     /// Retired keys that came back to the keyring.
     pub restored: Vec<(String, String)>,
+    /// Keys whose secret in this keyring differs from the one a shared store (PostgreSQL) holds,
+    /// synced first by another host's keyring: left as they are (see `crate::store`'s PostgreSQL sync).
+    pub differing: Vec<(String, String)>,
     /// The history rows written.
     pub transitions: Vec<Transition>,
 }
