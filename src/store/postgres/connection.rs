@@ -95,7 +95,7 @@ impl<'a> Tx<'a> {
 }
 
 /// Opens connections for the pool.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Manager {
     config: Config,
 }
@@ -129,6 +129,9 @@ impl Manager {
             // check on every checkout would cost a round trip per operation.
             .test_on_check_out(false)
             .connection_timeout(CONNECT_TIMEOUT + Duration::from_secs(1))
+            // A failure reaches the caller as an error naming the server; r2d2's own log of it would
+            // only say "db error", once per retry.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(self)
     }
 }
