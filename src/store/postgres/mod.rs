@@ -95,6 +95,11 @@ RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
 impl Postgres {
     /// Connects to the database `url` names, creating the schema or migrating it as needed.
     pub fn open(url: &PostgresUrl) -> Result<Self> {
+        off_runtime(|| Self::open_here(url))
+    }
+
+    /// [`open`](Self::open), on a thread that runs no async runtime.
+    fn open_here(url: &PostgresUrl) -> Result<Self> {
         let server = PathBuf::from(url.redacted());
         let config: postgres::Config = url.secret_text().parse().map_err(|error| Error::Database {
             path: server.clone(),
