@@ -59,14 +59,14 @@ impl PgClient {
         off_runtime(move || config.connect(postgres::NoTls)).map(|client| Self(Some(client)))
     }
 
-    fn simple_query(&mut self, sql: &str) -> Result<Vec<postgres::SimpleQueryMessage>, postgres::Error> {
+    fn simple_query(&mut self, sql: &str) -> Result<Vec<postgres::SimpleQueryMessage>, String> {
         let client = self.0.as_mut().expect("connected");
-        off_runtime(move || client.simple_query(sql))
+        off_runtime(move || client.simple_query(sql)).map_err(|e| described(&e))
     }
 
-    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+    fn batch_execute(&mut self, sql: &str) -> Result<(), String> {
         let client = self.0.as_mut().expect("connected");
-        off_runtime(move || client.batch_execute(sql))
+        off_runtime(move || client.batch_execute(sql)).map_err(|e| described(&e))
     }
 }
 
@@ -75,6 +75,14 @@ impl Drop for PgClient {
         if let Some(client) = self.0.take() {
             off_runtime(move || drop(client));
         }
+    }
+}
+
+/// The server's own words (`postgres::Error` alone says only "db error").
+fn described(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => error.to_string(),
     }
 }
 
@@ -117,7 +125,9 @@ impl PgDatabase {
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let dropped = PgClient::connect(&self.server).and_then(|mut admin| admin.batch_execute(&statement));
+        let dropped = PgClient::connect(&self.server)
+            .map_err(|e| described(&e))
+            .and_then(|mut admin| admin.batch_execute(&statement));
         if let Err(error) = dropped {
             eprintln!("could not drop the test database {}: {error}", self.name);
         }
