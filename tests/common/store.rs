@@ -43,18 +43,51 @@ pub fn sqlite_only(why: &str) -> bool {
 }
 
 /// Runs `work` on a thread of its own. The `postgres` client blocks on a runtime of its own, which
-/// panics on a thread already inside one (an async test's): each call on it goes through here.
+/// panics on a thread already inside one (an async test's): each call on it, its connection and its
+/// drop (which says goodbye to the server) go through here.
 fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| scope.spawn(work).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
 }
 
-fn connect(url: &str) -> postgres::Client {
-    let url = url.to_owned();
-    off_runtime(move || {
+/// A `postgres` client whose every call, and whose drop, runs off the caller's runtime.
+struct PgClient(Option<postgres::Client>);
+
+impl PgClient {
+    fn connect(url: &str) -> Result<Self, postgres::Error> {
         let mut config: postgres::Config = url.parse().unwrap_or_else(|e| panic!("{TEST_PG_ENV}: {e}"));
         config.connect_timeout(Duration::from_secs(30));
-        config.connect(postgres::NoTls).unwrap_or_else(|e| panic!("connect to the test server ({TEST_PG_ENV}): {e}"))
-    })
+        off_runtime(move || config.connect(postgres::NoTls)).map(|client| Self(Some(client)))
+    }
+
+    fn simple_query(&mut self, sql: &str) -> Result<Vec<postgres::SimpleQueryMessage>, String> {
+        let client = self.0.as_mut().expect("connected");
+        off_runtime(move || client.simple_query(sql)).map_err(|e| described(&e))
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> Result<(), String> {
+        let client = self.0.as_mut().expect("connected");
+        off_runtime(move || client.batch_execute(sql)).map_err(|e| described(&e))
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            off_runtime(move || drop(client));
+        }
+    }
+}
+
+/// The server's own words (`postgres::Error` alone says only "db error").
+fn described(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => error.to_string(),
+    }
+}
+
+fn connect(url: &str) -> PgClient {
+    PgClient::connect(url).unwrap_or_else(|e| panic!("connect to the test server ({TEST_PG_ENV}): {e}"))
 }
 
 /// A sandbox's own database on the test server, dropped (with whoever is still connected) with it.
@@ -76,8 +109,8 @@ impl PgDatabase {
             COUNTER.fetch_add(1, Ordering::Relaxed),
             fastrand::u32(..)
         );
-        let mut admin = connect(&server);
-        off_runtime(|| admin.batch_execute(&format!("CREATE DATABASE {name}")))
+        connect(&server)
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         let url = with_database(&server, &name);
         Some(Self { server, name, url })
@@ -92,10 +125,9 @@ impl PgDatabase {
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let server = self.server.clone();
-        let dropped = off_runtime(move || {
-            postgres::Client::connect(&server, postgres::NoTls).and_then(|mut admin| admin.batch_execute(&statement))
-        });
+        let dropped = PgClient::connect(&self.server)
+            .map_err(|e| described(&e))
+            .and_then(|mut admin| admin.batch_execute(&statement));
         if let Err(error) = dropped {
             eprintln!("could not drop the test database {}: {error}", self.name);
         }
@@ -119,7 +151,7 @@ pub struct Sql {
 
 enum Connection {
     Sqlite(rusqlite::Connection),
-    Postgres(Box<postgres::Client>),
+    Postgres(PgClient),
 }
 
 /// A statement that failed, and why.
@@ -146,8 +178,8 @@ impl Sql {
         let text = db.to_string_lossy();
         let connection = if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             let mut client = connect(&text);
-            off_runtime(|| client.batch_execute(&format!("SET search_path = {PG_SCHEMA}"))).expect("search_path");
-            Connection::Postgres(Box::new(client))
+            client.batch_execute(&format!("SET search_path = {PG_SCHEMA}")).expect("search_path");
+            Connection::Postgres(client)
         } else {
             let connection = rusqlite::Connection::open(db).expect("open db");
             connection.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
@@ -168,7 +200,7 @@ impl Sql {
                 rows.and_then(|rows| rows.map(|row| row.map(Row)).collect()).map_err(|e| failed(&e))
             }
             Connection::Postgres(client) => {
-                let messages = off_runtime(|| client.simple_query(&sql)).map_err(|e| failed(&e))?;
+                let messages = client.simple_query(&sql).map_err(|e| failed(&e))?;
                 Ok(messages
                     .iter()
                     .filter_map(|message| match message {
@@ -211,7 +243,7 @@ impl Sql {
                 connection.execute(&sql, []).map(|changed| changed as u64).map_err(|e| failed(&e))
             }
             Connection::Postgres(client) => {
-                let messages = off_runtime(|| client.simple_query(&sql)).map_err(|e| failed(&e))?;
+                let messages = client.simple_query(&sql).map_err(|e| failed(&e))?;
                 Ok(messages
                     .iter()
                     .map(|message| match message {
@@ -228,7 +260,7 @@ impl Sql {
         let failed = |e: &dyn fmt::Display| SqlError(format!("{sql}: {e}"));
         match &mut *self.connection.borrow_mut() {
             Connection::Sqlite(connection) => connection.execute_batch(sql).map_err(|e| failed(&e)),
-            Connection::Postgres(client) => off_runtime(|| client.batch_execute(sql)).map_err(|e| failed(&e)),
+            Connection::Postgres(client) => client.batch_execute(sql).map_err(|e| failed(&e)),
         }
     }
 
