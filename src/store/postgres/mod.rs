@@ -292,7 +292,7 @@ const UNREACHABLE: &str = "cannot reach the server: is it running, and are the h
 /// What to check for `error`, where its code says.
 fn hint(error: &postgres::Error) -> &'static str {
     let Some(code) = error.code() else {
-        return if error.is_closed() { "the connection to the server was lost" } else { UNREACHABLE };
+        return if is_connection_lost(error) { UNREACHABLE } else { "" };
     };
     match code {
         code if *code == SqlState::READ_ONLY_SQL_TRANSACTION => {
