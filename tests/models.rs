@@ -315,8 +315,11 @@ fn keys_joining_a_locked_group_move_behind_the_free_ones() {
     let regrouped = format!("{ini}[{GEMINI} groups]\nkey0 = team\nkey1 = team\nkey2 = team\nkey5 = team\n");
     std::fs::write(&sandbox.keyring, regrouped).expect("write keyring");
     coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
-    let behind = format!("SELECT count(*) FROM keys WHERE quota_group = 'team' AND queue_at >= {until}");
-    assert_eq!(sandbox.count(&behind), 4, "every key of the locked group is behind the free ones");
+    // SQLite keeps the claim order in a column; PostgreSQL's claim has none to keep (see its migration).
+    if !common::store::on_postgres() {
+        let behind = format!("SELECT count(*) FROM keys WHERE quota_group = 'team' AND queue_at >= {until}");
+        assert_eq!(sandbox.count(&behind), 4, "every key of the locked group is behind the free ones");
+    }
     let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("a key free for m");
     assert!(["key3", "key4"].contains(&lease.key_name()), "{}", lease.key_name());
 }

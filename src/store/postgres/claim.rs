@@ -3,7 +3,7 @@
 //! back, its scope paced for the model, and the claim looks again).
 
 use super::connection::Tx;
-use super::{CLAIM, pacing, record};
+use super::{CLAIM, CLAIM_PINNED, pacing, record};
 use crate::clock::Clock;
 use crate::holder::Holder;
 use crate::pool::{Claimed, HistoryEvent, ModelScope, Pacing};
@@ -76,8 +76,9 @@ fn claim_one(
     (now, boot_ms): (i64, i64),
 ) -> Result<Option<(Claimed, i64)>, postgres::Error> {
     let tried = request.tried.to_vec();
+    let statement = if request.pin.is_some() { &CLAIM_PINNED } else { &CLAIM };
     let row = tx.query_opt(
-        &CLAIM,
+        statement,
         &[
             &request.connector,
             &now,

@@ -67,19 +67,28 @@ const HISTORY_COLUMNS: &str =
     "id, at, connector, key_name, fingerprint, from_state, to_state, reason, http_status, holder_pid,
      lease, lockdown_until, model, quota_scope, event";
 
-/// The claim: the least recently used key that is claimable and that no lockdown keeps from the model
-/// (of the pinned scope, `$11`, if any), locked with a new lease, in one statement. `SKIP LOCKED`: a key
-/// another claim is taking right now is passed over, never waited for.
-static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// The claim: the least recently used key that is claimable and that no lockdown keeps from the model,
+/// locked with a new lease, in one statement, walking `keys_lru` in order (the sort is the index's, so
+/// the walk stops at the first free key). `SKIP LOCKED`: a key another claim is taking right now is
+/// passed over, never waited for. `explain_claim` shows its plan.
+static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_statement(false));
+
+/// The claim of a request pinned to quota scope `$11` (a resource's owner, see `crate::resource`):
+/// the same, over that scope's keys alone, walking `keys_scope_lru`.
+static CLAIM_PINNED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_statement(true));
+
+/// The claim statement, pinned to a scope or not (two statements, so each has a plan of its own).
+fn claim_statement(pinned: bool) -> String {
+    let scope = if pinned { "k.quota_scope = $11" } else { "$11::text IS NULL" };
     format!(
         "UPDATE keys
     SET state = 'locked', lease = lease + 1, holder_host = $3, holder_boot_id = $4, holder_pid_namespace = $9,
         holder_pid = $5, holder_started = $6, locked_at = $2, heartbeat_at = $2, heartbeat_boot_ms = $8,
         heartbeat_db_at = {SERVER_NOW}, uses = uses + 1, last_used_at = $2
   WHERE id = (SELECT k.id FROM keys k
-               WHERE k.connector = $1 AND {claimable} AND NOT (k.key_name = ANY($7))
-                 AND ($11::text IS NULL OR k.quota_scope = $11) AND NOT {locked}
-               ORDER BY k.last_used_at, k.id LIMIT 1
+               WHERE k.connector = $1 AND {scope} AND {claimable} AND NOT (k.key_name = ANY($7))
+                 AND NOT {locked}
+               ORDER BY k.last_used_at LIMIT 1
                  FOR UPDATE SKIP LOCKED)
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
@@ -90,7 +99,7 @@ RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
         own = rule_sql::own_scope("keys.key_name"),
         every = ModelScope::EVERY,
     )
-});
+}
 
 impl Postgres {
     /// Connects to the database `url` names, creating the schema or migrating it as needed.
@@ -277,7 +286,8 @@ fn run<T>(
     deadline: Instant,
     f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, postgres::Error>,
 ) -> std::result::Result<T, postgres::Error> {
-    let left = deadline.saturating_duration_since(Instant::now()).as_millis().max(1).to_string();
+    // The server's limit for either setting is i32::MAX ms (24 days); a longer wait asked is that long.
+    let left = deadline.saturating_duration_since(Instant::now()).as_millis().clamp(1, i32::MAX as u128).to_string();
     let mut tx = Tx::begin(connection)?;
     tx.query_one("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true)", &[&left])?;
     let value = f(&mut tx)?;
@@ -816,13 +826,16 @@ impl Backend for Postgres {
 
     fn explain_claim(&self) -> Result<Vec<String>> {
         self.read("explaining the claim", |tx| {
-            let sql = format!("EXPLAIN {}", *CLAIM);
             let tried: Vec<String> = Vec::new();
-            let rows = tx.query(
-                &sql,
-                &[&"c", &0_i64, &"h", &"b", &1_i64, &1_i64, &tried, &0_i64, &"n", &Some("m"), &Option::<&str>::None],
-            )?;
-            Ok(rows.iter().map(|row| row.get(0)).collect())
+            let mut plan = Vec::new();
+            // Both statements' plans, the unpinned claim's first.
+            for (statement, pin) in [(&*CLAIM, None), (&*CLAIM_PINNED, Some("group:g"))] {
+                let params: [&(dyn postgres::types::ToSql + Sync); 11] =
+                    [&"c", &0_i64, &"h", &"b", &1_i64, &1_i64, &tried, &0_i64, &"n", &Some("m"), &pin];
+                let rows = tx.query(&format!("EXPLAIN {statement}"), &params)?;
+                plan.extend(rows.iter().map(|row| row.get::<_, String>(0)));
+            }
+            Ok(plan)
         })
     }
 }
