@@ -43,10 +43,13 @@ pub fn run(global: &Global, args: &DbArgs) -> anyhow::Result<ExitCode> {
         writeln!(stdout, "{}", serde_json::json!({"path": path, "schema_version": version}))?;
         return Ok(ExitCode::SUCCESS);
     }
-    writeln!(
-        stdout,
-        "database: {path}\nschema version: {version}\n\nOpen it with:  sqlite3 \"$(apijongler db --path)\"\n"
-    )?;
+    // A PostgreSQL URL is shown with its password masked: the shell is opened with the user's own.
+    let open_with = if path.starts_with("postgres") {
+        "psql \"$APIJONGLER_DB\"   (the URL you gave), then:  SET search_path = apijongler;"
+    } else {
+        "sqlite3 \"$(apijongler db --path)\""
+    };
+    writeln!(stdout, "database: {path}\nschema version: {version}\n\nOpen it with:  {open_with}\n")?;
     writeln!(stdout, "{}", coordinator.store().example_queries())?;
     Ok(ExitCode::SUCCESS)
 }
