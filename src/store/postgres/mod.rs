@@ -44,6 +44,12 @@ pub(crate) const SCHEMA: &str = "apijongler";
 /// The server's clock, unix ms, as of the transaction's start.
 const SERVER_NOW: &str = "(extract(epoch from now()) * 1000)::bigint";
 
+/// The server's clock, unix ms, as the statement runs: a renewal (a claim, a heartbeat) is recorded no
+/// earlier than the holder read its own clock for it, before sending the statement. So the holder's trust
+/// in its lease (measured from its reading) always ends before another host's reaper (measuring from
+/// this record on the server's clock) may take the key, however long the transaction waited to start.
+const SERVER_CLOCK: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
 /// How far this host's wall clock may be from the server's before opening the store says so.
 const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(2);
 
@@ -87,7 +93,7 @@ fn claim_statement(pinned: bool) -> String {
         "UPDATE keys
     SET state = 'locked', lease = lease + 1, holder_host = $3, holder_boot_id = $4, holder_pid_namespace = $9,
         holder_pid = $5, holder_started = $6, locked_at = $2, heartbeat_at = $2, heartbeat_boot_ms = $8,
-        heartbeat_db_at = {SERVER_NOW}, uses = uses + 1, last_used_at = $2
+        heartbeat_db_at = {SERVER_CLOCK}, uses = uses + 1, last_used_at = $2
   WHERE id = (SELECT k.id FROM keys k
                WHERE k.connector = $1 AND {scope} AND {claimable} AND NOT (k.key_name = ANY($7))
                  AND NOT {locked}
@@ -655,7 +661,7 @@ impl Backend for Postgres {
             let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
             let rows = tx.query(
                 &format!(
-                    "UPDATE keys SET heartbeat_at = $1, heartbeat_boot_ms = $2, heartbeat_db_at = {SERVER_NOW}
+                    "UPDATE keys SET heartbeat_at = $1, heartbeat_boot_ms = $2, heartbeat_db_at = {SERVER_CLOCK}
                       WHERE state = 'locked'
                         AND (id, lease) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))
                   RETURNING id, lease"
