@@ -19,6 +19,9 @@ use super::SCHEMA;
 /// How long connecting may take unless the URL says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the server lets a session of ours sit idle inside a transaction before ending it.
+const IDLE_IN_TRANSACTION_MS: u64 = 2_000;
+
 /// Pooled connections per process: concurrent claims on PostgreSQL run in parallel, unlike SQLite's.
 const POOL_SIZE: u32 = 16;
 
@@ -128,9 +131,13 @@ impl Manager {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A session left idle inside a transaction (its process stopped, frozen or cut off mid-write)
+        // is ended by the server, and its row and advisory locks with it: no other host's write waits
+        // on a frozen one for longer than that. apijongler's own transactions take milliseconds.
+        let ours = format!("-c search_path={SCHEMA} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}");
         let options = match config.get_options() {
-            Some(given) => format!("{given} -c search_path={SCHEMA}"),
-            None => format!("-c search_path={SCHEMA}"),
+            Some(given) => format!("{given} {ours}"),
+            None => ours,
         };
         config
             .options(&options)
