@@ -718,8 +718,17 @@ impl Backend for Postgres {
               RETURNING connector, key_name, fingerprint, state, lockdown_until",
                 end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3")
             );
+            // A key whose row another session holds (its holder ending the lease right now, or one
+            // stopped mid-write until the server ends its session) is left for the next reap: one
+            // such row must not hold back every other stale key.
+            let ids: Vec<i64> = ordered.iter().map(|eviction| eviction.id).collect();
+            let free: std::collections::HashSet<i64> = tx
+                .query("SELECT id FROM keys WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED", &[&ids])?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
             let mut written = Vec::new();
-            for eviction in &ordered {
+            for eviction in ordered.iter().filter(|eviction| free.contains(&eviction.id)) {
                 let params: [&(dyn postgres::types::ToSql + Sync); 5] =
                     [&eviction.id, &eviction.lease, &now, &eviction.heartbeat_at, &eviction.heartbeat_boot_ms];
                 let Some(row) = tx.query_opt(&sql, &params)? else { continue };
