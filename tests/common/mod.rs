@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod gateway;
+pub mod hosts;
 pub mod socks;
 
 use std::io::{BufRead, BufReader, Write};
