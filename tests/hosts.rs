@@ -6,7 +6,10 @@
 //! one from the database and steps one's wall clock by minutes.
 //!
 //! Runs when `APIJONGLER_TEST_PG` names a server (`.ci/postgres` starts one); skipped otherwise, and
-//! when not root or without namespaces, unless `CI=true` (see `common::hosts::cannot_run`).
+//! when not root or without namespaces or libfaketime, unless `CI=true` (see
+//! `common::hosts::cannot_run`). By hand, as root:
+//! `APIJONGLER_TEST_PG='postgres://postgres@/postgres?host=/run/pg' cargo test --test hosts`
+//! (`APIJONGLER_TEST_KEEP_LOGS=1` keeps every worker's stdout and stderr, and says where).
 
 mod common;
 
