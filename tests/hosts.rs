@@ -181,7 +181,7 @@ fn three_hosts_lose_no_key_to_a_killed_frozen_cut_or_clock_stepped_host() {
 }
 
 /// The store bug the test above works around (see [`IDLE_IN_TRANSACTION_TIMEOUT_MS`]). It depends on
-/// the freeze catching a process inside a transaction, which it did in about one run in three here.
+/// the freeze catching a process inside a transaction, which it did in 7 of 14 runs here.
 #[test]
 #[ignore = "store bug, reported: a process stopped inside a transaction keeps its row locks, and the frozen host's keys never come back"]
 fn three_hosts_lose_no_key_without_an_idle_transaction_timeout() {
