@@ -6,6 +6,7 @@
 
 pub mod browser;
 pub mod gateway;
+pub mod hosts;
 pub mod socks;
 pub mod store;
 
