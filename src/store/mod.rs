@@ -94,6 +94,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// The database file.
     fn path(&self) -> &Path;
 
+    /// Whether hosts with different keyrings may share this store: then a sync only adds, restores
+    /// and regroups keys unless told to apply its keyring as the truth (`SyncSource::as_truth`), and a
+    /// coordinator passes over the keys its keyring cannot serve. SQLite's file belongs to one host.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// The schema version recorded in the file.
     fn schema_version(&self) -> Result<i64>;
 
@@ -296,6 +303,13 @@ impl Store {
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<i64> {
         self.backend.schema_version()
+    }
+
+    /// Whether several hosts (with keyrings of their own) may share this store: PostgreSQL. A keyring
+    /// sync then only adds, restores and regroups keys, unless it applies the keyring as the truth
+    /// (`Coordinator::sync_as_truth`).
+    pub fn is_shared(&self) -> bool {
+        self.backend.is_shared()
     }
 
     /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.
