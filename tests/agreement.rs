@@ -54,14 +54,14 @@ fn random_pool(seed: u64) -> (Sandbox, Coordinator) {
     for index in 0..KEYS {
         let name = format!("key{index}");
         if random.below(3) == 0 {
-            sql.execute("UPDATE keys SET project_learned = 'p1' WHERE key_name = ?1", [&name]).expect("project");
+            sql.execute("UPDATE keys SET project_learned = 'p1' WHERE key_name = ?1", &[&name]).expect("project");
         }
         match random.below(6) {
-            0 => sql.execute("UPDATE keys SET state = 'error', reason = 'bad' WHERE key_name = ?1", [&name]),
-            1 => sql.execute("UPDATE keys SET retired_at = ?2 WHERE key_name = ?1", (&name, now)),
+            0 => sql.execute("UPDATE keys SET state = 'error', reason = 'bad' WHERE key_name = ?1", &[&name]),
+            1 => sql.execute("UPDATE keys SET retired_at = ?2 WHERE key_name = ?1", &[&name, &now]),
             2 => sql.execute(
                 "UPDATE keys SET state = 'lockdown', lockdown_until = ?2 WHERE key_name = ?1",
-                (&name, now + *random.pick(&[-HOUR, HOUR])),
+                &[&name, &(now + *random.pick(&[-HOUR, HOUR]))],
             ),
             _ => Ok(0),
         }
@@ -73,9 +73,10 @@ fn random_pool(seed: u64) -> (Sandbox, Coordinator) {
         let model = random.pick(&["*", "m1", "m2"]);
         let until = now + *random.pick(&[-HOUR, HOUR]);
         sql.execute(
-            "INSERT OR REPLACE INTO lockdowns (connector, scope, model, until, reason, set_by_key, set_at)
-             VALUES (?1, ?2, ?3, ?4, 'random', 'key0', ?5)",
-            (CONNECTOR, scope, model, until, now),
+            "INSERT INTO lockdowns (connector, scope, model, until, reason, set_by_key, set_at)
+             VALUES (?1, ?2, ?3, ?4, 'random', 'key0', ?5)
+             ON CONFLICT (connector, scope, model) DO UPDATE SET until = excluded.until",
+            &[&CONNECTOR, scope, model, &until, &now],
         )
         .expect("lockdown");
     }

@@ -422,7 +422,7 @@ async fn lockdowns_by_model_and_group_in_status_why_history_and_db() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
     let midnight = api_jongler::classify::next_pacific_midnight(now);
     let daily = "GenerateRequestsPerDayPerProjectPerModel-FreeTier";
-    let connection = sandbox.sql();
+    let connection = sandbox.sqlite();
     connection
         .execute_batch(
             "UPDATE keys SET quota_group = 'my-project';
@@ -545,7 +545,7 @@ async fn lockdowns_by_model_and_group_in_status_why_history_and_db() {
     assert_exit(&output, 0);
     let recipes = recipes(&text(&output.stdout));
     assert!(recipes.len() >= 7, "{recipes:?}");
-    let connection = sandbox.sql();
+    let connection = sandbox.sqlite();
     let mut found = std::collections::HashMap::new();
     for (title, sql) in &recipes {
         let mut statement = connection.prepare(sql).unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
@@ -601,7 +601,7 @@ async fn status_and_why_print_one_json_shape_of_a_key() {
     let connection = sandbox.sql();
     let others = format!("key_name <> '{}'", held.key_name());
     connection
-        .execute_batch(&format!(
+        .batch(&format!(
             "UPDATE keys SET quota_group = 'g', uses = 7, last_used_at = {now} WHERE {others};
              UPDATE keys SET state = 'error', reason = '400 invalid API key', http_status = 400
                WHERE {others} AND key_name = (SELECT min(key_name) FROM keys WHERE {others});

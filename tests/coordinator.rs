@@ -209,7 +209,7 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
             .sql()
             .execute(
                 "UPDATE keys SET holder_pid = ?1, holder_started = ?2 WHERE key_name = ?3",
-                rusqlite::params![pid, recorded_start, key],
+                &[&pid, &recorded_start, &key],
             )
             .expect("forge holder");
     };
@@ -246,10 +246,8 @@ fn heartbeats_keep_a_held_key_from_going_stale() {
     let holder = sandbox.coordinator(options.clone());
     let lease = holder.claim("c", &[], Duration::ZERO).expect("claim");
     // As if the holder ran in another container: the reaper can judge it by its heartbeat alone.
-    sandbox.sql().execute("UPDATE keys SET holder_pid_namespace = 'another'", []).expect("forge");
-    let heartbeat_at = || -> i64 {
-        sandbox.sql().query_row("SELECT heartbeat_at FROM keys", [], |row| row.get(0)).expect("heartbeat_at")
-    };
+    sandbox.sql().execute("UPDATE keys SET holder_pid_namespace = 'another'", &[]).expect("forge");
+    let heartbeat_at = || -> i64 { sandbox.sql().value("SELECT heartbeat_at FROM keys", &[]).expect("heartbeat_at") };
     let first = heartbeat_at();
     // Wait until the heartbeat has moved the row well past the stale threshold since the claim.
     wait_until(Duration::from_secs(60), "heartbeats past the stale threshold", || heartbeat_at() > first + 3_000);
@@ -342,9 +340,7 @@ fn no_secret_reaches_the_database_file() {
     }
     let held = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
     let keyring = sandbox.load_keyring();
-    let mut bytes = std::fs::read(&sandbox.db).expect("db");
-    bytes.extend(std::fs::read(sandbox.db.with_extension("db-wal")).expect("wal"));
-    let text = String::from_utf8_lossy(&bytes);
+    let text = sandbox.stored_text();
     assert!(text.contains(keyring.keys("c").expect("keys")[0].fingerprint().as_str()), "fingerprints are stored");
     for (_, key) in keyring.all_keys() {
         use secrecy::ExposeSecret;

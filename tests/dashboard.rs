@@ -65,14 +65,8 @@ async fn the_page_shows_the_pool_live_and_no_secret() {
     .await
     .unwrap();
     assert!(text.contains("error") && text.contains("vacant"), "{text}");
-    for fingerprint in sandbox
-        .sql()
-        .prepare("SELECT fingerprint FROM keys")
-        .unwrap()
-        .query_map([], |row| row.get::<_, String>(0))
-        .unwrap()
-    {
-        assert!(text.contains(&fingerprint.unwrap()), "each key's fingerprint is shown: {text}");
+    for fingerprint in sandbox.sql().column::<String>("SELECT fingerprint FROM keys", &[]).unwrap() {
+        assert!(text.contains(&fingerprint), "each key's fingerprint is shown: {text}");
     }
 
     // Another process (a user's sqlite3) sets a lockdown; the page shows it without a reload.

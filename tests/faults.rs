@@ -195,6 +195,9 @@ async fn a_holder_stopped_after_its_claim_never_sends_once_its_key_was_taken() {
 /// must not evict A (alive and running) and must wait for A's key instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_external_write_lock_never_makes_a_live_holder_lose_its_key() {
+    if common::sqlite_only("a sqlite3 shell holds the write lock") {
+        return;
+    }
     let mock = mock_answering_after(Duration::from_secs(8)).await;
     let sandbox = sandbox(1, &mock);
     let a = request_worker(&sandbox, &[]);
@@ -245,6 +248,9 @@ async fn a_stepped_wall_clock_never_evicts_a_live_holder() {
 /// long and how to find the holder, instead of retrying for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_under_a_lock_that_never_ends_fails_with_exit_6() {
+    if common::sqlite_only("a sqlite3 shell holds the write lock") {
+        return;
+    }
     let mock = MockUpstream::start(MockConfig::default()).await.expect("mock");
     let sandbox = sandbox(1, &mock);
     let shell = SqliteShell::lock(&sandbox);
@@ -264,6 +270,9 @@ async fn a_request_under_a_lock_that_never_ends_fails_with_exit_6() {
 /// while the process lives and goes on holding its other key.
 #[test]
 fn a_release_that_failed_is_written_later_and_never_renewed_meanwhile() {
+    if common::sqlite_only("a sqlite3 shell holds the write lock") {
+        return;
+    }
     let sandbox = Sandbox::new("c", 2);
     let options = CoordinatorOptions {
         heartbeat_interval: Duration::from_millis(50),
@@ -298,6 +307,9 @@ fn a_release_that_failed_is_written_later_and_never_renewed_meanwhile() {
 /// CLI) instead of working on a file nobody else sees.
 #[test]
 fn a_deleted_database_is_noticed_before_the_next_claim() {
+    if common::sqlite_only("the database file is deleted") {
+        return;
+    }
     let sandbox = Sandbox::new("c", 1);
     let coordinator = sandbox.coordinator(sandbox.options());
     coordinator.claim("c", &[], Duration::ZERO).expect("claim").release().expect("release");
@@ -312,6 +324,9 @@ fn a_deleted_database_is_noticed_before_the_next_claim() {
 /// spent) is printed; the bookkeeping failure is reported on stderr with exit 9.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_printed_even_when_the_database_cannot_record_it() {
+    if common::sqlite_only("the database file is deleted") {
+        return;
+    }
     let mock = mock_answering_after(Duration::from_secs(8)).await;
     let sandbox = sandbox(1, &mock);
     let child = cli_request_in_flight(&sandbox, &mock).await;

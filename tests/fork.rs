@@ -137,9 +137,13 @@ fn in_child(
     Ok(())
 }
 
-/// How many files of the pool's database (the database, its WAL and shared memory) this process has open.
+/// How many files of the pool's database (the database, its WAL and shared memory) this process has open;
+/// on PostgreSQL, how many sockets (the pool's connections to the server are the only ones in this test).
 fn database_files_open(options: &CoordinatorOptions) -> usize {
-    let db = options.db_path.as_ref().expect("the sandbox names its database").to_string_lossy().into_owned();
+    let mut db = options.db_path.as_ref().expect("the sandbox names its database").to_string_lossy().into_owned();
+    if common::on_postgres() {
+        db = "socket:".to_owned();
+    }
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
@@ -149,12 +153,8 @@ fn database_files_open(options: &CoordinatorOptions) -> usize {
 
 /// The holder pid and lease token of a locked key; `None` when it is not locked.
 fn holder_of(sandbox: &Sandbox, key: &str) -> Option<(u32, i64)> {
-    sandbox
-        .sql()
-        .query_row("SELECT holder_pid, lease FROM keys WHERE key_name = ?1 AND state = 'locked'", [key], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .ok()
+    let row = sandbox.sql().row("SELECT holder_pid, lease FROM keys WHERE key_name = ?1 AND state = 'locked'", &[&key]);
+    row.ok().map(|row| (row.get(0), row.get(1)))
 }
 
 /// The child's exit code, or `None` if a signal ended it; a child still running at the deadline is

@@ -642,7 +642,7 @@ async fn metrics_count_the_key_states_status_json_shows() {
     let free: Vec<String> = (0..5).map(|i| format!("key{i}")).filter(|name| name != held.key_name()).collect();
     sandbox
         .sql()
-        .execute_batch(&format!(
+        .batch(&format!(
             "UPDATE keys SET state = 'error', reason = 'test' WHERE key_name = '{}';
              UPDATE keys SET retired_at = {now} WHERE key_name = '{}';
              INSERT INTO lockdowns (connector, scope, model, until, reason, set_by_key, set_at)

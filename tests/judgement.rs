@@ -132,7 +132,7 @@ async fn the_openai_layers_array_wrapped_429_locks_down_the_quota_it_names() {
     assert_eq!(in_error(&sandbox), Vec::<String>::new());
     let quota_id: String = sandbox
         .sql()
-        .query_row("SELECT quota_id FROM lockdowns WHERE model = ?1", [PRO], |row| row.get(0))
+        .value("SELECT quota_id FROM lockdowns WHERE model = ?1", &[&PRO])
         .expect("one lockdown of the model");
     assert_eq!(quota_id, api_jongler::mock::PER_DAY_QUOTA_ID);
     // The quota was the model's: another model is served by the same keys, with the upstream's answer.

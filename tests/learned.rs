@@ -93,7 +93,7 @@ fn a_replayed_quota_failure_paces_its_scope_until_the_providers_midnight_on_both
         assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
         let reason: String = sandbox
             .sql()
-            .query_row("SELECT reason FROM lockdowns WHERE quota_id = 'apijongler:paced'", [], |row| row.get(0))
+            .value("SELECT reason FROM lockdowns WHERE quota_id = 'apijongler:paced'", &[])
             .expect("a paced lockdown");
         assert_eq!(reason, "paced: 3/min learned from GenerateRequestsPerMinutePerProjectPerModel-FreeTier for m");
         coordinator
@@ -144,12 +144,8 @@ async fn the_upstreams_429_teaches_the_pool_and_why_status_and_metrics_show_it()
     }
     let third = jongler.request("POST", ENDPOINT, "{}").await;
     assert!(!matches!(&third, Ok(response) if response.status == 200), "the mock's quota is spent");
-    let sql = sandbox.sql();
-    let row: (String, String, String) = sql
-        .query_row("SELECT quota_scope, model, limit_text FROM learned_limits", [], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .expect("one lesson");
+    let row = sandbox.sql().row("SELECT quota_scope, model, limit_text FROM learned_limits", &[]).expect("one lesson");
+    let row: (String, String, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(row, ("key:key0".to_owned(), "gemini-2.5-flash".to_owned(), "2/min".to_owned()));
 
     let why = sandbox.apijongler().args(["why", GEMINI, "key0", "--model", "gemini-2.5-flash"]).output().expect("why");
@@ -208,7 +204,7 @@ async fn a_token_limit_reserves_the_estimate_and_settles_it_from_the_answers_usa
     assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
     let reason: String = sandbox
         .sql()
-        .query_row("SELECT reason FROM lockdowns WHERE quota_id = 'apijongler:paced'", [], |row| row.get(0))
+        .value("SELECT reason FROM lockdowns WHERE quota_id = 'apijongler:paced'", &[])
         .expect("a paced lockdown");
     assert_eq!(reason, "paced: 100 tokens/min declared for gemini-2.5-flash");
     assert_eq!(sandbox.count("SELECT sum(prompt_tokens) FROM requests"), 10, "the requests record their tokens");

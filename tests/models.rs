@@ -391,8 +391,7 @@ async fn the_project_an_answer_reveals_is_learned_by_the_key() {
     let error = jongler.request("POST", PRO, "{}").await.expect_err("the only key is locked down");
     assert!(matches!(error, Error::NoKeyAvailable(_)), "{error}");
     let number = api_jongler::mock::project_number("alpha").to_string();
-    let learned: Option<String> =
-        rate_limited.sql().query_row("SELECT project_learned FROM keys", [], |row| row.get(0)).expect("key row");
+    let learned: Option<String> = rate_limited.sql().value("SELECT project_learned FROM keys", &[]).expect("key row");
     assert_eq!(learned.as_deref(), Some(number.as_str()), "the lockdown's project reached the key");
 
     // A service disabled for the key's project: once another key answers the same request, the key
@@ -415,12 +414,9 @@ async fn the_project_an_answer_reveals_is_learned_by_the_key() {
         let response = jongler.request("POST", PRO, "{}").await.expect("an answer");
         assert_eq!(response.status, 200, "the other key answered: {response:?}");
     }
-    let (state, learned): (String, Option<String>) = sandbox
-        .sql()
-        .query_row("SELECT state, project_learned FROM keys WHERE key_name = 'key0'", [], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .expect("key row");
+    let row =
+        sandbox.sql().row("SELECT state, project_learned FROM keys WHERE key_name = 'key0'", &[]).expect("key row");
+    let (state, learned): (String, Option<String>) = (row.get(0), row.get(1));
     assert_eq!(
         (state.as_str(), learned.as_deref()),
         ("error", Some("411082643095")),

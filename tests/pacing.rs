@@ -14,15 +14,10 @@ const T0: i64 = 1_800_000_000_000;
 
 /// The paced lockdowns of the pool: (scope, model, until, reason).
 fn paced(sandbox: &Sandbox) -> Vec<(String, String, i64, String)> {
-    let sql = sandbox.sql();
-    let mut statement = sql
-        .prepare("SELECT scope, model, until, reason FROM lockdowns WHERE quota_id = 'apijongler:paced'")
-        .expect("sql");
-    statement
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
+    let sql =
+        "SELECT scope, model, until, reason FROM lockdowns WHERE quota_id = 'apijongler:paced' ORDER BY scope, model";
+    let rows = sandbox.sql().query(sql, &[]).expect("paced lockdowns");
+    rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect()
 }
 
 /// A group limited to 3 requests per 10 s for model m: three claims in a row go through on either
@@ -110,10 +105,7 @@ fn sixteen_processes_never_put_eleven_in_a_window_even_when_some_are_killed() {
         let output = survivor.wait_with_output().expect("wait");
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     }
-    let sql = sandbox.sql();
-    let mut statement = sql.prepare("SELECT at FROM reservations ORDER BY at").expect("sql");
-    let at: Vec<i64> =
-        statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows");
+    let at: Vec<i64> = sandbox.sql().column("SELECT at FROM reservations ORDER BY at", &[]).expect("reservations");
     assert!(at.len() > 10, "more than one window's worth went through ({} reservations)", at.len());
     const WINDOW: i64 = 1_000 + 500;
     for (index, &end) in at.iter().enumerate() {
@@ -179,15 +171,10 @@ async fn declared_limits_meet_the_upstreams_window_without_a_429() {
     assert_eq!((ok, limited), (48, 0), "every request succeeded, none met a 429");
     // The pool paced it (without limits, 4 processes send 12 requests a key in well under a second):
     // each key's 12 reservations, at most 3 per 2.5 s, span more than 3 windows.
-    let sql = sandbox.sql();
-    let mut spans = sql
-        .prepare("SELECT quota_scope, count(*), max(at) - min(at) FROM reservations GROUP BY quota_scope")
-        .expect("sql");
-    let spans: Vec<(String, i64, i64)> = spans
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let spans = "SELECT quota_scope, count(*), max(at) - min(at) FROM reservations GROUP BY quota_scope";
+    let spans: Vec<(String, i64, i64)> = (sandbox.sql().query(spans, &[]).expect("spans").iter())
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
     assert_eq!(spans.len(), 4, "{spans:?}");
     for (scope, count, span) in spans {
         assert_eq!(count, 12, "{scope}: one reservation per request");
@@ -278,7 +265,7 @@ fn a_simulated_hour_at_full_demand_meets_a_rolling_window_without_a_429() {
                 // Nothing to do until the window has room: the paced lockdown says when.
                 let next: i64 = sandbox
                     .sql()
-                    .query_row("SELECT min(until) FROM lockdowns WHERE until > ?1", [clock.now_ms()], |row| row.get(0))
+                    .value("SELECT min(until) FROM lockdowns WHERE until > ?1", &[&clock.now_ms()])
                     .expect("a paced lockdown ends");
                 clock.set(next);
             }

@@ -274,11 +274,14 @@ fn sixteen_processes_open_a_fresh_database_at_once() {
     for opener in openers {
         wait_success(opener);
     }
-    let connection = sandbox.sql();
-    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
-    assert_eq!(version, api_jongler::store::SCHEMA_VERSION);
-    let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).expect("mode");
-    assert_eq!(mode, "wal");
+    // The file's own stamps (PostgreSQL keeps its schema version in a table of the store's own).
+    if !common::on_postgres() {
+        let connection = sandbox.sqlite();
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
+        assert_eq!(version, api_jongler::store::SCHEMA_VERSION);
+        let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).expect("mode");
+        assert_eq!(mode, "wal");
+    }
     assert_eq!(sandbox.states().len(), 4);
     let added = sandbox.history().iter().filter(|row| row.event == HistoryEvent::Added).count();
     assert_eq!(added, 4, "each key was added once, by one of the sixteen");

@@ -76,7 +76,7 @@ fn prune_a_million_rows_while_16_processes_claim() {
     let filled = Instant::now();
     sandbox
         .sql()
-        .execute_batch(&format!(
+        .batch(&format!(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
              INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, event, lease)
              SELECT {old} + i, 'bench', 'key' || (i % {KEYS}), 'ffffffff', 'vacant', 'locked', 'claimed', 'claimed', i FROM n;"

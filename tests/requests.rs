@@ -62,12 +62,9 @@ fn json(status: u16, body: &str) -> ResponseTemplate {
 }
 
 fn state_of(sandbox: &Sandbox, key: &str) -> (String, Option<i64>, Option<String>) {
-    sandbox
-        .sql()
-        .query_row("SELECT state, lockdown_until, reason FROM keys WHERE key_name = ?1", [key], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .expect("key row")
+    let row = sandbox.sql().row("SELECT state, lockdown_until, reason FROM keys WHERE key_name = ?1", &[&key]);
+    let row = row.expect("key row");
+    (row.get(0), row.get(1), row.get(2))
 }
 
 #[tokio::test]
@@ -182,11 +179,7 @@ async fn timeouts_and_refused_connections_blame_no_key() {
     let error = jongler.request("POST", ENDPOINT, "{}").await.expect_err("times out");
     assert!(matches!(error, Error::Transport { attempts: 3, .. }), "{error:?}");
     assert!(sandbox.states().iter().all(|(_, state)| state == "vacant"));
-    let outcomes: Vec<String> = sandbox
-        .sql()
-        .prepare("SELECT outcome FROM requests")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .expect("outcomes");
+    let outcomes: Vec<String> = sandbox.sql().column("SELECT outcome FROM requests", &[]).expect("outcomes");
     assert_eq!(outcomes, ["timeout", "timeout", "timeout"]);
 
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -229,11 +222,8 @@ async fn request_json_returns_data_or_a_typed_error() {
         Err(Error::NotJson { status: 200, text }) => assert_eq!(text, "plain words"),
         other => panic!("expected not-json, got {other:?}"),
     }
-    let endpoints: Vec<String> = sandbox
-        .sql()
-        .prepare("SELECT endpoint FROM requests ORDER BY id")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .expect("endpoints");
+    let endpoints: Vec<String> =
+        sandbox.sql().column("SELECT endpoint FROM requests ORDER BY id", &[]).expect("endpoints");
     assert_eq!(endpoints, ["/ok", "/missing", "/text"], "recorded without the query string");
 }
 
@@ -349,9 +339,7 @@ async fn a_per_connection_jongler_dropped_without_disconnect_gives_its_key_back(
     drop(jongler);
     let db = sandbox.db.clone();
     let released = move || {
-        rusqlite::Connection::open(&db)
-            .and_then(|c| c.query_row("SELECT state FROM keys", [], |row| row.get::<_, String>(0)))
-            .is_ok_and(|state| state == "vacant")
+        common::Sql::open(&db).value::<String>("SELECT state FROM keys", &[]).is_ok_and(|state| state == "vacant")
     };
     tokio::task::spawn_blocking(move || common::wait_until(Duration::from_secs(60), "the key released", released))
         .await
@@ -403,7 +391,7 @@ async fn stored_outcomes_read_back_and_unknown_words_are_refused() {
     let attempts = jongler.coordinator().store().attempts(None).expect("attempts");
     let outcomes: Vec<String> = attempts.iter().map(|attempt| attempt.outcome.to_string()).collect();
     assert_eq!(outcomes, ["success"]);
-    sandbox.sql().execute("UPDATE requests SET outcome = 'sucess'", []).expect("update");
+    sandbox.sql().execute("UPDATE requests SET outcome = 'sucess'", &[]).expect("update");
     let error = jongler.coordinator().store().attempts(None).expect_err("an unknown outcome is refused");
     let mut chain = error.to_string();
     let mut cause = std::error::Error::source(&error);

@@ -139,7 +139,7 @@ async fn a_file_uploaded_with_one_project_s_key_is_used_on_that_project_s_keys()
     let upload_id = chunk_url.split("upload_id=").nth(1).unwrap().split('&').next().unwrap();
     let session = format!("SELECT count(*) FROM resources WHERE name LIKE 'uploads/%' AND key_name = '{uploader}'");
     assert_eq!(sandbox.count(&session), 1, "the session is recorded as the uploader's");
-    let leaked = format!("SELECT count(*) FROM resources WHERE instr(name, '{upload_id}') > 0");
+    let leaked = format!("SELECT count(*) FROM resources WHERE name LIKE '%{upload_id}%'");
     assert_eq!(sandbox.count(&leaked), 0, "the upload_id, a capability, is not stored");
     let used = secrets_naming(&upstream, &name);
     assert_eq!(used.len(), 9);
@@ -386,7 +386,7 @@ async fn a_cached_content_is_used_on_its_project_s_keys() {
     let deleted = jongler.request("DELETE", &format!("/v1beta/{name}"), "").await.unwrap();
     assert_eq!((deleted.status, project_of(deleted.key_name.as_deref().unwrap())), (200, owner));
     let expiry = sandbox.count(&format!(
-        "SELECT expires_at - created_at BETWEEN 590000 AND 610000 FROM resources WHERE name = '{name}'"
+        "SELECT count(*) FROM resources WHERE name = '{name}' AND expires_at - created_at BETWEEN 590000 AND 610000"
     ));
     assert_eq!(expiry, 1, "the cached content's expireTime is recorded");
     assert_eq!(upstream.file_refusals(), 0);

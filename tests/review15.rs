@@ -21,9 +21,10 @@ fn json(status: u16, body: &str) -> ResponseTemplate {
 }
 
 fn keys_in_error(sandbox: &Sandbox) -> Vec<String> {
-    let sql = sandbox.sql();
-    let mut statement = sql.prepare("SELECT key_name FROM keys WHERE state = 'error' ORDER BY key_name").expect("sql");
-    statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+    sandbox
+        .sql()
+        .column("SELECT key_name FROM keys WHERE state = 'error' ORDER BY key_name", &[])
+        .expect("keys in error")
 }
 
 /// A user connector for an OpenAI-compatible endpoint at the server, keys as `Authorization: Bearer`.
@@ -190,7 +191,7 @@ async fn a_suspect_is_not_held_through_a_backoff() {
     // A wait, as `serve` (30 s) and `request` (5 m) have by default: only then is a suspect held.
     let wait = std::time::Duration::from_secs(30);
     let jongler = sandbox.jongler(connector).wait(wait).connect().await.expect("jongler");
-    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", []).expect("order");
+    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", &[]).expect("order");
     let request = tokio::spawn(async move { jongler.request("POST", ENDPOINT, "{}").await });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
     while server.received_requests().await.map_or(0, |seen| seen.len()) < 2 {
@@ -198,8 +199,7 @@ async fn a_suspect_is_not_held_through_a_backoff() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     // The 503 came; the request now sleeps 5 s. Its suspect should be vacant well before that ends.
-    let state =
-        || sandbox.sql().query_row("SELECT state FROM keys WHERE key_name = 'key0'", [], |row| row.get::<_, String>(0));
+    let state = || sandbox.sql().value::<String>("SELECT state FROM keys WHERE key_name = 'key0'", &[]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     let mut seen = state().expect("state");
     while seen != "vacant" && std::time::Instant::now() < deadline {
@@ -258,7 +258,7 @@ async fn a_dropped_request_gives_its_suspect_back() {
     sandbox.point_connector(connector, "127.0.0.1", server.address().port(), serde_json::json!({ "backoff_ms": 5 }));
     let wait = std::time::Duration::from_secs(30);
     let jongler = sandbox.jongler(connector).wait(wait).connect().await.expect("jongler");
-    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", []).expect("order");
+    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", &[]).expect("order");
     let request = tokio::spawn({
         let jongler = jongler.clone();
         async move { jongler.request("POST", ENDPOINT, "{}").await }

@@ -27,10 +27,8 @@ fn claim(coordinator: &Coordinator, model: &str) -> bool {
 
 /// The `at` of every reservation of (scope, model), oldest first.
 fn reservations(sandbox: &Sandbox, scope: &str, model: &str) -> Vec<i64> {
-    let sql = sandbox.sql();
-    let mut statement =
-        sql.prepare("SELECT at FROM reservations WHERE quota_scope = ?1 AND model = ?2 ORDER BY at").expect("sql");
-    statement.query_map([scope, model], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+    let sql = "SELECT at FROM reservations WHERE quota_scope = ?1 AND model = ?2 ORDER BY at";
+    sandbox.sql().column(sql, &[&scope, &model]).expect("reservations")
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -289,12 +287,9 @@ fn a_429_during_a_paced_lockdown_is_one_strike() {
         taught: Vec::new(),
     };
     in_flight.finish(&Fate::Lockdown(lockdown), None).expect("finish");
-    let (strikes, until): (i64, i64) = sandbox
-        .sql()
-        .query_row("SELECT strikes, until FROM lockdowns WHERE scope = 'group:g' AND model = 'm'", [], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .expect("row");
+    let row = sandbox.sql().row("SELECT strikes, until FROM lockdowns WHERE scope = 'group:g' AND model = 'm'", &[]);
+    let row = row.expect("row");
+    let (strikes, until): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!((strikes, until), (1, paced_until), "one strike; the later end kept");
 }
 

@@ -79,9 +79,7 @@ async fn no_secret_in_logs_errors_or_the_database() {
     texts.extend(jongler.cleanup(true).await.expect("cleanup").iter().map(|t| format!("{t:?}")));
 
     let logs = String::from_utf8_lossy(&captured.0.lock().expect("logs")).into_owned();
-    let mut database = std::fs::read(&sandbox.db).expect("db");
-    database.extend(std::fs::read(sandbox.db.with_extension("db-wal")).unwrap_or_default());
-    let database = String::from_utf8_lossy(&database).into_owned();
+    let database = sandbox.stored_text();
     let keyring = sandbox.load_keyring();
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "the scenario was logged in detail");
     for (_, key) in keyring.all_keys() {

@@ -19,9 +19,10 @@ fn secret(connector: &str, index: usize) -> String {
 }
 
 fn keys_in_error(sandbox: &Sandbox) -> Vec<String> {
-    let sql = sandbox.sql();
-    let mut statement = sql.prepare("SELECT key_name FROM keys WHERE state = 'error' ORDER BY key_name").expect("sql");
-    statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+    sandbox
+        .sql()
+        .column("SELECT key_name FROM keys WHERE state = 'error' ORDER BY key_name", &[])
+        .expect("keys in error")
 }
 
 /// A sandbox with `keys` keys for `connector`, pointed at `mock` through a connector file in the
@@ -199,7 +200,7 @@ async fn a_suspect_is_kept_through_a_short_backoff() {
     let wait = std::time::Duration::from_secs(30);
     let jongler = sandbox.jongler(connector).wait(wait).connect().await.expect("jongler");
     // key0 is claimed first: key1 was used more recently.
-    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", []).expect("order");
+    sandbox.sql().execute("UPDATE keys SET last_used_at = 1 WHERE key_name = 'key1'", &[]).expect("order");
     let first = tokio::spawn({
         let jongler = jongler.clone();
         async move { jongler.request("POST", ENDPOINT, "{}").await }

@@ -43,15 +43,8 @@ fn snapshot(sandbox: &Sandbox) -> String {
     let connection = sandbox.sql();
     let mut dump = String::new();
     for table in ["keys", "history", "requests"] {
-        let mut statement = connection.prepare(&format!("SELECT * FROM {table} ORDER BY id")).expect("prepare");
-        let columns = statement.column_count();
-        let rows = statement
-            .query_map([], |row| {
-                (0..columns).map(|index| row.get::<_, rusqlite::types::Value>(index)).collect::<Result<Vec<_>, _>>()
-            })
-            .expect("query");
-        for row in rows {
-            dump.push_str(&format!("{table} {:?}\n", row.expect("row")));
+        for row in connection.query(&format!("SELECT * FROM {table} ORDER BY id"), &[]).expect("snapshot") {
+            dump.push_str(&format!("{table} {row:?}\n"));
         }
     }
     dump
@@ -170,7 +163,7 @@ fn a_sync_that_changes_nothing_takes_no_write_lock() {
 
     // Another process holds the write lock until the syncs below are done (or the test gives up).
     let blocker = sandbox.sql();
-    blocker.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+    blocker.lock_writes().expect("take the write lock");
     let done = std::thread::scope(|scope| {
         let syncs = scope.spawn(|| {
             // The same keyring again, then a keyring of another connector: neither has anything to change.
@@ -184,7 +177,7 @@ fn a_sync_that_changes_nothing_takes_no_write_lock() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let finished = syncs.is_finished();
-        blocker.execute_batch("ROLLBACK").expect("release the write lock");
+        blocker.rollback().expect("release the write lock");
         let result = syncs.join().expect("syncs");
         assert!(finished, "the no-op syncs waited for the write lock held by another connection");
         result
@@ -194,15 +187,9 @@ fn a_sync_that_changes_nothing_takes_no_write_lock() {
 
 /// `(connector, key, quota_group, quota_scope)` of every key, by connector and name.
 fn groups(sandbox: &Sandbox) -> Vec<(String, String, Option<String>, String)> {
-    let connection = sandbox.sql();
-    let mut statement = connection
-        .prepare("SELECT connector, key_name, quota_group, quota_scope FROM keys ORDER BY connector, key_name")
-        .expect("prepare");
-    statement
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
+    let sql = "SELECT connector, key_name, quota_group, quota_scope FROM keys ORDER BY connector, key_name";
+    let rows = sandbox.sql().query(sql, &[]).expect("groups");
+    rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect()
 }
 
 /// A history row as `(key, from, to, reason, quota_scope)`.
@@ -210,15 +197,9 @@ type Entry = (String, Option<String>, String, String, Option<String>);
 
 /// The history rows after row `after`.
 fn history_since(sandbox: &Sandbox, after: i64) -> Vec<Entry> {
-    let connection = sandbox.sql();
-    let mut statement = connection
-        .prepare("SELECT key_name, from_state, to_state, reason, quota_scope FROM history WHERE id > ?1 ORDER BY id")
-        .expect("prepare");
-    statement
-        .query_map([after], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
+    let sql = "SELECT key_name, from_state, to_state, reason, quota_scope FROM history WHERE id > ?1 ORDER BY id";
+    let rows = sandbox.sql().query(sql, &[&after]).expect("history");
+    rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))).collect()
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn busy_pool() -> (Sandbox, api_jongler::Coordinator, api_jongler::Lease) {
     let until = now + 3_600_000;
     sandbox
         .sql()
-        .execute_batch(&format!(
+        .batch(&format!(
             "UPDATE keys SET state = 'error', http_status = 400,
                     reason = '400 API key not valid. Please pass a valid API key. (INVALID_ARGUMENT, API_KEY_INVALID)'
               WHERE key_name = 'key1';
@@ -228,7 +228,7 @@ fn age_rows(sandbox: &Sandbox, count: usize, days: i64) {
     let at = now_ms() - days * 86_400_000;
     sandbox
         .sql()
-        .execute_batch(&format!(
+        .batch(&format!(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count})
              INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, event)
              SELECT {at} + i, '{GEMINI}', 'key0', 'ffffffff', 'vacant', 'locked', 'old', 'claimed' FROM n;

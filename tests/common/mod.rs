@@ -1,11 +1,13 @@
-//! Shared by the integration tests: a temporary home for a keyring and a database, the real
-//! `apijongler` binary, and direct reads of the database the way a user's `sqlite3` would.
+//! Shared by the integration tests: a temporary home for a keyring and a database (an SQLite file, or
+//! a fresh PostgreSQL database when `APIJONGLER_TEST_PG` is set: see `store`), the real `apijongler`
+//! binary, and direct reads of the database the way a user's `sqlite3` or `psql` would.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod browser;
 pub mod gateway;
 pub mod socks;
+pub mod store;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -16,11 +18,20 @@ use api_jongler::pool::HistoryEvent;
 use api_jongler::{Coordinator, CoordinatorOptions, Jongler, JonglerBuilder, Keyring, StreamingBody};
 use tempfile::TempDir;
 
-/// A temporary directory with a keyring and a database path in it.
+pub use store::{Sql, on_postgres};
+// Used by the test binaries whose list has SQLite-only tests, not by every binary.
+#[allow(unused_imports)]
+pub use store::sqlite_only;
+
+/// A temporary directory with a keyring, and a database: a path in that directory, or on PostgreSQL
+/// the URL of the sandbox's own database (a `PathBuf` holding the URL's text, which `APIJONGLER_DB`
+/// and `CoordinatorOptions::db_path` both read as a URL).
 pub struct Sandbox {
     pub dir: TempDir,
     pub keyring: PathBuf,
     pub db: PathBuf,
+    /// The PostgreSQL database behind `db`, dropped with the sandbox.
+    pg: Option<store::PgDatabase>,
 }
 
 impl Sandbox {
@@ -52,8 +63,12 @@ impl Sandbox {
         let dir = tempfile::tempdir().expect("tempdir");
         let keyring = dir.path().join("keys.ini");
         std::fs::write(&keyring, ini).expect("write keyring");
-        let db = dir.path().join("state/apijongler.db");
-        Self { dir, keyring, db }
+        let pg = store::PgDatabase::create();
+        let db = match &pg {
+            Some(database) => PathBuf::from(database.url()),
+            None => dir.path().join("state/apijongler.db"),
+        };
+        Self { dir, keyring, db, pg }
     }
 
     /// The directory of this sandbox's connector files (`APIJONGLER_CONNECTORS`).
@@ -108,8 +123,14 @@ impl Sandbox {
         command
     }
 
-    /// A connection as a user's `sqlite3` would open it (read-write).
-    pub fn sql(&self) -> rusqlite::Connection {
+    /// A connection to the database for the test's own SQL, as a user's `sqlite3` or `psql` would open it.
+    pub fn sql(&self) -> Sql {
+        Sql::open(&self.db)
+    }
+
+    /// The SQLite file, for a test of the file itself (see `sqlite_only`).
+    pub fn sqlite(&self) -> rusqlite::Connection {
+        assert!(!on_postgres(), "an SQLite-only test ran on PostgreSQL: it should return at `sqlite_only`");
         let connection = rusqlite::Connection::open(&self.db).expect("open db");
         connection.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
         connection
@@ -117,55 +138,55 @@ impl Sandbox {
 
     /// The single number a query such as `SELECT count(*) ...` answers.
     pub fn count(&self, sql: &str) -> i64 {
-        self.sql().query_row(sql, [], |row| row.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.sql().value(sql, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Everything the store holds, as text to search: the SQLite file and its write-ahead log byte for
+    /// byte (free pages included), or on PostgreSQL every row of every apijongler table.
+    pub fn stored_text(&self) -> String {
+        if on_postgres() {
+            return self.sql().dump().expect("dump");
+        }
+        let mut bytes = std::fs::read(&self.db).expect("db");
+        bytes.extend(std::fs::read(self.db.with_extension("db-wal")).unwrap_or_default());
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Every history row, oldest first, as a user's SQL reads it (an event the library does not know fails
     /// the test).
     pub fn history(&self) -> Vec<HistoryRow> {
-        let connection = self.sql();
-        let mut statement = connection
-            .prepare(
+        let rows = self
+            .sql()
+            .query(
                 "SELECT id, key_name, from_state, to_state, lease, reason, at, holder_pid, event
                    FROM history ORDER BY id",
+                &[],
             )
-            .expect("prepare");
-        statement
-            .query_map([], |row| {
-                Ok(HistoryRow {
-                    key: row.get(1)?,
-                    from: row.get(2)?,
-                    to: row.get(3)?,
-                    lease: row.get(4)?,
-                    reason: row.get(5)?,
-                    at: row.get(6)?,
-                    holder_pid: row.get(7)?,
-                    event: row.get::<_, String>(8)?.parse().expect("a known history event"),
-                })
+            .expect("history");
+        rows.iter()
+            .map(|row| HistoryRow {
+                key: row.get(1),
+                from: row.get(2),
+                to: row.get(3),
+                lease: row.get(4),
+                reason: row.get(5),
+                at: row.get(6),
+                holder_pid: row.get(7),
+                event: row.get::<String>(8).parse().expect("a known history event"),
             })
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows")
+            .collect()
     }
 
     /// The pids recorded as holders of locked keys, as a reaper would read them.
     pub fn holder_pids(&self) -> Vec<u32> {
-        let connection = self.sql();
-        let mut statement = connection
-            .prepare("SELECT holder_pid FROM keys WHERE state = 'locked' AND holder_pid IS NOT NULL")
-            .expect("prepare");
-        statement.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+        let sql = "SELECT holder_pid FROM keys WHERE state = 'locked' AND holder_pid IS NOT NULL";
+        self.sql().column(sql, &[]).expect("holder pids")
     }
 
     /// `(key_name, state)` of every key, by name.
     pub fn states(&self) -> Vec<(String, String)> {
-        let connection = self.sql();
-        let mut statement = connection.prepare("SELECT key_name, state FROM keys ORDER BY key_name").expect("prepare");
-        statement
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows")
+        let rows = self.sql().query("SELECT key_name, state FROM keys ORDER BY key_name", &[]).expect("states");
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect()
     }
 }
 
@@ -251,8 +272,12 @@ pub async fn drain(stream: &mut StreamingBody, limit: Duration) -> (Vec<u8>, boo
     (bytes, ended.is_ok())
 }
 
-/// `PRAGMA integrity_check` says ok.
+/// `PRAGMA integrity_check` says ok. A check of the SQLite file that processes were killed over; on
+/// PostgreSQL the server keeps its own files whole, and there is no file to check.
 pub fn assert_integrity(db: &Path) {
+    if on_postgres() {
+        return;
+    }
     let connection = rusqlite::Connection::open(db).expect("open");
     let verdict: String = connection.query_row("PRAGMA integrity_check", [], |row| row.get(0)).expect("check");
     assert_eq!(verdict, "ok");
@@ -277,6 +302,7 @@ impl SqliteShell {
 
     /// Runs `commands` in a new shell and waits for its first line of output, which starts with `answer`.
     fn open(sandbox: &Sandbox, commands: &str, answer: &str) -> Self {
+        assert!(!on_postgres(), "a sqlite3 shell on PostgreSQL: the test should return at `sqlite_only`");
         let mut child = Command::new("sqlite3")
             .arg(&sandbox.db)
             .stdin(Stdio::piped())

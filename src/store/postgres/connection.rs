@@ -24,8 +24,28 @@ const POOL_SIZE: u32 = 16;
 
 /// A connection with the statements prepared on it.
 pub(super) struct Connection {
-    pub(super) client: Client,
+    /// Always `Some` until dropped (see `Drop`).
+    client: Option<Client>,
     statements: HashMap<String, Statement>,
+}
+
+impl Connection {
+    fn client(&mut self) -> &mut Client {
+        self.client.as_mut().expect("a connection has its client until it is dropped")
+    }
+}
+
+impl Drop for Connection {
+    /// Closing a client blocks on its own runtime, which panics inside an async runtime's thread (a
+    /// store dropped by an async caller drops its pooled connections there): close it on a thread of
+    /// its own then.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            std::thread::spawn(move || drop(client));
+        }
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -43,7 +63,9 @@ pub(super) struct Tx<'a> {
 impl<'a> Tx<'a> {
     /// Begins a transaction on `connection`.
     pub(super) fn begin(connection: &'a mut Connection) -> Result<Self, postgres::Error> {
-        Ok(Self { transaction: connection.client.transaction()?, statements: &mut connection.statements })
+        let Connection { client, statements } = connection;
+        let client = client.as_mut().expect("a connection has its client until it is dropped");
+        Ok(Self { transaction: client.transaction()?, statements })
     }
 
     fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
@@ -95,7 +117,7 @@ impl<'a> Tx<'a> {
 }
 
 /// Opens connections for the pool.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Manager {
     config: Config,
 }
@@ -129,6 +151,9 @@ impl Manager {
             // check on every checkout would cost a round trip per operation.
             .test_on_check_out(false)
             .connection_timeout(CONNECT_TIMEOUT + Duration::from_secs(1))
+            // A failure reaches the caller as an error naming the server; r2d2's own log of it would
+            // only say "db error", once per retry.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(self)
     }
 }
@@ -138,15 +163,15 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
-        Ok(Connection { client: self.config.connect(NoTls)?, statements: HashMap::new() })
+        Ok(Connection { client: Some(self.config.connect(NoTls)?), statements: HashMap::new() })
     }
 
     fn is_valid(&self, connection: &mut Connection) -> Result<(), postgres::Error> {
-        connection.client.simple_query("").map(|_| ())
+        connection.client().simple_query("").map(|_| ())
     }
 
     fn has_broken(&self, connection: &mut Connection) -> bool {
-        connection.client.is_closed()
+        connection.client().is_closed()
     }
 }
 

@@ -51,6 +51,8 @@ const HOLDER_PATIENCE: u32 = 3;
 #[derive(Debug, Clone)]
 pub(crate) struct Postgres {
     pool: r2d2::Pool<Manager>,
+    /// Connects outside the pool, to learn why the pool could not.
+    direct: Manager,
     /// The server's URL, its password masked: what messages name.
     server: PathBuf,
     lock_wait_floor: Duration,
@@ -93,6 +95,11 @@ RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
 impl Postgres {
     /// Connects to the database `url` names, creating the schema or migrating it as needed.
     pub fn open(url: &PostgresUrl) -> Result<Self> {
+        off_runtime(|| Self::open_here(url))
+    }
+
+    /// [`open`](Self::open), on a thread that runs no async runtime.
+    fn open_here(url: &PostgresUrl) -> Result<Self> {
         let server = PathBuf::from(url.redacted());
         let config: postgres::Config = url.secret_text().parse().map_err(|error| Error::Database {
             path: server.clone(),
@@ -100,8 +107,18 @@ impl Postgres {
             hint: "see https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS",
             source: Box::new(error),
         })?;
+        let manager = Manager::new(config);
+        // Connect once directly: a refusal then says why (no such database, login refused...), where
+        // the pool would only time out.
+        drop(r2d2::ManageConnection::connect(&manager).map_err(|error| Error::Database {
+            path: server.clone(),
+            operation: "connecting",
+            hint: hint(&error),
+            source: Box::new(error),
+        })?);
         let store = Self {
-            pool: Manager::new(config).pool(),
+            pool: manager.clone().pool(),
+            direct: manager,
             server,
             lock_wait_floor: super::DEFAULT_LOCK_WAIT_FLOOR,
             paced: Arc::default(),
@@ -119,14 +136,29 @@ impl Postgres {
         self
     }
 
-    /// A pooled connection.
-    fn connection(&self, operation: &'static str) -> Result<r2d2::PooledConnection<Manager>> {
-        self.pool.get().map_err(|error| Error::Database {
-            path: self.server.clone(),
-            operation,
-            hint: UNREACHABLE,
-            source: Box::new(error),
-        })
+    /// A connection, waiting for one until `deadline`: a pooled one, or, while the pool has none (its
+    /// connections lost to a server restart, say), one opened directly for this operation. A server
+    /// that refuses for good (no such database, login refused) fails at once, saying why.
+    fn connection(&self, operation: &'static str, deadline: Instant) -> Result<Held> {
+        loop {
+            if let Ok(pooled) = self.pool.get_timeout(POOL_WAIT) {
+                return Ok(Held::Pooled(pooled));
+            }
+            match r2d2::ManageConnection::connect(&self.direct) {
+                Ok(direct) => return Ok(Held::Direct(direct)),
+                Err(error) if is_transient(&error) && Instant::now() + RECONNECT_PAUSE < deadline => {
+                    std::thread::sleep(RECONNECT_PAUSE);
+                }
+                Err(error) => {
+                    return Err(Error::Database {
+                        path: self.server.clone(),
+                        operation,
+                        hint: hint(&error),
+                        source: Box::new(error),
+                    });
+                }
+            }
+        }
     }
 
     /// Runs `f` in a read-only transaction (one snapshot).
@@ -136,13 +168,25 @@ impl Postgres {
         f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, postgres::Error> + Send,
     ) -> Result<T> {
         let deadline = Instant::now() + self.lock_wait_floor;
+        let mut f = Some(f);
         off_runtime(|| {
-            let mut connection = self.connection(operation)?;
-            let value = run(&mut connection, deadline, |tx| {
-                tx.batch("SET TRANSACTION READ ONLY")?;
-                f(tx)
-            });
-            value.map_err(|error| self.failed(operation, error, deadline))
+            let mut connection = self.connection(operation, deadline)?;
+            loop {
+                let value = run(&mut connection, deadline, |tx| {
+                    tx.batch("SET TRANSACTION READ ONLY")?;
+                    f.take().expect("a read runs once unless its connection was lost before it ran")(tx)
+                });
+                match value {
+                    Ok(value) => return Ok(value),
+                    // A pooled connection the server closed since (a restart, a failover) fails before
+                    // the read runs: once more on a new one.
+                    Err(error) if f.is_some() && is_connection_lost(&error) && Instant::now() < deadline => {
+                        drop(connection);
+                        connection = self.connection(operation, deadline)?;
+                    }
+                    Err(error) => return Err(self.failed(operation, error, deadline)),
+                }
+            }
         })
     }
 
@@ -168,7 +212,7 @@ impl Postgres {
     ) -> Result<T> {
         let started = Instant::now();
         off_runtime(|| {
-            let mut connection = self.connection(operation)?;
+            let mut connection = self.connection(operation, deadline)?;
             loop {
                 let result = run(&mut connection, deadline, |tx| {
                     let server_now: i64 = tx.query_one(&format!("SELECT {SERVER_NOW}"), &[])?.get(0);
@@ -177,6 +221,13 @@ impl Postgres {
                 match result {
                     Ok(value) => return Ok(value),
                     Err(error) if is_retryable(&error) && Instant::now() < deadline => continue,
+                    // The server closed the connection (a restart, a failover): again on a new one. A
+                    // commit lost with it is the one case left open: a claim it carried stays held by
+                    // this (live) process until it exits, never by two.
+                    Err(error) if is_connection_lost(&error) && Instant::now() < deadline => {
+                        drop(connection);
+                        connection = self.connection(operation, deadline)?;
+                    }
                     Err(error) if is_lock_wait(&error) || Instant::now() >= deadline && is_retryable(&error) => {
                         return Err(Error::DatabaseLocked {
                             path: self.server.clone(),
@@ -241,7 +292,7 @@ const UNREACHABLE: &str = "cannot reach the server: is it running, and are the h
 /// What to check for `error`, where its code says.
 fn hint(error: &postgres::Error) -> &'static str {
     let Some(code) = error.code() else {
-        return if error.is_closed() { "the connection to the server was lost" } else { UNREACHABLE };
+        return if is_connection_lost(error) { UNREACHABLE } else { "" };
     };
     match code {
         code if *code == SqlState::READ_ONLY_SQL_TRANSACTION => {
@@ -268,6 +319,60 @@ fn hint(error: &postgres::Error) -> &'static str {
         code if *code == SqlState::DISK_FULL => "the server's disk is full",
         _ => "",
     }
+}
+
+/// The pause between attempts to connect to a server that is not accepting connections yet.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long an operation waits for a pooled connection before it opens one of its own.
+const POOL_WAIT: Duration = Duration::from_millis(250);
+
+/// A connection for one operation.
+enum Held {
+    /// From the pool, back to it after the operation (unless the server closed it).
+    Pooled(r2d2::PooledConnection<Manager>),
+    /// Opened for this operation alone, while the pool had none.
+    Direct(Connection),
+}
+
+impl std::ops::Deref for Held {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            Self::Pooled(pooled) => pooled,
+            Self::Direct(direct) => direct,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Connection {
+        match self {
+            Self::Pooled(pooled) => pooled,
+            Self::Direct(direct) => direct,
+        }
+    }
+}
+
+/// A refusal that a moment may end: the server is starting, shutting down or unreachable right now.
+fn is_transient(error: &postgres::Error) -> bool {
+    match error.code() {
+        None => true,
+        Some(code) => {
+            *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+        }
+    }
+}
+
+/// The server closed the connection, or the socket failed: nothing more can run on it.
+fn is_connection_lost(error: &postgres::Error) -> bool {
+    error.is_closed()
+        || std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())
+        || error.code().is_some_and(|code| *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN)
 }
 
 /// A failure worth trying the transaction again for.

@@ -96,7 +96,7 @@ pub(super) fn learn(
         };
         tx.execute(
             "INSERT INTO reservations (connector, quota_scope, model, at, key_name, lease, tokens)
-             SELECT $1, $2, $3, $4, $5, $6, $7 FROM generate_series(1, $8)",
+             SELECT $1, $2, $3, $4, $5, $6, $7 FROM generate_series(1, $8::bigint)",
             &[&connector, &scope, &lesson.model, &now, &key_name, &lease, &as_i64(tokens), &as_i64(rows)],
         )?;
     }
