@@ -4,61 +4,27 @@
 //! instead of failing requests with them. Each host is a coordinator (or a CLI run) with a keyring of
 //! its own on one database.
 //!
-//! Needs a server: `APIJONGLER_TEST_PG` is a base URL (e.g. `postgres://postgres@/postgres?host=/tmp/pg`)
-//! on which each test creates a database of its own; unset, the tests say so and pass.
+//! Runs on PostgreSQL only (`.ci/postgres`, or `APIJONGLER_TEST_PG` set by hand: see
+//! `tests/common/store.rs`); on SQLite the tests say so and pass.
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use api_jongler::pool::{HistoryEvent, HistoryQuery, KeyRecord};
 use api_jongler::{Coordinator, Error, KeyState, Keyring};
 use common::Sandbox;
 
-/// A database created for one test on the server `APIJONGLER_TEST_PG` names, dropped with this.
-struct TestDb {
-    base: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    fn create(test: &str) -> Option<Self> {
-        let Some(base) = std::env::var("APIJONGLER_TEST_PG").ok().filter(|base| !base.is_empty()) else {
-            eprintln!(
-                "skipped: APIJONGLER_TEST_PG is unset (a base URL like postgres://postgres@/postgres?host=/tmp/pg)"
-            );
-            return None;
-        };
-        let name = format!("ajt_{test}_{}", std::process::id());
-        let mut client = postgres::Client::connect(&base, postgres::NoTls).expect("connect to APIJONGLER_TEST_PG");
-        // Two statements: neither may run in a transaction block, which one batch would be.
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).expect("drop a leftover");
-        client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create a test database");
-        let (head, query) = base.split_once('?').map_or((base.as_str(), None), |(head, query)| (head, Some(query)));
-        let authority = head.find("://").map_or(0, |at| at + 3);
-        let end = head[authority..].find('/').map_or(head.len(), |at| authority + at);
-        let url = format!("{}/{name}{}", &head[..end], query.map(|query| format!("?{query}")).unwrap_or_default());
-        Some(Self { base, name, url })
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Ok(mut client) = postgres::Client::connect(&self.base, postgres::NoTls) {
-            let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
-        }
-    }
-}
-
 const C: &str = "c";
 
-/// A host: a keyring of its own (`ini`) on the shared database.
-fn host(db: &TestDb, ini: &str) -> Sandbox {
-    let mut sandbox = Sandbox::with_keyring(ini);
-    sandbox.db = PathBuf::from(&db.url);
-    sandbox
+/// The first host of a test, whose sandbox owns the shared database; `None` on SQLite, where a
+/// store belongs to one host (every sync applies the keyring as the truth: `tests/sync.rs`).
+fn first_host(ini: &str) -> Option<Sandbox> {
+    if !common::store::on_postgres() {
+        eprintln!("skipped: a store shared by hosts is PostgreSQL's (set APIJONGLER_TEST_PG, or run .ci/postgres)");
+        return None;
+    }
+    Some(Sandbox::with_keyring(ini))
 }
 
 fn open(host: &Sandbox) -> Coordinator {
@@ -83,8 +49,8 @@ const B_INI: &str = "[c]\nk1 = fake-secret-b-1-do-not-use\nk3 = fake-secret-b-3-
 
 #[test]
 fn hosts_with_different_keyrings_only_add_keys_until_one_is_applied_as_the_truth() {
-    let Some(db) = TestDb::create("truth") else { return };
-    let (a, b) = (host(&db, A_INI), host(&db, B_INI));
+    let Some(a) = first_host(A_INI) else { return };
+    let b = a.beside(B_INI);
     let (on_a, on_b) = (open(&a), open(&b));
     on_a.sync(&a.load_keyring()).expect("sync a");
     let report = on_b.sync(&b.load_keyring()).expect("sync b");
@@ -128,8 +94,8 @@ fn hosts_with_different_keyrings_only_add_keys_until_one_is_applied_as_the_truth
 
 #[test]
 fn a_host_passes_over_the_keys_its_keyring_cannot_serve() {
-    let Some(db) = TestDb::create("passing") else { return };
-    let (a, b) = (host(&db, A_INI), host(&db, B_INI));
+    let Some(a) = first_host(A_INI) else { return };
+    let b = a.beside(B_INI);
     let (on_a, on_b) = (open(&a), open(&b));
     on_a.sync(&a.load_keyring()).expect("sync a");
     on_b.sync(&b.load_keyring()).expect("sync b");
@@ -160,9 +126,8 @@ fn a_host_passes_over_the_keys_its_keyring_cannot_serve() {
 
 #[test]
 fn a_key_whose_secret_changed_after_the_sync_is_given_back_and_passed_over() {
-    let Some(db) = TestDb::create("later") else { return };
-    let only = host(&db, "[c]\nk1 = fake-secret-b-1-do-not-use\n");
-    let other = host(&db, "[c]\nk1 = fake-secret-z-1-do-not-use\n");
+    let Some(only) = first_host("[c]\nk1 = fake-secret-b-1-do-not-use\n") else { return };
+    let other = only.beside("[c]\nk1 = fake-secret-z-1-do-not-use\n");
     let (on_only, on_other) = (open(&only), open(&other));
     on_only.sync(&only.load_keyring()).expect("sync");
     // Another host applies its keyring as the truth after this one synced: k1 now has its secret.
@@ -185,8 +150,8 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn status_names_both_fingerprints_and_sync_as_truth_applies_the_keyring() {
-    let Some(db) = TestDb::create("cli") else { return };
-    let (a, b) = (host(&db, A_INI), host(&db, B_INI));
+    let Some(a) = first_host(A_INI) else { return };
+    let b = a.beside(B_INI);
     let synced = b.apijongler().args(["sync"]).output().expect("run");
     assert!(synced.status.success(), "{}", text(&synced.stderr));
     let synced = a.apijongler().args(["--json", "sync"]).output().expect("run");
