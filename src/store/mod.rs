@@ -107,7 +107,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
     /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
     /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
-    /// when everything already matches.
+    /// when everything already matches. A shared store (see [`Backend::is_shared`]) retires no key and
+    /// replaces no secret unless `source.as_truth`: a secret that differs is reported in `differing`.
     fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport>;
 
     /// Claims the first claimable key of `connector` not named in `tried`, of the pinned scope if any,

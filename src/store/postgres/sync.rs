@@ -261,7 +261,7 @@ fn replace_secret(
         (connector, name, fingerprint),
         Some(&state_before),
         &after,
-        "secret changed in the keyring (applied as the truth)",
+        "secret changed in the keyring",
     );
     Ok(Some(record(tx, now, &NewTransition { quota_scope: Some(&scope), ..transition })?))
 }
