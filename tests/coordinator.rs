@@ -104,7 +104,7 @@ fn keys_removed_from_the_keyring_are_retired_and_come_back() {
     let sandbox = Sandbox::with_keyring("[c]\nkeep = fake-keep\ngone = fake-gone\n");
     let coordinator = sandbox.coordinator(sandbox.options());
     std::fs::write(&sandbox.keyring, "[c]\nkeep = fake-keep\n").expect("rewrite");
-    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    let report = coordinator.sync_as_truth(&sandbox.load_keyring()).expect("sync");
     assert_eq!(report.retired, [("c".to_owned(), "gone".to_owned())]);
     for _ in 0..5 {
         let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
@@ -133,7 +133,7 @@ fn a_changed_secret_lifts_the_error_state() {
     assert_eq!(coordinator.key_states("c").expect("states").error.len(), 1, "unchanged secret stays in error");
 
     std::fs::write(&sandbox.keyring, "[c]\nk = fake-new-secret\n").expect("rewrite");
-    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    let report = coordinator.sync_as_truth(&sandbox.load_keyring()).expect("sync");
     assert_eq!(report.changed, [("c".to_owned(), "k".to_owned())]);
     let lease = coordinator.claim("c", &[], Duration::ZERO).expect("claimable again");
     let expected = sandbox.load_keyring().key("c", "k").expect("key").fingerprint().to_string();
@@ -521,7 +521,7 @@ fn every_write_names_its_event() {
 
     std::fs::write(&sandbox.keyring, "[c]\nkey0 = fake-new-0\nkey1 = fake-1\n[c groups]\nkey0 = team\n")
         .expect("rewrite");
-    coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    coordinator.sync_as_truth(&sandbox.load_keyring()).expect("sync");
     std::fs::write(
         &sandbox.keyring,
         "[c]\nkey0 = fake-new-0\nkey1 = fake-1\nsolo = fake-solo\n[c groups]\nkey0 = team\n",

@@ -257,7 +257,7 @@ fn a_new_secret_lifts_the_lockdowns_of_the_old_key_alone() {
     let renewed =
         format!("[{GEMINI}]\nkey0 = fake-new-secret-0\nkey1 = fake-new-secret-1\n[{GEMINI} groups]\nkey1 = team\n");
     std::fs::write(&sandbox.keyring, renewed).expect("write keyring");
-    coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    coordinator.sync_as_truth(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
     let scopes: Vec<String> = coordinator
         .store()
         .lockdowns(Some(GEMINI))
@@ -291,7 +291,7 @@ fn a_new_secret_forgets_the_project_the_old_one_revealed() {
     lease.finish(&Fate::Lockdown(lockdown_of_group("m", until, Some("123456"))), None).expect("lockdown");
     assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE quota_scope = 'project:123456'"), 1);
     std::fs::write(&sandbox.keyring, format!("[{GEMINI}]\nkey0 = fake-new-secret-0\n")).expect("write keyring");
-    coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    coordinator.sync_as_truth(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
     assert_eq!(sandbox.count("SELECT count(*) FROM keys WHERE project_learned IS NULL"), 1);
     coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("the new key is free for m");
 }

@@ -278,6 +278,9 @@ async fn a_file_whose_project_has_no_key_left_fails_at_once_naming_it() {
     ini.push_str(&format!("[{C} groups]\n"));
     kept.iter().for_each(|key| ini.push_str(&format!("{key} = {}\n", project_of(key))));
     std::fs::write(&sandbox.keyring, ini).unwrap();
+    // Applied as the truth: on a shared store (PostgreSQL) the gateway's own sync would retire nothing.
+    let synced = sandbox.apijongler().args(["--quiet", "sync", "--as-truth"]).output().unwrap();
+    assert!(synced.status.success(), "{}", String::from_utf8_lossy(&synced.stderr));
     let gateway = Gateway::start(&sandbox, &["--wait", "60s"], &[]);
     let started = std::time::Instant::now();
     let response = client()

@@ -83,7 +83,7 @@ fn a_pool_emptied_by_a_keyring_says_which_keyring_and_when() {
         "fewer.ini",
         &format!("[{GEMINI}]\nkey0 = fake-secret-{GEMINI}-0-do-not-use\n[{HF}]\nhf0 = fake-hf-secret-0\n"),
     );
-    let report = coordinator.sync(&load(&fewer)).expect("sync");
+    let report = coordinator.sync_as_truth(&load(&fewer)).expect("sync");
     let pair = |key: &str| (GEMINI.to_owned(), key.to_owned());
     assert_eq!(report.retired, [pair("key1"), pair("key2")]);
     let expected = format!("removed from the keyring {}", fewer.display());
@@ -91,7 +91,7 @@ fn a_pool_emptied_by_a_keyring_says_which_keyring_and_when() {
 
     // A keyring whose section is empty retires the rest: no key left, and the error says why.
     let empty = other_keyring(&sandbox, "empty.ini", &format!("[{GEMINI}]\n"));
-    coordinator.sync(&load(&empty)).expect("sync");
+    coordinator.sync_as_truth(&load(&empty)).expect("sync");
     let error = coordinator.claim(GEMINI, &[], Duration::ZERO).expect_err("every key is retired");
     let Error::NoKeyAvailable(unavailable) = &error else { panic!("{error:?}") };
     assert_eq!((unavailable.availability.retired, unavailable.availability.total()), (3, 0));
@@ -133,7 +133,7 @@ fn every_kind_of_change_in_a_large_keyring_is_planned_and_applied_once() {
         ini.push_str(&format!("key{index} = fake-secret-big-{index}-do-not-use\n"));
     }
     std::fs::write(&sandbox.keyring, &ini).expect("rewrite");
-    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    let report = coordinator.sync_as_truth(&sandbox.load_keyring()).expect("sync");
     let gone = (0..KEYS).filter(|index| index.is_multiple_of(7)).count();
     let changed = (0..KEYS).filter(|index| !index.is_multiple_of(7) && index.is_multiple_of(11)).count();
     assert_eq!((report.retired.len(), report.changed.len(), report.added.len()), (gone, changed, 100));
@@ -227,7 +227,7 @@ fn a_keyring_change_regroups_keys_with_a_history_row_and_leaves_other_connectors
     );
     std::fs::write(&sandbox.keyring, grouped).expect("rewrite");
     let last = sandbox.count("SELECT max(id) FROM history");
-    let report = coordinator.sync(&sandbox.load_keyring()).expect("sync");
+    let report = coordinator.sync_as_truth(&sandbox.load_keyring()).expect("sync");
     assert!(!report.is_empty());
     let project = |key: &str| row(GEMINI, key, Some("my-project"), "group:my-project");
     assert_eq!(groups(&sandbox), [project("key0"), project("key1"), project("key2"), project("key3"), account.clone()]);

@@ -43,13 +43,13 @@ pub fn run(global: &Global, args: &DbArgs) -> anyhow::Result<ExitCode> {
         writeln!(stdout, "{}", serde_json::json!({"path": path, "schema_version": version}))?;
         return Ok(ExitCode::SUCCESS);
     }
-    // A PostgreSQL URL is shown with its password masked: the shell is opened with the user's own.
-    let open_with = if path.starts_with("postgres") {
-        "psql \"$APIJONGLER_DB\"   (the URL you gave), then:  SET search_path = apijongler;"
+    let shell = if coordinator.store().is_shared() {
+        // The URL shown has its password masked: psql takes the user's own (or ~/.pgpass).
+        "psql \"$APIJONGLER_DB\"   (the URL you gave; the tables are in the schema apijongler)"
     } else {
         "sqlite3 \"$(apijongler db --path)\""
     };
-    writeln!(stdout, "database: {path}\nschema version: {version}\n\nOpen it with:  {open_with}\n")?;
+    writeln!(stdout, "database: {path}\nschema version: {version}\n\nOpen it with:  {shell}\n")?;
     writeln!(stdout, "{}", coordinator.store().example_queries())?;
     Ok(ExitCode::SUCCESS)
 }

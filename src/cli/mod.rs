@@ -16,6 +16,7 @@ mod request;
 mod serve;
 mod signals;
 mod status;
+mod sync;
 mod usage;
 mod why;
 mod worker;
@@ -176,6 +177,8 @@ enum Command {
     Cleanup(cleanup::CleanupArgs),
     /// The state transitions, newest first.
     History(history::HistoryArgs),
+    /// Sync the keyring now; --as-truth: also retire keys and replace secrets on a shared store.
+    Sync(sync::SyncArgs),
     /// One key's state and lockdowns, explained (--model: would a request for it take the key).
     Why(why::WhyArgs),
     /// The known connectors, where each comes from, and how its key is sent.
@@ -215,6 +218,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(Command::Status(status)) => status::run(global, &status),
         Some(Command::Cleanup(cleanup)) => cleanup::run(global, &cleanup),
         Some(Command::History(history)) => history::run(global, &history),
+        Some(Command::Sync(sync)) => sync::run(global, &sync),
         Some(Command::Why(why)) => why::run(global, &why),
         Some(Command::Connectors) => connectors::run(global),
         Some(Command::Db(db)) => db::run(global, &db),

@@ -106,8 +106,9 @@ fn render(
     let lockdowns: Vec<LockdownRecord> = coordinator.store().lockdowns(args.connector.as_deref())?;
     let view = pool_view(&keys, &lockdowns, keyring, args.connector.as_deref(), None, now);
     let view = with_limits(view, coordinator.store(), keyring)?;
+    let shared = coordinator.store().is_shared();
     if warn && !global.quiet {
-        for warning in &view.warnings {
+        for warning in view.warnings.iter().chain(&secrets_differing(&view, keyring, shared)) {
             eprintln!("apijongler: warning: {warning}");
         }
     }
@@ -177,13 +178,39 @@ fn render(
     }
     if let Some(keyring) = keyring.filter(|_| view.keyring_differences().next().is_some()) {
         let column = if args.long { "The keyring column" } else { "A state marked * (see --long)" };
-        let line = format!(
-            "{column} is how {} differs from the database; the next request or cleanup with it applies it.",
-            keyring.path().display()
-        );
+        let applies = if shared {
+            "on this shared store the next sync with it adds, restores and regroups keys, and \
+             `apijongler sync --as-truth` applies the rest (retired keys, other secrets)"
+        } else {
+            "the next request or cleanup with it applies it"
+        };
+        let line = format!("{column} is how {} differs from the database; {applies}.", keyring.path().display());
         print_wrapped(out, &line, args.long, width)?;
     }
     Ok(())
+}
+
+/// On a store several hosts share, one warning per key whose secret in `keyring` (this host's) differs
+/// from the pool's, naming both fingerprints: another host's keyring set it, and this host passes the
+/// key over until one keyring is applied as the truth. Elsewhere the next sync replaces it: none.
+fn secrets_differing(view: &PoolView, keyring: Option<&Keyring>, shared: bool) -> Vec<String> {
+    let Some(keyring) = keyring.filter(|_| shared) else { return Vec::new() };
+    view.keys
+        .iter()
+        .filter(|key| key.retired_at.is_none())
+        .filter_map(|key| {
+            let here = key.keyring_fingerprint.as_deref()?;
+            Some(format!(
+                "key '{}' of '{}' has another secret in the shared pool (fingerprint {}) than in this host's \
+                 keyring {} (fingerprint {here}): this host passes it over. Run `apijongler sync --as-truth` \
+                 with the keyring that is right",
+                key.key,
+                key.connector,
+                key.fingerprint,
+                keyring.path().display()
+            ))
+        })
+        .collect()
 }
 
 /// `line` as is for `--long`, else wrapped to `width` with its continuation indented.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(test)]
 mod guard_tests;
+mod passed_over;
 mod waiting;
 
 use crate::clock::{Clock, SystemClock};
@@ -107,6 +108,8 @@ pub(crate) struct Inner {
     heartbeat: OnceLock<HeartbeatWaker>,
     /// The callers waiting for a key, and their watcher.
     pub(crate) waiters: waiting::Waiters,
+    /// The keys this host passes over on a store several hosts share.
+    passing: passed_over::Passing,
 }
 
 impl Inner {
@@ -171,6 +174,7 @@ impl Coordinator {
             last_prune: Mutex::new(None),
             heartbeat: OnceLock::new(),
             waiters: waiting::Waiters::default(),
+            passing: passed_over::Passing::default(),
         });
         Self { inner }
     }
@@ -205,7 +209,23 @@ impl Coordinator {
     /// key gets the quota group the keyring declares for it. The limits the keyring declares for its
     /// connectors are the ones this coordinator's claims reserve against from then on (README
     /// "Declared limits").
+    ///
+    /// On a store several hosts share (PostgreSQL) the sync only adds, restores and regroups keys:
+    /// a key the keyring lacks stays, and one whose secret differs keeps the pool's (listed in
+    /// [`SyncReport::differing`], logged as a warning) and is passed over by this coordinator's claims.
+    /// [`sync_as_truth`](Self::sync_as_truth) applies the keyring whole.
     pub fn sync(&self, keyring: &Keyring) -> Result<SyncReport> {
+        self.sync_keyring(keyring, false)
+    }
+
+    /// [`sync`](Self::sync) with `keyring` as the truth for its connectors, on any store: keys it lacks
+    /// are retired and secrets that differ replaced (lifting the old secret's error and lockdowns), for
+    /// every host. On SQLite every sync does this already (`apijongler sync --as-truth`).
+    pub fn sync_as_truth(&self, keyring: &Keyring) -> Result<SyncReport> {
+        self.sync_keyring(keyring, true)
+    }
+
+    fn sync_keyring(&self, keyring: &Keyring, as_truth: bool) -> Result<SyncReport> {
         self.inner.alive_here()?;
         let specs: Vec<KeySpec<'_>> = keyring
             .all_keys()
@@ -217,9 +237,17 @@ impl Coordinator {
             .collect();
         let connectors: Vec<&str> = keyring.connectors().collect();
         let path = std::path::absolute(keyring.path()).unwrap_or_else(|_| keyring.path().to_owned());
-        let source = pool::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups };
+        let source = pool::SyncSource { path: &path, connectors: &connectors, keys: &specs, groups: &groups, as_truth };
         let report = self.inner.backend.sync_keys(&source, self.now_ms())?;
         log_transitions(&report.transitions);
+        if self.inner.backend.is_shared() {
+            let mut records = Vec::new();
+            for connector in source.defined_connectors() {
+                records.extend(self.inner.backend.keys(Some(connector))?);
+            }
+            self.warn_differing(keyring, &report, &records);
+            self.inner.passing.learn(keyring, &records);
+        }
         self.prune_if_due();
         for connector in keyring.connectors() {
             self.inner.backend.declare_limits(
@@ -229,6 +257,21 @@ impl Coordinator {
             );
         }
         Ok(report)
+    }
+
+    /// Logs each key whose secret in `keyring` differs from the shared pool's, by both fingerprints.
+    fn warn_differing(&self, keyring: &Keyring, report: &SyncReport, records: &[pool::KeyRecord]) {
+        for (connector, name) in &report.differing {
+            let pool = records.iter().find(|record| record.connector == *connector && record.key_name == *name);
+            let here = keyring.key(connector, name).map(|key| key.fingerprint().as_str().to_owned());
+            tracing::warn!(
+                connector = %connector, key = %name,
+                pool_fingerprint = pool.map_or("-", |record| record.fingerprint.as_str()),
+                keyring_fingerprint = here.as_deref().unwrap_or("-"), keyring = %keyring.path().display(),
+                "the shared pool holds another secret for this key than this keyring; this host passes it over \
+                 (`apijongler sync --as-truth` with the keyring that is right settles it)"
+            );
+        }
     }
 
     /// Claims the least recently used free key of `connector`, skipping the key names in `tried`,
@@ -290,26 +333,43 @@ impl Coordinator {
         };
         self.reap_if_due(request.claim.connector)?;
         self.prune_if_due();
-        let claimed =
-            store.claim(request.claim_for(), self.inner.holder, &*self.inner.clock, lock_deadline).map_err(waited)?;
-        if let Some(claimed) = claimed {
-            self.ensure_heartbeat();
-            tracing::info!(
-                connector = request.claim.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
-                lease = claimed.lease, "key claimed"
-            );
-            return Ok(Some(self.lease(request.claim.connector, claimed)));
+        let connector = request.claim.connector;
+        loop {
+            let excluded = self.inner.passing.excluding(connector, request.claim.tried);
+            let claim = excluding(request.claim_for(), excluded.as_deref());
+            let claimed = store.claim(claim, self.inner.holder, &*self.inner.clock, lock_deadline).map_err(waited)?;
+            if let Some(claimed) = claimed {
+                self.ensure_heartbeat();
+                let serves = self.inner.passing.serves(connector, &claimed.key_name, &claimed.fingerprint);
+                tracing::info!(
+                    connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint, lease = claimed.lease,
+                    "key claimed"
+                );
+                let lease = self.lease(connector, claimed);
+                if serves {
+                    return Ok(Some(lease));
+                }
+                lease.release()?;
+                continue;
+            }
+            let now = self.now_ms();
+            let availability = store.availability(claim, now)?;
+            let lockdown_end = waiting::lockdown_end(&availability, now);
+            if availability.claimable == 0
+                && (Instant::now() >= request.deadline
+                    || waiting::hopeless(&availability, lockdown_end, request.deadline))
+            {
+                let waited = request.started.elapsed();
+                let passed_over = self.inner.passing.of(connector);
+                return Err(Error::NoKeyAvailable(Box::new(Unavailable {
+                    availability,
+                    waited,
+                    at: now,
+                    passed_over,
+                })));
+            }
+            return Ok(None);
         }
-        let now = self.now_ms();
-        let availability = store.availability(request.claim_for(), now)?;
-        let lockdown_end = waiting::lockdown_end(&availability, now);
-        if availability.claimable == 0
-            && (Instant::now() >= request.deadline || waiting::hopeless(&availability, lockdown_end, request.deadline))
-        {
-            let waited = request.started.elapsed();
-            return Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited, at: now })));
-        }
-        Ok(None)
     }
 
     /// Frees the locks of dead holders of `connector` (or of all connectors), and of stopped or
@@ -549,6 +609,15 @@ impl LeaseOwner for Inner {
             // A closed channel means the thread is gone with the coordinator; nothing to wake.
             let _ = waker.send(());
         }
+    }
+}
+
+/// `claim` leaving out the keys `excluded` names too (the request's tried keys and those this host
+/// passes over, see `passed_over`), if given.
+fn excluding<'a>(claim: store::ClaimFor<'a>, excluded: Option<&'a [String]>) -> store::ClaimFor<'a> {
+    match excluded {
+        Some(tried) => store::ClaimFor { tried, ..claim },
+        None => claim,
     }
 }
 

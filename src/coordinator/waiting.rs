@@ -345,7 +345,9 @@ impl Coordinator {
         let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
         loop {
             let now_ms = self.now_ms();
-            let availability = store.availability(first.claim_for(), now_ms)?;
+            let excluded = self.inner.passing.excluding(&first.claim.connector, &first.claim.tried);
+            let request = super::excluding(first.claim_for(), excluded.as_deref());
+            let availability = store.availability(request, now_ms)?;
             if availability.claimable == 0 {
                 let wake = lockdown_end(&availability, now_ms);
                 for i in pending {
@@ -360,13 +362,19 @@ impl Coordinator {
                 return Ok(None);
             }
             let count = pending.len().min(usize::try_from(availability.claimable).unwrap_or(0));
-            let request = first.claim_for();
             let claimed = store.claim_several(request, count, self.inner.holder, &*self.inner.clock, lock_deadline)?;
             let short = claimed.len() < count;
             if !claimed.is_empty() {
                 self.ensure_heartbeat();
             }
+            let mut passed_over = false;
             for claimed in claimed {
+                if !self.inner.passing.serves(&first.claim.connector, &claimed.key_name, &claimed.fingerprint) {
+                    // Given back unused; the next round claims without it.
+                    self.lease(&first.claim.connector, claimed).release()?;
+                    passed_over = true;
+                    continue;
+                }
                 let Some(next) = pending.pop_front() else { break };
                 served[next] = true;
                 let waiter = &waiting[next];
@@ -377,7 +385,7 @@ impl Coordinator {
                 waiter.answer(Ok(self.lease(&waiter.claim.connector, claimed)));
             }
             // Taken by someone else since the read: its commit will wake the watcher again.
-            if short {
+            if short && !passed_over {
                 return Ok(None);
             }
         }
@@ -386,8 +394,16 @@ impl Coordinator {
     /// Why no key came for `waiter`, read now.
     fn unavailable(&self, waiter: &Waiter) -> Result<Lease> {
         let at = self.now_ms();
-        let availability = self.inner.backend.availability(waiter.claim_for(), at)?;
-        Err(Error::NoKeyAvailable(Box::new(Unavailable { availability, waited: waiter.started.elapsed(), at })))
+        let excluded = self.inner.passing.excluding(&waiter.claim.connector, &waiter.claim.tried);
+        let availability =
+            self.inner.backend.availability(super::excluding(waiter.claim_for(), excluded.as_deref()), at)?;
+        let passed_over = self.inner.passing.of(&waiter.claim.connector);
+        Err(Error::NoKeyAvailable(Box::new(Unavailable {
+            availability,
+            waited: waiter.started.elapsed(),
+            at,
+            passed_over,
+        })))
     }
 }
 

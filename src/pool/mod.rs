@@ -45,7 +45,7 @@ pub use pacing::{LimitUsage, Pacing, Source};
 pub use records::*;
 pub use scope::{ModelScope, Scope};
 pub use state::KeyState;
-pub use unavailable::Unavailable;
+pub use unavailable::{ForeignKey, PassedOver, Unavailable};
 pub use word::UnknownWord;
 
 // Here, not next to the macro, so that `word` (which every word's module uses) uses none of them.

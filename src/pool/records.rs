@@ -31,6 +31,10 @@ pub struct SyncSource<'a> {
     /// `(connector, key name, quota group)` of the keys of `keys` that the keyring puts in a quota group;
     /// any other key is a group of its own.
     pub groups: &'a [(&'a str, &'a str, &'a str)],
+    /// Whether the keyring is the truth for its connectors: keys it lacks are retired and secrets that
+    /// differ are replaced. A store of one host (SQLite) always syncs so; a store several hosts share
+    /// (PostgreSQL) only when asked (`apijongler sync --as-truth`), else it adds, restores and regroups.
+    pub as_truth: bool,
 }
 
 impl SyncSource<'_> {
@@ -58,7 +62,8 @@ pub struct SyncReport {
     /// Retired keys that came back to the keyring.
     pub restored: Vec<(String, String)>,
     /// Keys whose secret in this keyring differs from the one a shared store (PostgreSQL) holds,
-    /// synced first by another host's keyring: left as they are (see `crate::store`'s PostgreSQL sync).
+    /// synced first by another host's keyring: left as they are (see `crate::store`'s PostgreSQL sync),
+    /// unless the sync applies the keyring as the truth ([`SyncSource::as_truth`]).
     pub differing: Vec<(String, String)>,
     /// The history rows written.
     pub transitions: Vec<Transition>,

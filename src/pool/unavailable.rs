@@ -2,6 +2,7 @@
 //! the user what to do about it.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Availability;
@@ -15,6 +16,54 @@ pub struct Unavailable {
     pub waited: Duration,
     /// When, unix ms.
     pub at: i64,
+    /// The keys this host passed over on a store several hosts share (counted in the availability's
+    /// `tried`): the pool's secret for them is not its keyring's. `None`: none.
+    pub passed_over: Option<PassedOver>,
+}
+
+/// Keys of a store several hosts share that this host does not use: the pool holds a secret for each
+/// that its keyring does not have (another host's keyring synced it), and sending another secret, or
+/// none, would only put a good key in error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassedOver {
+    /// This host's keyring.
+    pub keyring: PathBuf,
+    /// The keys, by name.
+    pub keys: Vec<ForeignKey>,
+}
+
+/// A key whose secret in the pool is not this host's (by fingerprint; never a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignKey {
+    /// The key's name.
+    pub key: String,
+    /// The fingerprint of the secret the pool holds.
+    pub pool_fingerprint: String,
+    /// The fingerprint of this host's keyring's secret under that name; `None`: it has none.
+    pub keyring_fingerprint: Option<String>,
+}
+
+impl fmt::Display for ForeignKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.keyring_fingerprint {
+            Some(here) => write!(f, "'{}' (pool {}, this keyring {here})", self.key, self.pool_fingerprint),
+            None => write!(f, "'{}' (pool {}, not in this keyring)", self.key, self.pool_fingerprint),
+        }
+    }
+}
+
+impl fmt::Display for PassedOver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<String> = self.keys.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "this host passes over {} key(s) whose secret in the shared pool is not the one in its keyring {}: {}. \
+             Run `apijongler sync --as-truth` with the keyring that is right (or fix this one)",
+            self.keys.len(),
+            self.keyring.display(),
+            keys.join(", ")
+        )
+    }
 }
 
 impl fmt::Display for Unavailable {
@@ -32,6 +81,9 @@ impl fmt::Display for Unavailable {
                  database. Put them back in that keyring, or give each keyring its own database (APIJONGLER_DB)",
                 a.retired, a.connector, a.connector
             );
+        }
+        if let Some(passed) = self.passed_over.as_ref().filter(|passed| passed.keys.len() >= a.total() as usize) {
+            return write!(f, "no key of '{}' can be used from this host: {passed}", a.connector);
         }
         if a.total() == 0 {
             return write!(
@@ -73,6 +125,9 @@ impl fmt::Display for Unavailable {
         write!(f, ", {} in error", a.error)?;
         if a.tried > 0 {
             write!(f, ", {} already tried by this request", a.tried)?;
+        }
+        if let Some(passed) = &self.passed_over {
+            write!(f, "; {passed}")?;
         }
         let wait = if a.may_free_up() { ", or wait longer" } else { "" };
         write!(

@@ -97,6 +97,9 @@ pub struct KeyView {
     pub in_database: bool,
     /// How the keyring differs from the row, if a keyring was compared and it does.
     pub keyring: Option<KeyringNote>,
+    /// The fingerprint of the keyring's secret, when it differs from the row's (`fingerprint`): on a
+    /// store several hosts share, another host's keyring set the row's, and this host passes the key over.
+    pub keyring_fingerprint: Option<String>,
     /// When the key left the keyring, unix ms.
     pub retired_at: Option<i64>,
     /// The current lease token; `None` for a key not yet in the database.
@@ -323,7 +326,9 @@ pub fn pool(sources: &Sources<'_>, liveness: &dyn Fn(&Holder) -> Liveness) -> Po
         .map(|record| {
             let fingerprint = listed.remove(&(record.connector.as_str(), record.key_name.as_str()));
             let note = keyring_note(record, defined.contains(record.connector.as_str()), fingerprint);
-            key(record, sources.lockdowns, sources.model, sources.now, liveness, note)
+            let mut view = key(record, sources.lockdowns, sources.model, sources.now, liveness, note);
+            view.keyring_fingerprint = fingerprint.filter(|listed| *listed != record.fingerprint).map(str::to_owned);
+            view
         })
         .collect();
     keys.extend(
@@ -363,6 +368,7 @@ pub fn key(
         stored_state: Some(record.state),
         in_database: true,
         keyring,
+        keyring_fingerprint: None,
         retired_at: record.retired_at,
         lease: Some(record.lease),
         holder: holder(record, liveness),
@@ -394,6 +400,7 @@ pub fn new_key(spec: &KeySpec<'_>, model: Option<&str>) -> KeyView {
         stored_state: None,
         in_database: false,
         keyring: Some(KeyringNote::NotYetInDatabase),
+        keyring_fingerprint: None,
         retired_at: None,
         lease: None,
         holder: None,

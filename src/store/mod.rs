@@ -94,13 +94,21 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// The database file.
     fn path(&self) -> &Path;
 
+    /// Whether hosts with different keyrings may share this store: then a sync only adds, restores
+    /// and regroups keys unless told to apply its keyring as the truth (`SyncSource::as_truth`), and a
+    /// coordinator passes over the keys its keyring cannot serve. SQLite's file belongs to one host.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// The schema version recorded in the file.
     fn schema_version(&self) -> Result<i64>;
 
     /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
     /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
     /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
-    /// when everything already matches.
+    /// when everything already matches. A shared store (see [`Backend::is_shared`]) retires no key and
+    /// replaces no secret unless `source.as_truth`: a secret that differs is reported in `differing`.
     fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport>;
 
     /// Claims the first claimable key of `connector` not named in `tried`, of the pinned scope if any,
@@ -296,6 +304,13 @@ impl Store {
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<i64> {
         self.backend.schema_version()
+    }
+
+    /// Whether several hosts (with keyrings of their own) may share this store: PostgreSQL. A keyring
+    /// sync then only adds, restores and regroups keys, unless it applies the keyring as the truth
+    /// (`Coordinator::sync_as_truth`).
+    pub fn is_shared(&self) -> bool {
+        self.backend.is_shared()
     }
 
     /// Every key of `connector` (or of all connectors), retired ones included, by connector and name.

@@ -72,6 +72,15 @@ impl Sandbox {
         Self { dir, keyring, db, pg }
     }
 
+    /// Another host on this sandbox's database: a directory and a keyring (`ini`) of its own. The
+    /// database stays this sandbox's (dropped with it, so drop this one first).
+    pub fn beside(&self, ini: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keyring = dir.path().join("keys.ini");
+        std::fs::write(&keyring, ini).expect("write keyring");
+        Self { dir, keyring, db: self.db.clone(), pg: None }
+    }
+
     /// The directory of this sandbox's connector files (`APIJONGLER_CONNECTORS`).
     pub fn connectors_dir(&self) -> PathBuf {
         self.dir.path().join("connectors")

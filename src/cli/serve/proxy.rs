@@ -778,6 +778,7 @@ mod tests {
             availability: api_jongler::Availability { earliest_lockdown_end: end, ..Default::default() },
             waited: Duration::ZERO,
             at: 1_000_000,
+            passed_over: None,
         };
         assert_eq!(retry_wait(&unavailable(Some(1_037_500))), Duration::from_millis(37_500));
         assert_eq!(retry_wait(&unavailable(Some(1_000_200))), Duration::from_secs(1), "at least a second");

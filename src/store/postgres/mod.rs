@@ -445,6 +445,10 @@ impl Backend for Postgres {
         sync::sync_keys(self, source, now)
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn claim(
         &self,
         request: ClaimFor<'_>,
