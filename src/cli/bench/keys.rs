@@ -27,9 +27,9 @@ pub struct KeysArgs {
     /// Process counts to measure [default: 1,4,16,64; on PostgreSQL 1,16,64].
     #[arg(long, value_delimiter = ',')]
     processes: Option<Vec<u32>>,
-    /// Key counts to measure.
-    #[arg(long, value_delimiter = ',', default_value = "4,64,10000")]
-    keys: Vec<u32>,
+    /// Key counts to measure [default: 4,64,10000; on PostgreSQL 64,10000].
+    #[arg(long, value_delimiter = ',')]
+    keys: Option<Vec<u32>>,
     /// Seconds each configuration runs, per round.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
@@ -37,9 +37,9 @@ pub struct KeysArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Key counts also measured with `--locked-percent` of their keys locked down for the model the
-    /// workers claim for (rows marked `*`).
-    #[arg(long, value_delimiter = ',', default_value = "10000")]
-    locked_keys: Vec<u32>,
+    /// workers claim for (rows marked `*`); given with no value, none [default: 10000; on PostgreSQL 64].
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    locked_keys: Option<Vec<u32>>,
     /// The share of keys locked down for the model in the `*` rows.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
     locked_percent: u32,
@@ -49,10 +49,12 @@ pub struct KeysArgs {
     limits: Option<String>,
 }
 
-/// The process counts measured unless `--processes` says: on PostgreSQL those the README quotes (each
-/// process count costs a throwaway database per configuration and round).
-const PROCESSES: [u32; 4] = [1, 4, 16, 64];
-const PROCESSES_POSTGRES: [u32; 3] = [1, 16, 64];
+/// What is measured unless the arguments say: process counts, key counts, key counts with lockdowns.
+type Defaults = (&'static [u32], &'static [u32], &'static [u32]);
+const SQLITE_DEFAULTS: Defaults = (&[1, 4, 16, 64], &[4, 64, 10_000], &[10_000]);
+/// On PostgreSQL, the process counts the README quotes, and smaller pools with lockdowns: putting 9,000
+/// keys in lockdown one claim and one lockdown at a time, for every configuration, takes minutes there.
+const POSTGRES_DEFAULTS: Defaults = (&[1, 16, 64], &[64, 10_000], &[64]);
 
 /// The model every bench worker claims for, so that the rows with and without lockdowns run the same
 /// claim statement.
@@ -117,15 +119,17 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let duration = Duration::from_secs_f64(args.seconds);
     let server = Server::of(global)?;
-    let processes = args.processes.clone().unwrap_or_else(|| match server {
-        Server::Sqlite => PROCESSES.to_vec(),
-        Server::Postgres(_) => PROCESSES_POSTGRES.to_vec(),
-    });
-    let pools: Vec<Pool> = args
-        .keys
+    let defaults = match server {
+        Server::Sqlite => SQLITE_DEFAULTS,
+        Server::Postgres(_) => POSTGRES_DEFAULTS,
+    };
+    let processes = args.processes.clone().unwrap_or_else(|| defaults.0.to_vec());
+    let keys = args.keys.clone().unwrap_or_else(|| defaults.1.to_vec());
+    let locked_keys = args.locked_keys.clone().unwrap_or_else(|| defaults.2.to_vec());
+    let pools: Vec<Pool> = keys
         .iter()
         .map(|&keys| Pool { keys, locked: 0 })
-        .chain(args.locked_keys.iter().map(|&keys| Pool { keys, locked: keys * args.locked_percent / 100 }))
+        .chain(locked_keys.iter().map(|&keys| Pool { keys, locked: keys * args.locked_percent / 100 }))
         .collect();
     let mut report = String::new();
     writeln!(
@@ -139,7 +143,7 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     if let Some(limits) = &args.limits {
         writeln!(report, "(every key of every pool limited to {limits} for every model: each claim reserves)")?;
     }
-    if !args.locked_keys.is_empty() {
+    if !locked_keys.is_empty() {
         writeln!(
             report,
             "(K* rows: {} % of the K keys locked down for {MODEL}, the model every worker claims for)",
