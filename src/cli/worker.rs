@@ -3,10 +3,8 @@
 //! `claimed KEY LEASE` (with `--report`), `lost KEY LEASE`, and at the end `cycles N` and, with
 //! `--latencies`, `latencies_us L1 L2 ...`.
 //!
-//! `--raw` runs the benchmark's reference instead: the bare two-transaction cycle SQLite itself can
-//! do (`BEGIN IMMEDIATE; UPDATE one row; INSERT one history row; COMMIT`, twice), with none of the
-//! coordinator's logic. Its SQL lives here, not in the store, because it is the yardstick the store is
-//! measured against, not part of apijongler.
+//! `--raw` runs the benchmark's reference instead: the bare cycle the database itself can do, with
+//! none of the coordinator's logic (see `reference`).
 
 use std::io::Write;
 use std::path::Path;
@@ -18,6 +16,8 @@ use api_jongler::{Clock, Coordinator, CoordinatorOptions, Error, Keyring, System
 
 use super::Global;
 use super::exit;
+
+mod reference;
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -57,7 +57,8 @@ pub struct WorkerArgs {
     /// Print every claim latency at the end.
     #[arg(long)]
     latencies: bool,
-    /// Run the raw SQLite reference cycle on the database's keys instead of the coordinator.
+    /// Run the raw reference cycle on the database's keys instead of the coordinator (SQLite, or
+    /// PostgreSQL for a postgres:// URL).
     #[arg(long)]
     raw: bool,
     /// Send this many requests through the request layer (per-request leases) instead of cycling keys.
@@ -115,8 +116,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StopAfterClaim {
 pub fn run(global: &Global, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let db = global.db.clone().context("the worker needs --db")?;
     if args.raw {
-        wait_for_start(args.start_at_ms);
-        return raw_reference(&db, args);
+        return reference::run(&db, args);
     }
     if let Some(requests) = args.requests {
         return send_requests(global, &db, requests, args);
@@ -220,71 +220,6 @@ fn wait_for_start(start_at_ms: Option<i64>) {
             std::thread::sleep(Duration::from_millis(ahead.unsigned_abs()));
         }
     }
-}
-
-/// The coordinator's connection settings (`configure` in `src/store/sqlite/schema.rs`), so that the reference
-/// and the coordinator differ by the coordinator's work, not by how often SQLite checkpoints.
-const REFERENCE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-const REFERENCE_CHECKPOINT_PAGES: i64 = 4000;
-
-/// The yardstick: each cycle is two write transactions of one UPDATE (the key's state and lease) and
-/// one INSERT each, writing the same history rows (real connector and key names) as a claim and a
-/// release, on a connection set up as the coordinator's are, so the two differ only by the
-/// coordinator's own work.
-fn raw_reference(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
-    use rusqlite::OpenFlags;
-    // The store's flags: an existing file only, one connection per thread.
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
-    let mut connection = rusqlite::Connection::open_with_flags(db, flags)?;
-    connection.busy_timeout(REFERENCE_BUSY_TIMEOUT)?;
-    connection.pragma_update(None, "synchronous", "NORMAL")?;
-    connection.pragma_update(None, "foreign_keys", "ON")?;
-    connection.pragma_update(None, "wal_autocheckpoint", REFERENCE_CHECKPOINT_PAGES)?;
-    let mode: String = connection.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
-    anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "the reference runs on a WAL database, not '{mode}'");
-    let keys: Vec<(i64, String, String, String)> = connection
-        .prepare("SELECT id, connector, key_name, fingerprint FROM keys")?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    anyhow::ensure!(!keys.is_empty(), "the reference needs a database with keys");
-    let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
-    let pid = std::process::id();
-    let mut latencies = Vec::new();
-    let mut cycles = 0u64;
-    while Instant::now() < end {
-        let (id, connector, key_name, fingerprint) = &keys[fastrand::usize(..keys.len())];
-        for (from, to, event) in [("vacant", "locked", "claimed"), ("locked", "vacant", "released")] {
-            let asked = Instant::now();
-            let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let lease: i64 = transaction
-                .prepare_cached("UPDATE keys SET state = ?2, lease = lease + 1 WHERE id = ?1 RETURNING lease")?
-                .query_row(rusqlite::params![id, to], |row| row.get(0))?;
-            transaction
-                .prepare_cached(
-                    "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, holder_pid,
-                                         lease, event)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reference', ?7, ?8, ?9)",
-                )?
-                .execute(rusqlite::params![
-                    SystemClock.now_ms(),
-                    connector,
-                    key_name,
-                    fingerprint,
-                    from,
-                    to,
-                    pid,
-                    lease,
-                    event
-                ])?;
-            transaction.commit()?;
-            if to == "locked" && args.latencies {
-                latencies.push(asked.elapsed().as_micros());
-            }
-        }
-        cycles += 1;
-    }
-    summarize(&mut std::io::stdout().lock(), cycles, args.latencies.then_some(&latencies[..]))?;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The closing lines the parent parses: `cycles N` and, if asked for, `latencies_us L1 L2 ...`.

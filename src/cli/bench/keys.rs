@@ -1,5 +1,8 @@
 //! `apijongler bench keys`: P worker processes doing claim+release cycles on K keys, next to the raw
-//! SQLite reference (the same P processes doing the bare two-transaction cycle), in one run.
+//! reference (the same P processes doing the bare cycle with none of apijongler's logic), in one run.
+//! On SQLite (the default) the reference is two bare write transactions; with `--db postgres://...`
+//! the configurations run on that server, each in a throwaway database (see `scratch`), and the
+//! reference is the bare `FOR UPDATE SKIP LOCKED` claim and its release, two statements (see `worker`).
 //!
 //! A shared machine's load drifts over seconds, so one reference measured once and compared with
 //! configurations measured a minute later says more about the drift than about apijongler. Each
@@ -16,16 +19,17 @@ use api_jongler::pool::{Fate, Lockdown};
 use api_jongler::{Clock, Coordinator, CoordinatorOptions, Keyring, SystemClock};
 
 use super::percentile;
+use super::scratch::Server;
 use crate::cli::Global;
 
 #[derive(Debug, clap::Args)]
 pub struct KeysArgs {
-    /// Process counts to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
-    processes: Vec<u32>,
-    /// Key counts to measure.
-    #[arg(long, value_delimiter = ',', default_value = "4,64,10000")]
-    keys: Vec<u32>,
+    /// Process counts to measure [default: 1,4,16,64; on PostgreSQL 1,16,64].
+    #[arg(long, value_delimiter = ',')]
+    processes: Option<Vec<u32>>,
+    /// Key counts to measure [default: 4,64,10000; on PostgreSQL 64,10000].
+    #[arg(long, value_delimiter = ',')]
+    keys: Option<Vec<u32>>,
     /// Seconds each configuration runs, per round.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
@@ -33,9 +37,9 @@ pub struct KeysArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Key counts also measured with `--locked-percent` of their keys locked down for the model the
-    /// workers claim for (rows marked `*`).
-    #[arg(long, value_delimiter = ',', default_value = "10000")]
-    locked_keys: Vec<u32>,
+    /// workers claim for (rows marked `*`); given with no value, none [default: 10000; on PostgreSQL 64].
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    locked_keys: Option<Vec<u32>>,
     /// The share of keys locked down for the model in the `*` rows.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
     locked_percent: u32,
@@ -44,6 +48,13 @@ pub struct KeysArgs {
     #[arg(long)]
     limits: Option<String>,
 }
+
+/// What is measured unless the arguments say: process counts, key counts, key counts with lockdowns.
+type Defaults = (&'static [u32], &'static [u32], &'static [u32]);
+const SQLITE_DEFAULTS: Defaults = (&[1, 4, 16, 64], &[4, 64, 10_000], &[10_000]);
+/// On PostgreSQL, the process counts the README quotes, and smaller pools with lockdowns: putting 9,000
+/// keys in lockdown one claim and one lockdown at a time, for every configuration, takes minutes there.
+const POSTGRES_DEFAULTS: Defaults = (&[1, 16, 64], &[64, 10_000], &[64]);
 
 /// The model every bench worker claims for, so that the rows with and without lockdowns run the same
 /// claim statement.
@@ -107,11 +118,18 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 
 pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let duration = Duration::from_secs_f64(args.seconds);
-    let pools: Vec<Pool> = args
-        .keys
+    let server = Server::of(global)?;
+    let defaults = match server {
+        Server::Sqlite => SQLITE_DEFAULTS,
+        Server::Postgres(_) => POSTGRES_DEFAULTS,
+    };
+    let processes = args.processes.clone().unwrap_or_else(|| defaults.0.to_vec());
+    let keys = args.keys.clone().unwrap_or_else(|| defaults.1.to_vec());
+    let locked_keys = args.locked_keys.clone().unwrap_or_else(|| defaults.2.to_vec());
+    let pools: Vec<Pool> = keys
         .iter()
         .map(|&keys| Pool { keys, locked: 0 })
-        .chain(args.locked_keys.iter().map(|&keys| Pool { keys, locked: keys * args.locked_percent / 100 }))
+        .chain(locked_keys.iter().map(|&keys| Pool { keys, locked: keys * args.locked_percent / 100 }))
         .collect();
     let mut report = String::new();
     writeln!(
@@ -119,10 +137,13 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
         "apijongler bench keys: claim+release cycles, {} s per configuration, median of {} rounds",
         args.seconds, args.rounds
     )?;
+    if let Server::Postgres(postgres) = &server {
+        writeln!(report, "({postgres})")?;
+    }
     if let Some(limits) = &args.limits {
         writeln!(report, "(every key of every pool limited to {limits} for every model: each claim reserves)")?;
     }
-    if !args.locked_keys.is_empty() {
+    if !locked_keys.is_empty() {
         writeln!(
             report,
             "(K* rows: {} % of the K keys locked down for {MODEL}, the model every worker claims for)",
@@ -141,13 +162,13 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
         }
     };
     progress(&report);
-    for &processes in &args.processes {
+    for &processes in &processes {
         let mut raw = Vec::new();
         let mut by_pool: Vec<Vec<Measured>> = pools.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
-            raw.push(measure(processes, None, duration, None)?);
+            raw.push(measure(&server, processes, None, duration, None)?);
             for (rounds, &pool) in by_pool.iter_mut().zip(&pools) {
-                rounds.push(measure(processes, Some(pool), duration, args.limits.as_deref())?);
+                rounds.push(measure(&server, processes, Some(pool), duration, args.limits.as_deref())?);
             }
         }
         let mut lines = row(processes, "raw", &Summary::of(&raw, None));
@@ -176,24 +197,36 @@ fn row(processes: u32, keys: &str, summary: &Summary) -> String {
 /// The claim+release cycles per second of `processes` workers on `keys` keys (for `bench gateway`'s
 /// ceiling).
 pub(super) fn claim_release_rate(processes: u32, keys: u32, duration: Duration) -> anyhow::Result<f64> {
-    Ok(measure(processes, Some(Pool { keys, locked: 0 }), duration, None)?.cycles_per_second)
+    Ok(measure(&Server::Sqlite, processes, Some(Pool { keys, locked: 0 }), duration, None)?.cycles_per_second)
 }
 
-/// Runs `processes` workers for `duration` on a fresh database with `pool` (`None`: the raw
+/// Runs `processes` workers for `duration` on a fresh store on `server` with `pool` (`None`: the raw
 /// reference, on 64 rows), every key limited to `limits` for every model if given.
-fn measure(processes: u32, pool: Option<Pool>, duration: Duration, limits: Option<&str>) -> anyhow::Result<Measured> {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("bench.db");
-    let keyring = prepare(dir.path(), &db, pool.unwrap_or(Pool { keys: 64, locked: 0 }), limits)?;
+fn measure(
+    server: &Server,
+    processes: u32,
+    pool: Option<Pool>,
+    duration: Duration,
+    limits: Option<&str>,
+) -> anyhow::Result<Measured> {
+    let scratch = server.scratch()?;
+    let db = scratch.db();
+    let keyring = prepare(scratch.dir(), db, pool.unwrap_or(Pool { keys: 64, locked: 0 }), limits)?;
     let exe = std::env::current_exe()?;
-    let start_at = SystemClock.now_ms() + 500 + i64::from(processes) * 30;
+    // Every worker opens its store before the common start: a PostgreSQL connection and its schema
+    // check take longer than opening a file, and 64 of them share 2 cores.
+    let per_process = match server {
+        Server::Sqlite => 30,
+        Server::Postgres(_) => 60,
+    };
+    let start_at = SystemClock.now_ms() + 500 + i64::from(processes) * per_process;
     let children = (0..processes)
         .map(|_| {
             let mut command = Command::new(&exe);
             command
                 .args(["--quiet", "worker", "--latencies", "--model", MODEL])
                 .arg("--db")
-                .arg(&db)
+                .arg(db)
                 .args(["--start-at-ms", &start_at.to_string(), "--duration-ms", &duration.as_millis().to_string()])
                 .env_remove("APIJONGLER_CONFIG")
                 .stdout(Stdio::piped());

@@ -1,11 +1,12 @@
 //! `apijongler bench`: the measurements the README quotes. `bench keys` measures the coordinator
-//! against raw SQLite; `bench requests` measures the request layer against a plain HTTP client and its
+//! against the bare cycle on its database (SQLite, or the PostgreSQL server `--db` names); `bench requests` measures the request layer against a plain HTTP client and its
 //! goodput under a quota; `bench sync` measures what the keyring's size costs a sync and a command;
 //! `bench gateway` measures what `apijongler serve` adds and how close it gets to the coordinator's ceiling.
 
 mod gateway;
 mod keys;
 mod requests;
+mod scratch;
 mod sync;
 
 use std::fmt::Write as _;
@@ -22,7 +23,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum What {
-    /// P processes doing claim+release cycles on K keys, next to raw SQLite.
+    /// P processes doing claim+release cycles on K keys, next to the bare cycle on SQLite (or on the
+    /// PostgreSQL server a `--db postgres://` URL names, in throwaway databases it creates and drops).
     Keys(keys::KeysArgs),
     /// Latency added over a plain HTTP client, and goodput under a per-key quota.
     Requests(requests::RequestsArgs),

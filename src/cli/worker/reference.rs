@@ -1,0 +1,132 @@
+//! The benchmark's yardsticks (`worker --raw`): the bare cycle each database itself can do on the
+//! pool's keys, with none of the coordinator's logic. Their SQL lives here, not in the store, because
+//! they are what the store is measured against, not part of apijongler.
+//!
+//! - SQLite: `BEGIN IMMEDIATE; UPDATE one row; INSERT one history row; COMMIT`, twice.
+//! - PostgreSQL: the claim `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING` and
+//!   the release fenced by the lease, each one autocommitted statement, prepared once on the
+//!   process's one connection.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use api_jongler::store::Location;
+use api_jongler::{Clock, SystemClock};
+
+use super::{WorkerArgs, summarize, wait_for_start};
+
+/// Runs the reference of the database `db` names.
+pub(super) fn run(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    match Location::parse(db.as_os_str(), "--db")? {
+        Location::Sqlite(path) => sqlite(&path, args),
+        // The URL as given (password included) is for the driver only.
+        Location::Postgres(_) => postgres(db.to_str().unwrap_or_default(), args),
+    }
+}
+
+/// The coordinator's connection settings (`configure` in `src/store/sqlite/schema.rs`), so that the reference
+/// and the coordinator differ by the coordinator's work, not by how often SQLite checkpoints.
+const REFERENCE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const REFERENCE_CHECKPOINT_PAGES: i64 = 4000;
+
+/// The yardstick: each cycle is two write transactions of one UPDATE (the key's state and lease) and
+/// one INSERT each, writing the same history rows (real connector and key names) as a claim and a
+/// release, on a connection set up as the coordinator's are, so the two differ only by the
+/// coordinator's own work.
+fn sqlite(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    wait_for_start(args.start_at_ms);
+    use rusqlite::OpenFlags;
+    // The store's flags: an existing file only, one connection per thread.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let mut connection = rusqlite::Connection::open_with_flags(db, flags)?;
+    connection.busy_timeout(REFERENCE_BUSY_TIMEOUT)?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.pragma_update(None, "wal_autocheckpoint", REFERENCE_CHECKPOINT_PAGES)?;
+    let mode: String = connection.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+    anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "the reference runs on a WAL database, not '{mode}'");
+    let keys: Vec<(i64, String, String, String)> = connection
+        .prepare("SELECT id, connector, key_name, fingerprint FROM keys")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    anyhow::ensure!(!keys.is_empty(), "the reference needs a database with keys");
+    let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
+    let pid = std::process::id();
+    let mut latencies = Vec::new();
+    let mut cycles = 0u64;
+    while Instant::now() < end {
+        let (id, connector, key_name, fingerprint) = &keys[fastrand::usize(..keys.len())];
+        for (from, to, event) in [("vacant", "locked", "claimed"), ("locked", "vacant", "released")] {
+            let asked = Instant::now();
+            let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let lease: i64 = transaction
+                .prepare_cached("UPDATE keys SET state = ?2, lease = lease + 1 WHERE id = ?1 RETURNING lease")?
+                .query_row(rusqlite::params![id, to], |row| row.get(0))?;
+            transaction
+                .prepare_cached(
+                    "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, holder_pid,
+                                         lease, event)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reference', ?7, ?8, ?9)",
+                )?
+                .execute(rusqlite::params![
+                    SystemClock.now_ms(),
+                    connector,
+                    key_name,
+                    fingerprint,
+                    from,
+                    to,
+                    pid,
+                    lease,
+                    event
+                ])?;
+            transaction.commit()?;
+            if to == "locked" && args.latencies {
+                latencies.push(asked.elapsed().as_micros());
+            }
+        }
+        cycles += 1;
+    }
+    summarize(&mut std::io::stdout().lock(), cycles, args.latencies.then_some(&latencies[..]))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The claim: the least recently used vacant key, passed over if another claim holds its row, with a
+/// new lease. On the pool's own `keys` table and index (`keys_lru`), so the two sides differ by
+/// apijongler's work only, not by the table they update.
+const PG_CLAIM: &str = "UPDATE apijongler.keys SET state = 'locked', lease = lease + 1
+  WHERE id = (SELECT id FROM apijongler.keys
+               WHERE connector = $1 AND state = 'vacant' AND retired_at IS NULL
+               ORDER BY last_used_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id, lease";
+
+/// The release, fenced by the lease as apijongler's is.
+const PG_RELEASE: &str = "UPDATE apijongler.keys SET state = 'vacant', last_used_at = $3
+  WHERE id = $1 AND lease = $2 AND state = 'locked'";
+
+/// The yardstick on PostgreSQL: one connection, the two statements prepared once, each cycle a claim
+/// and its release (two round trips, two commits). A claim that finds every key taken asks again;
+/// its latency counts from the first ask.
+fn postgres(url: &str, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    let claim = client.prepare(PG_CLAIM)?;
+    let release = client.prepare(PG_RELEASE)?;
+    wait_for_start(args.start_at_ms);
+    let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
+    let mut latencies = Vec::new();
+    let mut cycles = 0u64;
+    let mut asked = Instant::now();
+    while Instant::now() < end {
+        let Some(row) = client.query_opt(&claim, &[&args.connector])? else { continue };
+        if args.latencies {
+            latencies.push(asked.elapsed().as_micros());
+        }
+        let (id, lease): (i64, i64) = (row.get(0), row.get(1));
+        let freed = client.execute(&release, &[&id, &lease, &SystemClock.now_ms()])?;
+        anyhow::ensure!(freed == 1, "the reference lost key {id}'s lease {lease}");
+        cycles += 1;
+        asked = Instant::now();
+    }
+    summarize(&mut std::io::stdout().lock(), cycles, args.latencies.then_some(&latencies[..]))?;
+    Ok(ExitCode::SUCCESS)
+}
