@@ -22,7 +22,7 @@ use crate::cli::Global;
 /// The server every configuration of one run gets its store on.
 pub(super) enum Server {
     Sqlite,
-    Postgres(Throwaways),
+    Postgres(Box<Throwaways>),
 }
 
 /// A PostgreSQL server on which this run creates and drops its databases.
@@ -47,13 +47,13 @@ impl Server {
         let shown = url.redacted();
         let admin = postgres::Client::connect(&text, postgres::NoTls)
             .map_err(|error| database_error(&shown, "connecting to create the bench's databases", error))?;
-        Ok(Self::Postgres(Throwaways {
+        Ok(Self::Postgres(Box::new(Throwaways {
             admin: RefCell::new(admin),
             url: text,
             shown,
             run: format!("{}_{:04x}", std::process::id(), fastrand::u16(..)),
             next: Cell::new(0),
-        }))
+        })))
     }
 
     /// A fresh, empty store for one configuration, and a temporary directory beside it.
