@@ -28,12 +28,14 @@ pub(super) fn end_in(
         }
     }
     let held = tx.query_opt(
-        "SELECT connector, key_name, fingerprint FROM keys WHERE id = $1 AND lease = $2 AND state = 'locked'
+        "SELECT connector, key_name, fingerprint, quota_scope FROM keys
+          WHERE id = $1 AND lease = $2 AND state = 'locked'
             FOR UPDATE",
         &[&id, &lease],
     )?;
     let Some(row) = held else { return Ok(false) };
     let (connector, key_name, fingerprint): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    let mut key_scope: String = row.get(3);
     let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
     let project = match fate {
         Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
@@ -41,9 +43,11 @@ pub(super) fn end_in(
         Fate::Release { .. } => None,
     };
     if let Some(project) = project {
-        tx.execute("UPDATE keys SET project_learned = $2 WHERE id = $1", &[&id, &project])?;
+        // The project the answer revealed is the key's scope from now on.
+        key_scope = tx
+            .query_one("UPDATE keys SET project_learned = $2 WHERE id = $1 RETURNING quota_scope", &[&id, &project])?
+            .get(0);
     }
-    let key_scope: String = tx.query_one("SELECT quota_scope FROM keys WHERE id = $1", &[&id])?.get(0);
     let mut transition = NewTransition {
         holder_pid: Some(std::process::id()),
         lease: Some(lease),

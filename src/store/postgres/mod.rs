@@ -141,7 +141,7 @@ impl Postgres {
             lock_wait_floor: super::DEFAULT_LOCK_WAIT_FLOOR,
             paced: Arc::default(),
         };
-        let found = store.write("migrating the schema", None, |tx, _| schema::migrate(tx))?;
+        let found = store.write("migrating the schema", None, |tx| schema::migrate(tx))?;
         if found > schema::VERSION {
             return Err(Error::SchemaTooNew { path: store.server.clone(), found, supported: schema::VERSION });
         }
@@ -208,8 +208,7 @@ impl Postgres {
         off_runtime(|| {
             let mut connection = self.connection(operation, deadline)?;
             loop {
-                let value = run(&mut connection, deadline, |tx| {
-                    tx.batch("SET TRANSACTION READ ONLY")?;
+                let value = run(&mut connection, (deadline, Access::Read), |tx| {
                     f.take().expect("a read runs once unless its connection was lost before it ran")(tx)
                 });
                 match value {
@@ -226,13 +225,13 @@ impl Postgres {
         })
     }
 
-    /// Runs `f` in a transaction, with the server's time (unix ms) as of its start; waits for rows
+    /// Runs `f` in a transaction; waits for rows
     /// other writers hold until `deadline` (`None`: now), but never less than the store's floor.
     fn write<T: Send>(
         &self,
         operation: &'static str,
         deadline: Option<Instant>,
-        f: impl FnMut(&mut Tx<'_>, i64) -> std::result::Result<T, postgres::Error> + Send,
+        f: impl FnMut(&mut Tx<'_>) -> std::result::Result<T, postgres::Error> + Send,
     ) -> Result<T> {
         let floor = Instant::now() + self.lock_wait_floor;
         self.write_by(operation, deadline.map_or(floor, |deadline| deadline.max(floor)), f)
@@ -244,16 +243,13 @@ impl Postgres {
         &self,
         operation: &'static str,
         deadline: Instant,
-        mut f: impl FnMut(&mut Tx<'_>, i64) -> std::result::Result<T, postgres::Error> + Send,
+        mut f: impl FnMut(&mut Tx<'_>) -> std::result::Result<T, postgres::Error> + Send,
     ) -> Result<T> {
         let started = Instant::now();
         off_runtime(|| {
             let mut connection = self.connection(operation, deadline)?;
             loop {
-                let result = run(&mut connection, deadline, |tx| {
-                    let server_now: i64 = tx.query_one(&format!("SELECT {SERVER_NOW}"), &[])?.get(0);
-                    f(tx, server_now)
-                });
+                let result = run(&mut connection, (deadline, Access::Write), &mut f);
                 match result {
                     Ok(value) => return Ok(value),
                     Err(error) if is_retryable(&error) && Instant::now() < deadline => continue,
@@ -310,16 +306,31 @@ impl Postgres {
 /// Runs `f` in one transaction on `connection` whose waits end at `deadline`, and commits.
 fn run<T>(
     connection: &mut Connection,
-    deadline: Instant,
+    (deadline, access): (Instant, Access),
     f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, postgres::Error>,
 ) -> std::result::Result<T, postgres::Error> {
     // The server's limit for either setting is i32::MAX ms (24 days); a longer wait asked is that long.
     let left = deadline.saturating_duration_since(Instant::now()).as_millis().clamp(1, i32::MAX as u128).to_string();
+    let read_only = if access == Access::Read { "on" } else { "off" };
     let mut tx = Tx::begin(connection)?;
-    tx.query_one("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true)", &[&left])?;
+    // One round trip for the transaction's settings.
+    tx.query_one(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true),
+                set_config('transaction_read_only', $2, true)",
+        &[&left, &read_only],
+    )?;
     let value = f(&mut tx)?;
     tx.commit()?;
     Ok(value)
+}
+
+/// What a transaction may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read only: one snapshot, no write.
+    Read,
+    /// Read and write.
+    Write,
 }
 
 /// What to check when the server cannot be reached.
@@ -480,7 +491,7 @@ impl Backend for Postgres {
         deadline: Instant,
     ) -> Result<Vec<Claimed>> {
         let pacing = self.pacing_of(request.connector, clock.now_ms());
-        self.write_by("claiming keys", deadline, |tx, _| {
+        self.write_by("claiming keys", deadline, |tx| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
                 match claim::claim_in(tx, &request, holder, clock, pacing.as_deref(), &self.paced)? {
@@ -494,7 +505,7 @@ impl Backend for Postgres {
 
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
         let settles = attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector));
-        let ended = self.write("ending a lease", Some(self.holder_deadline()), |tx, _| {
+        let ended = self.write("ending a lease", Some(self.holder_deadline()), |tx| {
             lease_end::end_in(tx, (id, lease), fate, attempt, settles, now)
         });
         if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) && ended.is_ok() {
@@ -505,7 +516,7 @@ impl Backend for Postgres {
 
     fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
         let Fate::Error { reason, http_status, project } = fate else { return Ok(false) };
-        self.write("putting a key in error", Some(self.holder_deadline()), |tx, _| {
+        self.write("putting a key in error", Some(self.holder_deadline()), |tx| {
             let sql = format!(
                 "SELECT connector, key_name, fingerprint, state, quota_scope FROM keys k
                   WHERE id = $1 AND lease = $2 AND {unheld} FOR UPDATE",
@@ -539,11 +550,11 @@ impl Backend for Postgres {
     }
 
     fn record_attempt(&self, attempt: &Attempt) -> Result<()> {
-        self.write("recording a request", Some(self.holder_deadline()), |tx, _| insert_attempt(tx, attempt))
+        self.write("recording a request", Some(self.holder_deadline()), |tx| insert_attempt(tx, attempt))
     }
 
     fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
-        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |tx, _| {
+        self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |tx| {
             let held = tx.query_opt(
                 "UPDATE keys SET lockdown_count = 0 WHERE id = $1 AND lease = $2 AND state = 'locked'
                  RETURNING connector, quota_scope, key_name",
@@ -574,7 +585,7 @@ impl Backend for Postgres {
         now: i64,
     ) -> Result<bool> {
         let Some(pacing) = self.pacing_of(connector, now) else { return Ok(true) };
-        self.write("reserving for a kept key", None, |tx, _| {
+        self.write("reserving for a kept key", None, |tx| {
             let held = tx.query_opt(
                 "SELECT key_name, quota_scope FROM keys WHERE id = $1 AND lease = $2 AND state = 'locked'",
                 &[&id, &lease],
@@ -661,7 +672,7 @@ impl Backend for Postgres {
             return Ok((Vec::new(), clock.boot_ms()));
         }
         let (ids, tokens): (Vec<i64>, Vec<i64>) = leases.iter().copied().unzip();
-        self.write("refreshing heartbeats", Some(self.holder_deadline()), |tx, _| {
+        self.write("refreshing heartbeats", Some(self.holder_deadline()), |tx| {
             let (now, boot_ms) = (clock.now_ms(), clock.boot_ms());
             let rows = tx.query(
                 &format!(
@@ -709,7 +720,7 @@ impl Backend for Postgres {
         }
         let mut ordered = evictions.to_vec();
         ordered.sort_by_key(|eviction| eviction.id);
-        self.write("freeing locks", None, |tx, _| {
+        self.write("freeing locks", None, |tx| {
             let sql = format!(
                 "UPDATE keys
                     SET state = CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
@@ -756,7 +767,7 @@ impl Backend for Postgres {
     }
 
     fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
-        self.write("cleaning up keys", None, |tx, _| {
+        self.write("cleaning up keys", None, |tx| {
             let targets = tx.query(
                 "SELECT id, connector, key_name, fingerprint, state FROM keys
                   WHERE state IN ('lockdown', 'error') AND ($1::text IS NULL OR connector = $1)
@@ -836,7 +847,7 @@ impl Backend for Postgres {
     }
 
     fn prune_batch(&self, journal: Journal, before: i64, batch: u32) -> Result<(u64, Duration)> {
-        self.write("pruning old rows", None, |tx, _| {
+        self.write("pruning old rows", None, |tx| {
             let started = Instant::now();
             let deleted = prune::prune_batch(tx, journal, before, batch)?;
             Ok((deleted, started.elapsed()))
@@ -844,7 +855,7 @@ impl Backend for Postgres {
     }
 
     fn record_resources(&self, connector: &str, key_name: &str, created: &[Created], now: i64) -> Result<usize> {
-        self.write("recording resources", None, |tx, _| resources::record(tx, connector, key_name, created, now))
+        self.write("recording resources", None, |tx| resources::record(tx, connector, key_name, created, now))
     }
 
     fn used_since(&self, of: (&str, &str, &str), measure: Measure, since: i64) -> Result<u64> {

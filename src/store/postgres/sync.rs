@@ -31,7 +31,7 @@ pub(super) fn sync_keys(store: &Postgres, source: &SyncSource<'_>, now: i64) -> 
     if pending.is_empty() {
         return Ok(pending);
     }
-    store.write("syncing the keyring", None, |tx, _| {
+    store.write("syncing the keyring", None, |tx| {
         tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&SYNC_LOCK])?;
         let mut plan = plan(tx, source, &connectors)?;
         lock_in_id_order(tx, &plan)?;
