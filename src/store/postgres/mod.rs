@@ -141,7 +141,7 @@ impl Postgres {
             lock_wait_floor: super::DEFAULT_LOCK_WAIT_FLOOR,
             paced: Arc::default(),
         };
-        let found = store.write("migrating the schema", None, |tx| schema::migrate(tx))?;
+        let found = store.write("migrating the schema", None, schema::migrate)?;
         if found > schema::VERSION {
             return Err(Error::SchemaTooNew { path: store.server.clone(), found, supported: schema::VERSION });
         }
