@@ -43,7 +43,7 @@ pub(super) fn claim_in(
         paced.seen(request.connector, lesson);
         let binding = pacing.binding(&claimed.scope, model, now);
         let reservation = reservation_of(request, &claimed, model);
-        match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), now)? {
+        match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), &|| clock.now_ms())? {
             Ok(()) => {
                 tx.batch("RELEASE paced_claim")?;
                 return Ok(Some(claimed));

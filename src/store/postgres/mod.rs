@@ -141,7 +141,11 @@ impl Postgres {
             lock_wait_floor: super::DEFAULT_LOCK_WAIT_FLOOR,
             paced: Arc::default(),
         };
-        let found = store.write("migrating the schema", None, schema::migrate)?;
+        // A current schema needs no migration lock: a host frozen while opening must stall no other.
+        let mut found = store.read("reading the schema version", schema::version)?;
+        if found < schema::VERSION {
+            found = store.write("migrating the schema", None, schema::migrate)?;
+        }
         if found > schema::VERSION {
             return Err(Error::SchemaTooNew { path: store.server.clone(), found, supported: schema::VERSION });
         }
@@ -595,7 +599,7 @@ impl Backend for Postgres {
             let reservation =
                 pacing::Reservation { connector, scope: &scope, model, key_name: &key_name, lease, tokens };
             let binding = pacing.binding(&scope, model, now);
-            match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), now)? {
+            match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), &|| now)? {
                 Ok(()) => Ok(true),
                 Err(full) => {
                     pacing::lock_down(tx, &reservation, &full, now)?;

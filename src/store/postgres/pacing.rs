@@ -153,19 +153,22 @@ pub(super) fn reserved_models(
     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
-/// Reserves `reservation` if every window of `limits` has room at `now` (`reach`: how far back the
-/// longest window reaches); else the first full window.
+/// Reserves `reservation` if every window of `limits` has room now (`reach`: how far back the longest
+/// window reaches); else the first full window. `now` reads the clock: it is read once the windows'
+/// lock is held, so a wait for it never makes a reservation look older than it is (which would let
+/// the next one into the window early).
 pub(super) fn reserve(
     tx: &mut Tx<'_>,
     reservation: &Reservation<'_>,
     (limits, reach): (&[(Limit, Source)], i64),
-    now: i64,
+    now: &dyn Fn() -> i64,
 ) -> Result<Result<(), Full>, postgres::Error> {
     let Reservation { connector, scope, model, tokens, .. } = *reservation;
     if limits.is_empty() {
         return Ok(Ok(()));
     }
     lock_windows(tx, (connector, scope, model))?;
+    let now = now();
     for (limit, source) in limits {
         let counted_from = limit.window.counted_from(now);
         let used = used_since(tx, (connector, scope, model), limit.measure, counted_from)?;

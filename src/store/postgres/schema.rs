@@ -31,12 +31,10 @@ pub(super) fn version(tx: &mut Tx<'_>) -> Result<i64, postgres::Error> {
 
 /// Brings the schema to [`VERSION`] if it is older, under the migration lock; returns the version found
 /// (a newer one is the caller's to refuse, and nothing was written).
+///
+/// The lock is the transaction's first statement: the catalog it then reads includes what a migration
+/// that held the lock before committed.
 pub(super) fn migrate(tx: &mut Tx<'_>) -> Result<i64, postgres::Error> {
-    // A current schema needs no lock: a host frozen while migrating must not stall every other's open.
-    let found = version(tx)?;
-    if found >= VERSION {
-        return Ok(found);
-    }
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     let found = version(tx)?;
     if found >= VERSION {
