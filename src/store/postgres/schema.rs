@@ -21,8 +21,15 @@ const MIGRATION_LOCK: i64 = 1_095_388_743;
 
 /// What the schema holds on the server: its version (0: none yet).
 pub(super) fn version(tx: &mut Tx<'_>) -> Result<i64, postgres::Error> {
-    let exists: bool =
-        tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{SCHEMA}.schema_version")])?.get(0);
+    // Read from the catalog's tables with this statement's snapshot (not through `to_regclass`, whose
+    // cache may predate a migration committed while this transaction waited for the lock); opening them
+    // also brings the session's catalog cache up to date for the statements that follow.
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_version')",
+            &[&SCHEMA],
+        )?
+        .get(0);
     if !exists {
         return Ok(0);
     }
