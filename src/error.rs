@@ -109,17 +109,6 @@ pub enum Error {
         scheme: String,
     },
 
-    /// The PostgreSQL store cannot do this yet.
-    #[error(
-        "{operation} is not yet supported on PostgreSQL ({server}): use an SQLite file (a path in APIJONGLER_DB) for now"
-    )]
-    NotYetOnPostgres {
-        /// What was asked.
-        operation: &'static str,
-        /// The server's URL, its password masked.
-        server: String,
-    },
-
     /// The database directory could not be created, or the file could not be created in it.
     #[error(
         "cannot create the database at {path}: set APIJONGLER_DB to a file in a writable directory on a local disk"

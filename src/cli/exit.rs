@@ -72,7 +72,6 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::ForeignDatabase { .. }
         | Error::DatabaseLocked { .. }
         | Error::DatabaseReplaced { .. }
-        | Error::NotYetOnPostgres { .. }
         | Error::Database { .. } => DATABASE,
         Error::NoKeyAvailable(_) | Error::ResourceOwnerUnavailable { .. } => NO_KEY,
         Error::Transport { .. } | Error::Stream { .. } => NETWORK,
