@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::pool::{LearnedLimit, Limits, Pacing};
+use crate::pool::{LearnedLimit, Limit, Limits, Pacing, Source};
 
 /// What this process's claims pace by, per connector: the limits declared by the keyring it synced,
 /// and those learned from answers (by any process). The learned ones are read when the keyring is
@@ -143,4 +143,33 @@ impl Paced {
             }
         }
     }
+}
+
+/// A window with no room: the first limit found full, and when it has room again.
+#[derive(Debug)]
+pub(in crate::store) struct Full {
+    pub(in crate::store) limit: Limit,
+    pub(in crate::store) source: Source,
+    pub(in crate::store) until: i64,
+}
+
+impl Full {
+    /// The reason of the lockdown that paces `model` until the window has room.
+    pub(in crate::store) fn reason(&self, model: &str) -> String {
+        match &self.source {
+            Source::Declared => format!("paced: {} declared for {model}", self.limit),
+            Source::Learned { quota_id, .. } => format!("paced: {} learned from {quota_id} for {model}", self.limit),
+        }
+    }
+}
+
+/// What one reservation is for.
+pub(in crate::store) struct Reservation<'a> {
+    pub(in crate::store) connector: &'a str,
+    pub(in crate::store) scope: &'a str,
+    pub(in crate::store) model: &'a str,
+    pub(in crate::store) key_name: &'a str,
+    pub(in crate::store) lease: i64,
+    /// The request's estimated input tokens (see `crate::tokens`).
+    pub(in crate::store) tokens: u64,
 }

@@ -8,6 +8,7 @@ use super::connection::Tx;
 use crate::pool::limit::PACED_QUOTA_ID;
 use crate::pool::{LearnedLimit, Limit, Measure, Source, Taught, Window};
 use crate::store::paced::Lessons;
+pub(super) use crate::store::paced::{Full, Reservation};
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
 /// long as the connector's longest window.
@@ -15,25 +16,6 @@ const KEEP_MS: i64 = 26 * 3_600_000;
 
 /// The most reservations a lesson adds to fill its window.
 const MOST_FILLED: u64 = 10_000;
-
-/// A window with no room: the first limit found full, and when it has room again.
-#[derive(Debug)]
-pub(super) struct Full {
-    pub(super) limit: Limit,
-    pub(super) source: Source,
-    pub(super) until: i64,
-}
-
-/// What one reservation is for.
-pub(super) struct Reservation<'a> {
-    pub(super) connector: &'a str,
-    pub(super) scope: &'a str,
-    pub(super) model: &'a str,
-    pub(super) key_name: &'a str,
-    pub(super) lease: i64,
-    /// The request's estimated input tokens (see `crate::tokens`).
-    pub(super) tokens: u64,
-}
 
 fn as_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -246,10 +228,7 @@ pub(super) fn lock_down(
     now: i64,
 ) -> Result<(), postgres::Error> {
     let Reservation { connector, scope, model, key_name, .. } = *reservation;
-    let reason = match &full.source {
-        Source::Declared => format!("paced: {} declared for {model}", full.limit),
-        Source::Learned { quota_id, .. } => format!("paced: {} learned from {quota_id} for {model}", full.limit),
-    };
+    let reason = full.reason(model);
     tx.execute(
         "INSERT INTO lockdowns AS q
              (connector, scope, model, until, quota_id, reason, http_status, set_by_key, set_at, strikes)

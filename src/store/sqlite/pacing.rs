@@ -11,6 +11,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use crate::pool::limit::PACED_QUOTA_ID;
 use crate::pool::{LearnedLimit, Limit, Measure, Source, Taught};
 use crate::store::paced::Lessons;
+pub(super) use crate::store::paced::{Full, Reservation};
 
 /// Reservations are kept at least this long (a day and its daylight-saving hour, with room), and as
 /// long as the connector's longest window.
@@ -102,25 +103,6 @@ pub(super) fn settle(
         .prepare_cached("UPDATE reservations SET tokens = ?4 WHERE connector = ?1 AND key_name = ?2 AND lease = ?3")?
         .execute(params![connector, key_name, lease, i64::try_from(tokens).unwrap_or(i64::MAX)])?;
     Ok(())
-}
-
-/// A window with no room: the first limit found full, and when it has room again.
-#[derive(Debug)]
-pub(super) struct Full {
-    pub(super) limit: Limit,
-    pub(super) source: Source,
-    pub(super) until: i64,
-}
-
-/// What one reservation is for.
-pub(super) struct Reservation<'a> {
-    pub(super) connector: &'a str,
-    pub(super) scope: &'a str,
-    pub(super) model: &'a str,
-    pub(super) key_name: &'a str,
-    pub(super) lease: i64,
-    /// The request's estimated input tokens (see `crate::tokens`).
-    pub(super) tokens: u64,
 }
 
 /// How much of `measure` (scope, model) reserved at or after `since`: requests, or input tokens.
@@ -257,10 +239,7 @@ pub(super) fn lock_down(
     now: i64,
 ) -> rusqlite::Result<()> {
     let Reservation { connector, scope, model, key_name, .. } = *reservation;
-    let reason = match &full.source {
-        Source::Declared => format!("paced: {} declared for {model}", full.limit),
-        Source::Learned { quota_id, .. } => format!("paced: {} learned from {quota_id} for {model}", full.limit),
-    };
+    let reason = full.reason(model);
     transaction
         .prepare_cached(
             "INSERT INTO lockdowns
