@@ -5,7 +5,8 @@
 //! - Waiting costs no thread per waiter: a waiter is an entry in a queue and a channel to answer it
 //!   on (an async caller awaits it without holding a thread). One watcher thread per coordinator runs
 //!   while anyone waits and ends when nobody does.
-//! - The watcher reads SQLite's `data_version` every [`POLL`]: it changes exactly when another
+//! - The watcher reads SQLite's `data_version` every [`POLL`] (PostgreSQL's newest rows every 25 ms,
+//!   a round trip each: `ChangeWatch::interval`): it changes exactly when another
 //!   connection commits (a key freed by this process or another, a reap, a sync). Only then, at a
 //!   deadline that matters to a waiter (its own, the earliest lockdown end of its model), or every
 //!   [`RECHECK`] as a safety net, does it read availability and claim.
@@ -460,7 +461,9 @@ fn watch(inner: Weak<Inner>) {
             if now >= next {
                 break;
             }
-            queue = waiters.poked.wait_timeout(queue, POLL.min(next - now)).unwrap_or_else(PoisonError::into_inner).0;
+            let look_every = changes.as_ref().map_or(POLL, |changes| changes.interval().max(POLL));
+            queue =
+                waiters.poked.wait_timeout(queue, look_every.min(next - now)).unwrap_or_else(PoisonError::into_inner).0;
             if queue.poked {
                 continue;
             }

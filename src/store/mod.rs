@@ -265,6 +265,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
 pub(crate) trait ChangeWatch: Send {
     /// Whether anything was committed since the last call (true on the first).
     fn changed(&mut self) -> Result<bool>;
+
+    /// How often a look is worth its cost: SQLite's costs microseconds, a server's a round trip that
+    /// every waiting process of every host would pay.
+    fn interval(&self) -> Duration {
+        Duration::from_millis(1)
+    }
 }
 
 /// A watch on the database that tells, for microseconds a look, whether any connection of any
