@@ -1,38 +1,29 @@
-//! One claim in a transaction: the claim statement, its history row and, where limits pace the
-//! connector, the reservation (as on SQLite, under a savepoint: a key whose scope has no room is given
-//! back, its scope paced for the model, and the claim looks again).
+//! Claims: one statement claims a key and writes its history row. Where limits pace the connector, a
+//! claim runs in a transaction with its reservation (as on SQLite, under a savepoint: a key whose
+//! scope has no room is given back, its scope paced for the model, and the claim looks again);
+//! otherwise a lone claim is that one statement, committed on its own.
 
 use super::connection::Tx;
-use super::{CLAIM, CLAIM_PINNED, pacing, record};
+use super::{CLAIM, CLAIM_PINNED, pacing};
 use crate::clock::Clock;
 use crate::holder::Holder;
-use crate::pool::{Claimed, HistoryEvent, ModelScope, Pacing};
+use crate::pool::{Claimed, ModelScope, Pacing};
 use crate::store::ClaimFor;
 use crate::store::paced::Paced;
-use crate::store::transition::NewTransition;
 
-/// Runs one claim of `request` for `holder` in `tx`, with times read from `clock` now.
-pub(super) fn claim_in(
+/// Runs one claim of `request` for `holder` in `tx`, reserving by `pacing`, with times read from
+/// `clock` now.
+pub(super) fn claim_paced(
     tx: &mut Tx<'_>,
     request: &ClaimFor<'_>,
     holder: &Holder,
     clock: &dyn Clock,
-    pacing: Option<&Pacing>,
-    paced: &Paced,
+    (pacing, paced): (&Pacing, &Paced),
 ) -> Result<Option<Claimed>, postgres::Error> {
     let now = clock.now_ms();
     let times = (now, clock.boot_ms());
-    // A request for the model `*` (no upstream has one) is not paced: its lockdown would stop every model.
-    let model = request.model.filter(|model| *model != ModelScope::EVERY);
-    let (Some(pacing), Some(model)) = (pacing, model) else {
-        let Some((claimed, lesson)) = claim_one(tx, request, holder, times)? else { return Ok(None) };
-        // The first claim to see a lesson this process has not read goes out unpaced, but counts.
-        if paced.seen(request.connector, lesson)
-            && let Some(model) = model
-        {
-            pacing::record(tx, &reservation_of(request, &claimed, model), now)?;
-        }
-        return Ok(Some(claimed));
+    let Some(model) = paced_model(request) else {
+        return Ok(claim_one(tx, request, holder, times)?.map(|(one, _)| one));
     };
     loop {
         tx.batch("SAVEPOINT paced_claim")?;
@@ -56,6 +47,24 @@ pub(super) fn claim_in(
     }
 }
 
+/// The model a claim of `request` reserves for, if any: a request for the model `*` (no upstream has
+/// one) is not paced, since its lockdown would stop every model.
+fn paced_model<'a>(request: &ClaimFor<'a>) -> Option<&'a str> {
+    request.model.filter(|model| *model != ModelScope::EVERY)
+}
+
+/// Counts `claimed`, which went out unpaced, in its scope's window: for the first claim to see a lesson
+/// this process had not read (see `Paced::seen`).
+pub(super) fn count_unpaced(
+    tx: &mut Tx<'_>,
+    request: &ClaimFor<'_>,
+    claimed: &Claimed,
+    now: i64,
+) -> Result<(), postgres::Error> {
+    let Some(model) = paced_model(request) else { return Ok(()) };
+    pacing::record(tx, &reservation_of(request, claimed, model), now)
+}
+
 /// The reservation of `claimed` for `model`.
 fn reservation_of<'a>(request: &'a ClaimFor<'_>, claimed: &'a Claimed, model: &'a str) -> pacing::Reservation<'a> {
     pacing::Reservation {
@@ -68,8 +77,8 @@ fn reservation_of<'a>(request: &'a ClaimFor<'_>, claimed: &'a Claimed, model: &'
     }
 }
 
-/// One claim statement and its history row, with the connector's latest lesson time.
-fn claim_one(
+/// One claim statement (its history row included), with the connector's latest lesson time.
+pub(super) fn claim_one(
     tx: &mut Tx<'_>,
     request: &ClaimFor<'_>,
     holder: &Holder,
@@ -103,20 +112,5 @@ fn claim_one(
         boot_ms,
         scope: row.get(5),
     };
-    let out_of_lockdown = row.get::<_, Option<i64>>(4).is_some();
-    let transition = NewTransition {
-        holder_pid: Some(holder.pid),
-        lease: Some(claimed.lease),
-        model: request.model,
-        quota_scope: Some(&claimed.scope),
-        ..NewTransition::new(
-            HistoryEvent::Claimed,
-            (request.connector, &claimed.key_name, &claimed.fingerprint),
-            Some(if out_of_lockdown { "lockdown" } else { "vacant" }),
-            "locked",
-            "claimed",
-        )
-    };
-    record(tx, now, &transition)?;
     Ok(Some((claimed, row.get(7))))
 }

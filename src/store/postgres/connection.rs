@@ -7,6 +7,9 @@
 //!   statement names the pool's tables without the schema, and no wait on an unreachable or silent
 //!   server is unbounded.
 //! - A statement is prepared once per connection (a round trip saved on every later use).
+//! - Waits are bounded by the session's `lock_timeout` and `statement_timeout`, set before an operation
+//!   only when they would not end within its time left, or would end much sooner than the store's floor
+//!   (see `bound_waits`): most operations send no setting at all.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,12 +33,44 @@ pub(super) struct Connection {
     /// Always `Some` until dropped (see `Drop`).
     client: Option<Client>,
     statements: HashMap<String, Statement>,
+    /// The session's `lock_timeout` and `statement_timeout`, ms (0: the server's default, unbounded).
+    timeouts_ms: u64,
 }
 
 impl Connection {
     fn client(&mut self) -> &mut Client {
         self.client.as_mut().expect("a connection has its client until it is dropped")
     }
+
+    /// Makes the session's waits end within `left`, and not before `floor` of it (or three quarters of
+    /// that): a statement cut earlier than its deadline is tried again by the caller while time is
+    /// left. The settings are sent only when the current ones do not fit, so operations of different
+    /// deadlines (a claim waiting a minute, a release a few seconds) share them.
+    pub(super) fn bound_waits(&mut self, left: Duration, floor: Duration) -> Result<(), postgres::Error> {
+        let left_ms = clamped_ms(left);
+        let needed_ms = coarse_ms(left_ms.min(clamped_ms(floor)));
+        if (needed_ms..=left_ms).contains(&self.timeouts_ms) {
+            return Ok(());
+        }
+        let fitting = coarse_ms(left_ms);
+        self.timeouts_ms = 0;
+        self.client().batch_execute(&format!("SET lock_timeout = {fitting}; SET statement_timeout = {fitting}"))?;
+        self.timeouts_ms = fitting;
+        Ok(())
+    }
+}
+
+/// `wait` in ms, within what the server takes for a timeout: 1 ms to i32::MAX ms (24 days); a longer
+/// wait is that long.
+fn clamped_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).clamp(1, i32::MAX as u64)
+}
+
+/// `ms` rounded down to a quarter of its highest power of two: at least three quarters of it, and the
+/// same for every `ms` of a wide band, so that a setting chosen for one operation fits the next ones.
+fn coarse_ms(ms: u64) -> u64 {
+    let step = ((1u64 << ms.ilog2()) / 4).max(1);
+    ms / step * step
 }
 
 impl Drop for Connection {
@@ -57,25 +92,59 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// A transaction on a pooled connection, whose statements are prepared once per connection.
+/// What an operation's statements run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// A read-only transaction: one snapshot, no write.
+    Read,
+    /// A read-write transaction.
+    Write,
+    /// No transaction: each statement commits on its own. Only for an operation of one statement,
+    /// which then costs one round trip instead of three (begin, statement, commit).
+    OneStatement,
+}
+
+/// Where the statements of a [`Tx`] run.
+enum Session<'a> {
+    Transaction(Transaction<'a>),
+    Autocommit(&'a mut Client),
+}
+
+/// Runs `$call` on the session's client, whichever it is (both have the same methods).
+macro_rules! on_session {
+    ($tx:expr, $client:ident => $call:expr) => {
+        match &mut $tx.session {
+            Session::Transaction($client) => $call,
+            Session::Autocommit($client) => $call,
+        }
+    };
+}
+
+/// The statements of one operation on a pooled connection (in a transaction unless
+/// [`Access::OneStatement`]), prepared once per connection.
 pub(super) struct Tx<'a> {
-    transaction: Transaction<'a>,
+    session: Session<'a>,
     statements: &'a mut HashMap<String, Statement>,
 }
 
 impl<'a> Tx<'a> {
-    /// Begins a transaction on `connection`.
-    pub(super) fn begin(connection: &'a mut Connection) -> Result<Self, postgres::Error> {
-        let Connection { client, statements } = connection;
+    /// Starts an operation of `access` on `connection`.
+    pub(super) fn begin(connection: &'a mut Connection, access: Access) -> Result<Self, postgres::Error> {
+        let Connection { client, statements, .. } = connection;
         let client = client.as_mut().expect("a connection has its client until it is dropped");
-        Ok(Self { transaction: client.transaction()?, statements })
+        let session = match access {
+            Access::Read => Session::Transaction(client.build_transaction().read_only(true).start()?),
+            Access::Write => Session::Transaction(client.transaction()?),
+            Access::OneStatement => Session::Autocommit(client),
+        };
+        Ok(Self { session, statements })
     }
 
     fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.transaction.prepare(sql)?;
+        let statement = on_session!(self, client => client.prepare(sql))?;
         self.statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
@@ -83,7 +152,7 @@ impl<'a> Tx<'a> {
     /// The rows `sql` answers.
     pub(super) fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, postgres::Error> {
         let statement = self.prepared(sql)?;
-        self.transaction.query(&statement, params)
+        on_session!(self, client => client.query(&statement, params))
     }
 
     /// The one row `sql` answers, if any.
@@ -93,29 +162,32 @@ impl<'a> Tx<'a> {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, postgres::Error> {
         let statement = self.prepared(sql)?;
-        self.transaction.query_opt(&statement, params)
+        on_session!(self, client => client.query_opt(&statement, params))
     }
 
     /// The one row `sql` answers.
     pub(super) fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, postgres::Error> {
         let statement = self.prepared(sql)?;
-        self.transaction.query_one(&statement, params)
+        on_session!(self, client => client.query_one(&statement, params))
     }
 
     /// Runs `sql`; how many rows it changed.
     pub(super) fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
         let statement = self.prepared(sql)?;
-        self.transaction.execute(&statement, params)
+        on_session!(self, client => client.execute(&statement, params))
     }
 
     /// Runs `sql` (several statements, no parameters) unprepared.
     pub(super) fn batch(&mut self, sql: &str) -> Result<(), postgres::Error> {
-        self.transaction.batch_execute(sql)
+        on_session!(self, client => client.batch_execute(sql))
     }
 
-    /// Commits.
+    /// Commits (a transaction; each statement of [`Access::OneStatement`] committed as it ran).
     pub(super) fn commit(self) -> Result<(), postgres::Error> {
-        self.transaction.commit()
+        match self.session {
+            Session::Transaction(transaction) => transaction.commit(),
+            Session::Autocommit(_) => Ok(()),
+        }
     }
 }
 
@@ -170,7 +242,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
-        Ok(Connection { client: Some(self.config.connect(NoTls)?), statements: HashMap::new() })
+        Ok(Connection { client: Some(self.config.connect(NoTls)?), statements: HashMap::new(), timeouts_ms: 0 })
     }
 
     fn is_valid(&self, connection: &mut Connection) -> Result<(), postgres::Error> {
@@ -192,4 +264,28 @@ pub(super) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
         Ok(value) => value,
         Err(panic) => std::panic::resume_unwind(panic),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coarse_ms;
+
+    #[test]
+    fn a_coarse_timeout_is_never_longer_than_asked_nor_shorter_than_three_quarters_of_it() {
+        for ms in (1..5_000).chain([65_535, 65_536, 2_147_483_647]) {
+            let coarse = coarse_ms(ms);
+            assert!(coarse <= ms && coarse * 4 >= ms * 3, "{ms} ms became {coarse}");
+        }
+    }
+
+    #[test]
+    fn a_coarse_timeout_is_the_same_across_a_band_so_one_setting_serves_many_operations() {
+        assert_eq!(coarse_ms(5_000), 4_096);
+        assert_eq!(coarse_ms(4_097), 4_096);
+        assert_eq!(coarse_ms(5_119), 4_096);
+        assert_eq!(coarse_ms(5_120), 5_120);
+        assert_eq!(coarse_ms(15_000), 14_336);
+        assert_eq!(coarse_ms(1), 1);
+        assert_eq!(coarse_ms(3), 3);
+    }
 }

@@ -6,7 +6,7 @@
 //! same scope at once) is detected by the server and the transaction tried again.
 
 use super::connection::Tx;
-use super::{insert_attempt, pacing, record};
+use super::{AttemptValues, HistoryValues, insert_attempt, pacing, record, record_each};
 use crate::pool::{Attempt, Fate, HistoryEvent, Lockdown, ModelScope, Reach, Scope, limit};
 use crate::store::rule_sql::{self, KeyCols};
 use crate::store::transition::NewTransition;
@@ -89,17 +89,15 @@ pub(super) fn end_in(
     let row = tx.query_one(
         &format!(
             "UPDATE keys
-                SET state = CASE WHEN $2 = 'error' THEN 'error'
-                                 WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END,
+                SET state = CASE WHEN $2 = 'error' THEN 'error' ELSE {freed} END,
                     lockdown_until = CASE WHEN $2 = 'error' THEN NULL ELSE {end} END,
                     reason = coalesce($4, reason),
                     http_status = CASE WHEN $4::text IS NULL THEN http_status ELSE $5 END,
                     lockdown_count = CASE WHEN $6 THEN lockdown_count + 1 WHEN $7 THEN 0 ELSE lockdown_count END,
-                    holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
-                    holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL,
-                    heartbeat_db_at = NULL
+                    {UNHELD}
               WHERE id = $1
           RETURNING state, lockdown_until",
+            freed = freed_state("$3"),
             end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3")
         ),
         &[
@@ -120,6 +118,84 @@ pub(super) fn end_in(
     }
     record(tx, now, &transition)?;
     Ok(true)
+}
+
+/// The columns of a holder, cleared when its lease ends.
+const UNHELD: &str = "holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
+     holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL, heartbeat_db_at = NULL";
+
+/// The state of the key row being updated once its lease ends at `now` (not in error): in lockdown
+/// while a lockdown of every model is in force on one of its scopes, else vacant.
+fn freed_state(now: &str) -> String {
+    format!(
+        "CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END",
+        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), now)
+    )
+}
+
+/// A release that settles no reservation, in one statement (one round trip, committed on its own):
+/// the attempt's row, the key freed, after a success the key's expired lockdowns of the model gone,
+/// and the history row. The general [`end_in`] writes the same rows in several statements.
+///
+/// Parameters: `$1` id, `$2` lease, `$3` now, `$4` success, `$5` the model, `$6` this pid, then the
+/// attempt's (`AttemptValues`) when `with_attempt`. It answers how many keys it freed (0: the lease was
+/// lost already). The deleted lockdowns had ended, so the new state, read in the same snapshot, is
+/// the same with or without them.
+fn release_statement(with_attempt: bool) -> String {
+    let attempted = if with_attempt { format!("attempted AS ({}),", AttemptValues::insert(7)) } else { String::new() };
+    format!(
+        "WITH {attempted} ended AS (
+ UPDATE keys SET state = {freed}, lockdown_until = {end},
+                 lockdown_count = CASE WHEN $4 THEN 0 ELSE lockdown_count END, {UNHELD}
+  WHERE id = $1 AND lease = $2 AND state = 'locked'
+ RETURNING connector, key_name, fingerprint, lease, quota_scope, state, lockdown_until
+), cleared AS (
+ DELETE FROM lockdowns USING ended WHERE $4 AND {scopes} AND {covers} AND NOT {in_force}
+), recorded AS ({history})
+SELECT count(*) FROM ended",
+        freed = freed_state("$3"),
+        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3"),
+        scopes = rule_sql::on_scopes_of("lockdowns", &KeyCols::row("ended")),
+        covers = rule_sql::covers("lockdowns", "$5::text"),
+        in_force = rule_sql::in_force("lockdowns", "$3"),
+        history = record_each(
+            "ended",
+            &HistoryValues {
+                at: "$3",
+                from_state: "'locked'",
+                to_state: "state",
+                reason: "'released'",
+                holder_pid: "$6",
+                lockdown_until: "lockdown_until",
+                model: "$5",
+                ..HistoryValues::of(HistoryEvent::Released)
+            }
+        ),
+    )
+}
+
+/// [`release_statement`] with and without an attempt.
+static RELEASE: std::sync::LazyLock<[String; 2]> =
+    std::sync::LazyLock::new(|| [release_statement(false), release_statement(true)]);
+
+/// Ends lease `(id, lease)` with a release (`success`: the attempt succeeded) that settles nothing,
+/// recording `attempt`, in one statement: `Ok(false)` when the lease was lost already.
+pub(super) fn release_alone(
+    tx: &mut Tx<'_>,
+    (id, lease): (i64, i64),
+    success: bool,
+    attempt: Option<&Attempt>,
+    now: i64,
+) -> Result<bool, postgres::Error> {
+    let model = attempt.and_then(|attempt| attempt.model.as_deref());
+    let pid = i64::from(std::process::id());
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&id, &lease, &now, &success, &model, &pid];
+    let values = attempt.map(AttemptValues::of);
+    if let (Some(attempt), Some(values)) = (attempt, &values) {
+        params.extend(values.params(attempt));
+    }
+    let freed: i64 = tx.query_one(&RELEASE[usize::from(attempt.is_some())], &params)?.get(0);
+    Ok(freed == 1)
 }
 
 /// Deletes the lockdowns of key `($1 connector, $2 quota scope, $3 name)` covering model `$4` whose

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Row;
 use postgres::error::SqlState;
+use postgres::types::ToSql;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -36,7 +37,7 @@ use super::paced::{Lessons, Paced};
 use super::rule_sql::{self, KeyCols};
 use super::transition::NewTransition;
 use super::{Backend, ChangeWatch, ClaimFor, Journal};
-use connection::{Connection, Manager, Tx, off_runtime};
+use connection::{Access, Connection, Manager, Tx, off_runtime};
 
 /// The schema that holds the pool's tables on the server.
 pub(crate) const SCHEMA: &str = "apijongler";
@@ -77,9 +78,10 @@ const HISTORY_COLUMNS: &str =
      lease, lockdown_until, model, quota_scope, event";
 
 /// The claim: the least recently used key that is claimable and that no lockdown keeps from the model,
-/// locked with a new lease, in one statement, walking `keys_lru` in order (the sort is the index's, so
-/// the walk stops at the first free key). `SKIP LOCKED`: a key another claim is taking right now is
-/// passed over, never waited for. `explain_claim` shows its plan.
+/// locked with a new lease, and its history row, in one statement (one round trip, committed on its
+/// own where nothing paces the claim), walking `keys_lru` in order (the sort is the index's, so the
+/// walk stops at the first free key). `SKIP LOCKED`: a key another claim is taking right now is passed
+/// over, never waited for. `explain_claim` shows its plan.
 static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_statement(false));
 
 /// The claim of a request pinned to quota scope `$11` (a resource's owner, see `crate::resource`):
@@ -87,10 +89,13 @@ static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_st
 static CLAIM_PINNED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_statement(true));
 
 /// The claim statement, pinned to a scope or not (two statements, so each has a plan of its own).
+/// Parameters: `$1` connector, `$2` now, `$3..$6, $9` the holder (host, boot id, pid, start, pid
+/// namespace), `$7` key names tried, `$8` the boot clock, `$10` the model, `$11` the pinned scope.
 fn claim_statement(pinned: bool) -> String {
     let scope = if pinned { "k.quota_scope = $11" } else { "$11::text IS NULL" };
     format!(
-        "UPDATE keys
+        "WITH claimed AS (
+ UPDATE keys
     SET state = 'locked', lease = lease + 1, holder_host = $3, holder_boot_id = $4, holder_pid_namespace = $9,
         holder_pid = $5, holder_started = $6, locked_at = $2, heartbeat_at = $2, heartbeat_boot_ms = $8,
         heartbeat_db_at = {SERVER_CLOCK}, uses = uses + 1, last_used_at = $2
@@ -101,12 +106,28 @@ fn claim_statement(pinned: bool) -> String {
                  FOR UPDATE SKIP LOCKED)
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
           coalesce((SELECT q.strikes FROM lockdowns q
-                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce($10, '{every}')), 0),
-          (SELECT coalesce(max(l.learned_at), 0) FROM learned_limits l WHERE l.connector = keys.connector)",
+                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce($10, '{every}')), 0)
+            AS strikes,
+          (SELECT coalesce(max(l.learned_at), 0) FROM learned_limits l WHERE l.connector = keys.connector) AS lesson
+), recorded AS ({history})
+SELECT id, key_name, fingerprint, lease, lockdown_until, quota_scope, strikes, lesson FROM claimed",
         claimable = rule_sql::claimable_state("k", "$2"),
         locked = rule_sql::locked_down_for(&KeyCols::row("k"), "$10::text", "$2"),
         own = rule_sql::own_scope("keys.key_name"),
         every = ModelScope::EVERY,
+        history = record_each(
+            "claimed",
+            &HistoryValues {
+                at: "$2",
+                connector: "$1",
+                from_state: "CASE WHEN lockdown_until IS NULL THEN 'vacant' ELSE 'lockdown' END",
+                to_state: "'locked'",
+                reason: "'claimed'",
+                holder_pid: "$5",
+                model: "$10",
+                ..HistoryValues::of(HistoryEvent::Claimed)
+            }
+        ),
     )
 }
 
@@ -212,7 +233,7 @@ impl Postgres {
         off_runtime(|| {
             let mut connection = self.connection(operation, deadline)?;
             loop {
-                let value = run(&mut connection, (deadline, Access::Read), |tx| {
+                let value = run(&mut connection, (deadline, self.lock_wait_floor, Access::Read), |tx| {
                     f.take().expect("a read runs once unless its connection was lost before it ran")(tx)
                 });
                 match value {
@@ -247,16 +268,29 @@ impl Postgres {
         &self,
         operation: &'static str,
         deadline: Instant,
+        f: impl FnMut(&mut Tx<'_>) -> std::result::Result<T, postgres::Error> + Send,
+    ) -> Result<T> {
+        self.write_as(Access::Write, operation, deadline, f)
+    }
+
+    /// [`write_by`](Self::write_by), with `f` run as `access` says (a transaction, or one statement).
+    fn write_as<T: Send>(
+        &self,
+        access: Access,
+        operation: &'static str,
+        deadline: Instant,
         mut f: impl FnMut(&mut Tx<'_>) -> std::result::Result<T, postgres::Error> + Send,
     ) -> Result<T> {
         let started = Instant::now();
         off_runtime(|| {
             let mut connection = self.connection(operation, deadline)?;
             loop {
-                let result = run(&mut connection, (deadline, Access::Write), &mut f);
+                let result = run(&mut connection, (deadline, self.lock_wait_floor, access), &mut f);
                 match result {
                     Ok(value) => return Ok(value),
                     Err(error) if is_retryable(&error) && Instant::now() < deadline => continue,
+                    // A wait the session's timeouts cut before the deadline (see `Connection::bound_waits`).
+                    Err(error) if is_lock_wait(&error) && Instant::now() < deadline => continue,
                     // The server closed the connection (a restart, a failover): again on a new one. A
                     // commit lost with it is the one case left open: a claim it carried stays held by
                     // this (live) process until it exits, never by two.
@@ -307,34 +341,18 @@ impl Postgres {
     }
 }
 
-/// Runs `f` in one transaction on `connection` whose waits end at `deadline`, and commits.
+/// Runs `f` on `connection` as `access` says, its waits ending by `deadline` (and not before `floor`
+/// unless the deadline is sooner), and commits.
 fn run<T>(
     connection: &mut Connection,
-    (deadline, access): (Instant, Access),
+    (deadline, floor, access): (Instant, Duration, Access),
     f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, postgres::Error>,
 ) -> std::result::Result<T, postgres::Error> {
-    // The server's limit for either setting is i32::MAX ms (24 days); a longer wait asked is that long.
-    let left = deadline.saturating_duration_since(Instant::now()).as_millis().clamp(1, i32::MAX as u128).to_string();
-    let read_only = if access == Access::Read { "on" } else { "off" };
-    let mut tx = Tx::begin(connection)?;
-    // One round trip for the transaction's settings.
-    tx.query_one(
-        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true),
-                set_config('transaction_read_only', $2, true)",
-        &[&left, &read_only],
-    )?;
+    connection.bound_waits(deadline.saturating_duration_since(Instant::now()), floor)?;
+    let mut tx = Tx::begin(connection, access)?;
     let value = f(&mut tx)?;
     tx.commit()?;
     Ok(value)
-}
-
-/// What a transaction may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    /// Read only: one snapshot, no write.
-    Read,
-    /// Read and write.
-    Write,
 }
 
 /// What to check when the server cannot be reached.
@@ -495,23 +513,57 @@ impl Backend for Postgres {
         deadline: Instant,
     ) -> Result<Vec<Claimed>> {
         let pacing = self.pacing_of(request.connector, clock.now_ms());
-        self.write_by("claiming keys", deadline, |tx| {
+        if let Some(pacing) = pacing {
+            return self.write_by("claiming keys", deadline, |tx| {
+                let mut claimed = Vec::with_capacity(count);
+                while claimed.len() < count {
+                    match claim::claim_paced(tx, &request, holder, clock, (&pacing, &self.paced))? {
+                        Some(one) => claimed.push(one),
+                        None => break,
+                    }
+                }
+                Ok(claimed)
+            });
+        }
+        // Unpaced: a lone claim is one statement, committed on its own; several are one transaction.
+        let access = if count == 1 { Access::OneStatement } else { Access::Write };
+        let claimed = self.write_as(access, "claiming keys", deadline, |tx| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
-                match claim::claim_in(tx, &request, holder, clock, pacing.as_deref(), &self.paced)? {
+                match claim::claim_one(tx, &request, holder, (clock.now_ms(), clock.boot_ms()))? {
                     Some(one) => claimed.push(one),
                     None => break,
                 }
             }
             Ok(claimed)
-        })
+        })?;
+        let mut claimed = claimed.into_iter();
+        let Some((first, lesson)) = claimed.next() else { return Ok(Vec::new()) };
+        // A lesson this process had not read: the claim that saw it went out unpaced, but counts. The
+        // claim is taken already: a failure to count it is only said.
+        if self.paced.seen(request.connector, lesson) {
+            let counted = self.write("counting a claim in its window", Some(deadline), |tx| {
+                claim::count_unpaced(tx, &request, &first, clock.now_ms())
+            });
+            if let Err(error) = counted {
+                tracing::warn!(key = %first.key_name, %error, "a claim that went out unpaced was not counted in its window");
+            }
+        }
+        Ok(std::iter::once(first).chain(claimed.map(|(one, _)| one)).collect())
     }
 
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
         let settles = attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector));
-        let ended = self.write("ending a lease", Some(self.holder_deadline()), |tx| {
-            lease_end::end_in(tx, (id, lease), fate, attempt, settles, now)
-        });
+        let ended = match fate {
+            Fate::Release { success } if !settles => {
+                self.write_as(Access::OneStatement, "ending a lease", self.holder_deadline(), |tx| {
+                    lease_end::release_alone(tx, (id, lease), *success, attempt, now)
+                })
+            }
+            _ => self.write("ending a lease", Some(self.holder_deadline()), |tx| {
+                lease_end::end_in(tx, (id, lease), fate, attempt, settles, now)
+            }),
+        };
         if matches!(fate, Fate::Lockdown(lockdown) if !lockdown.taught.is_empty()) && ended.is_ok() {
             self.paced.read_again();
         }
@@ -748,7 +800,7 @@ impl Backend for Postgres {
                 .collect();
             let mut written = Vec::new();
             for eviction in ordered.iter().filter(|eviction| free.contains(&eviction.id)) {
-                let params: [&(dyn postgres::types::ToSql + Sync); 5] =
+                let params: [&(dyn ToSql + Sync); 5] =
                     [&eviction.id, &eviction.lease, &now, &eviction.heartbeat_at, &eviction.heartbeat_boot_ms];
                 let Some(row) = tx.query_opt(&sql, &params)? else { continue };
                 let (connector, key_name, fingerprint, state): (String, String, String, String) =
@@ -885,7 +937,7 @@ impl Backend for Postgres {
             let mut plan = Vec::new();
             // Both statements' plans, the unpinned claim's first.
             for (statement, pin) in [(&*CLAIM, None), (&*CLAIM_PINNED, Some("group:g"))] {
-                let params: [&(dyn postgres::types::ToSql + Sync); 11] =
+                let params: [&(dyn ToSql + Sync); 11] =
                     [&"c", &0_i64, &"h", &"b", &1_i64, &1_i64, &tried, &0_i64, &"n", &Some("m"), &pin];
                 let rows = tx.query(&format!("EXPLAIN {statement}"), &params)?;
                 plan.extend(rows.iter().map(|row| row.get::<_, String>(0)));
@@ -906,13 +958,14 @@ mod sync;
 mod usage;
 mod watch;
 
+/// The history table's columns, in the order [`record`] and [`record_each`] write them.
+const HISTORY_INSERT: &str = "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason,
+                                http_status, holder_pid, lease, lockdown_until, model, quota_scope, event)";
+
 /// Writes the history row `new` at `at`.
 fn record(tx: &mut Tx<'_>, at: i64, new: &NewTransition<'_>) -> std::result::Result<Transition, postgres::Error> {
     let row = tx.query_one(
-        "INSERT INTO history (at, connector, key_name, fingerprint, from_state, to_state, reason, http_status,
-                              holder_pid, lease, lockdown_until, model, quota_scope, event)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-         RETURNING id",
+        &format!("{HISTORY_INSERT} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id"),
         &[
             &at,
             &new.connector,
@@ -933,27 +986,118 @@ fn record(tx: &mut Tx<'_>, at: i64, new: &NewTransition<'_>) -> std::result::Res
     Ok(new.written(row.get(0), at))
 }
 
+/// The history row of a change a statement makes, as SQL expressions over the rows of the common table
+/// expression that made it (whose `key_name`, `fingerprint`, `lease` and `quota_scope` columns the
+/// defaults name): [`record`]'s row, written inside the changing statement itself.
+struct HistoryValues<'a> {
+    at: &'a str,
+    connector: &'a str,
+    from_state: &'a str,
+    to_state: &'a str,
+    reason: &'a str,
+    http_status: &'a str,
+    holder_pid: &'a str,
+    lockdown_until: &'a str,
+    model: &'a str,
+    event: HistoryEvent,
+}
+
+impl HistoryValues<'_> {
+    /// The row of `event`, every other value `NULL` but the key's own columns; set them with struct
+    /// update syntax.
+    fn of(event: HistoryEvent) -> Self {
+        Self {
+            at: "NULL",
+            connector: "connector",
+            from_state: "NULL",
+            to_state: "NULL",
+            reason: "NULL",
+            http_status: "NULL",
+            holder_pid: "NULL",
+            lockdown_until: "NULL",
+            model: "NULL",
+            event,
+        }
+    }
+}
+
+/// The `INSERT` of `values`' history row for each row of `source`.
+fn record_each(source: &str, values: &HistoryValues<'_>) -> String {
+    let HistoryValues {
+        at,
+        connector,
+        from_state,
+        to_state,
+        reason,
+        http_status,
+        holder_pid,
+        lockdown_until,
+        model,
+        event,
+    } = values;
+    format!(
+        "{HISTORY_INSERT}
+ SELECT {at}, {connector}, key_name, fingerprint, {from_state}, {to_state}, {reason}, {http_status}, {holder_pid},
+        lease, {lockdown_until}, {model}, quota_scope, '{event}'
+   FROM {source}",
+        event = event.as_str()
+    )
+}
+
 /// Records `attempt` in `requests`.
 fn insert_attempt(tx: &mut Tx<'_>, attempt: &Attempt) -> std::result::Result<(), postgres::Error> {
-    tx.execute(
-        "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
-                               quota_scope, prompt_tokens)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-                 (SELECT quota_scope FROM keys WHERE connector = $2 AND key_name = $3), $10)",
-        &[
+    let values = AttemptValues::of(attempt);
+    tx.execute(&AttemptValues::insert(1), &values.params(attempt))?;
+    Ok(())
+}
+
+/// An attempt's row in `requests`, as statement parameters.
+struct AttemptValues {
+    status: Option<i64>,
+    outcome: String,
+    prompt_tokens: Option<i64>,
+}
+
+impl AttemptValues {
+    /// How many parameters the row takes.
+    const COUNT: usize = 10;
+
+    fn of(attempt: &Attempt) -> Self {
+        Self {
+            status: attempt.status.map(i64::from),
+            outcome: attempt.outcome.to_string(),
+            prompt_tokens: attempt.prompt_tokens.and_then(|tokens| i64::try_from(tokens).ok()),
+        }
+    }
+
+    /// The `INSERT` of the row, its parameters numbered from `$first`.
+    fn insert(first: usize) -> String {
+        let [at, connector, key_name, method, endpoint, status, latency_ms, outcome, model, prompt_tokens] =
+            std::array::from_fn::<_, { Self::COUNT }, _>(|index| format!("${}", first + index));
+        format!(
+            "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
+                                   quota_scope, prompt_tokens)
+             VALUES ({at}, {connector}, {key_name}, {method}, {endpoint}, {status}, {latency_ms}, {outcome}, {model},
+                     (SELECT quota_scope FROM keys WHERE connector = {connector} AND key_name = {key_name}),
+                     {prompt_tokens})"
+        )
+    }
+
+    /// The parameters of [`insert`](Self::insert), in order.
+    fn params<'a>(&'a self, attempt: &'a Attempt) -> [&'a (dyn ToSql + Sync); Self::COUNT] {
+        [
             &attempt.at,
             &attempt.connector,
             &attempt.key_name,
             &attempt.method,
             &attempt.endpoint,
-            &attempt.status.map(i64::from),
+            &self.status,
             &attempt.latency_ms,
-            &attempt.outcome.to_string(),
+            &self.outcome,
             &attempt.model,
-            &attempt.prompt_tokens.and_then(|tokens| i64::try_from(tokens).ok()),
-        ],
-    )?;
-    Ok(())
+            &self.prompt_tokens,
+        ]
+    }
 }
 
 /// An HTTP status read from column `index`.
