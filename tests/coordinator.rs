@@ -394,6 +394,45 @@ fn escalation_counts_consecutive_lockdowns_and_a_success_resets_it() {
     lease.release().expect("release");
 }
 
+/// A release after a success for a model (one statement on PostgreSQL) records the attempt and ends
+/// the key's expired lockdowns of that model, so its strikes start again at 0; a plain release keeps them.
+#[test]
+fn a_success_ends_the_expired_lockdowns_of_its_model_and_a_plain_release_keeps_them() {
+    use api_jongler::pool::outcome::Outcome;
+    use api_jongler::pool::{Attempt, Fate, Lockdown};
+    let sandbox = Sandbox::new("c", 1);
+    let (options, clock) = manual(&sandbox);
+    let coordinator = sandbox.coordinator(options);
+    let lockdown =
+        |until: i64| Lockdown { models: vec!["m".to_owned()], ..Lockdown::whole_key(until, "quota", Some(429)) };
+    let lease = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim");
+    lease.finish(&Fate::Lockdown(lockdown(clock.now_ms() + 1_000)), None).expect("lockdown");
+    clock.advance(1_000);
+    coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim").release().expect("plain release");
+    let lease = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim");
+    assert_eq!(lease.lockdown_count(), 1, "a plain release keeps the strike");
+    let attempt = Attempt {
+        at: clock.now_ms(),
+        connector: "c".to_owned(),
+        key_name: Some(lease.key_name().to_owned()),
+        method: "POST".to_owned(),
+        endpoint: "/v1/m".to_owned(),
+        status: Some(200),
+        latency_ms: 5,
+        outcome: Outcome::SUCCESS,
+        model: Some("m".to_owned()),
+        prompt_tokens: None,
+    };
+    lease.finish(&Fate::Release { success: true }, Some(&attempt)).expect("release after a success");
+    assert_eq!(sandbox.count("SELECT count(*) FROM lockdowns"), 0, "the expired lockdown of m is gone");
+    assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE status = 200 AND model = 'm'"), 1);
+    let lease = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim");
+    assert_eq!(lease.lockdown_count(), 0, "strikes start again after the success");
+    lease.release().expect("release");
+    let released = sandbox.count("SELECT count(*) FROM history WHERE event = 'released' AND to_state = 'vacant'");
+    assert_eq!(released, 3, "each release wrote its history row");
+}
+
 #[test]
 fn a_dropped_lease_gives_its_key_back() {
     let sandbox = Sandbox::new("c", 1);

@@ -395,3 +395,40 @@ fn waiters_for_different_models_are_served_apart() {
         assert!(started.elapsed() < Duration::from_secs(10), "the pro waiter waited out its wait");
     });
 }
+
+/// Under another session's write lock (a transaction held open, as by a stopped process), a claim and
+/// a release each end by their own deadlines on either store. On PostgreSQL each is one statement
+/// committed on its own, its waits bounded by the session's timeouts, which the store sets only when
+/// they would not end in time: without them both would wait for as long as the lock is held.
+#[test]
+fn a_claim_and_a_release_under_a_held_write_lock_end_by_their_deadlines() {
+    let sandbox = Sandbox::new(CONNECTOR, 2);
+    let coordinator = coordinator(&sandbox, Duration::from_millis(300));
+    // A claim that may wait a minute (it needs not) leaves its session's timeouts long: the writes below
+    // shorten them when they run on the same connection.
+    let held = coordinator.claim(CONNECTOR, &[], Duration::from_secs(60)).expect("a claim before the lock");
+    let blocker = sandbox.sql();
+    blocker.lock_writes().expect("take the write lock");
+    let (claim, release) = std::thread::scope(|scope| {
+        let writes = scope.spawn(|| {
+            let claim = coordinator.claim(CONNECTOR, &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
+            (claim, held.release())
+        });
+        // Polled by hand rather than with `wait_until`, so the lock is released even when this fails; a
+        // minute against deadlines of 0.3 and 0.9 s.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !writes.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let finished = writes.is_finished();
+        blocker.rollback().expect("release the write lock");
+        let answers = writes.join().expect("writes");
+        assert!(finished, "a write waited for the lock past its deadline: {answers:?}");
+        answers
+    });
+    assert!(matches!(claim, Err(Error::DatabaseLocked { .. })), "{claim:?}");
+    assert!(matches!(release, Err(Error::DatabaseLocked { .. })), "{release:?}");
+    // The release goes on in the background once the lock is gone.
+    assert_eq!(coordinator.settle(Instant::now() + Duration::from_secs(60)), 0, "the release was written");
+    assert_eq!(sandbox.states().iter().filter(|(_, state)| state == "vacant").count(), 2, "{:?}", sandbox.states());
+}
