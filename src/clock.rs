@@ -20,6 +20,12 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Milliseconds since boot on a clock that never steps and that every process of this boot
     /// shares (`CLOCK_BOOTTIME`): the clock of heartbeats and lease trust.
     fn boot_ms(&self) -> i64;
+
+    /// Whether [`now_ms`](Self::now_ms) reads this host's wall clock as it is, which a store several
+    /// hosts share corrects to its server's time. A test's clock says no and is taken as given.
+    fn reads_the_wall(&self) -> bool {
+        false
+    }
 }
 
 /// The system clock.
@@ -35,6 +41,47 @@ impl Clock for SystemClock {
     fn boot_ms(&self) -> i64 {
         let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
         now.tv_sec.saturating_mul(1000).saturating_add(now.tv_nsec / 1_000_000)
+    }
+
+    fn reads_the_wall(&self) -> bool {
+        true
+    }
+}
+
+/// A wall clock read as a database server's: `clock`'s time plus the offset last measured between the
+/// two. What one host writes to a store several hosts share (lockdown deadlines, pacing windows, the
+/// order keys were used in) then means the same to every host, however far its own clock is off. Its
+/// boot clock is `clock`'s: ages never depend on the offset.
+#[derive(Debug)]
+pub(crate) struct ServerAligned {
+    clock: std::sync::Arc<dyn Clock>,
+    offset_ms: AtomicI64,
+}
+
+impl ServerAligned {
+    /// `clock`, read `offset_ms` later.
+    pub(crate) fn new(clock: std::sync::Arc<dyn Clock>, offset_ms: i64) -> Self {
+        Self { clock, offset_ms: AtomicI64::new(offset_ms) }
+    }
+
+    /// The offset measured now.
+    pub(crate) fn set_offset(&self, offset_ms: i64) {
+        self.offset_ms.store(offset_ms, Ordering::SeqCst);
+    }
+
+    /// The clock underneath, uncorrected: what a new measurement is taken against.
+    pub(crate) fn uncorrected(&self) -> &dyn Clock {
+        &*self.clock
+    }
+}
+
+impl Clock for ServerAligned {
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms().saturating_add(self.offset_ms.load(Ordering::SeqCst))
+    }
+
+    fn boot_ms(&self) -> i64 {
+        self.clock.boot_ms()
     }
 }
 

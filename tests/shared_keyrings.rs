@@ -186,3 +186,45 @@ fn status_names_both_fingerprints_and_sync_as_truth_applies_the_keyring() {
     let status = a.apijongler().args(["status"]).output().expect("run");
     assert!(!text(&status.stderr).contains("another secret"), "{}", text(&status.stderr));
 }
+
+/// A host whose wall clock is `.0` ms off (negative: behind), as after a bad NTP step.
+#[derive(Debug)]
+struct OffWall(i64);
+
+impl api_jongler::Clock for OffWall {
+    fn now_ms(&self) -> i64 {
+        api_jongler::SystemClock.now_ms() + self.0
+    }
+
+    fn boot_ms(&self) -> i64 {
+        api_jongler::SystemClock.boot_ms()
+    }
+
+    fn reads_the_wall(&self) -> bool {
+        true
+    }
+}
+
+/// Issue 17, item 3: a host whose clock is minutes behind puts a key in lockdown for a minute, and the
+/// deadline it writes is a minute from now on the server's clock, not minutes past: the other hosts
+/// keep off the key.
+#[test]
+fn a_host_whose_clock_is_minutes_off_writes_deadlines_on_the_servers_time() {
+    use api_jongler::{Clock, CoordinatorOptions, SystemClock};
+    let Some(host) = first_host("[c]\nk1 = fake-secret-1-do-not-use\n") else { return };
+    let behind =
+        Coordinator::open(CoordinatorOptions { clock: std::sync::Arc::new(OffWall(-5 * 60_000)), ..host.options() })
+            .expect("open the shared database");
+    behind.sync(&host.load_keyring()).expect("sync");
+    let other = open(&host);
+    let lease = behind.claim(C, &[], Duration::ZERO).expect("claim");
+    lease.lockdown(behind.now_ms() + 60_000, "quota", Some(429)).expect("lockdown");
+    let until = keys(&other)[0].lockdown_until.expect("a lockdown deadline");
+    // The server and this test read the same machine's clock; the margin is for a slow machine.
+    let ahead = until - SystemClock.now_ms();
+    assert!((30_000..=61_000).contains(&ahead), "the deadline is {ahead} ms from now, not about a minute");
+    assert!(
+        matches!(other.claim(C, &[], Duration::ZERO), Err(Error::NoKeyAvailable(_))),
+        "another host claimed a key locked down for a minute"
+    );
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 #[cfg(test)]
 mod guard_tests;
 mod passed_over;
+mod server_time;
 mod waiting;
 
 use crate::clock::{Clock, SystemClock};
@@ -26,6 +27,7 @@ use crate::pool::{Eviction, KeySpec, KeyState, LimitUsage, SyncReport, Transitio
 use crate::reaper::{self, Now};
 use crate::retention::{self, Pruned, Retention};
 use crate::store::{self, Backend, Location, Postgres, Sqlite, Store};
+use server_time::ServerTime;
 
 /// How the coordinator runs; every timing is a parameter so tests can shrink it.
 #[derive(Debug, Clone)]
@@ -110,6 +112,8 @@ pub(crate) struct Inner {
     pub(crate) waiters: waiting::Waiters,
     /// The keys this host passes over on a store several hosts share.
     passing: passed_over::Passing,
+    /// This host's clock corrected to the shared store's server (`None`: SQLite, or a test's clock).
+    server_time: Option<ServerTime>,
 }
 
 impl Inner {
@@ -156,11 +160,21 @@ impl Coordinator {
             Location::Sqlite(path) => Arc::new(Sqlite::open(&path)?.with_lock_wait_floor(options.lock_wait_floor)),
             Location::Postgres(url) => Arc::new(Postgres::open(&url)?.with_lock_wait_floor(options.lock_wait_floor)),
         };
-        Ok(Self::with_backend(backend, options))
+        let server_time = ServerTime::of(&*backend, &options.clock)?;
+        if let Some(server_time) = &server_time {
+            options.clock = server_time.clock();
+        }
+        Ok(Self::build(backend, options, server_time))
     }
 
     /// A coordinator of the pool in `backend`.
+    #[cfg(test)]
     pub(crate) fn with_backend(backend: Arc<dyn Backend>, options: CoordinatorOptions) -> Self {
+        Self::build(backend, options, None)
+    }
+
+    /// A coordinator of the pool in `backend`, its clock corrected by `server_time` if given.
+    fn build(backend: Arc<dyn Backend>, options: CoordinatorOptions, server_time: Option<ServerTime>) -> Self {
         let trust_window = options.stale_after.saturating_sub(options.heartbeat_interval).max(options.stale_after / 2);
         let inner = Arc::new(Inner {
             store: Store::new(Arc::clone(&backend)),
@@ -175,6 +189,7 @@ impl Coordinator {
             heartbeat: OnceLock::new(),
             waiters: waiting::Waiters::default(),
             passing: passed_over::Passing::default(),
+            server_time,
         });
         Self { inner }
     }
@@ -333,6 +348,9 @@ impl Coordinator {
         };
         self.reap_if_due(request.claim.connector)?;
         self.prune_if_due();
+        if let Some(server_time) = &self.inner.server_time {
+            server_time.remeasure_if_due(store.as_ref());
+        }
         let connector = request.claim.connector;
         loop {
             let excluded = self.inner.passing.excluding(connector, request.claim.tried);

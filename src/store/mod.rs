@@ -94,6 +94,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// The database file.
     fn path(&self) -> &Path;
 
+    /// How far the server's wall clock is ahead of `clock`, ms, on a store several hosts share (whose
+    /// hosts' clocks may differ); `None` on a store with no clock of its own (SQLite).
+    fn server_clock_offset(&self, _clock: &dyn Clock) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
     /// Whether hosts with different keyrings may share this store: then a sync only adds, restores
     /// and regroups keys unless told to apply its keyring as the truth (`SyncSource::as_truth`), and a
     /// coordinator passes over the keys its keyring cannot serve. SQLite's file belongs to one host.

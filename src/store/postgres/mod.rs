@@ -51,9 +51,6 @@ const SERVER_NOW: &str = "(extract(epoch from now()) * 1000)::bigint";
 /// this record on the server's clock) may take the key, however long the transaction waited to start.
 const SERVER_CLOCK: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
-/// How far this host's wall clock may be from the server's before opening the store says so.
-const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(2);
-
 /// How many floors a holder's own bookkeeping may wait (as on SQLite: giving up costs more).
 const HOLDER_PATIENCE: u32 = 3;
 
@@ -176,25 +173,7 @@ impl Postgres {
         if found > schema::VERSION {
             return Err(Error::SchemaTooNew { path: store.server.clone(), found, supported: schema::VERSION });
         }
-        store.warn_of_clock_skew()?;
         Ok(store)
-    }
-
-    /// Says in the log when this host's wall clock is far from the server's. Liveness never depends on
-    /// it (a holder on another host is judged by its heartbeat's age on the server's clock), but the
-    /// deadlines this host writes (lockdowns, pacing windows) are read by every host.
-    fn warn_of_clock_skew(&self) -> Result<()> {
-        let server_now: i64 = self
-            .read("reading the server's clock", |tx| Ok(tx.query_one(&format!("SELECT {SERVER_NOW}"), &[])?.get(0)))?;
-        let skew_ms = server_now - chrono::Utc::now().timestamp_millis();
-        if skew_ms.abs() > CLOCK_SKEW_WARNING.as_millis() as i64 {
-            tracing::warn!(
-                server = %self.server.display(), skew_ms,
-                "this host's clock is off the database server's by more than 2 s: lockdown and pacing deadlines it \
-                 writes are off by as much for every host (liveness is not affected); synchronise the clock (NTP)"
-            );
-        }
-        Ok(())
     }
 
     /// The same store with another floor for lock waits.
@@ -486,6 +465,17 @@ impl Backend for Postgres {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn server_clock_offset(&self, clock: &dyn Clock) -> Result<Option<i64>> {
+        let before = clock.now_ms();
+        let server_now: i64 = self.read("reading the server's clock", |tx| {
+            Ok(tx.query_one(&format!("SELECT {SERVER_CLOCK}"), &[])?.get(0))
+        })?;
+        let after = clock.now_ms();
+        // The server read its clock while this one went from `before` to `after`: midway, give or take
+        // half the round trip.
+        Ok(Some(server_now - (before + (after - before) / 2)))
     }
 
     fn claim(
