@@ -5,7 +5,11 @@ use crate::pool::Availability;
 use crate::store::ClaimFor;
 use crate::store::rule_sql::{self, KeyCols};
 
-/// The availability of `request`'s keys at `now`.
+/// The availability of `request`'s keys at `now`: the rules of `rule_sql` (a key is free for the model
+/// unless a lockdown in force on one of its scopes covers the model; its whole and per-model lockdown
+/// ends), with each key's lockdowns read once, in one lookup (`LATERAL`), and each key's columns computed
+/// once, in a derived table the planner may not flatten (`OFFSET 0`). Flattened, with one lookup per
+/// rule, the lockdowns were read ten times a key: 4 to 7 times slower on 64 keys, 58 of them locked down.
 pub(super) fn of(tx: &mut Tx<'_>, request: &ClaimFor<'_>, now: i64) -> Result<Availability, postgres::Error> {
     let ClaimFor { connector, model, tried, pin, .. } = *request;
     let tried = tried.to_vec();
@@ -18,17 +22,27 @@ pub(super) fn of(tx: &mut Tx<'_>, request: &ClaimFor<'_>, now: i64) -> Result<Av
                 count(*) FILTER (WHERE NOT live), max(retired_at),
                 count(*) FILTER (WHERE live AND free AND whole_until IS NULL AND model_until IS NOT NULL),
                 min(CASE WHEN live AND free AND whole_until IS NULL THEN model_until END)
-           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live, {usable} AS usable,
+           FROM (SELECT k.state, k.retired_at, k.retired_at IS NULL AS live,
+                        {claimable} AND NOT coalesce(l.covering, false) AS usable,
                         {unheld} AS free,
-                        nullif(greatest(coalesce({own}, 0), coalesce({whole}, 0)), 0) AS whole_until,
-                        {model_until} AS model_until,
+                        nullif(greatest(coalesce({own}, 0), coalesce(l.whole_until, 0)), 0) AS whole_until,
+                        l.model_until,
                         k.key_name = ANY($3) AS was_tried
-                   FROM keys k WHERE k.connector = $1 AND ($5::text IS NULL OR k.quota_scope = $5)) keys",
+                   FROM keys k
+                  CROSS JOIN LATERAL (
+                        SELECT bool_or({covers}) AS covering,
+                               max(q.until) FILTER (WHERE {every}) AS whole_until,
+                               max(q.until) FILTER (WHERE q.model = $4::text) AS model_until
+                          FROM lockdowns q WHERE {scopes} AND {in_force}) l
+                  WHERE k.connector = $1 AND ($5::text IS NULL OR k.quota_scope = $5)
+                 OFFSET 0) keys",
         unheld = rule_sql::unheld("k"),
         own = rule_sql::own_lockdown_end("k", "$2"),
-        whole = rule_sql::whole_lockdown_end(&KeyCols::row("k"), "$2"),
-        model_until = rule_sql::model_lockdown_end(&KeyCols::row("k"), "$4::text", "$2"),
-        usable = rule_sql::free_for("k", "$4::text", "$2"),
+        claimable = rule_sql::claimable_state("k", "$2"),
+        covers = rule_sql::covers("q", "$4::text"),
+        every = rule_sql::every_model("q"),
+        scopes = rule_sql::on_scopes_of("q", &KeyCols::row("k")),
+        in_force = rule_sql::in_force("q", "$2"),
     );
     let row = tx.query_one(&sql, &[&connector, &now, &tried, &model, &pin])?;
     let count = |index: usize| u32::try_from(row.get::<_, i64>(index)).unwrap_or(u32::MAX);
