@@ -9,7 +9,8 @@
 //!   a round trip each: `ChangeWatch::interval`): it changes exactly when another
 //!   connection commits (a key freed by this process or another, a reap, a sync). Only then, at a
 //!   deadline that matters to a waiter (its own, the earliest lockdown end of its model), or every
-//!   [`RECHECK`] as a safety net, does it read availability and claim.
+//!   [`RECHECK`] as a safety net, does it claim; it reads availability when a claim finds no key, at
+//!   most every [`RECHECK`] for one request (at once when a waiter arrives).
 //! - A key that comes free goes to the longest waiter that can use it: waiters of one connector, model
 //!   and exclusion list are served in arrival order, and groups in the order of their oldest waiter.
 //! - Every waiter is answered by its own deadline: the watcher's claims wait for the write lock only
@@ -18,7 +19,7 @@
 //! - A waiter that went away (a cancelled request) is dropped from the queue; a key claimed for it
 //!   just as it went is given back at once.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ enum Reply {
 
 /// A [`ClaimFor`](crate::store::ClaimFor) that owns its parts, to keep in the queue or move to
 /// another thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct OwnedClaim {
     connector: String,
     model: Option<String>,
@@ -137,6 +138,10 @@ struct Queue {
     waiting: VecDeque<Arc<Waiter>>,
     watching: bool,
     poked: bool,
+    /// For each request whose claim last found no key: when availability was read for it, and when it
+    /// said to look again (the earliest lockdown end). Read again after [`RECHECK`], or at once when a
+    /// waiter arrives: a round that finds no key otherwise costs one claim, not a claim and a read.
+    unavailable: HashMap<OwnedClaim, (Instant, Option<Instant>)>,
 }
 
 impl Waiters {
@@ -248,6 +253,7 @@ impl Coordinator {
         let waiters = &self.inner.waiters;
         let mut queue = waiters.queue();
         queue.waiting.push_back(waiter);
+        queue.unavailable.clear();
         queue.poked = true;
         waiters.poked.notify_one();
         if !queue.watching {
@@ -331,8 +337,11 @@ impl Coordinator {
     }
 
     /// Serves the waiters `group` (indexes into `waiting`, oldest first) of one request: claims keys
-    /// for them while the database says some are claimable, answers at once those whose wait cannot
-    /// succeed, and returns when the earliest lockdown that matters to them ends.
+    /// for them while some are free, answers at once those whose wait cannot succeed, and returns when
+    /// the earliest lockdown that matters to them ends. Availability is read only when a claim finds no
+    /// key, and then at most every [`RECHECK`] for the same request until a waiter arrives: when many
+    /// processes wait for few keys, each freed key sends every one of them to look, and a look is then
+    /// one claim.
     fn serve_group(
         &self,
         waiting: &[Arc<Waiter>],
@@ -345,24 +354,12 @@ impl Coordinator {
         let store = &self.inner.backend;
         let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
         loop {
-            let now_ms = self.now_ms();
-            let excluded = self.inner.passing.excluding(&first.claim.connector, &first.claim.tried);
-            let request = super::excluding(first.claim_for(), excluded.as_deref());
-            let availability = store.availability(request, now_ms)?;
-            if availability.claimable == 0 {
-                let wake = lockdown_end(&availability, now_ms);
-                for i in pending {
-                    if hopeless(&availability, wake, waiting[i].deadline) {
-                        served[i] = true;
-                        waiting[i].answer(self.unavailable(&waiting[i]));
-                    }
-                }
-                return Ok(wake);
-            }
             if pending.is_empty() {
                 return Ok(None);
             }
-            let count = pending.len().min(usize::try_from(availability.claimable).unwrap_or(0));
+            let excluded = self.inner.passing.excluding(&first.claim.connector, &first.claim.tried);
+            let request = super::excluding(first.claim_for(), excluded.as_deref());
+            let count = pending.len();
             let claimed = store.claim_several(request, count, self.inner.holder, &*self.inner.clock, lock_deadline)?;
             let short = claimed.len() < count;
             if !claimed.is_empty() {
@@ -385,10 +382,30 @@ impl Coordinator {
                 );
                 waiter.answer(Ok(self.lease(&waiter.claim.connector, claimed)));
             }
-            // Taken by someone else since the read: its commit will wake the watcher again.
-            if short && !passed_over {
+            if !short || passed_over {
+                continue;
+            }
+            // No key free now: why, and until when.
+            if let Some(&(read_at, wake)) = self.inner.waiters.queue().unavailable.get(&first.claim)
+                && read_at.elapsed() < RECHECK
+            {
+                return Ok(wake);
+            }
+            let now_ms = self.now_ms();
+            let availability = store.availability(request, now_ms)?;
+            if availability.claimable > 0 {
+                // Freed since the claim: the commit that freed it wakes the watcher again.
                 return Ok(None);
             }
+            let wake = lockdown_end(&availability, now_ms);
+            for i in pending {
+                if hopeless(&availability, wake, waiting[i].deadline) {
+                    served[i] = true;
+                    waiting[i].answer(self.unavailable(&waiting[i]));
+                }
+            }
+            self.inner.waiters.queue().unavailable.insert(first.claim.clone(), (Instant::now(), wake));
+            return Ok(wake);
         }
     }
 
