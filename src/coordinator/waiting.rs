@@ -9,8 +9,9 @@
 //!   a round trip each: `ChangeWatch::interval`): it changes exactly when another
 //!   connection commits (a key freed by this process or another, a reap, a sync). Only then, at a
 //!   deadline that matters to a waiter (its own, the earliest lockdown end of its model), or every
-//!   [`RECHECK`] as a safety net, does it claim; it reads availability when a claim finds no key, at
-//!   most every [`RECHECK`] for one request (at once when a waiter arrives).
+//!   [`RECHECK`] as a safety net, does it read availability and claim (where claims run side by side,
+//!   PostgreSQL's, it claims first and reads availability only when a claim finds no key, at most
+//!   every [`RECHECK`] for one request, at once when a waiter arrives).
 //! - A key that comes free goes to the longest waiter that can use it: waiters of one connector, model
 //!   and exclusion list are served in arrival order, and groups in the order of their oldest waiter.
 //! - Every waiter is answered by its own deadline: the watcher's claims wait for the write lock only
@@ -138,9 +139,10 @@ struct Queue {
     waiting: VecDeque<Arc<Waiter>>,
     watching: bool,
     poked: bool,
-    /// For each request whose claim last found no key: when availability was read for it, and when it
-    /// said to look again (the earliest lockdown end). Read again after [`RECHECK`], or at once when a
-    /// waiter arrives: a round that finds no key otherwise costs one claim, not a claim and a read.
+    /// Where claims run side by side, for each request whose claim last found no key: when
+    /// availability was read for it, and when it said to look again (the earliest lockdown end). Read
+    /// again after [`RECHECK`], or at once when a waiter arrives: a round that finds no key otherwise
+    /// costs one claim, not a claim and a read.
     unavailable: HashMap<OwnedClaim, (Instant, Option<Instant>)>,
 }
 
@@ -338,10 +340,13 @@ impl Coordinator {
 
     /// Serves the waiters `group` (indexes into `waiting`, oldest first) of one request: claims keys
     /// for them while some are free, answers at once those whose wait cannot succeed, and returns when
-    /// the earliest lockdown that matters to them ends. Availability is read only when a claim finds no
-    /// key, and then at most every [`RECHECK`] for the same request until a waiter arrives: when many
-    /// processes wait for few keys, each freed key sends every one of them to look, and a look is then
-    /// one claim.
+    /// the earliest lockdown that matters to them ends.
+    ///
+    /// Where claims queue for one write lock (SQLite), availability is read first (reads run beside
+    /// the lock) and only what it calls claimable is claimed. Where claims run side by side
+    /// (PostgreSQL), the claim comes first and availability is read only when it finds no key, at most
+    /// every [`RECHECK`] for one request (at once when a waiter arrives): when many processes wait for
+    /// few keys, each freed key sends every one of them to look, and a look is then one claim.
     fn serve_group(
         &self,
         waiting: &[Arc<Waiter>],
@@ -352,6 +357,7 @@ impl Coordinator {
         let first = &waiting[group[0]];
         self.reap_if_due(&first.claim.connector)?;
         let store = &self.inner.backend;
+        let claim_first = store.claims_in_parallel();
         let mut pending: VecDeque<usize> = group.iter().copied().filter(|&i| !served[i]).collect();
         loop {
             if pending.is_empty() {
@@ -359,7 +365,15 @@ impl Coordinator {
             }
             let excluded = self.inner.passing.excluding(&first.claim.connector, &first.claim.tried);
             let request = super::excluding(first.claim_for(), excluded.as_deref());
-            let count = pending.len();
+            let mut count = pending.len();
+            if !claim_first {
+                let now_ms = self.now_ms();
+                let availability = store.availability(request, now_ms)?;
+                if availability.claimable == 0 {
+                    return Ok(self.answer_hopeless(waiting, &pending, served, &availability, now_ms));
+                }
+                count = count.min(usize::try_from(availability.claimable).unwrap_or(0));
+            }
             let claimed = store.claim_several(request, count, self.inner.holder, &*self.inner.clock, lock_deadline)?;
             let short = claimed.len() < count;
             if !claimed.is_empty() {
@@ -385,7 +399,11 @@ impl Coordinator {
             if !short || passed_over {
                 continue;
             }
-            // No key free now: why, and until when.
+            if !claim_first {
+                // Taken by someone else since the read: its commit will wake the watcher again.
+                return Ok(None);
+            }
+            // No key free now: why, and until when, as last read unless that is old.
             if let Some(&(read_at, wake)) = self.inner.waiters.queue().unavailable.get(&first.claim)
                 && read_at.elapsed() < RECHECK
             {
@@ -397,16 +415,30 @@ impl Coordinator {
                 // Freed since the claim: the commit that freed it wakes the watcher again.
                 return Ok(None);
             }
-            let wake = lockdown_end(&availability, now_ms);
-            for i in pending {
-                if hopeless(&availability, wake, waiting[i].deadline) {
-                    served[i] = true;
-                    waiting[i].answer(self.unavailable(&waiting[i]));
-                }
-            }
+            let wake = self.answer_hopeless(waiting, &pending, served, &availability, now_ms);
             self.inner.waiters.queue().unavailable.insert(first.claim.clone(), (Instant::now(), wake));
             return Ok(wake);
         }
+    }
+
+    /// With no key claimable (`availability`, read at `now_ms`), answers the waiters of `pending`
+    /// whose wait cannot succeed, and returns when the earliest lockdown that matters to them ends.
+    fn answer_hopeless(
+        &self,
+        waiting: &[Arc<Waiter>],
+        pending: &VecDeque<usize>,
+        served: &mut [bool],
+        availability: &Availability,
+        now_ms: i64,
+    ) -> Option<Instant> {
+        let wake = lockdown_end(availability, now_ms);
+        for &i in pending {
+            if hopeless(availability, wake, waiting[i].deadline) {
+                served[i] = true;
+                waiting[i].answer(self.unavailable(&waiting[i]));
+            }
+        }
+        wake
     }
 
     /// Why no key came for `waiter`, read now.

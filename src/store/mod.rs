@@ -100,6 +100,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// Whether claims run side by side (PostgreSQL's row locks) rather than one at a time under one
+    /// write lock (SQLite, where reads run beside it): then a claim that finds no key costs no more than
+    /// a read of availability, and a waiting process claims before it reads.
+    fn claims_in_parallel(&self) -> bool {
+        false
+    }
+
     /// Whether hosts with different keyrings may share this store: then a sync only adds, restores
     /// and regroups keys unless told to apply its keyring as the truth (`SyncSource::as_truth`), and a
     /// coordinator passes over the keys its keyring cannot serve. SQLite's file belongs to one host.

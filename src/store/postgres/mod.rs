@@ -467,6 +467,10 @@ impl Backend for Postgres {
         true
     }
 
+    fn claims_in_parallel(&self) -> bool {
+        true
+    }
+
     fn server_clock_offset(&self, clock: &dyn Clock) -> Result<Option<i64>> {
         let before = clock.now_ms();
         let server_now: i64 = self.read("reading the server's clock", |tx| {
