@@ -64,6 +64,11 @@ impl ServerAligned {
         Self { clock, offset_ms: AtomicI64::new(offset_ms) }
     }
 
+    /// The offset added to `clock`'s time.
+    pub(crate) fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::SeqCst)
+    }
+
     /// The offset measured now.
     pub(crate) fn set_offset(&self, offset_ms: i64) {
         self.offset_ms.store(offset_ms, Ordering::SeqCst);
@@ -77,7 +82,7 @@ impl ServerAligned {
 
 impl Clock for ServerAligned {
     fn now_ms(&self) -> i64 {
-        self.clock.now_ms().saturating_add(self.offset_ms.load(Ordering::SeqCst))
+        self.clock.now_ms().saturating_add(self.offset_ms())
     }
 
     fn boot_ms(&self) -> i64 {

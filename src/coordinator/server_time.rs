@@ -58,7 +58,7 @@ impl ServerTime {
         match backend.server_clock_offset(self.clock.uncorrected()) {
             Ok(Some(offset)) => {
                 let offset = worth_correcting(offset);
-                report(backend, self.clock.now_ms() - self.clock.uncorrected().now_ms(), offset);
+                report(backend, self.clock.offset_ms(), offset);
                 self.clock.set_offset(offset);
             }
             Ok(None) => {}
