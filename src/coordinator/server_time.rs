@@ -56,12 +56,14 @@ impl ServerTime {
             *measured = Instant::now();
         }
         match backend.server_clock_offset(self.clock.uncorrected()) {
-            Ok(Some(offset)) => {
+            // A new offset within the tolerance of the one in use is the measurement's noise: kept, so
+            // that this host's time does not jitter by milliseconds each minute.
+            Ok(Some(offset)) if (offset - self.clock.offset_ms()).abs() > TOLERANCE_MS => {
                 let offset = worth_correcting(offset);
                 report(backend, self.clock.offset_ms(), offset);
                 self.clock.set_offset(offset);
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(error) => tracing::warn!(%error, "measuring the database server's clock failed; the last offset stays"),
         }
     }
