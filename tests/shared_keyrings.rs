@@ -220,9 +220,11 @@ fn a_host_whose_clock_is_minutes_off_writes_deadlines_on_the_servers_time() {
     let lease = behind.claim(C, &[], Duration::ZERO).expect("claim");
     lease.lockdown(behind.now_ms() + 60_000, "quota", Some(429)).expect("lockdown");
     let until = keys(&other)[0].lockdown_until.expect("a lockdown deadline");
-    // The server and this test read the same machine's clock; the margin is for a slow machine.
+    // The server and this test read the same machine's clock. The offset is measured to within the
+    // duration of one read (up to seconds on a loaded machine), and time passes before this check: a
+    // wide margin, still far from the 4 minutes past that an uncorrected deadline would be.
     let ahead = until - SystemClock.now_ms();
-    assert!((30_000..=61_000).contains(&ahead), "the deadline is {ahead} ms from now, not about a minute");
+    assert!((30_000..=90_000).contains(&ahead), "the deadline is {ahead} ms from now, not about a minute");
     assert!(
         matches!(other.claim(C, &[], Duration::ZERO), Err(Error::NoKeyAvailable(_))),
         "another host claimed a key locked down for a minute"
