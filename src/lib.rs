@@ -59,6 +59,7 @@ mod coordinator;
 mod error;
 mod exchange;
 pub mod family;
+mod fork_guard;
 mod gate;
 pub mod holder;
 mod jongler;

@@ -1,6 +1,7 @@
 //! Fork safety, with a real `fork()`: an instance created before the fork refuses to run in the child
 //! (a typed error, at once, rather than a hang or a claim under the parent's name), its drops there
-//! touch nothing, and a coordinator the child opens after the fork holds keys under the child's pid.
+//! touch nothing, and a coordinator the child opens after the fork holds keys under the child's pid, even
+//! when the parent's checkpointer was working at the fork.
 //!
 //! A plain `main` (`harness = false`): no test-harness thread exists when the process forks, only the
 //! library's own (which is what a Python `multiprocessing` parent would have too). The child reports
@@ -24,8 +25,7 @@ fn main() -> ExitCode {
     let sandbox = Sandbox::new("gemini", 2);
     // Loopback only: a request the child's jongler should refuse must not reach anything real.
     sandbox.point_connector("gemini", "127.0.0.1", 9, serde_json::json!({}));
-    // A heartbeat that never beats during the test: the library's threads are idle at the fork, so the
-    // child cannot inherit a lock taken halfway by one of them.
+    // A heartbeat that never beats during the test: only (c) forks beside a library thread at work.
     let options = CoordinatorOptions { heartbeat_interval: Duration::from_secs(3600), ..sandbox.options() };
     let parent = sandbox.coordinator(options.clone());
     // Claimed through an instance dropped at once: the lease alone keeps that instance's state alive.
@@ -54,6 +54,7 @@ fn main() -> ExitCode {
 
     let code = wait_for(child);
     assert_eq!(code, Some(0), "the child failed (exit code {code:?}, its message is above)");
+    forks_beside_the_checkpointer(&sandbox, &lease);
     // The child dropped its copy of the lease: the key is still the parent's, under the same lease.
     assert_eq!(holder_of(&sandbox, lease.key_name()), Some((parent_pid, lease.token())));
     assert!(lease.renew().expect("renew"), "the parent still holds its key");
@@ -63,6 +64,34 @@ fn main() -> ExitCode {
     drop(blocking);
     println!("fork: 1 passed, 0 failed");
     ExitCode::SUCCESS
+}
+
+/// How many times (c) forks: the checkpointer works for about a millisecond in the 50 ms after each write.
+/// Without the fork handlers, 5 runs in 6 had a child stuck within these forks; with them, none in 22.
+const FORKS_BESIDE_THE_CHECKPOINTER: usize = 100;
+
+/// (c) A fork right after a write, while the parent's checkpointer may be inside SQLite, leaves the child
+/// free to read the database: the fork handlers hold the fork off until the checkpointer is out of SQLite
+/// and take SQLite's process-wide locks across it. (The child reads with plain SQLite: a child's own
+/// coordinator, with its pool's threads, is (b)'s test.) SQLite only: PostgreSQL has no such locks.
+fn forks_beside_the_checkpointer(sandbox: &Sandbox, lease: &Lease) {
+    if common::on_postgres() {
+        return;
+    }
+    for round in 0..FORKS_BESIDE_THE_CHECKPOINTER {
+        assert!(lease.renew().expect("renew"), "the parent still holds its key"); // a write to checkpoint
+        let child = match fork::fork().expect("fork") {
+            fork::Fork::Child => {
+                let read = catch_unwind(AssertUnwindSafe(|| {
+                    sandbox.sql().row("SELECT count(*) FROM keys", &[]).map(|row| row.get::<i64>(0))
+                }));
+                std::process::exit(i32::from(!matches!(read, Ok(Ok(2)))));
+            }
+            fork::Fork::Parent(child) => Pid::from_raw(child).expect("child pid"),
+        };
+        let code = wait_for(child);
+        assert_eq!(code, Some(0), "the child of round {round} could not read the database (exit code {code:?})");
+    }
 }
 
 /// Everything the child checks; an `Err` names the first thing that went wrong.

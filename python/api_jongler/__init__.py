@@ -24,10 +24,6 @@ from ._native import NoKeyAvailableError
 __version__: str = _native.__version__
 __all__ = ["APIJongler", "AsyncAPIJongler", "NoKeyAvailableError", "__version__"]
 
-# No SQLite lock may be inherited locked by a forked child (multiprocessing's fork, os.fork).
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_native.before_fork, after_in_parent=_native.after_fork, after_in_child=_native.after_fork)
-
 PathLike = Union[str, "os.PathLike[str]"]
 _STATES = ("vacant", "locked", "lockdown", "error")
 

@@ -5,15 +5,14 @@
 //! - Every call that may wait (for a key, for the upstream, for the database) releases the GIL, and a
 //!   blocking one checks for signals while it waits: Ctrl-C drops the request, which gives its key back.
 //! - Calls run on one tokio runtime per process (`runtime`); an instance created before a `fork()`
-//!   refuses to run in the child, where that runtime's threads do not exist, and no SQLite lock is
-//!   inherited locked (`fork`).
+//!   refuses to run in the child, where that runtime's threads do not exist; the library's own fork
+//!   handlers keep any SQLite lock from being inherited locked.
 //! - Nothing returned to Python holds a secret: keys are named by name and fingerprint.
 //! - The library's `tracing` events reach Python's `logging`, under the logger `api_jongler.…`.
 
 use pyo3::prelude::*;
 
 mod errors;
-mod fork;
 mod jongler;
 mod logging;
 mod mock;
@@ -28,8 +27,6 @@ fn native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<runtime::Task>()?;
     module.add_class::<mock::MockUpstream>()?;
     module.add_function(wrap_pyfunction!(jongler::cleanup, module)?)?;
-    module.add_function(wrap_pyfunction!(fork::before_fork, module)?)?;
-    module.add_function(wrap_pyfunction!(fork::after_fork, module)?)?;
     module.add_function(wrap_pyfunction!(logging::reset_logging, module)?)?;
     module.add_function(wrap_pyfunction!(mock::bench_library, module)?)?;
 

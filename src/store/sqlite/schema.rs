@@ -97,6 +97,7 @@ impl FileIdentity {
 /// Opens (creating if needed) and migrates the database, and returns a pool of configured connections
 /// and the identity of the file they use.
 pub(super) fn open(path: &Path) -> Result<(r2d2::Pool<SqliteConnectionManager>, FileIdentity)> {
+    crate::fork_guard::guard_forks();
     create_file(path)?;
     let failed = |operation| {
         let path = path.to_owned();
@@ -143,9 +144,13 @@ fn spawn_checkpointer(path: PathBuf, alive: Weak<()>) {
             if now == seen {
                 continue;
             }
+            let checkpointed = {
+                // While a fork is under way, the next round checkpoints instead.
+                let Some(_held_off) = crate::fork_guard::hold_off_forks() else { continue };
+                Connection::open_with_flags(&path, existing_file())
+                    .and_then(|connection| connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())))
+            };
             seen = now;
-            let checkpointed = Connection::open_with_flags(&path, existing_file())
-                .and_then(|connection| connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())));
             if let Err(error) = checkpointed {
                 // The next commits still checkpoint past CHECKPOINT_PAGES; the store reports real failures.
                 tracing::debug!(path = %path.display(), %error, "background checkpoint failed");
