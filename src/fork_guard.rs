@@ -9,13 +9,14 @@
 //! Python's `os.fork` included). Before the fork, the forking thread
 //! 1. waits for the checkpointer to be out of SQLite ([`hold_off_forks`]): a database file's own locks
 //!    (its inode's lock and shared-memory mutexes, where a child was seen stuck) have no process-wide
-//!    handle to take instead. The checkpointer does not wait for the fork: it skips a round;
+//!    handle to take instead. The checkpointer never waits for a lock (its connection has no busy
+//!    timeout) nor for the fork (it skips a round), and a fork waits for it at most 1 s;
 //! 2. takes SQLite's static mutexes, in the order SQLite itself nests them, for any other thread.
 //!
 //! The fork then happens while none of them is held by another thread, and after it the parent and the
 //! child (whose copy of the forking thread holds them) leave them. glibc treats malloc's arenas the same
 //! way. SQLite never calls back into this code while holding one, so waiting for them cannot deadlock.
-//! `posix_spawn` (what `std::process::Command` uses) runs no handlers.
+//! `posix_spawn` (what `std::process::Command` uses where it can) runs no handlers.
 //!
 //! Not covered:
 //! - a file's lock held at the fork by another thread inside SQLite (a heartbeat, every 5 s while keys
@@ -28,23 +29,25 @@
 //!   right after each write); `parking_lot` has no hook to reset the table.
 #![allow(unsafe_code)]
 
-use std::sync::Once;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::ffi;
 
-/// Outer locks first: MAIN (initialisation) may allocate and open, a page cache lock (LRU, PMEM) or the
-/// unix VFS's inode list (VFS1..3) may allocate, and MEM (allocation statistics) nests inside them all.
+/// Outer locks first, as SQLite nests them: OPEN (a shared-cache open) may reach MAIN; the unix VFS's
+/// inode list and temporary directory (VFS1..3) may draw random names (PRNG), whose seeding finds the
+/// default VFS under MAIN; MAIN (initialisation) may allocate and open; a page cache lock (LRU, PMEM)
+/// may allocate; MEM (allocation statistics) nests inside them all.
 const ORDER: [i32; 9] = [
-    ffi::SQLITE_MUTEX_STATIC_MAIN,
     ffi::SQLITE_MUTEX_STATIC_OPEN,
-    ffi::SQLITE_MUTEX_STATIC_LRU,
-    ffi::SQLITE_MUTEX_STATIC_PMEM,
     ffi::SQLITE_MUTEX_STATIC_VFS1,
     ffi::SQLITE_MUTEX_STATIC_VFS2,
     ffi::SQLITE_MUTEX_STATIC_VFS3,
     ffi::SQLITE_MUTEX_STATIC_PRNG,
+    ffi::SQLITE_MUTEX_STATIC_MAIN,
+    ffi::SQLITE_MUTEX_STATIC_LRU,
+    ffi::SQLITE_MUTEX_STATIC_PMEM,
     ffi::SQLITE_MUTEX_STATIC_MEM,
 ];
 
@@ -54,31 +57,39 @@ static FORKS: AtomicUsize = AtomicUsize::new(0);
 /// Library threads inside SQLite for work of their own ([`hold_off_forks`]).
 static AT_WORK: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether the forking thread holds SQLite's static mutexes: written and read only by the thread that
-/// holds them (a second thread forking at once waits in [`before_fork`] until the first one's fork is
-/// over).
-static HELD: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Whether this thread, forking, took SQLite's static mutexes (in the child: its copy did).
+    static HELD: Cell<bool> = const { Cell::new(false) };
+}
 
 /// How long the forking thread sleeps between two looks at the checkpointer.
 const FORK_POLL: Duration = Duration::from_micros(200);
 
+/// How long a fork waits for the checkpointer at most (a checkpoint stuck on a stalled disk): then it
+/// forks without waiting, as it would with no handlers.
+const FORK_WAIT: Duration = Duration::from_secs(1);
+
 /// Registers the handlers, once per process; a failure to register is logged (forks then stay the gamble
 /// they are in any process with threads).
 pub(crate) fn guard_forks() {
-    static REGISTERED: Once = Once::new();
-    REGISTERED.call_once(|| {
-        // SAFETY: the handlers are plain `extern "C"` functions of this library, which stays loaded for
-        // the process's life (a Python extension module is never unloaded).
-        let code =
-            unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
-        if code != 0 {
-            tracing::warn!(code, "no fork handlers: a child forked while a thread is inside SQLite may hang");
-        }
-    });
+    // Not a `Once`: a child forked while another thread registers would inherit it running, and wait
+    // for it forever. At worst, here, such a child has no handlers.
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if REGISTERED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // SAFETY: the handlers are plain `extern "C"` functions of this library, which stays loaded for the
+    // process's life (a Python extension module is never unloaded).
+    let code =
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
+    if code != 0 {
+        tracing::warn!(code, "no fork handlers: a child forked while a thread is inside SQLite may hang");
+    }
 }
 
 /// Lets a library thread into SQLite for work of its own that never waits for a lock and logs nothing;
 /// a fork waits until the hold is dropped. `None` while a fork is under way: skip the work for now.
+/// Never fork while holding one: the fork would wait for itself until [`FORK_WAIT`].
 pub(crate) fn hold_off_forks() -> Option<ForkHold> {
     // Sequentially consistent on both sides: of a fork that counts itself and then looks at the work,
     // and work that counts itself and then looks for forks, at least one sees the other.
@@ -102,12 +113,15 @@ impl Drop for ForkHold {
 /// Waits for the library's threads to leave SQLite, then takes SQLite's static mutexes.
 extern "C" fn before_fork() {
     FORKS.fetch_add(1, Ordering::SeqCst);
-    while AT_WORK.load(Ordering::SeqCst) > 0 {
+    let waited = Instant::now();
+    while AT_WORK.load(Ordering::SeqCst) > 0 && waited.elapsed() < FORK_WAIT {
         std::thread::sleep(FORK_POLL);
     }
     // SAFETY: `sqlite3_initialize` is idempotent and thread-safe; a static mutex exists for the process's
-    // life once SQLite is initialised, `sqlite3_mutex_alloc` returns the same one every time, and entering
-    // a mutex this thread does not hold is what it is for.
+    // life once SQLite is initialised, and `sqlite3_mutex_alloc` returns the same one every time. This
+    // thread holds none of them: it is forking, not inside SQLite (which never calls out while holding
+    // one), and they are entered in the order SQLite nests them, so no thread holds one and waits for
+    // another taken here.
     unsafe {
         if ffi::sqlite3_initialize() != ffi::SQLITE_OK {
             return;
@@ -116,7 +130,7 @@ extern "C" fn before_fork() {
             ffi::sqlite3_mutex_enter(ffi::sqlite3_mutex_alloc(id));
         }
     }
-    HELD.store(true, Ordering::Relaxed);
+    HELD.set(true);
 }
 
 /// Leaves what [`before_fork`] took, in the parent.
@@ -134,7 +148,7 @@ extern "C" fn after_fork_in_child() {
 
 /// Leaves SQLite's static mutexes if [`before_fork`] took them.
 fn leave_sqlite() {
-    if HELD.swap(false, Ordering::Relaxed) {
+    if HELD.replace(false) {
         // SAFETY: `fork()` runs this only after `before_fork` on the same thread (in the child, that
         // thread's copy holds the mutexes), which took them; static mutexes are plain (not recursive)
         // pthread mutexes, which the holder may leave.

@@ -147,8 +147,11 @@ fn spawn_checkpointer(path: PathBuf, alive: Weak<()>) {
             let checkpointed = {
                 // While a fork is under way, the next round checkpoints instead.
                 let Some(_held_off) = crate::fork_guard::hold_off_forks() else { continue };
-                Connection::open_with_flags(&path, existing_file())
-                    .and_then(|connection| connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())))
+                // No busy wait (rusqlite's default is 5 s): a fork waits for this round to end.
+                Connection::open_with_flags(&path, existing_file()).and_then(|connection| {
+                    connection.busy_timeout(Duration::ZERO)?;
+                    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                })
             };
             seen = now;
             if let Err(error) = checkpointed {
