@@ -77,12 +77,12 @@ pub(in crate::store) fn locked_down_for(key: &KeyCols, model: &str, now: &str) -
 
 /// The latest deadline among the lockdowns of every model in force on the key (NULL: none).
 pub(in crate::store) fn whole_lockdown_end(key: &KeyCols, now: &str) -> String {
-    format!(
-        "(SELECT max(q.until) FROM lockdowns q WHERE {scopes} AND {every} AND {in_force})",
-        scopes = on_scopes_of("q", key),
-        every = every_model("q"),
-        in_force = in_force("q", now)
-    )
+    format!("(SELECT max(q.until) FROM lockdowns q WHERE {})", whole_lockdowns_in_force(key, now))
+}
+
+/// `q` is a lockdown of every model in force at `now` on one of the key's scopes.
+pub(in crate::store) fn whole_lockdowns_in_force(key: &KeyCols, now: &str) -> String {
+    format!("{} AND {} AND {}", on_scopes_of("q", key), every_model("q"), in_force("q", now))
 }
 
 /// The latest deadline among the lockdowns of exactly `model` in force on the key (NULL: none).

@@ -89,16 +89,14 @@ pub(super) fn end_in(
     let row = tx.query_one(
         &format!(
             "UPDATE keys
-                SET state = CASE WHEN $2 = 'error' THEN 'error' ELSE {freed} END,
-                    lockdown_until = CASE WHEN $2 = 'error' THEN NULL ELSE {end} END,
+                SET {freed},
                     reason = coalesce($4, reason),
                     http_status = CASE WHEN $4::text IS NULL THEN http_status ELSE $5 END,
                     lockdown_count = CASE WHEN $6 THEN lockdown_count + 1 WHEN $7 THEN 0 ELSE lockdown_count END,
                     {UNHELD}
               WHERE id = $1
           RETURNING state, lockdown_until",
-            freed = freed_state("$3"),
-            end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3")
+            freed = freed("$3", "$2 = 'error'"),
         ),
         &[
             &id,
@@ -124,12 +122,17 @@ pub(super) fn end_in(
 const UNHELD: &str = "holder_host = NULL, holder_boot_id = NULL, holder_pid_namespace = NULL, holder_pid = NULL,
      holder_started = NULL, locked_at = NULL, heartbeat_at = NULL, heartbeat_boot_ms = NULL, heartbeat_db_at = NULL";
 
-/// The state of the key row being updated once its lease ends at `now` (not in error): in lockdown
-/// while a lockdown of every model is in force on one of its scopes, else vacant.
-fn freed_state(now: &str) -> String {
+/// The assignment of `(state, lockdown_until)` to the key row being updated once its lease ends at
+/// `now`, reading its lockdowns once: in error when `error` (an SQL condition) holds; else in
+/// lockdown, until the latest one ends, while a lockdown of every model is in force on one of its
+/// scopes; else vacant.
+fn freed(now: &str, error: &str) -> String {
     format!(
-        "CASE WHEN {end} IS NOT NULL THEN 'lockdown' ELSE 'vacant' END",
-        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), now)
+        "(state, lockdown_until) =
+           (SELECT CASE WHEN {error} THEN 'error' WHEN max(q.until) IS NULL THEN 'vacant' ELSE 'lockdown' END,
+                   CASE WHEN {error} THEN NULL ELSE max(q.until) END
+              FROM lockdowns q WHERE {whole})",
+        whole = rule_sql::whole_lockdowns_in_force(&KeyCols::row("keys"), now)
     )
 }
 
@@ -139,25 +142,29 @@ fn freed_state(now: &str) -> String {
 ///
 /// Parameters: `$1` id, `$2` lease, `$3` now, `$4` success, `$5` the model, `$6` this pid, then the
 /// attempt's (`AttemptValues`) when `with_attempt`. It answers how many keys it freed (0: the lease was
-/// lost already). The deleted lockdowns had ended, so the new state, read in the same snapshot, is
-/// the same with or without them.
-fn release_statement(with_attempt: bool) -> String {
+/// lost already). Only the statement for a success (`success`: `$4` is true) deletes lockdowns: each
+/// part of a statement costs the server at every run, whether it has rows to touch or not. The deleted
+/// lockdowns had ended, so the new state, read in the same snapshot, is the same with or without them.
+fn release_statement(with_attempt: bool, success: bool) -> String {
     let attempted = if with_attempt { format!("attempted AS ({}),", AttemptValues::insert(7)) } else { String::new() };
+    let cleared = if success {
+        format!(
+            "cleared AS (DELETE FROM lockdowns USING ended WHERE {scopes} AND {covers} AND NOT {in_force}),",
+            scopes = rule_sql::on_scopes_of("lockdowns", &KeyCols::row("ended")),
+            covers = rule_sql::covers("lockdowns", "$5::text"),
+            in_force = rule_sql::in_force("lockdowns", "$3"),
+        )
+    } else {
+        String::new()
+    };
     format!(
         "WITH {attempted} ended AS (
- UPDATE keys SET state = {freed}, lockdown_until = {end},
-                 lockdown_count = CASE WHEN $4 THEN 0 ELSE lockdown_count END, {UNHELD}
+ UPDATE keys SET {freed}, lockdown_count = CASE WHEN $4 THEN 0 ELSE lockdown_count END, {UNHELD}
   WHERE id = $1 AND lease = $2 AND state = 'locked'
  RETURNING connector, key_name, fingerprint, lease, quota_scope, state, lockdown_until
-), cleared AS (
- DELETE FROM lockdowns USING ended WHERE $4 AND {scopes} AND {covers} AND NOT {in_force}
-), recorded AS ({history})
+), {cleared} recorded AS ({history})
 SELECT count(*) FROM ended",
-        freed = freed_state("$3"),
-        end = rule_sql::whole_lockdown_end(&KeyCols::row("keys"), "$3"),
-        scopes = rule_sql::on_scopes_of("lockdowns", &KeyCols::row("ended")),
-        covers = rule_sql::covers("lockdowns", "$5::text"),
-        in_force = rule_sql::in_force("lockdowns", "$3"),
+        freed = freed("$3", "false"),
         history = record_each(
             "ended",
             &HistoryValues {
@@ -174,9 +181,11 @@ SELECT count(*) FROM ended",
     )
 }
 
-/// [`release_statement`] with and without an attempt.
-static RELEASE: std::sync::LazyLock<[String; 2]> =
-    std::sync::LazyLock::new(|| [release_statement(false), release_statement(true)]);
+/// [`release_statement`] with and without an attempt (first index), after a failure and after a
+/// success (second index).
+static RELEASE: std::sync::LazyLock<[[String; 2]; 2]> = std::sync::LazyLock::new(|| {
+    [false, true].map(|with_attempt| [false, true].map(|success| release_statement(with_attempt, success)))
+});
 
 /// Ends lease `(id, lease)` with a release (`success`: the attempt succeeded) that settles nothing,
 /// recording `attempt`, in one statement: `Ok(false)` when the lease was lost already.
@@ -194,7 +203,7 @@ pub(super) fn release_alone(
     if let (Some(attempt), Some(values)) = (attempt, &values) {
         params.extend(values.params(attempt));
     }
-    let freed: i64 = tx.query_one(&RELEASE[usize::from(attempt.is_some())], &params)?.get(0);
+    let freed: i64 = tx.query_one(&RELEASE[usize::from(attempt.is_some())][usize::from(success)], &params)?.get(0);
     Ok(freed == 1)
 }
 
