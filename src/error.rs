@@ -193,6 +193,22 @@ pub enum Error {
         source: Cause,
     },
 
+    /// The database server could not be reached (not running, restarting, failing over, cut off) for
+    /// as long as the operation could wait: unlike [`Error::Database`], a moment may end it. A waiter
+    /// for a key waits through it until its deadline.
+    #[error("database {path}: {operation} failed ({hint})")]
+    DatabaseUnreachable {
+        /// The server's URL, its password masked.
+        path: PathBuf,
+        /// What apijongler was doing.
+        operation: &'static str,
+        /// What to check.
+        hint: &'static str,
+        /// The cause.
+        #[source]
+        source: Cause,
+    },
+
     /// The key claimed from the database is not in this process's keyring, or has another secret there:
     /// another keyring synced the database since this process loaded its own.
     #[error(

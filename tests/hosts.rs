@@ -469,3 +469,70 @@ fn a_process_stopped_in_its_open_keeps_no_other_from_opening() {
     assert!(output.status.success(), "apijongler status: {}: {stderr}", output.status);
     opening.rollback().expect("rollback");
 }
+
+/// Left open before: a waiter whose watcher found the server out of reach (a restart, a failover, a
+/// partition) was answered at once with the database's error (exit 6), though its deadline was far.
+/// It now waits on through it, and gets the key freed meanwhile once the server is back. The waiter
+/// reaches the server through a proxy the test cuts while it waits; the key's holder, directly.
+#[test]
+fn a_waiter_waits_through_a_server_out_of_reach() {
+    if !postgres_given() {
+        return;
+    }
+    let db = Database::create(TestServer::from_env());
+    let mut sandbox = Sandbox::new("c", 1);
+    sandbox.db = PathBuf::from(db.url());
+    let holder = sandbox.coordinator(sandbox.options());
+    let held = holder.claim("c", &[], Duration::ZERO).expect("the pool's one key");
+    let proxy = DbProxy::start(&db.server, sandbox.dir.path().join("proxy"));
+    let behind = PathBuf::from(db.server.url(&db.name, &proxy.dir));
+    let waiter =
+        api_jongler::Coordinator::open(api_jongler::CoordinatorOptions { db_path: Some(behind), ..sandbox.options() })
+            .expect("open through the proxy");
+    let log = Log::default();
+    // Global: the rounds run on the waiter's watcher thread.
+    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::DEBUG).with_writer(log.clone()).finish();
+    tracing::subscriber::set_global_default(subscriber).expect("this test's subscriber");
+    let waiting = std::thread::spawn(move || {
+        waiter.claim("c", &[], LIMIT).map(|lease| lease.key_name().to_owned()).map_err(|e| e.to_string())
+    });
+    wait_until(LIMIT, "the claim to wait", || log.text().contains("waiting for a free key"));
+    proxy.cut();
+    let key = held.key_name().to_owned();
+    held.release().expect("release");
+    // Three rounds of the watcher without the server (or, as before, the waiter answered at the first).
+    let rounds = || log.text().matches("no key this round").count();
+    wait_until(LIMIT, "the watcher's rounds without the server", || rounds() >= 3 || waiting.is_finished());
+    proxy.restore();
+    let claimed = waiting.join().expect("the waiting thread");
+    assert_eq!(claimed, Ok(key), "the waiter gets the key freed while the server was out of its reach");
+}
+
+/// A log kept in memory, for a test's own subscriber.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Log {
+    type Writer = Log;
+
+    fn make_writer(&'a self) -> Log {
+        self.clone()
+    }
+}

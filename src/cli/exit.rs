@@ -72,7 +72,8 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         | Error::ForeignDatabase { .. }
         | Error::DatabaseLocked { .. }
         | Error::DatabaseReplaced { .. }
-        | Error::Database { .. } => DATABASE,
+        | Error::Database { .. }
+        | Error::DatabaseUnreachable { .. } => DATABASE,
         Error::NoKeyAvailable(_) | Error::ResourceOwnerUnavailable { .. } => NO_KEY,
         Error::Transport { .. } | Error::Stream { .. } => NETWORK,
         Error::Upstream { .. } => UPSTREAM,

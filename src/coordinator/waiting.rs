@@ -17,6 +17,8 @@
 //! - Every waiter is answered by its own deadline: the watcher's claims wait for the write lock only
 //!   until the earliest deadline among the waiters, and a wait that cannot succeed (every key in
 //!   error, or locked down for the model past the caller's whole wait) is answered at once.
+//! - A database server out of reach (restarting, failing over, cut off) answers nobody early: waiters
+//!   wait on through it, as through a held write lock, and hear of it only at their own deadline.
 //! - A waiter that went away (a cancelled request) is dropped from the queue; a key claimed for it
 //!   just as it went is given back at once.
 
@@ -207,7 +209,7 @@ impl Coordinator {
     /// the connector's keys, else (or if none is free) from the queue, the caller blocking on it.
     pub(super) fn claim_on_thread(&self, request: &Request<'_>) -> Result<Lease> {
         if (request.deadline <= request.started || self.inner.waiters.nobody_waits(request.claim.connector))
-            && let Some(lease) = self.try_claim(request)?
+            && let Some(lease) = waiting_if_unreachable(self.try_claim(request), request)?
         {
             return Ok(lease);
         }
@@ -236,7 +238,7 @@ impl Coordinator {
             Ok(None)
         };
         drop(counted);
-        if let Some(lease) = claimed? {
+        if let Some(lease) = waiting_if_unreachable(claimed, request)? {
             return Ok(lease);
         }
         let (sender, receiver) = oneshot::channel();
@@ -245,6 +247,7 @@ impl Coordinator {
     }
 
     fn enqueue(&self, request: &Request<'_>, reply: Reply) {
+        tracing::debug!(connector = request.claim.connector, "waiting for a free key");
         let waiter = Arc::new(Waiter {
             claim: OwnedClaim::of(request.claim),
             started: request.started,
@@ -288,7 +291,9 @@ impl Coordinator {
         let Some(earliest) = waiting.iter().map(|waiter| waiter.lock_deadline).min() else { return next };
         // Claims wait for the lock until the earliest deadline, so nobody is answered late for it.
         let lock_deadline = earliest.min(now + RECHECK).max(now + POLL);
-        let mut locked: Option<Error> = None;
+        // Why no waiter could be served this round: the write lock held past the round's wait, or the
+        // server out of reach. Waiters then go on waiting, and hear of it only at their deadline.
+        let mut stalled: Option<Error> = None;
         let mut served: Vec<bool> = vec![false; waiting.len()];
         for (first, waiter) in waiting.iter().enumerate() {
             if served[first] || waiting[..first].iter().any(|earlier| earlier.same_request(waiter)) {
@@ -299,8 +304,10 @@ impl Coordinator {
             match outcome {
                 Ok(Some(wake)) => next = next.min(wake),
                 Ok(None) => {}
-                Err(error @ Error::DatabaseLocked { .. }) => {
-                    locked = Some(error);
+                Err(error @ (Error::DatabaseLocked { .. } | Error::DatabaseUnreachable { .. })) => {
+                    tracing::debug!(%error, "no key this round: the waiters wait on");
+                    stalled = Some(error);
+                    next = next.min(Instant::now() + POLL);
                     break;
                 }
                 // The oldest waiter hears of it; the others meet it (or its end) in the next rounds.
@@ -319,12 +326,25 @@ impl Coordinator {
             if served[i] {
                 continue;
             }
-            let due = if locked.is_some() { waiter.lock_deadline } else { waiter.deadline };
+            let due = if matches!(stalled, Some(Error::DatabaseLocked { .. })) {
+                waiter.lock_deadline
+            } else {
+                waiter.deadline
+            };
             if due <= now {
                 served[i] = true;
-                let answer = match &locked {
+                let answer = match &stalled {
                     Some(Error::DatabaseLocked { path, operation, .. }) => {
                         Err(Error::DatabaseLocked { path: path.clone(), operation, waited: waiter.started.elapsed() })
+                    }
+                    Some(Error::DatabaseUnreachable { path, operation, hint, source }) => {
+                        let source = std::io::Error::other(source.to_string());
+                        Err(Error::DatabaseUnreachable {
+                            path: path.clone(),
+                            operation,
+                            hint,
+                            source: Box::new(source),
+                        })
                     }
                     _ => self.unavailable(waiter),
                 };
@@ -458,6 +478,18 @@ impl Coordinator {
 }
 
 /// The error of a waiter whose watcher stopped (a panic) before it could answer.
+/// What the claim in place (`claimed`) of `request` means for its caller: a server out of reach
+/// before the caller's deadline sends it to wait with the others (the watcher tries again).
+fn waiting_if_unreachable(claimed: Result<Option<Lease>>, request: &Request<'_>) -> Result<Option<Lease>> {
+    match claimed {
+        Err(error @ Error::DatabaseUnreachable { .. }) if Instant::now() < request.deadline => {
+            tracing::warn!(%error, "waiting for the database server until the claim's deadline");
+            Ok(None)
+        }
+        claimed => claimed,
+    }
+}
+
 fn watcher_gone(connector: &str) -> Error {
     Error::InvalidRequest { problem: format!("the thread watching for a free key of '{connector}' stopped; try again") }
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -169,6 +169,8 @@ pub struct DbProxy {
 struct ProxyState {
     cut: AtomicBool,
     closing: AtomicBool,
+    /// Connections closed at once because the proxy was cut.
+    refused: AtomicUsize,
     /// Both ends of every connection passed through, to shut down on a cut.
     open: Mutex<Vec<UnixStream>>,
 }
@@ -196,6 +198,7 @@ impl DbProxy {
                 }
                 let Ok(client) = client else { continue };
                 if shared.cut.load(Ordering::SeqCst) {
+                    shared.refused.fetch_add(1, Ordering::SeqCst);
                     continue; // dropped: the connection dies at once
                 }
                 let Ok(server) = UnixStream::connect(&upstream) else { continue };
@@ -220,6 +223,11 @@ impl DbProxy {
     /// The partition heals: new connections go through again.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// How many connections the proxy closed at once since it was first cut.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(Ordering::SeqCst)
     }
 }
 

@@ -527,6 +527,7 @@ fn judge_failure(error: &Error) -> (StatusCode, Option<Duration>, Unanswered) {
         Error::ResourceOwnerUnavailable { .. } => (StatusCode::CONFLICT, None, Unanswered::Failed),
         Error::DatabaseLocked { .. }
         | Error::Database { .. }
+        | Error::DatabaseUnreachable { .. }
         | Error::DatabaseReplaced { .. }
         | Error::LeaseLost { .. }
         | Error::KeyringDiffers { .. } => (StatusCode::SERVICE_UNAVAILABLE, None, Unanswered::Unavailable),

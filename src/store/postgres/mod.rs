@@ -195,14 +195,7 @@ impl Postgres {
                 Err(error) if is_transient(&error) && Instant::now() + RECONNECT_PAUSE < deadline => {
                     std::thread::sleep(RECONNECT_PAUSE);
                 }
-                Err(error) => {
-                    return Err(Error::Database {
-                        path: self.server.clone(),
-                        operation,
-                        hint: hint(&error),
-                        source: Box::new(error),
-                    });
-                }
+                Err(error) => return Err(self.failed(operation, error, deadline)),
             }
         }
     }
@@ -302,7 +295,11 @@ impl Postgres {
             let waited = self.lock_wait_floor.saturating_sub(deadline.saturating_duration_since(Instant::now()));
             return Error::DatabaseLocked { path: self.server.clone(), operation, waited };
         }
-        Error::Database { path: self.server.clone(), operation, hint: hint(&error), source: Box::new(error) }
+        let (path, hint) = (self.server.clone(), hint(&error));
+        if is_connection_lost(&error) || is_transient(&error) && error.code().is_some() {
+            return Error::DatabaseUnreachable { path, operation, hint, source: Box::new(error) };
+        }
+        Error::Database { path, operation, hint, source: Box::new(error) }
     }
 
     /// The error of a read that met text the pool's vocabulary does not know (a newer build's word).
