@@ -508,6 +508,31 @@ fn a_waiter_waits_through_a_server_out_of_reach() {
     assert_eq!(claimed, Ok(key), "the waiter gets the key freed while the server was out of its reach");
 }
 
+/// `bench keys` on PostgreSQL runs its three kinds of cycle there (the bare one, the bare one with
+/// history rows, apijongler's) and reports each.
+#[test]
+fn bench_keys_on_postgres_measures_the_bare_cycle_with_and_without_history() {
+    if !postgres_given() {
+        return;
+    }
+    let server = std::env::var(common::hosts::TEST_PG_ENV).expect("given");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apijongler"))
+        .args(["-q", "bench", "keys", "--db", &server, "--processes", "2", "--keys", "4", "--locked-keys"])
+        .args(["--seconds", "0.3", "--rounds", "1"])
+        .env_clear()
+        .output()
+        .expect("run the bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}: {}", output.status, String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<Vec<&str>> = stdout.lines().map(|line| line.split_whitespace().collect()).collect();
+    let row = |label: &str| rows.iter().find(|row| row.get(1) == Some(&label)).unwrap_or_else(|| panic!("{stdout}"));
+    for label in ["raw", "raw+h", "4"] {
+        let cycles: f64 = row(label)[2].parse().expect("cycles/s");
+        assert!(cycles > 0.0, "{label}: {stdout}");
+    }
+    assert_eq!(row("raw+h").last(), Some(&"%"), "raw+h is compared with raw: {stdout}");
+}
+
 /// A log kept in memory, for a test's own subscriber.
 #[derive(Clone, Default)]
 struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

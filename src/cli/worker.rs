@@ -61,6 +61,10 @@ pub struct WorkerArgs {
     /// PostgreSQL for a postgres:// URL).
     #[arg(long)]
     raw: bool,
+    /// With `--raw` on PostgreSQL: each of the reference's two statements also writes the key's
+    /// history row, as apijongler's do (SQLite's reference always does).
+    #[arg(long, requires = "raw")]
+    raw_history: bool,
     /// Send this many requests through the request layer (per-request leases) instead of cycling keys.
     #[arg(long)]
     requests: Option<u64>,

@@ -73,6 +73,19 @@ impl Pool {
     }
 }
 
+/// What a configuration runs.
+#[derive(Debug, Clone, Copy)]
+enum Subject {
+    /// The bare cycle (`worker --raw`) on 64 keys: the reference.
+    Bare,
+    /// The bare cycle writing the history rows apijongler's writes (`worker --raw --raw-history`), on
+    /// 64 keys: PostgreSQL's only (SQLite's bare cycle writes them already). Between it and the bare
+    /// cycle is the cost of the audit trail; between it and apijongler's, the coordinator's.
+    BareRecorded,
+    /// apijongler's cycle on `Pool`.
+    Coordinator(Pool),
+}
+
 /// What one configuration measured in one round.
 struct Measured {
     cycles_per_second: f64,
@@ -139,6 +152,10 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let Server::Postgres(postgres) = &server {
         writeln!(report, "({postgres})")?;
+        writeln!(
+            report,
+            "(raw+h: the bare cycle, each statement also writing the key's history row as apijongler's do)"
+        )?;
     }
     if let Some(limits) = &args.limits {
         writeln!(report, "(every key of every pool limited to {limits} for every model: each claim reserves)")?;
@@ -163,15 +180,21 @@ pub fn run(global: &Global, args: &KeysArgs) -> anyhow::Result<ExitCode> {
     };
     progress(&report);
     for &processes in &processes {
-        let mut raw = Vec::new();
+        let (mut raw, mut recorded) = (Vec::new(), Vec::new());
         let mut by_pool: Vec<Vec<Measured>> = pools.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds {
-            raw.push(measure(&server, processes, None, duration, None)?);
+            raw.push(measure(&server, processes, Subject::Bare, duration, None)?);
+            if let Server::Postgres(_) = server {
+                recorded.push(measure(&server, processes, Subject::BareRecorded, duration, None)?);
+            }
             for (rounds, &pool) in by_pool.iter_mut().zip(&pools) {
-                rounds.push(measure(&server, processes, Some(pool), duration, args.limits.as_deref())?);
+                rounds.push(measure(&server, processes, Subject::Coordinator(pool), duration, args.limits.as_deref())?);
             }
         }
         let mut lines = row(processes, "raw", &Summary::of(&raw, None));
+        if !recorded.is_empty() {
+            lines.push_str(&row(processes, "raw+h", &Summary::of(&recorded, Some(&raw))));
+        }
         for (rounds, &pool) in by_pool.iter().zip(&pools) {
             lines.push_str(&row(processes, &pool.label(), &Summary::of(rounds, Some(&raw))));
         }
@@ -197,21 +220,26 @@ fn row(processes: u32, keys: &str, summary: &Summary) -> String {
 /// The claim+release cycles per second of `processes` workers on `keys` keys (for `bench gateway`'s
 /// ceiling).
 pub(super) fn claim_release_rate(processes: u32, keys: u32, duration: Duration) -> anyhow::Result<f64> {
-    Ok(measure(&Server::Sqlite, processes, Some(Pool { keys, locked: 0 }), duration, None)?.cycles_per_second)
+    Ok(measure(&Server::Sqlite, processes, Subject::Coordinator(Pool { keys, locked: 0 }), duration, None)?
+        .cycles_per_second)
 }
 
-/// Runs `processes` workers for `duration` on a fresh store on `server` with `pool` (`None`: the raw
-/// reference, on 64 rows), every key limited to `limits` for every model if given.
+/// Runs `processes` workers of `subject` for `duration` on a fresh store on `server`, every key limited
+/// to `limits` for every model if given.
 fn measure(
     server: &Server,
     processes: u32,
-    pool: Option<Pool>,
+    subject: Subject,
     duration: Duration,
     limits: Option<&str>,
 ) -> anyhow::Result<Measured> {
     let scratch = server.scratch()?;
     let db = scratch.db();
-    let keyring = prepare(scratch.dir(), db, pool.unwrap_or(Pool { keys: 64, locked: 0 }), limits)?;
+    let pool = match subject {
+        Subject::Bare | Subject::BareRecorded => Pool { keys: 64, locked: 0 },
+        Subject::Coordinator(pool) => pool,
+    };
+    let keyring = prepare(scratch.dir(), db, pool, limits)?;
     let exe = std::env::current_exe()?;
     // Every worker opens its store before the common start: a PostgreSQL connection and its schema
     // check take longer than opening a file, and 64 of them share 2 cores.
@@ -230,12 +258,13 @@ fn measure(
                 .args(["--start-at-ms", &start_at.to_string(), "--duration-ms", &duration.as_millis().to_string()])
                 .env_remove("APIJONGLER_CONFIG")
                 .stdout(Stdio::piped());
-            if pool.is_none() {
-                command.arg("--raw");
-            } else if limits.is_some() {
+            match subject {
+                Subject::Bare => command.arg("--raw"),
+                Subject::BareRecorded => command.args(["--raw", "--raw-history"]),
                 // The worker syncs the keyring, and with it the limits its claims reserve against.
-                command.arg("--config").arg(&keyring);
-            }
+                Subject::Coordinator(_) if limits.is_some() => command.arg("--config").arg(&keyring),
+                Subject::Coordinator(_) => &mut command,
+            };
             command.spawn().context("spawning a bench worker")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

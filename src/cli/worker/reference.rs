@@ -5,7 +5,8 @@
 //! - SQLite: `BEGIN IMMEDIATE; UPDATE one row; INSERT one history row; COMMIT`, twice.
 //! - PostgreSQL: the claim `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING` and
 //!   the release fenced by the lease, each one autocommitted statement, prepared once on the
-//!   process's one connection.
+//!   process's one connection; with `--raw-history`, each statement also writes the key's history
+//!   row (the bare cycle with the pool's audit trail).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -104,25 +105,69 @@ RETURNING id, lease";
 const PG_RELEASE: &str = "UPDATE apijongler.keys SET state = 'vacant', last_used_at = $3
   WHERE id = $1 AND lease = $2 AND state = 'locked'";
 
+/// With `--raw-history`: the claim writing the key's history row in the same statement, as SQLite's
+/// reference does and as apijongler's claim does (its key picked in an expression of its own, as
+/// apijongler's is: inside a `WITH`, `WHERE id = (SELECT ... SKIP LOCKED)` now and then finds no key).
+/// The bare cycle with the pool's audit trail: the difference between it and the bare cycle is the
+/// trail's cost, not the coordinator's.
+const PG_CLAIM_RECORDED: &str = "WITH picked AS MATERIALIZED (
+  SELECT id FROM apijongler.keys WHERE connector = $1 AND state = 'vacant' AND retired_at IS NULL
+   ORDER BY last_used_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+), claimed AS (
+  UPDATE apijongler.keys SET state = 'locked', lease = lease + 1 WHERE id = (SELECT id FROM picked)
+  RETURNING id, lease, connector, key_name, fingerprint
+), recorded AS (
+  INSERT INTO apijongler.history (at, connector, key_name, fingerprint, from_state, to_state, reason, holder_pid,
+                                  lease, event)
+  SELECT $2, connector, key_name, fingerprint, 'vacant', 'locked', 'reference', $3, lease, 'claimed' FROM claimed
+)
+SELECT id, lease FROM claimed";
+
+/// With `--raw-history`: the release writing the key's history row in the same statement.
+const PG_RELEASE_RECORDED: &str = "WITH released AS (
+  UPDATE apijongler.keys SET state = 'vacant', last_used_at = $3
+   WHERE id = $1 AND lease = $2 AND state = 'locked'
+  RETURNING lease, connector, key_name, fingerprint
+), recorded AS (
+  INSERT INTO apijongler.history (at, connector, key_name, fingerprint, from_state, to_state, reason, holder_pid,
+                                  lease, event)
+  SELECT $3, connector, key_name, fingerprint, 'locked', 'vacant', 'reference', $4, lease, 'released' FROM released
+)
+SELECT count(*) FROM released";
+
 /// The yardstick on PostgreSQL: one connection, the two statements prepared once, each cycle a claim
 /// and its release (two round trips, two commits). A claim that finds every key taken asks again;
 /// its latency counts from the first ask.
 fn postgres(url: &str, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
-    let claim = client.prepare(PG_CLAIM)?;
-    let release = client.prepare(PG_RELEASE)?;
+    let (claim, release) = if args.raw_history {
+        (client.prepare(PG_CLAIM_RECORDED)?, client.prepare(PG_RELEASE_RECORDED)?)
+    } else {
+        (client.prepare(PG_CLAIM)?, client.prepare(PG_RELEASE)?)
+    };
+    let pid = i64::from(std::process::id());
     wait_for_start(args.start_at_ms);
     let end = Instant::now() + Duration::from_millis(args.duration_ms.unwrap_or(1_000));
     let mut latencies = Vec::new();
     let mut cycles = 0u64;
     let mut asked = Instant::now();
     while Instant::now() < end {
-        let Some(row) = client.query_opt(&claim, &[&args.connector])? else { continue };
+        let claimed = if args.raw_history {
+            client.query_opt(&claim, &[&args.connector, &SystemClock.now_ms(), &pid])?
+        } else {
+            client.query_opt(&claim, &[&args.connector])?
+        };
+        let Some(row) = claimed else { continue };
         if args.latencies {
             latencies.push(asked.elapsed().as_micros());
         }
         let (id, lease): (i64, i64) = (row.get(0), row.get(1));
-        let freed = client.execute(&release, &[&id, &lease, &SystemClock.now_ms()])?;
+        let freed = if args.raw_history {
+            let freed: i64 = client.query_one(&release, &[&id, &lease, &SystemClock.now_ms(), &pid])?.get(0);
+            u64::try_from(freed)?
+        } else {
+            client.execute(&release, &[&id, &lease, &SystemClock.now_ms()])?
+        };
         anyhow::ensure!(freed == 1, "the reference lost key {id}'s lease {lease}");
         cycles += 1;
         asked = Instant::now();
