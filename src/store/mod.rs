@@ -65,6 +65,7 @@ impl<'a> ClaimFor<'a> {
     }
 }
 pub use location::{DB_ENV, Location, PostgresUrl, default_location};
+pub use postgres::DURABLE_COMMITS as POSTGRES_DURABLE_COMMITS;
 pub use sqlite::{APPLICATION_ID, DEFAULT_LOCK_WAIT_FLOOR, SCHEMA_VERSION};
 
 /// The append-only tables that retention prunes (`crate::retention`).

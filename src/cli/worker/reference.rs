@@ -135,11 +135,13 @@ const PG_RELEASE_RECORDED: &str = "WITH released AS (
 )
 SELECT count(*) FROM released";
 
-/// The yardstick on PostgreSQL: one connection, the two statements prepared once, each cycle a claim
-/// and its release (two round trips, two commits). A claim that finds every key taken asks again;
+/// The yardstick on PostgreSQL: one connection (its commits durable, as apijongler's are), the two
+/// statements prepared once, each cycle a claim and its release (two round trips, two commits). A claim that finds every key taken asks again;
 /// its latency counts from the first ask.
 fn postgres(url: &str, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    // Committed as durably as apijongler's own sessions commit, whatever the server's default.
+    client.batch_execute(api_jongler::store::POSTGRES_DURABLE_COMMITS)?;
     let (claim, release) = if args.raw_history {
         (client.prepare(PG_CLAIM_RECORDED)?, client.prepare(PG_RELEASE_RECORDED)?)
     } else {

@@ -7,6 +7,9 @@
 //!   statement names the pool's tables without the schema, and no wait on an unreachable or silent
 //!   server is unbounded.
 //! - A statement is prepared once per connection (a round trip saved on every later use).
+//! - Every commit of ours is durable before the server answers it: a session whose server commits
+//!   asynchronously (`synchronous_commit` off, `local` or `remote_write`) raises it to `on` for itself
+//!   (see [`DURABLE_COMMITS`]).
 //! - Waits are bounded by the session's `lock_timeout` and `statement_timeout`, set before an operation
 //!   only when they would not end within its time left, or would end much sooner than the store's floor
 //!   (see `bound_waits`): most operations send no setting at all.
@@ -27,6 +30,13 @@ const IDLE_IN_TRANSACTION_MS: u64 = 2_000;
 
 /// Pooled connections per process: concurrent claims on PostgreSQL run in parallel, unlike SQLite's.
 const POOL_SIZE: u32 = 16;
+
+/// Raises the session's `synchronous_commit` to `on` unless it is `on` or stronger (`remote_apply`):
+/// a claim the server answered but had not flushed would be undone by a crash of the server (or a
+/// failover to a standby it had not reached), and the key given to a second holder while the first
+/// one still uses it. Sent on every new connection; the benchmark's bare reference sends it too.
+pub const DURABLE_COMMITS: &str = "SELECT set_config('synchronous_commit', 'on', false)
+  WHERE current_setting('synchronous_commit') NOT IN ('on', 'remote_apply')";
 
 /// A connection with the statements prepared on it.
 pub(super) struct Connection {
@@ -242,7 +252,9 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
-        Ok(Connection { client: Some(self.config.connect(NoTls)?), statements: HashMap::new(), timeouts_ms: 0 })
+        let mut client = self.config.connect(NoTls)?;
+        client.batch_execute(DURABLE_COMMITS)?;
+        Ok(Connection { client: Some(client), statements: HashMap::new(), timeouts_ms: 0 })
     }
 
     fn is_valid(&self, connection: &mut Connection) -> Result<(), postgres::Error> {
@@ -268,7 +280,27 @@ pub(super) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 #[cfg(test)]
 mod tests {
+    use super::super::usage::test_server::TestDb;
     use super::coarse_ms;
+
+    #[test]
+    fn every_session_commits_durably_whatever_the_database_default() {
+        let Some(db) = TestDb::create("durable") else { return };
+        let cases =
+            [("off", "on"), ("local", "on"), ("remote_write", "on"), ("on", "on"), ("remote_apply", "remote_apply")];
+        for (default, expected) in cases {
+            db.client()
+                .batch_execute(&format!(
+                    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = %L', current_database(), '{default}'); END $$"
+                ))
+                .expect("set the database's default");
+            let store = db.open();
+            let setting: String = store
+                .read("reading the setting", |tx| Ok(tx.query_one("SHOW synchronous_commit", &[])?.get(0)))
+                .expect("read");
+            assert_eq!(setting, expected, "with the database's default at {default}");
+        }
+    }
 
     #[test]
     fn a_coarse_timeout_is_never_longer_than_asked_nor_shorter_than_three_quarters_of_it() {

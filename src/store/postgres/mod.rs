@@ -37,6 +37,7 @@ use super::paced::{Lessons, Paced};
 use super::rule_sql::{self, KeyCols};
 use super::transition::NewTransition;
 use super::{Backend, ChangeWatch, ClaimFor, Journal};
+pub use connection::DURABLE_COMMITS;
 use connection::{Access, Connection, Manager, Tx, off_runtime};
 
 /// The schema that holds the pool's tables on the server.
