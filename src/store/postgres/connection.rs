@@ -32,9 +32,11 @@ const IDLE_IN_TRANSACTION_MS: u64 = 2_000;
 const POOL_SIZE: u32 = 16;
 
 /// Raises the session's `synchronous_commit` to `on` unless it is `on` or stronger (`remote_apply`):
-/// a claim the server answered but had not flushed would be undone by a crash of the server (or a
-/// failover to a standby it had not reached), and the key given to a second holder while the first
-/// one still uses it. Sent on every new connection; the benchmark's bare reference sends it too.
+/// with `off`, a claim the server answered but had not flushed would be undone by a crash of the
+/// server, and the key given to a second holder while the first one still uses it; with `local` or
+/// `remote_write` and synchronous standbys, a failover could lose it the same way. (Asynchronous
+/// standbys can lose it whatever the setting.) Sent on every new connection; the benchmark's bare
+/// reference sends it too.
 pub const DURABLE_COMMITS: &str = "SELECT set_config('synchronous_commit', 'on', false)
   WHERE current_setting('synchronous_commit') NOT IN ('on', 'remote_apply')";
 
