@@ -136,8 +136,8 @@ const PG_RELEASE_RECORDED: &str = "WITH released AS (
 SELECT count(*) FROM released";
 
 /// The yardstick on PostgreSQL: one connection (its commits durable, as apijongler's are), the two
-/// statements prepared once, each cycle a claim and its release (two round trips, two commits). A claim that finds every key taken asks again;
-/// its latency counts from the first ask.
+/// statements prepared once, each cycle a claim and its release (two round trips, two commits). A claim
+/// that finds every key taken asks again; its latency counts from the first ask.
 fn postgres(url: &str, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
     // Committed as durably as apijongler's own sessions commit, whatever the server's default.
