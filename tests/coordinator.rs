@@ -394,8 +394,9 @@ fn escalation_counts_consecutive_lockdowns_and_a_success_resets_it() {
     lease.release().expect("release");
 }
 
-/// A release after a success for a model (one statement on PostgreSQL) records the attempt and ends
-/// the key's expired lockdowns of that model, so its strikes start again at 0; a plain release keeps them.
+/// A release after a success for a model records the attempt and ends the key's expired lockdowns of
+/// that model, so its strikes start again at 0; a plain release keeps them. On PostgreSQL the key's scope
+/// watermark then falls back to NULL: its claims and releases read no lockdowns again.
 #[test]
 fn a_success_ends_the_expired_lockdowns_of_its_model_and_a_plain_release_keeps_them() {
     use api_jongler::pool::outcome::Outcome;
@@ -407,6 +408,10 @@ fn a_success_ends_the_expired_lockdowns_of_its_model_and_a_plain_release_keeps_t
         |until: i64| Lockdown { models: vec!["m".to_owned()], ..Lockdown::whole_key(until, "quota", Some(429)) };
     let lease = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim");
     lease.finish(&Fate::Lockdown(lockdown(clock.now_ms() + 1_000)), None).expect("lockdown");
+    if common::store::on_postgres() {
+        let marked = sandbox.count("SELECT count(*) FROM keys WHERE scope_watermark IS NOT NULL");
+        assert_eq!(marked, 1, "the lockdown marked its key");
+    }
     clock.advance(1_000);
     coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim").release().expect("plain release");
     let lease = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim");
@@ -425,6 +430,10 @@ fn a_success_ends_the_expired_lockdowns_of_its_model_and_a_plain_release_keeps_t
     };
     lease.finish(&Fate::Release { success: true }, Some(&attempt)).expect("release after a success");
     assert_eq!(sandbox.count("SELECT count(*) FROM lockdowns"), 0, "the expired lockdown of m is gone");
+    if common::store::on_postgres() {
+        let unmarked = sandbox.count("SELECT count(*) FROM keys WHERE scope_watermark IS NULL");
+        assert_eq!(unmarked, 1, "no row left on the key's scopes, so no watermark");
+    }
     assert_eq!(sandbox.count("SELECT count(*) FROM requests WHERE status = 200 AND model = 'm'"), 1);
     let lease = coordinator.claim_for("c", Some("m"), &[], Duration::ZERO).expect("claim");
     assert_eq!(lease.lockdown_count(), 0, "strikes start again after the success");

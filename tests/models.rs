@@ -345,6 +345,86 @@ fn keys_locked_down_for_one_model_still_rotate_for_the_others() {
     assert_eq!(used.len(), 4, "four claims for n used four keys: {used:?}");
 }
 
+/// A group locked down for a model while one of its keys is held: once freed, that key stays kept from
+/// the model with the others, and serves the rest. (On PostgreSQL, the lockdown's trigger marks the held
+/// key too, so its release and the claims after it read the lockdown.)
+#[test]
+fn a_key_held_while_its_group_is_locked_down_is_kept_from_the_model_once_freed() {
+    use api_jongler::pool::Fate;
+    let sandbox = Sandbox::with_keyring(&format!(
+        "[{GEMINI}]\nkey0 = {}\nkey1 = {}\n[{GEMINI} groups]\nkey0 = team\nkey1 = team\n",
+        secret(0),
+        secret(1)
+    ));
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let coordinator = sandbox.coordinator(CoordinatorOptions { clock: clock.clone(), ..sandbox.options() });
+    let held = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
+    clock.advance(1_000);
+    let other = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
+    let until = clock.now_ms() + 3_600_000;
+    other.finish(&Fate::Lockdown(lockdown_of_group("m", until, None)), None).expect("lockdown");
+    let held_name = held.key_name().to_owned();
+    held.release().expect("release");
+    let refused = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
+    assert!(refused.is_err(), "the group is locked down for m, yet {refused:?} was claimed for it");
+    let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("free for n");
+    assert_eq!(lease.key_name(), held_name, "the least recently used key serves n");
+}
+
+/// A key added to a group already locked down for a model is kept from that model from its first claim.
+#[test]
+fn a_key_added_to_a_locked_down_group_is_kept_from_the_model() {
+    use api_jongler::pool::Fate;
+    let sandbox =
+        Sandbox::with_keyring(&format!("[{GEMINI}]\nkey0 = {}\n[{GEMINI} groups]\nkey0 = team\n", secret(0)));
+    let coordinator = sandbox.coordinator(sandbox.options());
+    let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
+    let until = coordinator.now_ms() + 3_600_000;
+    lease.finish(&Fate::Lockdown(lockdown_of_group("m", until, None)), None).expect("lockdown");
+    let grown = format!(
+        "[{GEMINI}]\nkey0 = {}\nkey1 = {}\n[{GEMINI} groups]\nkey0 = team\nkey1 = team\n",
+        secret(0),
+        secret(1)
+    );
+    std::fs::write(&sandbox.keyring, grown).expect("write keyring");
+    coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    let refused = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
+    assert!(refused.is_err(), "the group is locked down for m, yet {refused:?} was claimed for it");
+    let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("free for n");
+    assert_eq!(lease.key_name(), "key1", "the new key is the least recently used");
+}
+
+/// On PostgreSQL a row of `learned_limits`, written by apijongler or by hand, marks every key of its scope
+/// (their scope watermark), as a row of `lockdowns` does: their claims then read the connector's latest
+/// lesson. SQLite keeps no watermark.
+#[test]
+fn a_learned_limit_marks_the_keys_of_its_scope_alone() {
+    if !common::store::on_postgres() {
+        eprintln!("not run on SQLite: it keeps no scope watermark");
+        return;
+    }
+    let sandbox = Sandbox::with_keyring(&format!(
+        "[{GEMINI}]\nkey0 = {}\nkey1 = {}\nkey2 = {}\n[{GEMINI} groups]\nkey0 = team\nkey1 = team\n",
+        secret(0),
+        secret(1),
+        secret(2)
+    ));
+    let _coordinator = sandbox.coordinator(sandbox.options());
+    let marked = "SELECT key_name FROM keys WHERE scope_watermark IS NOT NULL ORDER BY key_name";
+    assert_eq!(sandbox.sql().column::<String>(marked, &[]).expect("marked"), Vec::<String>::new());
+    sandbox
+        .sql()
+        .execute(
+            &format!(
+                "INSERT INTO learned_limits (connector, quota_scope, model, quota_id, limit_text, until, learned_at, key_name)
+                 VALUES ('{GEMINI}', 'group:team', 'm', 'q', '10/min', 4102444800000, 1, 'key0')"
+            ),
+            &[],
+        )
+        .expect("a learned limit");
+    assert_eq!(sandbox.sql().column::<String>(marked, &[]).expect("marked"), ["key0", "key1"]);
+}
+
 /// A key kept across requests (per connection) whose group was locked down for a model meanwhile is
 /// given back before a request for that model, which goes out on a key free for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,9 @@
 //! otherwise a lone claim is that one statement, committed on its own.
 
 use super::connection::Tx;
-use super::{CLAIM, CLAIM_PINNED, pacing};
+use postgres::types::ToSql;
+
+use super::{CLAIM, CLAIM_PINNED, WATERMARKS_ALONE, pacing};
 use crate::clock::Clock;
 use crate::holder::Holder;
 use crate::pool::{Claimed, ModelScope, Pacing};
@@ -31,7 +33,9 @@ pub(super) fn claim_paced(
             tx.batch("RELEASE paced_claim")?;
             return Ok(None);
         };
-        paced.seen(request.connector, lesson);
+        if let Some(lesson) = lesson {
+            paced.seen(request.connector, lesson);
+        }
         let binding = pacing.binding(&claimed.scope, model, now);
         let reservation = reservation_of(request, &claimed, model);
         match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), &|| clock.now_ms())? {
@@ -40,7 +44,8 @@ pub(super) fn claim_paced(
                 return Ok(Some(claimed));
             }
             Err(full) => {
-                tx.batch("ROLLBACK TO paced_claim; RELEASE paced_claim")?;
+                // The watermarks' lock before the lockdown row (see `WATERMARKS_ALONE`).
+                tx.batch(&format!("ROLLBACK TO paced_claim; RELEASE paced_claim; {WATERMARKS_ALONE}"))?;
                 pacing::lock_down(tx, &reservation, &full, now)?;
             }
         }
@@ -77,40 +82,44 @@ fn reservation_of<'a>(request: &'a ClaimFor<'_>, claimed: &'a Claimed, model: &'
     }
 }
 
-/// One claim statement (its history row included), with the connector's latest lesson time.
+/// One claim (its history row included), with the connector's latest lesson time if the claim read it:
+/// the claim's [`Unread`](super::ClaimStatement::Unread) form first, and its `Read` form when the key that form picked
+/// has a scope watermark.
 pub(super) fn claim_one(
     tx: &mut Tx<'_>,
     request: &ClaimFor<'_>,
     holder: &Holder,
     (now, boot_ms): (i64, i64),
-) -> Result<Option<(Claimed, i64)>, postgres::Error> {
+) -> Result<Option<(Claimed, Option<i64>)>, postgres::Error> {
     let tried = request.tried.to_vec();
-    let statement = if request.pin.is_some() { &CLAIM_PINNED } else { &CLAIM };
-    let row = tx.query_opt(
-        statement,
-        &[
-            &request.connector,
-            &now,
-            &holder.host,
-            &holder.boot_id,
-            &i64::from(holder.pid),
-            &holder.started,
-            &tried,
-            &boot_ms,
-            &holder.pid_namespace,
-            &request.model,
-            &request.pin,
-        ],
-    )?;
-    let Some(row) = row else { return Ok(None) };
-    let claimed = Claimed {
+    let statements = if request.pin.is_some() { &CLAIM_PINNED } else { &CLAIM };
+    let pid = i64::from(holder.pid);
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &request.connector,
+        &now,
+        &holder.host,
+        &holder.boot_id,
+        &pid,
+        &holder.started,
+        &tried,
+        &boot_ms,
+        &holder.pid_namespace,
+        &request.model,
+        &request.pin,
+    ];
+    let claimed = |row: &postgres::Row| Claimed {
         id: row.get(0),
         key_name: row.get(1),
         fingerprint: row.get(2),
         lease: row.get(3),
-        lockdown_count: row.get(6),
+        lockdown_count: 0,
         boot_ms,
         scope: row.get(5),
     };
-    Ok(Some((claimed, row.get(7))))
+    let Some(row) = tx.query_opt(&statements.unread, &params)? else { return Ok(None) };
+    if row.get::<_, Option<i64>>(0).is_some() {
+        return Ok(Some((claimed(&row), None)));
+    }
+    let Some(row) = tx.query_opt(&statements.read, &params)? else { return Ok(None) };
+    Ok(Some((Claimed { lockdown_count: row.get(6), ..claimed(&row) }, Some(row.get(7)))))
 }

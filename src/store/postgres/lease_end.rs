@@ -6,7 +6,7 @@
 //! same scope at once) is detected by the server and the transaction tried again.
 
 use super::connection::Tx;
-use super::{AttemptValues, HistoryValues, insert_attempt, pacing, record, record_each};
+use super::{AttemptValues, HistoryValues, WATERMARKS_ALONE, WATERMARKS_SHARED, insert_attempt, pacing, record, record_each};
 use crate::pool::{Attempt, Fate, HistoryEvent, Lockdown, ModelScope, Reach, Scope, limit};
 use crate::store::rule_sql::{self, KeyCols};
 use crate::store::transition::NewTransition;
@@ -21,6 +21,10 @@ pub(super) fn end_in(
     settles: bool,
     now: i64,
 ) -> Result<bool, postgres::Error> {
+    // Before any row: a lease end that writes lockdowns (or lessons) holds the scope watermarks' lock
+    // alone, any other shares it (see `migrations/postgres/0009_scope_watermark.sql`).
+    let writes_lockdowns = matches!(fate, Fate::Lockdown(_));
+    tx.batch(if writes_lockdowns { WATERMARKS_ALONE } else { WATERMARKS_SHARED })?;
     if let Some(attempt) = attempt {
         insert_attempt(tx, attempt)?;
         if let (true, Some(key_name), Some(tokens)) = (settles, &attempt.key_name, attempt.prompt_tokens) {
@@ -28,7 +32,7 @@ pub(super) fn end_in(
         }
     }
     let held = tx.query_opt(
-        "SELECT connector, key_name, fingerprint, quota_scope FROM keys
+        "SELECT connector, key_name, fingerprint, quota_scope, scope_watermark FROM keys
           WHERE id = $1 AND lease = $2 AND state = 'locked'
             FOR UPDATE",
         &[&id, &lease],
@@ -36,6 +40,9 @@ pub(super) fn end_in(
     let Some(row) = held else { return Ok(false) };
     let (connector, key_name, fingerprint): (String, String, String) = (row.get(0), row.get(1), row.get(2));
     let mut key_scope: String = row.get(3);
+    // A watermark is recomputed (lowered, if rows on the key's scopes are gone) by the lease's end; a
+    // NULL one stays NULL unless this end writes a lockdown, whose trigger raises it.
+    let rewatermark = row.get::<_, Option<i64>>(4).is_some();
     let key: (&str, &str, &str) = (&connector, &key_name, &fingerprint);
     let project = match fate {
         Fate::Lockdown(lockdown) => lockdown.project.as_deref(),
@@ -93,6 +100,8 @@ pub(super) fn end_in(
                     reason = coalesce($4, reason),
                     http_status = CASE WHEN $4::text IS NULL THEN http_status ELSE $5 END,
                     lockdown_count = CASE WHEN $6 THEN lockdown_count + 1 WHEN $7 THEN 0 ELSE lockdown_count END,
+                    scope_watermark = CASE WHEN $8 THEN scope_watermark(connector, quota_scope, key_name)
+                                           ELSE scope_watermark END,
                     {UNHELD}
               WHERE id = $1
           RETURNING state, lockdown_until",
@@ -106,6 +115,7 @@ pub(super) fn end_in(
             &transition.http_status.map(i64::from),
             &is_lockdown,
             &matches!(fate, Fate::Release { success: true }),
+            &rewatermark,
         ],
     )?;
     let state: String = row.get(0);
@@ -136,35 +146,30 @@ fn freed(now: &str, error: &str) -> String {
     )
 }
 
-/// A release that settles no reservation, in one statement (one round trip, committed on its own):
-/// the attempt's row, the key freed, after a success the key's expired lockdowns of the model gone,
-/// and the history row. The general [`end_in`] writes the same rows in several statements.
+/// A release that settles no reservation of a key whose scope watermark is NULL, in one statement (one
+/// round trip, committed on its own), reading neither `lockdowns` nor `learned_limits`: no row of either
+/// is on its scopes (`migrations/postgres/0009_scope_watermark.sql`), so the key is vacant now and no
+/// ended lockdown is left to delete. The attempt's row, the key freed and its history row; the general
+/// [`end_in`] writes the same rows in several statements.
 ///
 /// Parameters: `$1` id, `$2` lease, `$3` now, `$4` success, `$5` the model, `$6` this pid, then the
-/// attempt's (`AttemptValues`) when `with_attempt`. It answers how many keys it freed (0: the lease was
-/// lost already). Only the statement for a success (`success`: `$4` is true) deletes lockdowns: each
-/// part of a statement costs the server at every run, whether it has rows to touch or not. The deleted
-/// lockdowns had ended, so the new state, read in the same snapshot, is the same with or without them.
-fn release_statement(with_attempt: bool, success: bool) -> String {
-    let attempted = if with_attempt { format!("attempted AS ({}),", AttemptValues::insert(7)) } else { String::new() };
-    let cleared = if success {
-        format!(
-            "cleared AS (DELETE FROM lockdowns USING ended WHERE {scopes} AND {covers} AND NOT {in_force}),",
-            scopes = rule_sql::on_scopes_of("lockdowns", &KeyCols::row("ended")),
-            covers = rule_sql::covers("lockdowns", "$5::text"),
-            in_force = rule_sql::in_force("lockdowns", "$3"),
-        )
+/// attempt's (`AttemptValues`) when `with_attempt`, written only with the key freed. It answers how many
+/// keys it freed: 0 when the lease was lost already or the key has a watermark, which [`end_in`] tells
+/// apart.
+fn release_statement(with_attempt: bool) -> String {
+    let attempted = if with_attempt {
+        format!("attempted AS ({}),", AttemptValues::insert_if(7, "EXISTS (SELECT 1 FROM ended)"))
     } else {
         String::new()
     };
     format!(
-        "WITH {attempted} ended AS (
- UPDATE keys SET {freed}, lockdown_count = CASE WHEN $4 THEN 0 ELSE lockdown_count END, {UNHELD}
-  WHERE id = $1 AND lease = $2 AND state = 'locked'
+        "WITH ended AS (
+ UPDATE keys SET state = 'vacant', lockdown_until = NULL, lockdown_count = CASE WHEN $4 THEN 0 ELSE lockdown_count END,
+        {UNHELD}
+  WHERE id = $1 AND lease = $2 AND state = 'locked' AND scope_watermark IS NULL
  RETURNING connector, key_name, fingerprint, lease, quota_scope, state, lockdown_until
-), {cleared} recorded AS ({history})
+), {attempted} recorded AS ({history})
 SELECT count(*) FROM ended",
-        freed = freed("$3", "false"),
         history = record_each(
             "ended",
             &HistoryValues {
@@ -181,15 +186,13 @@ SELECT count(*) FROM ended",
     )
 }
 
-/// [`release_statement`] with and without an attempt (first index), after a failure and after a
-/// success (second index).
-static RELEASE: std::sync::LazyLock<[[String; 2]; 2]> = std::sync::LazyLock::new(|| {
-    [false, true].map(|with_attempt| [false, true].map(|success| release_statement(with_attempt, success)))
-});
+/// [`release_statement`] without and with an attempt.
+static RELEASE: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| [false, true].map(release_statement));
 
-/// Ends lease `(id, lease)` with a release (`success`: the attempt succeeded) that settles nothing,
-/// recording `attempt`, in one statement: `Ok(false)` when the lease was lost already.
-pub(super) fn release_alone(
+/// Ends lease `(id, lease)` of a key whose scope watermark is NULL with a release (`success`: the
+/// attempt succeeded) that settles nothing, recording `attempt`, in one statement: `Ok(false)` when it
+/// freed no key (the lease was lost already, or the key has a watermark: [`end_in`] then ends it).
+pub(super) fn release_unread(
     tx: &mut Tx<'_>,
     (id, lease): (i64, i64),
     success: bool,
@@ -198,12 +201,15 @@ pub(super) fn release_alone(
 ) -> Result<bool, postgres::Error> {
     let model = attempt.and_then(|attempt| attempt.model.as_deref());
     let pid = i64::from(std::process::id());
-    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&id, &lease, &now, &success, &model, &pid];
-    let values = attempt.map(AttemptValues::of);
-    if let (Some(attempt), Some(values)) = (attempt, &values) {
-        params.extend(values.params(attempt));
+    let values = attempt.map(|attempt| (attempt, AttemptValues::of(attempt)));
+    let freed: i64 = match &values {
+        None => tx.query_one(&RELEASE[0], &[&id, &lease, &now, &success, &model, &pid])?,
+        Some((attempt, values)) => {
+            let [a, b, c, d, e, f, g, h, i, j] = values.params(attempt);
+            tx.query_one(&RELEASE[1], &[&id, &lease, &now, &success, &model, &pid, a, b, c, d, e, f, g, h, i, j])?
+        }
     }
-    let freed: i64 = tx.query_one(&RELEASE[usize::from(attempt.is_some())][usize::from(success)], &params)?.get(0);
+    .get(0);
     Ok(freed == 1)
 }
 

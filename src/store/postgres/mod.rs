@@ -43,6 +43,13 @@ use connection::{Access, Connection, Manager, Tx, off_runtime};
 /// The schema that holds the pool's tables on the server.
 pub(crate) const SCHEMA: &str = "apijongler";
 
+/// The scope watermarks' advisory lock (`migrations/postgres/0009_scope_watermark.sql`), taken before any
+/// row: alone by a transaction that writes `lockdowns` or `learned_limits` (whose triggers then raise the
+/// watermarks of held keys too, never waiting in a cycle), shared by one that recomputes watermarks or
+/// deletes lockdowns (which must not wait for a writer's lockdown row while holding a key row).
+const WATERMARKS_ALONE: &str = "SELECT pg_advisory_xact_lock(1095388743, 1)";
+const WATERMARKS_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(1095388743, 1)";
+
 /// The server's clock, unix ms, as of the transaction's start.
 const SERVER_NOW: &str = "(extract(epoch from now()) * 1000)::bigint";
 
@@ -85,21 +92,81 @@ const HISTORY_COLUMNS: &str =
 /// primary key: written as `UPDATE ... WHERE id = (SELECT ... SKIP LOCKED)` inside a `WITH`, the
 /// statement found no key now and then under concurrent claims while most keys were free (measured: 6
 /// to 12 claims in 3 s of 16 sessions on 64 keys; none with the pick of its own).
-static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_statement(false));
+///
+/// Each claim first runs as its [`ClaimStatement::Unread`] form, and as this one when that form picks a
+/// key with a scope watermark.
+static CLAIM: std::sync::LazyLock<ClaimStatements> = std::sync::LazyLock::new(|| ClaimStatements {
+    unread: claim_statement(false, ClaimStatement::Unread),
+    read: claim_statement(false, ClaimStatement::Read),
+});
 
 /// The claim of a request pinned to quota scope `$11` (a resource's owner, see `crate::resource`):
 /// the same, over that scope's keys alone, walking `keys_scope_lru`.
-static CLAIM_PINNED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_statement(true));
+static CLAIM_PINNED: std::sync::LazyLock<ClaimStatements> = std::sync::LazyLock::new(|| ClaimStatements {
+    unread: claim_statement(true, ClaimStatement::Unread),
+    read: claim_statement(true, ClaimStatement::Read),
+});
 
-/// The claim statement, pinned to a scope or not (two statements, so each has a plan of its own).
-/// Parameters: `$1` connector, `$2` now, `$3..$6, $9` the holder (host, boot id, pid, start, pid
+/// The two forms of one claim (see [`ClaimStatement`]).
+struct ClaimStatements {
+    unread: String,
+    read: String,
+}
+
+/// The two forms of the claim statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimStatement {
+    /// Reads neither `lockdowns` nor `learned_limits`: it picks the least recently used claimable key and
+    /// takes it if its scope watermark is NULL (no row of either table on its scopes, see
+    /// `migrations/postgres/0009_scope_watermark.sql`), which is then the key the [`Read`] form would
+    /// take, with no strikes and no lesson to read. It answers no row when no key is claimable, and a
+    /// row of NULLs when the key it picked has a watermark: the [`Read`] form decides then.
+    ///
+    /// [`Read`]: ClaimStatement::Read
+    Unread,
+    /// Reads the lockdowns that keep a key from the model, the key's strikes for it and the connector's
+    /// latest lesson.
+    Read,
+}
+
+/// The claim statement, pinned to a scope or not (two statements, so each has a plan of its own), in
+/// `form`. Parameters: `$1` connector, `$2` now, `$3..$6, $9` the holder (host, boot id, pid, start, pid
 /// namespace), `$7` key names tried, `$8` the boot clock, `$10` the model, `$11` the pinned scope.
-fn claim_statement(pinned: bool) -> String {
+fn claim_statement(pinned: bool, form: ClaimStatement) -> String {
     let scope = if pinned { "k.quota_scope = $11" } else { "$11::text IS NULL" };
+    let claimable = rule_sql::claimable_state("k", "$2");
+    let (picked, target, read, answer) = match form {
+        ClaimStatement::Unread => (
+            format!("k.id, k.scope_watermark FROM keys k WHERE k.connector = $1 AND {scope} AND {claimable}"),
+            "(SELECT id FROM picked WHERE scope_watermark IS NULL)",
+            String::new(),
+            "FROM picked LEFT JOIN claimed ON true",
+        ),
+        ClaimStatement::Read => (
+            format!(
+                "k.id FROM keys k WHERE k.connector = $1 AND {scope} AND {claimable} AND NOT {locked}",
+                locked = rule_sql::locked_down_for(&KeyCols::row("k"), "$10::text", "$2")
+            ),
+            "(SELECT id FROM picked)",
+            format!(
+                ",
+          coalesce((SELECT q.strikes FROM lockdowns q
+                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce($10, '{every}')), 0)
+            AS strikes,
+          (SELECT coalesce(max(l.learned_at), 0) FROM learned_limits l WHERE l.connector = keys.connector) AS lesson",
+                own = rule_sql::own_scope("keys.key_name"),
+                every = ModelScope::EVERY,
+            ),
+            "FROM claimed",
+        ),
+    };
+    let answered = match form {
+        ClaimStatement::Unread => "claimed.id, key_name, fingerprint, lease, lockdown_until, quota_scope",
+        ClaimStatement::Read => "id, key_name, fingerprint, lease, lockdown_until, quota_scope, strikes, lesson",
+    };
     format!(
         "WITH picked AS MATERIALIZED (
- SELECT k.id FROM keys k
-  WHERE k.connector = $1 AND {scope} AND {claimable} AND NOT (k.key_name = ANY($7)) AND NOT {locked}
+ SELECT {picked} AND NOT (k.key_name = ANY($7))
   ORDER BY k.last_used_at LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
@@ -107,18 +174,10 @@ fn claim_statement(pinned: bool) -> String {
     SET state = 'locked', lease = lease + 1, holder_host = $3, holder_boot_id = $4, holder_pid_namespace = $9,
         holder_pid = $5, holder_started = $6, locked_at = $2, heartbeat_at = $2, heartbeat_boot_ms = $8,
         heartbeat_db_at = {SERVER_CLOCK}, uses = uses + 1, last_used_at = $2
-  WHERE id = (SELECT id FROM picked)
-RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope,
-          coalesce((SELECT q.strikes FROM lockdowns q
-                     WHERE q.connector = keys.connector AND q.scope = {own} AND q.model = coalesce($10, '{every}')), 0)
-            AS strikes,
-          (SELECT coalesce(max(l.learned_at), 0) FROM learned_limits l WHERE l.connector = keys.connector) AS lesson
+  WHERE id = {target}
+RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope{read}
 ), recorded AS ({history})
-SELECT id, key_name, fingerprint, lease, lockdown_until, quota_scope, strikes, lesson FROM claimed",
-        claimable = rule_sql::claimable_state("k", "$2"),
-        locked = rule_sql::locked_down_for(&KeyCols::row("k"), "$10::text", "$2"),
-        own = rule_sql::own_scope("keys.key_name"),
-        every = ModelScope::EVERY,
+SELECT {answered} {answer}",
         history = record_each(
             "claimed",
             &HistoryValues {
@@ -538,8 +597,9 @@ impl Backend for Postgres {
         let mut claimed = claimed.into_iter();
         let Some((first, lesson)) = claimed.next() else { return Ok(Vec::new()) };
         // A lesson this process had not read: the claim that saw it went out unpaced, but counts. The
-        // claim is taken already: a failure to count it is only said.
-        if self.paced.seen(request.connector, lesson) {
+        // claim is taken already: a failure to count it is only said. (A claim that read no lesson took a
+        // key none of whose scopes has one.)
+        if lesson.is_some_and(|lesson| self.paced.seen(request.connector, lesson)) {
             let counted = self.write("counting a claim in its window", Some(deadline), |tx| {
                 claim::count_unpaced(tx, &request, &first, clock.now_ms())
             });
@@ -554,9 +614,17 @@ impl Backend for Postgres {
         let settles = attempt.is_some_and(|attempt| self.paced.paces(&attempt.connector));
         let ended = match fate {
             Fate::Release { success } if !settles => {
-                self.write_as(Access::OneStatement, "ending a lease", self.holder_deadline(), |tx| {
-                    lease_end::release_alone(tx, (id, lease), *success, attempt, now)
-                })
+                let deadline = self.holder_deadline();
+                let freed = self.write_as(Access::OneStatement, "ending a lease", deadline, |tx| {
+                    lease_end::release_unread(tx, (id, lease), *success, attempt, now)
+                })?;
+                if freed {
+                    Ok(true)
+                } else {
+                    self.write("ending a lease", Some(deadline), |tx| {
+                        lease_end::end_in(tx, (id, lease), fate, attempt, settles, now)
+                    })
+                }
             }
             _ => self.write("ending a lease", Some(self.holder_deadline()), |tx| {
                 lease_end::end_in(tx, (id, lease), fate, attempt, settles, now)
@@ -571,6 +639,7 @@ impl Backend for Postgres {
     fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
         let Fate::Error { reason, http_status, project } = fate else { return Ok(false) };
         self.write("putting a key in error", Some(self.holder_deadline()), |tx| {
+            tx.batch(WATERMARKS_SHARED)?;
             let sql = format!(
                 "SELECT connector, key_name, fingerprint, state, quota_scope FROM keys k
                   WHERE id = $1 AND lease = $2 AND {unheld} FOR UPDATE",
@@ -609,6 +678,7 @@ impl Backend for Postgres {
 
     fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
         self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |tx| {
+            tx.batch(WATERMARKS_SHARED)?;
             let held = tx.query_opt(
                 "UPDATE keys SET lockdown_count = 0 WHERE id = $1 AND lease = $2 AND state = 'locked'
                  RETURNING connector, quota_scope, key_name",
@@ -822,6 +892,7 @@ impl Backend for Postgres {
 
     fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
         self.write("cleaning up keys", None, |tx| {
+            tx.batch(WATERMARKS_SHARED)?;
             let targets = tx.query(
                 "SELECT id, connector, key_name, fingerprint, state FROM keys
                   WHERE state IN ('lockdown', 'error') AND ($1::text IS NULL OR connector = $1)
@@ -934,7 +1005,8 @@ impl Backend for Postgres {
             let tried: Vec<String> = Vec::new();
             let mut plan = Vec::new();
             // Both statements' plans, the unpinned claim's first.
-            for (statement, pin) in [(&*CLAIM, None), (&*CLAIM_PINNED, Some("group:g"))] {
+            let statements = [(&*CLAIM, None), (&*CLAIM_PINNED, Some("group:g"))];
+            for (statement, pin) in statements.iter().flat_map(|(claim, pin)| [(&claim.unread, *pin), (&claim.read, *pin)]) {
                 let params: [&(dyn ToSql + Sync); 11] =
                     [&"c", &0_i64, &"h", &"b", &1_i64, &1_i64, &tried, &0_i64, &"n", &Some("m"), &pin];
                 let rows = tx.query(&format!("EXPLAIN {statement}"), &params)?;
@@ -1070,14 +1142,20 @@ impl AttemptValues {
 
     /// The `INSERT` of the row, its parameters numbered from `$first`.
     fn insert(first: usize) -> String {
+        Self::insert_if(first, "true")
+    }
+
+    /// The `INSERT` of the row if `condition` (an SQL condition) holds.
+    fn insert_if(first: usize, condition: &str) -> String {
         let [at, connector, key_name, method, endpoint, status, latency_ms, outcome, model, prompt_tokens] =
             std::array::from_fn::<_, { Self::COUNT }, _>(|index| format!("${}", first + index));
         format!(
             "INSERT INTO requests (at, connector, key_name, method, endpoint, status, latency_ms, outcome, model,
                                    quota_scope, prompt_tokens)
-             VALUES ({at}, {connector}, {key_name}, {method}, {endpoint}, {status}, {latency_ms}, {outcome}, {model},
-                     (SELECT quota_scope FROM keys WHERE connector = {connector} AND key_name = {key_name}),
-                     {prompt_tokens})"
+             SELECT {at}, {connector}, {key_name}, {method}, {endpoint}, {status}, {latency_ms}, {outcome}, {model},
+                    (SELECT quota_scope FROM keys WHERE connector = {connector} AND key_name = {key_name}),
+                    {prompt_tokens}
+              WHERE {condition}"
         )
     }
 

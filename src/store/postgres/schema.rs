@@ -11,7 +11,10 @@ use super::connection::Tx;
 
 /// The migrations, by the schema version each brings the database to. PostgreSQL support began at
 /// version 8, so its first file creates the tables of SQLite's versions 1 to 8 at once.
-const MIGRATIONS: &[(i64, &str)] = &[(8, include_str!("../../../migrations/postgres/0008_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (8, include_str!("../../../migrations/postgres/0008_initial.sql")),
+    (9, include_str!("../../../migrations/postgres/0009_scope_watermark.sql")),
+];
 
 /// The schema version this build reads and writes (the same as SQLite's).
 pub(super) const VERSION: i64 = crate::store::SCHEMA_VERSION;
