@@ -365,7 +365,8 @@ fn a_key_held_while_its_group_is_locked_down_is_kept_from_the_model_once_freed()
     other.finish(&Fate::Lockdown(lockdown_of_group("m", until, None)), None).expect("lockdown");
     let held_name = held.key_name().to_owned();
     held.release().expect("release");
-    let refused = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
+    let refused =
+        coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
     assert!(refused.is_err(), "the group is locked down for m, yet {refused:?} was claimed for it");
     let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("free for n");
     assert_eq!(lease.key_name(), held_name, "the least recently used key serves n");
@@ -375,8 +376,7 @@ fn a_key_held_while_its_group_is_locked_down_is_kept_from_the_model_once_freed()
 #[test]
 fn a_key_added_to_a_locked_down_group_is_kept_from_the_model() {
     use api_jongler::pool::Fate;
-    let sandbox =
-        Sandbox::with_keyring(&format!("[{GEMINI}]\nkey0 = {}\n[{GEMINI} groups]\nkey0 = team\n", secret(0)));
+    let sandbox = Sandbox::with_keyring(&format!("[{GEMINI}]\nkey0 = {}\n[{GEMINI} groups]\nkey0 = team\n", secret(0)));
     let coordinator = sandbox.coordinator(sandbox.options());
     let lease = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).expect("claim");
     let until = coordinator.now_ms() + 3_600_000;
@@ -388,7 +388,8 @@ fn a_key_added_to_a_locked_down_group_is_kept_from_the_model() {
     );
     std::fs::write(&sandbox.keyring, grown).expect("write keyring");
     coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
-    let refused = coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
+    let refused =
+        coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
     assert!(refused.is_err(), "the group is locked down for m, yet {refused:?} was claimed for it");
     let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("free for n");
     assert_eq!(lease.key_name(), "key1", "the new key is the least recently used");

@@ -6,7 +6,9 @@
 //! same scope at once) is detected by the server and the transaction tried again.
 
 use super::connection::Tx;
-use super::{AttemptValues, HistoryValues, WATERMARKS_ALONE, WATERMARKS_SHARED, insert_attempt, pacing, record, record_each};
+use super::{
+    AttemptValues, HistoryValues, WATERMARKS_ALONE, WATERMARKS_SHARED, insert_attempt, pacing, record, record_each,
+};
 use crate::pool::{Attempt, Fate, HistoryEvent, Lockdown, ModelScope, Reach, Scope, limit};
 use crate::store::rule_sql::{self, KeyCols};
 use crate::store::transition::NewTransition;

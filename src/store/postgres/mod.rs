@@ -1006,7 +1006,9 @@ impl Backend for Postgres {
             let mut plan = Vec::new();
             // Both statements' plans, the unpinned claim's first.
             let statements = [(&*CLAIM, None), (&*CLAIM_PINNED, Some("group:g"))];
-            for (statement, pin) in statements.iter().flat_map(|(claim, pin)| [(&claim.unread, *pin), (&claim.read, *pin)]) {
+            for (statement, pin) in
+                statements.iter().flat_map(|(claim, pin)| [(&claim.unread, *pin), (&claim.read, *pin)])
+            {
                 let params: [&(dyn ToSql + Sync); 11] =
                     [&"c", &0_i64, &"h", &"b", &1_i64, &1_i64, &tried, &0_i64, &"n", &Some("m"), &pin];
                 let rows = tx.query(&format!("EXPLAIN {statement}"), &params)?;
