@@ -4,20 +4,20 @@
 --
 -- `keys.scope_watermark` is NULL only while no row of `lockdowns` (of any model, in force or ended) and
 -- none of `learned_limits` is on one of the key's scopes (its quota scope, or `key:NAME`); otherwise it is
--- at least the latest deadline among those rows. A claim takes a key whose watermark is NULL without
--- reading either table, and reads them for any other; a release of such a key frees it without reading
--- them.
+-- the deadline of a row that was on them (recomputed: the latest one). A claim takes a key whose watermark
+-- is NULL without reading either table, and reads them for any other; a release of such a key frees it
+-- without reading them.
 --
 -- Kept by the database itself, whoever writes:
--- - a row written to `lockdowns` or `learned_limits` raises the watermark of every key on its scope, held
---   or not (`raise_scope_watermark`);
+-- - a row written to `lockdowns` or `learned_limits` marks every key of its scope whose watermark is
+--   NULL, held or not, in id order (`raise_scope_watermark`);
 -- - a key added, or whose group or learned project changes, gets the watermark of its new scopes
 --   (`keys_rescoped`, `keys_added`);
 -- - only the end of a lease lowers it, recomputed from both tables (the store's `end_in`).
--- Writers of the two tables take the advisory lock `(1095388743, 1)` exclusively, and whoever recomputes a
--- watermark takes it shared before reading: a recomputation never misses a row written at the same time.
--- A transaction that will write either table takes the lock first, before any key row, so that the
--- trigger's updates of held keys never wait in a cycle.
+-- Writers of the two tables take the advisory lock `(1095388743, hashtext(connector))` exclusively, and
+-- whoever recomputes a watermark takes it shared before reading: a recomputation never misses a row
+-- written at the same time. A transaction that writes either table takes the lock first, before any key
+-- row, so that the trigger's updates of held keys never wait in a cycle.
 
 ALTER TABLE keys ADD COLUMN scope_watermark BIGINT;
 
@@ -26,7 +26,7 @@ ALTER TABLE keys ADD COLUMN scope_watermark BIGINT;
 CREATE FUNCTION scope_watermark(c TEXT, s TEXT, n TEXT) RETURNS BIGINT
 LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(1095388743, 1);
+    PERFORM pg_advisory_xact_lock_shared(1095388743, hashtext(c));
     RETURN (SELECT max(u) FROM (
         SELECT q.until AS u FROM lockdowns q WHERE q.connector = c AND q.scope IN (s, 'key:' || n)
         UNION ALL
@@ -35,18 +35,21 @@ BEGIN
 END $$;
 
 -- After a row of `lockdowns` (scope column `scope`) or `learned_limits` (`quota_scope`) is written: the
--- keys on its scope, held or not, raised to its deadline. The scope column's name is the trigger's
--- argument.
+-- keys on its scope not marked yet, held or not, marked with its deadline, locked in id order (as every
+-- statement that locks several keys does). The scope column's name is the trigger's argument.
 CREATE FUNCTION raise_scope_watermark() RETURNS TRIGGER
 LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
 DECLARE
     scope TEXT := to_jsonb(NEW) ->> TG_ARGV[0];
 BEGIN
-    PERFORM pg_advisory_xact_lock(1095388743, 1);
-    UPDATE keys k SET scope_watermark = greatest(k.scope_watermark, NEW.until)
-     WHERE k.connector = NEW.connector
-       AND (k.quota_scope = scope OR (scope LIKE 'key:%' AND k.key_name = substr(scope, 5)))
-       AND (k.scope_watermark IS NULL OR k.scope_watermark < NEW.until);
+    PERFORM pg_advisory_xact_lock(1095388743, hashtext(NEW.connector));
+    UPDATE keys SET scope_watermark = NEW.until
+     WHERE id IN (SELECT k.id FROM keys k
+                   WHERE k.connector = NEW.connector
+                     AND (k.quota_scope = scope OR (scope LIKE 'key:%' AND k.key_name = substr(scope, 5)))
+                     AND k.scope_watermark IS NULL
+                   ORDER BY k.id FOR UPDATE)
+       AND scope_watermark IS NULL;
     RETURN NULL;
 END $$;
 

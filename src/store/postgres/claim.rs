@@ -4,6 +4,10 @@
 //! otherwise a lone claim is that one statement, committed on its own.
 
 use super::connection::Tx;
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use postgres::types::ToSql;
 
 use super::{CLAIM, CLAIM_PINNED, WATERMARKS_ALONE, pacing};
@@ -14,22 +18,24 @@ use crate::store::ClaimFor;
 use crate::store::paced::Paced;
 
 /// Runs one claim of `request` for `holder` in `tx`, reserving by `pacing`, with times read from
-/// `clock` now.
+/// `clock` now. `holds_keys`: `tx` holds keys it claimed already; a scope found full then ends the
+/// claims of `tx` (`None`) instead of being locked down in it.
 pub(super) fn claim_paced(
     tx: &mut Tx<'_>,
     request: &ClaimFor<'_>,
     holder: &Holder,
     clock: &dyn Clock,
-    (pacing, paced): (&Pacing, &Paced),
+    (pacing, paced, unread): (&Pacing, &Paced, &UnreadForm),
+    holds_keys: bool,
 ) -> Result<Option<Claimed>, postgres::Error> {
     let now = clock.now_ms();
     let times = (now, clock.boot_ms());
     let Some(model) = paced_model(request) else {
-        return Ok(claim_one(tx, request, holder, times)?.map(|(one, _)| one));
+        return Ok(claim_one(tx, request, holder, times, unread)?.map(|(one, _)| one));
     };
     loop {
         tx.batch("SAVEPOINT paced_claim")?;
-        let Some((claimed, lesson)) = claim_one(tx, request, holder, times)? else {
+        let Some((claimed, lesson)) = claim_one(tx, request, holder, times, unread)? else {
             tx.batch("RELEASE paced_claim")?;
             return Ok(None);
         };
@@ -44,8 +50,14 @@ pub(super) fn claim_paced(
                 return Ok(Some(claimed));
             }
             Err(full) => {
-                // The watermarks' lock before the lockdown row (see `WATERMARKS_ALONE`).
-                tx.batch(&format!("ROLLBACK TO paced_claim; RELEASE paced_claim; {WATERMARKS_ALONE}"))?;
+                tx.batch("ROLLBACK TO paced_claim; RELEASE paced_claim")?;
+                if holds_keys {
+                    // The watermarks' lock is taken before any row (see `WATERMARKS_ALONE`): this
+                    // transaction holds the keys it claimed already, so it ends with them, and the scope
+                    // is locked down by a later claim.
+                    return Ok(None);
+                }
+                tx.execute(WATERMARKS_ALONE, &[&request.connector])?;
                 pacing::lock_down(tx, &reservation, &full, now)?;
             }
         }
@@ -83,13 +95,14 @@ fn reservation_of<'a>(request: &'a ClaimFor<'_>, claimed: &'a Claimed, model: &'
 }
 
 /// One claim (its history row included), with the connector's latest lesson time if the claim read it:
-/// the claim's [`Unread`](super::ClaimStatement::Unread) form first, and its `Read` form when the key that form picked
-/// has a scope watermark.
+/// the claim's [`Unread`](super::ClaimStatement::Unread) form first (unless `unread` says it declined
+/// lately), and its `Read` form when that form picked a key with a scope watermark.
 pub(super) fn claim_one(
     tx: &mut Tx<'_>,
     request: &ClaimFor<'_>,
     holder: &Holder,
     (now, boot_ms): (i64, i64),
+    unread: &UnreadForm,
 ) -> Result<Option<(Claimed, Option<i64>)>, postgres::Error> {
     let tried = request.tried.to_vec();
     let statements = if request.pin.is_some() { &CLAIM_PINNED } else { &CLAIM };
@@ -116,10 +129,50 @@ pub(super) fn claim_one(
         boot_ms,
         scope: row.get(5),
     };
-    let Some(row) = tx.query_opt(&statements.unread, &params)? else { return Ok(None) };
-    if row.get::<_, Option<i64>>(0).is_some() {
-        return Ok(Some((claimed(&row), None)));
+    if unread.worth_trying(request.connector) {
+        let Some(row) = tx.query_opt(&statements.unread, &params)? else { return Ok(None) };
+        if row.get::<_, Option<i64>>(0).is_some() {
+            return Ok(Some((claimed(&row), None)));
+        }
+        unread.declined(request.connector);
     }
     let Some(row) = tx.query_opt(&statements.read, &params)? else { return Ok(None) };
     Ok(Some((Claimed { lockdown_count: row.get(6), ..claimed(&row) }, Some(row.get(7)))))
+}
+
+/// When this process's claims of each connector run the claim's `Unread` form. After that form picked a
+/// key with a scope watermark, the least recently used keys are likely marked for a while (a group
+/// locked down for its main model stays unused for it, so first in line): the `Read` form alone then
+/// costs one statement where trying both costs two, so for [`PAUSE`](Self::PAUSE) the claims skip it.
+/// Either form takes the same key; this only chooses the cheaper order.
+#[derive(Debug, Default)]
+pub(super) struct UnreadForm(Mutex<HashMap<String, Instant>>);
+
+impl UnreadForm {
+    /// How long after a decline the claims of the connector skip the `Unread` form.
+    const PAUSE: Duration = Duration::from_secs(1);
+
+    fn worth_trying(&self, connector: &str) -> bool {
+        let paused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        paused.get(connector).is_none_or(|until| Instant::now() >= *until)
+    }
+
+    fn declined(&self, connector: &str) {
+        let mut paused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        paused.insert(connector.to_owned(), Instant::now() + Self::PAUSE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UnreadForm;
+
+    #[test]
+    fn a_decline_pauses_the_unread_form_of_its_connector_alone() {
+        let unread = UnreadForm::default();
+        assert!(unread.worth_trying("a") && unread.worth_trying("b"));
+        unread.declined("a");
+        assert!(!unread.worth_trying("a"), "tried again right after a decline");
+        assert!(unread.worth_trying("b"), "another connector's claims paused");
+    }
 }

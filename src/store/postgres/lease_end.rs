@@ -7,7 +7,8 @@
 
 use super::connection::Tx;
 use super::{
-    AttemptValues, HistoryValues, WATERMARKS_ALONE, WATERMARKS_SHARED, insert_attempt, pacing, record, record_each,
+    AttemptValues, HistoryValues, WATERMARKS_OF_KEY_ALONE, WATERMARKS_OF_KEY_SHARED, insert_attempt, pacing, record,
+    record_each,
 };
 use crate::pool::{Attempt, Fate, HistoryEvent, Lockdown, ModelScope, Reach, Scope, limit};
 use crate::store::rule_sql::{self, KeyCols};
@@ -26,7 +27,7 @@ pub(super) fn end_in(
     // Before any row: a lease end that writes lockdowns (or lessons) holds the scope watermarks' lock
     // alone, any other shares it (see `migrations/postgres/0009_scope_watermark.sql`).
     let writes_lockdowns = matches!(fate, Fate::Lockdown(_));
-    tx.batch(if writes_lockdowns { WATERMARKS_ALONE } else { WATERMARKS_SHARED })?;
+    tx.execute(if writes_lockdowns { WATERMARKS_OF_KEY_ALONE } else { WATERMARKS_OF_KEY_SHARED }, &[&id])?;
     if let Some(attempt) = attempt {
         insert_attempt(tx, attempt)?;
         if let (true, Some(key_name), Some(tokens)) = (settles, &attempt.key_name, attempt.prompt_tokens) {

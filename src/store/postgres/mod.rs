@@ -43,12 +43,22 @@ use connection::{Access, Connection, Manager, Tx, off_runtime};
 /// The schema that holds the pool's tables on the server.
 pub(crate) const SCHEMA: &str = "apijongler";
 
-/// The scope watermarks' advisory lock (`migrations/postgres/0009_scope_watermark.sql`), taken before any
-/// row: alone by a transaction that writes `lockdowns` or `learned_limits` (whose triggers then raise the
-/// watermarks of held keys too, never waiting in a cycle), shared by one that recomputes watermarks or
-/// deletes lockdowns (which must not wait for a writer's lockdown row while holding a key row).
-const WATERMARKS_ALONE: &str = "SELECT pg_advisory_xact_lock(1095388743, 1)";
-const WATERMARKS_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(1095388743, 1)";
+/// The scope watermarks' advisory lock of a connector (`migrations/postgres/0009_scope_watermark.sql`),
+/// taken before any row: alone by a transaction that writes `lockdowns` or `learned_limits` (whose
+/// triggers then mark held keys too, never waiting in a cycle), shared by one that recomputes watermarks
+/// or deletes lockdowns (which must not wait for a writer's lockdown row while holding a key row).
+///
+/// Of connector `$1`, alone.
+const WATERMARKS_ALONE: &str = "SELECT pg_advisory_xact_lock(1095388743, hashtext($1::text))";
+/// Of the connector of key `$1` (read without locking its row), alone or shared.
+const WATERMARKS_OF_KEY_ALONE: &str =
+    "SELECT pg_advisory_xact_lock(1095388743, hashtext(connector)) FROM keys WHERE id = $1";
+const WATERMARKS_OF_KEY_SHARED: &str =
+    "SELECT pg_advisory_xact_lock_shared(1095388743, hashtext(connector)) FROM keys WHERE id = $1";
+/// Of each connector named in `$1` (NULL: every connector with keys), shared, in name order.
+const WATERMARKS_SHARED_OF: &str = "SELECT pg_advisory_xact_lock_shared(1095388743, hashtext(c))
+   FROM (SELECT DISTINCT connector AS c FROM keys WHERE $1::text[] IS NULL OR connector = ANY($1)
+         UNION SELECT unnest($1::text[]) ORDER BY 1) connectors";
 
 /// The server's clock, unix ms, as of the transaction's start.
 const SERVER_NOW: &str = "(extract(epoch from now()) * 1000)::bigint";
@@ -72,6 +82,7 @@ pub(crate) struct Postgres {
     server: PathBuf,
     lock_wait_floor: Duration,
     paced: Arc<Paced>,
+    unread: Arc<claim::UnreadForm>,
 }
 
 const KEY_COLUMNS: &str = "connector, key_name, fingerprint, state, retired_at, lease, holder_host, holder_boot_id,
@@ -224,6 +235,7 @@ impl Postgres {
             server,
             lock_wait_floor: super::DEFAULT_LOCK_WAIT_FLOOR,
             paced: Arc::default(),
+            unread: Arc::default(),
         };
         // A current schema needs no migration lock: a host frozen while opening must stall no other.
         let mut found = store.read("reading the schema version", schema::version)?;
@@ -574,7 +586,14 @@ impl Backend for Postgres {
             return self.write_by("claiming keys", deadline, |tx| {
                 let mut claimed = Vec::with_capacity(count);
                 while claimed.len() < count {
-                    match claim::claim_paced(tx, &request, holder, clock, (&pacing, &self.paced))? {
+                    match claim::claim_paced(
+                        tx,
+                        &request,
+                        holder,
+                        clock,
+                        (&pacing, &self.paced, &self.unread),
+                        !claimed.is_empty(),
+                    )? {
                         Some(one) => claimed.push(one),
                         None => break,
                     }
@@ -587,27 +606,28 @@ impl Backend for Postgres {
         let claimed = self.write_as(access, "claiming keys", deadline, |tx| {
             let mut claimed = Vec::with_capacity(count);
             while claimed.len() < count {
-                match claim::claim_one(tx, &request, holder, (clock.now_ms(), clock.boot_ms()))? {
+                match claim::claim_one(tx, &request, holder, (clock.now_ms(), clock.boot_ms()), &self.unread)? {
                     Some(one) => claimed.push(one),
                     None => break,
                 }
             }
             Ok(claimed)
         })?;
-        let mut claimed = claimed.into_iter();
-        let Some((first, lesson)) = claimed.next() else { return Ok(Vec::new()) };
-        // A lesson this process had not read: the claim that saw it went out unpaced, but counts. The
-        // claim is taken already: a failure to count it is only said. (A claim that read no lesson took a
-        // key none of whose scopes has one.)
-        if lesson.is_some_and(|lesson| self.paced.seen(request.connector, lesson)) {
+        // A lesson this process had not read: the claim that saw it first went out unpaced, but counts.
+        // The claim is taken already: a failure to count it is only said. (A claim that read no lesson
+        // took a key none of whose scopes has one.)
+        let seen = claimed.iter().find_map(|(one, lesson)| lesson.map(|lesson| (one, lesson)));
+        if let Some((one, lesson)) = seen
+            && self.paced.seen(request.connector, lesson)
+        {
             let counted = self.write("counting a claim in its window", Some(deadline), |tx| {
-                claim::count_unpaced(tx, &request, &first, clock.now_ms())
+                claim::count_unpaced(tx, &request, one, clock.now_ms())
             });
             if let Err(error) = counted {
-                tracing::warn!(key = %first.key_name, %error, "a claim that went out unpaced was not counted in its window");
+                tracing::warn!(key = %one.key_name, %error, "a claim that went out unpaced was not counted in its window");
             }
         }
-        Ok(std::iter::once(first).chain(claimed.map(|(one, _)| one)).collect())
+        Ok(claimed.into_iter().map(|(one, _)| one).collect())
     }
 
     fn end_lease(&self, id: i64, lease: i64, fate: &Fate, attempt: Option<&Attempt>, now: i64) -> Result<bool> {
@@ -639,7 +659,7 @@ impl Backend for Postgres {
     fn confirm_error(&self, id: i64, lease: i64, fate: &Fate, now: i64) -> Result<bool> {
         let Fate::Error { reason, http_status, project } = fate else { return Ok(false) };
         self.write("putting a key in error", Some(self.holder_deadline()), |tx| {
-            tx.batch(WATERMARKS_SHARED)?;
+            tx.execute(WATERMARKS_OF_KEY_SHARED, &[&id])?;
             let sql = format!(
                 "SELECT connector, key_name, fingerprint, state, quota_scope FROM keys k
                   WHERE id = $1 AND lease = $2 AND {unheld} FOR UPDATE",
@@ -678,7 +698,7 @@ impl Backend for Postgres {
 
     fn reset_escalation(&self, id: i64, lease: i64, model: Option<&str>, now: i64) -> Result<bool> {
         self.write("resetting a key's lockdown count", Some(self.holder_deadline()), |tx| {
-            tx.batch(WATERMARKS_SHARED)?;
+            tx.execute(WATERMARKS_OF_KEY_SHARED, &[&id])?;
             let held = tx.query_opt(
                 "UPDATE keys SET lockdown_count = 0 WHERE id = $1 AND lease = $2 AND state = 'locked'
                  RETURNING connector, quota_scope, key_name",
@@ -719,9 +739,16 @@ impl Backend for Postgres {
             let reservation =
                 pacing::Reservation { connector, scope: &scope, model, key_name: &key_name, lease, tokens };
             let binding = pacing.binding(&scope, model, now);
+            tx.batch("SAVEPOINT reserve_held")?;
             match pacing::reserve(tx, &reservation, (&binding, pacing.longest_reach(now)), &|| now)? {
-                Ok(()) => Ok(true),
+                Ok(()) => {
+                    tx.batch("RELEASE reserve_held")?;
+                    Ok(true)
+                }
                 Err(full) => {
+                    // The window's lock goes before the watermarks' lock is taken, as before any row.
+                    tx.batch("ROLLBACK TO reserve_held; RELEASE reserve_held")?;
+                    tx.execute(WATERMARKS_ALONE, &[&connector])?;
                     pacing::lock_down(tx, &reservation, &full, now)?;
                     Ok(false)
                 }
@@ -892,7 +919,8 @@ impl Backend for Postgres {
 
     fn clear_lockdowns_and_errors(&self, connector: Option<&str>, now: i64) -> Result<Vec<Transition>> {
         self.write("cleaning up keys", None, |tx| {
-            tx.batch(WATERMARKS_SHARED)?;
+            let only: Option<Vec<&str>> = connector.map(|connector| vec![connector]);
+            tx.execute(WATERMARKS_SHARED_OF, &[&only])?;
             let targets = tx.query(
                 "SELECT id, connector, key_name, fingerprint, state FROM keys
                   WHERE state IN ('lockdown', 'error') AND ($1::text IS NULL OR connector = $1)

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use super::connection::Tx;
-use super::{Postgres, WATERMARKS_SHARED, record};
+use super::{Postgres, WATERMARKS_SHARED_OF, record};
 use crate::error::Result;
 use crate::pool::{HistoryEvent, SyncReport, SyncSource, Transition};
 use crate::store::rule_sql;
@@ -34,7 +34,7 @@ pub(super) fn sync_keys(store: &Postgres, source: &SyncSource<'_>, now: i64) -> 
     store.write("syncing the keyring", None, |tx| {
         tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&SYNC_LOCK])?;
         // Keys added or regrouped get their scopes' watermark (a trigger), which shares this lock.
-        tx.batch(WATERMARKS_SHARED)?;
+        tx.execute(WATERMARKS_SHARED_OF, &[&Some(&connectors)])?;
         let mut plan = plan(tx, source, &connectors)?;
         lock_in_id_order(tx, &plan)?;
         plan.transitions = apply(tx, source, &plan, now)?;
