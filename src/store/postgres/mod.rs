@@ -828,8 +828,11 @@ impl Backend for Postgres {
             let rows = tx.query(
                 &format!(
                     "UPDATE keys SET heartbeat_at = $1, heartbeat_boot_ms = $2, heartbeat_db_at = {SERVER_CLOCK}
-                      WHERE state = 'locked'
-                        AND (id, lease) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))
+                      WHERE id IN (SELECT id FROM keys
+                                    WHERE state = 'locked'
+                                      AND (id, lease) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))
+                                    ORDER BY id FOR UPDATE)
+                        AND state = 'locked'
                   RETURNING id, lease"
                 ),
                 &[&now, &boot_ms, &ids, &tokens],
