@@ -365,11 +365,7 @@ fn a_key_held_while_its_group_is_locked_down_is_kept_from_the_model_once_freed()
     other.finish(&Fate::Lockdown(lockdown_of_group("m", until, None)), None).expect("lockdown");
     let held_name = held.key_name().to_owned();
     held.release().expect("release");
-    let refused =
-        coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
-    assert!(refused.is_err(), "the group is locked down for m, yet {refused:?} was claimed for it");
-    let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("free for n");
-    assert_eq!(lease.key_name(), held_name, "the least recently used key serves n");
+    assert_kept_from_m_serving_n(&coordinator, &held_name);
 }
 
 /// A key added to a group already locked down for a model is kept from that model from its first claim.
@@ -388,11 +384,17 @@ fn a_key_added_to_a_locked_down_group_is_kept_from_the_model() {
     );
     std::fs::write(&sandbox.keyring, grown).expect("write keyring");
     coordinator.sync(&api_jongler::Keyring::load(&sandbox.keyring).expect("keyring")).expect("sync");
+    assert_kept_from_m_serving_n(&coordinator, "key1");
+}
+
+/// No key of the group locked down for `m` is claimed for it, and `lru`, the least recently used key,
+/// serves `n`.
+fn assert_kept_from_m_serving_n(coordinator: &api_jongler::Coordinator, lru: &str) {
     let refused =
         coordinator.claim_for(GEMINI, Some("m"), &[], Duration::ZERO).map(|lease| lease.key_name().to_owned());
     assert!(refused.is_err(), "the group is locked down for m, yet {refused:?} was claimed for it");
     let lease = coordinator.claim_for(GEMINI, Some("n"), &[], Duration::ZERO).expect("free for n");
-    assert_eq!(lease.key_name(), "key1", "the new key is the least recently used");
+    assert_eq!(lease.key_name(), lru, "the least recently used key serves n");
 }
 
 /// On PostgreSQL a row of `learned_limits`, written by apijongler or by hand, marks every key of its scope

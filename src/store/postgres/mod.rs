@@ -146,18 +146,19 @@ enum ClaimStatement {
 fn claim_statement(pinned: bool, form: ClaimStatement) -> String {
     let scope = if pinned { "k.quota_scope = $11" } else { "$11::text IS NULL" };
     let claimable = rule_sql::claimable_state("k", "$2");
-    let (picked, target, read, answer) = match form {
+    // The picked key's columns, the lockdown filter, the id the update takes, the strikes and lesson it
+    // reads, and what the statement answers.
+    let (picked, unlocked, target, read, answer) = match form {
         ClaimStatement::Unread => (
-            format!("k.id, k.scope_watermark FROM keys k WHERE k.connector = $1 AND {scope} AND {claimable}"),
+            "k.id, k.scope_watermark",
+            String::new(),
             "(SELECT id FROM picked WHERE scope_watermark IS NULL)",
             String::new(),
-            "FROM picked LEFT JOIN claimed ON true",
+            "claimed.id, key_name, fingerprint, lease, lockdown_until, quota_scope FROM picked LEFT JOIN claimed ON true",
         ),
         ClaimStatement::Read => (
-            format!(
-                "k.id FROM keys k WHERE k.connector = $1 AND {scope} AND {claimable} AND NOT {locked}",
-                locked = rule_sql::locked_down_for(&KeyCols::row("k"), "$10::text", "$2")
-            ),
+            "k.id",
+            format!(" AND NOT {}", rule_sql::locked_down_for(&KeyCols::row("k"), "$10::text", "$2")),
             "(SELECT id FROM picked)",
             format!(
                 ",
@@ -168,16 +169,13 @@ fn claim_statement(pinned: bool, form: ClaimStatement) -> String {
                 own = rule_sql::own_scope("keys.key_name"),
                 every = ModelScope::EVERY,
             ),
-            "FROM claimed",
+            "id, key_name, fingerprint, lease, lockdown_until, quota_scope, strikes, lesson FROM claimed",
         ),
-    };
-    let answered = match form {
-        ClaimStatement::Unread => "claimed.id, key_name, fingerprint, lease, lockdown_until, quota_scope",
-        ClaimStatement::Read => "id, key_name, fingerprint, lease, lockdown_until, quota_scope, strikes, lesson",
     };
     format!(
         "WITH picked AS MATERIALIZED (
- SELECT {picked} AND NOT (k.key_name = ANY($7))
+ SELECT {picked} FROM keys k
+  WHERE k.connector = $1 AND {scope} AND {claimable} AND NOT (k.key_name = ANY($7)){unlocked}
   ORDER BY k.last_used_at LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
@@ -188,7 +186,7 @@ fn claim_statement(pinned: bool, form: ClaimStatement) -> String {
   WHERE id = {target}
 RETURNING id, key_name, fingerprint, lease, lockdown_until, quota_scope{read}
 ), recorded AS ({history})
-SELECT {answered} {answer}",
+SELECT {answer}",
         history = record_each(
             "claimed",
             &HistoryValues {
