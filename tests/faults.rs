@@ -376,3 +376,19 @@ async fn an_interrupted_request_gives_its_key_back_at_once() {
         assert_eq!(reaped(&sandbox), []);
     }
 }
+
+/// A PostgreSQL server that does not keep its commits (`fsync = off`, as CI's throwaway cluster runs)
+/// can forget a claim it confirmed when it crashes, and then hand that key, still in use, to a second
+/// holder: `status` warns of it on stderr, naming the setting, and of nothing like it when the server
+/// keeps them or on SQLite (whose settings apijongler chooses itself).
+#[test]
+fn status_warns_of_a_server_that_does_not_keep_its_commits() {
+    let sandbox = Sandbox::new(GEMINI, 1);
+    let forgets = common::store::on_postgres()
+        && sandbox.sql().column::<String>("SELECT current_setting('fsync')", &[]).expect("fsync") == ["off"];
+    let status = sandbox.apijongler().arg("status").output().expect("run status");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    let warned = stderr.lines().any(|line| line.starts_with("apijongler: warning: ") && line.contains("fsync = off"));
+    assert_eq!(warned, forgets, "stderr: {stderr}");
+}

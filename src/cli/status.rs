@@ -108,7 +108,8 @@ fn render(
     let view = with_limits(view, coordinator.store(), keyring)?;
     let shared = coordinator.store().is_shared();
     if warn && !global.quiet {
-        for warning in view.warnings.iter().chain(&secrets_differing(&view, keyring, shared)) {
+        let durability = coordinator.store().durability_warnings()?;
+        for warning in durability.iter().chain(&view.warnings).chain(&secrets_differing(&view, keyring, shared)) {
             eprintln!("apijongler: warning: {warning}");
         }
     }

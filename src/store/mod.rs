@@ -118,6 +118,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// The schema version recorded in the file.
     fn schema_version(&self) -> Result<i64>;
 
+    /// What in the database's own settings puts the pool's guarantees at risk, one sentence each
+    /// naming the setting to fix; none on SQLite, whose settings apijongler chooses itself.
+    fn durability_warnings(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Makes the keys of the connectors `source` defines match it: inserts new keys vacant, lifts error
     /// and lockdown from keys whose secret changed, retires keys that left the keyring and restores those
     /// that came back. Keys of other connectors are not touched. Writes nothing (takes no write lock)
@@ -324,6 +330,12 @@ impl Store {
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<i64> {
         self.backend.schema_version()
+    }
+
+    /// What in the database's own settings puts the pool's guarantees at risk (a PostgreSQL server
+    /// that does not keep its commits), one sentence each naming the setting to fix.
+    pub fn durability_warnings(&self) -> Result<Vec<String>> {
+        self.backend.durability_warnings()
     }
 
     /// Whether several hosts (with keyrings of their own) may share this store: PostgreSQL. A keyring

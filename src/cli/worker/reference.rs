@@ -94,11 +94,14 @@ fn sqlite(db: &Path, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
 
 /// The claim: the least recently used vacant key, passed over if another claim holds its row, with a
 /// new lease. On the pool's own `keys` table and index (`keys_lru`), so the two sides differ by
-/// apijongler's work only, not by the table they update.
+/// apijongler's work only, not by the table they update. Ordered by `last_used_at` alone, as
+/// apijongler's claim is: the index's own order, so the scan stops at the first row it can lock (a
+/// tie-breaker such as `, id` makes the server sort at least 32 rows per claim, an incremental sort,
+/// and slowed this yardstick by about 8 % with 64 sessions).
 const PG_CLAIM: &str = "UPDATE apijongler.keys SET state = 'locked', lease = lease + 1
   WHERE id = (SELECT id FROM apijongler.keys
                WHERE connector = $1 AND state = 'vacant' AND retired_at IS NULL
-               ORDER BY last_used_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+               ORDER BY last_used_at LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING id, lease";
 
 /// The release, fenced by the lease as apijongler's is.
@@ -112,7 +115,7 @@ const PG_RELEASE: &str = "UPDATE apijongler.keys SET state = 'vacant', last_used
 /// trail's cost, not the coordinator's.
 const PG_CLAIM_RECORDED: &str = "WITH picked AS MATERIALIZED (
   SELECT id FROM apijongler.keys WHERE connector = $1 AND state = 'vacant' AND retired_at IS NULL
-   ORDER BY last_used_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+   ORDER BY last_used_at LIMIT 1 FOR UPDATE SKIP LOCKED
 ), claimed AS (
   UPDATE apijongler.keys SET state = 'locked', lease = lease + 1 WHERE id = (SELECT id FROM picked)
   RETURNING id, lease, connector, key_name, fingerprint

@@ -165,7 +165,60 @@ impl UnreadForm {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::super::usage::test_server::TestDb;
     use super::UnreadForm;
+    use crate::clock::ManualClock;
+    use crate::holder::Holder;
+    use crate::pool::limit::{Limit, Limits, Measure, Window};
+    use crate::pool::{KeySpec, SyncSource};
+    use crate::store::{Backend, ClaimFor};
+
+    /// A batch of claims that finds a scope full while it holds a key ends there, with that key, rather
+    /// than lock the scope down while it holds key rows (the watermarks' lock comes before any row, see
+    /// `WATERMARKS_ALONE`); the next claim, holding none, locks it down.
+    #[test]
+    fn a_batch_holding_a_key_ends_at_a_full_scope_and_the_next_claim_locks_it_down() {
+        let Some(db) = TestDb::create("batch_full") else { return };
+        let store = db.open();
+        let keys = [
+            KeySpec { connector: "c", name: "a", fingerprint: "fa" },
+            KeySpec { connector: "c", name: "b", fingerprint: "fb" },
+        ];
+        let source = SyncSource {
+            path: Path::new("/keys.ini"),
+            connectors: &["c"],
+            keys: &keys,
+            groups: &[("c", "a", "g"), ("c", "b", "g")],
+            as_truth: false,
+        };
+        let clock = ManualClock::new(1_000_000);
+        store.sync_keys(&source, 1).expect("sync");
+        let one_a_minute =
+            Limit { count: 1, measure: Measure::Requests, window: Window::Sliding(Duration::from_secs(60)) };
+        let limits = Limits { every_group: [("*".to_owned(), vec![one_a_minute])].into(), ..Limits::default() };
+        store.declare_limits("c", Some(Arc::new(limits)), 1_000_000);
+        let claim = |count| {
+            let request = ClaimFor::new("c", Some("m"), &[]);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            store.claim_several(request, count, Holder::current(), &clock, deadline).expect("claim")
+        };
+        let lockdowns_of_g = || -> i64 {
+            db.client()
+                .query_one("SELECT count(*) FROM apijongler.lockdowns WHERE scope = 'group:g' AND model = 'm'", &[])
+                .expect("lockdowns")
+                .get(0)
+        };
+
+        let batch = claim(2);
+        assert_eq!(batch.len(), 1, "the batch ended at the full group with the one key it had: {batch:?}");
+        assert_eq!(lockdowns_of_g(), 0, "the batch locked the group down while it held a key");
+        assert!(claim(1).is_empty(), "the group had room for a second request this minute");
+        assert_eq!(lockdowns_of_g(), 1, "the claim that held nothing locked the full group down");
+    }
 
     #[test]
     fn a_decline_pauses_the_unread_form_of_its_connector_alone() {

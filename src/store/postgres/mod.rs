@@ -526,6 +526,30 @@ impl Backend for Postgres {
         self.read("reading the schema version", schema::version)
     }
 
+    fn durability_warnings(&self) -> Result<Vec<String>> {
+        let (fsync, full_page_writes): (String, String) = self.read("reading the server's settings", |tx| {
+            let row = tx.query_one("SELECT current_setting('fsync'), current_setting('full_page_writes')", &[])?;
+            Ok((row.get(0), row.get(1)))
+        })?;
+        let server = self.server.display();
+        let mut warnings = Vec::new();
+        if fsync == "off" {
+            warnings.push(format!(
+                "the PostgreSQL server at {server} runs with fsync = off: if it or its machine crashes, it can \
+                 forget claims it confirmed, and a key still in use can then be claimed by a second holder; set \
+                 fsync = on in its postgresql.conf unless it is a throwaway test server"
+            ));
+        }
+        if full_page_writes == "off" {
+            warnings.push(format!(
+                "the PostgreSQL server at {server} runs with full_page_writes = off: a crash of its machine can \
+                 leave the pool's tables corrupt; set full_page_writes = on in its postgresql.conf unless its file \
+                 system never tears a page"
+            ));
+        }
+        Ok(warnings)
+    }
+
     fn sync_keys(&self, source: &SyncSource<'_>, now: i64) -> Result<SyncReport> {
         sync::sync_keys(self, source, now)
     }
