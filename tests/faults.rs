@@ -1,8 +1,9 @@
 //! The guarantees under real faults: a holder stopped between its claim and its send, a user's
 //! `sqlite3` holding the write lock for longer than the stale threshold, wall clocks stepped by minutes,
-//! a release that cannot get the lock, the database deleted under a request, `cleanup --force` and
-//! SIGINT in the middle of a request. Real processes, a real `sqlite3`, real signals; the upstream is
-//! the loopback mock, which counts how many requests each key had in flight at once.
+//! a release that cannot get the lock, the database deleted under a request, `cleanup --force`, SIGINT
+//! in the middle of a request, and a PostgreSQL server that can forget commits (`status` warns). Real
+//! processes, a real `sqlite3`, real signals; the upstream is the loopback mock, which counts how many
+//! requests each key had in flight at once.
 
 mod common;
 
@@ -378,17 +379,26 @@ async fn an_interrupted_request_gives_its_key_back_at_once() {
 }
 
 /// A PostgreSQL server that does not keep its commits (`fsync = off`, as CI's throwaway cluster runs)
-/// can forget a claim it confirmed when it crashes, and then hand that key, still in use, to a second
-/// holder: `status` warns of it on stderr, naming the setting, and of nothing like it when the server
-/// keeps them or on SQLite (whose settings apijongler chooses itself).
+/// can forget a claim it confirmed when its machine crashes, and then hand that key, still in use, to a
+/// second holder; one with `full_page_writes = off` can be left with torn pages: `status` warns of each
+/// on stderr, naming the setting, and of neither when the server keeps them or on SQLite (whose settings
+/// apijongler chooses itself).
 #[test]
 fn status_warns_of_a_server_that_does_not_keep_its_commits() {
     let sandbox = Sandbox::new(GEMINI, 1);
-    let forgets = common::store::on_postgres()
-        && sandbox.sql().column::<String>("SELECT current_setting('fsync')", &[]).expect("fsync") == ["off"];
+    let off = |setting: &str| {
+        common::store::on_postgres()
+            && sandbox.sql().column::<String>(&format!("SELECT current_setting('{setting}')"), &[]).expect(setting)
+                == ["off"]
+    };
     let status = sandbox.apijongler().arg("status").output().expect("run status");
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let stderr = String::from_utf8_lossy(&status.stderr);
-    let warned = stderr.lines().any(|line| line.starts_with("apijongler: warning: ") && line.contains("fsync = off"));
-    assert_eq!(warned, forgets, "stderr: {stderr}");
+    let warned = |setting: &str| {
+        stderr
+            .lines()
+            .any(|line| line.starts_with("apijongler: warning: ") && line.contains(&format!("{setting} = off")))
+    };
+    assert_eq!(warned("fsync"), off("fsync"), "stderr: {stderr}");
+    assert_eq!(warned("full_page_writes"), off("full_page_writes"), "stderr: {stderr}");
 }

@@ -8,6 +8,10 @@
 //! key's locked models with their deadlines, and below it each lockdown once, with its reason and the
 //! answer that set it (a group's lockdown is shared by all its keys).
 //!
+//! Warnings go to stderr (to the top of each frame with `--watch`): a PostgreSQL server that does not
+//! keep its commits (`fsync` or `full_page_writes` off), quota groups that disagree, keys whose secret
+//! differs between hosts.
+//!
 //! It writes nothing: the keyring, if one is configured, is compared with the database but not synced.
 //! Keys in the keyring and not yet in the database are shown in state `new`; a key whose secret
 //! changed, that left the keyring or came back to it carries that note. The next command that uses
@@ -79,7 +83,7 @@ fn watch(global: &Global, args: &StatusArgs, coordinator: &api_jongler::Coordina
         let changed = changes.changed()?;
         if changed || drawn.is_none_or(|at| at.elapsed() >= WATCH_REDRAW) {
             let mut frame = Vec::new();
-            render(global, args, (coordinator, keyring.as_ref()), &mut frame, drawn.is_none())?;
+            render(global, args, (coordinator, keyring.as_ref()), &mut frame, true)?;
             let mut stdout = std::io::stdout().lock();
             // Home, then clear: the new frame replaces the old one in place.
             stdout.write_all(b"\x1b[H\x1b[2J")?;
@@ -92,8 +96,9 @@ fn watch(global: &Global, args: &StatusArgs, coordinator: &api_jongler::Coordina
     }
 }
 
-/// The status, once, to `out`, the database compared with `keyring` if given; the view's warnings go
-/// to stderr when `warn` is set.
+/// The status, once, to `out`, the database compared with `keyring` if given. When `warn` is set, the
+/// warnings (the server's durability settings, the view's, keys whose secret differs between hosts) go
+/// to stderr, or with `--watch` to the top of the frame, which a redraw's clearing would otherwise erase.
 fn render(
     global: &Global,
     args: &StatusArgs,
@@ -108,9 +113,17 @@ fn render(
     let view = with_limits(view, coordinator.store(), keyring)?;
     let shared = coordinator.store().is_shared();
     if warn && !global.quiet {
-        let durability = coordinator.store().durability_warnings()?;
+        // Advice only: a server whose settings cannot be read is no reason for `status` to fail.
+        let durability = coordinator.store().durability_warnings().unwrap_or_else(|error| {
+            tracing::warn!(error = %error, "the server's durability settings could not be read");
+            Vec::new()
+        });
         for warning in durability.iter().chain(&view.warnings).chain(&secrets_differing(&view, keyring, shared)) {
-            eprintln!("apijongler: warning: {warning}");
+            if args.watch && !global.json {
+                writeln!(out, "warning: {warning}")?;
+            } else {
+                eprintln!("apijongler: warning: {warning}");
+            }
         }
     }
     if global.json {

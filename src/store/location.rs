@@ -101,39 +101,59 @@ impl fmt::Debug for PostgresUrl {
     }
 }
 
-/// `url` with its passwords masked. Works on the text's shape alone (no decoding), so a malformed URL
-/// is masked as well as a good one: whatever follows the first `:` of the user info up to the last `@`
-/// of the authority, and the value of every `password` parameter.
+/// `url` with its passwords masked, generously: it works on the text's shape alone (a malformed URL is
+/// masked as well as a good one) and masks at least what the driver (`tokio-postgres`) would read as a
+/// password, which takes the user info up to the first `@` of the whole URL, a password that may hold
+/// `/`, `?` or `#`, and parameter names percent-decoded. So: whatever follows the first `:` before the
+/// last `@` up to that `@`, and the value (to the next `&`) of every parameter named `password` once
+/// decoded, in any case.
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
+    let (userinfo, tail) = match rest.rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => (format!("{}***@", &rest[..=colon]), &rest[at + 1..]),
+            None => (rest[..=at].to_owned(), &rest[at + 1..]),
         },
-        None => authority.to_owned(),
+        None => (String::new(), rest),
     };
     let tail = match tail.split_once('?') {
         Some((path, query)) => {
-            let (query, fragment) = match query.split_once('#') {
-                Some((query, fragment)) => (query, Some(fragment)),
-                None => (query, None),
-            };
             let masked: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                    Some((name, _)) if percent_decoded(name).eq_ignore_ascii_case("password") => format!("{name}=***"),
                     _ => pair.to_owned(),
                 })
                 .collect();
-            let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
-            format!("{path}?{}{fragment}", masked.join("&"))
+            format!("{path}?{}", masked.join("&"))
         }
         None => tail.to_owned(),
     };
-    format!("{scheme}://{authority}{tail}")
+    format!("{scheme}://{userinfo}{tail}")
+}
+
+/// `text` with its `%XX` escapes decoded (as bytes, lossily), as the driver decodes parameter names.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = (bytes[at] == b'%')
+            .then(|| text.get(at + 1..at + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                at += 3;
+            }
+            None => {
+                decoded.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 #[cfg(test)]
@@ -175,9 +195,16 @@ mod tests {
             ("postgres://u:hunter2@h:5432/db", "postgres://u:***@h:5432/db"),
             ("postgres://u@/db?host=/run/pg", "postgres://u@/db?host=/run/pg"),
             ("postgres://u:p@ss:w@h/db", "postgres://u:***@h/db"),
-            ("postgres:///db?host=/s&password=hunter2#f", "postgres:///db?host=/s&password=***#f"),
+            ("postgres:///db?host=/s&password=hunter2#f", "postgres:///db?host=/s&password=***"),
             ("postgresql://h?PASSWORD=x&user=u", "postgresql://h?PASSWORD=***&user=u"),
             ("postgres://:hunter2@h", "postgres://:***@h"),
+            // The driver's user info runs to the first `@` of the whole URL: a password may hold `/`, `?`
+            // or `#`, and parameter names are percent-decoded.
+            ("postgres://u:hun/ter2@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:hun?ter2@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:hun#ter2@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db?password=hun#ter2", "postgres://u@h/db?password=***"),
+            ("postgres://u@h/db?pass%77ord=hunter2&x=1", "postgres://u@h/db?pass%77ord=***&x=1"),
         ];
         for (url, shown) in cases {
             let Location::Postgres(parsed) = parse(url).unwrap() else { panic!("{url}") };

@@ -6,7 +6,7 @@
 mod gateway;
 mod keys;
 mod requests;
-mod scratch;
+pub(super) mod scratch;
 mod sync;
 
 use std::fmt::Write as _;

@@ -20,13 +20,13 @@ use api_jongler::store::Location;
 use crate::cli::Global;
 
 /// The server every configuration of one run gets its store on.
-pub(super) enum Server {
+pub(in crate::cli) enum Server {
     Sqlite,
     Postgres(Box<Throwaways>),
 }
 
 /// A PostgreSQL server on which this run creates and drops its databases.
-pub(super) struct Throwaways {
+pub(in crate::cli) struct Throwaways {
     /// A connection to the database the user's URL names, for `CREATE` and `DROP DATABASE` only.
     admin: RefCell<postgres::Client>,
     /// The user's URL, password included: only ever handed to the driver and to the workers.
@@ -40,7 +40,7 @@ pub(super) struct Throwaways {
 
 impl Server {
     /// The server `global.db` names: PostgreSQL for a `postgres://` URL, else SQLite.
-    pub(super) fn of(global: &Global) -> anyhow::Result<Self> {
+    pub(in crate::cli) fn of(global: &Global) -> anyhow::Result<Self> {
         let Some(db) = &global.db else { return Ok(Self::Sqlite) };
         let Location::Postgres(url) = Location::parse(db.as_os_str(), "--db")? else { return Ok(Self::Sqlite) };
         let text = db.to_str().context("a postgres:// URL is text")?.to_owned();
@@ -57,7 +57,7 @@ impl Server {
     }
 
     /// A fresh, empty store for one configuration, and a temporary directory beside it.
-    pub(super) fn scratch(&self) -> anyhow::Result<Scratch<'_>> {
+    pub(in crate::cli) fn scratch(&self) -> anyhow::Result<Scratch<'_>> {
         let dir = tempfile::tempdir()?;
         match self {
             Self::Sqlite => Ok(Scratch { db: dir.path().join("bench.db"), dir, database: None }),
@@ -89,7 +89,7 @@ impl std::fmt::Display for Throwaways {
 }
 
 /// One configuration's store: dropped (the PostgreSQL database with it) when this is.
-pub(super) struct Scratch<'a> {
+pub(in crate::cli) struct Scratch<'a> {
     /// The `--db` value of the store: a file path or a URL (which may hold a password).
     db: PathBuf,
     dir: tempfile::TempDir,
@@ -98,12 +98,12 @@ pub(super) struct Scratch<'a> {
 
 impl Scratch<'_> {
     /// The store, as `--db` and `CoordinatorOptions::db_path` take it.
-    pub(super) fn db(&self) -> &Path {
+    pub(in crate::cli) fn db(&self) -> &Path {
         &self.db
     }
 
     /// A temporary directory that lives as long as the store.
-    pub(super) fn dir(&self) -> &Path {
+    pub(in crate::cli) fn dir(&self) -> &Path {
         self.dir.path()
     }
 }

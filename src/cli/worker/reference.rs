@@ -180,3 +180,60 @@ fn postgres(url: &str, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     summarize(&mut std::io::stdout().lock(), cycles, args.latencies.then_some(&latencies[..]))?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+
+    use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
+    use postgres::types::ToSql;
+
+    use super::{PG_CLAIM, PG_CLAIM_RECORDED};
+    use crate::cli::Global;
+    use crate::cli::bench::scratch::Server;
+
+    /// The yardstick's claim, with and without its history row, walks `keys_lru` in the index's own
+    /// order and stops at the first row it can lock, as apijongler's claim does (no sort: ordered by
+    /// `last_used_at, id` the server sorted at least 32 rows per claim). On 10,000 keys, in a throwaway
+    /// database on the server `APIJONGLER_TEST_PG` names (skipped when unset).
+    #[test]
+    fn the_postgres_yardstick_walks_keys_lru_without_a_sort() {
+        let Some(base) = std::env::var_os("APIJONGLER_TEST_PG").filter(|url| !url.is_empty()) else {
+            eprintln!("skipped: APIJONGLER_TEST_PG is unset");
+            return;
+        };
+        let global = Global {
+            config: None,
+            db: Some(base.into()),
+            connectors: None,
+            json: false,
+            verbose: 0,
+            quiet: true,
+            log_level: None,
+        };
+        let server = Server::of(&global).expect("the test server");
+        let scratch = server.scratch().expect("a throwaway database");
+        let mut ini = String::from("[bench]\n");
+        for index in 0..10_000 {
+            writeln!(ini, "key{index:05} = fake-bench-secret-{index}").expect("write");
+        }
+        let keyring = Keyring::parse(&scratch.dir().join("bench.ini"), &ini).expect("keyring");
+        let options = CoordinatorOptions { db_path: Some(scratch.db().to_owned()), ..Default::default() };
+        Coordinator::open(options).expect("open").sync(&keyring).expect("sync");
+        let url = scratch.db().to_str().expect("a URL").to_owned();
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        client.batch_execute("ANALYZE apijongler.keys").expect("analyze");
+        let claims: [(&str, &[&(dyn ToSql + Sync)]); 2] =
+            [(PG_CLAIM, &[&"bench"]), (PG_CLAIM_RECORDED, &[&"bench", &0_i64, &1_i64])];
+        for (claim, params) in claims {
+            let plan: Vec<String> = client
+                .query(&format!("EXPLAIN {claim}"), params)
+                .expect("explain")
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            assert!(plan.iter().any(|step| step.contains("Index Scan using keys_lru")), "{plan:?}");
+            assert!(!plan.iter().any(|step| step.contains("Sort")), "{plan:?}");
+        }
+    }
+}

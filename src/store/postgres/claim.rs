@@ -195,12 +195,13 @@ mod tests {
             groups: &[("c", "a", "g"), ("c", "b", "g")],
             as_truth: false,
         };
-        let clock = ManualClock::new(1_000_000);
-        store.sync_keys(&source, 1).expect("sync");
+        const NOW: i64 = 1_000_000;
+        let clock = ManualClock::new(NOW);
+        store.sync_keys(&source, NOW).expect("sync");
         let one_a_minute =
             Limit { count: 1, measure: Measure::Requests, window: Window::Sliding(Duration::from_secs(60)) };
         let limits = Limits { every_group: [("*".to_owned(), vec![one_a_minute])].into(), ..Limits::default() };
-        store.declare_limits("c", Some(Arc::new(limits)), 1_000_000);
+        store.declare_limits("c", Some(Arc::new(limits)), NOW);
         let claim = |count| {
             let request = ClaimFor::new("c", Some("m"), &[]);
             let deadline = Instant::now() + Duration::from_secs(30);

@@ -527,24 +527,30 @@ impl Backend for Postgres {
     }
 
     fn durability_warnings(&self) -> Result<Vec<String>> {
-        let (fsync, full_page_writes): (String, String) = self.read("reading the server's settings", |tx| {
-            let row = tx.query_one("SELECT current_setting('fsync'), current_setting('full_page_writes')", &[])?;
-            Ok((row.get(0), row.get(1)))
-        })?;
+        // `missing_ok`: a server that does not know a setting (a PostgreSQL-compatible one) warns of nothing.
+        let (fsync, full_page_writes): (Option<String>, Option<String>) =
+            self.read("reading the server's settings", |tx| {
+                let row = tx.query_one(
+                    "SELECT current_setting('fsync', true), current_setting('full_page_writes', true)",
+                    &[],
+                )?;
+                Ok((row.get(0), row.get(1)))
+            })?;
         let server = self.server.display();
+        let fix = "turn it on where it is set (pg_settings.source says where) and reload the server, unless it \
+                   is a throwaway test server or a hosted service that runs this way by design";
         let mut warnings = Vec::new();
-        if fsync == "off" {
+        if fsync.as_deref() == Some("off") {
             warnings.push(format!(
-                "the PostgreSQL server at {server} runs with fsync = off: if it or its machine crashes, it can \
-                 forget claims it confirmed, and a key still in use can then be claimed by a second holder; set \
-                 fsync = on in its postgresql.conf unless it is a throwaway test server"
+                "the PostgreSQL server at {server} runs with fsync = off: if its machine crashes or loses power, \
+                 it can forget claims it confirmed, and a key still in use can then be claimed by a second \
+                 holder; {fix}"
             ));
         }
-        if full_page_writes == "off" {
+        if full_page_writes.as_deref() == Some("off") {
             warnings.push(format!(
-                "the PostgreSQL server at {server} runs with full_page_writes = off: a crash of its machine can \
-                 leave the pool's tables corrupt; set full_page_writes = on in its postgresql.conf unless its file \
-                 system never tears a page"
+                "the PostgreSQL server at {server} runs with full_page_writes = off: if its machine crashes or \
+                 loses power, the pool's tables can be left corrupt; {fix}"
             ));
         }
         Ok(warnings)
