@@ -63,6 +63,36 @@ struct Unsettled {
     attempt: Option<Attempt>,
 }
 
+/// Every lease this process holds or has not finished ending, whatever coordinator claimed it, by
+/// `(key id, lease token)` and how many coordinators hold that pair (two databases may share one). A key
+/// the database shows held by this very process under a lease missing here is one whose claim committed
+/// while its answer was lost with the connection: the reaper frees it once its heartbeat is stale
+/// (`reaper::verdict`).
+static OWN_LEASES: std::sync::LazyLock<Mutex<HashMap<(i64, i64), usize>>> = std::sync::LazyLock::new(Mutex::default);
+
+fn own_leases() -> std::sync::MutexGuard<'static, HashMap<(i64, i64), usize>> {
+    OWN_LEASES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn own(id: i64, token: i64) {
+    *own_leases().entry((id, token)).or_default() += 1;
+}
+
+fn disown(id: i64, token: i64) {
+    let mut leases = own_leases();
+    if let Some(count) = leases.get_mut(&(id, token)) {
+        *count -= 1;
+        if *count == 0 {
+            leases.remove(&(id, token));
+        }
+    }
+}
+
+/// Whether this process holds lease `token` of key `id`, or is still ending it.
+pub(crate) fn is_own(id: i64, token: i64) -> bool {
+    own_leases().contains_key(&(id, token))
+}
+
 /// The leases this process holds, by key row id, and the ends still to be written.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
@@ -77,6 +107,7 @@ pub(crate) struct Registry {
 impl Registry {
     fn insert(&self, id: i64, token: i64, claimed_boot_ms: i64) -> Arc<LeaseLiveness> {
         let liveness = Arc::new(LeaseLiveness::new(claimed_boot_ms));
+        own(id, token);
         self.held().insert((id, token), Arc::clone(&liveness));
         liveness
     }
@@ -121,9 +152,11 @@ impl Registry {
         for end in pending {
             match store.end_lease(end.id, end.lease, &end.fate, end.attempt.as_ref(), clock.now_ms()) {
                 Ok(true) => {
+                    disown(end.id, end.lease);
                     tracing::info!(key = %end.key_name, lease = end.lease, fate = ?end.fate, "deferred lease end written")
                 }
                 Ok(false) => {
+                    disown(end.id, end.lease);
                     tracing::warn!(key = %end.key_name, lease = end.lease, "deferred lease end: the lease was already lost")
                 }
                 Err(error) => {
@@ -353,7 +386,10 @@ impl Lease {
             attempt,
             self.owner.clock().now_ms(),
         ) {
-            Ok(ended) => ended,
+            Ok(ended) => {
+                disown(self.claimed.id, self.claimed.lease);
+                ended
+            }
             Err(error) => {
                 // Not lost, not ended: the key stays locked under our live pid, so nobody else frees it.
                 // Keep trying in the background; this caller still hears of the failure.

@@ -6,7 +6,10 @@
 //! - A dead holder is freed at once, whatever its heartbeat says.
 //! - A running holder on this host, boot and pid namespace keeps its key however old its heartbeat is:
 //!   the heartbeat may be late because another connection held the write lock, and a stepped wall
-//!   clock cannot make it look old because ages are measured on `CLOCK_BOOTTIME`.
+//!   clock cannot make it look old because ages are measured on `CLOCK_BOOTTIME`. One exception: a key
+//!   held by this very process under a lease it does not hold (a claim that committed while its answer
+//!   was lost with the connection, so nothing here renews or ends it) is freed by this process once its
+//!   heartbeat is older than `stale_after`, as a stopped holder's is.
 //! - A stopped holder is freed once its heartbeat is older than `stale_after`: it may resume any
 //!   time, but it will then find its lease untrusted (see `lease`) and claim again before sending.
 //! - A holder the OS cannot see (another host, boot or pid namespace) is freed once its heartbeat is
@@ -30,12 +33,29 @@ pub struct Now {
 }
 
 /// Why the lock on `held` should be freed at `now` ([`HistoryEvent::ReapedDead`] or
-/// [`HistoryEvent::ReapedStale`], and the reason), or `None` to leave it.
-pub fn verdict(held: &HeldKey, now: Now, stale_after: Duration) -> Option<(HistoryEvent, String)> {
+/// [`HistoryEvent::ReapedStale`], and the reason), or `None` to leave it. `lease_is_own`: this process
+/// holds the lease `held` names, or is still ending it (only asked of a key this very process holds).
+pub fn verdict(
+    held: &HeldKey,
+    now: Now,
+    stale_after: Duration,
+    lease_is_own: impl FnOnce() -> bool,
+) -> Option<(HistoryEvent, String)> {
     let pid = held.holder.pid;
     let stale = || heartbeat_age(held, now).filter(|age| *age > stale_after);
     match held.holder.liveness() {
         Liveness::Dead(why) => Some((HistoryEvent::ReapedDead, format!("reaped: {why}"))),
+        Liveness::Alive if held.holder == *Holder::current() && !lease_is_own() => stale().map(|age| {
+            let reason = format!(
+                "reaped: held by this process (pid {pid}) under lease {}, which it never received (the claim \
+                 committed while its answer was lost with the connection); its heartbeat is {:.1} s old (stale \
+                 after {:.1} s)",
+                held.lease,
+                age.as_secs_f64(),
+                stale_after.as_secs_f64()
+            );
+            (HistoryEvent::ReapedStale, reason)
+        }),
         Liveness::Alive => None,
         Liveness::Stopped => stale().map(|age| {
             let reason = format!(
@@ -94,17 +114,31 @@ mod tests {
     }
 
     #[test]
+    fn a_key_this_process_holds_under_a_lease_it_never_received_is_freed_once_stale() {
+        let orphan = held(Holder::current().clone(), 100_000, 100_000);
+        assert_eq!(verdict(&orphan, at(130_000, 130_000), STALE, || false), None, "exactly stale_after");
+        let (event, reason) = verdict(&orphan, at(130_001, 130_001), STALE, || false).expect("stale");
+        assert_eq!(event, HistoryEvent::ReapedStale);
+        assert!(reason.contains("never received") && reason.contains("lease 7"), "{reason}");
+        assert_eq!(verdict(&orphan, at(130_001, 130_001), STALE, || true), None, "a lease this process holds");
+    }
+
+    #[test]
     fn a_running_holder_keeps_its_key_whatever_its_heartbeat_age_or_the_wall_clock() {
         let me = Holder::current().clone();
-        assert_eq!(verdict(&held(me.clone(), 10_000, 10_000), at(10_500, 10_500), STALE), None);
-        assert_eq!(verdict(&held(me.clone(), 0, 0), at(3_600_000, 3_600_000), STALE), None, "an hour-old heartbeat");
-        assert_eq!(verdict(&held(me, 0, 0), at(0, 120_000), STALE), None, "wall clock two minutes ahead");
+        assert_eq!(verdict(&held(me.clone(), 10_000, 10_000), at(10_500, 10_500), STALE, || true), None);
+        assert_eq!(
+            verdict(&held(me.clone(), 0, 0), at(3_600_000, 3_600_000), STALE, || true),
+            None,
+            "an hour-old heartbeat"
+        );
+        assert_eq!(verdict(&held(me, 0, 0), at(0, 120_000), STALE, || true), None, "wall clock two minutes ahead");
     }
 
     #[test]
     fn a_dead_holder_is_freed_with_a_fresh_heartbeat() {
         let gone = Holder { pid: u32::MAX - 1, ..Holder::current().clone() };
-        let (event, reason) = verdict(&held(gone, 10_000, 10_000), at(10_001, 10_001), STALE).expect("dead");
+        let (event, reason) = verdict(&held(gone, 10_000, 10_000), at(10_001, 10_001), STALE, || true).expect("dead");
         assert_eq!(event, HistoryEvent::ReapedDead);
         assert!(reason.contains("has exited"), "{reason}");
     }
@@ -113,20 +147,29 @@ mod tests {
     fn an_invisible_holder_of_this_boot_is_judged_on_the_boot_clock_only() {
         let other_container = Holder { pid_namespace: "1".into(), pid: u32::MAX - 1, ..Holder::current().clone() };
         let fresh = held(other_container, 100_000, 100_000);
-        assert_eq!(verdict(&fresh, at(110_000, 100_000 + 3_600_000), STALE), None, "the wall clock stepped an hour");
-        assert_eq!(verdict(&fresh, at(110_000, 100_000 - 3_600_000), STALE), None, "the wall clock stepped back");
-        let (event, reason) = verdict(&fresh, at(131_000, 100_000), STALE).expect("stale on the boot clock");
+        assert_eq!(
+            verdict(&fresh, at(110_000, 100_000 + 3_600_000), STALE, || true),
+            None,
+            "the wall clock stepped an hour"
+        );
+        assert_eq!(
+            verdict(&fresh, at(110_000, 100_000 - 3_600_000), STALE, || true),
+            None,
+            "the wall clock stepped back"
+        );
+        let (event, reason) = verdict(&fresh, at(131_000, 100_000), STALE, || true).expect("stale on the boot clock");
         assert_eq!(event, HistoryEvent::ReapedStale);
         assert!(reason.contains("31.0 s old") && reason.contains("not visible"), "{reason}");
-        assert_eq!(verdict(&fresh, at(130_000, 100_000), STALE), None, "exactly stale_after is not yet stale");
+        assert_eq!(verdict(&fresh, at(130_000, 100_000), STALE, || true), None, "exactly stale_after is not yet stale");
     }
 
     #[test]
     fn a_holder_of_another_host_or_boot_is_judged_on_the_wall_clock() {
         let remote =
             Holder { host: "elsewhere.invalid".into(), boot_id: "other-boot".into(), ..Holder::current().clone() };
-        assert_eq!(verdict(&held(remote.clone(), 999_999_999, 10_000), at(0, 20_000), STALE), None);
-        let (event, _) = verdict(&held(remote, 0, 10_000), at(0, 50_000), STALE).expect("stale on the wall clock");
+        assert_eq!(verdict(&held(remote.clone(), 999_999_999, 10_000), at(0, 20_000), STALE, || true), None);
+        let (event, _) =
+            verdict(&held(remote, 0, 10_000), at(0, 50_000), STALE, || true).expect("stale on the wall clock");
         assert_eq!(event, HistoryEvent::ReapedStale);
     }
 
@@ -145,8 +188,8 @@ mod tests {
             std::thread::yield_now();
         }
         let key = held(holder, 100_000, 100_000);
-        assert_eq!(verdict(&key, at(129_000, 100_000), STALE), None, "stopped, but its heartbeat is fresh");
-        let (event, reason) = verdict(&key, at(131_000, 100_000), STALE).expect("stopped and stale");
+        assert_eq!(verdict(&key, at(129_000, 100_000), STALE, || true), None, "stopped, but its heartbeat is fresh");
+        let (event, reason) = verdict(&key, at(131_000, 100_000), STALE, || true).expect("stopped and stale");
         assert_eq!(event, HistoryEvent::ReapedStale);
         assert!(reason.contains("is stopped"), "{reason}");
         child.kill().expect("kill");

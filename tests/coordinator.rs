@@ -233,6 +233,52 @@ fn a_reused_pid_is_reaped_but_a_live_holder_is_not() {
     assert!(reaped[0].reason.contains("has exited"), "{}", reaped[0].reason);
 }
 
+/// A claim that committed while its answer was lost with the connection (on PostgreSQL) leaves a key held
+/// by this very process under a lease it never received: nothing here renews or ends it, and another
+/// process of this host sees its holder alive. Once its heartbeat is stale this process's own reaper
+/// frees it; a lease this process holds, through this coordinator or another, is never taken so however
+/// old its heartbeat.
+#[test]
+fn a_key_this_process_holds_under_a_lease_it_never_received_is_reaped_once_stale() {
+    let sandbox = Sandbox::new("c", 3);
+    let (options, clock) = manual(&sandbox);
+    let options = CoordinatorOptions { stale_after: Duration::from_secs(30), ..options };
+    let coordinator = sandbox.coordinator(options.clone());
+    let other = sandbox.coordinator(options);
+    let mine = coordinator.claim("c", &[], Duration::ZERO).expect("claim");
+    let others = other.claim("c", &[], Duration::ZERO).expect("claim");
+    let lost = ["key0", "key1", "key2"]
+        .into_iter()
+        .find(|key| ![mine.key_name(), others.key_name()].contains(key))
+        .expect("a third key");
+    // The lost claim, as the claim statement writes it: this process's holder and heartbeat, a new lease.
+    let columns = ["holder_host", "holder_boot_id", "holder_pid_namespace", "holder_pid", "holder_started"];
+    let copied = columns
+        .into_iter()
+        .chain(["locked_at", "heartbeat_at", "heartbeat_boot_ms"])
+        .map(|column| format!("{column} = (SELECT {column} FROM keys WHERE key_name = ?2)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let forged = sandbox
+        .sql()
+        .execute(
+            &format!("UPDATE keys SET state = 'locked', lease = lease + 1, {copied} WHERE key_name = ?1"),
+            &[&lost, &mine.key_name()],
+        )
+        .expect("forge the lost claim");
+    assert_eq!(forged, 1);
+
+    assert_eq!(coordinator.reap(Some("c")).expect("reap"), [], "a fresh heartbeat: maybe a claim in flight");
+    clock.advance(30_001);
+    let reaped = coordinator.reap(Some("c")).expect("reap");
+    assert_eq!(reaped.len(), 1, "{reaped:?}");
+    assert_eq!((reaped[0].key_name.as_str(), reaped[0].event), (lost, HistoryEvent::ReapedStale));
+    assert!(reaped[0].reason.contains("never received"), "{}", reaped[0].reason);
+    assert_eq!(other.reap(Some("c")).expect("reap"), [], "the other coordinator's lease is this process's too");
+    mine.release().expect("this coordinator's lease kept");
+    others.release().expect("the other coordinator's lease kept");
+}
+
 #[test]
 fn heartbeats_keep_a_held_key_from_going_stale() {
     let sandbox = Sandbox::new("c", 1);

@@ -400,7 +400,8 @@ impl Coordinator {
         let evictions: Vec<Eviction> = held
             .into_iter()
             .filter_map(|held| {
-                let (event, reason) = reaper::verdict(&held, now, self.inner.options.stale_after)?;
+                let lease_is_own = || lease::is_own(held.id, held.lease);
+                let (event, reason) = reaper::verdict(&held, now, self.inner.options.stale_after, lease_is_own)?;
                 Some(Eviction {
                     id: held.id,
                     lease: held.lease,
