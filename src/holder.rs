@@ -15,9 +15,10 @@
 //! A holder the OS cannot see (another host, boot or pid namespace; an unreadable /proc) is "unknown":
 //! only its heartbeat's age can free its locks.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// The identity of a process holding keys, as recorded in a key's row.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,17 +53,7 @@ impl Holder {
     /// This process. Read once per process: a child forked after the parent asked gets its own
     /// identity, never the parent's (the cached pid is compared with `getpid()` on every call).
     pub fn current() -> &'static Holder {
-        let pid = std::process::id();
-        let mut last = IDENTITIES.get_or_init(|| Identity::of(pid));
-        while let Some(next) = last.next.get() {
-            last = next;
-        }
-        if last.holder.pid == pid {
-            return &last.holder;
-        }
-        // A forked child: its identity goes after its parent's (or its nearest ancestor's that asked),
-        // which stays in place for the threads that read it, so nothing is ever freed or locked.
-        &last.next.get_or_init(|| Identity::of(pid)).holder
+        &Identity::current().holder
     }
 
     /// Whether `self` (a holder recorded in the database) is still running, judged from this process.
@@ -110,10 +101,34 @@ static IDENTITIES: OnceLock<&'static Identity> = OnceLock::new();
 #[derive(Debug)]
 struct Identity {
     holder: Holder,
+    /// The leases this process holds or is still ending (see [`own_leases`]).
+    leases: Mutex<HashMap<(i64, i64), usize>>,
     next: OnceLock<&'static Identity>,
 }
 
+/// The leases this very process holds or has not finished ending, by `(key id, lease token)`, with how
+/// many of its coordinators hold each pair (see `lease`). Kept per process, beside its identity: a child
+/// forked while a parent's thread held the parent's lock never waits for it.
+pub(crate) fn own_leases() -> MutexGuard<'static, HashMap<(i64, i64), usize>> {
+    Identity::current().leases.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Identity {
+    /// This process's link, added after its parent's when it is a forked child.
+    fn current() -> &'static Identity {
+        let pid = std::process::id();
+        let mut last = IDENTITIES.get_or_init(|| Identity::of(pid));
+        while let Some(next) = last.next.get() {
+            last = next;
+        }
+        if last.holder.pid == pid {
+            return last;
+        }
+        // A forked child: its identity goes after its parent's (or its nearest ancestor's that asked),
+        // which stays in place for the threads that read it, so nothing is ever freed or locked.
+        last.next.get_or_init(|| Identity::of(pid))
+    }
+
     fn of(pid: u32) -> &'static Identity {
         let holder = Holder {
             host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
@@ -122,7 +137,7 @@ impl Identity {
             pid,
             started: read_stat(pid).ok().flatten().map_or(0, |stat| stat.started),
         };
-        Box::leak(Box::new(Identity { holder, next: OnceLock::new() }))
+        Box::leak(Box::new(Identity { holder, leases: Mutex::default(), next: OnceLock::new() }))
     }
 }
 

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::holder::own_leases;
 use crate::pool::{Attempt, Claimed, Fate, Lockdown};
 use crate::store::Backend;
 use crate::trust::{LeaseLiveness, Trust};
@@ -63,17 +64,12 @@ struct Unsettled {
     attempt: Option<Attempt>,
 }
 
-/// Every lease this process holds or has not finished ending, whatever coordinator claimed it, by
-/// `(key id, lease token)` and how many coordinators hold that pair (two databases may share one). A key
-/// the database shows held by this very process under a lease missing here is one whose claim committed
+/// Counts lease `token` of key `id` as this process's, whatever coordinator claimed it. A key the
+/// database shows held by this very process under a lease not counted is one whose claim committed
 /// while its answer was lost with the connection: the reaper frees it once its heartbeat is stale
-/// (`reaper::verdict`).
-static OWN_LEASES: std::sync::LazyLock<Mutex<HashMap<(i64, i64), usize>>> = std::sync::LazyLock::new(Mutex::default);
-
-fn own_leases() -> std::sync::MutexGuard<'static, HashMap<(i64, i64), usize>> {
-    OWN_LEASES.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
+/// (`reaper::verdict`). A pair is counted until its end's write answered ([`disown`]), so an end in
+/// progress is never taken. Keyed by `(id, lease)` alone: two databases sharing a pair only keep an
+/// orphan longer.
 fn own(id: i64, token: i64) {
     *own_leases().entry((id, token)).or_default() += 1;
 }

@@ -357,13 +357,14 @@ impl Coordinator {
             let claim = excluding(request.claim_for(), excluded.as_deref());
             let claimed = store.claim(claim, self.inner.holder, &*self.inner.clock, lock_deadline).map_err(waited)?;
             if let Some(claimed) = claimed {
+                // Registered before anything else runs (a log handler may block): see `lease::is_own`.
+                let lease = self.lease(connector, claimed);
                 self.ensure_heartbeat();
-                let serves = self.inner.passing.serves(connector, &claimed.key_name, &claimed.fingerprint);
+                let serves = self.inner.passing.serves(connector, lease.key_name(), lease.fingerprint());
                 tracing::info!(
-                    connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint, lease = claimed.lease,
+                    connector, key = %lease.key_name(), fingerprint = %lease.fingerprint(), lease = lease.token(),
                     "key claimed"
                 );
-                let lease = self.lease(connector, claimed);
                 if serves {
                     return Ok(Some(lease));
                 }
