@@ -396,14 +396,18 @@ impl Coordinator {
             }
             let claimed = store.claim_several(request, count, self.inner.holder, &*self.inner.clock, lock_deadline)?;
             let short = claimed.len() < count;
-            if !claimed.is_empty() {
+            // Every key a lease before any is given back or handed out: one that waits its turn is known
+            // to this process (see `lease::is_own`), and any left when this returns early is released.
+            let leases: Vec<Lease> =
+                claimed.into_iter().map(|claimed| self.lease(&first.claim.connector, claimed)).collect();
+            if !leases.is_empty() {
                 self.ensure_heartbeat();
             }
             let mut passed_over = false;
-            for claimed in claimed {
-                if !self.inner.passing.serves(&first.claim.connector, &claimed.key_name, &claimed.fingerprint) {
+            for lease in leases {
+                if !self.inner.passing.serves(&first.claim.connector, lease.key_name(), lease.fingerprint()) {
                     // Given back unused; the next round claims without it.
-                    self.lease(&first.claim.connector, claimed).release()?;
+                    lease.release()?;
                     passed_over = true;
                     continue;
                 }
@@ -411,10 +415,10 @@ impl Coordinator {
                 served[next] = true;
                 let waiter = &waiting[next];
                 tracing::info!(
-                    connector = %waiter.claim.connector, key = %claimed.key_name, fingerprint = %claimed.fingerprint,
-                    lease = claimed.lease, waited = ?waiter.started.elapsed(), "key claimed for a waiter"
+                    connector = %waiter.claim.connector, key = %lease.key_name(), fingerprint = %lease.fingerprint(),
+                    lease = lease.token(), waited = ?waiter.started.elapsed(), "key claimed for a waiter"
                 );
-                waiter.answer(Ok(self.lease(&waiter.claim.connector, claimed)));
+                waiter.answer(Ok(lease));
             }
             if !short || passed_over {
                 continue;
