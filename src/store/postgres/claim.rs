@@ -3,13 +3,13 @@
 //! scope has no room is given back, its scope paced for the model, and the claim looks again);
 //! otherwise a lone claim is that one statement, committed on its own.
 
-use super::connection::Tx;
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
 
+use super::connection::Tx;
 use super::{CLAIM, CLAIM_PINNED, WATERMARKS_ALONE, pacing};
 use crate::clock::Clock;
 use crate::holder::Holder;
