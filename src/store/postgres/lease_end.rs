@@ -311,3 +311,54 @@ fn set_lockdown(
     }
     Ok(scope)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::usage::test_server::TestDb;
+    use super::RELEASE;
+    use crate::pool::{KeySpec, SyncSource};
+    use crate::store::Backend;
+
+    /// A release fenced by its lease finds its key by id even when the statistics, taken while no key
+    /// was held, say that none is: keyed by connector, the index of held keys was the planner's choice
+    /// then, walked whole for every release (`migrations/postgres/0010_held_keys_by_id.sql`).
+    #[test]
+    fn a_release_finds_its_key_by_id_whatever_the_statistics_say() {
+        let Some(db) = TestDb::create("held_by_id") else { return };
+        let store = db.open();
+        let names: Vec<String> = (0..1_000).map(|index| format!("k{index:04}")).collect();
+        let keys: Vec<KeySpec<'_>> =
+            names.iter().map(|name| KeySpec { connector: "c", name, fingerprint: "f" }).collect();
+        let source =
+            SyncSource { path: Path::new("/keys.ini"), connectors: &["c"], keys: &keys, groups: &[], as_truth: false };
+        store.sync_keys(&source, 1_000).expect("sync");
+        let mut client = db.client();
+        // Statistics of an idle pool, kept as they are while a fifth of the keys is then held.
+        client
+            .batch_execute(
+                "SET search_path = apijongler;
+                 ALTER TABLE keys SET (autovacuum_enabled = false);
+                 ANALYZE keys;
+                 UPDATE keys SET state = 'locked', lease = lease + 1 WHERE id % 5 = 0;",
+            )
+            .expect("hold a fifth of the keys");
+        let (id, lease): (i64, i64) = {
+            let row = client.query_one("SELECT id, lease FROM keys WHERE state = 'locked' LIMIT 1", &[]).expect("held");
+            (row.get(0), row.get(1))
+        };
+        let model: Option<&str> = None;
+        let plan: Vec<String> = client
+            .query(&format!("EXPLAIN {}", RELEASE[0]), &[&id, &lease, &1_000_i64, &true, &model, &1_i64])
+            .expect("explain the release")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert!(
+            plan.iter().any(|line| line.contains("Index Cond: (id = ")),
+            "the release walks held keys instead of finding its own:\n{}",
+            plan.join("\n")
+        );
+    }
+}
