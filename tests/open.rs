@@ -294,18 +294,18 @@ fn migration_5_gives_old_history_rows_their_events() {
     assert_eq!(events, [Released, Claimed]);
 }
 
-/// A new file is made at schema 10: its history has the event column (schema 5), it has the
+/// A new file is made at schema 9: its history has the event column (schema 5), it has the
 /// `resources` table (schema 6), the `reservations` of limits (schema 7) with their tokens, the
-/// `learned_limits` and the requests' `prompt_tokens` (schema 8); schemas 9 and 10 (PostgreSQL's scope
-/// watermark and its index of held keys by id) change nothing on SQLite; an older build refuses it (see
+/// `learned_limits` and the requests' `prompt_tokens` (schema 8), and schema 9 (PostgreSQL's scope
+/// watermark) changes nothing on SQLite; an older build refuses it (see
 /// `newer_schema_is_refused_untouched`).
 #[test]
-fn a_new_file_has_schema_10_history_events_resources_reservations_and_learned_limits() {
+fn a_new_file_has_schema_9_history_events_resources_reservations_and_learned_limits() {
     let sandbox = Sandbox::new("c", 1);
     drop(open(&sandbox.db).expect("created"));
     let connection = rusqlite::Connection::open(&sandbox.db).expect("reopen");
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
-    assert_eq!(version, 10);
+    assert_eq!(version, 9);
     let event: String = connection
         .query_row("SELECT type FROM pragma_table_info('history') WHERE name = 'event'", [], |row| row.get(0))
         .expect("the history has an event column");

@@ -14,7 +14,6 @@ use super::connection::Tx;
 const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../../../migrations/postgres/0008_initial.sql")),
     (9, include_str!("../../../migrations/postgres/0009_scope_watermark.sql")),
-    (10, include_str!("../../../migrations/postgres/0010_held_keys_by_id.sql")),
 ];
 
 /// The schema version this build reads and writes (the same as SQLite's).
@@ -64,45 +63,4 @@ pub(super) fn migrate(tx: &mut Tx<'_>) -> Result<i64, postgres::Error> {
         tracing::info!(version, "PostgreSQL schema migrated");
     }
     Ok(found)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::usage::test_server::TestDb;
-    use super::VERSION;
-
-    /// A pool of schema 9 opened by this build is brought to schema 10: its index of held keys is keyed
-    /// by id from then on, and a key held across the migration stays held under the same lease.
-    #[test]
-    fn a_pool_of_schema_9_gets_its_held_keys_indexed_by_id() {
-        let Some(db) = TestDb::create("schema_9") else { return };
-        drop(db.open());
-        let mut client = db.client();
-        client
-            .batch_execute(
-                "SET search_path = apijongler;
-                 DROP INDEX keys_held;
-                 CREATE INDEX keys_held ON keys (connector) WHERE state = 'locked';
-                 UPDATE schema_version SET version = 9;
-                 INSERT INTO keys (connector, key_name, fingerprint, state, lease, created_at)
-                      VALUES ('c', 'k', 'f', 'locked', 7, 0);",
-            )
-            .expect("a pool of schema 9 with a held key");
-        drop(db.open());
-        let version: i64 = client.query_one("SELECT version FROM schema_version", &[]).expect("version").get(0);
-        assert_eq!((version, VERSION), (10, 10));
-        let index: String = client
-            .query_one(
-                "SELECT indexdef FROM pg_indexes WHERE schemaname = 'apijongler' AND indexname = 'keys_held'",
-                &[],
-            )
-            .expect("the index of held keys")
-            .get(0);
-        assert!(index.ends_with("USING btree (id) WHERE (state = 'locked'::text)"), "{index}");
-        let held: (String, i64) = {
-            let row = client.query_one("SELECT state, lease FROM keys WHERE key_name = 'k'", &[]).expect("the key");
-            (row.get(0), row.get(1))
-        };
-        assert_eq!(held, ("locked".to_owned(), 7));
-    }
 }

@@ -35,7 +35,6 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0007_reservations.sql"),
     include_str!("../../../migrations/0008_learned_limits_and_tokens.sql"),
     include_str!("../../../migrations/0009_scope_watermark.sql"),
-    include_str!("../../../migrations/0010_held_keys_by_id.sql"),
 ];
 
 /// `PRAGMA application_id` of apijongler's databases ("AJNG"), set by migration 3.
