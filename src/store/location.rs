@@ -12,6 +12,8 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::path::PathBuf;
 
+use percent_encoding::percent_decode_str;
+
 use crate::error::{Error, Result};
 
 /// The environment variable naming the database: a file path or a PostgreSQL URL.
@@ -121,7 +123,11 @@ fn redact(url: &str) -> String {
             let masked: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if percent_decoded(name).eq_ignore_ascii_case("password") => format!("{name}=***"),
+                    Some((name, _))
+                        if percent_decode_str(name).decode_utf8_lossy().eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{name}=***")
+                    }
                     _ => pair.to_owned(),
                 })
                 .collect();
@@ -130,30 +136,6 @@ fn redact(url: &str) -> String {
         None => tail.to_owned(),
     };
     format!("{scheme}://{userinfo}{tail}")
-}
-
-/// `text` with its `%XX` escapes decoded (as bytes, lossily), as the driver decodes parameter names.
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let escaped = (bytes[at] == b'%')
-            .then(|| text.get(at + 1..at + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                decoded.push(byte);
-                at += 3;
-            }
-            None => {
-                decoded.push(bytes[at]);
-                at += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 #[cfg(test)]

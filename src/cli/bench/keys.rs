@@ -62,9 +62,9 @@ const MODEL: &str = "gemini-2.5-pro";
 
 /// One pool to measure: its key count and how many of its keys are locked down for [`MODEL`].
 #[derive(Debug, Clone, Copy)]
-struct Pool {
-    keys: u32,
-    locked: u32,
+pub(in crate::cli) struct Pool {
+    pub(in crate::cli) keys: u32,
+    pub(in crate::cli) locked: u32,
 }
 
 impl Pool {
@@ -293,7 +293,12 @@ fn measure(
 /// model if given), written to a file whose path it returns and synced into a fresh database, and the
 /// `pool.locked` least recently used of them locked down for [`MODEL`] for an hour, each as a 429
 /// would (so their place in the claim order is the one such a lockdown gives them).
-fn prepare(dir: &Path, db: &Path, pool: Pool, limits: Option<&str>) -> anyhow::Result<std::path::PathBuf> {
+pub(in crate::cli) fn prepare(
+    dir: &Path,
+    db: &Path,
+    pool: Pool,
+    limits: Option<&str>,
+) -> anyhow::Result<std::path::PathBuf> {
     let mut ini = String::from("[bench]\n");
     for index in 0..pool.keys {
         writeln!(ini, "key{index:05} = fake-bench-secret-{index}")?;

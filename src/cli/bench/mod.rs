@@ -4,7 +4,7 @@
 //! `bench gateway` measures what `apijongler serve` adds and how close it gets to the coordinator's ceiling.
 
 mod gateway;
-mod keys;
+pub(super) mod keys;
 mod requests;
 pub(super) mod scratch;
 mod sync;

@@ -183,13 +183,11 @@ fn postgres(url: &str, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use std::fmt::Write as _;
-
-    use api_jongler::{Coordinator, CoordinatorOptions, Keyring};
     use postgres::types::ToSql;
 
     use super::{PG_CLAIM, PG_CLAIM_RECORDED};
     use crate::cli::Global;
+    use crate::cli::bench::keys::{Pool, prepare};
     use crate::cli::bench::scratch::Server;
 
     /// The yardstick's claim, with and without its history row, walks `keys_lru` in the index's own
@@ -213,13 +211,7 @@ mod tests {
         };
         let server = Server::of(&global).expect("the test server");
         let scratch = server.scratch().expect("a throwaway database");
-        let mut ini = String::from("[bench]\n");
-        for index in 0..10_000 {
-            writeln!(ini, "key{index:05} = fake-bench-secret-{index}").expect("write");
-        }
-        let keyring = Keyring::parse(&scratch.dir().join("bench.ini"), &ini).expect("keyring");
-        let options = CoordinatorOptions { db_path: Some(scratch.db().to_owned()), ..Default::default() };
-        Coordinator::open(options).expect("open").sync(&keyring).expect("sync");
+        prepare(scratch.dir(), scratch.db(), Pool { keys: 10_000, locked: 0 }, None).expect("10,000 keys");
         let url = scratch.db().to_str().expect("a URL").to_owned();
         let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
         client.batch_execute("ANALYZE apijongler.keys").expect("analyze");
